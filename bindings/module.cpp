@@ -1,0 +1,155 @@
+// Thin pybind11 bindings over the C++ core. Validation of Python-level arguments happens in
+// feddip_kernels; here we only check what the C++ core needs to stay memory safe.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../csrc/bitpack.hpp"
+#include "../csrc/topk.hpp"
+
+namespace py = pybind11;
+using namespace feddip;
+
+namespace {
+
+template <class T>
+const T* data_of(const py::array& a, const char* what) {
+    if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style))
+        throw std::invalid_argument(std::string(what) + ": expected a C-contiguous array of " +
+                                    (sizeof(T) == 4 ? "float32" : "float64"));
+    return static_cast<const T*>(a.data());
+}
+
+template <class T>
+T* mutable_data_of(py::array& a, const char* what) {
+    data_of<T>(a, what);
+    if (!a.writeable()) throw std::invalid_argument(std::string(what) + ": array is read-only");
+    return static_cast<T*>(a.mutable_data());
+}
+
+std::uint8_t* mask_data(py::array& a, const char* what) {
+    if (a.itemsize() != 1 || !(a.flags() & py::array::c_style) || !a.writeable())
+        throw std::invalid_argument(std::string(what) + ": expected a writeable C-contiguous bool array");
+    return static_cast<std::uint8_t*>(a.mutable_data());
+}
+
+template <class T>
+std::vector<Segment<T>> segments_of(const std::vector<py::array>& tensors) {
+    std::vector<Segment<T>> segs;
+    segs.reserve(tensors.size());
+    for (const auto& t : tensors) segs.push_back({data_of<T>(t, "tensor"), static_cast<std::size_t>(t.size())});
+    return segs;
+}
+
+template <class T>
+py::tuple as_tuple(const MagnitudeThreshold<T>& th) {
+    return py::make_tuple(static_cast<double>(th.value), th.n_greater, th.n_equal);
+}
+
+template <class T>
+py::tuple threshold_impl(const std::vector<py::array>& tensors, std::uint64_t k, int n_threads) {
+    const auto segs = segments_of<T>(tensors);
+    MagnitudeThreshold<T> th;
+    {
+        py::gil_scoped_release release;
+        th = global_magnitude_threshold(segs, k, n_threads);
+    }
+    return as_tuple(th);
+}
+
+template <class T>
+py::tuple masks_impl(const std::vector<py::array>& tensors, std::vector<py::array>& masks,
+                     std::uint64_t k, int n_threads) {
+    const auto segs = segments_of<T>(tensors);
+    if (masks.size() != segs.size()) throw std::invalid_argument("need one mask per tensor");
+    std::vector<std::uint8_t*> outs;
+    for (std::size_t i = 0; i < masks.size(); ++i) {
+        if (static_cast<std::size_t>(masks[i].size()) != segs[i].size)
+            throw std::invalid_argument("mask " + std::to_string(i) + " has the wrong size");
+        outs.push_back(mask_data(masks[i], "mask"));
+    }
+    MagnitudeThreshold<T> th;
+    {
+        py::gil_scoped_release release;
+        th = global_topk_masks(segs, outs, k, n_threads);
+    }
+    return as_tuple(th);
+}
+
+bool is_float64(const std::vector<py::array>& tensors) {
+    return !tensors.empty() && py::isinstance<py::array_t<double>>(tensors[0]);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "feddip-kernels native core";
+#ifdef _OPENMP
+    m.attr("openmp") = true;
+#else
+    m.attr("openmp") = false;
+#endif
+
+    m.def(
+        "magnitude_threshold",
+        [](const std::vector<py::array>& tensors, std::uint64_t k, int n_threads) {
+            return is_float64(tensors) ? threshold_impl<double>(tensors, k, n_threads)
+                                       : threshold_impl<float>(tensors, k, n_threads);
+        },
+        py::arg("tensors"), py::arg("k"), py::arg("n_threads") = 0,
+        "(value, n_greater, n_equal) of the k-th largest |x| over a list of same-dtype arrays.");
+
+    m.def(
+        "topk_masks",
+        [](const std::vector<py::array>& tensors, std::vector<py::array> masks, std::uint64_t k,
+           int n_threads) {
+            return is_float64(tensors) ? masks_impl<double>(tensors, masks, k, n_threads)
+                                       : masks_impl<float>(tensors, masks, k, n_threads);
+        },
+        py::arg("tensors"), py::arg("masks"), py::arg("k"), py::arg("n_threads") = 0,
+        "Fill bool masks with the global top-k by |x|; returns (value, n_greater, n_equal).");
+
+    m.def(
+        "pack_bits",
+        [](py::array mask) {
+            if (mask.itemsize() != 1 || !(mask.flags() & py::array::c_style))
+                throw std::invalid_argument("mask: expected a C-contiguous bool array");
+            const auto n = static_cast<std::size_t>(mask.size());
+            py::array_t<std::uint8_t> out((n + 7) / 8);
+            const auto* src = static_cast<const std::uint8_t*>(mask.data());
+            auto* dst = out.mutable_data();
+            py::gil_scoped_release release;
+            pack_bits(src, n, dst);
+            return out;
+        },
+        py::arg("mask"));
+
+    m.def(
+        "unpack_bits",
+        [](const py::array_t<std::uint8_t, py::array::c_style>& bits, std::size_t n) {
+            if (static_cast<std::size_t>(bits.size()) < (n + 7) / 8)
+                throw std::invalid_argument("packed mask holds " + std::to_string(bits.size()) +
+                                            " bytes, " + std::to_string((n + 7) / 8) + " needed");
+            py::array out(py::dtype("bool"), {static_cast<py::ssize_t>(n)});
+            auto* dst = static_cast<std::uint8_t*>(out.mutable_data());
+            const auto* src = bits.data();
+            py::gil_scoped_release release;
+            unpack_bits(src, n, dst);
+            return out;
+        },
+        py::arg("bits"), py::arg("n"));
+
+    m.def(
+        "count_bits",
+        [](const py::array_t<std::uint8_t, py::array::c_style>& bits, std::size_t n) {
+            if (static_cast<std::size_t>(bits.size()) < (n + 7) / 8)
+                throw std::invalid_argument("packed mask too short");
+            return count_bits(bits.data(), n);
+        },
+        py::arg("bits"), py::arg("n"));
+}

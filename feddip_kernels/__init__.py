@@ -1,0 +1,26 @@
+"""feddip-kernels: fast kernels and compact codecs for federated learning with extreme sparsity."""
+
+from ._backend import available_backends
+from .pruning import (
+    erk_densities,
+    global_magnitude_threshold,
+    global_topk_masks,
+    k_for_density,
+    pack_mask,
+    unpack_mask,
+)
+from .schedules import lambda_schedule, sparsity_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "erk_densities",
+    "global_magnitude_threshold",
+    "global_topk_masks",
+    "k_for_density",
+    "lambda_schedule",
+    "pack_mask",
+    "sparsity_schedule",
+    "unpack_mask",
+]

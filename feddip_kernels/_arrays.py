@@ -1,0 +1,53 @@
+"""Conversion of user inputs (NumPy arrays, torch tensors, DLPack or buffer objects) to NumPy views."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def as_array(x: Any, what: str = "tensor") -> np.ndarray:
+    """A NumPy view of `x` sharing its memory where the object allows it (torch CPU tensors,
+    DLPack producers, buffer-protocol objects); a copy only for plain Python sequences."""
+    if isinstance(x, np.ndarray):
+        return x
+    if is_torch(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"{what} is on device {x.device}; move it to the CPU first")
+        return np.from_dlpack(x.detach().resolve_conj().resolve_neg())
+    if hasattr(x, "__dlpack__"):
+        return np.from_dlpack(x)
+    try:
+        return np.asarray(memoryview(x))
+    except TypeError:
+        return np.asarray(x)
+
+
+def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:
+    """Contiguous float32/float64 NumPy views of a list of tensors that share one dtype."""
+    if isinstance(tensors, (np.ndarray, str, bytes)) or is_torch(tensors) or not hasattr(tensors, "__iter__"):
+        raise TypeError(f"{what} must be a list of arrays, got {type(tensors).__name__}")
+    arrays = [as_array(t, f"{what}[{i}]") for i, t in enumerate(tensors)]
+    dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+    for i, a in enumerate(arrays):
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{what}[{i}] has dtype {a.dtype}; float32 or float64 is required")
+        if a.dtype != dtype:
+            raise TypeError(f"{what}[{i}] has dtype {a.dtype} but {what}[0] has {dtype}; use one dtype")
+    return [np.ascontiguousarray(a) for a in arrays]
+
+
+def like_input(out: np.ndarray, original: Any) -> Any:
+    """Return `out` as a torch tensor (zero-copy) when the original input was one."""
+    if is_torch(original):
+        import torch
+
+        return torch.from_numpy(out)
+    return out

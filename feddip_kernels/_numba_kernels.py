@@ -1,0 +1,141 @@
+"""Numba twins of the native kernels (imported lazily; needs the optional numba dependency).
+
+Each twin follows the same algorithm as its C++ counterpart in csrc/, so the two can be compared
+on speed and checked against the NumPy reference in the same tests."""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+_BINS = 1 << 16
+
+
+def _keys(a: np.ndarray) -> np.ndarray:
+    """Bit patterns of a contiguous float array, as unsigned integers of the same width."""
+    return a.reshape(-1).view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+@nb.njit(cache=True, nogil=True)
+def _hist_first(keys, sign_clear, shift, hist):
+    mx = sign_clear - sign_clear  # zero of the key type
+    for i in range(keys.size):
+        key = keys[i] & sign_clear
+        hist[key >> shift] += 1
+        if key > mx:
+            mx = key
+    return mx
+
+
+@nb.njit(cache=True, nogil=True)
+def _hist_filtered(keys, sign_clear, shift, prefix, prefix_mask, digit, hist):
+    for i in range(keys.size):
+        key = keys[i] & sign_clear
+        if (key & prefix_mask) == prefix:
+            hist[(key >> shift) & digit] += 1
+
+
+@nb.njit(cache=True, nogil=True)
+def _write_mask(keys, sign_clear, key, inclusive, out):
+    if inclusive:
+        for i in range(keys.size):
+            out[i] = (keys[i] & sign_clear) >= key
+    else:
+        for i in range(keys.size):
+            out[i] = (keys[i] & sign_clear) > key
+
+
+@nb.njit(cache=True, nogil=True)
+def _take_ties(keys, sign_clear, key, ties, out):
+    for i in range(keys.size):
+        if ties == 0:
+            break
+        if (keys[i] & sign_clear) == key:
+            out[i] = True
+            ties -= 1
+    return ties
+
+
+def _select(keys_list: list[np.ndarray], bits: int, k: int) -> tuple[int, int, int]:
+    """Radix select over 16-bit digits of |x| bit patterns: (key, n_greater, n_equal)."""
+    utype = np.uint32 if bits == 32 else np.uint64
+    sign_clear = utype((1 << (bits - 1)) - 1)
+    inf_key = 0x7F800000 if bits == 32 else 0x7FF0000000000000
+    n = sum(k_.size for k_ in keys_list)
+    if k > n:
+        raise ValueError(f"k = {k} exceeds the number of elements ({n})")
+    prefix = prefix_mask = 0
+    rank, above = k, 0
+    for shift in range(bits - 16, -1, -16):
+        hist = np.zeros(_BINS, dtype=np.int64)
+        if prefix_mask == 0:
+            mx = max((int(_hist_first(keys, sign_clear, utype(shift), hist)) for keys in keys_list), default=0)
+            if mx > inf_key:
+                raise ValueError("input contains NaN")
+            if k == 0:
+                return inf_key, 0, 0
+        else:
+            for keys in keys_list:
+                _hist_filtered(keys, sign_clear, utype(shift), utype(prefix), utype(prefix_mask), utype(0xFFFF), hist)
+        # Bin b holding the rank-th largest: counts strictly above b are < rank <= counts from b.
+        above_b = np.cumsum(hist[::-1])[::-1] - hist  # elements in bins above each bin
+        b = int(np.nonzero(above_b < rank)[0][0])
+        above += int(above_b[b])
+        rank -= int(above_b[b])
+        prefix |= b << shift
+        prefix_mask |= 0xFFFF << shift
+        if shift == 0:
+            return prefix, above, int(hist[b])
+    raise AssertionError("unreachable")
+
+
+def magnitude_threshold(tensors: list[np.ndarray], k: int) -> tuple[float, int, int]:
+    dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
+    bits = 8 * dtype.itemsize
+    key, greater, equal = _select([_keys(t) for t in tensors], bits, k)
+    if k == 0:
+        return math.inf, 0, 0
+    value = np.array([key], dtype=np.uint32 if bits == 32 else np.uint64).view(dtype)[0]
+    return float(value), greater, equal
+
+
+def topk_masks(tensors: list[np.ndarray], masks: list[np.ndarray], k: int) -> tuple[float, int, int]:
+    dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
+    bits = 8 * dtype.itemsize
+    utype = np.uint32 if bits == 32 else np.uint64
+    sign_clear = utype((1 << (bits - 1)) - 1)
+    keys_list = [_keys(t) for t in tensors]
+    key, greater, equal = _select(keys_list, bits, k)
+    if k == 0:
+        for m in masks:
+            m.fill(False)
+        return math.inf, 0, 0
+    inclusive = greater + equal == k
+    for keys, m in zip(keys_list, masks):
+        _write_mask(keys, sign_clear, utype(key), inclusive, m.reshape(-1))
+    if not inclusive:
+        ties = k - greater
+        for keys, m in zip(keys_list, masks):
+            ties = _take_ties(keys, sign_clear, utype(key), ties, m.reshape(-1))
+    value = np.array([key], dtype=utype).view(dtype)[0]
+    return float(value), greater, equal
+
+
+@nb.njit(cache=True, nogil=True)
+def pack_bits(mask):
+    n = mask.size
+    out = np.zeros((n + 7) // 8, dtype=np.uint8)
+    for i in range(n):
+        if mask[i]:
+            out[i >> 3] |= np.uint8(1 << (i & 7))
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def unpack_bits(bits, n):
+    out = np.empty(n, dtype=np.bool_)
+    for i in range(n):
+        out[i] = (bits[i >> 3] >> (i & 7)) & 1
+    return out

@@ -1,0 +1,146 @@
+"""Global magnitude pruning: exact top-k by |w| over a list of tensors, ERK layer densities, and
+packed masks.
+
+Selection rule (all backends): the k elements with the largest |w| over the whole list are kept.
+Ties at the threshold are broken by position in list order (tensor index, then C-order flat index):
+earlier elements win. Exactly k elements are selected, always. +0.0 and -0.0 tie, +-inf are the
+largest magnitudes, and any NaN raises ValueError (a NaN weight means training diverged; no mask is
+meaningful then).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Collection, Optional, Sequence
+
+import numpy as np
+
+from . import _backend, reference
+from ._arrays import as_array, float_tensors, like_input
+
+
+def k_for_density(n: int, density: float) -> int:
+    """Number of kept elements for a density in [0, 1]: round half up of density * n."""
+    if not 0.0 <= density <= 1.0 or math.isnan(density):
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return min(n, int(math.floor(density * n + 0.5)))
+
+
+def _check_k(k: Any, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an integer, got {type(k).__name__}")
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if k > n:
+        raise ValueError(f"k = {k} exceeds the number of elements ({n})")
+    return k
+
+
+def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str = "auto") -> float:
+    """The k-th largest |w| over all elements of `tensors` (float32 or float64, one dtype).
+
+    Returns +inf for k = 0. The list is never concatenated: the native backend runs a radix select
+    on the bit patterns of |w| in about two passes over memory.
+    """
+    arrays = float_tensors(tensors)
+    k = _check_k(k, sum(a.size for a in arrays))
+    be = _backend.resolve(backend)
+    if be == "numpy":
+        return reference.magnitude_threshold(arrays, k)
+    if be == "native":
+        return _backend.native_module().magnitude_threshold(arrays, k)[0]
+    return _backend.numba_module().magnitude_threshold(arrays, k)[0]
+
+
+def global_topk_masks(
+    tensors: Sequence[Any],
+    k: Optional[int] = None,
+    *,
+    density: Optional[float] = None,
+    backend: str = "auto",
+) -> list[Any]:
+    """Boolean masks (same shapes as `tensors`) keeping exactly the k globally largest |w|.
+
+    Give either `k` or `density` (k = round(density * n)). Masks are NumPy bool arrays, or torch
+    bool tensors sharing their memory when the inputs are torch tensors.
+    """
+    arrays = float_tensors(tensors)
+    n = sum(a.size for a in arrays)
+    if (k is None) == (density is None):
+        raise ValueError("give exactly one of k and density")
+    k = k_for_density(n, density) if density is not None else _check_k(k, n)
+    be = _backend.resolve(backend)
+    if be == "numpy":
+        masks = reference.topk_masks(arrays, k)
+    else:
+        masks = [np.empty(a.shape, dtype=bool) for a in arrays]
+        if be == "native":
+            _backend.native_module().topk_masks(arrays, masks, k)
+        else:
+            _backend.numba_module().topk_masks(arrays, masks, k)
+    return [like_input(m, t) for m, t in zip(masks, tensors)]
+
+
+def pack_mask(mask: Any, *, backend: str = "auto") -> np.ndarray:
+    """Pack a mask (any shape, flattened in C order) into bits, little-endian bit order: element i
+    is bit i % 8 of byte i // 8, as np.packbits(..., bitorder="little"). Unused bits are zero."""
+    m = np.ascontiguousarray(as_array(mask, "mask")).reshape(-1)
+    if m.dtype != np.bool_:
+        m = m != 0
+    be = _backend.resolve(backend)
+    if be == "native":
+        return _backend.native_module().pack_bits(m)
+    if be == "numba":
+        return _backend.numba_module().pack_bits(m)
+    return reference.pack_bits(m)
+
+
+def unpack_mask(bits: Any, shape: Sequence[int] | int, *, backend: str = "auto") -> np.ndarray:
+    """Inverse of pack_mask: a bool array of `shape` from its packed bits."""
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    n = math.prod(shape)
+    b = np.ascontiguousarray(as_array(bits, "bits")).reshape(-1).view(np.uint8)
+    if b.size < (n + 7) // 8:
+        raise ValueError(f"packed mask holds {b.size} bytes, {(n + 7) // 8} needed for shape {shape}")
+    be = _backend.resolve(backend)
+    if be == "native":
+        out = _backend.native_module().unpack_bits(b, n)
+    elif be == "numba":
+        out = _backend.numba_module().unpack_bits(b, n)
+    else:
+        out = reference.unpack_bits(b, n)
+    return out.reshape(shape)
+
+
+def erk_densities(
+    shapes: Sequence[Sequence[int]], density: float, *, dense: Collection[int] = ()
+) -> list[float]:
+    """Per-layer densities by Erdos-Renyi-Kernel for an overall `density` of the listed layers.
+
+    Layer l gets density eps * raw_l with raw_l = sum(shape_l) / prod(shape_l), one eps for all
+    layers, chosen so that sum(density_l * size_l) = density * sum(size_l). Layers where that
+    exceeds 1, and the layer indices in `dense`, are kept dense and eps is solved again for the rest.
+    """
+    if not 0.0 <= density <= 1.0 or math.isnan(density):
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    sizes = [math.prod(int(d) for d in s) for s in shapes]
+    raw = [sum(int(d) for d in s) / n if n else 0.0 for s, n in zip(shapes, sizes)]
+    bad = [i for i in dense if not 0 <= i < len(shapes)]
+    if bad:
+        raise ValueError(f"dense layer indices {bad} out of range for {len(shapes)} layers")
+    is_dense = [i in set(dense) or sizes[i] == 0 for i in range(len(shapes))]
+    budget = density * sum(sizes)
+    while True:
+        rest = budget - sum(n for n, d in zip(sizes, is_dense) if d)
+        if rest < -1e-9 * max(1, budget):
+            raise ValueError(f"the dense layers alone exceed density {density}")
+        weight = sum(r * n for r, n, d in zip(raw, sizes, is_dense) if not d)
+        eps = max(rest, 0.0) / weight if weight > 0 else 0.0
+        over = [i for i in range(len(shapes)) if not is_dense[i] and eps * raw[i] > 1.0]
+        if not over:
+            return [1.0 if d else eps * r for r, d in zip(raw, is_dense)]
+        for i in over:
+            is_dense[i] = True
