@@ -135,8 +135,8 @@ PYBIND11_MODULE(_core, m) {
             if (static_cast<std::size_t>(bits.size()) < (n + 7) / 8)
                 throw std::invalid_argument("packed mask holds " + std::to_string(bits.size()) +
                                             " bytes, " + std::to_string((n + 7) / 8) + " needed");
-            py::array out(py::dtype("bool"), {static_cast<py::ssize_t>(n)});
-            auto* dst = static_cast<std::uint8_t*>(out.mutable_data());
+            py::array_t<bool> out(static_cast<py::ssize_t>(n));
+            auto* dst = reinterpret_cast<std::uint8_t*>(out.mutable_data());
             const auto* src = bits.data();
             py::gil_scoped_release release;
             unpack_bits(src, n, dst);

@@ -30,6 +30,11 @@ def as_array(x: Any, what: str = "tensor") -> np.ndarray:
         return np.asarray(x)
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """`a` itself when C-contiguous, else a C-contiguous copy (keeps 0-d arrays 0-d)."""
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:
     """Contiguous float32/float64 NumPy views of a list of tensors that share one dtype."""
     if isinstance(tensors, (np.ndarray, str, bytes)) or is_torch(tensors) or not hasattr(tensors, "__iter__"):
@@ -41,7 +46,7 @@ def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndar
             raise TypeError(f"{what}[{i}] has dtype {a.dtype}; float32 or float64 is required")
         if a.dtype != dtype:
             raise TypeError(f"{what}[{i}] has dtype {a.dtype} but {what}[0] has {dtype}; use one dtype")
-    return [np.ascontiguousarray(a) for a in arrays]
+    return [contiguous(a) for a in arrays]
 
 
 def like_input(out: np.ndarray, original: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Collection, Optional, Sequence
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, float_tensors, like_input
+from ._arrays import as_array, contiguous, float_tensors, like_input
 
 
 def k_for_density(n: int, density: float) -> int:
@@ -85,7 +85,7 @@ def global_topk_masks(
 def pack_mask(mask: Any, *, backend: str = "auto") -> np.ndarray:
     """Pack a mask (any shape, flattened in C order) into bits, little-endian bit order: element i
     is bit i % 8 of byte i // 8, as np.packbits(..., bitorder="little"). Unused bits are zero."""
-    m = np.ascontiguousarray(as_array(mask, "mask")).reshape(-1)
+    m = contiguous(as_array(mask, "mask")).reshape(-1)
     if m.dtype != np.bool_:
         m = m != 0
     be = _backend.resolve(backend)
@@ -102,7 +102,7 @@ def unpack_mask(bits: Any, shape: Sequence[int] | int, *, backend: str = "auto")
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must be non-negative, got {shape}")
     n = math.prod(shape)
-    b = np.ascontiguousarray(as_array(bits, "bits")).reshape(-1).view(np.uint8)
+    b = contiguous(as_array(bits, "bits")).reshape(-1).view(np.uint8)
     if b.size < (n + 7) // 8:
         raise ValueError(f"packed mask holds {b.size} bytes, {(n + 7) // 8} needed for shape {shape}")
     be = _backend.resolve(backend)

@@ -1,0 +1,81 @@
+"""Shared benchmark helpers: model-sized inputs, and a summary table of every benchmark group with
+throughput and the speed ratio against the group's baseline, all measured in the same run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+# Conv/linear weight shapes of ResNet-18 for CIFAR-10 (biases and norms excluded): 11.17M weights.
+RESNET18_SHAPES = (
+    [(64, 3, 3, 3)]
+    + [(64, 64, 3, 3)] * 4
+    + [(128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1), (128, 128, 3, 3), (128, 128, 3, 3)]
+    + [(256, 128, 3, 3), (256, 256, 3, 3), (256, 128, 1, 1), (256, 256, 3, 3), (256, 256, 3, 3)]
+    + [(512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1), (512, 512, 3, 3), (512, 512, 3, 3)]
+    + [(10, 512)]
+)
+
+
+def resnet18_weights(seed: int = 0) -> list[np.ndarray]:
+    """Kaiming-normal float32 weights in ResNet-18 (CIFAR) shapes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in RESNET18_SHAPES:
+        fan_in = int(np.prod(s[1:]))
+        out.append((rng.standard_normal(s, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))))
+    return out
+
+
+@dataclass
+class Row:
+    group: str
+    name: str
+    median_s: float | None
+    dense_bytes: int
+    baseline: bool
+    extra: dict = field(default_factory=dict)
+
+
+_ROWS: list[Row] = []
+
+
+@pytest.fixture
+def record(benchmark):
+    """record(fn, *args, group=..., name=..., dense_bytes=..., baseline=False, **extra): benchmark fn
+    and remember its median for the summary table; returns fn's result."""
+
+    def run(fn, *args, group: str, name: str, dense_bytes: int, baseline: bool = False, **extra):
+        benchmark.group = group
+        benchmark.name = name
+        benchmark.extra_info.update(extra, dense_bytes=dense_bytes, baseline=baseline)
+        result = benchmark(fn, *args)
+        stats = getattr(benchmark, "stats", None)
+        median = stats.stats.median if stats is not None else None
+        if median:
+            benchmark.extra_info["dense_GBps"] = dense_bytes / median / 1e9
+        _ROWS.append(Row(group, name, median, dense_bytes, baseline, extra))
+        return result
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    timed = [r for r in _ROWS if r.median_s]
+    if not timed:
+        return
+    tr = terminalreporter
+    tr.section("feddip-kernels: throughput and speed-up vs baseline (same run)")
+    for group in dict.fromkeys(r.group for r in timed):
+        rows = [r for r in timed if r.group == group]
+        base = next((r for r in rows if r.baseline), None)
+        tr.write_line(f"[{group}]")
+        for r in sorted(rows, key=lambda r: r.median_s):
+            ratio = f"{base.median_s / r.median_s:8.2f}x" if base else "       -"
+            extra = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
+            tr.write_line(
+                f"  {r.name:<36} {r.median_s * 1e3:10.3f} ms {r.dense_bytes / r.median_s / 1e9:8.2f} GB/s {ratio}"
+                f"{'  (baseline)' if r is base else ''}  {extra}"
+            )

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+from hypothesis import settings
+
+import feddip_kernels
+
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = feddip_kernels.available_backends()
+
+
+@pytest.fixture(params=BACKENDS, scope="session")
+def backend(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    return f"feddip_kernels backends: {', '.join(BACKENDS)}"

@@ -1,0 +1,179 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import feddip_kernels as fk
+from feddip_kernels import reference
+
+ALL = ["native", "numba", "numpy"]
+
+
+def test_every_backend_is_built():
+    # CI installs the native extension and numba; a silently missing backend would skip tests.
+    assert fk.available_backends() == ALL
+
+
+# Few distinct magnitudes make ties common; signed zeros, infinities and subnormals included.
+SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, math.inf, -math.inf, 1e-40, -3.5]
+
+
+@st.composite
+def tensor_lists(draw, max_tensors=5):
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    tied = draw(st.booleans())
+    elements = st.sampled_from(SPECIAL) if tied else st.floats(allow_nan=False, width=32)
+    tensors = draw(
+        st.lists(
+            hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6), elements=elements),
+            max_size=max_tensors,
+        )
+    )
+    n = sum(t.size for t in tensors)
+    k = draw(st.integers(0, n))
+    return tensors, k
+
+
+@given(tensor_lists())
+def test_masks_match_reference(backend, case):
+    tensors, k = case
+    expected = reference.topk_masks(tensors, k)
+    masks = fk.global_topk_masks(tensors, k, backend=backend)
+    assert len(masks) == len(tensors)
+    for m, e, t in zip(masks, expected, tensors):
+        assert m.dtype == np.bool_ and m.shape == t.shape
+        np.testing.assert_array_equal(m, e)
+    assert sum(int(m.sum()) for m in masks) == k
+
+
+@given(tensor_lists())
+def test_threshold_matches_reference(backend, case):
+    tensors, k = case
+    assert fk.global_magnitude_threshold(tensors, k, backend=backend) == reference.magnitude_threshold(tensors, k)
+
+
+def _big_cases():
+    rng = np.random.default_rng(7)
+    layered = [rng.standard_normal(s).astype(np.float32) * scale for s, scale in [((300, 1000), 0.1), ((700_000,), 3.0), ((1000, 300), 1.0)]]
+    ties = [np.round(rng.standard_normal(600_000)).astype(np.float32), np.ones(700_000, np.float32)]
+    constant = [np.full(1_100_000, -0.5)]  # float64, all tied: the sample bracket cannot help
+    skewed = [np.concatenate([np.zeros(1_000_000), rng.standard_normal(200_000)]).astype(np.float32)]
+    return [("layered", layered), ("ties", ties), ("constant", constant), ("skewed", skewed)]
+
+
+@pytest.mark.parametrize("name,tensors", _big_cases())
+@pytest.mark.parametrize("frac", [0.0, 1e-6, 0.05, 0.5, 1.0])
+def test_large_inputs_match_reference(backend, name, tensors, frac):
+    # Over 2^20 elements: exercises the native one-pass sample bracket and its radix fallback.
+    n = sum(t.size for t in tensors)
+    k = int(frac * n)
+    expected = reference.topk_masks(tensors, k)
+    for m, e in zip(fk.global_topk_masks(tensors, k, backend=backend), expected):
+        np.testing.assert_array_equal(m, e)
+    assert fk.global_magnitude_threshold(tensors, k, backend=backend) == reference.magnitude_threshold(tensors, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_raises(backend, dtype):
+    tensors = [np.ones(5, dtype), np.array([1.0, np.nan], dtype)]
+    with pytest.raises(ValueError, match="NaN"):
+        fk.global_topk_masks(tensors, 2, backend=backend)
+    with pytest.raises(ValueError, match="NaN"):
+        fk.global_magnitude_threshold(tensors, 0, backend=backend)
+    big = [np.ones(1 << 21, dtype)]
+    big[0][123_456] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fk.global_magnitude_threshold(big, 10, backend=backend)
+
+
+def test_bad_arguments(backend):
+    t = [np.ones(4, np.float32)]
+    with pytest.raises(ValueError, match="exceeds"):
+        fk.global_topk_masks(t, 5, backend=backend)
+    with pytest.raises(ValueError, match=">= 0"):
+        fk.global_topk_masks(t, -1, backend=backend)
+    with pytest.raises(TypeError, match="integer"):
+        fk.global_topk_masks(t, 1.5, backend=backend)
+    with pytest.raises(ValueError, match="exactly one"):
+        fk.global_topk_masks(t, 1, density=0.5, backend=backend)
+    with pytest.raises(ValueError, match="density"):
+        fk.global_topk_masks(t, density=1.5, backend=backend)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fk.global_topk_masks([np.ones(3, np.int32)], 1, backend=backend)
+    with pytest.raises(TypeError, match="one dtype"):
+        fk.global_topk_masks([np.ones(3, np.float32), np.ones(3)], 1, backend=backend)
+    with pytest.raises(TypeError, match="list of arrays"):
+        fk.global_topk_masks(np.ones(3, np.float32), 1, backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        fk.global_topk_masks(t, 1, backend="gpu")
+
+
+def test_empty_list(backend):
+    assert fk.global_topk_masks([], 0, backend=backend) == []
+    assert fk.global_magnitude_threshold([], 0, backend=backend) == math.inf
+
+
+def test_density_rounding():
+    t = [np.arange(10, dtype=np.float32)]
+    assert fk.k_for_density(10, 0.25) == 3  # round half up
+    assert int(fk.global_topk_masks(t, density=0.25)[0].sum()) == 3
+
+
+def test_non_contiguous_input(backend):
+    a = np.arange(24, dtype=np.float64).reshape(4, 6)[:, ::2]
+    m = fk.global_topk_masks([a], 3, backend=backend)[0]
+    np.testing.assert_array_equal(m, reference.topk_masks([np.ascontiguousarray(a)], 3)[0])
+
+
+def test_torch_tensors_in_torch_masks_out(backend):
+    torch = pytest.importorskip("torch")
+    ts = [torch.randn(5, 3, requires_grad=True), torch.randn(7)]
+    masks = fk.global_topk_masks(ts, 6, backend=backend)
+    assert all(isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in masks)
+    expected = reference.topk_masks([t.detach().numpy() for t in ts], 6)
+    for m, e in zip(masks, expected):
+        np.testing.assert_array_equal(m.numpy(), e)
+
+
+@given(hnp.arrays(np.bool_, st.integers(0, 200)))
+def test_pack_matches_numpy(backend, mask):
+    bits = fk.pack_mask(mask, backend=backend)
+    np.testing.assert_array_equal(bits, np.packbits(mask, bitorder="little"))
+    np.testing.assert_array_equal(fk.unpack_mask(bits, mask.shape, backend=backend), mask)
+
+
+def test_pack_normalises_bytes(backend):
+    raw = np.array([0, 1, 2, 255, 128, 0, 7, 0, 9], dtype=np.uint8)
+    np.testing.assert_array_equal(fk.pack_mask(raw, backend=backend), np.packbits(raw != 0, bitorder="little"))
+
+
+def test_unpack_too_short(backend):
+    with pytest.raises(ValueError, match="bytes"):
+        fk.unpack_mask(np.zeros(1, np.uint8), (3, 3), backend=backend)
+
+
+def test_erk_densities_hit_target():
+    shapes = [(6, 1, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84)]
+    sizes = [math.prod(s) for s in shapes]
+    for density in [0.01, 0.05, 0.2, 0.5, 1.0]:
+        d = fk.erk_densities(shapes, density)
+        assert all(0.0 <= x <= 1.0 for x in d)
+        assert sum(x * n for x, n in zip(d, sizes)) == pytest.approx(density * sum(sizes))
+    d = fk.erk_densities(shapes, 0.05)
+    # Raw scores sum(shape)/prod(shape): small layers are denser.
+    sparse = [i for i, x in enumerate(d) if x < 1.0]
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    ratios = {round(d[i] / raw[i], 12) for i in sparse}
+    assert len(ratios) == 1
+
+
+def test_erk_dense_layers():
+    shapes = [(6, 1, 5, 5), (16, 6, 5, 5), (120, 400)]
+    d = fk.erk_densities(shapes, 0.1, dense=[0])
+    assert d[0] == 1.0
+    with pytest.raises(ValueError, match="exceed"):
+        fk.erk_densities([(100, 100), (2, 2)], 0.0001, dense=[0])
+    with pytest.raises(ValueError, match="out of range"):
+        fk.erk_densities(shapes, 0.1, dense=[5])
