@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../csrc/bitpack.hpp"
+#include "../csrc/ef_step.hpp"
 #include "../csrc/topk.hpp"
 
 namespace py = pybind11;
@@ -81,6 +82,40 @@ py::tuple masks_impl(const std::vector<py::array>& tensors, std::vector<py::arra
     return as_tuple(th);
 }
 
+const std::uint8_t* optional_mask(const py::object& mask, std::size_t n) {
+    if (mask.is_none()) return nullptr;
+    if (!py::isinstance<py::array>(mask)) throw std::invalid_argument("mask: expected a NumPy array");
+    auto a = mask.cast<py::array>();
+    if (a.itemsize() != 1 || !(a.flags() & py::array::c_style))
+        throw std::invalid_argument("mask: expected a C-contiguous bool array");
+    if (static_cast<std::size_t>(a.size()) != n) throw std::invalid_argument("mask: size differs from w");
+    return static_cast<const std::uint8_t*>(a.data());
+}
+
+template <class T>
+T* optional_out(const py::object& obj, std::size_t n, const char* what) {
+    if (obj.is_none()) return nullptr;
+    if (!py::isinstance<py::array>(obj)) throw std::invalid_argument(std::string(what) + ": expected a NumPy array");
+    auto a = obj.cast<py::array>();
+    T* p = mutable_data_of<T>(a, what);
+    if (static_cast<std::size_t>(a.size()) != n) throw std::invalid_argument(std::string(what) + ": size differs from w");
+    return p;
+}
+
+template <class T>
+double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, const py::object& buf,
+                    const py::object& pruned, const EFStepParams& prm, double norm, int n_threads) {
+    const std::size_t n = static_cast<std::size_t>(w.size());
+    T* pw = mutable_data_of<T>(w, "w");
+    const T* pg = data_of<T>(g, "g");
+    if (static_cast<std::size_t>(g.size()) != n) throw std::invalid_argument("g: size differs from w");
+    const std::uint8_t* pm = optional_mask(mask, n);
+    T* pb = optional_out<T>(buf, n, "momentum_buffer");
+    T* pp = optional_out<T>(pruned, n, "pruned_out");
+    py::gil_scoped_release release;
+    return masked_ef_step(pw, pg, pm, pb, pp, n, prm, norm, n_threads);
+}
+
 bool is_float64(const std::vector<py::array>& tensors) {
     return !tensors.empty() && py::isinstance<py::array_t<double>>(tensors[0]);
 }
@@ -113,6 +148,37 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("tensors"), py::arg("masks"), py::arg("k"), py::arg("n_threads") = 0,
         "Fill bool masks with the global top-k by |x|; returns (value, n_greater, n_equal).");
+
+    m.def(
+        "masked_ef_step",
+        [](py::array w, const py::array& g, const py::object& mask, const py::object& buf,
+           const py::object& pruned, double lr, double weight_decay, double lam, double momentum, int p,
+           double norm, int n_threads) {
+            const EFStepParams prm{lr, weight_decay, lam, momentum, p};
+            return py::isinstance<py::array_t<double>>(w)
+                       ? ef_step_impl<double>(w, g, mask, buf, pruned, prm, norm, n_threads)
+                       : ef_step_impl<float>(w, g, mask, buf, pruned, prm, norm, n_threads);
+        },
+        py::arg("w"), py::arg("g"), py::arg("mask"), py::arg("momentum_buffer"), py::arg("pruned_out"),
+        py::arg("lr"), py::arg("weight_decay"), py::arg("lam"), py::arg("momentum"), py::arg("p"),
+        py::arg("norm"), py::arg("n_threads") = 0,
+        "Fused masked error-feedback SGD step in place; returns ||w*m||_p after the step.");
+
+    m.def(
+        "masked_norm",
+        [](const py::array& w, const py::object& mask, int p, int n_threads) {
+            const std::size_t n = static_cast<std::size_t>(w.size());
+            const std::uint8_t* pm = optional_mask(mask, n);
+            if (py::isinstance<py::array_t<double>>(w)) {
+                const double* pw = data_of<double>(w, "w");
+                py::gil_scoped_release release;
+                return masked_norm(pw, pm, n, p, n_threads);
+            }
+            const float* pw = data_of<float>(w, "w");
+            py::gil_scoped_release release;
+            return masked_norm(pw, pm, n, p, n_threads);
+        },
+        py::arg("w"), py::arg("mask"), py::arg("p"), py::arg("n_threads") = 0);
 
     m.def(
         "pack_bits",

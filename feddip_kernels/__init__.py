@@ -10,6 +10,7 @@ from .pruning import (
     unpack_mask,
 )
 from .schedules import lambda_schedule, sparsity_schedule
+from .update import masked_ef_step, masked_norm
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,8 @@ __all__ = [
     "global_topk_masks",
     "k_for_density",
     "lambda_schedule",
+    "masked_ef_step",
+    "masked_norm",
     "pack_mask",
     "sparsity_schedule",
     "unpack_mask",

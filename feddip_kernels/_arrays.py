@@ -21,7 +21,7 @@ def as_array(x: Any, what: str = "tensor") -> np.ndarray:
     if is_torch(x):
         if x.device.type != "cpu":
             raise ValueError(f"{what} is on device {x.device}; move it to the CPU first")
-        return np.from_dlpack(x.detach().resolve_conj().resolve_neg())
+        return x.detach().resolve_conj().resolve_neg().numpy()
     if hasattr(x, "__dlpack__"):
         return np.from_dlpack(x)
     try:

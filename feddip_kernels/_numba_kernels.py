@@ -139,3 +139,55 @@ def unpack_bits(bits, n):
     for i in range(n):
         out[i] = (bits[i >> 3] >> (i & 7)) & 1
     return out
+
+
+@nb.njit(cache=True, nogil=True)
+def _norm(w, mask, has_mask, p):
+    acc = 0.0
+    for i in range(w.size):
+        v = w[i] * mask[i] if has_mask else w[i]
+        acc += v * v if p == 2 else abs(v)
+    return math.sqrt(acc) if p == 2 else acc
+
+
+@nb.njit(cache=True, nogil=True)
+def _ef_step(w, g, mask, has_mask, buf, has_buf, pruned, has_pruned, lr, wd, reg, mom, p):
+    acc = 0.0
+    for i in range(w.size):
+        wi = w[i]
+        mi = w.dtype.type(mask[i]) if has_mask else w.dtype.type(1)
+        r = wi if p == 2 else np.sign(wi)
+        d = g[i] + wd * wi + reg * mi * r
+        if has_buf:
+            d = mom * buf[i] + d
+            buf[i] = d
+        wn = wi - lr * d
+        w[i] = wn
+        v = wn * mi
+        if has_pruned:
+            pruned[i] = v
+        acc += v * v if p == 2 else abs(v)
+    return math.sqrt(acc) if p == 2 else acc
+
+
+def masked_norm(w: np.ndarray, mask, p: int) -> float:
+    m = mask.reshape(-1) if mask is not None else np.ones(1, np.bool_)
+    return float(_norm(w.reshape(-1), m, mask is not None, p))
+
+
+def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_buffer, pruned_out, norm) -> float:
+    flat = w.reshape(-1)
+    dt = w.dtype.type
+    dummy = np.zeros(1, w.dtype)
+    m = mask.reshape(-1) if mask is not None else np.ones(1, np.bool_)
+    if norm is None:
+        norm = masked_norm(w, mask, p)
+    reg = (lam / norm if norm > 0 else 0.0) if p == 2 else lam
+    return float(
+        _ef_step(
+            flat, g.reshape(-1), m, mask is not None,
+            momentum_buffer.reshape(-1) if momentum_buffer is not None else dummy, momentum_buffer is not None,
+            pruned_out.reshape(-1) if pruned_out is not None else dummy, pruned_out is not None,
+            dt(lr), dt(weight_decay), dt(reg), dt(momentum), p,
+        )
+    )

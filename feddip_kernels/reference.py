@@ -53,3 +53,44 @@ def pack_bits(mask: np.ndarray) -> np.ndarray:
 
 def unpack_bits(bits: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(bits, count=n, bitorder="little").astype(bool)
+
+
+def masked_norm(w: np.ndarray, mask: np.ndarray | None, p: int) -> float:
+    v = w.astype(np.float64).ravel()
+    if mask is not None:
+        v = v * mask.ravel()
+    return float(np.sqrt(np.sum(v * v)) if p == 2 else np.sum(np.abs(v)))
+
+
+def masked_ef_step(
+    w: np.ndarray,
+    g: np.ndarray,
+    mask: np.ndarray | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    lam: float,
+    p: int,
+    momentum: float,
+    momentum_buffer: np.ndarray | None,
+    pruned_out: np.ndarray | None,
+    norm: float | None,
+) -> float:
+    """Step by step, in w's dtype: the same update the fused kernels make in one pass."""
+    dt = w.dtype.type
+    m = np.ones_like(w) if mask is None else mask.reshape(w.shape).astype(w.dtype)
+    if norm is None:
+        norm = masked_norm(w, mask, p)
+    if p == 2:
+        reg = (dt(lam / norm) if norm > 0 else dt(0)) * m * w
+    else:
+        reg = dt(lam) * m * np.sign(w)
+    d = g.reshape(w.shape) + dt(weight_decay) * w + reg
+    if momentum_buffer is not None:
+        buf = momentum_buffer.reshape(w.shape)
+        buf[...] = dt(momentum) * buf + d
+        d = buf
+    w -= dt(lr) * d
+    if pruned_out is not None:
+        pruned_out.reshape(w.shape)[...] = w * m
+    return masked_norm(w, mask, p)

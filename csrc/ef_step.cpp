@@ -1,0 +1,136 @@
+#include "ef_step.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "common.hpp"
+
+namespace feddip {
+namespace {
+
+// Chunk: partial sums run in T within a chunk (vectorises), then accumulate in double.
+constexpr std::size_t kChunk = 4096;
+// Below this, threads cost more than they save.
+constexpr std::size_t kParallelMin = std::size_t(1) << 16;
+
+inline int threads_for(int requested, std::size_t n) {
+    return n < kParallelMin ? 1 : max_threads(requested);
+}
+
+template <class T>
+inline T sign(T x) {
+    return T(x > T(0)) - T(x < T(0));
+}
+
+template <class T, bool Mask, int P>
+FEDDIP_VECTOR_CLONES double norm_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
+    T acc = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const T v = Mask ? w[i] * T(mask[i] != 0) : w[i];
+        acc += P == 2 ? v * v : std::abs(v);
+    }
+    return static_cast<double>(acc);
+}
+
+template <class T, bool Mask, int P>
+double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
+    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
+    double total = 0.0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
+    for (long long c = 0; c < n_chunks; ++c) {
+        const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
+        total += norm_chunk<T, Mask, P>(w + b, Mask ? mask + b : nullptr, m);
+    }
+    return P == 2 ? std::sqrt(total) : total;
+}
+
+template <class T, bool Mask, bool Mom, bool Pruned, int P>
+FEDDIP_VECTOR_CLONES double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
+                                       std::size_t n, T lr, T wd, T reg, T mom) {
+    // reg = lam / ||w*m||_2 for P == 2, lam for P == 1.
+    T acc = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const T wi = w[i];
+        const T mi = Mask ? T(mask[i] != 0) : T(1);
+        T d = g[i] + wd * wi + reg * mi * (P == 2 ? wi : sign(wi));
+        if (Mom) {
+            d = mom * buf[i] + d;
+            buf[i] = d;
+        }
+        const T wn = wi - lr * d;
+        w[i] = wn;
+        const T v = wn * mi;
+        if (Pruned) pruned[i] = v;
+        acc += P == 2 ? v * v : std::abs(v);
+    }
+    return static_cast<double>(acc);
+}
+
+template <class T, bool Mask, bool Mom, bool Pruned, int P>
+double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+                 const EFStepParams& prm, double norm, int nt) {
+    if (norm < 0) norm = norm_impl<T, Mask, P>(w, mask, n, nt);
+    double reg = prm.lam;
+    if (P == 2) reg = norm > 0 ? prm.lam / norm : 0.0;
+    const T lr = T(prm.lr), wd = T(prm.weight_decay), r = T(reg), mom = T(prm.momentum);
+    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
+    double total = 0.0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
+    for (long long c = 0; c < n_chunks; ++c) {
+        const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
+        total += step_chunk<T, Mask, Mom, Pruned, P>(w + b, g + b, Mask ? mask + b : nullptr,
+                                                     Mom ? buf + b : nullptr, Pruned ? pruned + b : nullptr,
+                                                     m, lr, wd, r, mom);
+    }
+    return P == 2 ? std::sqrt(total) : total;
+}
+
+template <class T, bool Mask, bool Mom, bool Pruned>
+double dispatch_p(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+                  const EFStepParams& prm, double norm, int nt) {
+    return prm.p == 1 ? step_impl<T, Mask, Mom, Pruned, 1>(w, g, mask, buf, pruned, n, prm, norm, nt)
+                      : step_impl<T, Mask, Mom, Pruned, 2>(w, g, mask, buf, pruned, n, prm, norm, nt);
+}
+
+template <class T, bool Mask, bool Mom>
+double dispatch_pruned(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+                       const EFStepParams& prm, double norm, int nt) {
+    return pruned ? dispatch_p<T, Mask, Mom, true>(w, g, mask, buf, pruned, n, prm, norm, nt)
+                  : dispatch_p<T, Mask, Mom, false>(w, g, mask, buf, pruned, n, prm, norm, nt);
+}
+
+template <class T, bool Mask>
+double dispatch_mom(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+                    const EFStepParams& prm, double norm, int nt) {
+    return buf ? dispatch_pruned<T, Mask, true>(w, g, mask, buf, pruned, n, prm, norm, nt)
+               : dispatch_pruned<T, Mask, false>(w, g, mask, buf, pruned, n, prm, norm, nt);
+}
+
+}  // namespace
+
+template <class T>
+double masked_ef_step(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+                      const EFStepParams& params, double norm, int n_threads) {
+    if (params.p != 1 && params.p != 2) throw std::invalid_argument("p must be 1 or 2");
+    const int nt = threads_for(n_threads, n);
+    return mask ? dispatch_mom<T, true>(w, g, mask, buf, pruned, n, params, norm, nt)
+                : dispatch_mom<T, false>(w, g, mask, buf, pruned, n, params, norm, nt);
+}
+
+template <class T>
+double masked_norm(const T* w, const std::uint8_t* mask, std::size_t n, int p, int n_threads) {
+    if (p != 1 && p != 2) throw std::invalid_argument("p must be 1 or 2");
+    const int nt = threads_for(n_threads, n);
+    if (mask) return p == 1 ? norm_impl<T, true, 1>(w, mask, n, nt) : norm_impl<T, true, 2>(w, mask, n, nt);
+    return p == 1 ? norm_impl<T, false, 1>(w, mask, n, nt) : norm_impl<T, false, 2>(w, mask, n, nt);
+}
+
+template double masked_ef_step(float*, const float*, const std::uint8_t*, float*, float*, std::size_t,
+                               const EFStepParams&, double, int);
+template double masked_ef_step(double*, const double*, const std::uint8_t*, double*, double*, std::size_t,
+                               const EFStepParams&, double, int);
+template double masked_norm(const float*, const std::uint8_t*, std::size_t, int, int);
+template double masked_norm(const double*, const std::uint8_t*, std::size_t, int, int);
+
+}  // namespace feddip

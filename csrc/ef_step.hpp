@@ -1,0 +1,35 @@
+// FedDIP's local step: masked error-feedback SGD with the incremental p-norm regulariser, fused.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace feddip {
+
+struct EFStepParams {
+    double lr = 0.0;
+    double weight_decay = 0.0;
+    double lam = 0.0;       // regularisation strength lambda_t
+    double momentum = 0.0;  // used only when a momentum buffer is given
+    int p = 2;              // 1 or 2: lam * ||w * m||_p, not squared
+};
+
+// One step on one layer, in place, one pass over memory:
+//   d   = g + weight_decay * w + lam * d||w*m||_p/dw
+//   buf = momentum * buf + d; d = buf           (when buf is given; zero-initialise it)
+//   w  -= lr * d
+//   pruned = w * m                               (when pruned is given)
+// g is the gradient taken at the pruned point w*m and is applied to the dense w (error feedback).
+// For p = 2 the regulariser gradient is m*w / ||w*m||_2 (zero when the norm is zero); for p = 1 it
+// is m*sign(w). `mask` may be null (all ones). `norm` is ||w*m||_p before the step; pass a
+// negative value to have it computed by an extra read pass. Returns ||w*m||_p after the step,
+// which the caller can feed to the next step to keep it one pass.
+template <class T>
+double masked_ef_step(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+                      const EFStepParams& params, double norm, int n_threads = 0);
+
+// ||w * m||_p (p = 1 or 2) with a double accumulator; mask may be null.
+template <class T>
+double masked_norm(const T* w, const std::uint8_t* mask, std::size_t n, int p, int n_threads = 0);
+
+}  // namespace feddip

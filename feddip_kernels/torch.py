@@ -1,0 +1,136 @@
+"""PyTorch integration: FedDIPSGD, an optimizer for error-feedback training of a pruned model.
+
+The model's parameters hold the *pruned* weights w * m, so forward and backward run at the pruned
+point with no copy of the model; the optimizer keeps the dense weights w in its state and updates
+them with the gradient taken at the pruned point (error feedback), then rewrites the pruned copy,
+all in one fused pass per layer (feddip_kernels.masked_ef_step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+
+from ._arrays import as_array
+from .update import masked_ef_step
+
+
+class FedDIPSGD(torch.optim.Optimizer):
+    """SGD with masks, error feedback and FedDIP's regulariser lam * sum_l ||w_l * m_l||_p.
+
+    Parameters with a mask (set with `set_masks`) are pruned layers: the parameter holds w * m,
+    the optimizer's state["dense"] holds w, and the regulariser applies to them. Parameters without
+    a mask (biases, norms) get plain SGD with momentum and weight decay. Momentum follows
+    torch.optim.SGD (no dampening, no Nesterov).
+
+    Writing new weights into a masked parameter in place (`param.copy_(x)` under no_grad, as
+    `load_state_dict` does) makes them the new dense weights at the next step; call `set_masks`
+    again to change a mask. CPU float32/float64 parameters only.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 5e-4,
+        lam: float = 0.0,
+        p: int = 2,
+        backend: str = "auto",
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or lam < 0:
+            raise ValueError("lr, momentum, weight_decay and lam must be >= 0")
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lam=lam, p=p)
+        super().__init__(params, defaults)
+        self.backend = backend
+        for group in self.param_groups:
+            for prm in group["params"]:
+                if prm.device.type != "cpu" or prm.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"FedDIPSGD needs CPU float32/float64 parameters, got {prm.dtype} on {prm.device}")
+                if not prm.is_contiguous():
+                    raise ValueError("FedDIPSGD needs contiguous parameters")
+
+    def set_lambda(self, lam: float) -> None:
+        """Set the regularisation strength lambda_t of every parameter group."""
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        for group in self.param_groups:
+            group["lam"] = lam
+
+    @torch.no_grad()
+    def set_masks(self, masks: Mapping[torch.Tensor, Any]) -> None:
+        """Assign masks (bool tensors or arrays, same shape) to parameters; None removes a mask.
+        The dense weights are kept (or taken from the parameter the first time) and the parameter
+        is rewritten as dense * mask."""
+        for prm, mask in masks.items():
+            state = self.state[prm]
+            dense = self._dense(prm) if "dense" in state else prm.detach().clone()
+            if mask is None:
+                prm.copy_(dense)
+                for key in ("dense", "mask", "norm", "version", "dense_version"):
+                    state.pop(key, None)
+                continue
+            m = torch.as_tensor(np.asarray(as_array(mask, "mask"), dtype=bool))
+            if m.shape != prm.shape:
+                raise ValueError(f"mask shape {tuple(m.shape)} differs from parameter shape {tuple(prm.shape)}")
+            state["dense"] = dense
+            state["mask"] = m.contiguous()
+            prm.copy_(dense * m)
+            state["norm"] = None
+            self._stamp(prm)
+
+    def dense(self, prm: torch.Tensor) -> torch.Tensor:
+        """The dense weights behind a parameter (the parameter itself when it has no mask)."""
+        return self._dense(prm)
+
+    def _dense(self, prm: torch.Tensor) -> torch.Tensor:
+        state = self.state[prm]
+        if "dense" not in state:
+            return prm.detach()
+        if prm._version != state["version"]:  # written from outside: those are the new dense weights
+            state["dense"].copy_(prm.detach())
+            state["norm"] = None
+        return state["dense"]
+
+    def _stamp(self, prm: torch.Tensor) -> None:
+        state = self.state[prm]
+        state["version"] = prm._version
+        state["dense_version"] = state["dense"]._version
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Any] = None) -> Optional[torch.Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for prm in group["params"]:
+                if prm.grad is None:
+                    continue
+                if prm.grad.is_sparse:
+                    raise TypeError("FedDIPSGD does not support sparse gradients")
+                state = self.state[prm]
+                buf = None
+                if group["momentum"] != 0:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+                if "mask" in state:
+                    dense = self._dense(prm)
+                    norm = state["norm"] if state["dense_version"] == dense._version else None
+                    state["norm"] = masked_ef_step(
+                        dense, prm.grad, state["mask"], lr=group["lr"], weight_decay=group["weight_decay"],
+                        lam=group["lam"], p=group["p"], momentum=group["momentum"], momentum_buffer=buf,
+                        pruned_out=prm.detach(), norm=norm, backend=self.backend,
+                    )
+                    self._stamp(prm)
+                else:
+                    masked_ef_step(
+                        prm.detach(), prm.grad, None, lr=group["lr"], weight_decay=group["weight_decay"],
+                        momentum=group["momentum"], momentum_buffer=buf, norm=0.0, backend=self.backend,
+                    )
+        return loss

@@ -1,0 +1,113 @@
+"""FedDIP's local update: masked error-feedback SGD with the incremental p-norm regulariser, as one
+fused in-place pass over memory (native and numba), with a step-by-step NumPy reference."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _backend, reference
+from ._arrays import FLOAT_DTYPES, as_array
+
+
+def _inplace(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
+    a = as_array(x, what)
+    if a.dtype != dtype:
+        raise TypeError(f"{what} has dtype {a.dtype}, expected {dtype}")
+    if a.size != size:
+        raise ValueError(f"{what} has {a.size} elements, expected {size}")
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError(f"{what} must be a writeable C-contiguous array (it is updated in place)")
+    return a
+
+
+def masked_ef_step(
+    w: Any,
+    g: Any,
+    mask: Any = None,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    lam: float = 0.0,
+    p: int = 2,
+    momentum: float = 0.0,
+    momentum_buffer: Any = None,
+    pruned_out: Any = None,
+    norm: Optional[float] = None,
+    backend: str = "auto",
+) -> float:
+    """One FedDIP local step on one layer, in place:
+
+        d   = g + weight_decay * w + lam * d||w * m||_p / dw
+        buf = momentum * buf + d;  d = buf            (if momentum_buffer is given)
+        w  -= lr * d
+        pruned_out = w * m                            (if pruned_out is given)
+
+    `g` is the gradient computed at the pruned point w * m; it is applied to the dense `w` (error
+    feedback). The regulariser is the non-squared p-norm of the masked layer (p = 1 or 2): its
+    gradient is m * w / ||w * m||_2 (zero for a zero norm) or m * sign(w). `mask` None means dense.
+    Momentum follows torch.optim.SGD (no dampening, no Nesterov); start from a zero buffer.
+
+    `norm` is ||w * m||_p before the step; when None it is computed with an extra read pass. The
+    return value is ||w * m||_p after the step: pass it as `norm` next time to keep each step a
+    single pass over memory. `w`, `momentum_buffer` and `pruned_out` are written in place (NumPy
+    arrays or torch CPU tensors, C-contiguous); `g` and `mask` have w's number of elements.
+    """
+    wa = as_array(w, "w")
+    if wa.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
+    wa = _inplace(wa, "w", wa.dtype, wa.size)
+    ga = as_array(g, "g")
+    if ga.dtype != wa.dtype or ga.size != wa.size:
+        raise ValueError(f"g must match w ({wa.size} x {wa.dtype}), got {ga.size} x {ga.dtype}")
+    ga = np.ascontiguousarray(ga)
+    ma = None
+    if mask is not None:
+        ma = as_array(mask, "mask")
+        if ma.size != wa.size:
+            raise ValueError(f"mask has {ma.size} elements, w has {wa.size}")
+        if ma.dtype != np.bool_:
+            ma = ma != 0
+        ma = np.ascontiguousarray(ma)
+    buf = None if momentum_buffer is None else _inplace(momentum_buffer, "momentum_buffer", wa.dtype, wa.size)
+    if momentum != 0.0 and buf is None:
+        raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
+    out = None if pruned_out is None else _inplace(pruned_out, "pruned_out", wa.dtype, wa.size)
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if norm is not None and (not np.isfinite(norm) or norm < 0):
+        raise ValueError(f"norm must be finite and >= 0, got {norm}")
+    kwargs = dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), p=p, momentum=float(momentum))
+    be = _backend.resolve(backend)
+    if be == "native":
+        return _backend.native_module().masked_ef_step(
+            wa, ga, ma, buf, out, kwargs["lr"], kwargs["weight_decay"], kwargs["lam"], kwargs["momentum"], p,
+            -1.0 if norm is None else float(norm),
+        )
+    impl = _backend.numba_module().masked_ef_step if be == "numba" else reference.masked_ef_step
+    return impl(wa, ga, ma, momentum_buffer=buf, pruned_out=out, norm=norm, **kwargs)
+
+
+def masked_norm(w: Any, mask: Any = None, *, p: int = 2, backend: str = "auto") -> float:
+    """||w * m||_p (p = 1 or 2), accumulated in double."""
+    wa = np.ascontiguousarray(as_array(w, "w"))
+    if wa.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
+    ma = None
+    if mask is not None:
+        ma = as_array(mask, "mask")
+        if ma.size != wa.size:
+            raise ValueError(f"mask has {ma.size} elements, w has {wa.size}")
+        ma = np.ascontiguousarray(ma if ma.dtype == np.bool_ else ma != 0)
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    be = _backend.resolve(backend)
+    if be == "native":
+        return _backend.native_module().masked_norm(wa, ma, p)
+    if be == "numba":
+        return _backend.numba_module().masked_norm(wa, ma, p)
+    return reference.masked_norm(wa, ma, p)

@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import feddip_kernels as fk
+from feddip_kernels import reference
+
+
+def _tol(dtype):
+    # Backends fuse the same arithmetic in one pass; results differ from the step-by-step
+    # reference only by rounding (the p = 2 coefficient and the order of fused multiply-adds).
+    return dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+
+
+@st.composite
+def steps(draw):
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    n = draw(st.integers(0, 300))
+    elems = st.floats(-4, 4, width=32)
+    w = draw(hnp.arrays(dtype, n, elements=elems))
+    g = draw(hnp.arrays(dtype, n, elements=elems))
+    mask = draw(st.one_of(st.none(), hnp.arrays(np.bool_, n)))
+    kw = dict(
+        lr=draw(st.sampled_from([0.0, 0.01, 0.1])),
+        weight_decay=draw(st.sampled_from([0.0, 5e-4])),
+        lam=draw(st.sampled_from([0.0, 1e-3, 0.5])),
+        p=draw(st.sampled_from([1, 2])),
+        momentum=draw(st.sampled_from([0.0, 0.9])),
+    )
+    use_buf = kw["momentum"] > 0 or draw(st.booleans())
+    buf = draw(hnp.arrays(dtype, n, elements=elems)) if use_buf else None
+    return w, g, mask, buf, kw, draw(st.booleans()), draw(st.booleans())
+
+
+@given(steps())
+def test_step_matches_reference(backend, case):
+    w, g, mask, buf, kw, want_pruned, give_norm = case
+    tol = _tol(w.dtype)
+    w_ref, buf_ref = w.copy(), None if buf is None else buf.copy()
+    pr_ref = np.empty_like(w) if want_pruned else None
+    norm = reference.masked_norm(w, mask, kw["p"]) if give_norm else None
+    out_ref = reference.masked_ef_step(w_ref, g, mask, momentum_buffer=buf_ref, pruned_out=pr_ref, norm=norm, **kw)
+    w_b, buf_b = w.copy(), None if buf is None else buf.copy()
+    pr_b = np.empty_like(w) if want_pruned else None
+    out_b = fk.masked_ef_step(w_b, g, mask, momentum_buffer=buf_b, pruned_out=pr_b, norm=norm, backend=backend, **kw)
+    np.testing.assert_allclose(w_b, w_ref, **tol)
+    if buf is not None:
+        np.testing.assert_allclose(buf_b, buf_ref, **tol)
+    if want_pruned:
+        np.testing.assert_allclose(pr_b, pr_ref, **tol)
+        if mask is not None:
+            assert not pr_b[~mask].any()
+    assert out_b == pytest.approx(out_ref, rel=1e-4 if w.dtype == np.float32 else 1e-10, abs=1e-6)
+
+
+def test_large_multithreaded_matches_reference(backend):
+    rng = np.random.default_rng(3)
+    n = 1_000_003
+    w, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    mask, buf = rng.random(n) < 0.1, rng.standard_normal(n).astype(np.float32)
+    kw = dict(lr=0.05, weight_decay=5e-4, lam=0.01, p=2, momentum=0.9)
+    w_ref, buf_ref, pr_ref = w.copy(), buf.copy(), np.empty_like(w)
+    out_ref = reference.masked_ef_step(w_ref, g, mask, momentum_buffer=buf_ref, pruned_out=pr_ref, norm=None, **kw)
+    pr = np.empty_like(w)
+    out = fk.masked_ef_step(w, g, mask, momentum_buffer=buf, pruned_out=pr, backend=backend, **kw)
+    np.testing.assert_allclose(w, w_ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(pr, pr_ref, rtol=2e-5, atol=2e-6)
+    assert out == pytest.approx(out_ref, rel=1e-5)
+    assert fk.masked_norm(w, mask, backend=backend) == pytest.approx(out, rel=1e-6)
+
+
+def test_returned_norm_is_the_next_steps_norm(backend):
+    rng = np.random.default_rng(0)
+    w, g, m = rng.standard_normal(1000), rng.standard_normal(1000), rng.random(1000) < 0.5
+    out = fk.masked_ef_step(w, g, m, lr=0.1, lam=0.1, backend=backend)
+    assert out == pytest.approx(np.linalg.norm(w * m), rel=1e-12)
+    out1 = fk.masked_ef_step(w, g, m, lr=0.1, lam=0.1, p=1, backend=backend)
+    assert out1 == pytest.approx(np.abs(w * m).sum(), rel=1e-12)
+
+
+def test_zero_norm_gives_zero_regulariser(backend):
+    w = np.zeros(10, np.float32)
+    g = np.ones(10, np.float32)
+    fk.masked_ef_step(w, g, lr=1.0, lam=5.0, backend=backend)
+    np.testing.assert_array_equal(w, -np.ones(10, np.float32))
+
+
+def test_bad_arguments(backend):
+    w = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="g must match"):
+        fk.masked_ef_step(w, np.ones(3, np.float32), lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="g must match"):
+        fk.masked_ef_step(w, np.ones(4), lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="mask has"):
+        fk.masked_ef_step(w, w.copy(), np.ones(5, bool), lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        fk.masked_ef_step(w, w.copy(), lr=0.1, momentum=0.9, backend=backend)
+    with pytest.raises(ValueError, match="p must be"):
+        fk.masked_ef_step(w, w.copy(), lr=0.1, p=3, backend=backend)
+    with pytest.raises(ValueError, match="lr must be"):
+        fk.masked_ef_step(w, w.copy(), lr=float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="in place"):
+        fk.masked_ef_step(np.ones((4, 4), np.float32)[:, 0], np.ones(4, np.float32), lr=0.1, backend=backend)
+    ro = np.ones(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="in place"):
+        fk.masked_ef_step(ro, w, lr=0.1, backend=backend)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fk.masked_ef_step(np.ones(4, np.int64), np.ones(4, np.int64), lr=0.1, backend=backend)
+    with pytest.raises(TypeError, match="pruned_out"):
+        fk.masked_ef_step(w, w.copy(), lr=0.1, pruned_out=np.ones(4), backend=backend)
