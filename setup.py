@@ -28,7 +28,8 @@ class BuildExt(build_ext):
         omp = [] if sys.platform == "win32" else ["-fopenmp"]
         use_omp = os.environ.get("FEDDIP_NO_OPENMP") != "1" and bool(omp) and _compiler_accepts(self.compiler, omp)
         for ext in self.extensions:
-            ext.extra_compile_args += ["-O3"] + (omp if use_omp else [])
+            # -fopenmp-simd: honour `omp simd` (vectorised reductions) even without the OpenMP runtime.
+            ext.extra_compile_args += ["-O3", "-fopenmp-simd"] + (omp if use_omp else [])
             ext.extra_link_args += omp if use_omp else []
         super().build_extensions()
 

@@ -9,7 +9,8 @@
 namespace feddip {
 namespace {
 
-// Chunk: partial sums run in T within a chunk (vectorises), then accumulate in double.
+// Chunk: partial sums run in T within a chunk (SIMD lanes, reassociated by `omp simd`), then
+// accumulate in double across chunks.
 constexpr std::size_t kChunk = 4096;
 // Below this, threads cost more than they save.
 constexpr std::size_t kParallelMin = std::size_t(1) << 16;
@@ -18,16 +19,27 @@ inline int threads_for(int requested, std::size_t n) {
     return n < kParallelMin ? 1 : max_threads(requested);
 }
 
+// 1 for a non-zero mask byte, else 0, with integer arithmetic only (no compare), so it vectorises.
+template <class T>
+inline T mask_value(std::uint8_t byte) {
+    const std::uint32_t x = byte;
+    return static_cast<T>(static_cast<std::int32_t>((x | (0u - x)) >> 31));
+}
+
+// sign(x) with sign(0) = 0, written as selects so that loops using it vectorise.
 template <class T>
 inline T sign(T x) {
-    return T(x > T(0)) - T(x < T(0));
+    const T pos = x > T(0) ? T(1) : T(0);
+    const T neg = x < T(0) ? T(1) : T(0);
+    return pos - neg;
 }
 
 template <class T, bool Mask, int P>
 FEDDIP_VECTOR_CLONES double norm_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
     T acc = 0;
+#pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
-        const T v = Mask ? w[i] * T(mask[i] != 0) : w[i];
+        const T v = Mask ? w[i] * mask_value<T>(mask[i]) : w[i];
         acc += P == 2 ? v * v : std::abs(v);
     }
     return static_cast<double>(acc);
@@ -50,9 +62,10 @@ FEDDIP_VECTOR_CLONES double step_chunk(T* w, const T* g, const std::uint8_t* mas
                                        std::size_t n, T lr, T wd, T reg, T mom) {
     // reg = lam / ||w*m||_2 for P == 2, lam for P == 1.
     T acc = 0;
+#pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
         const T wi = w[i];
-        const T mi = Mask ? T(mask[i] != 0) : T(1);
+        const T mi = Mask ? mask_value<T>(mask[i]) : T(1);
         T d = g[i] + wd * wi + reg * mi * (P == 2 ? wi : sign(wi));
         if (Mom) {
             d = mom * buf[i] + d;
