@@ -7,7 +7,15 @@ import tempfile
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-SOURCES = ["bindings/module.cpp", "csrc/bitpack.cpp", "csrc/ef_step.cpp", "csrc/topk.cpp"]
+SOURCES = [
+    "bindings/module.cpp",
+    "csrc/bitpack.cpp",
+    "csrc/crc32c.cpp",
+    "csrc/ef_step.cpp",
+    "csrc/golomb.cpp",
+    "csrc/sparse.cpp",
+    "csrc/topk.cpp",
+]
 
 
 def _compiler_accepts(compiler, flags: list[str]) -> bool:

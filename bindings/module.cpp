@@ -10,7 +10,10 @@
 #include <vector>
 
 #include "../csrc/bitpack.hpp"
+#include "../csrc/crc32c.hpp"
 #include "../csrc/ef_step.hpp"
+#include "../csrc/golomb.hpp"
+#include "../csrc/sparse.hpp"
 #include "../csrc/topk.hpp"
 
 namespace py = pybind11;
@@ -116,11 +119,59 @@ double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, co
     return masked_ef_step(pw, pg, pm, pb, pp, n, prm, norm, n_threads);
 }
 
+using Bits = py::array_t<std::uint8_t, py::array::c_style>;
+
+void check_bits(const Bits& bits, std::size_t n) {
+    if (static_cast<std::size_t>(bits.size()) < (n + 7) / 8)
+        throw std::invalid_argument("packed positions hold " + std::to_string(bits.size()) + " bytes, " +
+                                    std::to_string((n + 7) / 8) + " needed");
+}
+
+template <class T>
+py::tuple sparsify_impl(const py::array& x, const py::object& mask) {
+    const std::size_t n = static_cast<std::size_t>(x.size());
+    const T* px = data_of<T>(x, "x");
+    const std::uint8_t* pm = optional_mask(mask, n);
+    Bits bits((n + 7) / 8);
+    std::uint8_t* pb = bits.mutable_data();
+    std::uint64_t nnz;
+    {
+        py::gil_scoped_release release;
+        pack_positions(px, pm, n, pb);
+        nnz = count_bits(pb, n);
+    }
+    py::array_t<T> values(static_cast<py::ssize_t>(nnz));
+    T* pv = values.mutable_data();
+    {
+        py::gil_scoped_release release;
+        gather(px, pb, n, pv);
+    }
+    return py::make_tuple(bits, values);
+}
+
+template <class T>
+py::array densify_impl(const Bits& bits, std::size_t n, const py::array& values) {
+    check_bits(bits, n);
+    const T* pv = data_of<T>(values, "values");
+    if (count_bits(bits.data(), n) != static_cast<std::uint64_t>(values.size()))
+        throw std::invalid_argument("number of values differs from the number of positions");
+    py::array_t<T> out(static_cast<py::ssize_t>(n));
+    T* po = out.mutable_data();
+    const std::uint8_t* pb = bits.data();
+    py::gil_scoped_release release;
+    scatter(pb, n, pv, po);
+    return out;
+}
+
 bool is_float64(const std::vector<py::array>& tensors) {
     return !tensors.empty() && py::isinstance<py::array_t<double>>(tensors[0]);
 }
 
 }  // namespace
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "feddip-kernels' codecs assume a little-endian host"
+#endif
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "feddip-kernels native core";
@@ -179,6 +230,72 @@ PYBIND11_MODULE(_core, m) {
             return masked_norm(pw, pm, n, p, n_threads);
         },
         py::arg("w"), py::arg("mask"), py::arg("p"), py::arg("n_threads") = 0);
+
+    m.def(
+        "sparsify",
+        [](const py::array& x, const py::object& mask) {
+            return py::isinstance<py::array_t<double>>(x) ? sparsify_impl<double>(x, mask)
+                                                          : sparsify_impl<float>(x, mask);
+        },
+        py::arg("x"), py::arg("mask"),
+        "(packed positions, values): positions = mask, or x != 0 without a mask.");
+
+    m.def(
+        "densify",
+        [](const Bits& bits, std::size_t n, const py::array& values) {
+            return py::isinstance<py::array_t<double>>(values) ? densify_impl<double>(bits, n, values)
+                                                               : densify_impl<float>(bits, n, values);
+        },
+        py::arg("bits"), py::arg("n"), py::arg("values"));
+
+    m.def("golomb_parameter", &golomb_parameter, py::arg("nnz"), py::arg("n"));
+
+    m.def(
+        "golomb_size",
+        [](const Bits& bits, std::size_t n, std::uint32_t m) {
+            check_bits(bits, n);
+            return golomb_size(bits.data(), n, m);
+        },
+        py::arg("bits"), py::arg("n"), py::arg("m"));
+
+    m.def(
+        "golomb_encode",
+        [](const Bits& bits, std::size_t n, std::uint32_t m) {
+            check_bits(bits, n);
+            std::vector<std::uint8_t> out;
+            {
+                py::gil_scoped_release release;
+                out = golomb_encode(bits.data(), n, m);
+            }
+            return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+        },
+        py::arg("bits"), py::arg("n"), py::arg("m"));
+
+    m.def(
+        "golomb_decode",
+        [](const py::buffer& data, std::size_t n, std::uint64_t nnz, std::uint32_t m) {
+            const py::buffer_info info = data.request();
+            Bits bits((n + 7) / 8);
+            std::uint8_t* pb = bits.mutable_data();
+            const auto* src = static_cast<const std::uint8_t*>(info.ptr);
+            const auto size = static_cast<std::size_t>(info.size * info.itemsize);
+            py::gil_scoped_release release;
+            golomb_decode(src, size, n, nnz, m, pb);
+            return bits;
+        },
+        py::arg("data"), py::arg("n"), py::arg("nnz"), py::arg("m"),
+        "Decode nnz Golomb-coded positions; the caller bounds n before calling (allocates n / 8 bytes).");
+
+    m.def(
+        "crc32c",
+        [](const py::buffer& data, std::uint32_t crc) {
+            const py::buffer_info info = data.request();
+            const auto* p = static_cast<const std::uint8_t*>(info.ptr);
+            const auto size = static_cast<std::size_t>(info.size * info.itemsize);
+            py::gil_scoped_release release;
+            return crc32c(p, size, crc);
+        },
+        py::arg("data"), py::arg("crc") = 0);
 
     m.def(
         "pack_bits",

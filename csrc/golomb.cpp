@@ -1,0 +1,207 @@
+#include "golomb.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+namespace feddip {
+namespace {
+
+struct Params {
+    std::uint32_t m, b, cut;  // b = ceil(log2 m), cut = 2^b - m
+};
+
+Params params_of(std::uint32_t m) {
+    if (m == 0) throw std::invalid_argument("Golomb parameter must be >= 1");
+    std::uint32_t b = 0;
+    while ((std::uint64_t(1) << b) < m) ++b;
+    return {m, b, static_cast<std::uint32_t>((std::uint64_t(1) << b) - m)};
+}
+
+inline std::uint64_t code_length(std::uint64_t gap, const Params& p) {
+    const std::uint64_t q = gap / p.m, r = gap % p.m;
+    return q + 1 + (p.b == 0 ? 0 : (r < p.cut ? p.b - 1 : p.b));
+}
+
+// Calls f(gap) for each set position, in order.
+template <class F>
+void for_each_gap(const std::uint8_t* bits, std::size_t n, F&& f) {
+    const std::size_t n_bytes = (n + 7) / 8;
+    std::uint64_t prev_end = 0;  // index after the previous set position
+    for (std::size_t off = 0; off < n_bytes; off += 8) {
+        std::uint64_t v = 0;
+        std::memcpy(&v, bits + off, n_bytes - off < 8 ? n_bytes - off : 8);
+        if (off + 8 >= n_bytes && n % 64) v &= (std::uint64_t(1) << (n % 64)) - 1;  // ignore padding
+        while (v) {
+            const std::uint64_t pos = 8 * off + static_cast<std::uint64_t>(__builtin_ctzll(v));
+            f(pos - prev_end);
+            prev_end = pos + 1;
+            v &= v - 1;
+        }
+    }
+}
+
+class BitWriter {
+public:
+    explicit BitWriter(std::size_t reserve) { out_.reserve(reserve + 8); }
+    // Appends the low `len` (<= 32) bits of `value`.
+    void put(std::uint64_t value, unsigned len) {
+        acc_ |= value << fill_;
+        fill_ += len;
+        if (fill_ >= 32) {
+            const std::uint32_t word = static_cast<std::uint32_t>(acc_);
+            const std::size_t at = out_.size();
+            out_.resize(at + 4);
+            std::memcpy(out_.data() + at, &word, 4);  // little-endian hosts only (checked in bindings)
+            acc_ >>= 32;
+            fill_ -= 32;
+        }
+    }
+    void zeros(std::uint64_t count) {
+        while (count > 32) {
+            put(0, 32);
+            count -= 32;
+        }
+        put(0, static_cast<unsigned>(count));
+    }
+    std::vector<std::uint8_t> finish() {
+        while (fill_ > 0) {
+            out_.push_back(static_cast<std::uint8_t>(acc_));
+            acc_ >>= 8;
+            fill_ = fill_ > 8 ? fill_ - 8 : 0;
+        }
+        return std::move(out_);
+    }
+
+private:
+    std::vector<std::uint8_t> out_;
+    std::uint64_t acc_ = 0;
+    unsigned fill_ = 0;
+};
+
+class BitReader {
+public:
+    BitReader(const std::uint8_t* data, std::size_t size) : data_(data), size_(size) {}
+    std::uint64_t bits_consumed() const { return consumed_; }
+    std::uint64_t bits_total() const { return 8 * static_cast<std::uint64_t>(size_); }
+    // Next `len` (<= 32) bits; throws past the end.
+    std::uint64_t get(unsigned len) {
+        if (len == 0) return 0;
+        refill();
+        if (consumed_ + len > bits_total()) throw std::invalid_argument("Golomb stream is truncated");
+        const std::uint64_t v = acc_ & ((std::uint64_t(1) << len) - 1);
+        acc_ >>= len;
+        fill_ -= len;
+        consumed_ += len;
+        return v;
+    }
+    // Counts zero bits up to and including the next one bit; throws past the end or above `limit`.
+    std::uint64_t unary(std::uint64_t limit) {
+        std::uint64_t q = 0;
+        for (;;) {
+            refill();
+            if (fill_ == 0) throw std::invalid_argument("Golomb stream is truncated");
+            if (acc_ == 0) {
+                q += fill_;
+                consumed_ += fill_;
+                fill_ = 0;
+                acc_ = 0;
+                if (q > limit) throw std::invalid_argument("Golomb stream: position out of range");
+                continue;
+            }
+            const unsigned z = static_cast<unsigned>(__builtin_ctzll(acc_));
+            q += z;
+            acc_ >>= z;
+            acc_ >>= 1;
+            fill_ -= z + 1;
+            consumed_ += z + 1;
+            if (consumed_ > bits_total()) throw std::invalid_argument("Golomb stream is truncated");
+            if (q > limit) throw std::invalid_argument("Golomb stream: position out of range");
+            return q;
+        }
+    }
+
+    // True when every bit after the consumed ones is zero (padding).
+    bool rest_is_zero() {
+        refill();
+        return acc_ == 0 && pos_ == size_;
+    }
+
+private:
+    void refill() {
+        while (fill_ <= 56 && pos_ < size_) {
+            acc_ |= std::uint64_t(data_[pos_++]) << fill_;
+            fill_ += 8;
+        }
+    }
+    const std::uint8_t* data_;
+    std::size_t size_, pos_ = 0;
+    std::uint64_t acc_ = 0, consumed_ = 0;
+    unsigned fill_ = 0;
+};
+
+}  // namespace
+
+std::uint32_t golomb_parameter(std::uint64_t nnz, std::uint64_t n) {
+    if (nnz == 0 || nnz >= n) return 1;
+    const double theta = 1.0 - static_cast<double>(nnz) / static_cast<double>(n);  // P(zero)
+    const double m = std::ceil(std::log(1.0 + theta) / -std::log(theta));
+    if (!(m >= 1.0)) return 1;
+    return m > 2147483648.0 ? 2147483648u : static_cast<std::uint32_t>(m);
+}
+
+std::size_t golomb_size(const std::uint8_t* bits, std::size_t n, std::uint32_t m) {
+    const Params p = params_of(m);
+    std::uint64_t total = 0;
+    for_each_gap(bits, n, [&](std::uint64_t gap) { total += code_length(gap, p); });
+    return static_cast<std::size_t>((total + 7) / 8);
+}
+
+std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n, std::uint32_t m) {
+    const Params p = params_of(m);
+    BitWriter w(golomb_size(bits, n, m));
+    for_each_gap(bits, n, [&](std::uint64_t gap) {
+        const std::uint64_t q = gap / p.m, r = gap % p.m;
+        w.zeros(q);
+        w.put(1, 1);
+        if (p.b == 0) return;
+        if (r < p.cut) {
+            w.put(r, p.b - 1);
+        } else {
+            const std::uint64_t v = r + p.cut;
+            w.put(v >> 1, p.b - 1);
+            w.put(v & 1, 1);
+        }
+    });
+    return w.finish();
+}
+
+void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, std::uint64_t nnz,
+                   std::uint32_t m, std::uint8_t* bits) {
+    const Params p = params_of(m);
+    if (nnz > n) throw std::invalid_argument("Golomb stream: more positions than elements");
+    std::memset(bits, 0, (n + 7) / 8);
+    BitReader r(data, size);
+    std::uint64_t next = 0;  // smallest position the next code may give
+    const std::uint64_t max_q = n / p.m + 1;
+    for (std::uint64_t i = 0; i < nnz; ++i) {
+        const std::uint64_t q = r.unary(max_q);
+        std::uint64_t rem = 0;
+        if (p.b > 0) {
+            rem = r.get(p.b - 1);
+            if (rem >= p.cut) rem = ((rem << 1) | r.get(1)) - p.cut;
+            if (rem >= p.m) throw std::invalid_argument("Golomb stream: bad remainder");
+        }
+        const std::uint64_t pos = next + q * p.m + rem;
+        if (pos >= n) throw std::invalid_argument("Golomb stream: position out of range");
+        bits[pos >> 3] |= std::uint8_t(1u << (pos & 7));
+        next = pos + 1;
+    }
+    // Anything but zero padding in the last byte means the stream does not match nnz.
+    if ((r.bits_consumed() + 7) / 8 != size)
+        throw std::invalid_argument("Golomb stream has " + std::to_string(size) + " bytes, codes use " +
+                                    std::to_string((r.bits_consumed() + 7) / 8));
+    if (!r.rest_is_zero()) throw std::invalid_argument("Golomb stream: non-zero padding bits");
+}
+
+}  // namespace feddip
