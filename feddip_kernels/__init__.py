@@ -1,6 +1,7 @@
 """feddip-kernels: fast kernels and compact codecs for federated learning with extreme sparsity."""
 
 from ._backend import available_backends
+from .codecs import CodecError, Decoded, SparseCodec, decode_model, encode_model
 from .pruning import (
     erk_densities,
     global_magnitude_threshold,
@@ -15,7 +16,12 @@ from .update import masked_ef_step, masked_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "CodecError",
+    "Decoded",
+    "SparseCodec",
     "available_backends",
+    "decode_model",
+    "encode_model",
     "erk_densities",
     "global_magnitude_threshold",
     "global_topk_masks",

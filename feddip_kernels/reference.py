@@ -94,3 +94,24 @@ def masked_ef_step(
     if pruned_out is not None:
         pruned_out.reshape(w.shape)[...] = w * m
     return masked_norm(w, mask, p)
+
+
+def golomb_encode(positions_mask: np.ndarray, m: int) -> bytes:
+    """Bit-by-bit Golomb coder of the gaps of a bool mask (docs/wire-format.md)."""
+    out_bits: list[int] = []
+    b = (m - 1).bit_length()
+    cut = (1 << b) - m
+    prev = 0
+    for pos in np.flatnonzero(positions_mask):
+        gap = int(pos) - prev
+        prev = int(pos) + 1
+        q, r = divmod(gap, m)
+        out_bits += [0] * q + [1]
+        if b == 0:
+            continue
+        if r < cut:
+            out_bits += [(r >> i) & 1 for i in range(b - 1)]
+        else:
+            v = r + cut
+            out_bits += [((v >> 1) >> i) & 1 for i in range(b - 1)] + [v & 1]
+    return np.packbits(np.array(out_bits, dtype=np.uint8), bitorder="little").tobytes()

@@ -1,0 +1,424 @@
+"""Codecs for sparse models: positions (bitmask, CSR, Golomb-coded gaps, or none when a shared mask
+says where the values go), values (lossless, or opt-in fp16/bf16/int8), and the versioned wire
+format of docs/wire-format.md. Decoding validates every length against the message and a
+caller-set output limit before allocating, and raises CodecError on any inconsistency."""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from . import _backend
+from ._arrays import as_array
+
+MAGIC = b"FDKW"
+VERSION = 1
+DEFAULT_MAX_BYTES = 1 << 31  # decoded output limit unless the caller sets one
+
+_HEADER = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, n_tensors
+_RECORD = struct.Struct("<BBBBBBQQIfQQ")  # after name and shape, see docs/wire-format.md
+_CRC = struct.Struct("<I")
+
+DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
+DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+
+DOMAIN_FULL, DOMAIN_REFERENCE = 0, 1
+POSITIONS = {"all": 0, "bitmask": 1, "csr": 2, "golomb": 3}
+POSITION_NAMES = {v: k for k, v in POSITIONS.items()}
+VALUES = {"raw": 0, "fp16": 1, "bf16": 2, "int8": 3}
+VALUE_NAMES = {v: k for k, v in VALUES.items()}
+MAX_NDIM = 32
+
+
+class CodecError(ValueError):
+    """The bytes are not a valid message: corrupt, truncated, over a limit, or inconsistent."""
+
+
+def _core():
+    core = _backend.native_module()
+    if core is None:
+        raise RuntimeError("the codecs need the native extension; reinstall with `pip install .`")
+    return core
+
+
+def crc32c(data: Any, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli) of a bytes-like object, continuing from `crc`."""
+    return _core().crc32c(data, crc)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _bf16_encode(v: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32)
+    rounded = ((u.astype(np.uint64) + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(v)
+    if nan.any():  # keep NaN a NaN (rounding could carry it into inf)
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def _encode_values(v: np.ndarray, codec: str) -> tuple[bytes, float]:
+    if codec == "raw":
+        return v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes(), 0.0
+    if codec == "fp16":
+        return v.astype("<f2").tobytes(), 0.0
+    if codec == "bf16":
+        return _bf16_encode(v.astype(np.float32)).astype("<u2").tobytes(), 0.0
+    if codec == "int8":
+        if v.size and not np.isfinite(v).all():
+            raise ValueError("int8 values need finite inputs; use raw, fp16 or bf16")
+        peak = float(np.max(np.abs(v))) if v.size else 0.0
+        scale = np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)
+        q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+        return q.tobytes(), float(scale)
+    raise ValueError(f"unknown values codec {codec!r}; one of {sorted(VALUES)}")
+
+
+def _value_size(codec: int, dtype: np.dtype) -> int:
+    return {0: dtype.itemsize, 1: 2, 2: 2, 3: 1}[codec]
+
+
+def _decode_values(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
+    if codec == 0:
+        return np.frombuffer(raw, dtype=dtype, count=nnz).astype(dtype.newbyteorder("="), copy=False)
+    if codec == 1:
+        return np.frombuffer(raw, dtype="<f2", count=nnz).astype(dtype)
+    if codec == 2:
+        u = np.frombuffer(raw, dtype="<u2", count=nnz).astype(np.uint32) << 16
+        return u.view(np.float32).astype(dtype, copy=False)
+    if not math.isfinite(scale) or scale <= 0:
+        raise CodecError(f"int8 scale {scale} is not a positive finite number")
+    return (np.frombuffer(raw, dtype=np.int8, count=nnz).astype(np.float32) * np.float32(scale)).astype(dtype, copy=False)
+
+
+# -------------------------------------------------------------------------- positions
+
+
+def _csr_layout(shape: tuple[int, ...], n: int) -> tuple[int, int, int]:
+    rows = shape[0] if len(shape) >= 1 and n else 1
+    cols = n // rows if rows else 0
+    width = 1 if cols <= 1 << 8 else 2 if cols <= 1 << 16 else 4
+    return rows, cols, width
+
+
+def _csr_encode(bits: np.ndarray, n: int, shape: tuple[int, ...]) -> bytes:
+    rows, cols, width = _csr_layout(shape, n)
+    flat = np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little"))
+    r, c = np.divmod(flat, max(cols, 1))
+    indptr = np.zeros(rows + 1, dtype="<u4")
+    np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
+    return indptr.tobytes() + c.astype({1: "<u1", 2: "<u2", 4: "<u4"}[width]).tobytes()
+
+
+def _csr_size(shape: tuple[int, ...], n: int, nnz: int) -> int:
+    rows, cols, width = _csr_layout(shape, n)
+    return 4 * (rows + 1) + width * nnz
+
+
+def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np.ndarray:
+    rows, cols, width = _csr_layout(shape, n)
+    if len(raw) != _csr_size(shape, n, nnz):
+        raise CodecError("CSR positions have the wrong length")
+    indptr = np.frombuffer(raw, dtype="<u4", count=rows + 1).astype(np.int64)
+    col = np.frombuffer(raw, dtype={1: "<u1", 2: "<u2", 4: "<u4"}[width], offset=4 * (rows + 1), count=nnz).astype(np.int64)
+    if indptr[0] != 0 or indptr[-1] != nnz or (np.diff(indptr) < 0).any():
+        raise CodecError("CSR row pointers are not a valid partition of the values")
+    if nnz and (col >= cols).any():
+        raise CodecError("CSR column index out of range")
+    row = np.repeat(np.arange(rows, dtype=np.int64), np.diff(indptr))
+    flat = row * cols + col
+    if nnz > 1 and (np.diff(flat) <= 0).any():
+        raise CodecError("CSR column indices are not strictly increasing within rows")
+    mask = np.zeros(n, dtype=bool)
+    mask[flat] = True
+    return np.packbits(mask, bitorder="little")
+
+
+def _position_sizes(bits: np.ndarray, d: int, nnz: int, shape: Optional[tuple[int, ...]]) -> dict[str, int]:
+    core = _core()
+    sizes = {"bitmask": (d + 7) // 8}
+    m = core.golomb_parameter(nnz, d)
+    sizes["golomb"] = core.golomb_size(bits, d, m)
+    if shape is not None and d < 1 << 32 and nnz < 1 << 32:
+        sizes["csr"] = _csr_size(shape, d, nnz)
+    if nnz == d:
+        sizes["all"] = 0
+    return sizes
+
+
+def _encode_positions(bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]]) -> tuple[int, int, bytes]:
+    """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements."""
+    sizes = _position_sizes(bits, d, nnz, shape)
+    if codec == "auto":
+        codec = min(sizes, key=lambda k: (sizes[k], k != "all"))
+    if codec not in sizes:
+        raise ValueError(f"positions codec {codec!r} is not available here (choose from {sorted(sizes)})")
+    if codec == "all":
+        return POSITIONS["all"], 0, b""
+    if codec == "bitmask":
+        return POSITIONS["bitmask"], 0, bits.tobytes()
+    if codec == "csr":
+        return POSITIONS["csr"], 0, _csr_encode(bits, d, shape)
+    m = _core().golomb_parameter(nnz, d)
+    return POSITIONS["golomb"], m, _core().golomb_encode(bits, d, m)
+
+
+def _decode_positions(raw: memoryview, codec: int, d: int, nnz: int, m: int, shape: tuple[int, ...]) -> np.ndarray:
+    core = _core()
+    if codec == POSITIONS["all"]:
+        if nnz != d or len(raw):
+            raise CodecError("'all' positions need nnz equal to the domain size and no payload")
+        bits = np.full((d + 7) // 8, 0xFF, dtype=np.uint8)
+        if d % 8:
+            bits[-1] = (1 << (d % 8)) - 1
+        return bits
+    if codec == POSITIONS["bitmask"]:
+        if len(raw) != (d + 7) // 8:
+            raise CodecError(f"bitmask positions have {len(raw)} bytes, {(d + 7) // 8} expected")
+        bits = np.frombuffer(raw, dtype=np.uint8)
+        if d % 8 and bits[-1] >> (d % 8):
+            raise CodecError("bitmask padding bits are not zero")
+        if core.count_bits(bits, d) != nnz:
+            raise CodecError("bitmask holds a different number of positions than the record says")
+        return bits
+    if codec == POSITIONS["csr"]:
+        return _csr_decode(raw, d, nnz, shape)
+    if codec == POSITIONS["golomb"]:
+        if m < 1:
+            raise CodecError("Golomb parameter must be >= 1")
+        if 8 * len(raw) < nnz:
+            raise CodecError("Golomb payload is shorter than one bit per position")
+        try:
+            return core.golomb_decode(raw, d, nnz, m)
+        except ValueError as e:
+            raise CodecError(str(e)) from None
+    raise CodecError(f"unknown positions codec {codec}")
+
+
+# ------------------------------------------------------------------------------ model
+
+
+@dataclass
+class Decoded:
+    """A decoded model: dense arrays (zeros off the positions) and the positions as bool masks."""
+
+    tensors: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+
+
+def _bool_mask(x: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    m = as_array(x, what)
+    if m.size != math.prod(shape):
+        raise ValueError(f"{what} has {m.size} elements, the tensor has {math.prod(shape)}")
+    return np.ascontiguousarray(m.reshape(-1) if m.dtype == np.bool_ else (m.reshape(-1) != 0))
+
+
+def encode_model(
+    tensors: Mapping[str, Any],
+    *,
+    masks: Optional[Mapping[str, Any]] = None,
+    reference: Optional[Mapping[str, Any]] = None,
+    positions: str = "auto",
+    values: str = "raw",
+) -> bytes:
+    """Encode named float32/float64 tensors as one message.
+
+    Positions kept per tensor: `masks[name]` if given (values there are sent even when zero), else
+    the non-zeros (+0.0 and -0.0 both count as zero). With `reference[name]`, a mask the receiver
+    already has: kept positions equal to it cost nothing (values go in mask order), positions that
+    are a subset of it are coded relative to it (mask delta); otherwise the full tensor is the
+    domain. `positions` is "auto" (smallest per tensor), "bitmask", "csr", "golomb" or "all";
+    `values` is "raw" (lossless) or the lossy "fp16", "bf16", "int8" (per-tensor scale).
+    """
+    if values not in VALUES:
+        raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
+    if positions not in ("auto", *POSITIONS):
+        raise ValueError(f"unknown positions codec {positions!r}")
+    core = _core()
+    parts = [_HEADER.pack(MAGIC, VERSION, 0, 0, len(tensors))]
+    for name, t in tensors.items():
+        a = as_array(t, f"tensors[{name!r}]")
+        if a.dtype not in DTYPE_CODES:
+            raise TypeError(f"tensors[{name!r}] has dtype {a.dtype}; float32 or float64 is required")
+        if a.ndim > MAX_NDIM:
+            raise ValueError(f"tensors[{name!r}] has {a.ndim} dimensions, at most {MAX_NDIM}")
+        a = np.ascontiguousarray(a).reshape(-1)
+        shape = tuple(int(s) for s in as_array(t).shape)
+        n = a.size
+        mask = _bool_mask(masks[name], shape, f"masks[{name!r}]") if masks and name in masks else None
+        bits, vals = core.sparsify(a, mask)
+        nnz = vals.size
+        domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
+        if reference is not None and name in reference:
+            ref = _bool_mask(reference[name], shape, f"reference[{name!r}]")
+            keep = np.unpackbits(bits, count=n, bitorder="little").view(bool)
+            if not (keep & ~ref).any():  # a subset of the reference: code relative to it
+                domain, d, csr_shape = DOMAIN_REFERENCE, int(ref.sum()), None
+                pos_bits = core.pack_bits(np.ascontiguousarray(keep[ref]))
+        pos_codec, m, pos_payload = _encode_positions(pos_bits, d, nnz, positions, csr_shape)
+        val_payload, scale = _encode_values(vals, values)
+        name_b = name.encode("utf-8")
+        if len(name_b) > 0xFFFF:
+            raise ValueError(f"tensor name longer than 65535 bytes: {name[:40]!r}...")
+        parts += [
+            struct.pack("<H", len(name_b)),
+            name_b,
+            struct.pack(f"<B{len(shape)}Q", len(shape), *shape),
+            _RECORD.pack(DTYPE_CODES[a.dtype], domain, pos_codec, VALUES[values], 0, 0, d, nnz, m, scale,
+                         len(pos_payload), len(val_payload)),
+            pos_payload,
+            val_payload,
+        ]
+    body = b"".join(parts)
+    return body + _CRC.pack(core.crc32c(body))
+
+
+class _Reader:
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > len(self.view) - self.pos:
+            raise CodecError(f"truncated message: {what} needs {n} bytes, {len(self.view) - self.pos} left")
+        out = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: struct.Struct | str, what: str) -> tuple:
+        s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        return s.unpack(self.take(s.size, what))
+
+
+def decode_model(
+    data: Any,
+    *,
+    reference: Optional[Mapping[str, Any]] = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Decoded:
+    """Decode a message from encode_model. `reference` supplies the shared masks of tensors coded
+    relative to one. `max_bytes` caps the total size of the decoded arrays: a message that would
+    exceed it is rejected before anything is allocated. Raises CodecError on any corruption."""
+    view = memoryview(data).cast("B")
+    if len(view) < _HEADER.size + _CRC.size:
+        raise CodecError(f"message of {len(view)} bytes is shorter than header and checksum")
+    body = view[: len(view) - _CRC.size]
+    (stored,) = _CRC.unpack(view[len(view) - _CRC.size :])
+    if crc32c(body) != stored:
+        raise CodecError("checksum mismatch: the message is corrupt")
+    r = _Reader(body)
+    magic, version, flags, _, count = r.unpack(_HEADER, "header")
+    if magic != MAGIC:
+        raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise CodecError(f"unsupported format version {version} (this library reads {VERSION})")
+    if flags != 0:
+        raise CodecError(f"unknown header flags {flags:#x}")
+    out = Decoded({}, {})
+    budget = max_bytes
+    for i in range(count):
+        (name_len,) = r.unpack("<H", f"tensor {i} name length")
+        try:
+            name = bytes(r.take(name_len, f"tensor {i} name")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"tensor {i} name is not UTF-8") from None
+        if name in out.tensors:
+            raise CodecError(f"tensor {name!r} appears twice")
+        (ndim,) = r.unpack("<B", f"{name!r} ndim")
+        if ndim > MAX_NDIM:
+            raise CodecError(f"{name!r} has {ndim} dimensions, at most {MAX_NDIM}")
+        shape = r.unpack(f"<{ndim}Q", f"{name!r} shape")
+        (dtype_code, domain, pos_codec, val_codec, r0, r1, d, nnz, m, scale, pos_len, val_len) = r.unpack(_RECORD, f"{name!r} record")
+        if dtype_code not in DTYPES:
+            raise CodecError(f"{name!r}: unknown dtype code {dtype_code}")
+        if val_codec not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r0 or r1:
+            raise CodecError(f"{name!r}: unknown codec, domain or reserved field")
+        dtype = DTYPES[dtype_code]
+        n = 1
+        for s in shape:
+            n *= s
+            if n * dtype.itemsize > budget:
+                raise CodecError(f"{name!r}: decoded size exceeds the limit of {max_bytes} bytes")
+        budget -= n * dtype.itemsize
+        if domain == DOMAIN_FULL and d != n:
+            raise CodecError(f"{name!r}: domain size {d} differs from the element count {n}")
+        if domain == DOMAIN_REFERENCE and d > n:
+            raise CodecError(f"{name!r}: reference domain larger than the tensor")
+        if nnz > d:
+            raise CodecError(f"{name!r}: {nnz} values for a domain of {d}")
+        if val_len != nnz * _value_size(val_codec, dtype):
+            raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need {nnz * _value_size(val_codec, dtype)}")
+        pos_raw = r.take(pos_len, f"{name!r} positions")
+        val_raw = r.take(val_len, f"{name!r} values")
+        bits = _decode_positions(pos_raw, pos_codec, d, nnz, m, tuple(shape))
+        vals = _decode_values(val_raw, val_codec, nnz, dtype, scale)
+        if domain == DOMAIN_REFERENCE:
+            if reference is None or name not in reference:
+                raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
+            ref = _bool_mask(reference[name], tuple(shape), f"reference[{name!r}]")
+            if int(ref.sum()) != d:
+                raise CodecError(f"{name!r}: the reference mask has {int(ref.sum())} positions, the sender's had {d}")
+            full = np.zeros(n, dtype=bool)
+            full[ref] = np.unpackbits(bits, count=d, bitorder="little").view(bool)
+            bits = _core().pack_bits(full)
+        dense = _core().densify(bits, n, vals.astype(dtype.newbyteorder("="), copy=False))
+        out.tensors[name] = dense.reshape(shape)
+        out.masks[name] = np.unpackbits(bits, count=n, bitorder="little").view(bool).reshape(shape)
+    if r.pos != len(body):
+        raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
+    return out
+
+
+class SparseCodec:
+    """numcodecs-style codec for one float array: encode(array) -> bytes, decode(bytes) -> array,
+    get_config()/from_config(). Registered with numcodecs when it is installed."""
+
+    codec_id = "feddip_sparse"
+
+    def __init__(self, positions: str = "auto", values: str = "raw", max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if positions not in ("auto", *POSITIONS) or values not in VALUES:
+            raise ValueError(f"bad codec configuration positions={positions!r} values={values!r}")
+        self.positions, self.values, self.max_bytes = positions, values, int(max_bytes)
+
+    def encode(self, buf: Any) -> bytes:
+        return encode_model({"": buf}, positions=self.positions, values=self.values)
+
+    def decode(self, buf: Any, out: Any = None) -> np.ndarray:
+        arr = decode_model(buf, max_bytes=self.max_bytes).tensors.get("")
+        if arr is None:
+            raise CodecError("message holds no unnamed tensor")
+        if out is None:
+            return arr
+        target = as_array(out, "out")
+        if target.size != arr.size:
+            raise ValueError(f"out has {target.size} elements, decoded array has {arr.size}")
+        target.reshape(-1)[...] = arr.reshape(-1)
+        return out
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, "positions": self.positions, "values": self.values, "max_bytes": self.max_bytes}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "SparseCodec":
+        cfg = dict(config)
+        if cfg.pop("id", cls.codec_id) != cls.codec_id:
+            raise ValueError(f"config is not for {cls.codec_id}")
+        return cls(**cfg)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SparseCodec) and self.get_config() == other.get_config()
+
+    def __repr__(self) -> str:
+        return f"SparseCodec(positions={self.positions!r}, values={self.values!r})"
+
+
+try:  # optional: make the codec discoverable by numcodecs.get_codec
+    from numcodecs.registry import register_codec
+
+    register_codec(SparseCodec)
+except ImportError:
+    pass

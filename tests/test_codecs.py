@@ -1,0 +1,222 @@
+import math
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import feddip_kernels as fk
+from feddip_kernels import codecs, reference
+from feddip_kernels._core import golomb_decode, golomb_encode, golomb_parameter
+
+POSITIONS = ["auto", "bitmask", "csr", "golomb"]
+
+
+@st.composite
+def sparse_arrays(draw, allow_nan=True):
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9))
+    density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    a = rng.standard_normal(shape).astype(dtype) * (rng.random(shape) < density)
+    if allow_nan and a.size and draw(st.booleans()):
+        a.reshape(-1)[0] = draw(st.sampled_from([np.inf, -np.inf, np.nan, -0.0]))
+    return a
+
+
+@given(sparse_arrays(), st.sampled_from(POSITIONS))
+def test_lossless_round_trip(a, positions):
+    msg = fk.encode_model({"w": a, "b": np.ones(3, np.float32)}, positions=positions)
+    out = fk.decode_model(msg)
+    assert out.tensors["w"].dtype == a.dtype and out.tensors["w"].shape == a.shape
+    np.testing.assert_array_equal(out.tensors["w"], a)
+    np.testing.assert_array_equal(out.masks["w"], a != 0)
+    np.testing.assert_array_equal(out.tensors["b"], np.ones(3, np.float32))
+
+
+@given(sparse_arrays(allow_nan=False), st.sampled_from(["fp16", "bf16", "int8"]))
+def test_lossy_values_error_bounds(a, values):
+    out = fk.decode_model(fk.encode_model({"w": a}, values=values)).tensors["w"]
+    np.testing.assert_array_equal(out != 0, (a != 0) & (out != 0))  # positions preserved
+    ref = a.astype(np.float64)
+    err = np.abs(out.astype(np.float64) - ref)
+    if values == "int8":
+        peak = np.abs(ref).max() if a.size else 0.0
+        assert (err <= peak / 127 / 2 * 1.0001 + 1e-30).all()
+    else:
+        rel = 2.0**-11 if values == "fp16" else 2.0**-8
+        finite = np.abs(ref) < (6e4 if values == "fp16" else 3e38)
+        tiny = 6.2e-5 if values == "fp16" else 1.2e-38  # below the normal range: absolute error
+        assert (err[finite] <= rel * np.abs(ref[finite]) + tiny).all()
+
+
+def test_int8_rejects_non_finite():
+    with pytest.raises(ValueError, match="finite"):
+        fk.encode_model({"w": np.array([1.0, np.inf], np.float32)}, values="int8")
+
+
+def test_explicit_mask_keeps_zeros_and_shared_mask_costs_nothing():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 50)).astype(np.float32)
+    mask = rng.random(w.shape) < 0.2
+    w[0, :] = 0.0
+    mask[0, :5] = True  # zeros inside the mask are still values
+    sparse = w * mask
+    msg = fk.encode_model({"w": sparse}, masks={"w": mask}, reference={"w": mask})
+    assert len(msg) < 4 * mask.sum() + 120  # values only, no positions
+    out = fk.decode_model(msg, reference={"w": mask})
+    np.testing.assert_array_equal(out.tensors["w"], sparse)
+    np.testing.assert_array_equal(out.masks["w"], mask)
+    with pytest.raises(fk.CodecError, match="reference"):
+        fk.decode_model(msg)
+    other = mask.copy()
+    other[1, 1] = ~other[1, 1]
+    with pytest.raises(fk.CodecError, match="reference mask"):
+        fk.decode_model(msg, reference={"w": other})
+
+
+def test_mask_delta_is_coded_relative_to_previous_mask():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(200_000).astype(np.float32)
+    prev = rng.random(w.size) < 0.2
+    new = prev & (rng.random(w.size) < 0.5)  # a subset: half of the previous mask survives
+    full = fk.encode_model({"w": w * new}, masks={"w": new})
+    delta = fk.encode_model({"w": w * new}, masks={"w": new}, reference={"w": prev})
+    assert len(delta) < len(full)
+    out = fk.decode_model(delta, reference={"w": prev})
+    np.testing.assert_array_equal(out.masks["w"], new)
+    np.testing.assert_array_equal(out.tensors["w"], w * new)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.05, 0.1, 0.2])
+def test_golomb_within_two_percent_of_entropy(p):
+    rng = np.random.default_rng(3)
+    n = 2_000_000
+    mask = rng.random(n) < p
+    bits = fk.pack_mask(mask)
+    nnz = int(mask.sum())
+    q = nnz / n
+    entropy_bytes = n * -(q * math.log2(q) + (1 - q) * math.log2(1 - q)) / 8
+    enc = golomb_encode(bits, n, golomb_parameter(nnz, n))
+    assert len(enc) <= 1.02 * entropy_bytes
+    np.testing.assert_array_equal(golomb_decode(enc, n, nnz, golomb_parameter(nnz, n)), bits)
+
+
+@given(hnp.arrays(np.bool_, st.integers(0, 500)), st.integers(1, 70))
+def test_golomb_matches_reference_coder(mask, m):
+    bits = fk.pack_mask(mask)
+    enc = golomb_encode(bits, mask.size, m)
+    assert enc == reference.golomb_encode(mask, m)
+    np.testing.assert_array_equal(golomb_decode(enc, mask.size, int(mask.sum()), m), bits)
+
+
+def test_auto_picks_smallest():
+    rng = np.random.default_rng(4)
+    dense = rng.standard_normal((40, 40)).astype(np.float32)
+    sizes = {p: len(fk.encode_model({"w": dense}, positions=p)) for p in ["bitmask", "csr", "golomb", "all"]}
+    assert len(fk.encode_model({"w": dense})) == min(sizes.values()) == sizes["all"]
+    sparse = dense * (rng.random(dense.shape) < 0.05)
+    sizes = {p: len(fk.encode_model({"w": sparse}, positions=p)) for p in ["bitmask", "csr", "golomb"]}
+    assert len(fk.encode_model({"w": sparse})) == min(sizes.values())
+
+
+def test_lossless_ratio_at_five_percent():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(4_000_000).astype(np.float32) * (rng.random(4_000_000) < 0.05)
+    assert 4 * w.size / len(fk.encode_model({"w": w})) >= 16.5
+
+
+def test_torch_tensors_are_accepted():
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(10, 10)
+    t[3, 4] = 2.5
+    out = fk.decode_model(fk.encode_model({"t": t})).tensors["t"]
+    np.testing.assert_array_equal(out, t.numpy())
+
+
+def test_codec_class_config_and_out():
+    codec = fk.SparseCodec(values="bf16")
+    again = fk.SparseCodec.from_config(codec.get_config())
+    assert again == codec and codec.get_config()["id"] == "feddip_sparse"
+    a = np.zeros((5, 7), np.float32)
+    a[1, 2] = 3.0
+    out = np.empty_like(a)
+    assert again.decode(codec.encode(a), out=out) is out
+    np.testing.assert_array_equal(out, a)
+    with pytest.raises(ValueError):
+        fk.SparseCodec(positions="zip")
+
+
+# ----------------------------------------------------------------- untrusted input
+
+
+def _sample_message():
+    rng = np.random.default_rng(6)
+    w = {f"t{i}": rng.standard_normal(s).astype(np.float32) * (rng.random(s) < 0.1) for i, s in enumerate([(20, 30), (100,), (3, 4, 5)])}
+    return [fk.encode_model(w, positions=p) for p in ["bitmask", "csr", "golomb", "auto"]]
+
+
+MESSAGES = _sample_message()
+
+
+def _reseal(body: bytes) -> bytes:
+    return body + struct.pack("<I", codecs.crc32c(body))
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.sampled_from(MESSAGES), st.data())
+def test_fuzz_mutations_raise_codec_error_only(msg, data):
+    body = bytearray(msg[:-4])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(body) - 1))
+        body[i] = data.draw(st.integers(0, 255))
+    for sealed in (_reseal(bytes(body)), bytes(body) + msg[-4:]):
+        try:
+            out = fk.decode_model(sealed, max_bytes=1 << 24)
+        except fk.CodecError:
+            continue
+        assert all(t.size * t.itemsize <= 1 << 24 for t in out.tensors.values())
+
+
+@given(st.sampled_from(MESSAGES), st.data())
+def test_fuzz_truncation(msg, data):
+    cut = data.draw(st.integers(0, len(msg) - 1))
+    with pytest.raises(fk.CodecError):
+        fk.decode_model(msg[:cut])
+    with pytest.raises(fk.CodecError):
+        fk.decode_model(_reseal(msg[: max(0, cut - 4)]))
+
+
+@given(st.binary(max_size=200))
+def test_fuzz_random_bytes(blob):
+    with pytest.raises(fk.CodecError):
+        fk.decode_model(blob)
+    sealed = _reseal(codecs.MAGIC + bytes([1, 0, 0, 0]) + blob)
+    try:
+        fk.decode_model(sealed, max_bytes=1 << 20)
+    except fk.CodecError:
+        pass
+
+
+def test_size_limit_checked_before_allocating():
+    huge = bytearray(fk.encode_model({"w": np.zeros(4, np.float32)}))
+    body = huge[:-4]
+    # shape u64 sits after header (12) + name_len (2) + name (1) + ndim (1)
+    struct.pack_into("<Q", body, 16, 1 << 60)
+    with pytest.raises(fk.CodecError, match="limit"):
+        fk.decode_model(_reseal(bytes(body)))
+    with pytest.raises(fk.CodecError, match="limit"):
+        fk.decode_model(fk.encode_model({"w": np.zeros(1000, np.float32)}), max_bytes=100)
+
+
+def test_bad_header_fields():
+    msg = fk.encode_model({"w": np.ones(4, np.float32)})
+    with pytest.raises(fk.CodecError, match="magic"):
+        fk.decode_model(_reseal(b"XXXX" + msg[4:-4]))
+    with pytest.raises(fk.CodecError, match="version"):
+        fk.decode_model(_reseal(msg[:4] + b"\x09" + msg[5:-4]))
+    with pytest.raises(fk.CodecError, match="checksum"):
+        fk.decode_model(msg[:-1] + bytes([msg[-1] ^ 1]))
+    with pytest.raises(fk.CodecError, match="unexpected bytes"):
+        fk.decode_model(_reseal(msg[:-4] + b"\x00"))
