@@ -1,5 +1,7 @@
 #include "golomb.hpp"
 
+#include "bitpack.hpp"
+
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -18,8 +20,24 @@ Params params_of(std::uint32_t m) {
     return {m, b, static_cast<std::uint32_t>((std::uint64_t(1) << b) - m)};
 }
 
+// gap / m and gap % m by subtraction: quotients are small for the densities that use Golomb, and
+// their sum over a stream is at most n / m, so this beats a hardware divide on every code.
+inline void divmod(std::uint64_t gap, std::uint32_t m, std::uint64_t& q, std::uint64_t& r) {
+    q = 0;
+    if (gap >= 64 * std::uint64_t(m)) {
+        q = gap / m;
+        gap -= q * m;
+    }
+    while (gap >= m) {
+        gap -= m;
+        ++q;
+    }
+    r = gap;
+}
+
 inline std::uint64_t code_length(std::uint64_t gap, const Params& p) {
-    const std::uint64_t q = gap / p.m, r = gap % p.m;
+    std::uint64_t q, r;
+    divmod(gap, p.m, q, r);
     return q + 1 + (p.b == 0 ? 0 : (r < p.cut ? p.b - 1 : p.b));
 }
 
@@ -43,16 +61,15 @@ void for_each_gap(const std::uint8_t* bits, std::size_t n, F&& f) {
 
 class BitWriter {
 public:
-    explicit BitWriter(std::size_t reserve) { out_.reserve(reserve + 8); }
-    // Appends the low `len` (<= 32) bits of `value`.
+    explicit BitWriter(std::size_t capacity) : out_(capacity + 8) {}
+    // Appends the low `len` (<= 32) bits of `value`; the capacity given covers every bit written.
     void put(std::uint64_t value, unsigned len) {
         acc_ |= value << fill_;
         fill_ += len;
         if (fill_ >= 32) {
             const std::uint32_t word = static_cast<std::uint32_t>(acc_);
-            const std::size_t at = out_.size();
-            out_.resize(at + 4);
-            std::memcpy(out_.data() + at, &word, 4);  // little-endian hosts only (checked in bindings)
+            std::memcpy(out_.data() + at_, &word, 4);  // little-endian hosts only (checked in bindings)
+            at_ += 4;
             acc_ >>= 32;
             fill_ -= 32;
         }
@@ -66,15 +83,17 @@ public:
     }
     std::vector<std::uint8_t> finish() {
         while (fill_ > 0) {
-            out_.push_back(static_cast<std::uint8_t>(acc_));
+            out_[at_++] = static_cast<std::uint8_t>(acc_);
             acc_ >>= 8;
             fill_ = fill_ > 8 ? fill_ - 8 : 0;
         }
+        out_.resize(at_);
         return std::move(out_);
     }
 
 private:
     std::vector<std::uint8_t> out_;
+    std::size_t at_ = 0;
     std::uint64_t acc_ = 0;
     unsigned fill_ = 0;
 };
@@ -159,9 +178,12 @@ std::size_t golomb_size(const std::uint8_t* bits, std::size_t n, std::uint32_t m
 
 std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n, std::uint32_t m) {
     const Params p = params_of(m);
-    BitWriter w(golomb_size(bits, n, m));
+    // Upper bound: the quotients sum to at most n / m bits, every code adds 1 + b more.
+    const std::uint64_t nnz = count_bits(bits, n);
+    BitWriter w(static_cast<std::size_t>((n / p.m + nnz * (1 + p.b)) / 8 + 8));
     for_each_gap(bits, n, [&](std::uint64_t gap) {
-        const std::uint64_t q = gap / p.m, r = gap % p.m;
+        std::uint64_t q, r;
+        divmod(gap, p.m, q, r);
         w.zeros(q);
         w.put(1, 1);
         if (p.b == 0) return;

@@ -1,6 +1,8 @@
 #include "sparse.hpp"
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "bitpack.hpp"
 #include "common.hpp"
@@ -8,11 +10,14 @@
 namespace feddip {
 namespace {
 
-inline std::uint64_t load_word(const std::uint8_t* bits, std::size_t n_bytes, std::size_t w) {
+// Word w of packed positions (elements 64w .. 64w + 63); bits at or beyond n are cleared, so
+// stray padding bits can never address memory past the tensor.
+inline std::uint64_t load_word(const std::uint8_t* bits, std::size_t n, std::size_t w) {
+    const std::size_t n_bytes = (n + 7) / 8, off = 8 * w;
     std::uint64_t v = 0;
-    const std::size_t off = 8 * w;
     std::memcpy(&v, bits + off, n_bytes - off < 8 ? n_bytes - off : 8);
-    return v;
+    const std::size_t left = n - 64 * w;
+    return left < 64 ? v & ((std::uint64_t(1) << left) - 1) : v;
 }
 
 // Packs (x != 0) into bits, 8 elements per byte; vectorisable.
@@ -41,33 +46,64 @@ void pack_positions(const T* x, const std::uint8_t* mask, std::size_t n, std::ui
         pack_nonzero(x, n, bits);
 }
 
+namespace {
+
+// Work split: blocks of kWords 64-bit words of positions, with the index of each block's first value.
+constexpr std::size_t kWords = 1024;
+
+std::vector<std::size_t> block_offsets(const std::uint8_t* bits, std::size_t n, std::size_t n_blocks) {
+    std::vector<std::size_t> first(n_blocks + 1, 0);
+    for (std::size_t b = 0; b < n_blocks; ++b) {
+        const std::size_t lo = b * kWords * 64, hi = std::min(n, lo + kWords * 64);
+        first[b + 1] = first[b] + static_cast<std::size_t>(count_bits(bits + lo / 8, hi - lo));
+    }
+    return first;
+}
+
+}  // namespace
+
 template <class T>
 void gather(const T* x, const std::uint8_t* bits, std::size_t n, T* values) {
     const std::size_t n_bytes = (n + 7) / 8;
     const std::size_t n_words = (n_bytes + 7) / 8;
-    std::size_t j = 0;
-    for (std::size_t w = 0; w < n_words; ++w) {
-        std::uint64_t v = load_word(bits, n_bytes, w);
-        const T* base = x + 64 * w;
-        while (v) {
-            values[j++] = base[__builtin_ctzll(v)];
-            v &= v - 1;
+    const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
+    const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks);
+    const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
+        std::size_t j = first[b];
+        const std::size_t w_end = std::min(n_words, (static_cast<std::size_t>(b) + 1) * kWords);
+        for (std::size_t w = static_cast<std::size_t>(b) * kWords; w < w_end; ++w) {
+            std::uint64_t v = load_word(bits, n, w);
+            const T* base = x + 64 * w;
+            while (v) {
+                values[j++] = base[__builtin_ctzll(v)];
+                v &= v - 1;
+            }
         }
     }
 }
 
 template <class T>
 void scatter(const std::uint8_t* bits, std::size_t n, const T* values, T* out) {
-    std::memset(out, 0, n * sizeof(T));
     const std::size_t n_bytes = (n + 7) / 8;
     const std::size_t n_words = (n_bytes + 7) / 8;
-    std::size_t j = 0;
-    for (std::size_t w = 0; w < n_words; ++w) {
-        std::uint64_t v = load_word(bits, n_bytes, w);
-        T* base = out + 64 * w;
-        while (v) {
-            base[__builtin_ctzll(v)] = values[j++];
-            v &= v - 1;
+    const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
+    const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks);
+    const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
+        const std::size_t lo = static_cast<std::size_t>(b) * kWords * 64;
+        std::memset(out + lo, 0, (std::min(n, lo + kWords * 64) - lo) * sizeof(T));
+        std::size_t j = first[b];
+        const std::size_t w_end = std::min(n_words, (static_cast<std::size_t>(b) + 1) * kWords);
+        for (std::size_t w = static_cast<std::size_t>(b) * kWords; w < w_end; ++w) {
+            std::uint64_t v = load_word(bits, n, w);
+            T* base = out + 64 * w;
+            while (v) {
+                base[__builtin_ctzll(v)] = values[j++];
+                v &= v - 1;
+            }
         }
     }
 }

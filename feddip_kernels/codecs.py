@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -139,21 +138,21 @@ def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np
     return np.packbits(mask, bitorder="little")
 
 
-def _position_sizes(bits: np.ndarray, d: int, nnz: int, shape: Optional[tuple[int, ...]]) -> dict[str, int]:
+def _encode_positions(bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]]) -> tuple[int, int, bytes]:
+    """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements;
+    "auto" takes the smallest payload (the Golomb stream is encoded once, the others are sized by
+    formula and built only when chosen)."""
     core = _core()
     sizes = {"bitmask": (d + 7) // 8}
-    m = core.golomb_parameter(nnz, d)
-    sizes["golomb"] = core.golomb_size(bits, d, m)
     if shape is not None and d < 1 << 32 and nnz < 1 << 32:
         sizes["csr"] = _csr_size(shape, d, nnz)
     if nnz == d:
         sizes["all"] = 0
-    return sizes
-
-
-def _encode_positions(bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]]) -> tuple[int, int, bytes]:
-    """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements."""
-    sizes = _position_sizes(bits, d, nnz, shape)
+    golomb = None
+    if codec in ("auto", "golomb"):
+        m = core.golomb_parameter(nnz, d)
+        golomb = (POSITIONS["golomb"], m, core.golomb_encode(bits, d, m))
+        sizes["golomb"] = len(golomb[2])
     if codec == "auto":
         codec = min(sizes, key=lambda k: (sizes[k], k != "all"))
     if codec not in sizes:
@@ -164,8 +163,7 @@ def _encode_positions(bits: np.ndarray, d: int, nnz: int, codec: str, shape: Opt
         return POSITIONS["bitmask"], 0, bits.tobytes()
     if codec == "csr":
         return POSITIONS["csr"], 0, _csr_encode(bits, d, shape)
-    m = _core().golomb_parameter(nnz, d)
-    return POSITIONS["golomb"], m, _core().golomb_encode(bits, d, m)
+    return golomb
 
 
 def _decode_positions(raw: memoryview, codec: int, d: int, nnz: int, m: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -203,12 +201,22 @@ def _decode_positions(raw: memoryview, codec: int, d: int, nnz: int, m: int, sha
 # ------------------------------------------------------------------------------ model
 
 
-@dataclass
 class Decoded:
-    """A decoded model: dense arrays (zeros off the positions) and the positions as bool masks."""
+    """A decoded model: `tensors`, dense arrays (zeros off the positions), and `masks`, the
+    positions as bool arrays (unpacked on first access)."""
 
-    tensors: dict[str, np.ndarray]
-    masks: dict[str, np.ndarray]
+    def __init__(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+        self.packed: dict[str, np.ndarray] = {}  # positions, packed little-endian bits
+        self._masks: Optional[dict[str, np.ndarray]] = None
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        if self._masks is None:
+            from .pruning import unpack_mask
+
+            self._masks = {k: unpack_mask(b, self.tensors[k].shape) for k, b in self.packed.items()}
+        return self._masks
 
 
 def _bool_mask(x: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -318,7 +326,7 @@ def decode_model(
         raise CodecError(f"unsupported format version {version} (this library reads {VERSION})")
     if flags != 0:
         raise CodecError(f"unknown header flags {flags:#x}")
-    out = Decoded({}, {})
+    out = Decoded()
     budget = max_bytes
     for i in range(count):
         (name_len,) = r.unpack("<H", f"tensor {i} name length")
@@ -367,7 +375,7 @@ def decode_model(
             bits = _core().pack_bits(full)
         dense = _core().densify(bits, n, vals.astype(dtype.newbyteorder("="), copy=False))
         out.tensors[name] = dense.reshape(shape)
-        out.masks[name] = np.unpackbits(bits, count=n, bitorder="little").view(bool).reshape(shape)
+        out.packed[name] = bits
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
     return out
