@@ -60,52 +60,38 @@ std::vector<std::size_t> block_offsets(const std::uint8_t* bits, std::size_t n, 
     return first;
 }
 
+// Calls start(lo, hi) once per block of elements [lo, hi), then visit(j, i) for each set position i
+// of the block, j being its rank among all set positions. Blocks run in parallel for large n.
+template <class Start, class Visit>
+void for_each_position(const std::uint8_t* bits, std::size_t n, Start&& start, Visit&& visit) {
+    const std::size_t n_words = (n + 63) / 64;
+    const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
+    const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks);
+    const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
+        const std::size_t w0 = static_cast<std::size_t>(b) * kWords, w1 = std::min(n_words, w0 + kWords);
+        start(64 * w0, std::min(n, 64 * w1));
+        std::size_t j = first[b];
+        for (std::size_t w = w0; w < w1; ++w)
+            for (std::uint64_t v = load_word(bits, n, w); v; v &= v - 1)
+                visit(j++, 64 * w + static_cast<std::size_t>(__builtin_ctzll(v)));
+    }
+}
+
 }  // namespace
 
 template <class T>
 void gather(const T* x, const std::uint8_t* bits, std::size_t n, T* values) {
-    const std::size_t n_bytes = (n + 7) / 8;
-    const std::size_t n_words = (n_bytes + 7) / 8;
-    const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
-    const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks);
-    const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
-        std::size_t j = first[b];
-        const std::size_t w_end = std::min(n_words, (static_cast<std::size_t>(b) + 1) * kWords);
-        for (std::size_t w = static_cast<std::size_t>(b) * kWords; w < w_end; ++w) {
-            std::uint64_t v = load_word(bits, n, w);
-            const T* base = x + 64 * w;
-            while (v) {
-                values[j++] = base[__builtin_ctzll(v)];
-                v &= v - 1;
-            }
-        }
-    }
+    for_each_position(
+        bits, n, [](std::size_t, std::size_t) {}, [&](std::size_t j, std::size_t i) { values[j] = x[i]; });
 }
 
 template <class T>
 void scatter(const std::uint8_t* bits, std::size_t n, const T* values, T* out) {
-    const std::size_t n_bytes = (n + 7) / 8;
-    const std::size_t n_words = (n_bytes + 7) / 8;
-    const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
-    const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks);
-    const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
-        const std::size_t lo = static_cast<std::size_t>(b) * kWords * 64;
-        std::memset(out + lo, 0, (std::min(n, lo + kWords * 64) - lo) * sizeof(T));
-        std::size_t j = first[b];
-        const std::size_t w_end = std::min(n_words, (static_cast<std::size_t>(b) + 1) * kWords);
-        for (std::size_t w = static_cast<std::size_t>(b) * kWords; w < w_end; ++w) {
-            std::uint64_t v = load_word(bits, n, w);
-            T* base = out + 64 * w;
-            while (v) {
-                base[__builtin_ctzll(v)] = values[j++];
-                v &= v - 1;
-            }
-        }
-    }
+    for_each_position(
+        bits, n, [&](std::size_t lo, std::size_t hi) { std::memset(out + lo, 0, (hi - lo) * sizeof(T)); },
+        [&](std::size_t j, std::size_t i) { out[i] = values[j]; });
 }
 
 template void pack_positions(const float*, const std::uint8_t*, std::size_t, std::uint8_t*);

@@ -41,8 +41,8 @@ def resolve(backend: str) -> str:
     """Map "auto" to the fastest available backend; check that an explicit choice is usable."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return available_backends()[0]
+    if backend == "auto":  # numba is imported only when there is no native extension
+        return "native" if native_module() is not None else available_backends()[0]
     if backend == "native" and native_module() is None:
         raise RuntimeError("the native extension feddip_kernels._core is not built; reinstall with `pip install .`")
     if backend == "numba" and numba_module() is None:
