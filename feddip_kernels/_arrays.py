@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -33,6 +33,16 @@ def as_array(x: Any, what: str = "tensor") -> np.ndarray:
 def contiguous(a: np.ndarray) -> np.ndarray:
     """`a` itself when C-contiguous, else a C-contiguous copy (keeps 0-d arrays 0-d)."""
     return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def flat_mask(x: Any, size: Optional[int] = None, what: str = "mask") -> np.ndarray:
+    """A flat, C-contiguous bool view of a mask (any non-zero counts as set), optionally checked to
+    have `size` elements."""
+    m = as_array(x, what)
+    if size is not None and m.size != size:
+        raise ValueError(f"{what} has {m.size} elements, expected {size}")
+    m = contiguous(m).reshape(-1)
+    return m if m.dtype == np.bool_ else m != 0
 
 
 def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import _backend
-from ._arrays import as_array
+from ._arrays import as_array, flat_mask
 
 MAGIC = b"FDKW"
 VERSION = 1
@@ -219,13 +219,6 @@ class Decoded:
         return self._masks
 
 
-def _bool_mask(x: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
-    m = as_array(x, what)
-    if m.size != math.prod(shape):
-        raise ValueError(f"{what} has {m.size} elements, the tensor has {math.prod(shape)}")
-    return np.ascontiguousarray(m.reshape(-1) if m.dtype == np.bool_ else (m.reshape(-1) != 0))
-
-
 def encode_model(
     tensors: Mapping[str, Any],
     *,
@@ -255,15 +248,15 @@ def encode_model(
             raise TypeError(f"tensors[{name!r}] has dtype {a.dtype}; float32 or float64 is required")
         if a.ndim > MAX_NDIM:
             raise ValueError(f"tensors[{name!r}] has {a.ndim} dimensions, at most {MAX_NDIM}")
+        shape = tuple(int(s) for s in a.shape)
         a = np.ascontiguousarray(a).reshape(-1)
-        shape = tuple(int(s) for s in as_array(t).shape)
         n = a.size
-        mask = _bool_mask(masks[name], shape, f"masks[{name!r}]") if masks and name in masks else None
+        mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
         bits, vals = core.sparsify(a, mask)
         nnz = vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
-            ref = _bool_mask(reference[name], shape, f"reference[{name!r}]")
+            ref = flat_mask(reference[name], n, f"reference[{name!r}]")
             keep = np.unpackbits(bits, count=n, bitorder="little").view(bool)
             if not (keep & ~ref).any():  # a subset of the reference: code relative to it
                 domain, d, csr_shape = DOMAIN_REFERENCE, int(ref.sum()), None
@@ -367,13 +360,13 @@ def decode_model(
         if domain == DOMAIN_REFERENCE:
             if reference is None or name not in reference:
                 raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
-            ref = _bool_mask(reference[name], tuple(shape), f"reference[{name!r}]")
+            ref = flat_mask(reference[name], n, f"reference[{name!r}]")
             if int(ref.sum()) != d:
                 raise CodecError(f"{name!r}: the reference mask has {int(ref.sum())} positions, the sender's had {d}")
             full = np.zeros(n, dtype=bool)
             full[ref] = np.unpackbits(bits, count=d, bitorder="little").view(bool)
             bits = _core().pack_bits(full)
-        dense = _core().densify(bits, n, vals.astype(dtype.newbyteorder("="), copy=False))
+        dense = _core().densify(bits, n, vals)
         out.tensors[name] = dense.reshape(shape)
         out.packed[name] = bits
     if r.pos != len(body):

@@ -16,7 +16,7 @@ from typing import Any, Collection, Optional, Sequence
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, contiguous, float_tensors, like_input
+from ._arrays import as_array, contiguous, flat_mask, float_tensors, like_input
 
 
 def k_for_density(n: int, density: float) -> int:
@@ -85,9 +85,7 @@ def global_topk_masks(
 def pack_mask(mask: Any, *, backend: str = "auto") -> np.ndarray:
     """Pack a mask (any shape, flattened in C order) into bits, little-endian bit order: element i
     is bit i % 8 of byte i // 8, as np.packbits(..., bitorder="little"). Unused bits are zero."""
-    m = contiguous(as_array(mask, "mask")).reshape(-1)
-    if m.dtype != np.bool_:
-        m = m != 0
+    m = flat_mask(mask)
     be = _backend.resolve(backend)
     if be == "native":
         return _backend.native_module().pack_bits(m)

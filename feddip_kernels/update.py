@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import FLOAT_DTYPES, as_array
+from ._arrays import FLOAT_DTYPES, as_array, flat_mask
 
 
 def _inplace(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
@@ -62,14 +62,7 @@ def masked_ef_step(
     if ga.dtype != wa.dtype or ga.size != wa.size:
         raise ValueError(f"g must match w ({wa.size} x {wa.dtype}), got {ga.size} x {ga.dtype}")
     ga = np.ascontiguousarray(ga)
-    ma = None
-    if mask is not None:
-        ma = as_array(mask, "mask")
-        if ma.size != wa.size:
-            raise ValueError(f"mask has {ma.size} elements, w has {wa.size}")
-        if ma.dtype != np.bool_:
-            ma = ma != 0
-        ma = np.ascontiguousarray(ma)
+    ma = None if mask is None else flat_mask(mask, wa.size)
     buf = None if momentum_buffer is None else _inplace(momentum_buffer, "momentum_buffer", wa.dtype, wa.size)
     if momentum != 0.0 and buf is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
@@ -97,12 +90,7 @@ def masked_norm(w: Any, mask: Any = None, *, p: int = 2, backend: str = "auto") 
     wa = np.ascontiguousarray(as_array(w, "w"))
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
-    ma = None
-    if mask is not None:
-        ma = as_array(mask, "mask")
-        if ma.size != wa.size:
-            raise ValueError(f"mask has {ma.size} elements, w has {wa.size}")
-        ma = np.ascontiguousarray(ma if ma.dtype == np.bool_ else ma != 0)
+    ma = None if mask is None else flat_mask(mask, wa.size)
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
     be = _backend.resolve(backend)
