@@ -40,6 +40,17 @@ def test_decode(record, model):
         np.testing.assert_array_equal(out.tensors[k], v)
 
 
+def test_decode_into_buffers(record, model):
+    # The FL steady state: the receiver decodes every round into the same model buffers.
+    m, n = model
+    msg = fk.encode_model(m)
+    bufs = {k: np.empty_like(v) for k, v in m.items()}
+    record(lambda: fk.decode_model(msg, out=bufs), group=GROUP_DEC, name="feddip decode auto/raw into buffers",
+           dense_bytes=4 * n, ratio=4 * n / len(msg))
+    for k, v in m.items():
+        np.testing.assert_array_equal(bufs[k], v)
+
+
 def test_zstd3(record, model):
     zstd = pytest.importorskip("zstandard")
     m, n = model

@@ -150,17 +150,17 @@ py::tuple sparsify_impl(const py::array& x, const py::object& mask) {
 }
 
 template <class T>
-py::array densify_impl(const Bits& bits, std::size_t n, const py::array& values) {
+py::array densify_impl(const Bits& bits, std::size_t n, const py::array& values, const py::object& out) {
     check_bits(bits, n);
     const T* pv = data_of<T>(values, "values");
     if (count_bits(bits.data(), n) != static_cast<std::uint64_t>(values.size()))
         throw std::invalid_argument("number of values differs from the number of positions");
-    py::array_t<T> out(static_cast<py::ssize_t>(n));
-    T* po = out.mutable_data();
+    py::array result = out.is_none() ? py::array(py::array_t<T>(static_cast<py::ssize_t>(n))) : out.cast<py::array>();
+    T* po = optional_out<T>(result, n, "out");
     const std::uint8_t* pb = bits.data();
     py::gil_scoped_release release;
     scatter(pb, n, pv, po);
-    return out;
+    return result;
 }
 
 bool is_float64(const std::vector<py::array>& tensors) {
@@ -242,11 +242,12 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "densify",
-        [](const Bits& bits, std::size_t n, const py::array& values) {
-            return py::isinstance<py::array_t<double>>(values) ? densify_impl<double>(bits, n, values)
-                                                               : densify_impl<float>(bits, n, values);
+        [](const Bits& bits, std::size_t n, const py::array& values, const py::object& out) {
+            return py::isinstance<py::array_t<double>>(values) ? densify_impl<double>(bits, n, values, out)
+                                                               : densify_impl<float>(bits, n, values, out);
         },
-        py::arg("bits"), py::arg("n"), py::arg("values"));
+        py::arg("bits"), py::arg("n"), py::arg("values"), py::arg("out") = py::none(),
+        "Dense array with the values at the set positions, zeros elsewhere; into `out` when given.");
 
     m.def("golomb_parameter", &golomb_parameter, py::arg("nnz"), py::arg("n"));
 

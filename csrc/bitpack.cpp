@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "common.hpp"
+
 namespace feddip {
 namespace {
 
@@ -43,7 +45,7 @@ void unpack_bits(const std::uint8_t* bits, std::size_t n, std::uint8_t* out) {
     for (std::size_t j = 0; j < n % 8; ++j) out[8 * full + j] = (bits[full] >> j) & 1;
 }
 
-std::uint64_t count_bits(const std::uint8_t* bits, std::size_t n) {
+FEDDIP_VECTOR_CLONES std::uint64_t count_bits(const std::uint8_t* bits, std::size_t n) {
     std::uint64_t c = 0;
     const std::size_t full = n / 8;
     std::size_t i = 0;

@@ -20,19 +20,14 @@ Params params_of(std::uint32_t m) {
     return {m, b, static_cast<std::uint32_t>((std::uint64_t(1) << b) - m)};
 }
 
-// gap / m and gap % m by subtraction: quotients are small for the densities that use Golomb, and
-// their sum over a stream is at most n / m, so this beats a hardware divide on every code.
+// gap / m and gap % m.
 inline void divmod(std::uint64_t gap, std::uint32_t m, std::uint64_t& q, std::uint64_t& r) {
-    q = 0;
-    if (gap >= 64 * std::uint64_t(m)) {
+    if (gap <= 0xffffffffu) {  // 32-bit division is several times cheaper than 64-bit
+        q = static_cast<std::uint32_t>(gap) / m;
+    } else {
         q = gap / m;
-        gap -= q * m;
     }
-    while (gap >= m) {
-        gap -= m;
-        ++q;
-    }
-    r = gap;
+    r = gap - q * m;
 }
 
 inline std::uint64_t code_length(std::uint64_t gap, const Params& p) {
@@ -44,50 +39,46 @@ inline std::uint64_t code_length(std::uint64_t gap, const Params& p) {
 // Calls f(gap) for each set position, in order.
 template <class F>
 void for_each_gap(const std::uint8_t* bits, std::size_t n, F&& f) {
-    const std::size_t n_bytes = (n + 7) / 8;
+    const std::size_t n_words = (n + 63) / 64;
     std::uint64_t prev_end = 0;  // index after the previous set position
-    for (std::size_t off = 0; off < n_bytes; off += 8) {
+    for (std::size_t w = 0; w < n_words; ++w) {
         std::uint64_t v = 0;
-        std::memcpy(&v, bits + off, n_bytes - off < 8 ? n_bytes - off : 8);
-        if (off + 8 >= n_bytes && n % 64) v &= (std::uint64_t(1) << (n % 64)) - 1;  // ignore padding
-        while (v) {
-            const std::uint64_t pos = 8 * off + static_cast<std::uint64_t>(__builtin_ctzll(v));
+        if (w + 1 < n_words) {
+            std::memcpy(&v, bits + 8 * w, 8);
+        } else {  // last word: partial bytes, padding bits ignored
+            const std::size_t n_bytes = (n + 7) / 8;
+            std::memcpy(&v, bits + 8 * w, n_bytes - 8 * w);
+            if (n % 64) v &= (std::uint64_t(1) << (n % 64)) - 1;
+        }
+        for (; v; v &= v - 1) {
+            const std::uint64_t pos = 64 * w + static_cast<std::uint64_t>(__builtin_ctzll(v));
             f(pos - prev_end);
             prev_end = pos + 1;
-            v &= v - 1;
         }
     }
 }
 
+// Branch-free bit writer: every put stores the whole 64-bit accumulator and advances by the
+// complete bytes in it. Needs 8 bytes of slack past the last byte written (the capacity adds it).
 class BitWriter {
 public:
     explicit BitWriter(std::size_t capacity) : out_(capacity + 8) {}
-    // Appends the low `len` (<= 32) bits of `value`; the capacity given covers every bit written.
+    // Appends the low `len` (<= 56) bits of `value` (higher bits of `value` must be zero).
     void put(std::uint64_t value, unsigned len) {
         acc_ |= value << fill_;
         fill_ += len;
-        if (fill_ >= 32) {
-            const std::uint32_t word = static_cast<std::uint32_t>(acc_);
-            std::memcpy(out_.data() + at_, &word, 4);  // little-endian hosts only (checked in bindings)
-            at_ += 4;
-            acc_ >>= 32;
-            fill_ -= 32;
-        }
+        std::memcpy(out_.data() + at_, &acc_, 8);  // little-endian hosts only (checked in bindings)
+        const unsigned bytes = fill_ >> 3;
+        at_ += bytes;
+        acc_ = bytes == 8 ? 0 : acc_ >> (8 * bytes);
+        fill_ &= 7;
     }
     void zeros(std::uint64_t count) {
-        while (count > 32) {
-            put(0, 32);
-            count -= 32;
-        }
+        for (; count > 56; count -= 56) put(0, 56);
         put(0, static_cast<unsigned>(count));
     }
     std::vector<std::uint8_t> finish() {
-        while (fill_ > 0) {
-            out_[at_++] = static_cast<std::uint8_t>(acc_);
-            acc_ >>= 8;
-            fill_ = fill_ > 8 ? fill_ - 8 : 0;
-        }
-        out_.resize(at_);
+        out_.resize(at_ + (fill_ > 0 ? 1 : 0));  // the partial byte is already stored
         return std::move(out_);
     }
 
@@ -95,7 +86,7 @@ private:
     std::vector<std::uint8_t> out_;
     std::size_t at_ = 0;
     std::uint64_t acc_ = 0;
-    unsigned fill_ = 0;
+    unsigned fill_ = 0;  // < 8 between puts
 };
 
 class BitReader {
@@ -140,6 +131,26 @@ public:
         }
     }
 
+    // Fast path for one whole code (unary quotient, then remainder) when it lies in the buffered
+    // bits: returns false, consuming nothing, when it does not (the caller takes the slow path).
+    bool code(const Params& p, std::uint64_t& q, std::uint64_t& r) {
+        refill();
+        if (acc_ == 0) return false;
+        const unsigned z = static_cast<unsigned>(__builtin_ctzll(acc_));
+        if (z + 1 + p.b > fill_) return false;
+        const unsigned b1 = p.b == 0 ? 0 : p.b - 1;
+        const std::uint64_t x = acc_ >> (z + 1);
+        const std::uint64_t lo = x & ((std::uint64_t(1) << b1) - 1);
+        const bool big = p.b > 0 && lo >= p.cut;
+        r = big ? ((lo << 1) | ((x >> b1) & 1)) - p.cut : lo;
+        q = z;
+        const unsigned used = z + 1 + b1 + big;
+        acc_ >>= used;
+        fill_ -= used;
+        consumed_ += used;
+        return true;
+    }
+
     // True when every bit after the consumed ones is zero (padding).
     bool rest_is_zero() {
         refill();
@@ -148,6 +159,15 @@ public:
 
 private:
     void refill() {
+        if (fill_ <= 56 && pos_ + 8 <= size_) {  // whole bytes up to 56..63 valid bits, one load
+            std::uint64_t word;
+            std::memcpy(&word, data_ + pos_, 8);
+            const unsigned fill = fill_ | 56;
+            acc_ = (acc_ | (word << fill_)) & ((std::uint64_t(1) << fill) - 1);
+            pos_ += (63 - fill_) >> 3;
+            fill_ = fill;
+            return;
+        }
         while (fill_ <= 56 && pos_ < size_) {
             acc_ |= std::uint64_t(data_[pos_++]) << fill_;
             fill_ += 8;
@@ -184,15 +204,17 @@ std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n,
     for_each_gap(bits, n, [&](std::uint64_t gap) {
         std::uint64_t q, r;
         divmod(gap, p.m, q, r);
-        w.zeros(q);
-        w.put(1, 1);
-        if (p.b == 0) return;
-        if (r < p.cut) {
-            w.put(r, p.b - 1);
+        // Remainder code as (value, length): r < cut in b - 1 bits, else v = r + cut as v >> 1
+        // in b - 1 bits and then v & 1.
+        const bool big = p.b > 0 && r >= p.cut;
+        const std::uint64_t v = r + p.cut;
+        const std::uint64_t rv = big ? (v >> 1) | ((v & 1) << (p.b - 1)) : r;
+        const unsigned rl = (p.b == 0 ? 0 : p.b - 1) + big;
+        if (q + 1 + rl <= 56) {  // the common case: one write for the whole code
+            w.put((std::uint64_t(1) << q) | (rv << (q + 1)), static_cast<unsigned>(q + 1 + rl));
         } else {
-            const std::uint64_t v = r + p.cut;
-            w.put(v >> 1, p.b - 1);
-            w.put(v & 1, 1);
+            w.zeros(q);
+            w.put(1 | (rv << 1), 1 + rl);
         }
     });
     return w.finish();
@@ -207,13 +229,16 @@ void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, st
     std::uint64_t next = 0;  // smallest position the next code may give
     const std::uint64_t max_q = n / p.m + 1;
     for (std::uint64_t i = 0; i < nnz; ++i) {
-        const std::uint64_t q = r.unary(max_q);
-        std::uint64_t rem = 0;
-        if (p.b > 0) {
-            rem = r.get(p.b - 1);
-            if (rem >= p.cut) rem = ((rem << 1) | r.get(1)) - p.cut;
-            if (rem >= p.m) throw std::invalid_argument("Golomb stream: bad remainder");
+        std::uint64_t q, rem;
+        if (!r.code(p, q, rem)) {  // code straddles the buffer or has a long quotient
+            q = r.unary(max_q);
+            rem = 0;
+            if (p.b > 0) {
+                rem = r.get(p.b - 1);
+                if (rem >= p.cut) rem = ((rem << 1) | r.get(1)) - p.cut;
+            }
         }
+        if (rem >= p.m) throw std::invalid_argument("Golomb stream: bad remainder");
         const std::uint64_t pos = next + q * p.m + rem;
         if (pos >= n) throw std::invalid_argument("Golomb stream: position out of range");
         bits[pos >> 3] |= std::uint8_t(1u << (pos & 7));

@@ -40,10 +40,17 @@ FEDDIP_VECTOR_CLONES void pack_nonzero(const T* x, std::size_t n, std::uint8_t* 
 
 template <class T>
 void pack_positions(const T* x, const std::uint8_t* mask, std::size_t n, std::uint8_t* bits) {
-    if (mask)
-        pack_bits(mask, n, bits);
-    else
-        pack_nonzero(x, n, bits);
+    constexpr std::size_t kSpan = std::size_t(1) << 16;  // elements per task, a multiple of 8
+    const long long n_spans = static_cast<long long>((n + kSpan - 1) / kSpan);
+    const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long s = 0; s < n_spans; ++s) {
+        const std::size_t lo = static_cast<std::size_t>(s) * kSpan, len = std::min(kSpan, n - lo);
+        if (mask)
+            pack_bits(mask + lo, len, bits + lo / 8);
+        else
+            pack_nonzero(x + lo, len, bits + lo / 8);
+    }
 }
 
 namespace {

@@ -45,6 +45,18 @@ def flat_mask(x: Any, size: Optional[int] = None, what: str = "mask") -> np.ndar
     return m if m.dtype == np.bool_ else m != 0
 
 
+def writable_view(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
+    """A NumPy view of `x` that can be written in place: checks dtype, size, C order, writability."""
+    a = as_array(x, what)
+    if a.dtype != dtype:
+        raise TypeError(f"{what} has dtype {a.dtype}, expected {dtype}")
+    if a.size != size:
+        raise ValueError(f"{what} has {a.size} elements, expected {size}")
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError(f"{what} must be a writeable C-contiguous array (it is written in place)")
+    return a
+
+
 def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:
     """Contiguous float32/float64 NumPy views of a list of tensors that share one dtype."""
     if isinstance(tensors, (np.ndarray, str, bytes)) or is_torch(tensors) or not hasattr(tensors, "__iter__"):

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import _backend
-from ._arrays import as_array, flat_mask
+from ._arrays import as_array, flat_mask, writable_view
 
 MAGIC = b"FDKW"
 VERSION = 1
@@ -300,10 +300,14 @@ def decode_model(
     *,
     reference: Optional[Mapping[str, Any]] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    out: Optional[Mapping[str, Any]] = None,
 ) -> Decoded:
     """Decode a message from encode_model. `reference` supplies the shared masks of tensors coded
     relative to one. `max_bytes` caps the total size of the decoded arrays: a message that would
-    exceed it is rejected before anything is allocated. Raises CodecError on any corruption."""
+    exceed it is rejected before anything is allocated. `out` maps names to existing arrays (or
+    torch CPU tensors) of the right dtype and size to decode into, skipping the allocation; they
+    are returned in `tensors`. Raises CodecError on any corruption (`out` may then be partly
+    written)."""
     view = memoryview(data).cast("B")
     if len(view) < _HEADER.size + _CRC.size:
         raise CodecError(f"message of {len(view)} bytes is shorter than header and checksum")
@@ -319,7 +323,7 @@ def decode_model(
         raise CodecError(f"unsupported format version {version} (this library reads {VERSION})")
     if flags != 0:
         raise CodecError(f"unknown header flags {flags:#x}")
-    out = Decoded()
+    result = Decoded()
     budget = max_bytes
     for i in range(count):
         (name_len,) = r.unpack("<H", f"tensor {i} name length")
@@ -327,7 +331,7 @@ def decode_model(
             name = bytes(r.take(name_len, f"tensor {i} name")).decode("utf-8")
         except UnicodeDecodeError:
             raise CodecError(f"tensor {i} name is not UTF-8") from None
-        if name in out.tensors:
+        if name in result.tensors:
             raise CodecError(f"tensor {name!r} appears twice")
         (ndim,) = r.unpack("<B", f"{name!r} ndim")
         if ndim > MAX_NDIM:
@@ -366,12 +370,16 @@ def decode_model(
             full = np.zeros(n, dtype=bool)
             full[ref] = np.unpackbits(bits, count=d, bitorder="little").view(bool)
             bits = _core().pack_bits(full)
-        dense = _core().densify(bits, n, vals)
-        out.tensors[name] = dense.reshape(shape)
-        out.packed[name] = bits
+        if out is not None and name in out:
+            target = writable_view(out[name], f"out[{name!r}]", dtype.newbyteorder("="), n)
+            _core().densify(bits, n, vals, target.reshape(-1))
+            result.tensors[name] = out[name]
+        else:
+            result.tensors[name] = _core().densify(bits, n, vals).reshape(shape)
+        result.packed[name] = bits
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
-    return out
+    return result
 
 
 class SparseCodec:
@@ -388,17 +396,11 @@ class SparseCodec:
     def encode(self, buf: Any) -> bytes:
         return encode_model({"": buf}, positions=self.positions, values=self.values)
 
-    def decode(self, buf: Any, out: Any = None) -> np.ndarray:
-        arr = decode_model(buf, max_bytes=self.max_bytes).tensors.get("")
-        if arr is None:
+    def decode(self, buf: Any, out: Any = None) -> Any:
+        decoded = decode_model(buf, max_bytes=self.max_bytes, out=None if out is None else {"": out})
+        if "" not in decoded.tensors:
             raise CodecError("message holds no unnamed tensor")
-        if out is None:
-            return arr
-        target = as_array(out, "out")
-        if target.size != arr.size:
-            raise ValueError(f"out has {target.size} elements, decoded array has {arr.size}")
-        target.reshape(-1)[...] = arr.reshape(-1)
-        return out
+        return decoded.tensors[""]
 
     def get_config(self) -> dict:
         return {"id": self.codec_id, "positions": self.positions, "values": self.values, "max_bytes": self.max_bytes}

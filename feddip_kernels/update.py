@@ -8,18 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import FLOAT_DTYPES, as_array, flat_mask
-
-
-def _inplace(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
-    a = as_array(x, what)
-    if a.dtype != dtype:
-        raise TypeError(f"{what} has dtype {a.dtype}, expected {dtype}")
-    if a.size != size:
-        raise ValueError(f"{what} has {a.size} elements, expected {size}")
-    if not a.flags.c_contiguous or not a.flags.writeable:
-        raise ValueError(f"{what} must be a writeable C-contiguous array (it is updated in place)")
-    return a
+from ._arrays import FLOAT_DTYPES, as_array, flat_mask, writable_view
 
 
 def masked_ef_step(
@@ -57,16 +46,16 @@ def masked_ef_step(
     wa = as_array(w, "w")
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
-    wa = _inplace(wa, "w", wa.dtype, wa.size)
+    wa = writable_view(wa, "w", wa.dtype, wa.size)
     ga = as_array(g, "g")
     if ga.dtype != wa.dtype or ga.size != wa.size:
         raise ValueError(f"g must match w ({wa.size} x {wa.dtype}), got {ga.size} x {ga.dtype}")
     ga = np.ascontiguousarray(ga)
     ma = None if mask is None else flat_mask(mask, wa.size)
-    buf = None if momentum_buffer is None else _inplace(momentum_buffer, "momentum_buffer", wa.dtype, wa.size)
+    buf = None if momentum_buffer is None else writable_view(momentum_buffer, "momentum_buffer", wa.dtype, wa.size)
     if momentum != 0.0 and buf is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
-    out = None if pruned_out is None else _inplace(pruned_out, "pruned_out", wa.dtype, wa.size)
+    out = None if pruned_out is None else writable_view(pruned_out, "pruned_out", wa.dtype, wa.size)
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):

@@ -220,3 +220,32 @@ def test_bad_header_fields():
         fk.decode_model(msg[:-1] + bytes([msg[-1] ^ 1]))
     with pytest.raises(fk.CodecError, match="unexpected bytes"):
         fk.decode_model(_reseal(msg[:-4] + b"\x00"))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 64, 1000, 1 << 20, (1 << 31) - 1])
+def test_golomb_long_and_short_quotients(m):
+    # Long zero runs force quotients past the decoder's buffered fast path; huge m forces long remainders.
+    rng = np.random.default_rng(m)
+    mask = np.zeros(20_000, bool)
+    mask[[0, 1, 777, 778, 19_999]] = True
+    mask[rng.integers(0, mask.size, 30)] = True
+    bits = fk.pack_mask(mask)
+    enc = golomb_encode(bits, mask.size, m)
+    assert enc == reference.golomb_encode(mask, m)
+    np.testing.assert_array_equal(golomb_decode(enc, mask.size, int(mask.sum()), m), bits)
+    with pytest.raises(ValueError):
+        golomb_decode(enc[:-1], mask.size, int(mask.sum()), m)
+
+
+def test_decode_into_existing_arrays():
+    rng = np.random.default_rng(8)
+    w = {"a": rng.standard_normal((30, 40)).astype(np.float32) * (rng.random((30, 40)) < 0.1), "b": np.arange(5.0)}
+    out = {"a": np.full((30, 40), 7.0, np.float32)}
+    decoded = fk.decode_model(fk.encode_model(w), out=out)
+    assert decoded.tensors["a"] is out["a"]
+    np.testing.assert_array_equal(out["a"], w["a"])
+    np.testing.assert_array_equal(decoded.tensors["b"], w["b"])
+    with pytest.raises(TypeError, match="dtype"):
+        fk.decode_model(fk.encode_model(w), out={"a": np.zeros((30, 40))})
+    with pytest.raises(ValueError, match="elements"):
+        fk.decode_model(fk.encode_model(w), out={"a": np.zeros(3, np.float32)})
