@@ -10,6 +10,8 @@ import math
 import numba as nb
 import numpy as np
 
+from . import reference
+
 _BINS = 1 << 16
 
 
@@ -191,3 +193,194 @@ def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_b
             dt(lr), dt(weight_decay), dt(reg), dt(momentum), p,
         )
     )
+
+
+# ------------------------------------------------------------------ codec kernels
+
+
+@nb.njit(cache=True, nogil=True)
+def count_bits(bits, n):
+    c = 0
+    for i in range(n):
+        c += (bits[i >> 3] >> (i & 7)) & 1
+    return c
+
+
+@nb.njit(cache=True, nogil=True)
+def _golomb_encode(bits, n, m):
+    b = 0
+    while (1 << b) < m:
+        b += 1
+    cut = (1 << b) - m
+    nnz = count_bits(bits, n)
+    out = np.zeros((n // m + nnz * (1 + b)) // 8 + 16, dtype=np.uint8)
+    at = 0
+    acc = 0
+    fill = 0
+    prev = 0
+    for i in range(n):
+        if not (bits[i >> 3] >> (i & 7)) & 1:
+            continue
+        gap = i - prev
+        prev = i + 1
+        q, r = gap // m, gap % m
+        # q zeros, a one, then the remainder (see docs/wire-format.md); written bit by bit
+        # through a small accumulator.
+        for _ in range(q):
+            fill += 1
+            if fill == 8:
+                out[at] = acc
+                at += 1
+                acc = 0
+                fill = 0
+        code, length = 1, 1
+        if b > 0:
+            if r < cut:
+                code |= r << 1
+                length += b - 1
+            else:
+                v = r + cut
+                code |= ((v >> 1) << 1) | ((v & 1) << b)
+                length += b
+        for k in range(length):
+            acc |= ((code >> k) & 1) << fill
+            fill += 1
+            if fill == 8:
+                out[at] = acc
+                at += 1
+                acc = 0
+                fill = 0
+    if fill:
+        out[at] = acc
+        at += 1
+    return out[:at]
+
+
+def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes:
+    if m < 1:
+        raise ValueError("Golomb parameter must be >= 1")
+    return _golomb_encode(bits, n, m).tobytes()
+
+
+@nb.njit(cache=True, nogil=True)
+def _golomb_decode(data, n, nnz, m, out):
+    """0 on success, else an error code (see _DECODE_ERRORS)."""
+    b = 0
+    while (1 << b) < m:
+        b += 1
+    cut = (1 << b) - m
+    total = data.size * 8
+    at = 0
+    nxt = 0
+    max_q = n // m + 1
+    for _ in range(nnz):
+        q = 0
+        while True:
+            if at >= total:
+                return 1
+            bit = (data[at >> 3] >> (at & 7)) & 1
+            at += 1
+            if bit:
+                break
+            q += 1
+            if q > max_q:
+                return 2
+        r = 0
+        if b > 0:
+            if at + b - 1 > total:
+                return 1
+            for k in range(b - 1):
+                r |= ((data[at >> 3] >> (at & 7)) & 1) << k
+                at += 1
+            if r >= cut:
+                if at >= total:
+                    return 1
+                r = ((r << 1) | ((data[at >> 3] >> (at & 7)) & 1)) - cut
+                at += 1
+        if r >= m:
+            return 3
+        pos = nxt + q * m + r
+        if pos >= n:
+            return 2
+        out[pos >> 3] |= np.uint8(1 << (pos & 7))
+        nxt = pos + 1
+    if (at + 7) // 8 != data.size:
+        return 4
+    while at < total:
+        if (data[at >> 3] >> (at & 7)) & 1:
+            return 4
+        at += 1
+    return 0
+
+
+_DECODE_ERRORS = {
+    1: "Golomb stream is truncated",
+    2: "Golomb stream: position out of range",
+    3: "Golomb stream: bad remainder",
+    4: "Golomb stream: bytes or bits left after the last code",
+}
+
+
+def golomb_decode(data, n: int, nnz: int, m: int) -> np.ndarray:
+    if m < 1:
+        raise ValueError("Golomb parameter must be >= 1")
+    if nnz > n:
+        raise ValueError("Golomb stream: more positions than elements")
+    out = np.zeros((n + 7) // 8, dtype=np.uint8)
+    err = _golomb_decode(np.frombuffer(data, dtype=np.uint8), n, nnz, m, out)
+    if err:
+        raise ValueError(_DECODE_ERRORS[err])
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def _gather(x, keep, values):
+    j = 0
+    for i in range(x.size):
+        if keep[i]:
+            values[j] = x[i]
+            j += 1
+
+
+def sparsify(x: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray]:
+    flat = x.reshape(-1)
+    keep = mask.reshape(-1) if mask is not None else flat != 0
+    bits = pack_bits(keep)
+    values = np.empty(count_bits(bits, flat.size), dtype=x.dtype)
+    _gather(flat, keep, values)
+    return bits, values
+
+
+@nb.njit(cache=True, nogil=True)
+def _scatter(bits, n, values, out):
+    j = 0
+    for i in range(n):
+        if (bits[i >> 3] >> (i & 7)) & 1:
+            out[i] = values[j]
+            j += 1
+        else:
+            out[i] = 0
+
+
+def densify(bits: np.ndarray, n: int, values: np.ndarray, out=None) -> np.ndarray:
+    if count_bits(bits, n) != values.size:
+        raise ValueError("number of values differs from the number of positions")
+    if out is None:
+        out = np.empty(n, dtype=values.dtype)
+    _scatter(bits, n, values, out)
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def _crc32c(data, crc, table):
+    c = crc ^ 0xFFFFFFFF
+    for i in range(data.size):
+        c = (c >> 8) ^ table[(c ^ data[i]) & 0xFF]
+    return c ^ 0xFFFFFFFF
+
+
+_CRC_TABLE = np.array(reference._crc_table(), dtype=np.int64)
+
+
+def crc32c(data, crc: int = 0) -> int:
+    return int(_crc32c(np.frombuffer(data, dtype=np.uint8), np.int64(crc), _CRC_TABLE))

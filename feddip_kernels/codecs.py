@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from . import _backend
+from . import _backend, reference
 from ._arrays import as_array, flat_mask, writable_view
 
 MAGIC = b"FDKW"
@@ -37,16 +37,25 @@ class CodecError(ValueError):
     """The bytes are not a valid message: corrupt, truncated, over a limit, or inconsistent."""
 
 
-def _core():
-    core = _backend.native_module()
-    if core is None:
-        raise RuntimeError("the codecs need the native extension; reinstall with `pip install .`")
-    return core
+class _Kernels:
+    """The codec primitives of one backend: native (C++), numba (JIT twins) or numpy (reference)."""
+
+    def __init__(self, backend: str) -> None:
+        be = _backend.resolve(backend)
+        if be == "native":
+            mod = _backend.native_module()
+            self.golomb_parameter = mod.golomb_parameter
+        else:
+            mod = _backend.numba_module() if be == "numba" else reference
+            self.golomb_parameter = reference.golomb_parameter
+        self.name = be
+        for fn in ("crc32c", "golomb_encode", "golomb_decode", "sparsify", "densify", "pack_bits", "count_bits"):
+            setattr(self, fn, getattr(mod, fn))
 
 
-def crc32c(data: Any, crc: int = 0) -> int:
+def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
     """CRC-32C (Castagnoli) of a bytes-like object, continuing from `crc`."""
-    return _core().crc32c(data, crc)
+    return _Kernels(backend).crc32c(data, crc)
 
 
 # ----------------------------------------------------------------------------- values
@@ -138,11 +147,12 @@ def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np
     return np.packbits(mask, bitorder="little")
 
 
-def _encode_positions(bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]]) -> tuple[int, int, bytes]:
+def _encode_positions(
+    k: _Kernels, bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]]
+) -> tuple[int, int, bytes]:
     """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements;
     "auto" takes the smallest payload (the Golomb stream is encoded once, the others are sized by
     formula and built only when chosen)."""
-    core = _core()
     sizes = {"bitmask": (d + 7) // 8}
     if shape is not None and d < 1 << 32 and nnz < 1 << 32:
         sizes["csr"] = _csr_size(shape, d, nnz)
@@ -150,8 +160,8 @@ def _encode_positions(bits: np.ndarray, d: int, nnz: int, codec: str, shape: Opt
         sizes["all"] = 0
     golomb = None
     if codec in ("auto", "golomb"):
-        m = core.golomb_parameter(nnz, d)
-        golomb = (POSITIONS["golomb"], m, core.golomb_encode(bits, d, m))
+        m = k.golomb_parameter(nnz, d)
+        golomb = (POSITIONS["golomb"], m, k.golomb_encode(bits, d, m))
         sizes["golomb"] = len(golomb[2])
     if codec == "auto":
         codec = min(sizes, key=lambda k: (sizes[k], k != "all"))
@@ -166,8 +176,9 @@ def _encode_positions(bits: np.ndarray, d: int, nnz: int, codec: str, shape: Opt
     return golomb
 
 
-def _decode_positions(raw: memoryview, codec: int, d: int, nnz: int, m: int, shape: tuple[int, ...]) -> np.ndarray:
-    core = _core()
+def _decode_positions(
+    k: _Kernels, raw: memoryview, codec: int, d: int, nnz: int, m: int, shape: tuple[int, ...]
+) -> np.ndarray:
     if codec == POSITIONS["all"]:
         if nnz != d or len(raw):
             raise CodecError("'all' positions need nnz equal to the domain size and no payload")
@@ -181,7 +192,7 @@ def _decode_positions(raw: memoryview, codec: int, d: int, nnz: int, m: int, sha
         bits = np.frombuffer(raw, dtype=np.uint8)
         if d % 8 and bits[-1] >> (d % 8):
             raise CodecError("bitmask padding bits are not zero")
-        if core.count_bits(bits, d) != nnz:
+        if k.count_bits(bits, d) != nnz:
             raise CodecError("bitmask holds a different number of positions than the record says")
         return bits
     if codec == POSITIONS["csr"]:
@@ -192,7 +203,7 @@ def _decode_positions(raw: memoryview, codec: int, d: int, nnz: int, m: int, sha
         if 8 * len(raw) < nnz:
             raise CodecError("Golomb payload is shorter than one bit per position")
         try:
-            return core.golomb_decode(raw, d, nnz, m)
+            return k.golomb_decode(raw, d, nnz, m)
         except ValueError as e:
             raise CodecError(str(e)) from None
     raise CodecError(f"unknown positions codec {codec}")
@@ -226,6 +237,7 @@ def encode_model(
     reference: Optional[Mapping[str, Any]] = None,
     positions: str = "auto",
     values: str = "raw",
+    backend: str = "auto",
 ) -> bytes:
     """Encode named float32/float64 tensors as one message.
 
@@ -240,7 +252,7 @@ def encode_model(
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
     if positions not in ("auto", *POSITIONS):
         raise ValueError(f"unknown positions codec {positions!r}")
-    core = _core()
+    k = _Kernels(backend)
     parts = [_HEADER.pack(MAGIC, VERSION, 0, 0, len(tensors))]
     for name, t in tensors.items():
         a = as_array(t, f"tensors[{name!r}]")
@@ -252,7 +264,7 @@ def encode_model(
         a = np.ascontiguousarray(a).reshape(-1)
         n = a.size
         mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
-        bits, vals = core.sparsify(a, mask)
+        bits, vals = k.sparsify(a, mask)
         nnz = vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
@@ -260,8 +272,8 @@ def encode_model(
             keep = np.unpackbits(bits, count=n, bitorder="little").view(bool)
             if not (keep & ~ref).any():  # a subset of the reference: code relative to it
                 domain, d, csr_shape = DOMAIN_REFERENCE, int(ref.sum()), None
-                pos_bits = core.pack_bits(np.ascontiguousarray(keep[ref]))
-        pos_codec, m, pos_payload = _encode_positions(pos_bits, d, nnz, positions, csr_shape)
+                pos_bits = k.pack_bits(np.ascontiguousarray(keep[ref]))
+        pos_codec, m, pos_payload = _encode_positions(k, pos_bits, d, nnz, positions, csr_shape)
         val_payload, scale = _encode_values(vals, values)
         name_b = name.encode("utf-8")
         if len(name_b) > 0xFFFF:
@@ -276,7 +288,7 @@ def encode_model(
             val_payload,
         ]
     body = b"".join(parts)
-    return body + _CRC.pack(core.crc32c(body))
+    return body + _CRC.pack(k.crc32c(body))
 
 
 class _Reader:
@@ -301,6 +313,7 @@ def decode_model(
     reference: Optional[Mapping[str, Any]] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     out: Optional[Mapping[str, Any]] = None,
+    backend: str = "auto",
 ) -> Decoded:
     """Decode a message from encode_model. `reference` supplies the shared masks of tensors coded
     relative to one. `max_bytes` caps the total size of the decoded arrays: a message that would
@@ -308,12 +321,13 @@ def decode_model(
     torch CPU tensors) of the right dtype and size to decode into, skipping the allocation; they
     are returned in `tensors`. Raises CodecError on any corruption (`out` may then be partly
     written)."""
+    k = _Kernels(backend)
     view = memoryview(data).cast("B")
     if len(view) < _HEADER.size + _CRC.size:
         raise CodecError(f"message of {len(view)} bytes is shorter than header and checksum")
     body = view[: len(view) - _CRC.size]
     (stored,) = _CRC.unpack(view[len(view) - _CRC.size :])
-    if crc32c(body) != stored:
+    if k.crc32c(body) != stored:
         raise CodecError("checksum mismatch: the message is corrupt")
     r = _Reader(body)
     magic, version, flags, _, count = r.unpack(_HEADER, "header")
@@ -359,7 +373,7 @@ def decode_model(
             raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need {nnz * _value_size(val_codec, dtype)}")
         pos_raw = r.take(pos_len, f"{name!r} positions")
         val_raw = r.take(val_len, f"{name!r} values")
-        bits = _decode_positions(pos_raw, pos_codec, d, nnz, m, tuple(shape))
+        bits = _decode_positions(k, pos_raw, pos_codec, d, nnz, m, tuple(shape))
         vals = _decode_values(val_raw, val_codec, nnz, dtype, scale)
         if domain == DOMAIN_REFERENCE:
             if reference is None or name not in reference:
@@ -369,13 +383,13 @@ def decode_model(
                 raise CodecError(f"{name!r}: the reference mask has {int(ref.sum())} positions, the sender's had {d}")
             full = np.zeros(n, dtype=bool)
             full[ref] = np.unpackbits(bits, count=d, bitorder="little").view(bool)
-            bits = _core().pack_bits(full)
+            bits = k.pack_bits(full)
         if out is not None and name in out:
             target = writable_view(out[name], f"out[{name!r}]", dtype.newbyteorder("="), n)
-            _core().densify(bits, n, vals, target.reshape(-1))
+            k.densify(bits, n, vals, target.reshape(-1))
             result.tensors[name] = out[name]
         else:
-            result.tensors[name] = _core().densify(bits, n, vals).reshape(shape)
+            result.tensors[name] = k.densify(bits, n, vals).reshape(shape)
         result.packed[name] = bits
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")

@@ -96,8 +96,11 @@ def masked_ef_step(
     return masked_norm(w, mask, p)
 
 
-def golomb_encode(positions_mask: np.ndarray, m: int) -> bytes:
-    """Bit-by-bit Golomb coder of the gaps of a bool mask (docs/wire-format.md)."""
+def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes:
+    """Bit-by-bit Golomb coder of the gaps between packed positions (docs/wire-format.md)."""
+    if m < 1:
+        raise ValueError("Golomb parameter must be >= 1")
+    positions_mask = unpack_bits(bits, n)
     out_bits: list[int] = []
     b = (m - 1).bit_length()
     cut = (1 << b) - m
@@ -115,3 +118,93 @@ def golomb_encode(positions_mask: np.ndarray, m: int) -> bytes:
             v = r + cut
             out_bits += [((v >> 1) >> i) & 1 for i in range(b - 1)] + [v & 1]
     return np.packbits(np.array(out_bits, dtype=np.uint8), bitorder="little").tobytes()
+
+
+def golomb_parameter(nnz: int, n: int) -> int:
+    """Golomb parameter for i.i.d. positions of density nnz / n: ceil(log(2 - p) / -log(1 - p))."""
+    if nnz == 0 or nnz >= n:
+        return 1
+    theta = 1.0 - nnz / n
+    m = math.ceil(math.log(1.0 + theta) / -math.log(theta))
+    return max(1, min(m, 1 << 31))
+
+
+def golomb_decode(data: bytes, n: int, nnz: int, m: int) -> np.ndarray:
+    """Bit-by-bit decoder with the same checks as the native one; returns packed positions."""
+    stream = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), bitorder="little")
+    b = (m - 1).bit_length()
+    cut = (1 << b) - m
+    at, nxt = 0, 0
+    mask = np.zeros(n, dtype=bool)
+
+    def bit() -> int:
+        nonlocal at
+        if at >= stream.size:
+            raise ValueError("Golomb stream is truncated")
+        at += 1
+        return int(stream[at - 1])
+
+    if nnz > n:
+        raise ValueError("Golomb stream: more positions than elements")
+    for _ in range(nnz):
+        q = 0
+        while bit() == 0:
+            q += 1
+            if q > n // m + 1:
+                raise ValueError("Golomb stream: position out of range")
+        r = 0
+        if b:
+            r = sum(bit() << i for i in range(b - 1))
+            if r >= cut:
+                r = ((r << 1) | bit()) - cut
+        if r >= m:
+            raise ValueError("Golomb stream: bad remainder")
+        pos = nxt + q * m + r
+        if pos >= n:
+            raise ValueError("Golomb stream: position out of range")
+        mask[pos] = True
+        nxt = pos + 1
+    if (at + 7) // 8 != len(data) or stream[at:].any():
+        raise ValueError("Golomb stream: bytes or bits left after the last code")
+    return pack_bits(mask)
+
+
+def sparsify(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    keep = mask.reshape(-1).astype(bool) if mask is not None else x.reshape(-1) != 0
+    return pack_bits(keep), x.reshape(-1)[keep]
+
+
+def densify(bits: np.ndarray, n: int, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    keep = unpack_bits(bits, n)
+    if int(keep.sum()) != values.size:
+        raise ValueError("number of values differs from the number of positions")
+    if out is None:
+        out = np.zeros(n, dtype=values.dtype)
+    else:
+        out[...] = 0
+    out[keep] = values
+    return out
+
+
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    c = crc ^ 0xFFFFFFFF
+    for byte in bytes(data):
+        c = (c >> 8) ^ _CRC_TABLE[(c ^ byte) & 0xFF]
+    return c ^ 0xFFFFFFFF
+
+
+def count_bits(bits: np.ndarray, n: int) -> int:
+    return int(unpack_bits(bits, n).sum())
