@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-# Conv/linear weight shapes of ResNet-18 for CIFAR-10 (biases and norms excluded): 11.17M weights.
+# Conv/linear weight shapes of ResNet-18 for CIFAR-10 (biases and norms excluded): 11,164,352 weights.
 RESNET18_SHAPES = (
     [(64, 3, 3, 3)]
     + [(64, 64, 3, 3)] * 4

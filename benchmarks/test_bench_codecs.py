@@ -1,4 +1,4 @@
-"""Sparse model codecs on ResNet-18-sized weights (11.17M float32, 21 tensors) at density 5%.
+"""Sparse model codecs on ResNet-18-sized weights (11.16M float32, 21 tensors) at density 5%.
 
 Baselines measured in the same run: zstd level 3 on the dense fp32 bytes (the baseline for the
 ratio table), np.packbits + values, scipy CSR. extra_info carries each payload's compression

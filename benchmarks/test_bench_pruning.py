@@ -1,4 +1,4 @@
-"""Global magnitude top-k on ResNet-18-sized weights (11.17M float32), k = 5%.
+"""Global magnitude top-k on ResNet-18-sized weights (11.16M float32), k = 5%.
 
 Baseline: torch.topk on the already concatenated |w| (what a PyTorch FL server runs); also timed:
 the full torch pipeline including the concatenation, and np.partition."""

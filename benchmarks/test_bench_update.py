@@ -1,4 +1,4 @@
-"""FedDIP's local step on ResNet-18-sized weights (11.17M float32 in 21 layers): momentum 0.9,
+"""FedDIP's local step on ResNet-18-sized weights (11.16M float32 in 21 layers): momentum 0.9,
 weight decay 5e-4, lambda = 1e-3 (p = 2), 10% density mask, pruned copy refreshed.
 
 Baseline: torch.optim.SGD(fused=True), which does less (no mask, no regulariser, no pruned copy).

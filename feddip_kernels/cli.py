@@ -1,5 +1,5 @@
-"""Command line: `feddip info` (backends, build) and `feddip prune` (global top-k on model-sized
-random weights, timed per backend)."""
+"""Command line: `feddip simulate` (FL simulation: FedDIP, FedDP, FedAvg), `feddip info` (backends,
+build) and `feddip prune` (global top-k on model-sized random weights, timed per backend)."""
 
 from __future__ import annotations
 
@@ -36,15 +36,124 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import os
+
+    from .fl import SimulationConfig, dirichlet_partition, iid_partition, load_idx_dataset, run_simulation, synthetic_dataset
+    from .fl.report import plot_histories
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is optional
+        tqdm = None
+
+    if args.data == "synthetic":
+        train, test = synthetic_dataset(args.synthetic_train, args.synthetic_test, seed=args.seed)
+        data_name = "synthetic"
+    else:
+        train, test = load_idx_dataset(args.data)
+        data_name = os.path.abspath(args.data)
+    if args.partition == "iid":
+        parts = iid_partition(len(train), args.clients, seed=args.seed)
+    else:
+        parts = dirichlet_partition(train.y, args.clients, args.alpha, seed=args.seed)
+    algorithms = ["feddip", "feddp", "fedavg"] if args.algorithm == "all" else args.algorithm.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "runs": {}}
+    for alg in algorithms:
+        cfg = SimulationConfig(
+            algorithm=alg, model=args.model, clients=args.clients, clients_per_round=args.clients_per_round,
+            rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+            lr_decay=args.lr_decay, momentum=args.momentum, weight_decay=args.weight_decay, s0=args.s0,
+            sp=args.sp, prune_rounds=args.prune_rounds, mask_every=args.mask_every, lambda_max=args.lambda_max,
+            values=args.values, seed=args.seed,
+        )
+        bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None
+
+        def log(row: dict, alg: str = alg, bar=bar) -> None:
+            line = (
+                f"{alg} round {row['round']:3d}  acc {100 * row['accuracy']:6.2f}%  sparsity {row['sparsity']:.3f}  "
+                f"up {row['bytes_up'] / 1e3:9.1f} kB  down {row['bytes_down'] / 1e3:9.1f} kB  "
+                f"train {row['time_train']:.2f}s prune {row['time_prune']:.3f}s encode {row['time_encode']:.3f}s"
+            )
+            if bar is not None:
+                bar.update(1)
+            if args.quiet:
+                return
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
+
+        ckpt = os.path.join(args.out, f"{alg}.ckpt") if args.checkpoint else None
+        state = run_simulation(cfg, train, test, parts, checkpoint=ckpt, resume=args.resume, on_round=log)
+        if bar is not None:
+            bar.close()
+        results["runs"][alg] = {"config": dataclasses.asdict(cfg), "history": state.history}
+        last = state.history[-1]
+        print(f"{alg}: final accuracy {100 * last['accuracy']:.2f}%, sparsity {last['sparsity']:.3f}, "
+              f"{last['bytes_total'] / 1e6:.2f} MB sent", flush=True)
+    runs = results["runs"]
+    if "fedavg" in runs:
+        base = runs["fedavg"]["history"][-1]
+        for alg, run in runs.items():
+            last = run["history"][-1]
+            run["vs_fedavg"] = {
+                "accuracy_points": 100 * (last["accuracy"] - base["accuracy"]),
+                "bytes_ratio": base["bytes_total"] / last["bytes_total"],
+            }
+            if alg != "fedavg":
+                print(f"{alg} vs fedavg: {run['vs_fedavg']['accuracy_points']:+.2f} accuracy points, "
+                      f"{run['vs_fedavg']['bytes_ratio']:.1f}x fewer bytes")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot_histories({a: r["history"] for a, r in runs.items()}, os.path.join(args.out, "results.png"),
+                   title=f"{args.model} on {os.path.basename(data_name)}, {args.clients} clients")
+    print(f"wrote {os.path.join(args.out, 'results.json')} and results.png")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="feddip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="show version and available backends").set_defaults(fn=_info)
     p = sub.add_parser("prune", help="time global magnitude top-k on random weights per backend")
-    p.add_argument("--elements", type=int, default=11_172_032)
+    p.add_argument("--elements", type=int, default=11_164_352)
     p.add_argument("--tensors", type=int, default=21)
     p.add_argument("--density", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_prune)
+
+    p = sub.add_parser("simulate", help="run a federated-learning simulation (needs the [fl] extra)")
+    p.add_argument("--algorithm", default="all", help="feddip, feddp, fedavg, a comma list, or all")
+    p.add_argument("--data", default="synthetic", help="directory of MNIST-style IDX files, or 'synthetic'")
+    p.add_argument("--synthetic-train", type=int, default=6000)
+    p.add_argument("--synthetic-test", type=int, default=1000)
+    p.add_argument("--model", default="lenet5", choices=["lenet5", "alexnet", "resnet18"])
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--clients-per-round", type=int, default=None)
+    p.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr-decay", type=float, default=0.998)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--s0", type=float, default=0.5, help="initial sparsity")
+    p.add_argument("--sp", type=float, default=0.95, help="target sparsity")
+    p.add_argument("--prune-rounds", type=int, default=None, help="rounds to reach the target (default: all)")
+    p.add_argument("--mask-every", type=int, default=1, help="R: rounds between mask updates")
+    p.add_argument("--lambda-max", type=float, default=1e-3)
+    p.add_argument("--values", default="raw", choices=["raw", "fp16", "bf16", "int8"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/latest", help="directory for results.json, results.png, checkpoints")
+    p.add_argument("--checkpoint", action="store_true", help="checkpoint the server state every round")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=_simulate)
     args = parser.parse_args(argv)
     return args.fn(args)

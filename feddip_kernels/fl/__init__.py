@@ -1,0 +1,19 @@
+"""A thin federated-learning simulation (FedDIP, FedDP, FedAvg) that uses the library's kernels and
+codecs for every step and transfer, and counts the real encoded bytes. Needs torch (the [fl] extra)."""
+
+from .data import Dataset, dirichlet_partition, iid_partition, load_idx_dataset, synthetic_dataset
+from .models import MODELS, make_model, prunable_parameters
+from .simulation import SimulationConfig, run_simulation
+
+__all__ = [
+    "MODELS",
+    "Dataset",
+    "SimulationConfig",
+    "dirichlet_partition",
+    "iid_partition",
+    "load_idx_dataset",
+    "make_model",
+    "prunable_parameters",
+    "run_simulation",
+    "synthetic_dataset",
+]
