@@ -141,7 +141,7 @@ def test_mnist_loads_and_trains():
     assert train.x.shape == (60_000, 1, 28, 28) and test.x.shape == (10_000, 1, 28, 28)
     assert train.num_classes == 10
     sub = type(train)(train.x[:4000], train.y[:4000])
-    cfg = SimulationConfig(algorithm="feddip", clients=4, rounds=3, local_epochs=2, lr=0.1, momentum=0.9,
+    cfg = SimulationConfig(algorithm="feddip", clients=4, rounds=3, local_epochs=2, lr=0.02, momentum=0.9,
                            s0=0.5, sp=0.8, seed=0)
     state = run_simulation(cfg, sub, type(test)(test.x[:1000], test.y[:1000]), iid_partition(4000, 4))
     assert state.history[-1]["accuracy"] > 0.5  # well above chance (0.1) after three short rounds

@@ -91,7 +91,10 @@ def _initial_state(cfg: SimulationConfig, model: nn.Module) -> ServerState:
             m = np.zeros(p.numel(), dtype=bool)
             m[rng.choice(p.numel(), k_for_density(p.numel(), d), replace=False)] = True
             masks[name] = m.reshape(p.shape)
-            weights[name] = weights[name] * masks[name]
+            # Rescale the kept weights by 1/sqrt(density) so each layer's output variance matches the
+            # dense initialisation; otherwise the sparse start shrinks the signal layer by layer.
+            scale = 1.0 / np.sqrt(max(m.mean(), 1e-12))
+            weights[name] = (weights[name] * masks[name] * scale).astype(weights[name].dtype)
     return ServerState(cfg, 0, weights, masks)
 
 
@@ -117,9 +120,10 @@ def evaluate(model: nn.Module, data: Dataset, batch: int = 1000) -> tuple[float,
 def _train_client(
     cfg: SimulationConfig, model: nn.Module, weights: dict[str, np.ndarray], masks: dict[str, np.ndarray],
     data: Dataset, t: int, client: int,
-) -> None:
+) -> dict[str, np.ndarray]:
     """Local training in place on `model`: error feedback with the global mask (FedDIP/FedDP), plain
-    SGD for FedAvg, both through FedDIPSGD's fused kernel."""
+    SGD for FedAvg, both through FedDIPSGD's fused kernel. Returns the client's dense weights of
+    the masked tensors (the parameters themselves hold them pruned)."""
     torch.manual_seed(_seed(cfg.seed, 2, t, client))
     _load(model, weights)
     model.train()
@@ -138,6 +142,7 @@ def _train_client(
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    return {k: opt.dense(params[k]).numpy().copy() for k in masks}
 
 
 def run_simulation(
@@ -172,6 +177,9 @@ def run_simulation(
         chosen = np.arange(cfg.clients) if cfg.clients_per_round is None else np.sort(
             rng.choice(cfg.clients, cfg.clients_per_round, replace=False))
         times = {"train": 0.0, "prune": 0.0, "encode": 0.0}
+        update_mask = bool(state.masks) and (t + 1) % cfg.mask_every == 0
+        sparsity_target = sparsity_schedule(t + 1, cfg.horizon, cfg.s0, cfg.sp) if update_mask else None
+        next_density = None if sparsity_target is None else 1.0 - sparsity_target
         bytes_down = bytes_up = 0
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in state.weights.items()}
         for c in chosen:
@@ -183,11 +191,20 @@ def run_simulation(
             bytes_down += len(msg)
             state.client_masks[int(c)] = state.masks
             t1 = time.perf_counter()
-            _train_client(cfg, model, received, state.masks, shards[c], t, int(c))
+            dense = _train_client(cfg, model, received, state.masks, shards[c], t, int(c))
             t2 = time.perf_counter()
-            # Uplink: the local model pruned by the shared mask: values only for masked tensors.
             local = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-            msg = encode_model(local, masks=state.masks or None, reference=state.masks or None, values=cfg.values)
+            if update_mask:
+                # Mask-update round: the client's own top-k of its dense (error-feedback) weights at
+                # the next density, positions and values, so weights outside the mask can regrow.
+                names = list(dense)
+                own = global_topk_masks([dense[k] for k in names], density=next_density)
+                local.update({k: dense[k] * m for k, m in zip(names, own)})
+                up_masks = dict(zip(names, own))
+            else:
+                # Otherwise the local model pruned by the shared mask: values only.
+                up_masks = state.masks or None
+            msg = encode_model(local, masks=up_masks, reference=state.masks or None, values=cfg.values)
             uploaded = decode_model(msg, reference=state.masks or None).tensors
             bytes_up += len(msg)
             for k, v in uploaded.items():
@@ -197,15 +214,11 @@ def run_simulation(
         weight_sum = sizes[chosen].sum()
         new = {k: (v / weight_sum).astype(state.weights[k].dtype) for k, v in total.items()}
         t0 = time.perf_counter()
-        sparsity_target = None
-        if state.masks:
-            if (t + 1) % cfg.mask_every == 0:
-                sparsity_target = sparsity_schedule(t + 1, cfg.horizon, cfg.s0, cfg.sp)
-                names = list(state.masks)
-                fresh = global_topk_masks([new[k] for k in names], density=1.0 - sparsity_target)
-                state.masks = dict(zip(names, fresh))
-            for k, m in state.masks.items():
-                new[k] = new[k] * m
+        if update_mask:  # global magnitude top-k over the averaged prunable weights
+            names = list(state.masks)
+            state.masks = dict(zip(names, global_topk_masks([new[k] for k in names], density=next_density)))
+        for k, m in state.masks.items():
+            new[k] = new[k] * m
         times["prune"] = time.perf_counter() - t0
         state.weights = new
         state.round = t + 1
