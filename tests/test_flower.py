@@ -1,0 +1,110 @@
+"""Flower integration, in process: the mod inside a real flwr ClientApp and the FedDIP strategy
+driving it for a few rounds through Flower's Message objects (no network)."""
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+import feddip_kernels as fk  # noqa: E402
+from feddip_kernels.flower import (  # noqa: E402
+    FedDIP,
+    decode_arrayrecord,
+    encode_arrayrecord,
+    encoded_size,
+    feddip_mod,
+    is_encoded,
+)
+
+
+def _model(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
+        "fc.weight": rng.standard_normal((10, 400)).astype(np.float32),
+        "fc.bias": rng.standard_normal(10).astype(np.float32),
+    }
+
+
+def _record(arrays):
+    return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
+
+
+def test_arrayrecord_round_trip_and_bad_bytes():
+    rec = _record(_model())
+    enc = encode_arrayrecord(rec)
+    assert is_encoded(enc) and encoded_size(enc) > 0
+    dec, masks = decode_arrayrecord(enc)
+    for k in rec:
+        np.testing.assert_array_equal(dec[k].numpy(), rec[k].numpy())
+    broken = Array(dtype="uint8", shape=(4,), stype="feddip/v1", data=b"FDKW")
+    with pytest.raises(fk.CodecError):
+        decode_arrayrecord(ArrayRecord(array_dict={"feddip": broken}))
+
+
+def _client_app(seen):
+    app = ClientApp(mods=[feddip_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content["arrays"]
+        assert not is_encoded(arrays)  # the mod decoded it
+        seen.append({k: a.numpy().copy() for k, a in arrays.items()})
+        rng = np.random.default_rng(context.node_id)
+        trained = {k: a.numpy() + 0.01 * rng.standard_normal(a.shape).astype(np.float32) for k, a in arrays.items()}
+        content = RecordDict({"arrays": _record(trained), "metrics": MetricRecord({"num-examples": 10 * context.node_id})})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+class _Grid:
+    """The part of flwr's Grid that strategies use to sample nodes."""
+
+    run = None
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+@pytest.fixture
+def task_identity():
+    # Outside a deployment nothing sets the process's task identity, which Message creation reads.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_strategy_and_mod_for_three_rounds(task_identity):
+    rounds = 3
+    strategy = FedDIP(num_rounds=rounds, s0=0.5, sp=0.9, min_available_nodes=2, min_train_nodes=2)
+    seen = []
+    app = _client_app(seen)
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
+    arrays = _record(_model())
+    dense_bytes = arrays.count_bytes()
+    for rnd in range(1, rounds + 1):
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({}), _Grid()))
+        assert len(messages) == 2 and all(is_encoded(m.content["arrays"]) for m in messages)
+        replies = []
+        for m in messages:
+            reply = app(m, contexts[m.metadata.dst_node_id])
+            assert is_encoded(reply.content["arrays"])
+            assert encoded_size(reply.content["arrays"]) < dense_bytes / 1.5
+            replies.append(reply)
+        arrays, metrics = strategy.aggregate_train(rnd, replies)
+        got = {k: a.numpy() for k, a in arrays.items()}
+        prunable = ["conv.weight", "fc.weight"]
+        zeros = sum(int((got[k] == 0).sum()) for k in prunable) / sum(got[k].size for k in prunable)
+        expected = fk.sparsity_schedule(rnd, rounds, 0.5, 0.9)
+        assert zeros == pytest.approx(expected, abs=2e-3)
+        assert np.count_nonzero(got["fc.bias"]) == 10  # biases are never pruned
+    # What the clients received was the pruned global model; the bytes shrink with the sparsity.
+    assert strategy.bytes_down > 0 and strategy.bytes_up > 0
+    assert strategy.bytes_up < 3 * 2 * dense_bytes / 2
