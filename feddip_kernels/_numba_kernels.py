@@ -224,15 +224,7 @@ def _golomb_encode(bits, n, m):
         gap = i - prev
         prev = i + 1
         q, r = gap // m, gap % m
-        # q zeros, a one, then the remainder (see docs/wire-format.md); written bit by bit
-        # through a small accumulator.
-        for _ in range(q):
-            fill += 1
-            if fill == 8:
-                out[at] = acc
-                at += 1
-                acc = 0
-                fill = 0
+        # q zeros, then the code: a one and the remainder (see docs/wire-format.md).
         code, length = 1, 1
         if b > 0:
             if r < cut:
@@ -242,8 +234,9 @@ def _golomb_encode(bits, n, m):
                 v = r + cut
                 code |= ((v >> 1) << 1) | ((v & 1) << b)
                 length += b
-        for k in range(length):
-            acc |= ((code >> k) & 1) << fill
+        for k in range(q + length):
+            if k >= q:
+                acc |= ((code >> (k - q)) & 1) << fill
             fill += 1
             if fill == 8:
                 out[at] = acc
