@@ -3,7 +3,8 @@
 - `encode_arrayrecord` / `decode_arrayrecord`: an ArrayRecord of float arrays <-> an ArrayRecord
   holding one Array of stype "feddip/v1" whose bytes are a feddip_kernels message.
 - `feddip_mod`: a ClientApp mod. Incoming encoded ArrayRecords are decoded before the ClientApp
-  sees them, and the positions received are kept in the context state as the shared mask. Replies
+  sees them, and the positions received for the tensors the strategy lists under the config key
+  "feddip-masked" are kept in the context state as the shared mask. Replies
   are encoded relative to that mask: values only, the reply pruned to the mask (as FedDIP clients
   upload). Messages without encoded records pass through unchanged.
 - `FedDIP`: a Message-API strategy (a FedAvg) that keeps the global mask: ERK masks at density
@@ -27,6 +28,7 @@ from .schedules import sparsity_schedule
 STYPE = "feddip/v1"
 ENCODED_KEY = "feddip"
 _STATE_KEY = "feddip.mask"
+MASKED_KEY = "feddip-masked"  # config entry: names of the tensors pruned by the shared mask
 
 _FLOATS = ("float32", "float64")
 
@@ -83,13 +85,17 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
     the mask received (sparse tensors) or losslessly with positions (dense ones)."""
     received: dict[str, np.ndarray] = {}
     if msg.has_content() and any(is_encoded(r) for r in msg.content.array_records.values()):
+        # Only the tensors the strategy names are masked; zeros elsewhere are just zeros.
+        masked: set[str] = set()
+        for config in msg.content.config_records.values():
+            masked.update(config.get(MASKED_KEY, []))
         # A new RecordDict: the incoming one may be shared (e.g. one object for every node).
         content = RecordDict(dict(msg.content.items()))
         for key, record in msg.content.array_records.items():
             if is_encoded(record):
                 plain, masks = decode_arrayrecord(record)
                 content[key] = plain
-                received.update({k: m for k, m in masks.items() if not m.all()})
+                received.update({k: m for k, m in masks.items() if k in masked})
         msg.content = content
         if received:
             ctxt.state[_STATE_KEY] = _masks_to_record(received)
@@ -156,10 +162,14 @@ class FedDIP(FedAvg):
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
-        return self._configure(super().configure_train(server_round, self._encode(arrays), config, grid))
+        encoded = self._encode(arrays)
+        config[MASKED_KEY] = list(self.masks)
+        return self._configure(super().configure_train(server_round, encoded, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
-        return self._configure(super().configure_evaluate(server_round, self._encode(arrays), config, grid))
+        encoded = self._encode(arrays)
+        config[MASKED_KEY] = list(self.masks)
+        return self._configure(super().configure_evaluate(server_round, encoded, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         replies = list(replies)

@@ -73,19 +73,19 @@ def load_idx_dataset(directory: str) -> tuple[Dataset, Dataset]:
 
 def synthetic_dataset(n_train: int = 6000, n_test: int = 1000, num_classes: int = 10, seed: int = 0) -> tuple[Dataset, Dataset]:
     """A learnable 1x28x28 ten-class set: each class is a smooth random prototype; samples are the
-    prototype shifted by up to 2 pixels, scaled, plus noise. Needs no download."""
+    prototype shifted by up to 1 pixel, scaled, plus noise. Needs no download."""
     rng = np.random.default_rng(seed)
     coarse = rng.standard_normal((num_classes, 7, 7)).astype(np.float32)
     protos = np.kron(coarse, np.ones((4, 4), np.float32))  # 28x28 blocks
 
     def make(n: int) -> Dataset:
         y = rng.integers(0, num_classes, n)
-        shifts = rng.integers(-2, 3, (n, 2))
+        shifts = rng.integers(-1, 2, (n, 2))
         x = np.empty((n, 1, 28, 28), np.float32)
         for i in range(n):
             x[i, 0] = np.roll(protos[y[i]], tuple(shifts[i]), axis=(0, 1))
         x *= rng.uniform(0.7, 1.3, (n, 1, 1, 1)).astype(np.float32)
-        x += rng.normal(0, 1.0, x.shape).astype(np.float32)
+        x += rng.normal(0, 0.3, x.shape).astype(np.float32)
         return Dataset(x, y.astype(np.int64))
 
     return make(n_train), make(n_test)
