@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "common.hpp"
@@ -45,6 +46,60 @@ FEDDIP_VECTOR_CLONES double norm_chunk(const T* w, const std::uint8_t* mask, std
     return static_cast<double>(acc);
 }
 
+template <class T, bool Mask>
+FEDDIP_VECTOR_CLONES T max_abs_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
+    T acc = 0;
+#pragma omp simd reduction(max : acc)
+    for (std::size_t i = 0; i < n; ++i) {
+        const T v = std::abs(Mask ? w[i] * mask_value<T>(mask[i]) : w[i]);
+        acc = v > acc ? v : acc;
+    }
+    return acc;
+}
+
+template <class T, bool Mask>
+FEDDIP_VECTOR_CLONES double scaled_sq_chunk(const T* w, const std::uint8_t* mask, std::size_t n, double s) {
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (std::size_t i = 0; i < n; ++i) {
+        const double v = static_cast<double>(Mask ? w[i] * mask_value<T>(mask[i]) : w[i]) * s;
+        acc += v * v;
+    }
+    return acc;
+}
+
+// Squares below T's smallest normal lose bits or vanish; when a sum of squares is small enough for
+// that to matter, the 2-norm is recomputed from values scaled by a power of two (exact) so that
+// the largest is near 1: two more read passes, taken only for (near-)zero layers.
+template <class T>
+bool sum_sq_unreliable(double sum_sq, std::size_t n) {
+    using L = std::numeric_limits<T>;
+    return sum_sq < static_cast<double>(n) * (static_cast<double>(L::min()) / static_cast<double>(L::epsilon()));
+}
+
+template <class T, bool Mask>
+double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
+    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
+    T mx = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : mx)
+    for (long long c = 0; c < n_chunks; ++c) {
+        const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
+        const T v = max_abs_chunk<T, Mask>(w + b, Mask ? mask + b : nullptr, m);
+        mx = v > mx ? v : mx;
+    }
+    if (!(mx > 0)) return 0.0;
+    using D = std::numeric_limits<double>;
+    const int e = std::min(std::max(std::ilogb(static_cast<double>(mx)), 2 - D::max_exponent), -D::min_exponent);
+    const double s = std::ldexp(1.0, -e);
+    double total = 0.0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
+    for (long long c = 0; c < n_chunks; ++c) {
+        const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
+        total += scaled_sq_chunk<T, Mask>(w + b, Mask ? mask + b : nullptr, m, s);
+    }
+    return std::ldexp(std::sqrt(total), e);
+}
+
 template <class T, bool Mask, int P>
 double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
     const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
@@ -54,19 +109,20 @@ double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
         const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
         total += norm_chunk<T, Mask, P>(w + b, Mask ? mask + b : nullptr, m);
     }
-    return P == 2 ? std::sqrt(total) : total;
+    if (P == 1) return total;
+    return sum_sq_unreliable<T>(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
 }
 
 template <class T, bool Mask, bool Mom, bool Pruned, int P>
 FEDDIP_VECTOR_CLONES double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
-                                       std::size_t n, T lr, T wd, T reg, T mom) {
-    // reg = lam / ||w*m||_2 for P == 2, lam for P == 1.
+                                       std::size_t n, T lr, T wd, T reg, T scale, T mom) {
+    // P == 2: reg * scale = lam / ||w*m||_2, split so that neither factor overflows; P == 1: reg = lam.
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
         const T wi = w[i];
         const T mi = Mask ? mask_value<T>(mask[i]) : T(1);
-        T d = g[i] + wd * wi + reg * mi * (P == 2 ? wi : sign(wi));
+        T d = g[i] + wd * wi + reg * mi * (P == 2 ? wi * scale : sign(wi));
         if (Mom) {
             d = mom * buf[i] + d;
             buf[i] = d;
@@ -84,9 +140,20 @@ template <class T, bool Mask, bool Mom, bool Pruned, int P>
 double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
                  const EFStepParams& prm, double norm, int nt) {
     if (norm < 0) norm = norm_impl<T, Mask, P>(w, mask, n, nt);
-    double reg = prm.lam;
-    if (P == 2) reg = norm > 0 ? prm.lam / norm : 0.0;
-    const T lr = T(prm.lr), wd = T(prm.weight_decay), r = T(reg), mom = T(prm.momentum);
+    // lam / norm can overflow T for a tiny norm although each term lam * w_i / norm is at most lam:
+    // w_i is scaled by a power of two (exact, kept within T's normal range) and lam divided by the
+    // norm scaled alike. A zero or non-finite norm gives no regulariser term.
+    double reg = prm.lam, scale = 1.0;
+    if (P == 2) {
+        reg = 0.0;
+        if (norm > 0 && std::isfinite(norm)) {
+            using L = std::numeric_limits<T>;
+            const int e = std::min(std::max(-std::ilogb(norm), L::min_exponent), L::max_exponent - 2);
+            scale = std::ldexp(1.0, e);
+            reg = prm.lam / (norm * scale);
+        }
+    }
+    const T lr = T(prm.lr), wd = T(prm.weight_decay), r = T(reg), sc = T(scale), mom = T(prm.momentum);
     const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
     double total = 0.0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
@@ -94,7 +161,7 @@ double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, 
         const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
         total += step_chunk<T, Mask, Mom, Pruned, P>(w + b, g + b, Mask ? mask + b : nullptr,
                                                      Mom ? buf + b : nullptr, Pruned ? pruned + b : nullptr,
-                                                     m, lr, wd, r, mom);
+                                                     m, lr, wd, r, sc, mom);
     }
     return P == 2 ? std::sqrt(total) : total;
 }

@@ -20,7 +20,8 @@ struct EFStepParams {
 //   w  -= lr * d
 //   pruned = w * m                               (when pruned is given)
 // g is the gradient taken at the pruned point w*m and is applied to the dense w (error feedback).
-// For p = 2 the regulariser gradient is m*w / ||w*m||_2 (zero when the norm is zero); for p = 1 it
+// For p = 2 the regulariser gradient is m*w / ||w*m||_2 (zero when the norm is zero or not finite;
+// formed without overflow for subnormal norms); for p = 1 it
 // is m*sign(w). `mask` may be null (all ones). `norm` is ||w*m||_p before the step; pass a
 // negative value to have it computed by an extra read pass. Returns ||w*m||_p after the step,
 // which the caller can feed to the next step to keep it one pass.
@@ -28,7 +29,8 @@ template <class T>
 double masked_ef_step(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
                       const EFStepParams& params, double norm, int n_threads = 0);
 
-// ||w * m||_p (p = 1 or 2) with a double accumulator; mask may be null.
+// ||w * m||_p (p = 1 or 2) with a double accumulator; mask may be null. For p = 2, a sum of squares
+// small enough to have lost underflowed terms is recomputed from rescaled values.
 template <class T>
 double masked_norm(const T* w, const std::uint8_t* mask, std::size_t n, int p, int n_threads = 0);
 

@@ -143,22 +143,25 @@ def unpack_bits(bits, n):
     return out
 
 
+_TINY_OVER_EPS = float(np.finfo(np.float64).tiny / np.finfo(np.float64).eps)
+
+
 @nb.njit(cache=True, nogil=True)
 def _norm(w, mask, has_mask, p):
     acc = 0.0
     for i in range(w.size):
-        v = w[i] * mask[i] if has_mask else w[i]
+        v = np.float64(w[i] * mask[i] if has_mask else w[i])
         acc += v * v if p == 2 else abs(v)
     return math.sqrt(acc) if p == 2 else acc
 
 
 @nb.njit(cache=True, nogil=True)
-def _ef_step(w, g, mask, has_mask, buf, has_buf, pruned, has_pruned, lr, wd, reg, mom, p):
+def _ef_step(w, g, mask, has_mask, buf, has_buf, pruned, has_pruned, lr, wd, reg, scale, mom, p):
     acc = 0.0
     for i in range(w.size):
         wi = w[i]
         mi = w.dtype.type(mask[i]) if has_mask else w.dtype.type(1)
-        r = wi if p == 2 else np.sign(wi)
+        r = wi * scale if p == 2 else np.sign(wi)
         d = g[i] + wd * wi + reg * mi * r
         if has_buf:
             d = mom * buf[i] + d
@@ -168,13 +171,45 @@ def _ef_step(w, g, mask, has_mask, buf, has_buf, pruned, has_pruned, lr, wd, reg
         v = wn * mi
         if has_pruned:
             pruned[i] = v
-        acc += v * v if p == 2 else abs(v)
+        v64 = np.float64(v)
+        acc += v64 * v64 if p == 2 else abs(v64)
     return math.sqrt(acc) if p == 2 else acc
+
+
+@nb.njit(cache=True, nogil=True)
+def _norm2_scaled(w, mask, has_mask):
+    top = 0.0
+    for i in range(w.size):
+        v = abs(np.float64(w[i] * mask[i] if has_mask else w[i]))
+        top = max(top, v)
+    if top == 0.0:
+        return 0.0
+    acc = 0.0
+    for i in range(w.size):
+        v = np.float64(w[i] * mask[i] if has_mask else w[i]) / top
+        acc += v * v
+    return top * math.sqrt(acc)
 
 
 def masked_norm(w: np.ndarray, mask, p: int) -> float:
     m = mask.reshape(-1) if mask is not None else np.ones(1, np.bool_)
-    return float(_norm(w.reshape(-1), m, mask is not None, p))
+    out = float(_norm(w.reshape(-1), m, mask is not None, p))
+    # Squares of tiny float64 values underflow; rescale as the other backends do.
+    if p == 2 and out * out < w.size * _TINY_OVER_EPS:
+        out = float(_norm2_scaled(w.reshape(-1), m, mask is not None))
+    return out
+
+
+def _regulariser_factors(lam: float, norm: float, p: int, dtype: np.dtype) -> tuple[float, float]:
+    """(reg, scale) with reg * scale = lam / norm for p = 2, neither overflowing dtype (as csrc/ef_step.cpp)."""
+    if p == 1:
+        return lam, 1.0
+    if not (0 < norm < math.inf):
+        return 0.0, 1.0
+    info = np.finfo(dtype)
+    e = min(max(1 - math.frexp(norm)[1], info.minexp + 1), info.maxexp - 2)
+    scale = math.ldexp(1.0, e)
+    return lam / (norm * scale), scale
 
 
 def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_buffer, pruned_out, norm) -> float:
@@ -184,13 +219,13 @@ def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_b
     m = mask.reshape(-1) if mask is not None else np.ones(1, np.bool_)
     if norm is None:
         norm = masked_norm(w, mask, p)
-    reg = (lam / norm if norm > 0 else 0.0) if p == 2 else lam
+    reg, scale = _regulariser_factors(lam, norm, p, w.dtype)
     return float(
         _ef_step(
             flat, g.reshape(-1), m, mask is not None,
             momentum_buffer.reshape(-1) if momentum_buffer is not None else dummy, momentum_buffer is not None,
             pruned_out.reshape(-1) if pruned_out is not None else dummy, pruned_out is not None,
-            dt(lr), dt(weight_decay), dt(reg), dt(momentum), p,
+            dt(lr), dt(weight_decay), dt(reg), dt(scale), dt(momentum), p,
         )
     )
 

@@ -59,7 +59,12 @@ def masked_norm(w: np.ndarray, mask: np.ndarray | None, p: int) -> float:
     v = w.astype(np.float64).ravel()
     if mask is not None:
         v = v * mask.ravel()
-    return float(np.sqrt(np.sum(v * v)) if p == 2 else np.sum(np.abs(v)))
+    if p == 1:
+        return float(np.sum(np.abs(v)))
+    top = float(np.max(np.abs(v), initial=0.0))
+    if not 0 < top < np.inf:  # zero, inf or NaN: no scaling to do
+        return float(np.sqrt(np.sum(v * v)))
+    return top * float(np.sqrt(np.sum((v / top) ** 2)))  # scaled: no squares underflow
 
 
 def masked_ef_step(
@@ -82,7 +87,8 @@ def masked_ef_step(
     if norm is None:
         norm = masked_norm(w, mask, p)
     if p == 2:
-        reg = (dt(lam / norm) if norm > 0 else dt(0)) * m * w
+        # lam * w / norm in double: each term is at most lam even where lam / norm overflows dtype.
+        reg = (lam * (m * w).astype(np.float64) / norm if 0 < norm < np.inf else 0 * w).astype(w.dtype)
     else:
         reg = dt(lam) * m * np.sign(w)
     d = g.reshape(w.shape) + dt(weight_decay) * w + reg

@@ -35,7 +35,9 @@ def masked_ef_step(
 
     `g` is the gradient computed at the pruned point w * m; it is applied to the dense `w` (error
     feedback). The regulariser is the non-squared p-norm of the masked layer (p = 1 or 2): its
-    gradient is m * w / ||w * m||_2 (zero for a zero norm) or m * sign(w). `mask` None means dense.
+    gradient is m * w / ||w * m||_2 (zero for a zero or non-finite norm) or m * sign(w); each of
+    its terms stays within lam even for subnormal weights, where lam / norm alone would overflow.
+    `mask` None means dense. NaN or inf in w, g or the buffer propagate into w (not checked here).
     Momentum follows torch.optim.SGD (no dampening, no Nesterov); start from a zero buffer.
 
     `norm` is ||w * m||_p before the step; when None it is computed with an extra read pass. The
@@ -75,7 +77,8 @@ def masked_ef_step(
 
 
 def masked_norm(w: Any, mask: Any = None, *, p: int = 2, backend: str = "auto") -> float:
-    """||w * m||_p (p = 1 or 2), accumulated in double."""
+    """||w * m||_p (p = 1 or 2), accumulated in double; for p = 2 values are rescaled by a power of
+    two when their squares would underflow, so subnormal layers get their exact norm, not 0."""
     wa = np.ascontiguousarray(as_array(w, "w"))
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")

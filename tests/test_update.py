@@ -79,6 +79,24 @@ def test_returned_norm_is_the_next_steps_norm(backend):
     assert out1 == pytest.approx(np.abs(w * m).sum(), rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tiny", [1e-45, 1e-30, 1e-20, 1e-310])
+def test_tiny_norms_are_exact_and_the_regulariser_bounded(backend, dtype, tiny):
+    # Squares of such values underflow and lam / norm overflows the dtype; the norm must still be
+    # exact and each regulariser term lam * w_i / norm at most lam (CI once found 1e-45 -> NaN).
+    w0 = np.array([tiny, -tiny, 0.0, tiny], dtype=dtype)
+    if not w0[0]:
+        pytest.skip(f"{tiny} is zero in {np.dtype(dtype).name}")
+    norm = fk.masked_norm(w0, backend=backend)
+    assert norm == pytest.approx(float(w0[0]) * np.sqrt(3), rel=1e-6)
+    assert norm == pytest.approx(reference.masked_norm(w0, None, 2), rel=1e-6)
+    for lr in (0.0, 0.1):
+        w = w0.copy()
+        fk.masked_ef_step(w, np.zeros_like(w), None, lr=lr, lam=0.5, backend=backend)
+        expected = w0.astype(np.float64) - lr * 0.5 * np.sign(w0) / np.sqrt(3)
+        np.testing.assert_allclose(w, expected, rtol=1e-5, atol=float(w0[0]) * 1e-3)
+
+
 def test_zero_norm_gives_zero_regulariser(backend):
     w = np.zeros(10, np.float32)
     g = np.ones(10, np.float32)
