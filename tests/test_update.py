@@ -70,6 +70,27 @@ def test_large_multithreaded_matches_reference(backend):
     assert fk.masked_norm(w, mask, backend=backend) == pytest.approx(out, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_unaligned_outputs(backend, offset, dtype):
+    # Arrays that start off a 16-byte boundary: the kernels' aligned (streaming) stores must not be
+    # used on them blindly.
+    rng = np.random.default_rng(offset)
+    n = 5000
+    store = np.zeros((4, n + offset), dtype=dtype)
+    w, buf, pr = (store[i, offset:] for i in range(3))
+    w[...] = rng.standard_normal(n)
+    g, mask = rng.standard_normal(n).astype(dtype), rng.random(n) < 0.3
+    kw = dict(lr=0.05, weight_decay=5e-4, lam=0.01, p=1 + offset % 2, momentum=0.9)
+    w_ref, buf_ref, pr_ref = w.copy(), buf.copy(), np.empty_like(w)
+    reference.masked_ef_step(w_ref, g, mask, momentum_buffer=buf_ref, pruned_out=pr_ref, norm=None, **kw)
+    fk.masked_ef_step(w, g, mask, momentum_buffer=buf, pruned_out=pr, backend=backend, **kw)
+    np.testing.assert_allclose(w, w_ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(pr, pr_ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(buf, buf_ref, rtol=2e-5, atol=2e-6)
+    assert not store[3].any()  # nothing written past the end
+
+
 def test_returned_norm_is_the_next_steps_norm(backend):
     rng = np.random.default_rng(0)
     w, g, m = rng.standard_normal(1000), rng.standard_normal(1000), rng.random(1000) < 0.5
