@@ -36,6 +36,26 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+VALUE_CODECS = ("raw", "fp16", "bf16", "int8")
+
+
+def _values_per_algorithm(spec: str, algorithms: list[str]) -> dict[str, str]:
+    """'fp16' for every algorithm, or 'feddip=fp16,fedavg=raw' (unnamed algorithms: raw)."""
+    if "=" not in spec:
+        if spec not in VALUE_CODECS:
+            raise SystemExit(f"--values: {spec!r} is not one of {', '.join(VALUE_CODECS)}")
+        return {alg: spec for alg in algorithms}
+    out = {alg: "raw" for alg in algorithms}
+    for item in spec.split(","):
+        alg, _, codec = item.partition("=")
+        if alg not in algorithms:
+            raise SystemExit(f"--values: {alg!r} is not among the algorithms run ({', '.join(algorithms)})")
+        if codec not in VALUE_CODECS:
+            raise SystemExit(f"--values: {codec!r} is not one of {', '.join(VALUE_CODECS)}")
+        out[alg] = codec
+    return out
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -60,6 +80,7 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         parts = dirichlet_partition(train.y, args.clients, args.alpha, seed=args.seed)
     algorithms = ["feddip", "feddp", "fedavg"] if args.algorithm == "all" else args.algorithm.split(",")
+    values = _values_per_algorithm(args.values, algorithms)
     os.makedirs(args.out, exist_ok=True)
     results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "runs": {}}
     for alg in algorithms:
@@ -68,7 +89,7 @@ def _simulate(args: argparse.Namespace) -> int:
             rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
             lr_decay=args.lr_decay, momentum=args.momentum, weight_decay=args.weight_decay, s0=args.s0,
             sp=args.sp, prune_rounds=args.prune_rounds, mask_every=args.mask_every, lambda_max=args.lambda_max,
-            values=args.values, seed=args.seed,
+            values=values[alg], seed=args.seed,
         )
         bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None
 
@@ -148,7 +169,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--prune-rounds", type=int, default=10, help="rounds to reach the target sparsity")
     p.add_argument("--mask-every", type=int, default=2, help="R: rounds between mask updates")
     p.add_argument("--lambda-max", type=float, default=1e-3)
-    p.add_argument("--values", default="raw", choices=["raw", "fp16", "bf16", "int8"])
+    p.add_argument(
+        "--values", default="raw",
+        help="value codec of every transfer: raw (lossless fp32), fp16, bf16 or int8; or per algorithm, "
+             "e.g. feddip=fp16,fedavg=raw (algorithms not named send raw)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="directory for results.json, results.png, checkpoints")
     p.add_argument("--checkpoint", action="store_true", help="checkpoint the server state every round")

@@ -135,6 +135,18 @@ def test_cli_writes_json_and_plot(tmp_path):
     assert (out / "feddip.ckpt").exists()
 
 
+def test_cli_values_per_algorithm(tmp_path):
+    out = tmp_path / "run"
+    args = ["simulate", "--algorithm", "feddip,fedavg", "--clients", "2", "--rounds", "1", "--synthetic-train", "200",
+            "--synthetic-test", "50", "--out", str(out), "--quiet"]
+    assert main(args + ["--values", "feddip=fp16"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert runs["feddip"]["config"]["values"] == "fp16" and runs["fedavg"]["config"]["values"] == "raw"
+    for bad in ("fp8", "feddp=fp16", "feddip=half"):
+        with pytest.raises(SystemExit, match="--values"):
+            main(args + ["--values", bad])
+
+
 @pytest.mark.skipif(not os.path.isdir(MNIST), reason="MNIST not found at ../shared/data/mnist")
 def test_mnist_loads_and_trains():
     train, test = load_idx_dataset(MNIST)
