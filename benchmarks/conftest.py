@@ -44,14 +44,17 @@ _ROWS: list[Row] = []
 
 @pytest.fixture
 def record(benchmark):
-    """record(fn, *args, group=..., name=..., dense_bytes=..., baseline=False, **extra): benchmark fn
-    and remember its median for the summary table; returns fn's result."""
+    """record(fn, *args, group=..., name=..., dense_bytes=..., baseline=False, ratios_of=None, **extra):
+    benchmark fn and remember its median for the summary table; `ratios_of()`, called after the
+    timing, adds metrics derived from it to extra. Returns fn's result."""
 
-    def run(fn, *args, group: str, name: str, dense_bytes: int, baseline: bool = False, **extra):
+    def run(fn, *args, group: str, name: str, dense_bytes: int, baseline: bool = False, ratios_of=None, **extra):
         benchmark.group = group
         benchmark.name = name
-        benchmark.extra_info.update(extra, dense_bytes=dense_bytes, baseline=baseline)
         result = benchmark(fn, *args)
+        if ratios_of is not None:  # metrics computed from the timed calls themselves
+            extra.update(ratios_of())
+        benchmark.extra_info.update(extra, dense_bytes=dense_bytes, baseline=baseline)
         stats = getattr(benchmark, "stats", None)
         median = stats.stats.median if stats is not None else None
         if median:

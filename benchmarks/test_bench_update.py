@@ -3,7 +3,10 @@ weight decay 5e-4, lambda = 1e-3 (p = 2), 10% density mask, pruned copy refreshe
 
 Baseline: torch.optim.SGD(fused=True), which does less (no mask, no regulariser, no pruned copy).
 Also timed: the eager masked step in torch (regulariser gradient, SGD on the dense weights, then the
-pruned copy w * m), i.e. what FedDIP client code runs without our kernel."""
+pruned copy w * m), i.e. what FedDIP client code runs without our kernel. The last benchmark runs
+the three alternately, so that the ratios come from back-to-back pairs on the same machine state."""
+
+import time
 
 import numpy as np
 import pytest
@@ -25,9 +28,9 @@ def setup():
     return ws, gs, masks, sum(w.size for w in ws)
 
 
-@pytest.mark.parametrize("backend", ["native", "numba"])
-def test_fused_step(record, setup, backend):
-    ws, gs, masks, n = setup
+def fused_step(setup, backend):
+    """Our kernel on private copies of the weights; returns the step function."""
+    ws, gs, masks, _ = setup
     ws = [w.copy() for w in ws]
     bufs = [np.zeros_like(w) for w in ws]
     pruned = [np.empty_like(w) for w in ws]
@@ -39,32 +42,25 @@ def test_fused_step(record, setup, backend):
                                          momentum_buffer=bufs[i], pruned_out=pruned[i], norm=norms[i], backend=backend)
 
     step()  # warm-up (numba compiles here)
-    record(step, group=GROUP, name=f"masked_ef_step[{backend}]", dense_bytes=4 * n)
+    return step
 
 
 def _torch_params(setup):
     torch = pytest.importorskip("torch")
-    ws, gs, masks, n = setup
+    ws, gs, masks, _ = setup
     params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in ws]
     for p, g in zip(params, gs):
         p.grad = torch.from_numpy(g)
-    return torch, params, [torch.from_numpy(m) for m in masks], n
+    return torch, params, [torch.from_numpy(m) for m in masks]
 
 
-def test_torch_sgd_fused(record, setup):
-    torch, params, _, n = _torch_params(setup)
-    opt = torch.optim.SGD(params, lr=LR, momentum=MOM, weight_decay=WD, fused=True)
-    record(opt.step, group=GROUP, name="torch SGD(fused=True)", dense_bytes=4 * n, baseline=True)
+def torch_sgd_step(setup, fused):
+    torch, params, _ = _torch_params(setup)
+    return torch.optim.SGD(params, lr=LR, momentum=MOM, weight_decay=WD, fused=fused).step
 
 
-def test_torch_sgd_foreach(record, setup):
-    torch, params, _, n = _torch_params(setup)
-    opt = torch.optim.SGD(params, lr=LR, momentum=MOM, weight_decay=WD)
-    record(opt.step, group=GROUP, name="torch SGD (default, foreach)", dense_bytes=4 * n)
-
-
-def test_torch_eager_masked_step(record, setup):
-    torch, params, masks, n = _torch_params(setup)
+def torch_eager_step(setup):
+    torch, params, masks = _torch_params(setup)
     grads = [p.grad for p in params]
     opt = torch.optim.SGD(params, lr=LR, momentum=MOM, weight_decay=WD)
     pruned = [torch.empty_like(p) for p in params]
@@ -78,4 +74,44 @@ def test_torch_eager_masked_step(record, setup):
         for p, m, out in zip(params, masks, pruned):
             torch.mul(p, m, out=out)
 
-    record(step, group=GROUP, name="torch eager masked step", dense_bytes=4 * n)
+    return step
+
+
+@pytest.mark.parametrize("backend", ["native", "numba"])
+def test_fused_step(record, setup, backend):
+    record(fused_step(setup, backend), group=GROUP, name=f"masked_ef_step[{backend}]", dense_bytes=4 * setup[3])
+
+
+def test_torch_sgd_fused(record, setup):
+    record(torch_sgd_step(setup, True), group=GROUP, name="torch SGD(fused=True)", dense_bytes=4 * setup[3],
+           baseline=True)
+
+
+def test_torch_sgd_foreach(record, setup):
+    record(torch_sgd_step(setup, False), group=GROUP, name="torch SGD (default, foreach)", dense_bytes=4 * setup[3])
+
+
+def test_torch_eager_masked_step(record, setup):
+    record(torch_eager_step(setup), group=GROUP, name="torch eager masked step", dense_bytes=4 * setup[3])
+
+
+def test_interleaved_ratios(record, setup):
+    """One round = native step, fused SGD, eager masked step, back to back; the recorded ratios are
+    medians over rounds of the per-round ratios, which a slow spell of the machine cannot skew."""
+    steps = {"native": fused_step(setup, "native"), "fused": torch_sgd_step(setup, True),
+             "eager": torch_eager_step(setup)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+
+    def round_():
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    def ratios() -> dict[str, float]:
+        nat, fus, eag = (np.array(times[k]) for k in ("native", "fused", "eager"))
+        return {"native_over_fused": float(np.median(nat / fus)), "eager_over_native": float(np.median(eag / nat))}
+
+    # Pass the ratios through extra_info (and so --benchmark-json) and the summary table.
+    record(round_, group=GROUP + " interleaved", name="native + fused SGD + eager, one round", dense_bytes=12 * setup[3],
+           ratios_of=ratios)
