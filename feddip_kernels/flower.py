@@ -6,7 +6,8 @@
   sees them, and the positions received for the tensors the strategy lists under the config key
   "feddip-masked" are kept in the context state as the shared mask. Replies
   are encoded relative to that mask: values only, the reply pruned to the mask (as FedDIP clients
-  upload). Messages without encoded records pass through unchanged.
+  upload), with the value codec named under "feddip-values" (raw when absent). Messages without
+  encoded records pass through unchanged.
 - `FedDIP`: a Message-API strategy (a FedAvg) that keeps the global mask: ERK masks at density
   1 - s0 in round 1, global magnitude top-k every `mask_every` rounds on the cubic sparsity
   schedule, the mask applied to the aggregate, and every model it sends encoded. It counts the
@@ -29,6 +30,7 @@ STYPE = "feddip/v1"
 ENCODED_KEY = "feddip"
 _STATE_KEY = "feddip.mask"
 MASKED_KEY = "feddip-masked"  # config entry: names of the tensors pruned by the shared mask
+VALUES_KEY = "feddip-values"  # config entry: value codec for the replies (raw, fp16, bf16, int8)
 
 _FLOATS = ("float32", "float64")
 
@@ -84,11 +86,13 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
     """ClientApp mod: decode incoming feddip records, encode the reply's ArrayRecords relative to
     the mask received (sparse tensors) or losslessly with positions (dense ones)."""
     received: dict[str, np.ndarray] = {}
+    values = "raw"
     if msg.has_content() and any(is_encoded(r) for r in msg.content.array_records.values()):
         # Only the tensors the strategy names are masked; zeros elsewhere are just zeros.
         masked: set[str] = set()
         for config in msg.content.config_records.values():
             masked.update(config.get(MASKED_KEY, []))
+            values = str(config.get(VALUES_KEY, values))
         # A new RecordDict: the incoming one may be shared (e.g. one object for every node).
         content = RecordDict(dict(msg.content.items()))
         for key, record in msg.content.array_records.items():
@@ -107,14 +111,15 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
         if not is_encoded(record):
             names = set(record.keys())
             masks = {k: m for k, m in shared.items() if k in names}
-            reply.content[key] = encode_arrayrecord(record, masks=masks or None, reference=masks or None)
+            reply.content[key] = encode_arrayrecord(record, masks=masks or None, reference=masks or None, values=values)
     return reply
 
 
 class FedDIP(FedAvg):
     """FedAvg with FedDIP's server side: global mask, cubic sparsity schedule, top-k mask updates,
     encoded transfers. `prunable(name, array)` selects the pruned tensors (default: arrays with
-    two or more dimensions, i.e. conv and linear weights)."""
+    two or more dimensions, i.e. conv and linear weights). `values` is the value codec both ways:
+    of the models sent, and, through the config, of the replies feddip_mod encodes."""
 
     def __init__(
         self,
@@ -163,12 +168,12 @@ class FedDIP(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
         encoded = self._encode(arrays)
-        config[MASKED_KEY] = list(self.masks)
+        config[MASKED_KEY], config[VALUES_KEY] = list(self.masks), self.values
         return self._configure(super().configure_train(server_round, encoded, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
         encoded = self._encode(arrays)
-        config[MASKED_KEY] = list(self.masks)
+        config[MASKED_KEY], config[VALUES_KEY] = list(self.masks), self.values
         return self._configure(super().configure_evaluate(server_round, encoded, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:

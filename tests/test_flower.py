@@ -81,9 +81,10 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def test_strategy_and_mod_for_three_rounds(task_identity):
+@pytest.mark.parametrize("values", ["raw", "fp16"])
+def test_strategy_and_mod_for_three_rounds(task_identity, values):
     rounds = 3
-    strategy = FedDIP(num_rounds=rounds, s0=0.5, sp=0.9, min_available_nodes=2, min_train_nodes=2)
+    strategy = FedDIP(num_rounds=rounds, s0=0.5, sp=0.9, values=values, min_available_nodes=2, min_train_nodes=2)
     seen = []
     app = _client_app(seen)
     contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
@@ -97,6 +98,12 @@ def test_strategy_and_mod_for_three_rounds(task_identity):
             reply = app(m, contexts[m.metadata.dst_node_id])
             assert is_encoded(reply.content["arrays"])
             assert encoded_size(reply.content["arrays"]) < dense_bytes / 1.5
+            # The reply carries values in the codec the strategy asked for: fp16 values are exactly
+            # representable in half precision, raw (trained) ones are not.
+            sent = decode_arrayrecord(reply.content["arrays"], reference=strategy.masks)[0]
+            in_half = all(np.array_equal(a.numpy(), a.numpy().astype(np.float16).astype(np.float32))
+                          for a in sent.values())
+            assert in_half == (values == "fp16")
             replies.append(reply)
         arrays, metrics = strategy.aggregate_train(rnd, replies)
         got = {k: a.numpy() for k, a in arrays.items()}
