@@ -61,6 +61,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from .fl.simulation import ALGORITHMS
     from .fl import SimulationConfig, dirichlet_partition, iid_partition, load_idx_dataset, run_simulation, synthetic_dataset
     from .fl.report import plot_histories
 
@@ -79,7 +80,7 @@ def _simulate(args: argparse.Namespace) -> int:
         parts = iid_partition(len(train), args.clients, seed=args.seed)
     else:
         parts = dirichlet_partition(train.y, args.clients, args.alpha, seed=args.seed)
-    algorithms = ["feddip", "feddp", "fedavg"] if args.algorithm == "all" else args.algorithm.split(",")
+    algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     values = _values_per_algorithm(args.values, algorithms)
     os.makedirs(args.out, exist_ok=True)
     results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "runs": {}}
@@ -148,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.set_defaults(fn=_prune)
 
     p = sub.add_parser("simulate", help="run a federated-learning simulation (needs the [fl] extra)")
-    p.add_argument("--algorithm", default="all", help="feddip, feddp, fedavg, a comma list, or all")
+    p.add_argument("--algorithm", default="all",
+                   help="feddip, feddp (no regulariser), feddip-noef (no error feedback), fedavg, a comma list, or all")
     p.add_argument("--data", default="synthetic", help="directory of MNIST-style IDX files, or 'synthetic'")
     p.add_argument("--synthetic-train", type=int, default=20000)
     p.add_argument("--synthetic-test", type=int, default=1000)

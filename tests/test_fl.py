@@ -20,6 +20,7 @@ from feddip_kernels.fl import (  # noqa: E402
     synthetic_dataset,
 )
 from feddip_kernels.fl.data import read_idx  # noqa: E402
+from feddip_kernels.fl.simulation import _initial_state, _train_client  # noqa: E402
 
 MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
@@ -80,7 +81,7 @@ def _strip_times(history):
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in history]
 
 
-@pytest.mark.parametrize("alg", ["feddip", "feddp", "fedavg"])
+@pytest.mark.parametrize("alg", ["feddip", "feddp", "feddip-noef", "fedavg"])
 def test_simulation_runs_and_is_deterministic(alg):
     cfg, train, test, parts = _tiny(alg)
     a = run_simulation(cfg, train, test, parts)
@@ -97,6 +98,21 @@ def test_simulation_runs_and_is_deterministic(alg):
         assert sp == sorted(sp) and sp[-1] == pytest.approx(0.9, abs=1e-3)
         for k, m in a.masks.items():
             assert not a.weights[k][~m].any()
+
+
+@pytest.mark.parametrize("alg", ["feddip", "feddip-noef"])
+def test_error_feedback_ablation(alg):
+    # With error feedback the client's dense weights move outside the mask (so they can regrow at
+    # the next mask update); without it they stay zero and masks only ever shrink.
+    cfg, train, test, parts = _tiny(alg, rounds=3, mask_every=1)
+    model = make_model(cfg.model, train.x.shape[1], train.num_classes)
+    state = _initial_state(cfg, model)
+    dense = _train_client(cfg, model, state.weights, state.masks, train, 1, 0)
+    outside = sum(int(np.count_nonzero(dense[k][~m])) for k, m in state.masks.items())
+    assert (outside > 0) == (alg == "feddip")
+    final = run_simulation(cfg, train, test, parts).masks
+    if alg == "feddip-noef":
+        assert all(not (final[k] & ~state.masks[k]).any() for k in final)
 
 
 def test_sparse_transfers_are_smaller_than_dense():

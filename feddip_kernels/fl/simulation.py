@@ -21,12 +21,15 @@ from ..torch import FedDIPSGD
 from .data import Dataset
 from .models import make_model, prunable_parameters
 
-ALGORITHMS = ("feddip", "feddp", "fedavg")
+ALGORITHMS = ("feddip", "feddp", "feddip-noef", "fedavg")
+_REGULARISED = ("feddip", "feddip-noef")
 
 
 @dataclass
 class SimulationConfig:
-    algorithm: str = "feddip"  # feddip | feddp (no regulariser) | fedavg (dense)
+    # feddip | feddp (no regulariser) | feddip-noef (no error feedback: the gradient only updates
+    # weights under the mask, so pruned weights stay zero and cannot regrow) | fedavg (dense)
+    algorithm: str = "feddip"
     model: str = "lenet5"
     clients: int = 20
     clients_per_round: Optional[int] = None  # None: all clients every round
@@ -121,18 +124,20 @@ def _train_client(
     cfg: SimulationConfig, model: nn.Module, weights: dict[str, np.ndarray], masks: dict[str, np.ndarray],
     data: Dataset, t: int, client: int,
 ) -> dict[str, np.ndarray]:
-    """Local training in place on `model`: error feedback with the global mask (FedDIP/FedDP), plain
-    SGD for FedAvg, both through FedDIPSGD's fused kernel. Returns the client's dense weights of
+    """Local training in place on `model`: error feedback with the global mask (FedDIP/FedDP), or
+    masked SGD without it (feddip-noef), plain SGD for FedAvg, all through FedDIPSGD's fused kernel. Returns the client's dense weights of
     the masked tensors (the parameters themselves hold them pruned)."""
     torch.manual_seed(_seed(cfg.seed, 2, t, client))
     _load(model, weights)
     model.train()
-    lam = lambda_schedule(t, cfg.horizon, cfg.lambda_max, cfg.lambda_segments) if cfg.algorithm == "feddip" else 0.0
+    lam = lambda_schedule(t, cfg.horizon, cfg.lambda_max, cfg.lambda_segments) if cfg.algorithm in _REGULARISED else 0.0
     opt = FedDIPSGD(model.parameters(), lr=cfg.lr * cfg.lr_decay**t, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay, lam=lam)
     params = dict(model.named_parameters())
+    mask_tensors = {params[k]: torch.from_numpy(m) for k, m in masks.items()}
     if masks:
-        opt.set_masks({params[k]: torch.from_numpy(m) for k, m in masks.items()})
+        opt.set_masks(mask_tensors)
+    no_feedback = cfg.algorithm == "feddip-noef"
     rng = np.random.default_rng(_seed(cfg.seed, 3, t, client))
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     for _ in range(cfg.local_epochs):
@@ -142,6 +147,10 @@ def _train_client(
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+            if no_feedback:  # ablation: drop what error feedback keeps outside the mask
+                with torch.no_grad():
+                    for prm, m in mask_tensors.items():
+                        opt.dense(prm).mul_(m)
     return {k: opt.dense(params[k]).numpy().copy() for k in masks}
 
 
