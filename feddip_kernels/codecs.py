@@ -92,6 +92,13 @@ def _value_size(codec: int, dtype: np.dtype) -> int:
 
 
 def _decode_values(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
+    # Whatever the bytes say is decoded as such: signalling NaNs and int8 products beyond the
+    # float range become NaN / inf without floating-point warnings.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _decode_values_as_sent(raw, codec, nnz, dtype, scale)
+
+
+def _decode_values_as_sent(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
     if codec == 0:
         return np.frombuffer(raw, dtype=dtype, count=nnz).astype(dtype.newbyteorder("="), copy=False)
     if codec == 1:
@@ -268,7 +275,10 @@ def encode_model(
         nnz = vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
-            ref = flat_mask(reference[name], n, f"reference[{name!r}]")
+            try:
+                ref = flat_mask(reference[name], n, f"reference[{name!r}]")
+            except ValueError as e:  # the message's shape and the caller's mask disagree
+                raise CodecError(f"{name!r}: {e}") from None
             keep = np.unpackbits(bits, count=n, bitorder="little").view(bool)
             if not (keep & ~ref).any():  # a subset of the reference: code relative to it
                 domain, d, csr_shape = DOMAIN_REFERENCE, int(ref.sum()), None
@@ -378,7 +388,10 @@ def decode_model(
         if domain == DOMAIN_REFERENCE:
             if reference is None or name not in reference:
                 raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
-            ref = flat_mask(reference[name], n, f"reference[{name!r}]")
+            try:
+                ref = flat_mask(reference[name], n, f"reference[{name!r}]")
+            except ValueError as e:  # the message's shape and the caller's mask disagree
+                raise CodecError(f"{name!r}: {e}") from None
             if int(ref.sum()) != d:
                 raise CodecError(f"{name!r}: the reference mask has {int(ref.sum())} positions, the sender's had {d}")
             full = np.zeros(n, dtype=bool)

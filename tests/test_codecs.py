@@ -151,13 +151,23 @@ def test_codec_class_config_and_out():
 # ----------------------------------------------------------------- untrusted input
 
 
-def _sample_message():
+def _sample_messages() -> list[tuple[bytes, dict | None]]:
+    """(message, reference mask) pairs of every kind: positions in the tensor or relative to a shared
+    mask (values only, or a subset of it), every value codec, empty and 0-d tensors."""
     rng = np.random.default_rng(6)
-    w = {f"t{i}": rng.standard_normal(s).astype(np.float32) * (rng.random(s) < 0.1) for i, s in enumerate([(20, 30), (100,), (3, 4, 5)])}
-    return [fk.encode_model(w, positions=p) for p in ["bitmask", "csr", "golomb", "auto"]]
+    shapes = [(20, 30), (100,), (3, 4, 5), (0,), ()]
+    w = {f"t{i}": rng.standard_normal(s).astype(np.float32) * (rng.random(s) < 0.1) for i, s in enumerate(shapes)}
+    w["d"] = rng.standard_normal((6, 7))
+    shared = {k: rng.random(v.shape) < 0.3 for k, v in w.items()}
+    subset = {k: m & (rng.random(m.shape) < 0.5) for k, m in shared.items()}
+    out: list[tuple[bytes, dict | None]] = [(fk.encode_model(w, positions=p), None) for p in ["bitmask", "csr", "golomb", "auto"]]
+    for values in ["raw", "fp16", "bf16", "int8"]:
+        out.append((fk.encode_model(w, masks=shared, reference=shared, values=values), shared))
+        out.append((fk.encode_model(w, masks=subset, reference=shared, values=values), shared))
+    return out
 
 
-MESSAGES = _sample_message()
+MESSAGES = _sample_messages()
 
 
 def _reseal(body: bytes) -> bytes:
@@ -166,26 +176,38 @@ def _reseal(body: bytes) -> bytes:
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
 @given(st.sampled_from(MESSAGES), st.data())
-def test_fuzz_mutations_raise_codec_error_only(msg, data):
+def test_fuzz_mutations_raise_codec_error_only(case, data):
+    msg, reference = case
     body = bytearray(msg[:-4])
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(body) - 1))
         body[i] = data.draw(st.integers(0, 255))
     for sealed in (_reseal(bytes(body)), bytes(body) + msg[-4:]):
-        try:
-            out = fk.decode_model(sealed, max_bytes=1 << 24)
-        except fk.CodecError:
-            continue
-        assert all(t.size * t.itemsize <= 1 << 24 for t in out.tensors.values())
+        for ref in (reference, None):
+            try:
+                out = fk.decode_model(sealed, reference=ref, max_bytes=1 << 24)
+            except fk.CodecError:
+                continue
+            assert all(t.size * t.itemsize <= 1 << 24 for t in out.tensors.values())
 
 
 @given(st.sampled_from(MESSAGES), st.data())
-def test_fuzz_truncation(msg, data):
+def test_fuzz_truncation(case, data):
+    msg, reference = case
     cut = data.draw(st.integers(0, len(msg) - 1))
     with pytest.raises(fk.CodecError):
-        fk.decode_model(msg[:cut])
+        fk.decode_model(msg[:cut], reference=reference)
     with pytest.raises(fk.CodecError):
-        fk.decode_model(_reseal(msg[: max(0, cut - 4)]))
+        fk.decode_model(_reseal(msg[: max(0, cut - 4)]), reference=reference)
+
+
+def test_reference_of_another_shape_is_a_codec_error():
+    # Found by fuzzing: a message whose shape disagrees with the receiver's mask raised ValueError.
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    shared = {"a": a > 5}
+    msg = fk.encode_model({"a": a}, masks=shared, reference=shared)
+    with pytest.raises(fk.CodecError, match="elements"):
+        fk.decode_model(msg, reference={"a": np.ones(10, bool)})
 
 
 @given(st.binary(max_size=200))
