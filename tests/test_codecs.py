@@ -322,3 +322,16 @@ def test_golomb_decoders_agree_on_corrupt_streams(mask, m, data):
         except ValueError:
             results.append(None)
     assert len(set(results)) == 1, results
+
+
+def test_fuzz_campaign_tool_runs_clean():
+    # tools/fuzz_codecs.py is the long campaign (run it for minutes); here two seconds of it.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "fuzz_codecs.py"
+    done = subprocess.run([sys.executable, str(tool), "--seconds", "2", "--seed", "7"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().endswith(" 0 failures")

@@ -1,0 +1,91 @@
+"""Long mutation-fuzzing campaign for decode_model (the tests run a short one through hypothesis).
+
+    python tools/fuzz_codecs.py --seconds 600 --seed 1
+
+Valid messages of every kind (positions in the tensor or relative to a shared mask, every position
+and value codec, empty and 0-d tensors, float32 and float64) are mutated (bytes overwritten, bits
+flipped, truncated, bytes inserted), resealed with a correct CRC so that the parser goes past the
+checksum, and decoded with every backend, with and without the reference mask. Anything but a
+CodecError, or an output above the size limit, is reported; the exit status is 1 if there was one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import feddip_kernels as fk
+from feddip_kernels import codecs
+
+LIMIT = 1 << 22
+
+
+def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
+    shapes = [(20, 30), (100,), (3, 4, 5), (0,), (1,), (7, 0), ()]
+    w = {f"t{i}": rng.standard_normal(s).astype(np.float32) * (rng.random(s) < 0.1) for i, s in enumerate(shapes)}
+    w["f64"] = rng.standard_normal((9, 11))
+    shared = {k: rng.random(v.shape) < 0.3 for k, v in w.items()}
+    subset = {k: m & (rng.random(m.shape) < 0.5) for k, m in shared.items()}
+    out: list[tuple[bytes, dict | None]] = []
+    for values in ("raw", "fp16", "bf16", "int8"):
+        for positions in ("bitmask", "csr", "golomb", "auto"):
+            out.append((fk.encode_model(w, positions=positions, values=values), None))
+            if positions != "csr":  # CSR codes positions in the tensor only
+                out.append((fk.encode_model(w, masks=shared, reference=shared, positions=positions, values=values), shared))
+                out.append((fk.encode_model(w, masks=subset, reference=shared, positions=positions, values=values), shared))
+    return out
+
+
+def mutate(rng: np.random.Generator, body: bytearray) -> bytearray:
+    op = rng.integers(4)
+    if op == 0:
+        for _ in range(rng.integers(1, 5)):
+            body[rng.integers(len(body))] = rng.integers(256)
+    elif op == 1:
+        body[rng.integers(len(body))] ^= 1 << int(rng.integers(8))
+    elif op == 2:
+        del body[rng.integers(len(body)):]
+    else:
+        i = int(rng.integers(len(body)))
+        body[i:i] = rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
+    return body
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    cases = messages(rng)
+    backends = fk.available_backends()
+    decodes = failures = 0
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        msg, shared = cases[rng.integers(len(cases))]
+        body = bytes(mutate(rng, bytearray(msg[:-4])))
+        data = body + struct.pack("<I", codecs.crc32c(body))
+        for backend in backends:
+            for reference in (shared, None) if shared is not None else (None,):
+                decodes += 1
+                try:
+                    out = fk.decode_model(data, reference=reference, max_bytes=LIMIT, backend=backend)
+                    if any(t.size * t.itemsize > LIMIT for t in out.tensors.values()):
+                        raise AssertionError("decoded tensors above the size limit")
+                except fk.CodecError:
+                    pass
+                except Exception:
+                    failures += 1
+                    print(f"backend {backend}, reference {reference is not None}, message {data.hex()}")
+                    traceback.print_exc()
+    print(f"{decodes} decodes, {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
