@@ -34,6 +34,7 @@ def test_model_sizes():
     assert sum(p.numel() for p in prunable_parameters(resnet).values()) == 11_164_352
     alex = make_model("alexnet", 3, 10)
     assert alex(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert alex(torch.zeros(2, 3, 28, 28)).shape == (2, 10)  # other input sizes through the adaptive pool
     with pytest.raises(ValueError, match="unknown model"):
         make_model("vgg", 3, 10)
 
@@ -113,6 +114,20 @@ def test_error_feedback_ablation(alg):
     final = run_simulation(cfg, train, test, parts).masks
     if alg == "feddip-noef":
         assert all(not (final[k] & ~state.masks[k]).any() for k in final)
+
+
+@pytest.mark.parametrize("model", ["alexnet", "resnet18"])
+def test_larger_models_run_end_to_end(model):
+    # ResNet-18's BatchNorm has integer buffers (num_batches_tracked) that the float codecs do not
+    # carry; AlexNet takes the 1x28x28 synthetic images through its adaptive pool.
+    train, test = synthetic_dataset(64, 32, seed=0)
+    cfg = SimulationConfig(algorithm="feddip", model=model, clients=2, rounds=1, batch_size=32, seed=0)
+    state = run_simulation(cfg, train, test, iid_partition(len(train), 2, seed=0))
+    row = state.history[-1]
+    assert row["bytes_up"] > 0 and row["bytes_down"] > 0 and row["sparsity"] > 0.4
+    assert all(v.dtype.kind == "f" for v in state.weights.values())
+    if model == "resnet18":
+        assert "bn1.running_var" in state.weights and "bn1.num_batches_tracked" not in state.weights
 
 
 def test_sparse_transfers_are_smaller_than_dense():

@@ -26,7 +26,8 @@ class LeNet5(nn.Module):
 
 
 class AlexNetCifar(nn.Module):
-    """AlexNet adapted to 3x32x32 inputs (5 conv layers, 3 fully connected)."""
+    """AlexNet adapted to 3x32x32 inputs (5 conv layers, 3 fully connected); an adaptive pool
+    before the classifier lets it take other sizes too (e.g. 1x28x28)."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
         super().__init__()
@@ -36,6 +37,7 @@ class AlexNetCifar(nn.Module):
             nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(2),  # 2x2 already for 32x32 inputs
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Dropout(), nn.Linear(256 * 2 * 2, 4096), nn.ReLU(inplace=True),

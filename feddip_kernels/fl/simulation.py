@@ -83,8 +83,14 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def _float_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's float tensors (parameters, BatchNorm statistics): what the transfers carry.
+    Integer buffers (BatchNorm's num_batches_tracked) stay with each model."""
+    return {k: v.detach().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
 def _initial_state(cfg: SimulationConfig, model: nn.Module) -> ServerState:
-    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    weights = {k: v.copy() for k, v in _float_state(model).items()}
     masks: dict[str, np.ndarray] = {}
     if cfg.algorithm != "fedavg":
         prunable = prunable_parameters(model)
@@ -102,7 +108,11 @@ def _initial_state(cfg: SimulationConfig, model: nn.Module) -> ServerState:
 
 
 def _load(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}, strict=False)
+    state = model.state_dict()
+    if unexpected or any(state[k].is_floating_point() for k in missing):
+        raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
 
 @torch.no_grad()
@@ -202,7 +212,7 @@ def run_simulation(
             t1 = time.perf_counter()
             dense = _train_client(cfg, model, received, state.masks, shards[c], t, int(c))
             t2 = time.perf_counter()
-            local = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+            local = _float_state(model)
             if update_mask:
                 # Mask-update round: the client's own top-k of its dense (error-feedback) weights at
                 # the next density, positions and values, so weights outside the mask can regrow.
