@@ -4,6 +4,7 @@ build) and `feddip prune` (global top-k on model-sized random weights, timed per
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -183,4 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_simulate)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # bad settings or data: a message, not a traceback
+        print(f"feddip {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -178,6 +178,18 @@ def test_cli_values_per_algorithm(tmp_path):
             main(args + ["--values", bad])
 
 
+def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys):
+    base = ["simulate", "--clients", "2", "--rounds", "1", "--synthetic-train", "100", "--synthetic-test", "20",
+            "--quiet", "--out", str(tmp_path)]
+    assert main(base + ["--algorithm", "fedprox"]) == 2
+    assert "algorithm must be one of" in capsys.readouterr().err
+    assert main(base + ["--data", str(tmp_path / "missing")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(base + ["--algorithm", "feddip", "--checkpoint"]) == 0
+    assert main(base + ["--algorithm", "feddip", "--checkpoint", "--resume", "--lr", "0.5"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not os.path.isdir(MNIST), reason="MNIST not found at ../shared/data/mnist")
 def test_mnist_loads_and_trains():
     train, test = load_idx_dataset(MNIST)
