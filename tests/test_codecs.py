@@ -148,6 +148,17 @@ def test_codec_class_config_and_out():
         fk.SparseCodec(positions="zip")
 
 
+def test_numcodecs_finds_the_codec_by_id():
+    # Through the "numcodecs.codecs" entry point (pyproject.toml) or the registration on import.
+    numcodecs = pytest.importorskip("numcodecs")
+    codec = numcodecs.get_codec({"id": "feddip_sparse", "values": "fp16"})
+    assert isinstance(codec, fk.SparseCodec) and codec.values == "fp16"
+    a = np.zeros((4, 25), np.float32)
+    a[1, 3] = 1.5
+    np.testing.assert_array_equal(codec.decode(codec.encode(a)), a)
+    assert numcodecs.get_codec(codec.get_config()) == codec
+
+
 # ----------------------------------------------------------------- untrusted input
 
 
