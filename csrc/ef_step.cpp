@@ -327,7 +327,8 @@ double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, 
                                                      Mom ? buf + b : nullptr, Pruned ? pruned + b : nullptr,
                                                      m, lr, wd, r, sc, mom);
     }
-    return P == 2 ? std::sqrt(total) : total;
+    if (P == 1) return total;
+    return sum_sq_unreliable<T>(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
 }
 
 template <class T, bool Mask, bool Mom, bool Pruned>

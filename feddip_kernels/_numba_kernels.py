@@ -220,7 +220,7 @@ def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_b
     if norm is None:
         norm = masked_norm(w, mask, p)
     reg, scale = _regulariser_factors(lam, norm, p, w.dtype)
-    return float(
+    out = float(
         _ef_step(
             flat, g.reshape(-1), m, mask is not None,
             momentum_buffer.reshape(-1) if momentum_buffer is not None else dummy, momentum_buffer is not None,
@@ -228,6 +228,9 @@ def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_b
             dt(lr), dt(weight_decay), dt(reg), dt(scale), dt(momentum), p,
         )
     )
+    if p == 2 and out * out < w.size * _TINY_OVER_EPS:  # as in masked_norm
+        out = float(_norm2_scaled(flat, m, mask is not None))
+    return out
 
 
 # ------------------------------------------------------------------ codec kernels

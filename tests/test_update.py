@@ -113,7 +113,8 @@ def test_tiny_norms_are_exact_and_the_regulariser_bounded(backend, dtype, tiny):
     assert norm == pytest.approx(reference.masked_norm(w0, None, 2), rel=1e-6)
     for lr in (0.0, 0.1):
         w = w0.copy()
-        fk.masked_ef_step(w, np.zeros_like(w), None, lr=lr, lam=0.5, backend=backend)
+        after = fk.masked_ef_step(w, np.zeros_like(w), None, lr=lr, lam=0.5, backend=backend)
+        assert after == pytest.approx(reference.masked_norm(w, None, 2), rel=1e-6)  # exact after the step too
         expected = w0.astype(np.float64) - lr * 0.5 * np.sign(w0) / np.sqrt(3)
         np.testing.assert_allclose(w, expected, rtol=1e-5, atol=float(w0[0]) * 1e-3)
 
