@@ -180,7 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="directory for results.json, results.png, checkpoints")
     p.add_argument("--checkpoint", action="store_true", help="checkpoint the server state every round")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in --out; a larger --rounds extends a finished run")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_simulate)
     args = parser.parse_args(argv)

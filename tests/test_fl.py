@@ -154,6 +154,22 @@ def test_resume_after_a_crash_equals_uninterrupted(tmp_path):
         run_simulation(other, train, test, parts, checkpoint=ckpt, resume=True)
 
 
+def test_resume_can_extend_a_run_with_a_fixed_horizon(tmp_path):
+    # With prune_rounds set, 2 rounds then 2 more equal 4 rounds straight; without it the
+    # schedule depends on the total, so the checkpoint is refused.
+    train, test, parts = _tiny("feddip")[1:]
+    straight = run_simulation(_tiny("feddip", rounds=4, prune_rounds=3)[0], train, test, parts)
+    ckpt = str(tmp_path / "state.ckpt")
+    run_simulation(_tiny("feddip", rounds=2, prune_rounds=3)[0], train, test, parts, checkpoint=ckpt)
+    extended = run_simulation(_tiny("feddip", rounds=4, prune_rounds=3)[0], train, test, parts, checkpoint=ckpt,
+                              resume=True)
+    assert _strip_times(extended.history) == _strip_times(straight.history)
+    ckpt2 = str(tmp_path / "free.ckpt")
+    run_simulation(_tiny("feddip", rounds=2)[0], train, test, parts, checkpoint=ckpt2)
+    with pytest.raises(ValueError, match="different configuration"):
+        run_simulation(_tiny("feddip", rounds=4)[0], train, test, parts, checkpoint=ckpt2, resume=True)
+
+
 def test_cli_writes_json_and_plot(tmp_path):
     out = tmp_path / "run"
     rc = main(["simulate", "--algorithm", "feddip,fedavg", "--clients", "3", "--rounds", "2",

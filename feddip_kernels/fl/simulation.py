@@ -183,8 +183,14 @@ def run_simulation(
     if resume and checkpoint and os.path.exists(checkpoint):
         with open(checkpoint, "rb") as f:
             state: ServerState = pickle.load(f)
-        if dataclasses.asdict(state.config) != dataclasses.asdict(cfg):
-            raise ValueError(f"checkpoint {checkpoint} was written with a different configuration")
+        before, now = dataclasses.asdict(state.config), dataclasses.asdict(cfg)
+        # A run may be extended when its schedules do not depend on the total number of rounds.
+        extendable = cfg.prune_rounds is not None and cfg.rounds >= state.round
+        if {**before, "rounds": 0} != {**now, "rounds": 0} or (before != now and not extendable):
+            raise ValueError(
+                f"checkpoint {checkpoint} was written with a different configuration (only --rounds may change, "
+                "and only when --prune-rounds fixes the schedule)")
+        state.config = cfg
     else:
         state = _initial_state(cfg, model)
     shards = [Dataset(train.x[p], train.y[p]) for p in partition]
