@@ -105,6 +105,13 @@ double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt)
     return std::ldexp(std::sqrt(total), e);
 }
 
+// ||w*m||_p from a sum of |v| (P = 1) or of squares (P = 2) over the same n elements.
+template <class T, bool Mask, int P>
+double finish_norm(double total, const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
+    if (P == 1) return total;
+    return sum_sq_unreliable<T>(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
+}
+
 template <class T, bool Mask, int P>
 double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
     const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
@@ -114,8 +121,7 @@ double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
         const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
         total += norm_chunk<T, Mask, P>(w + b, Mask ? mask + b : nullptr, m);
     }
-    if (P == 1) return total;
-    return sum_sq_unreliable<T>(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
+    return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
 
 // The pruned copy is written and not read again in the step: streaming (non-temporal) stores
@@ -327,8 +333,7 @@ double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, 
                                                      Mom ? buf + b : nullptr, Pruned ? pruned + b : nullptr,
                                                      m, lr, wd, r, sc, mom);
     }
-    if (P == 1) return total;
-    return sum_sq_unreliable<T>(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
+    return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
 
 template <class T, bool Mask, bool Mom, bool Pruned>

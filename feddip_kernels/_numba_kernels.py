@@ -191,13 +191,17 @@ def _norm2_scaled(w, mask, has_mask):
     return top * math.sqrt(acc)
 
 
+def _finish_norm(norm: float, flat: np.ndarray, m: np.ndarray, has_mask: bool, p: int) -> float:
+    # Squares of tiny float64 values underflow; rescale as the other backends do.
+    if p == 2 and norm * norm < flat.size * _TINY_OVER_EPS:
+        return float(_norm2_scaled(flat, m, has_mask))
+    return norm
+
+
 def masked_norm(w: np.ndarray, mask, p: int) -> float:
     m = mask.reshape(-1) if mask is not None else np.ones(1, np.bool_)
-    out = float(_norm(w.reshape(-1), m, mask is not None, p))
-    # Squares of tiny float64 values underflow; rescale as the other backends do.
-    if p == 2 and out * out < w.size * _TINY_OVER_EPS:
-        out = float(_norm2_scaled(w.reshape(-1), m, mask is not None))
-    return out
+    flat = w.reshape(-1)
+    return _finish_norm(float(_norm(flat, m, mask is not None, p)), flat, m, mask is not None, p)
 
 
 def _regulariser_factors(lam: float, norm: float, p: int, dtype: np.dtype) -> tuple[float, float]:
@@ -228,9 +232,7 @@ def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_b
             dt(lr), dt(weight_decay), dt(reg), dt(scale), dt(momentum), p,
         )
     )
-    if p == 2 and out * out < w.size * _TINY_OVER_EPS:  # as in masked_norm
-        out = float(_norm2_scaled(flat, m, mask is not None))
-    return out
+    return _finish_norm(out, flat, m, mask is not None, p)
 
 
 # ------------------------------------------------------------------ codec kernels

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import _backend, __version__
+from .codecs import VALUES as VALUE_CODECS
 from .pruning import global_topk_masks
 
 
@@ -35,9 +36,6 @@ def _prune(args: argparse.Namespace) -> int:
         kept = sum(int(m.sum()) for m in masks)
         print(f"{be:>7}: kept {kept:,} of {n:,} in {dt * 1e3:8.2f} ms ({4 * n / dt / 1e9:.2f} GB/s)")
     return 0
-
-
-VALUE_CODECS = ("raw", "fp16", "bf16", "int8")
 
 
 def _values_per_algorithm(spec: str, algorithms: list[str]) -> dict[str, str]:

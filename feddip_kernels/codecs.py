@@ -275,10 +275,7 @@ def encode_model(
         nnz = vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
-            try:
-                ref = flat_mask(reference[name], n, f"reference[{name!r}]")
-            except ValueError as e:  # the message's shape and the caller's mask disagree
-                raise CodecError(f"{name!r}: {e}") from None
+            ref = flat_mask(reference[name], n, f"reference[{name!r}]")
             keep = np.unpackbits(bits, count=n, bitorder="little").view(bool)
             if not (keep & ~ref).any():  # a subset of the reference: code relative to it
                 domain, d, csr_shape = DOMAIN_REFERENCE, int(ref.sum()), None

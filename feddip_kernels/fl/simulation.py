@@ -184,9 +184,10 @@ def run_simulation(
         with open(checkpoint, "rb") as f:
             state: ServerState = pickle.load(f)
         before, now = dataclasses.asdict(state.config), dataclasses.asdict(cfg)
+        same_but_rounds = {**before, "rounds": 0} == {**now, "rounds": 0}
         # A run may be extended when its schedules do not depend on the total number of rounds.
         extendable = cfg.prune_rounds is not None and cfg.rounds >= state.round
-        if {**before, "rounds": 0} != {**now, "rounds": 0} or (before != now and not extendable):
+        if not same_but_rounds or (before["rounds"] != now["rounds"] and not extendable):
             raise ValueError(
                 f"checkpoint {checkpoint} was written with a different configuration (only --rounds may change, "
                 "and only when --prune-rounds fixes the schedule)")
