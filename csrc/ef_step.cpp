@@ -156,12 +156,13 @@ template <class T, bool Mask, bool Mom, bool Pruned, int P>
 FEDDIP_VECTOR_CLONES T step_tile(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n,
                                  T lr, T wd, T reg, T scale, T mom) {
     // P == 2: reg * scale = lam / ||w*m||_2, split so that neither factor overflows; P == 1: reg = lam.
+    // The scale multiplies the masked value, which is bounded by the norm; an unmasked w_i * scale could overflow.
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
         const T wi = w[i];
         const T mi = Mask ? mask_value<T>(mask[i]) : T(1);
-        T d = g[i] + wd * wi + reg * mi * (P == 2 ? wi * scale : sign(wi));
+        T d = g[i] + wd * wi + reg * (P == 2 ? (mi * wi) * scale : mi * sign(wi));
         if (Mom) {
             d = mom * buf[i] + d;
             buf[i] = d;
@@ -259,9 +260,10 @@ __attribute__((target("avx2,fma"))) T step_tile_avx2(T* w, const T* g, const std
         const V wi = A::load(w + i);
         const V mi = Mask ? A::andnot(A::mask_zero(mask + i), one) : one;
         // sign(w) as (w > 0) - (0 > w): zero for 0 and NaN, like step_tile.
-        const V r = P == 2 ? A::mul(wi, vsc) : A::sub(A::and_(A::gt(wi, zero), one), A::and_(A::gt(zero, wi), one));
+        const V r = P == 2 ? A::mul(A::mul(mi, wi), vsc)
+                           : A::mul(mi, A::sub(A::and_(A::gt(wi, zero), one), A::and_(A::gt(zero, wi), one)));
         V d = A::fmadd(vwd, wi, A::load(g + i));
-        d = A::fmadd(A::mul(vreg, mi), r, d);
+        d = A::fmadd(vreg, r, d);
         if (Mom) {
             d = A::fmadd(vmom, A::load(buf + i), d);
             A::store(buf + i, d);
@@ -312,11 +314,11 @@ double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, 
     if (norm < 0) norm = norm_impl<T, Mask, P>(w, mask, n, nt);
     // lam / norm can overflow T for a tiny norm although each term lam * w_i / norm is at most lam:
     // w_i is scaled by a power of two (exact, kept within T's normal range) and lam divided by the
-    // norm scaled alike. A zero or non-finite norm gives no regulariser term.
+    // norm scaled alike. A zero or non-finite norm, or lam == 0, gives no regulariser term.
     double reg = prm.lam, scale = 1.0;
     if (P == 2) {
         reg = 0.0;
-        if (norm > 0 && std::isfinite(norm)) {
+        if (prm.lam != 0 && norm > 0 && std::isfinite(norm)) {
             using L = std::numeric_limits<T>;
             const int e = std::min(std::max(-std::ilogb(norm), L::min_exponent), L::max_exponent - 2);
             scale = std::ldexp(1.0, e);

@@ -161,8 +161,8 @@ def _ef_step(w, g, mask, has_mask, buf, has_buf, pruned, has_pruned, lr, wd, reg
     for i in range(w.size):
         wi = w[i]
         mi = w.dtype.type(mask[i]) if has_mask else w.dtype.type(1)
-        r = wi * scale if p == 2 else np.sign(wi)
-        d = g[i] + wd * wi + reg * mi * r
+        r = (mi * wi) * scale if p == 2 else mi * np.sign(wi)  # scaled masked value is bounded by the norm
+        d = g[i] + wd * wi + reg * r
         if has_buf:
             d = mom * buf[i] + d
             buf[i] = d
@@ -208,7 +208,7 @@ def _regulariser_factors(lam: float, norm: float, p: int, dtype: np.dtype) -> tu
     """(reg, scale) with reg * scale = lam / norm for p = 2, neither overflowing dtype (as csrc/ef_step.cpp)."""
     if p == 1:
         return lam, 1.0
-    if not (0 < norm < math.inf):
+    if lam == 0 or not (0 < norm < math.inf):
         return 0.0, 1.0
     info = np.finfo(dtype)
     e = min(max(1 - math.frexp(norm)[1], info.minexp + 1), info.maxexp - 2)
