@@ -5,7 +5,9 @@ from hypothesis import settings
 
 import feddip_kernels
 
-settings.register_profile("ci", max_examples=60, deadline=None)
+# CI runs a fixed set of examples (derandomized), so a run is reproducible and a failure is never
+# a lottery; the random profiles (dev, stress) are for looking for new failures.
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.register_profile("stress", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
