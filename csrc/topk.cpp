@@ -276,11 +276,21 @@ MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& 
     return select(chunks, n, k, threads_for(n_threads, chunks.size()));
 }
 
+// out[i] = |p[i]| > the value of `key` (on magnitude keys; NaN never occurs here). Keys have the top
+// bit clear, so the compare is done signed, which vectorises (no unsigned 32-bit compare in AVX2).
+template <class T>
+FEDDIP_VECTOR_CLONES void write_mask(const T* p, std::size_t m, std::make_signed_t<bits_t<T>> key,
+                                     std::uint8_t* out) {
+    using S = std::make_signed_t<bits_t<T>>;
+    for (std::size_t i = 0; i < m; ++i) out[i] = static_cast<S>(magnitude_key(p[i])) > key;
+}
+
 template <class T>
 MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
                                         const std::vector<std::uint8_t*>& masks, std::uint64_t k,
                                         int n_threads) {
     using U = bits_t<T>;
+    using S = std::make_signed_t<U>;
     if (masks.size() != segments.size())
         throw std::invalid_argument("need one mask per tensor");
     std::uint64_t n = 0;
@@ -295,13 +305,10 @@ MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
     for (long long c = 0; c < n_chunks; ++c) {
         const Chunk<T>& ch = chunks[c];
         std::uint8_t* out = masks[ch.segment] + ch.offset;
-        if (k == 0) {
+        if (k == 0)
             std::fill(out, out + ch.size, std::uint8_t(0));
-        } else if (take_all_ties) {
-            for (std::size_t i = 0; i < ch.size; ++i) out[i] = magnitude_key(ch.data[i]) >= key;
-        } else {
-            for (std::size_t i = 0; i < ch.size; ++i) out[i] = magnitude_key(ch.data[i]) > key;
-        }
+        else
+            write_mask<T>(ch.data, ch.size, static_cast<S>(take_all_ties ? key - 1 : key), out);
     }
     if (k > 0 && !take_all_ties) {
         std::uint64_t ties = k - th.n_greater;
