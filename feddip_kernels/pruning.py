@@ -63,7 +63,8 @@ def global_topk_masks(
     """Boolean masks (same shapes as `tensors`) keeping exactly the k globally largest |w|.
 
     Give either `k` or `density` (k = round(density * n)). Masks are NumPy bool arrays, or torch
-    bool tensors sharing their memory when the inputs are torch tensors.
+    bool tensors sharing their memory when the inputs are torch tensors; the native and numba
+    backends return views into one block of n bools.
     """
     arrays = float_tensors(tensors)
     n = sum(a.size for a in arrays)
@@ -74,7 +75,11 @@ def global_topk_masks(
     if be == "numpy":
         masks = reference.topk_masks(arrays, k)
     else:
-        masks = [np.empty(a.shape, dtype=bool) for a in arrays]
+        # One allocation for all masks, views into it: a block this large gets huge pages (NumPy
+        # advises them), so the first write faults in a few pages instead of thousands.
+        block = np.empty(n, dtype=bool)
+        ends = np.cumsum([a.size for a in arrays]).tolist()
+        masks = [block[e - a.size : e].reshape(a.shape) for a, e in zip(arrays, ends)]
         if be == "native":
             _backend.native_module().topk_masks(arrays, masks, k)
         else:
