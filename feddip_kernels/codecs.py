@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -344,7 +344,8 @@ def decode_model(
         raise CodecError(f"unsupported format version {version} (this library reads {VERSION})")
     if flags != 0:
         raise CodecError(f"unknown header flags {flags:#x}")
-    result = Decoded()
+    records: list[_Record] = []
+    seen: set[str] = set()
     budget = max_bytes
     for i in range(count):
         (name_len,) = r.unpack("<H", f"tensor {i} name length")
@@ -352,8 +353,9 @@ def decode_model(
             name = bytes(r.take(name_len, f"tensor {i} name")).decode("utf-8")
         except UnicodeDecodeError:
             raise CodecError(f"tensor {i} name is not UTF-8") from None
-        if name in result.tensors:
+        if name in seen:
             raise CodecError(f"tensor {name!r} appears twice")
+        seen.add(name)
         (ndim,) = r.unpack("<B", f"{name!r} ndim")
         if ndim > MAX_NDIM:
             raise CodecError(f"{name!r} has {ndim} dimensions, at most {MAX_NDIM}")
@@ -380,30 +382,71 @@ def decode_model(
             raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need {nnz * _value_size(val_codec, dtype)}")
         pos_raw = r.take(pos_len, f"{name!r} positions")
         val_raw = r.take(val_len, f"{name!r} values")
-        bits = _decode_positions(k, pos_raw, pos_codec, d, nnz, m, tuple(shape))
-        vals = _decode_values(val_raw, val_codec, nnz, dtype, scale)
-        if domain == DOMAIN_REFERENCE:
+        records.append(_Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw, val_raw))
+    if r.pos != len(body):
+        raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
+    targets = _allocate(records, out)
+    result = Decoded()
+    for rec, target in zip(records, targets):
+        name, n = rec.name, rec.n
+        bits = _decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.m, rec.shape)
+        vals = _decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
+        if rec.domain == DOMAIN_REFERENCE:
             if reference is None or name not in reference:
                 raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
             try:
                 ref = flat_mask(reference[name], n, f"reference[{name!r}]")
             except ValueError as e:  # the message's shape and the caller's mask disagree
                 raise CodecError(f"{name!r}: {e}") from None
-            if int(ref.sum()) != d:
-                raise CodecError(f"{name!r}: the reference mask has {int(ref.sum())} positions, the sender's had {d}")
+            if int(ref.sum()) != rec.d:
+                raise CodecError(f"{name!r}: the reference mask has {int(ref.sum())} positions, the sender's had {rec.d}")
             full = np.zeros(n, dtype=bool)
-            full[ref] = np.unpackbits(bits, count=d, bitorder="little").view(bool)
+            full[ref] = np.unpackbits(bits, count=rec.d, bitorder="little").view(bool)
             bits = k.pack_bits(full)
         if out is not None and name in out:
-            target = writable_view(out[name], f"out[{name!r}]", dtype.newbyteorder("="), n)
-            k.densify(bits, n, vals, target.reshape(-1))
+            k.densify(bits, n, vals, writable_view(out[name], f"out[{name!r}]", rec.dtype.newbyteorder("="), n).reshape(-1))
             result.tensors[name] = out[name]
         else:
-            result.tensors[name] = k.densify(bits, n, vals).reshape(shape)
+            k.densify(bits, n, vals, target)
+            result.tensors[name] = target.reshape(rec.shape)
         result.packed[name] = bits
-    if r.pos != len(body):
-        raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
     return result
+
+
+class _Record(NamedTuple):
+    """One tensor's record of a message, validated, its payloads not yet decoded."""
+
+    name: str
+    shape: tuple[int, ...]
+    n: int
+    dtype: np.dtype
+    domain: int
+    pos_codec: int
+    val_codec: int
+    d: int
+    nnz: int
+    m: int
+    scale: float
+    pos_raw: memoryview
+    val_raw: memoryview
+
+
+def _allocate(records: list[_Record], out: Optional[Mapping[str, Any]]) -> list[Optional[np.ndarray]]:
+    """Flat output arrays for the records not decoded into `out`: views into one block (64-byte
+    aligned), which NumPy gives huge pages when large, so that writing it faults in a few pages
+    rather than one per 4 kB. The block's size is within the caller's max_bytes."""
+    offsets, total = [], 0
+    for rec in records:
+        if out is not None and rec.name in out:
+            offsets.append(None)
+        else:
+            offsets.append(total)
+            total += -(-rec.n * rec.dtype.itemsize // 64) * 64
+    block = np.empty(total, dtype=np.uint8)
+    return [
+        None if off is None else block[off : off + rec.n * rec.dtype.itemsize].view(rec.dtype.newbyteorder("="))
+        for rec, off in zip(records, offsets)
+    ]
 
 
 class SparseCodec:
