@@ -288,6 +288,31 @@ PYBIND11_MODULE(_core, m) {
         "Decode nnz Golomb-coded positions; the caller bounds n before calling (allocates n / 8 bytes).");
 
     m.def(
+        "golomb_decode_many",
+        [](const std::vector<std::tuple<py::buffer, std::size_t, std::uint64_t, std::uint32_t>>& items) {
+            std::vector<py::buffer_info> infos;
+            std::vector<GolombStream> streams;
+            py::list out;
+            for (const auto& [data, n, nnz, m] : items) {
+                infos.push_back(data.request());
+                Bits bits((n + 7) / 8);
+                const py::buffer_info& info = infos.back();
+                streams.push_back({static_cast<const std::uint8_t*>(info.ptr),
+                                   static_cast<std::size_t>(info.size * info.itemsize), n, nnz, m, bits.mutable_data()});
+                out.append(bits);
+            }
+            std::string error;
+            long long failed;
+            {
+                py::gil_scoped_release release;
+                failed = golomb_decode_many(streams, 0, error);
+            }
+            return py::make_tuple(out, failed, error);
+        },
+        py::arg("items"),
+        "golomb_decode on (data, n, nnz, m) items in parallel: (bits list, index of the first failure or -1, its message).");
+
+    m.def(
         "crc32c",
         [](const py::buffer& data, std::uint32_t crc) {
             const py::buffer_info info = data.request();

@@ -1,7 +1,9 @@
 #include "golomb.hpp"
 
 #include "bitpack.hpp"
+#include "common.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -249,6 +251,28 @@ void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, st
         throw std::invalid_argument("Golomb stream has " + std::to_string(size) + " bytes, codes use " +
                                     std::to_string((r.bits_consumed() + 7) / 8));
     if (!r.rest_is_zero()) throw std::invalid_argument("Golomb stream: non-zero padding bits");
+}
+
+long long golomb_decode_many(const std::vector<GolombStream>& streams, int n_threads, std::string& error) {
+    const long long count = static_cast<long long>(streams.size());
+    std::vector<std::string> errors(streams.size());
+    const int nt = static_cast<int>(std::max<long long>(1, std::min<long long>(max_threads(n_threads), count)));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (long long i = 0; i < count; ++i) {
+        const GolombStream& s = streams[i];
+        try {
+            golomb_decode(s.data, s.size, s.n, s.nnz, s.m, s.bits);
+        } catch (const std::exception& e) {  // exceptions must not leave the parallel region
+            errors[i] = e.what();
+            if (errors[i].empty()) errors[i] = "Golomb stream is invalid";
+        }
+    }
+    for (long long i = 0; i < count; ++i)
+        if (!errors[i].empty()) {
+            error = errors[i];
+            return i;
+        }
+    return -1;
 }
 
 }  // namespace feddip

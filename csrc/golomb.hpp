@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace feddip {
@@ -28,5 +29,18 @@ std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n,
 // remain after the last code (other than zero padding in the final byte).
 void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, std::uint64_t nnz,
                    std::uint32_t m, std::uint8_t* bits);
+
+struct GolombStream {
+    const std::uint8_t* data;
+    std::size_t size;
+    std::size_t n;
+    std::uint64_t nnz;
+    std::uint32_t m;
+    std::uint8_t* bits;
+};
+
+// golomb_decode on independent streams (one per tensor), several at a time. Returns the index of
+// the first stream that failed, with its message in `error`, or -1.
+long long golomb_decode_many(const std::vector<GolombStream>& streams, int n_threads, std::string& error);
 
 }  // namespace feddip

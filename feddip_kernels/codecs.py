@@ -51,6 +51,20 @@ class _Kernels:
         self.name = be
         for fn in ("crc32c", "golomb_encode", "golomb_decode", "sparsify", "densify", "pack_bits", "count_bits"):
             setattr(self, fn, getattr(mod, fn))
+        self._decode_many = getattr(mod, "golomb_decode_many", None)
+
+    def golomb_decode_many(self, items: list[tuple[memoryview, int, int, int]]) -> tuple[list[np.ndarray], int, str]:
+        """golomb_decode on (data, n, nnz, m) items, in parallel where the backend can: (bits list,
+        index of the first failed item or -1, its message)."""
+        if self._decode_many is not None:
+            return self._decode_many(items)
+        out = []
+        for i, (data, n, nnz, m) in enumerate(items):
+            try:
+                out.append(self.golomb_decode(data, n, nnz, m))
+            except ValueError as e:
+                return out, i, str(e)
+        return out, -1, ""
 
 
 def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
@@ -205,15 +219,19 @@ def _decode_positions(
     if codec == POSITIONS["csr"]:
         return _csr_decode(raw, d, nnz, shape)
     if codec == POSITIONS["golomb"]:
-        if m < 1:
-            raise CodecError("Golomb parameter must be >= 1")
-        if 8 * len(raw) < nnz:
-            raise CodecError("Golomb payload is shorter than one bit per position")
+        _check_golomb(raw, nnz, m)
         try:
             return k.golomb_decode(raw, d, nnz, m)
         except ValueError as e:
             raise CodecError(str(e)) from None
     raise CodecError(f"unknown positions codec {codec}")
+
+
+def _check_golomb(raw: memoryview, nnz: int, m: int) -> None:
+    if m < 1:
+        raise CodecError("Golomb parameter must be >= 1")
+    if 8 * len(raw) < nnz:
+        raise CodecError("Golomb payload is shorter than one bit per position")
 
 
 # ------------------------------------------------------------------------------ model
@@ -386,10 +404,11 @@ def decode_model(
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
     targets = _allocate(records, out)
+    golomb = _decode_golomb_positions(k, records)
     result = Decoded()
-    for rec, target in zip(records, targets):
+    for i, (rec, target) in enumerate(zip(records, targets)):
         name, n = rec.name, rec.n
-        bits = _decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.m, rec.shape)
+        bits = golomb[i] if i in golomb else _decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.m, rec.shape)
         vals = _decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
         if rec.domain == DOMAIN_REFERENCE:
             if reference is None or name not in reference:
@@ -411,6 +430,23 @@ def decode_model(
             result.tensors[name] = target.reshape(rec.shape)
         result.packed[name] = bits
     return result
+
+
+def _decode_golomb_positions(k: _Kernels, records: list[_Record]) -> dict[int, np.ndarray]:
+    """The Golomb-coded positions of all records at once (the native backend decodes several
+    tensors' streams in parallel, each stream being sequential), by record index."""
+    index = [i for i, rec in enumerate(records) if rec.pos_codec == POSITIONS["golomb"]]
+    index.sort(key=lambda i: -records[i].d)  # largest first: better balance between threads
+    for i in index:
+        rec = records[i]
+        try:
+            _check_golomb(rec.pos_raw, rec.nnz, rec.m)
+        except CodecError as e:
+            raise CodecError(f"{rec.name!r}: {e}") from None
+    bits, failed, message = k.golomb_decode_many([(records[i].pos_raw, records[i].d, records[i].nnz, records[i].m) for i in index])
+    if failed >= 0:
+        raise CodecError(f"{records[index[failed]].name!r}: {message}")
+    return dict(zip(index, bits))
 
 
 class _Record(NamedTuple):

@@ -346,3 +346,37 @@ def test_fuzz_campaign_tool_runs_clean():
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.strip().endswith(" 0 failures")
+
+
+def test_golomb_batch_decode_matches_single(backend):
+    rng = np.random.default_rng(5)
+    k = codecs._Kernels(backend)
+    items, expected = [], []
+    for n, p in [(1000, 0.05), (0, 0.1), (70000, 0.01), (333, 0.5)]:
+        bits = fk.pack_mask(rng.random(n) < p)
+        nnz = int(k.count_bits(bits, n))
+        m = k.golomb_parameter(nnz, n)
+        items.append((memoryview(bytes(k.golomb_encode(bits, n, m))), n, nnz, m))
+        expected.append(bits)
+    out, failed, message = k.golomb_decode_many(items)
+    assert failed == -1 and message == ""
+    for got, want in zip(out, expected):
+        np.testing.assert_array_equal(got, want)
+    data, n, nnz, m = items[2]
+    items[2] = (memoryview(bytes(len(data))), n, nnz, m)  # no code ever ends: an error, not a hang
+    _, failed, message = k.golomb_decode_many(items)
+    assert failed == 2 and "Golomb" in message
+
+
+def test_corrupt_golomb_stream_names_its_tensor(backend):
+    rng = np.random.default_rng(6)
+    model = {name: (rng.standard_normal(5000) * (rng.random(5000) < 0.05)).astype(np.float32) for name in "ab"}
+    body = bytearray(fk.encode_model(model, positions="golomb")[:-4])
+    b = model["b"]
+    nnz = int(np.count_nonzero(b))
+    k = codecs._Kernels("numpy")
+    pos_len = len(k.golomb_encode(fk.pack_mask(b != 0), b.size, k.golomb_parameter(nnz, b.size)))
+    end = len(body) - 4 * nnz  # b's positions come right before its fp32 values, the last payload
+    body[end - pos_len : end] = bytes(pos_len)
+    with pytest.raises(fk.CodecError, match="'b'.*Golomb"):
+        fk.decode_model(_reseal(bytes(body)), backend=backend)
