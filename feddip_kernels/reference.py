@@ -58,7 +58,8 @@ def unpack_bits(bits: np.ndarray, n: int) -> np.ndarray:
 def masked_norm(w: np.ndarray, mask: np.ndarray | None, p: int) -> float:
     v = w.astype(np.float64).ravel()
     if mask is not None:
-        v = v * mask.ravel()
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as w * m in the kernels (and torch)
+            v = v * mask.ravel()
     if p == 1:
         return float(np.sum(np.abs(v)))
     top = float(np.max(np.abs(v), initial=0.0))
@@ -81,25 +82,27 @@ def masked_ef_step(
     pruned_out: np.ndarray | None,
     norm: float | None,
 ) -> float:
-    """Step by step, in w's dtype: the same update the fused kernels make in one pass."""
-    dt = w.dtype.type
-    m = np.ones_like(w) if mask is None else mask.reshape(w.shape).astype(w.dtype)
-    if norm is None:
-        norm = masked_norm(w, mask, p)
-    if p == 2:
-        # lam * w / norm in double: each term is at most lam even where lam / norm overflows dtype.
-        reg = (lam * (m * w).astype(np.float64) / norm if 0 < norm < np.inf else 0 * w).astype(w.dtype)
-    else:
-        reg = dt(lam) * m * np.sign(w)
-    d = g.reshape(w.shape) + dt(weight_decay) * w + reg
-    if momentum_buffer is not None:
-        buf = momentum_buffer.reshape(w.shape)
-        buf[...] = dt(momentum) * buf + d
-        d = buf
-    w -= dt(lr) * d
-    if pruned_out is not None:
-        pruned_out.reshape(w.shape)[...] = w * m
-    return masked_norm(w, mask, p)
+    """Step by step, in w's dtype: the same update the fused kernels make in one pass. NaN and inf
+    propagate by IEEE arithmetic, as in the kernels, without floating-point warnings."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        dt = w.dtype.type
+        m = np.ones_like(w) if mask is None else mask.reshape(w.shape).astype(w.dtype)
+        if norm is None:
+            norm = masked_norm(w, mask, p)
+        if p == 2:
+            # lam * w / norm in double: each term is at most lam even where lam / norm overflows dtype.
+            reg = (lam * (m * w).astype(np.float64) / norm if 0 < norm < np.inf else 0 * w).astype(w.dtype)
+        else:
+            reg = dt(lam) * m * np.sign(w)
+        d = g.reshape(w.shape) + dt(weight_decay) * w + reg
+        if momentum_buffer is not None:
+            buf = momentum_buffer.reshape(w.shape)
+            buf[...] = dt(momentum) * buf + d
+            d = buf
+        w -= dt(lr) * d
+        if pruned_out is not None:
+            pruned_out.reshape(w.shape)[...] = w * m
+        return masked_norm(w, mask, p)
 
 
 def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes:

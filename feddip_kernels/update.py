@@ -37,7 +37,9 @@ def masked_ef_step(
     feedback). The regulariser is the non-squared p-norm of the masked layer (p = 1 or 2): its
     gradient is m * w / ||w * m||_2 (zero for a zero or non-finite norm) or m * sign(w); each of
     its terms stays within lam even for subnormal weights, where lam / norm alone would overflow.
-    `mask` None means dense. NaN or inf in w, g or the buffer propagate into w (not checked here).
+    `mask` None means dense. NaN and inf in w, g or the buffer are not checked: they propagate by
+    IEEE arithmetic, the same in every backend and as in torch (w * m is NaN for an unmasked inf,
+    so the layer's norm is NaN and its regulariser term drops out; tests/test_update.py).
     Momentum follows torch.optim.SGD (no dampening, no Nesterov); start from a zero buffer.
 
     `norm` is ||w * m||_p before the step; when None it is computed with an extra read pass. The

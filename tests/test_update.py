@@ -14,10 +14,12 @@ def _tol(dtype):
 
 
 @st.composite
-def steps(draw):
+def steps(draw, special=False):
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     n = draw(st.integers(0, 300))
     elems = st.floats(-4, 4, width=32)
+    if special:  # NaN and +-inf among ordinary values, in w, g and the buffer
+        elems = st.one_of(elems, st.sampled_from([np.nan, np.inf, -np.inf]))
     # Subnormal and tiny weights beside ordinary ones: the p = 2 coefficient lam / ||w*m|| is huge there.
     w_elems = st.one_of(elems, st.sampled_from([1e-45, -3e-42, 1e-38, -1e-30, 1e-20]))
     w = draw(hnp.arrays(dtype, n, elements=w_elems))
@@ -62,6 +64,28 @@ def test_step_matches_reference(backend, case):
         if mask is not None:
             assert not pr_b[~mask].any()
     assert out_b == pytest.approx(out_ref, rel=1e-4 if w.dtype == np.float32 else 1e-10, abs=1e-6)
+
+
+@given(steps(special=True))
+def test_nan_and_inf_propagate_as_in_the_reference(backend, case):
+    # The documented behaviour: nothing is checked, IEEE arithmetic carries NaN and inf through the
+    # same formula in every backend; a non-finite layer norm drops the regulariser for the layer.
+    w, g, mask, buf, kw, want_pruned, give_norm = case
+    norm = reference.masked_norm(w, mask, kw["p"])
+    norm = norm if give_norm and np.isfinite(norm) else None
+    w_ref, buf_ref = w.copy(), None if buf is None else buf.copy()
+    pr_ref = np.empty_like(w) if want_pruned else None
+    out_ref = reference.masked_ef_step(w_ref, g, mask, momentum_buffer=buf_ref, pruned_out=pr_ref, norm=norm, **kw)
+    w_b, buf_b = w.copy(), None if buf is None else buf.copy()
+    pr_b = np.empty_like(w) if want_pruned else None
+    out_b = fk.masked_ef_step(w_b, g, mask, momentum_buffer=buf_b, pruned_out=pr_b, norm=norm, backend=backend, **kw)
+    tol = _tol(w.dtype)
+    np.testing.assert_allclose(w_b, w_ref, **tol)  # NaN where the reference has NaN, same infinities
+    if buf is not None:
+        np.testing.assert_allclose(buf_b, buf_ref, **tol)
+    if want_pruned:
+        np.testing.assert_allclose(pr_b, pr_ref, **tol)
+    assert out_b == pytest.approx(out_ref, rel=1e-4 if w.dtype == np.float32 else 1e-10, abs=1e-6, nan_ok=True)
 
 
 def test_large_multithreaded_matches_reference(backend):
