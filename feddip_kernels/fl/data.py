@@ -72,20 +72,29 @@ def load_idx_dataset(directory: str) -> tuple[Dataset, Dataset]:
 
 
 def synthetic_dataset(n_train: int = 6000, n_test: int = 1000, num_classes: int = 10, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """A learnable 1x28x28 ten-class set: each class is a smooth random prototype; samples are the
-    prototype shifted by up to 1 pixel, scaled, plus noise. Needs no download."""
+    """A learnable, not trivial 1x28x28 ten-class set that needs no download. Each class has four
+    blocky random prototypes (modes); a sample is one of its class's modes plus up to 0.6 times a
+    mode of another class, shifted by up to 2 pixels, scaled by 0.7-1.3, with N(0, 0.8) noise. In
+    the default `feddip simulate` run (10 clients, 20 rounds) FedAvg reaches 99.5% and FedDIP 92%
+    and still rising: harder than MNIST for a sparse LeNet-5, so the algorithms differ."""
     rng = np.random.default_rng(seed)
-    coarse = rng.standard_normal((num_classes, 7, 7)).astype(np.float32)
+    modes = 4
+    coarse = rng.standard_normal((num_classes, modes, 7, 7)).astype(np.float32)
     protos = np.kron(coarse, np.ones((4, 4), np.float32))  # 28x28 blocks
 
     def make(n: int) -> Dataset:
         y = rng.integers(0, num_classes, n)
-        shifts = rng.integers(-1, 2, (n, 2))
+        mode = rng.integers(0, modes, n)
+        other = (y + rng.integers(1, num_classes, n)) % num_classes
+        other_mode = rng.integers(0, modes, n)
+        mix = rng.uniform(0, 0.6, n).astype(np.float32)
+        shifts = rng.integers(-2, 3, (n, 2))
         x = np.empty((n, 1, 28, 28), np.float32)
         for i in range(n):
-            x[i, 0] = np.roll(protos[y[i]], tuple(shifts[i]), axis=(0, 1))
+            img = protos[y[i], mode[i]] + mix[i] * protos[other[i], other_mode[i]]
+            x[i, 0] = np.roll(img, tuple(shifts[i]), axis=(0, 1))
         x *= rng.uniform(0.7, 1.3, (n, 1, 1, 1)).astype(np.float32)
-        x += rng.normal(0, 0.3, x.shape).astype(np.float32)
+        x += rng.normal(0, 0.8, x.shape).astype(np.float32)
         return Dataset(x, y.astype(np.int64))
 
     return make(n_train), make(n_test)
