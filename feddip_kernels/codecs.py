@@ -197,9 +197,7 @@ def _encode_positions(
     return golomb
 
 
-def _decode_positions(
-    k: _Kernels, raw: memoryview, codec: int, d: int, nnz: int, m: int, shape: tuple[int, ...]
-) -> np.ndarray:
+def _decode_positions(k: _Kernels, raw: memoryview, codec: int, d: int, nnz: int, shape: tuple[int, ...]) -> np.ndarray:
     if codec == POSITIONS["all"]:
         if nnz != d or len(raw):
             raise CodecError("'all' positions need nnz equal to the domain size and no payload")
@@ -218,13 +216,7 @@ def _decode_positions(
         return bits
     if codec == POSITIONS["csr"]:
         return _csr_decode(raw, d, nnz, shape)
-    if codec == POSITIONS["golomb"]:
-        _check_golomb(raw, nnz, m)
-        try:
-            return k.golomb_decode(raw, d, nnz, m)
-        except ValueError as e:
-            raise CodecError(str(e)) from None
-    raise CodecError(f"unknown positions codec {codec}")
+    raise CodecError(f"unknown positions codec {codec}")  # Golomb streams: _decode_golomb_positions
 
 
 def _check_golomb(raw: memoryview, nnz: int, m: int) -> None:
@@ -408,7 +400,7 @@ def decode_model(
     result = Decoded()
     for i, (rec, target) in enumerate(zip(records, targets)):
         name, n = rec.name, rec.n
-        bits = golomb[i] if i in golomb else _decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.m, rec.shape)
+        bits = golomb[i] if i in golomb else _decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.shape)
         vals = _decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
         if rec.domain == DOMAIN_REFERENCE:
             if reference is None or name not in reference:
