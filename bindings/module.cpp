@@ -288,6 +288,25 @@ PYBIND11_MODULE(_core, m) {
         "Decode nnz Golomb-coded positions; the caller bounds n before calling (allocates n / 8 bytes).");
 
     m.def(
+        "golomb_encode_many",
+        [](const std::vector<std::tuple<Bits, std::size_t, std::uint32_t>>& items) {
+            std::vector<GolombInput> inputs;
+            for (const auto& [bits, n, m] : items) {
+                check_bits(bits, n);
+                inputs.push_back({bits.data(), n, m});
+            }
+            std::vector<std::vector<std::uint8_t>> streams;
+            {
+                py::gil_scoped_release release;
+                streams = golomb_encode_many(inputs, 0);
+            }
+            py::list out;
+            for (const auto& s : streams) out.append(py::bytes(reinterpret_cast<const char*>(s.data()), s.size()));
+            return out;
+        },
+        py::arg("items"), "golomb_encode on (bits, n, m) items, in parallel: a list of bytes.");
+
+    m.def(
         "golomb_decode_many",
         [](const std::vector<std::tuple<py::buffer, std::size_t, std::uint64_t, std::uint32_t>>& items) {
             std::vector<py::buffer_info> infos;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <string>
 
 namespace feddip {
@@ -251,6 +252,24 @@ void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, st
         throw std::invalid_argument("Golomb stream has " + std::to_string(size) + " bytes, codes use " +
                                     std::to_string((r.bits_consumed() + 7) / 8));
     if (!r.rest_is_zero()) throw std::invalid_argument("Golomb stream: non-zero padding bits");
+}
+
+std::vector<std::vector<std::uint8_t>> golomb_encode_many(const std::vector<GolombInput>& inputs, int n_threads) {
+    const long long count = static_cast<long long>(inputs.size());
+    std::vector<std::vector<std::uint8_t>> out(inputs.size());
+    std::vector<std::exception_ptr> errors(inputs.size());
+    const int nt = static_cast<int>(std::max<long long>(1, std::min<long long>(max_threads(n_threads), count)));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (long long i = 0; i < count; ++i) {
+        try {
+            out[i] = golomb_encode(inputs[i].bits, inputs[i].n, inputs[i].m);
+        } catch (...) {  // (out of memory) exceptions must not leave the parallel region
+            errors[i] = std::current_exception();
+        }
+    }
+    for (const auto& e : errors)
+        if (e) std::rethrow_exception(e);
+    return out;
 }
 
 long long golomb_decode_many(const std::vector<GolombStream>& streams, int n_threads, std::string& error) {

@@ -30,6 +30,14 @@ std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n,
 void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, std::uint64_t nnz,
                    std::uint32_t m, std::uint8_t* bits);
 
+// golomb_encode on independent masks (one per tensor), several at a time.
+struct GolombInput {
+    const std::uint8_t* bits;
+    std::size_t n;
+    std::uint32_t m;
+};
+std::vector<std::vector<std::uint8_t>> golomb_encode_many(const std::vector<GolombInput>& inputs, int n_threads);
+
 struct GolombStream {
     const std::uint8_t* data;
     std::size_t size;

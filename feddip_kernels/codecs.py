@@ -51,7 +51,14 @@ class _Kernels:
         self.name = be
         for fn in ("crc32c", "golomb_encode", "golomb_decode", "sparsify", "densify", "pack_bits", "count_bits"):
             setattr(self, fn, getattr(mod, fn))
+        self._encode_many = getattr(mod, "golomb_encode_many", None)
         self._decode_many = getattr(mod, "golomb_decode_many", None)
+
+    def golomb_encode_many(self, items: list[tuple[np.ndarray, int, int]]) -> list[bytes]:
+        """golomb_encode on (bits, n, m) items, in parallel where the backend can."""
+        if self._encode_many is not None:
+            return self._encode_many(items)
+        return [bytes(self.golomb_encode(bits, n, m)) for bits, n, m in items]
 
     def golomb_decode_many(self, items: list[tuple[memoryview, int, int, int]]) -> tuple[list[np.ndarray], int, str]:
         """golomb_decode on (data, n, nnz, m) items, in parallel where the backend can: (bits list,
@@ -169,21 +176,18 @@ def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np
 
 
 def _encode_positions(
-    k: _Kernels, bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]]
+    bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]], golomb: Optional[tuple[int, bytes]]
 ) -> tuple[int, int, bytes]:
     """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements;
-    "auto" takes the smallest payload (the Golomb stream is encoded once, the others are sized by
-    formula and built only when chosen)."""
+    `golomb` is the (parameter, stream) already encoded when codec is "auto" or "golomb". "auto"
+    takes the smallest payload (the others are sized by formula and built only when chosen)."""
     sizes = {"bitmask": (d + 7) // 8}
     if shape is not None and d < 1 << 32 and nnz < 1 << 32:
         sizes["csr"] = _csr_size(shape, d, nnz)
     if nnz == d:
         sizes["all"] = 0
-    golomb = None
-    if codec in ("auto", "golomb"):
-        m = k.golomb_parameter(nnz, d)
-        golomb = (POSITIONS["golomb"], m, k.golomb_encode(bits, d, m))
-        sizes["golomb"] = len(golomb[2])
+    if golomb is not None:
+        sizes["golomb"] = len(golomb[1])
     if codec == "auto":
         codec = min(sizes, key=lambda k: (sizes[k], k != "all"))
     if codec not in sizes:
@@ -194,7 +198,8 @@ def _encode_positions(
         return POSITIONS["bitmask"], 0, bits.tobytes()
     if codec == "csr":
         return POSITIONS["csr"], 0, _csr_encode(bits, d, shape)
-    return golomb
+    assert golomb is not None
+    return POSITIONS["golomb"], golomb[0], golomb[1]
 
 
 def _decode_positions(k: _Kernels, raw: memoryview, codec: int, d: int, nnz: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -247,6 +252,20 @@ class Decoded:
         return self._masks
 
 
+class _Sparse(NamedTuple):
+    """One tensor on its way into a message: its positions (over the domain) and values."""
+
+    name: bytes
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    domain: int
+    d: int
+    nnz: int
+    pos_bits: np.ndarray
+    csr_shape: Optional[tuple[int, ...]]
+    vals: np.ndarray
+
+
 def encode_model(
     tensors: Mapping[str, Any],
     *,
@@ -270,7 +289,7 @@ def encode_model(
     if positions not in ("auto", *POSITIONS):
         raise ValueError(f"unknown positions codec {positions!r}")
     k = _Kernels(backend)
-    parts = [_HEADER.pack(MAGIC, VERSION, 0, 0, len(tensors))]
+    prepared: list[_Sparse] = []
     for name, t in tensors.items():
         a = as_array(t, f"tensors[{name!r}]")
         if a.dtype not in DTYPE_CODES:
@@ -290,16 +309,25 @@ def encode_model(
             if not (keep & ~ref).any():  # a subset of the reference: code relative to it
                 domain, d, csr_shape = DOMAIN_REFERENCE, int(ref.sum()), None
                 pos_bits = k.pack_bits(np.ascontiguousarray(keep[ref]))
-        pos_codec, m, pos_payload = _encode_positions(k, pos_bits, d, nnz, positions, csr_shape)
-        val_payload, scale = _encode_values(vals, values)
         name_b = name.encode("utf-8")
         if len(name_b) > 0xFFFF:
             raise ValueError(f"tensor name longer than 65535 bytes: {name[:40]!r}...")
+        prepared.append(_Sparse(name_b, shape, a.dtype, domain, d, nnz, pos_bits, csr_shape, vals))
+    # The Golomb streams of all tensors in one call (the native backend encodes them in parallel).
+    golomb: list[Optional[tuple[int, bytes]]] = [None] * len(prepared)
+    if positions in ("auto", "golomb"):
+        ms = [k.golomb_parameter(sp.nnz, sp.d) for sp in prepared]
+        streams = k.golomb_encode_many([(sp.pos_bits, sp.d, m) for sp, m in zip(prepared, ms)])
+        golomb = list(zip(ms, streams))
+    parts = [_HEADER.pack(MAGIC, VERSION, 0, 0, len(tensors))]
+    for sp, g in zip(prepared, golomb):
+        pos_codec, m, pos_payload = _encode_positions(sp.pos_bits, sp.d, sp.nnz, positions, sp.csr_shape, g)
+        val_payload, scale = _encode_values(sp.vals, values)
         parts += [
-            struct.pack("<H", len(name_b)),
-            name_b,
-            struct.pack(f"<B{len(shape)}Q", len(shape), *shape),
-            _RECORD.pack(DTYPE_CODES[a.dtype], domain, pos_codec, VALUES[values], 0, 0, d, nnz, m, scale,
+            struct.pack("<H", len(sp.name)),
+            sp.name,
+            struct.pack(f"<B{len(sp.shape)}Q", len(sp.shape), *sp.shape),
+            _RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], 0, 0, sp.d, sp.nnz, m, scale,
                          len(pos_payload), len(val_payload)),
             pos_payload,
             val_payload,

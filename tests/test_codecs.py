@@ -348,16 +348,18 @@ def test_fuzz_campaign_tool_runs_clean():
     assert done.stdout.strip().endswith(" 0 failures")
 
 
-def test_golomb_batch_decode_matches_single(backend):
+def test_golomb_batch_coding_matches_single(backend):
     rng = np.random.default_rng(5)
     k = codecs._Kernels(backend)
-    items, expected = [], []
+    items, expected, to_encode = [], [], []
     for n, p in [(1000, 0.05), (0, 0.1), (70000, 0.01), (333, 0.5)]:
         bits = fk.pack_mask(rng.random(n) < p)
         nnz = int(k.count_bits(bits, n))
         m = k.golomb_parameter(nnz, n)
         items.append((memoryview(bytes(k.golomb_encode(bits, n, m))), n, nnz, m))
         expected.append(bits)
+        to_encode.append((bits, n, m))
+    assert [bytes(s) for s in k.golomb_encode_many(to_encode)] == [bytes(it[0]) for it in items]
     out, failed, message = k.golomb_decode_many(items)
     assert failed == -1 and message == ""
     for got, want in zip(out, expected):
