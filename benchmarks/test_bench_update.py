@@ -28,18 +28,20 @@ def setup():
     return ws, gs, masks, sum(w.size for w in ws)
 
 
-def fused_step(setup, backend):
-    """Our kernel on private copies of the weights; returns the step function."""
+def fused_step(setup, backend, packed=False):
+    """Our kernel on private copies of the weights (masks as bools, or packed bits); returns the
+    step function."""
     ws, gs, masks, _ = setup
     ws = [w.copy() for w in ws]
     bufs = [np.zeros_like(w) for w in ws]
     pruned = [np.empty_like(w) for w in ws]
     norms = [fk.masked_norm(w, m) for w, m in zip(ws, masks)]
+    margs = [{"mask_bits": fk.pack_mask(m)} if packed else {"mask": m} for m in masks]
 
     def step():
-        for i, (w, g, m) in enumerate(zip(ws, gs, masks)):
-            norms[i] = fk.masked_ef_step(w, g, m, lr=LR, weight_decay=WD, lam=LAM, momentum=MOM,
-                                         momentum_buffer=bufs[i], pruned_out=pruned[i], norm=norms[i], backend=backend)
+        for i, (w, g) in enumerate(zip(ws, gs)):
+            norms[i] = fk.masked_ef_step(w, g, lr=LR, weight_decay=WD, lam=LAM, momentum=MOM, momentum_buffer=bufs[i],
+                                         pruned_out=pruned[i], norm=norms[i], backend=backend, **margs[i])
 
     step()  # warm-up (numba compiles here)
     return step
@@ -82,6 +84,11 @@ def test_fused_step(record, setup, backend):
     record(fused_step(setup, backend), group=GROUP, name=f"masked_ef_step[{backend}]", dense_bytes=4 * setup[3])
 
 
+def test_fused_step_packed_mask(record, setup):
+    record(fused_step(setup, "native", packed=True), group=GROUP, name="masked_ef_step[native, packed mask]",
+           dense_bytes=4 * setup[3])
+
+
 def test_torch_sgd_fused(record, setup):
     record(torch_sgd_step(setup, True), group=GROUP, name="torch SGD(fused=True)", dense_bytes=4 * setup[3],
            baseline=True)
@@ -96,9 +103,10 @@ def test_torch_eager_masked_step(record, setup):
 
 
 def test_interleaved_ratios(record, setup):
-    """One round = native step, fused SGD, eager masked step, back to back; the recorded ratios are
-    medians over rounds of the per-round ratios, which a slow spell of the machine cannot skew."""
-    steps = {"native": fused_step(setup, "native"), "fused": torch_sgd_step(setup, True),
+    """One round = native step (packed masks), fused SGD, eager masked step, back to back; the
+    recorded ratios are medians over rounds of the per-round ratios, which a slow spell of the
+    machine cannot skew."""
+    steps = {"native": fused_step(setup, "native", packed=True), "fused": torch_sgd_step(setup, True),
              "eager": torch_eager_step(setup)}
     times: dict[str, list[float]] = {k: [] for k in steps}
 

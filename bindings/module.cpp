@@ -95,6 +95,18 @@ const std::uint8_t* optional_mask(const py::object& mask, std::size_t n) {
     return static_cast<const std::uint8_t*>(a.data());
 }
 
+// A layer's mask from Python: None, a bool array of n elements, or (packed) (n + 7) / 8 bytes of bits.
+MaskRef mask_ref(const py::object& mask, std::size_t n, bool packed) {
+    if (!packed) return {optional_mask(mask, n), false};
+    if (mask.is_none()) throw std::invalid_argument("mask_bits: None");
+    auto a = mask.cast<py::array>();
+    if (a.itemsize() != 1 || !(a.flags() & py::array::c_style))
+        throw std::invalid_argument("mask_bits: expected a C-contiguous uint8 array");
+    if (static_cast<std::size_t>(a.size()) != (n + 7) / 8)
+        throw std::invalid_argument("mask_bits: expected (n + 7) / 8 bytes for n elements");
+    return {static_cast<const std::uint8_t*>(a.data()), true};
+}
+
 template <class T>
 T* optional_out(const py::object& obj, std::size_t n, const char* what) {
     if (obj.is_none()) return nullptr;
@@ -106,13 +118,13 @@ T* optional_out(const py::object& obj, std::size_t n, const char* what) {
 }
 
 template <class T>
-double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, const py::object& buf,
+double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, bool packed, const py::object& buf,
                     const py::object& pruned, const EFStepParams& prm, double norm, int n_threads) {
     const std::size_t n = static_cast<std::size_t>(w.size());
     T* pw = mutable_data_of<T>(w, "w");
     const T* pg = data_of<T>(g, "g");
     if (static_cast<std::size_t>(g.size()) != n) throw std::invalid_argument("g: size differs from w");
-    const std::uint8_t* pm = optional_mask(mask, n);
+    const MaskRef pm = mask_ref(mask, n, packed);
     T* pb = optional_out<T>(buf, n, "momentum_buffer");
     T* pp = optional_out<T>(pruned, n, "pruned_out");
     py::gil_scoped_release release;
@@ -204,22 +216,22 @@ PYBIND11_MODULE(_core, m) {
         "masked_ef_step",
         [](py::array w, const py::array& g, const py::object& mask, const py::object& buf,
            const py::object& pruned, double lr, double weight_decay, double lam, double momentum, int p,
-           double norm, int n_threads) {
+           double norm, bool mask_packed, int n_threads) {
             const EFStepParams prm{lr, weight_decay, lam, momentum, p};
             return py::isinstance<py::array_t<double>>(w)
-                       ? ef_step_impl<double>(w, g, mask, buf, pruned, prm, norm, n_threads)
-                       : ef_step_impl<float>(w, g, mask, buf, pruned, prm, norm, n_threads);
+                       ? ef_step_impl<double>(w, g, mask, mask_packed, buf, pruned, prm, norm, n_threads)
+                       : ef_step_impl<float>(w, g, mask, mask_packed, buf, pruned, prm, norm, n_threads);
         },
         py::arg("w"), py::arg("g"), py::arg("mask"), py::arg("momentum_buffer"), py::arg("pruned_out"),
         py::arg("lr"), py::arg("weight_decay"), py::arg("lam"), py::arg("momentum"), py::arg("p"),
-        py::arg("norm"), py::arg("n_threads") = 0,
+        py::arg("norm"), py::arg("mask_packed") = false, py::arg("n_threads") = 0,
         "Fused masked error-feedback SGD step in place; returns ||w*m||_p after the step.");
 
     m.def(
         "masked_norm",
-        [](const py::array& w, const py::object& mask, int p, int n_threads) {
+        [](const py::array& w, const py::object& mask, int p, bool mask_packed, int n_threads) {
             const std::size_t n = static_cast<std::size_t>(w.size());
-            const std::uint8_t* pm = optional_mask(mask, n);
+            const MaskRef pm = mask_ref(mask, n, mask_packed);
             if (py::isinstance<py::array_t<double>>(w)) {
                 const double* pw = data_of<double>(w, "w");
                 py::gil_scoped_release release;
@@ -229,7 +241,7 @@ PYBIND11_MODULE(_core, m) {
             py::gil_scoped_release release;
             return masked_norm(pw, pm, n, p, n_threads);
         },
-        py::arg("w"), py::arg("mask"), py::arg("p"), py::arg("n_threads") = 0);
+        py::arg("w"), py::arg("mask"), py::arg("p"), py::arg("mask_packed") = false, py::arg("n_threads") = 0);
 
     m.def(
         "sparsify",

@@ -32,6 +32,31 @@ inline T mask_value(std::uint8_t byte) {
     return static_cast<T>(static_cast<std::int32_t>((x | (0u - x)) >> 31));
 }
 
+// A mask is absent (all kept), one byte an element (non-zero = kept), or packed bits (element i
+// is bit i % 8 of byte i / 8). Chunks and tiles start at multiples of 8 elements, so a packed mask
+// can be offset by whole bytes.
+enum class Layout { none, bytes, bits };
+
+template <Layout L, class T>
+inline T mask_at(const std::uint8_t* mask, std::size_t i) {
+    if constexpr (L == Layout::none)
+        return T(1);
+    else if constexpr (L == Layout::bytes)
+        return mask_value<T>(mask[i]);
+    else
+        return static_cast<T>((mask[i >> 3] >> (i & 7)) & 1);
+}
+
+template <Layout L>
+inline const std::uint8_t* mask_from(const std::uint8_t* mask, std::size_t first) {
+    if constexpr (L == Layout::none)
+        return nullptr;
+    else if constexpr (L == Layout::bytes)
+        return mask + first;
+    else
+        return mask + first / 8;
+}
+
 // sign(x) with sign(0) = 0, written as selects so that loops using it vectorise.
 template <class T>
 inline T sign(T x) {
@@ -40,34 +65,34 @@ inline T sign(T x) {
     return pos - neg;
 }
 
-template <class T, bool Mask, int P>
+template <class T, Layout Mask, int P>
 FEDDIP_VECTOR_CLONES double norm_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
-        const T v = Mask ? w[i] * mask_value<T>(mask[i]) : w[i];
+        const T v = w[i] * mask_at<Mask, T>(mask, i);
         acc += P == 2 ? v * v : std::abs(v);
     }
     return static_cast<double>(acc);
 }
 
-template <class T, bool Mask>
+template <class T, Layout Mask>
 FEDDIP_VECTOR_CLONES T max_abs_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
     T acc = 0;
 #pragma omp simd reduction(max : acc)
     for (std::size_t i = 0; i < n; ++i) {
-        const T v = std::abs(Mask ? w[i] * mask_value<T>(mask[i]) : w[i]);
+        const T v = std::abs(w[i] * mask_at<Mask, T>(mask, i));
         acc = v > acc ? v : acc;
     }
     return acc;
 }
 
-template <class T, bool Mask>
+template <class T, Layout Mask>
 FEDDIP_VECTOR_CLONES double scaled_sq_chunk(const T* w, const std::uint8_t* mask, std::size_t n, double s) {
     double acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
-        const double v = static_cast<double>(Mask ? w[i] * mask_value<T>(mask[i]) : w[i]) * s;
+        const double v = static_cast<double>(w[i] * mask_at<Mask, T>(mask, i)) * s;
         acc += v * v;
     }
     return acc;
@@ -82,14 +107,14 @@ bool sum_sq_unreliable(double sum_sq, std::size_t n) {
     return sum_sq < static_cast<double>(n) * (static_cast<double>(L::min()) / static_cast<double>(L::epsilon()));
 }
 
-template <class T, bool Mask>
+template <class T, Layout Mask>
 double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
     const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
     T mx = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(max : mx)
     for (long long c = 0; c < n_chunks; ++c) {
         const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-        const T v = max_abs_chunk<T, Mask>(w + b, Mask ? mask + b : nullptr, m);
+        const T v = max_abs_chunk<T, Mask>(w + b, mask_from<Mask>(mask, b), m);
         mx = v > mx ? v : mx;
     }
     if (!(mx > 0)) return 0.0;
@@ -100,26 +125,26 @@ double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt)
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
     for (long long c = 0; c < n_chunks; ++c) {
         const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-        total += scaled_sq_chunk<T, Mask>(w + b, Mask ? mask + b : nullptr, m, s);
+        total += scaled_sq_chunk<T, Mask>(w + b, mask_from<Mask>(mask, b), m, s);
     }
     return std::ldexp(std::sqrt(total), e);
 }
 
 // ||w*m||_p from a sum of |v| (P = 1) or of squares (P = 2) over the same n elements.
-template <class T, bool Mask, int P>
+template <class T, Layout Mask, int P>
 double finish_norm(double total, const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
     if (P == 1) return total;
     return sum_sq_unreliable<T>(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
 }
 
-template <class T, bool Mask, int P>
+template <class T, Layout Mask, int P>
 double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
     const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
     double total = 0.0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
     for (long long c = 0; c < n_chunks; ++c) {
         const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-        total += norm_chunk<T, Mask, P>(w + b, Mask ? mask + b : nullptr, m);
+        total += norm_chunk<T, Mask, P>(w + b, mask_from<Mask>(mask, b), m);
     }
     return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
@@ -152,7 +177,7 @@ inline void stream_fence() {
 #endif
 }
 
-template <class T, bool Mask, bool Mom, bool Pruned, int P>
+template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 FEDDIP_VECTOR_CLONES T step_tile(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n,
                                  T lr, T wd, T reg, T scale, T mom) {
     // P == 2: reg * scale = lam / ||w*m||_2, split so that neither factor overflows; P == 1: reg = lam.
@@ -161,7 +186,7 @@ FEDDIP_VECTOR_CLONES T step_tile(T* w, const T* g, const std::uint8_t* mask, T* 
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
         const T wi = w[i];
-        const T mi = Mask ? mask_value<T>(mask[i]) : T(1);
+        const T mi = mask_at<Mask, T>(mask, i);
         T d = g[i] + wd * wi + reg * (P == 2 ? (mi * wi) * scale : mi * sign(wi));
         if (Mom) {
             d = mom * buf[i] + d;
@@ -206,10 +231,12 @@ struct Avx2<float> {
     FEDDIP_AVX2 V andnot(V a, V b) { return _mm256_andnot_ps(a, b); }
     FEDDIP_AVX2 V gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
     FEDDIP_AVX2 V abs_bits() { return _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)); }
-    // All-ones lanes where the mask byte is 0.
-    FEDDIP_AVX2 V mask_zero(const std::uint8_t* m) {
-        const __m256i m32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
-        return _mm256_castsi256_ps(_mm256_cmpeq_epi32(m32, _mm256_setzero_si256()));
+    // All-ones lanes where elements i.. are not kept (bits: i is a multiple of 8, one mask byte).
+    FEDDIP_AVX2 V mask_zero(const std::uint8_t* m, std::size_t i, bool bits) {
+        const __m256i k =
+            bits ? _mm256_and_si256(_mm256_set1_epi32(m[i >> 3]), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128))
+                 : _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i)));
+        return _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_setzero_si256()));
     }
     FEDDIP_AVX2 float sum(V v) {
         alignas(32) float x[8];
@@ -234,11 +261,17 @@ struct Avx2<double> {
     FEDDIP_AVX2 V andnot(V a, V b) { return _mm256_andnot_pd(a, b); }
     FEDDIP_AVX2 V gt(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_GT_OQ); }
     FEDDIP_AVX2 V abs_bits() { return _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL)); }
-    FEDDIP_AVX2 V mask_zero(const std::uint8_t* m) {
-        std::int32_t four;
-        std::memcpy(&four, m, 4);
-        const __m256i m64 = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
-        return _mm256_castsi256_pd(_mm256_cmpeq_epi64(m64, _mm256_setzero_si256()));
+    // (bits: i is a multiple of 4, half a mask byte)
+    FEDDIP_AVX2 V mask_zero(const std::uint8_t* m, std::size_t i, bool bits) {
+        __m256i k;
+        if (bits) {
+            k = _mm256_and_si256(_mm256_set1_epi64x(m[i >> 3] >> (i & 7)), _mm256_setr_epi64x(1, 2, 4, 8));
+        } else {
+            std::int32_t four;
+            std::memcpy(&four, m + i, 4);
+            k = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+        }
+        return _mm256_castsi256_pd(_mm256_cmpeq_epi64(k, _mm256_setzero_si256()));
     }
     FEDDIP_AVX2 double sum(V v) {
         alignas(32) double x[4];
@@ -247,7 +280,7 @@ struct Avx2<double> {
     }
 };
 
-template <class T, bool Mask, bool Mom, bool Pruned, int P>
+template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 __attribute__((target("avx2,fma"))) T step_tile_avx2(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
                                                       std::size_t n, T lr, T wd, T reg, T scale, T mom) {
     using A = Avx2<T>;
@@ -256,9 +289,11 @@ __attribute__((target("avx2,fma"))) T step_tile_avx2(T* w, const T* g, const std
             vreg = A::set1(reg), vsc = A::set1(scale), vmom = A::set1(mom), abs_bits = A::abs_bits();
     V acc = zero;
     std::size_t i = 0;
-    for (; i + A::W <= n; i += A::W) {
+    // With packed bits the scalar tail must start on a mask byte: stop at a multiple of 8.
+    const std::size_t vec_end = Mask == Layout::bits ? n & ~std::size_t(7) : n;
+    for (; i + A::W <= vec_end; i += A::W) {
         const V wi = A::load(w + i);
-        const V mi = Mask ? A::andnot(A::mask_zero(mask + i), one) : one;
+        const V mi = Mask == Layout::none ? one : A::andnot(A::mask_zero(mask, i, Mask == Layout::bits), one);
         // sign(w) as (w > 0) - (0 > w): zero for 0 and NaN, like step_tile.
         const V r = P == 2 ? A::mul(A::mul(mi, wi), vsc)
                            : A::mul(mi, A::sub(A::and_(A::gt(wi, zero), one), A::and_(A::gt(zero, wi), one)));
@@ -276,13 +311,13 @@ __attribute__((target("avx2,fma"))) T step_tile_avx2(T* w, const T* g, const std
     }
     T total = A::sum(acc);
     if (i < n)
-        total += step_tile<T, Mask, Mom, Pruned, P>(w + i, g + i, Mask ? mask + i : nullptr, Mom ? buf + i : nullptr,
+        total += step_tile<T, Mask, Mom, Pruned, P>(w + i, g + i, mask_from<Mask>(mask, i), Mom ? buf + i : nullptr,
                                                     Pruned ? out + i : nullptr, n - i, lr, wd, reg, scale, mom);
     return total;
 }
 #endif
 
-template <class T, bool Mask, bool Mom, bool Pruned, int P>
+template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 T step_tile_best(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n, T lr, T wd, T reg,
                  T scale, T mom) {
 #if defined(FEDDIP_X86_AVX2)
@@ -291,7 +326,7 @@ T step_tile_best(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std
     return step_tile<T, Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
 }
 
-template <class T, bool Mask, bool Mom, bool Pruned, int P>
+template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd,
                   T reg, T scale, T mom) {
     if (!Pruned)
@@ -300,7 +335,7 @@ double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
     T acc = 0;
     for (std::size_t b = 0; b < n; b += kTile) {
         const std::size_t m = std::min(kTile, n - b);
-        acc += step_tile_best<T, Mask, Mom, true, P>(w + b, g + b, Mask ? mask + b : nullptr, Mom ? buf + b : nullptr,
+        acc += step_tile_best<T, Mask, Mom, true, P>(w + b, g + b, mask_from<Mask>(mask, b), Mom ? buf + b : nullptr,
                                                 tile, m, lr, wd, reg, scale, mom);
         stream_store(pruned + b, tile, m);
     }
@@ -308,7 +343,7 @@ double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
     return static_cast<double>(acc);
 }
 
-template <class T, bool Mask, bool Mom, bool Pruned, int P>
+template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
                  const EFStepParams& prm, double norm, int nt) {
     if (norm < 0) norm = norm_impl<T, Mask, P>(w, mask, n, nt);
@@ -331,28 +366,28 @@ double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, 
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
     for (long long c = 0; c < n_chunks; ++c) {
         const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-        total += step_chunk<T, Mask, Mom, Pruned, P>(w + b, g + b, Mask ? mask + b : nullptr,
+        total += step_chunk<T, Mask, Mom, Pruned, P>(w + b, g + b, mask_from<Mask>(mask, b),
                                                      Mom ? buf + b : nullptr, Pruned ? pruned + b : nullptr,
                                                      m, lr, wd, r, sc, mom);
     }
     return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
 
-template <class T, bool Mask, bool Mom, bool Pruned>
+template <class T, Layout Mask, bool Mom, bool Pruned>
 double dispatch_p(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
                   const EFStepParams& prm, double norm, int nt) {
     return prm.p == 1 ? step_impl<T, Mask, Mom, Pruned, 1>(w, g, mask, buf, pruned, n, prm, norm, nt)
                       : step_impl<T, Mask, Mom, Pruned, 2>(w, g, mask, buf, pruned, n, prm, norm, nt);
 }
 
-template <class T, bool Mask, bool Mom>
+template <class T, Layout Mask, bool Mom>
 double dispatch_pruned(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
                        const EFStepParams& prm, double norm, int nt) {
     return pruned ? dispatch_p<T, Mask, Mom, true>(w, g, mask, buf, pruned, n, prm, norm, nt)
                   : dispatch_p<T, Mask, Mom, false>(w, g, mask, buf, pruned, n, prm, norm, nt);
 }
 
-template <class T, bool Mask>
+template <class T, Layout Mask>
 double dispatch_mom(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
                     const EFStepParams& prm, double norm, int nt) {
     return buf ? dispatch_pruned<T, Mask, true>(w, g, mask, buf, pruned, n, prm, norm, nt)
@@ -362,27 +397,32 @@ double dispatch_mom(T* w, const T* g, const std::uint8_t* mask, T* buf, T* prune
 }  // namespace
 
 template <class T>
-double masked_ef_step(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+double masked_ef_step(T* w, const T* g, MaskRef mask, T* buf, T* pruned, std::size_t n,
                       const EFStepParams& params, double norm, int n_threads) {
     if (params.p != 1 && params.p != 2) throw std::invalid_argument("p must be 1 or 2");
     const int nt = threads_for(n_threads, n);
-    return mask ? dispatch_mom<T, true>(w, g, mask, buf, pruned, n, params, norm, nt)
-                : dispatch_mom<T, false>(w, g, mask, buf, pruned, n, params, norm, nt);
+    const std::uint8_t* m = mask.data;
+    if (!m) return dispatch_mom<T, Layout::none>(w, g, m, buf, pruned, n, params, norm, nt);
+    return mask.packed ? dispatch_mom<T, Layout::bits>(w, g, m, buf, pruned, n, params, norm, nt)
+                       : dispatch_mom<T, Layout::bytes>(w, g, m, buf, pruned, n, params, norm, nt);
 }
 
 template <class T>
-double masked_norm(const T* w, const std::uint8_t* mask, std::size_t n, int p, int n_threads) {
+double masked_norm(const T* w, MaskRef mask, std::size_t n, int p, int n_threads) {
     if (p != 1 && p != 2) throw std::invalid_argument("p must be 1 or 2");
     const int nt = threads_for(n_threads, n);
-    if (mask) return p == 1 ? norm_impl<T, true, 1>(w, mask, n, nt) : norm_impl<T, true, 2>(w, mask, n, nt);
-    return p == 1 ? norm_impl<T, false, 1>(w, mask, n, nt) : norm_impl<T, false, 2>(w, mask, n, nt);
+    const std::uint8_t* m = mask.data;
+    if (!m) return p == 1 ? norm_impl<T, Layout::none, 1>(w, m, n, nt) : norm_impl<T, Layout::none, 2>(w, m, n, nt);
+    if (mask.packed)
+        return p == 1 ? norm_impl<T, Layout::bits, 1>(w, m, n, nt) : norm_impl<T, Layout::bits, 2>(w, m, n, nt);
+    return p == 1 ? norm_impl<T, Layout::bytes, 1>(w, m, n, nt) : norm_impl<T, Layout::bytes, 2>(w, m, n, nt);
 }
 
-template double masked_ef_step(float*, const float*, const std::uint8_t*, float*, float*, std::size_t,
-                               const EFStepParams&, double, int);
-template double masked_ef_step(double*, const double*, const std::uint8_t*, double*, double*, std::size_t,
-                               const EFStepParams&, double, int);
-template double masked_norm(const float*, const std::uint8_t*, std::size_t, int, int);
-template double masked_norm(const double*, const std::uint8_t*, std::size_t, int, int);
+template double masked_ef_step(float*, const float*, MaskRef, float*, float*, std::size_t, const EFStepParams&,
+                               double, int);
+template double masked_ef_step(double*, const double*, MaskRef, double*, double*, std::size_t, const EFStepParams&,
+                               double, int);
+template double masked_norm(const float*, MaskRef, std::size_t, int, int);
+template double masked_norm(const double*, MaskRef, std::size_t, int, int);
 
 }  // namespace feddip

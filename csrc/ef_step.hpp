@@ -6,6 +6,13 @@
 
 namespace feddip {
 
+// A layer's mask: null (all kept), one byte an element (non-zero = kept), or packed bits (element
+// i is bit i % 8 of byte i / 8, as pack_bits writes them; (n + 7) / 8 bytes).
+struct MaskRef {
+    const std::uint8_t* data = nullptr;
+    bool packed = false;
+};
+
 struct EFStepParams {
     double lr = 0.0;
     double weight_decay = 0.0;
@@ -22,16 +29,16 @@ struct EFStepParams {
 // g is the gradient taken at the pruned point w*m and is applied to the dense w (error feedback).
 // For p = 2 the regulariser gradient is m*w / ||w*m||_2 (zero when the norm is zero or not finite;
 // formed without overflow for subnormal norms); for p = 1 it
-// is m*sign(w). `mask` may be null (all ones). `norm` is ||w*m||_p before the step; pass a
+// is m*sign(w). `mask` may be absent (all ones). `norm` is ||w*m||_p before the step; pass a
 // negative value to have it computed by an extra read pass. Returns ||w*m||_p after the step,
 // which the caller can feed to the next step to keep it one pass.
 template <class T>
-double masked_ef_step(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
+double masked_ef_step(T* w, const T* g, MaskRef mask, T* buf, T* pruned, std::size_t n,
                       const EFStepParams& params, double norm, int n_threads = 0);
 
 // ||w * m||_p (p = 1 or 2) with a double accumulator; mask may be null. For p = 2, a sum of squares
 // small enough to have lost underflowed terms is recomputed from rescaled values.
 template <class T>
-double masked_norm(const T* w, const std::uint8_t* mask, std::size_t n, int p, int n_threads = 0);
+double masked_norm(const T* w, MaskRef mask, std::size_t n, int p, int n_threads = 0);
 
 }  // namespace feddip

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import FLOAT_DTYPES, as_array, flat_mask, writable_view
+from ._arrays import FLOAT_DTYPES, as_array, contiguous, flat_mask, writable_view
+from .pruning import unpack_mask
 
 
 def masked_ef_step(
@@ -24,6 +25,7 @@ def masked_ef_step(
     momentum_buffer: Any = None,
     pruned_out: Any = None,
     norm: Optional[float] = None,
+    mask_bits: Any = None,
     backend: str = "auto",
 ) -> float:
     """One FedDIP local step on one layer, in place:
@@ -46,6 +48,10 @@ def masked_ef_step(
     return value is ||w * m||_p after the step: pass it as `norm` next time to keep each step a
     single pass over memory. `w`, `momentum_buffer` and `pruned_out` are written in place (NumPy
     arrays or torch CPU tensors, C-contiguous); `g` and `mask` have w's number of elements.
+
+    `mask_bits` may replace `mask`: the mask packed as pack_mask writes it ((n + 7) / 8 bytes,
+    little-endian bit order), 1/8 of the memory and traffic. The native kernel reads the bits
+    directly; the numba and numpy backends unpack them first.
     """
     wa = as_array(w, "w")
     if wa.dtype not in FLOAT_DTYPES:
@@ -55,7 +61,7 @@ def masked_ef_step(
     if ga.dtype != wa.dtype or ga.size != wa.size:
         raise ValueError(f"g must match w ({wa.size} x {wa.dtype}), got {ga.size} x {ga.dtype}")
     ga = np.ascontiguousarray(ga)
-    ma = None if mask is None else flat_mask(mask, wa.size)
+    ma, packed = _layer_mask(mask, mask_bits, wa.size)
     buf = None if momentum_buffer is None else writable_view(momentum_buffer, "momentum_buffer", wa.dtype, wa.size)
     if momentum != 0.0 and buf is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
@@ -72,24 +78,44 @@ def masked_ef_step(
     if be == "native":
         return _backend.native_module().masked_ef_step(
             wa, ga, ma, buf, out, kwargs["lr"], kwargs["weight_decay"], kwargs["lam"], kwargs["momentum"], p,
-            -1.0 if norm is None else float(norm),
+            -1.0 if norm is None else float(norm), packed,
         )
+    if packed:
+        ma = unpack_mask(ma, wa.size, backend=be)
     impl = _backend.numba_module().masked_ef_step if be == "numba" else reference.masked_ef_step
     return impl(wa, ga, ma, momentum_buffer=buf, pruned_out=out, norm=norm, **kwargs)
 
 
-def masked_norm(w: Any, mask: Any = None, *, p: int = 2, backend: str = "auto") -> float:
+def masked_norm(w: Any, mask: Any = None, *, p: int = 2, mask_bits: Any = None, backend: str = "auto") -> float:
     """||w * m||_p (p = 1 or 2), accumulated in double; for p = 2 values are rescaled by a power of
-    two when their squares would underflow, so subnormal layers get their exact norm, not 0."""
+    two when their squares would underflow, so subnormal layers get their exact norm, not 0. The
+    mask is given as `mask` or packed as `mask_bits`, as in masked_ef_step."""
     wa = np.ascontiguousarray(as_array(w, "w"))
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
-    ma = None if mask is None else flat_mask(mask, wa.size)
+    ma, packed = _layer_mask(mask, mask_bits, wa.size)
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
     be = _backend.resolve(backend)
     if be == "native":
-        return _backend.native_module().masked_norm(wa, ma, p)
+        return _backend.native_module().masked_norm(wa, ma, p, packed)
+    if packed:
+        ma = unpack_mask(ma, wa.size, backend=be)
     if be == "numba":
         return _backend.numba_module().masked_norm(wa, ma, p)
     return reference.masked_norm(wa, ma, p)
+
+
+def _layer_mask(mask: Any, mask_bits: Any, n: int) -> tuple[Optional[np.ndarray], bool]:
+    """(flat mask array or None, whether it is packed bits) from the mask or mask_bits argument."""
+    if mask_bits is None:
+        return (None if mask is None else flat_mask(mask, n)), False
+    if mask is not None:
+        raise ValueError("give mask or mask_bits, not both")
+    bits = contiguous(as_array(mask_bits, "mask_bits")).reshape(-1)
+    if bits.dtype != np.uint8:
+        raise TypeError(f"mask_bits has dtype {bits.dtype}, expected uint8 (as pack_mask returns)")
+    if bits.size != (n + 7) // 8:
+        raise ValueError(f"mask_bits has {bits.size} bytes, {(n + 7) // 8} expected for {n} elements")
+    return bits, True
+

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import assume, example, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import feddip_kernels as fk
@@ -86,6 +86,59 @@ def test_nan_and_inf_propagate_as_in_the_reference(backend, case):
     if want_pruned:
         np.testing.assert_allclose(pr_b, pr_ref, **tol)
     assert out_b == pytest.approx(out_ref, rel=1e-4 if w.dtype == np.float32 else 1e-10, abs=1e-6, nan_ok=True)
+
+
+@given(steps())
+def test_packed_mask_gives_the_same_step(backend, case):
+    w, g, mask, buf, kw, want_pruned, _ = case
+    assume(mask is not None)
+    norm = reference.masked_norm(w, mask, kw["p"])  # the same regulariser coefficient for both runs
+    runs = []
+    for kind in ("mask", "mask_bits"):
+        w_b, buf_b = w.copy(), None if buf is None else buf.copy()
+        pr_b = np.empty_like(w) if want_pruned else None
+        m = {"mask": mask} if kind == "mask" else {"mask_bits": fk.pack_mask(mask)}
+        out = fk.masked_ef_step(w_b, g, momentum_buffer=buf_b, pruned_out=pr_b, norm=norm, backend=backend, **m, **kw)
+        before = fk.masked_norm(w, p=kw["p"], backend=backend, **m)
+        runs.append((w_b, buf_b, pr_b, out, before))
+    (w1, b1, p1, o1, n1), (w2, b2, p2, o2, n2) = runs
+    # The same arithmetic, but an element may fall in a vector loop (fused multiply-adds) with one
+    # layout and in the scalar tail with the other: equal up to rounding.
+    tol = _tol(w.dtype)
+    np.testing.assert_allclose(w2, w1, **tol)
+    if buf is not None:
+        np.testing.assert_allclose(b2, b1, **tol)
+    if want_pruned:
+        np.testing.assert_allclose(p2, p1, **tol)
+        assert not p2[~mask].any()
+    rel = 1e-5 if w.dtype == np.float32 else 1e-12  # sums may be taken in another order
+    assert o2 == pytest.approx(o1, rel=rel, abs=1e-30) and n2 == pytest.approx(n1, rel=rel, abs=1e-30)
+
+
+@pytest.mark.parametrize("n", [1, 4, 7, 8, 9, 12, 4100, 70_003])
+def test_packed_mask_odd_lengths_float64(backend, n):
+    # float64 vectors hold 4 elements, half a mask byte: the tails must start on a byte.
+    rng = np.random.default_rng(n)
+    w, g = rng.standard_normal(n), rng.standard_normal(n)
+    mask = rng.random(n) < 0.4
+    kw = dict(lr=0.1, weight_decay=5e-4, lam=0.01, p=2, momentum=0.9)
+    w_ref, buf_ref, pr_ref = w.copy(), np.zeros(n), np.empty(n)
+    reference.masked_ef_step(w_ref, g, mask, momentum_buffer=buf_ref, pruned_out=pr_ref, norm=None, **kw)
+    buf, pr = np.zeros(n), np.empty(n)
+    fk.masked_ef_step(w, g, mask_bits=fk.pack_mask(mask), momentum_buffer=buf, pruned_out=pr, backend=backend, **kw)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(pr, pr_ref, rtol=1e-12, atol=1e-13)
+    assert not pr[~mask].any()
+
+
+def test_packed_mask_errors():
+    w = np.ones(10, np.float32)
+    with pytest.raises(ValueError, match="not both"):
+        fk.masked_ef_step(w, w, np.ones(10, bool), lr=0.1, mask_bits=np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match="2 expected"):
+        fk.masked_ef_step(w, w, lr=0.1, mask_bits=np.zeros(3, np.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        fk.masked_norm(w, mask_bits=np.zeros(2, np.int32))
 
 
 def test_large_multithreaded_matches_reference(backend):
