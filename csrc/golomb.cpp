@@ -140,7 +140,8 @@ public:
         refill();
         if (acc_ == 0) return false;
         const unsigned z = static_cast<unsigned>(__builtin_ctzll(acc_));
-        if (z + 1 + p.b > fill_) return false;
+        // A code filling all 64 bits would need shifts by 64 (undefined): the slow path takes it.
+        if (z + 1 + p.b > fill_ || z + 1 + p.b >= 64) return false;
         const unsigned b1 = p.b == 0 ? 0 : p.b - 1;
         const std::uint64_t x = acc_ >> (z + 1);
         const std::uint64_t lo = x & ((std::uint64_t(1) << b1) - 1);

@@ -111,6 +111,20 @@ def test_golomb_matches_reference_coder(mask, m):
     np.testing.assert_array_equal(golomb_decode(enc, mask.size, int(mask.sum()), m), bits)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_golomb_codes_ending_on_a_64_bit_boundary(backend, m):
+    # Found by the stress profile: a code of exactly 64 buffered bits made the native decoder shift
+    # by 64 (undefined) and report non-zero padding, for two-position masks such as {7, 71} at m = 1.
+    k = codecs._Kernels(backend)
+    for n in range(60, 150):
+        for first in range(0, 10):
+            mask = np.zeros(n, bool)
+            mask[[first, n - 1]] = True
+            bits = fk.pack_mask(mask)
+            enc = bytes(golomb_encode(bits, n, m))
+            np.testing.assert_array_equal(k.golomb_decode(enc, n, 2, m), bits)
+
+
 def test_auto_picks_smallest():
     rng = np.random.default_rng(4)
     dense = rng.standard_normal((40, 40)).astype(np.float32)
