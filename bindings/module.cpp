@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -26,6 +27,8 @@ const T* data_of(const py::array& a, const char* what) {
     if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style))
         throw std::invalid_argument(std::string(what) + ": expected a C-contiguous array of " +
                                     (sizeof(T) == 4 ? "float32" : "float64"));
+    if (a.size() > 0 && reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) != 0)
+        throw std::invalid_argument(std::string(what) + ": array is not aligned for its dtype");
     return static_cast<const T*>(a.data());
 }
 

@@ -31,8 +31,10 @@ def as_array(x: Any, what: str = "tensor") -> np.ndarray:
 
 
 def contiguous(a: np.ndarray) -> np.ndarray:
-    """`a` itself when C-contiguous, else a C-contiguous copy (keeps 0-d arrays 0-d)."""
-    return a if a.flags.c_contiguous else a.copy(order="C")
+    """`a` itself when C-contiguous and aligned for its dtype, else such a copy (keeps 0-d arrays
+    0-d). Views into byte buffers (np.frombuffer at an odd offset) can be misaligned, and native
+    kernels may not read them."""
+    return a if a.flags.c_contiguous and a.flags.aligned else a.copy(order="C")
 
 
 def flat_mask(x: Any, size: Optional[int] = None, what: str = "mask") -> np.ndarray:
@@ -52,8 +54,8 @@ def writable_view(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
         raise TypeError(f"{what} has dtype {a.dtype}, expected {dtype}")
     if a.size != size:
         raise ValueError(f"{what} has {a.size} elements, expected {size}")
-    if not a.flags.c_contiguous or not a.flags.writeable:
-        raise ValueError(f"{what} must be a writeable C-contiguous array (it is written in place)")
+    if not a.flags.c_contiguous or not a.flags.writeable or not a.flags.aligned:
+        raise ValueError(f"{what} must be a writeable, aligned, C-contiguous array (it is written in place)")
     return a
 
 

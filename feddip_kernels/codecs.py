@@ -12,7 +12,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, flat_mask, writable_view
+from ._arrays import as_array, contiguous, flat_mask, writable_view
 
 MAGIC = b"FDKW"
 VERSION = 1
@@ -120,8 +120,8 @@ def _decode_values(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale
 
 
 def _decode_values_as_sent(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
-    if codec == 0:
-        return np.frombuffer(raw, dtype=dtype, count=nnz).astype(dtype.newbyteorder("="), copy=False)
+    if codec == 0:  # a view of the message when aligned (values sit at any byte offset)
+        return contiguous(np.frombuffer(raw, dtype=dtype, count=nnz).astype(dtype.newbyteorder("="), copy=False))
     if codec == 1:
         return np.frombuffer(raw, dtype="<f2", count=nnz).astype(dtype)
     if codec == 2:
@@ -297,7 +297,7 @@ def encode_model(
         if a.ndim > MAX_NDIM:
             raise ValueError(f"tensors[{name!r}] has {a.ndim} dimensions, at most {MAX_NDIM}")
         shape = tuple(int(s) for s in a.shape)
-        a = np.ascontiguousarray(a).reshape(-1)
+        a = contiguous(a).reshape(-1)
         n = a.size
         mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
         bits, vals = k.sparsify(a, mask)

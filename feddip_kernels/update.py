@@ -60,7 +60,7 @@ def masked_ef_step(
     ga = as_array(g, "g")
     if ga.dtype != wa.dtype or ga.size != wa.size:
         raise ValueError(f"g must match w ({wa.size} x {wa.dtype}), got {ga.size} x {ga.dtype}")
-    ga = np.ascontiguousarray(ga)
+    ga = contiguous(ga)
     ma, packed = _layer_mask(mask, mask_bits, wa.size)
     buf = None if momentum_buffer is None else writable_view(momentum_buffer, "momentum_buffer", wa.dtype, wa.size)
     if momentum != 0.0 and buf is None:
@@ -90,7 +90,7 @@ def masked_norm(w: Any, mask: Any = None, *, p: int = 2, mask_bits: Any = None, 
     """||w * m||_p (p = 1 or 2), accumulated in double; for p = 2 values are rescaled by a power of
     two when their squares would underflow, so subnormal layers get their exact norm, not 0. The
     mask is given as `mask` or packed as `mask_bits`, as in masked_ef_step."""
-    wa = np.ascontiguousarray(as_array(w, "w"))
+    wa = contiguous(as_array(w, "w"))
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
     ma, packed = _layer_mask(mask, mask_bits, wa.size)

@@ -396,3 +396,28 @@ def test_corrupt_golomb_stream_names_its_tensor(backend):
     body[end - pos_len : end] = bytes(pos_len)
     with pytest.raises(fk.CodecError, match="'b'.*Golomb"):
         fk.decode_model(_reseal(bytes(body)), backend=backend)
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    buf = bytearray(a.nbytes + 1)
+    out = np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned or a.itemsize == 1
+    return out
+
+
+def test_misaligned_inputs_are_read_through_aligned_copies(backend):
+    # Views into byte buffers at odd offsets are valid NumPy arrays; native kernels must not read
+    # them in place (undefined behaviour in C++, found with -fsanitize=undefined).
+    rng = np.random.default_rng(8)
+    a = (rng.standard_normal((7, 9)) * (rng.random((7, 9)) < 0.3)).astype(np.float32)
+    msg = fk.encode_model({"a": _misaligned(a)}, backend=backend)
+    assert msg == fk.encode_model({"a": a}, backend=backend)
+    np.testing.assert_array_equal(fk.decode_model(msg, backend=backend).tensors["a"], a)
+    assert fk.global_magnitude_threshold([_misaligned(a)], 5, backend=backend) == fk.global_magnitude_threshold([a], 5)
+    w1, w2 = a.copy(), a.copy()
+    fk.masked_ef_step(w1, a, a != 0, lr=0.1, backend=backend)
+    fk.masked_ef_step(w2, _misaligned(a), _misaligned(a != 0), lr=0.1, backend=backend)
+    np.testing.assert_array_equal(w1, w2)
+    with pytest.raises(ValueError, match="aligned"):
+        fk.masked_ef_step(_misaligned(a), a, lr=0.1, backend=backend)
