@@ -255,44 +255,61 @@ void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, st
     if (!r.rest_is_zero()) throw std::invalid_argument("Golomb stream: non-zero padding bits");
 }
 
-std::vector<std::vector<std::uint8_t>> golomb_encode_many(const std::vector<GolombInput>& inputs, int n_threads) {
-    const long long count = static_cast<long long>(inputs.size());
-    std::vector<std::vector<std::uint8_t>> out(inputs.size());
-    std::vector<std::exception_ptr> errors(inputs.size());
+namespace {
+
+// body(i) for i < count, several at a time. Exceptions must not leave the parallel region: each is
+// kept, and the lowest index that threw is returned with its exception in `error` (or -1).
+template <class Body>
+long long parallel_each(long long count, int n_threads, Body&& body, std::exception_ptr& error) {
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(count));
     const int nt = static_cast<int>(std::max<long long>(1, std::min<long long>(max_threads(n_threads), count)));
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (long long i = 0; i < count; ++i) {
         try {
-            out[i] = golomb_encode(inputs[i].bits, inputs[i].n, inputs[i].m);
-        } catch (...) {  // (out of memory) exceptions must not leave the parallel region
+            body(i);
+        } catch (...) {
             errors[i] = std::current_exception();
         }
     }
-    for (const auto& e : errors)
-        if (e) std::rethrow_exception(e);
-    return out;
-}
-
-long long golomb_decode_many(const std::vector<GolombStream>& streams, int n_threads, std::string& error) {
-    const long long count = static_cast<long long>(streams.size());
-    std::vector<std::string> errors(streams.size());
-    const int nt = static_cast<int>(std::max<long long>(1, std::min<long long>(max_threads(n_threads), count)));
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (long long i = 0; i < count; ++i) {
-        const GolombStream& s = streams[i];
-        try {
-            golomb_decode(s.data, s.size, s.n, s.nnz, s.m, s.bits);
-        } catch (const std::exception& e) {  // exceptions must not leave the parallel region
-            errors[i] = e.what();
-            if (errors[i].empty()) errors[i] = "Golomb stream is invalid";
-        }
-    }
     for (long long i = 0; i < count; ++i)
-        if (!errors[i].empty()) {
+        if (errors[i]) {
             error = errors[i];
             return i;
         }
     return -1;
+}
+
+}  // namespace
+
+std::vector<std::vector<std::uint8_t>> golomb_encode_many(const std::vector<GolombInput>& inputs, int n_threads) {
+    std::vector<std::vector<std::uint8_t>> out(inputs.size());
+    std::exception_ptr error;  // only out of memory: the inputs were checked by the caller
+    if (parallel_each(static_cast<long long>(inputs.size()), n_threads,
+                      [&](long long i) { out[i] = golomb_encode(inputs[i].bits, inputs[i].n, inputs[i].m); },
+                      error) >= 0)
+        std::rethrow_exception(error);
+    return out;
+}
+
+long long golomb_decode_many(const std::vector<GolombStream>& streams, int n_threads, std::string& error) {
+    std::exception_ptr thrown;
+    const long long failed = parallel_each(
+        static_cast<long long>(streams.size()), n_threads,
+        [&](long long i) {
+            const GolombStream& s = streams[i];
+            golomb_decode(s.data, s.size, s.n, s.nnz, s.m, s.bits);
+        },
+        thrown);
+    if (failed >= 0) {
+        try {
+            std::rethrow_exception(thrown);
+        } catch (const std::exception& e) {
+            error = *e.what() ? e.what() : "Golomb stream is invalid";
+        } catch (...) {
+            error = "Golomb stream is invalid";
+        }
+    }
+    return failed;
 }
 
 }  // namespace feddip
