@@ -12,7 +12,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, contiguous, flat_mask, writable_view
+from ._arrays import as_array, block_views, contiguous, flat_mask, writable_view
 
 MAGIC = b"FDKW"
 VERSION = 1
@@ -488,21 +488,11 @@ class _Record(NamedTuple):
 
 
 def _allocate(records: list[_Record], out: Optional[Mapping[str, Any]]) -> list[Optional[np.ndarray]]:
-    """Flat output arrays for the records not decoded into `out`: views into one block (64-byte
-    aligned), which NumPy gives huge pages when large, so that writing it faults in a few pages
-    rather than one per 4 kB. The block's size is within the caller's max_bytes."""
-    offsets, total = [], 0
-    for rec in records:
-        if out is not None and rec.name in out:
-            offsets.append(None)
-        else:
-            offsets.append(total)
-            total += -(-rec.n * rec.dtype.itemsize // 64) * 64
-    block = np.empty(total, dtype=np.uint8)
-    return [
-        None if off is None else block[off : off + rec.n * rec.dtype.itemsize].view(rec.dtype.newbyteorder("="))
-        for rec, off in zip(records, offsets)
-    ]
+    """Flat output arrays for the records not decoded into `out`, views into one block; its size is
+    within the caller's max_bytes (each record's size was checked against it)."""
+    return block_views(
+        [None if out is not None and rec.name in out else ((rec.n,), rec.dtype.newbyteorder("=")) for rec in records]
+    )
 
 
 class SparseCodec:

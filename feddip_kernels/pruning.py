@@ -16,7 +16,7 @@ from typing import Any, Collection, Optional, Sequence
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, contiguous, flat_mask, float_tensors, like_input
+from ._arrays import as_array, block_views, contiguous, flat_mask, float_tensors, like_input
 
 
 def k_for_density(n: int, density: float) -> int:
@@ -64,7 +64,7 @@ def global_topk_masks(
 
     Give either `k` or `density` (k = round(density * n)). Masks are NumPy bool arrays, or torch
     bool tensors sharing their memory when the inputs are torch tensors; the native and numba
-    backends return views into one block of n bools.
+    backends return views into one block (_arrays.block_views).
     """
     arrays = float_tensors(tensors)
     n = sum(a.size for a in arrays)
@@ -75,11 +75,7 @@ def global_topk_masks(
     if be == "numpy":
         masks = reference.topk_masks(arrays, k)
     else:
-        # One allocation for all masks, views into it: a block this large gets huge pages (NumPy
-        # advises them), so the first write faults in a few pages instead of thousands.
-        block = np.empty(n, dtype=bool)
-        ends = np.cumsum([a.size for a in arrays]).tolist()
-        masks = [block[e - a.size : e].reshape(a.shape) for a, e in zip(arrays, ends)]
+        masks = block_views([(a.shape, np.dtype(bool)) for a in arrays])
         if be == "native":
             _backend.native_module().topk_masks(arrays, masks, k)
         else:
