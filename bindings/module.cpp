@@ -136,6 +136,23 @@ double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, bo
 
 using Bits = py::array_t<std::uint8_t, py::array::c_style>;
 
+// The bytes of a buffer-protocol object, which must be C-contiguous: a strided view (reversed,
+// sliced with a step) has its elements elsewhere than ptr .. ptr + size.
+struct ByteSpan {
+    const std::uint8_t* data;
+    std::size_t size;
+};
+
+ByteSpan contiguous_bytes(const py::buffer_info& info, const char* what) {
+    py::ssize_t stride = info.itemsize;
+    for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+        if (info.shape[d] > 1 && info.strides[d] != stride)
+            throw std::invalid_argument(std::string(what) + ": expected a C-contiguous buffer");
+        stride *= info.shape[d];
+    }
+    return {static_cast<const std::uint8_t*>(info.ptr), static_cast<std::size_t>(info.size * info.itemsize)};
+}
+
 void check_bits(const Bits& bits, std::size_t n) {
     if (static_cast<std::size_t>(bits.size()) < (n + 7) / 8)
         throw std::invalid_argument("packed positions hold " + std::to_string(bits.size()) + " bytes, " +
@@ -291,12 +308,11 @@ PYBIND11_MODULE(_core, m) {
         "golomb_decode",
         [](const py::buffer& data, std::size_t n, std::uint64_t nnz, std::uint32_t m) {
             const py::buffer_info info = data.request();
+            const ByteSpan src = contiguous_bytes(info, "data");
             Bits bits((n + 7) / 8);
             std::uint8_t* pb = bits.mutable_data();
-            const auto* src = static_cast<const std::uint8_t*>(info.ptr);
-            const auto size = static_cast<std::size_t>(info.size * info.itemsize);
             py::gil_scoped_release release;
-            golomb_decode(src, size, n, nnz, m, pb);
+            golomb_decode(src.data, src.size, n, nnz, m, pb);
             return bits;
         },
         py::arg("data"), py::arg("n"), py::arg("nnz"), py::arg("m"),
@@ -329,10 +345,9 @@ PYBIND11_MODULE(_core, m) {
             py::list out;
             for (const auto& [data, n, nnz, m] : items) {
                 infos.push_back(data.request());
+                const ByteSpan src = contiguous_bytes(infos.back(), "data");
                 Bits bits((n + 7) / 8);
-                const py::buffer_info& info = infos.back();
-                streams.push_back({static_cast<const std::uint8_t*>(info.ptr),
-                                   static_cast<std::size_t>(info.size * info.itemsize), n, nnz, m, bits.mutable_data()});
+                streams.push_back({src.data, src.size, n, nnz, m, bits.mutable_data()});
                 out.append(bits);
             }
             std::string error;
@@ -350,10 +365,9 @@ PYBIND11_MODULE(_core, m) {
         "crc32c",
         [](const py::buffer& data, std::uint32_t crc) {
             const py::buffer_info info = data.request();
-            const auto* p = static_cast<const std::uint8_t*>(info.ptr);
-            const auto size = static_cast<std::size_t>(info.size * info.itemsize);
+            const ByteSpan src = contiguous_bytes(info, "data");
             py::gil_scoped_release release;
-            return crc32c(p, size, crc);
+            return crc32c(src.data, src.size, crc);
         },
         py::arg("data"), py::arg("crc") = 0);
 

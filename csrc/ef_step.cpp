@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 #include "common.hpp"
 
@@ -15,14 +16,31 @@
 namespace feddip {
 namespace {
 
-// Chunk: partial sums run in T within a chunk (SIMD lanes, reassociated by `omp simd`), then
-// accumulate in double across chunks.
+// Chunk: the unit of parallel work. Norm terms (squares or |v|) are summed in double throughout:
+// in float, a chunk of weights of 3e19 would overflow (3e19^2 > FLT_MAX) where the norm is finite.
 constexpr std::size_t kChunk = 4096;
 // Below this, threads cost more than they save.
 constexpr std::size_t kParallelMin = std::size_t(1) << 16;
 
 inline int threads_for(int requested, std::size_t n) {
     return n < kParallelMin ? 1 : max_threads(requested);
+}
+
+// Sum of chunk(b, m) over the chunks [b, b + m) of n elements, in parallel, added in chunk order
+// whatever the thread count: results are the same bits with 1, 2 or 16 threads.
+template <class F>
+double sum_over_chunks(std::size_t n, int nt, F&& chunk) {
+    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
+    if (n_chunks <= 1) return n_chunks ? chunk(std::size_t(0), n) : 0.0;
+    std::vector<double> part(static_cast<std::size_t>(n_chunks));
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long c = 0; c < n_chunks; ++c) {
+        const std::size_t b = static_cast<std::size_t>(c) * kChunk;
+        part[static_cast<std::size_t>(c)] = chunk(b, std::min(kChunk, n - b));
+    }
+    double total = 0.0;
+    for (const double x : part) total += x;
+    return total;
 }
 
 // 1 for a non-zero mask byte, else 0, with integer arithmetic only (no compare), so it vectorises.
@@ -67,13 +85,13 @@ inline T sign(T x) {
 
 template <class T, Layout Mask, int P>
 FEDDIP_VECTOR_CLONES double norm_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
-    T acc = 0;
+    double acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
-        const T v = w[i] * mask_at<Mask, T>(mask, i);
+        const double v = static_cast<double>(w[i] * mask_at<Mask, T>(mask, i));
         acc += P == 2 ? v * v : std::abs(v);
     }
-    return static_cast<double>(acc);
+    return acc;
 }
 
 template <class T, Layout Mask>
@@ -98,13 +116,13 @@ FEDDIP_VECTOR_CLONES double scaled_sq_chunk(const T* w, const std::uint8_t* mask
     return acc;
 }
 
-// Squares below T's smallest normal lose bits or vanish; when a sum of squares is small enough for
-// that to matter, the 2-norm is recomputed from values scaled by a power of two (exact) so that
-// the largest is near 1: two more read passes, taken only for (near-)zero layers.
-template <class T>
-bool sum_sq_unreliable(double sum_sq, std::size_t n) {
-    using L = std::numeric_limits<T>;
-    return sum_sq < static_cast<double>(n) * (static_cast<double>(L::min()) / static_cast<double>(L::epsilon()));
+// The double sum of squares is exact enough unless squares fall below double's smallest normal
+// (float64 weights under ~1e-146) or overflow it (float64 weights over ~1e154; float32 squares
+// always fit). Then the 2-norm is recomputed from values scaled by a power of two (exact) so that
+// the largest is near 1: two more read passes, taken only for such layers. NaN is kept as it is.
+inline bool sum_sq_unreliable(double sum_sq, std::size_t n) {
+    using L = std::numeric_limits<double>;
+    return sum_sq < static_cast<double>(n) * (L::min() / L::epsilon()) || sum_sq == L::infinity();
 }
 
 template <class T, Layout Mask>
@@ -121,12 +139,9 @@ double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt)
     using D = std::numeric_limits<double>;
     const int e = std::min(std::max(std::ilogb(static_cast<double>(mx)), 2 - D::max_exponent), -D::min_exponent);
     const double s = std::ldexp(1.0, -e);
-    double total = 0.0;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
-    for (long long c = 0; c < n_chunks; ++c) {
-        const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-        total += scaled_sq_chunk<T, Mask>(w + b, mask_from<Mask>(mask, b), m, s);
-    }
+    const double total = sum_over_chunks(n, nt, [&](std::size_t b, std::size_t m) {
+        return scaled_sq_chunk<T, Mask>(w + b, mask_from<Mask>(mask, b), m, s);
+    });
     return std::ldexp(std::sqrt(total), e);
 }
 
@@ -134,18 +149,14 @@ double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt)
 template <class T, Layout Mask, int P>
 double finish_norm(double total, const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
     if (P == 1) return total;
-    return sum_sq_unreliable<T>(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
+    return sum_sq_unreliable(total, n) ? norm2_scaled<T, Mask>(w, mask, n, nt) : std::sqrt(total);
 }
 
 template <class T, Layout Mask, int P>
 double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
-    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
-    double total = 0.0;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
-    for (long long c = 0; c < n_chunks; ++c) {
-        const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-        total += norm_chunk<T, Mask, P>(w + b, mask_from<Mask>(mask, b), m);
-    }
+    const double total = sum_over_chunks(n, nt, [&](std::size_t b, std::size_t m) {
+        return norm_chunk<T, Mask, P>(w + b, mask_from<Mask>(mask, b), m);
+    });
     return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
 
@@ -178,11 +189,11 @@ inline void stream_fence() {
 }
 
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
-FEDDIP_VECTOR_CLONES T step_tile(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n,
+FEDDIP_VECTOR_CLONES double step_tile(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n,
                                  T lr, T wd, T reg, T scale, T mom) {
     // P == 2: reg * scale = lam / ||w*m||_2, split so that neither factor overflows; P == 1: reg = lam.
     // The scale multiplies the masked value, which is bounded by the norm; an unmasked w_i * scale could overflow.
-    T acc = 0;
+    double acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
         const T wi = w[i];
@@ -196,7 +207,8 @@ FEDDIP_VECTOR_CLONES T step_tile(T* w, const T* g, const std::uint8_t* mask, T* 
         w[i] = wn;
         const T v = wn * mi;
         if (Pruned) out[i] = v;
-        acc += P == 2 ? v * v : std::abs(v);
+        const double v64 = static_cast<double>(v);
+        acc += P == 2 ? v64 * v64 : std::abs(v64);
     }
     return acc;
 }
@@ -214,36 +226,6 @@ bool has_avx2_fma() {
 
 template <class T>
 struct Avx2;
-
-template <>
-struct Avx2<float> {
-    using V = __m256;
-    static constexpr std::size_t W = 8;
-    FEDDIP_AVX2 V set1(float x) { return _mm256_set1_ps(x); }
-    FEDDIP_AVX2 V load(const float* p) { return _mm256_loadu_ps(p); }
-    FEDDIP_AVX2 void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-    FEDDIP_AVX2 V add(V a, V b) { return _mm256_add_ps(a, b); }
-    FEDDIP_AVX2 V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-    FEDDIP_AVX2 V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-    FEDDIP_AVX2 V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-    FEDDIP_AVX2 V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
-    FEDDIP_AVX2 V and_(V a, V b) { return _mm256_and_ps(a, b); }
-    FEDDIP_AVX2 V andnot(V a, V b) { return _mm256_andnot_ps(a, b); }
-    FEDDIP_AVX2 V gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
-    FEDDIP_AVX2 V abs_bits() { return _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)); }
-    // All-ones lanes where elements i.. are not kept (bits: i is a multiple of 8, one mask byte).
-    FEDDIP_AVX2 V mask_zero(const std::uint8_t* m, std::size_t i, bool bits) {
-        const __m256i k =
-            bits ? _mm256_and_si256(_mm256_set1_epi32(m[i >> 3]), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128))
-                 : _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i)));
-        return _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_setzero_si256()));
-    }
-    FEDDIP_AVX2 float sum(V v) {
-        alignas(32) float x[8];
-        _mm256_store_ps(x, v);
-        return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
-    }
-};
 
 template <>
 struct Avx2<double> {
@@ -273,21 +255,65 @@ struct Avx2<double> {
         }
         return _mm256_castsi256_pd(_mm256_cmpeq_epi64(k, _mm256_setzero_si256()));
     }
-    FEDDIP_AVX2 double sum(V v) {
+    using Acc = V;
+    FEDDIP_AVX2 Acc acc_zero() { return _mm256_setzero_pd(); }
+    template <int P>
+    FEDDIP_AVX2 Acc acc_add(Acc a, V v) {
+        return P == 2 ? fmadd(v, v, a) : add(and_(v, abs_bits()), a);
+    }
+    FEDDIP_AVX2 double acc_sum(Acc a) {
         alignas(32) double x[4];
-        _mm256_store_pd(x, v);
+        _mm256_store_pd(x, a);
         return (x[0] + x[2]) + (x[1] + x[3]);
     }
 };
 
+template <>
+struct Avx2<float> {
+    using V = __m256;
+    static constexpr std::size_t W = 8;
+    FEDDIP_AVX2 V set1(float x) { return _mm256_set1_ps(x); }
+    FEDDIP_AVX2 V load(const float* p) { return _mm256_loadu_ps(p); }
+    FEDDIP_AVX2 void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    FEDDIP_AVX2 V add(V a, V b) { return _mm256_add_ps(a, b); }
+    FEDDIP_AVX2 V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+    FEDDIP_AVX2 V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    FEDDIP_AVX2 V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    FEDDIP_AVX2 V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+    FEDDIP_AVX2 V and_(V a, V b) { return _mm256_and_ps(a, b); }
+    FEDDIP_AVX2 V andnot(V a, V b) { return _mm256_andnot_ps(a, b); }
+    FEDDIP_AVX2 V gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+    // All-ones lanes where elements i.. are not kept (bits: i is a multiple of 8, one mask byte).
+    FEDDIP_AVX2 V mask_zero(const std::uint8_t* m, std::size_t i, bool bits) {
+        const __m256i k =
+            bits ? _mm256_and_si256(_mm256_set1_epi32(m[i >> 3]), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128))
+                 : _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i)));
+        return _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_setzero_si256()));
+    }
+    // The norm's terms accumulate in double: the 8 lanes widened into two vectors of 4.
+    struct Acc {
+        __m256d lo, hi;
+    };
+    FEDDIP_AVX2 Acc acc_zero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+    template <int P>
+    FEDDIP_AVX2 Acc acc_add(Acc a, V v) {
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        if constexpr (P == 2) return {_mm256_fmadd_pd(lo, lo, a.lo), _mm256_fmadd_pd(hi, hi, a.hi)};
+        const __m256d sign = _mm256_set1_pd(-0.0);
+        return {_mm256_add_pd(_mm256_andnot_pd(sign, lo), a.lo), _mm256_add_pd(_mm256_andnot_pd(sign, hi), a.hi)};
+    }
+    FEDDIP_AVX2 double acc_sum(Acc a) { return Avx2<double>::acc_sum(_mm256_add_pd(a.lo, a.hi)); }
+};
+
+
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
-__attribute__((target("avx2,fma"))) T step_tile_avx2(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
+__attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
                                                       std::size_t n, T lr, T wd, T reg, T scale, T mom) {
     using A = Avx2<T>;
     using V = typename A::V;
     const V one = A::set1(T(1)), zero = A::set1(T(0)), vlr = A::set1(lr), vwd = A::set1(wd),
-            vreg = A::set1(reg), vsc = A::set1(scale), vmom = A::set1(mom), abs_bits = A::abs_bits();
-    V acc = zero;
+            vreg = A::set1(reg), vsc = A::set1(scale), vmom = A::set1(mom);
+    typename A::Acc acc = A::acc_zero();
     std::size_t i = 0;
     // With packed bits the scalar tail must start on a mask byte: stop at a multiple of 8.
     const std::size_t vec_end = Mask == Layout::bits ? n & ~std::size_t(7) : n;
@@ -307,9 +333,9 @@ __attribute__((target("avx2,fma"))) T step_tile_avx2(T* w, const T* g, const std
         A::store(w + i, wn);
         const V v = A::mul(wn, mi);
         if (Pruned) A::store(out + i, v);
-        acc = P == 2 ? A::fmadd(v, v, acc) : A::add(A::and_(v, abs_bits), acc);
+        acc = A::template acc_add<P>(acc, v);
     }
-    T total = A::sum(acc);
+    double total = A::acc_sum(acc);
     if (i < n)
         total += step_tile<T, Mask, Mom, Pruned, P>(w + i, g + i, mask_from<Mask>(mask, i), Mom ? buf + i : nullptr,
                                                     Pruned ? out + i : nullptr, n - i, lr, wd, reg, scale, mom);
@@ -318,7 +344,7 @@ __attribute__((target("avx2,fma"))) T step_tile_avx2(T* w, const T* g, const std
 #endif
 
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
-T step_tile_best(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n, T lr, T wd, T reg,
+double step_tile_best(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n, T lr, T wd, T reg,
                  T scale, T mom) {
 #if defined(FEDDIP_X86_AVX2)
     if (has_avx2_fma()) return step_tile_avx2<T, Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
@@ -330,9 +356,9 @@ template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd,
                   T reg, T scale, T mom) {
     if (!Pruned)
-        return static_cast<double>(step_tile_best<T, Mask, Mom, false, P>(w, g, mask, buf, nullptr, n, lr, wd, reg, scale, mom));
+        return step_tile_best<T, Mask, Mom, false, P>(w, g, mask, buf, nullptr, n, lr, wd, reg, scale, mom);
     alignas(64) T tile[kTile];
-    T acc = 0;
+    double acc = 0;
     for (std::size_t b = 0; b < n; b += kTile) {
         const std::size_t m = std::min(kTile, n - b);
         acc += step_tile_best<T, Mask, Mom, true, P>(w + b, g + b, mask_from<Mask>(mask, b), Mom ? buf + b : nullptr,
@@ -340,7 +366,7 @@ double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
         stream_store(pruned + b, tile, m);
     }
     stream_fence();
-    return static_cast<double>(acc);
+    return acc;
 }
 
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
@@ -361,15 +387,10 @@ double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, 
         }
     }
     const T lr = T(prm.lr), wd = T(prm.weight_decay), r = T(reg), sc = T(scale), mom = T(prm.momentum);
-    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
-    double total = 0.0;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
-    for (long long c = 0; c < n_chunks; ++c) {
-        const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-        total += step_chunk<T, Mask, Mom, Pruned, P>(w + b, g + b, mask_from<Mask>(mask, b),
-                                                     Mom ? buf + b : nullptr, Pruned ? pruned + b : nullptr,
-                                                     m, lr, wd, r, sc, mom);
-    }
+    const double total = sum_over_chunks(n, nt, [&](std::size_t b, std::size_t m) {
+        return step_chunk<T, Mask, Mom, Pruned, P>(w + b, g + b, mask_from<Mask>(mask, b), Mom ? buf + b : nullptr,
+                                                   Pruned ? pruned + b : nullptr, m, lr, wd, r, sc, mom);
+    });
     return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
 

@@ -60,6 +60,16 @@ def writable_view(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
     return a
 
 
+def check_disjoint(arrays: dict[str, Optional[np.ndarray]]) -> None:
+    """Raise ValueError naming two of the (C-contiguous) arrays whose memory overlaps: a kernel that
+    writes one while reading another would give a result that depends on its order of work."""
+    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes, name) for name, a in arrays.items() if a is not None and a.nbytes)
+    # Sorted by start, some pair overlaps exactly when some neighbouring pair does.
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{first} and {second} share memory; pass separate arrays")
+
+
 def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:
     """Contiguous float32/float64 NumPy views of a list of tensors that share one dtype."""
     if isinstance(tensors, (np.ndarray, str, bytes)) or is_torch(tensors) or not hasattr(tensors, "__iter__"):

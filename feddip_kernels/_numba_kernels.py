@@ -182,8 +182,8 @@ def _norm2_scaled(w, mask, has_mask):
     for i in range(w.size):
         v = abs(np.float64(w[i] * mask[i] if has_mask else w[i]))
         top = max(top, v)
-    if top == 0.0:
-        return 0.0
+    if top == 0.0 or top == math.inf:
+        return top
     acc = 0.0
     for i in range(w.size):
         v = np.float64(w[i] * mask[i] if has_mask else w[i]) / top
@@ -192,8 +192,9 @@ def _norm2_scaled(w, mask, has_mask):
 
 
 def _finish_norm(norm: float, flat: np.ndarray, m: np.ndarray, has_mask: bool, p: int) -> float:
-    # Squares of tiny float64 values underflow; rescale as the other backends do.
-    if p == 2 and norm * norm < flat.size * _TINY_OVER_EPS:
+    # Squares of tiny float64 values underflow and of huge ones overflow; rescale as the other
+    # backends do (an infinite element keeps the norm infinite).
+    if p == 2 and (norm * norm < flat.size * _TINY_OVER_EPS or norm == math.inf):
         return float(_norm2_scaled(flat, m, has_mask))
     return norm
 

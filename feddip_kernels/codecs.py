@@ -12,7 +12,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, block_views, contiguous, flat_mask, writable_view
+from ._arrays import as_array, block_views, check_disjoint, contiguous, flat_mask, writable_view
 
 MAGIC = b"FDKW"
 VERSION = 1
@@ -31,6 +31,9 @@ POSITION_NAMES = {v: k for k, v in POSITIONS.items()}
 VALUES = {"raw": 0, "fp16": 1, "bf16": 2, "int8": 3}
 VALUE_NAMES = {v: k for k, v in VALUES.items()}
 MAX_NDIM = 32
+# NumPy's bound on an array's size in bytes, zero-length dimensions counted as 1 (it refuses shapes
+# such as (0, 2**62) although they hold no element).
+_MAX_ARRAY_BYTES = np.iinfo(np.intp).max
 
 
 class CodecError(ValueError):
@@ -75,8 +78,10 @@ class _Kernels:
 
 
 def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
-    """CRC-32C (Castagnoli) of a bytes-like object, continuing from `crc`."""
-    return _Kernels(backend).crc32c(data, crc)
+    """CRC-32C (Castagnoli) of a bytes-like object's bytes in logical (C) order, continuing from
+    `crc`; a strided view (reversed, stepped) is copied first."""
+    view = memoryview(data)
+    return _Kernels(backend).crc32c(view if view.c_contiguous else view.tobytes(), crc)
 
 
 # ----------------------------------------------------------------------------- values
@@ -213,7 +218,7 @@ def _decode_positions(k: _Kernels, raw: memoryview, codec: int, d: int, nnz: int
     if codec == POSITIONS["bitmask"]:
         if len(raw) != (d + 7) // 8:
             raise CodecError(f"bitmask positions have {len(raw)} bytes, {(d + 7) // 8} expected")
-        bits = np.frombuffer(raw, dtype=np.uint8)
+        bits = np.frombuffer(raw, dtype=np.uint8).copy()  # a copy: nothing returned aliases the message
         if d % 8 and bits[-1] >> (d % 8):
             raise CodecError("bitmask padding bits are not zero")
         if k.count_bits(bits, d) != nnz:
@@ -364,7 +369,8 @@ def decode_model(
     relative to one. `max_bytes` caps the total size of the decoded arrays: a message that would
     exceed it is rejected before anything is allocated. `out` maps names to existing arrays (or
     torch CPU tensors) of the right dtype and size to decode into, skipping the allocation; they
-    are returned in `tensors`. Raises CodecError on any corruption (`out` may then be partly
+    are returned in `tensors` and must not overlap each other or the message. Nothing else returned
+    shares memory with `data`, which the caller may reuse. Raises CodecError on any corruption (`out` may then be partly
     written)."""
     k = _Kernels(backend)
     view = memoryview(data).cast("B")
@@ -375,13 +381,15 @@ def decode_model(
     if k.crc32c(body) != stored:
         raise CodecError("checksum mismatch: the message is corrupt")
     r = _Reader(body)
-    magic, version, flags, _, count = r.unpack(_HEADER, "header")
+    magic, version, flags, reserved, count = r.unpack(_HEADER, "header")
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
         raise CodecError(f"unsupported format version {version} (this library reads {VERSION})")
     if flags != 0:
         raise CodecError(f"unknown header flags {flags:#x}")
+    if reserved != 0:
+        raise CodecError(f"reserved header field is {reserved:#x}, must be 0")
     records: list[_Record] = []
     seen: set[str] = set()
     budget = max_bytes
@@ -403,12 +411,14 @@ def decode_model(
             raise CodecError(f"{name!r}: unknown dtype code {dtype_code}")
         if val_codec not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r0 or r1:
             raise CodecError(f"{name!r}: unknown codec, domain or reserved field")
+        if pos_codec == POSITIONS["csr"] and domain != DOMAIN_FULL:
+            raise CodecError(f"{name!r}: CSR positions are defined for the tensor's own index space only")
         dtype = DTYPES[dtype_code]
-        n = 1
-        for s in shape:
-            n *= s
-            if n * dtype.itemsize > budget:
-                raise CodecError(f"{name!r}: decoded size exceeds the limit of {max_bytes} bytes")
+        if math.prod(max(s, 1) for s in shape) * dtype.itemsize > _MAX_ARRAY_BYTES:
+            raise CodecError(f"{name!r}: shape {tuple(shape)} is too large for an array")
+        n = math.prod(shape)
+        if n * dtype.itemsize > budget:
+            raise CodecError(f"{name!r}: decoded size exceeds the limit of {max_bytes} bytes (decode_model's max_bytes)")
         budget -= n * dtype.itemsize
         if domain == DOMAIN_FULL and d != n:
             raise CodecError(f"{name!r}: domain size {d} differs from the element count {n}")
@@ -423,6 +433,12 @@ def decode_model(
         records.append(_Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw, val_raw))
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
+    dests = {
+        rec.name: writable_view(out[rec.name], f"out[{rec.name!r}]", rec.dtype.newbyteorder("="), rec.n).reshape(-1)
+        for rec in records
+        if out is not None and rec.name in out
+    }
+    check_disjoint({"the message": np.frombuffer(view, dtype=np.uint8), **{f"out[{k!r}]": a for k, a in dests.items()}})
     targets = _allocate(records, out)
     golomb = _decode_golomb_positions(k, records)
     result = Decoded()
@@ -442,8 +458,8 @@ def decode_model(
             full = np.zeros(n, dtype=bool)
             full[ref] = np.unpackbits(bits, count=rec.d, bitorder="little").view(bool)
             bits = k.pack_bits(full)
-        if out is not None and name in out:
-            k.densify(bits, n, vals, writable_view(out[name], f"out[{name!r}]", rec.dtype.newbyteorder("="), n).reshape(-1))
+        if name in dests:
+            k.densify(bits, n, vals, dests[name])
             result.tensors[name] = out[name]
         else:
             k.densify(bits, n, vals, target)

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from .codecs import DEFAULT_MAX_BYTES, decode_model, encode_model
+from .codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
 from .pruning import erk_densities, global_topk_masks, k_for_density
 from .schedules import sparsity_schedule
 
@@ -133,6 +133,14 @@ class FedDIP(FedAvg):
         seed: int = 0,
         **fedavg_kwargs: Any,
     ) -> None:
+        if not (isinstance(num_rounds, int) and num_rounds >= 1):
+            raise ValueError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
+        if not (isinstance(mask_every, int) and mask_every >= 1):
+            raise ValueError(f"mask_every must be an integer >= 1, got {mask_every!r}")
+        if not 0.0 <= s0 <= sp < 1.0:
+            raise ValueError(f"need 0 <= s0 <= sp < 1, got s0={s0}, sp={sp}")
+        if values not in VALUES:
+            raise ValueError(f"values must be one of {sorted(VALUES)}, got {values!r}")
         super().__init__(**fedavg_kwargs)
         self.num_rounds, self.s0, self.sp, self.mask_every = num_rounds, s0, sp, mask_every
         self.values, self.seed = values, seed
@@ -140,6 +148,7 @@ class FedDIP(FedAvg):
         self.masks: dict[str, np.ndarray] = {}
         self.bytes_down = 0
         self.bytes_up = 0
+        self.rejected = 0  # replies dropped from aggregation because they did not decode
 
     def _init_masks(self, arrays: dict[str, np.ndarray]) -> None:
         names = [k for k, a in arrays.items() if a.dtype in _FLOATS and self.prunable(k, a)]
@@ -177,15 +186,24 @@ class FedDIP(FedAvg):
         return self._configure(super().configure_evaluate(server_round, encoded, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
-        replies = list(replies)
+        valid, rejected = [], 0
         for reply in replies:
             if reply.has_error() or not reply.has_content():
+                valid.append(reply)  # FedAvg counts and skips these itself
                 continue
-            for key, record in list(reply.content.array_records.items()):
-                if is_encoded(record):
-                    self.bytes_up += encoded_size(record)
-                    reply.content[key] = decode_arrayrecord(record, reference=self.masks)[0]
-        arrays, metrics = super().aggregate_train(server_round, replies)
+            try:
+                for key, record in list(reply.content.array_records.items()):
+                    if is_encoded(record):
+                        self.bytes_up += encoded_size(record)
+                        reply.content[key] = decode_arrayrecord(record, reference=self.masks)[0]
+            except CodecError:  # one bad reply must not abort the round: drop it, count it
+                rejected += 1
+                continue
+            valid.append(reply)
+        self.rejected += rejected
+        arrays, metrics = super().aggregate_train(server_round, valid)
+        if metrics is not None or rejected:
+            metrics = MetricRecord({**(dict(metrics) if metrics is not None else {}), "feddip-rejected": rejected})
         if arrays is None:
             return arrays, metrics
         plain = {k: a.numpy() for k, a in arrays.items()}

@@ -91,10 +91,30 @@ class FedDIPSGD(torch.optim.Optimizer):
         state = self.state[prm]
         if "dense" not in state:
             return prm.detach()
-        if prm._version != state["version"]:  # written from outside: those are the new dense weights
-            state["dense"].copy_(prm.detach())
-            state["norm"] = None
+        # Written from outside since our last step (torch's in-process version counter moved): new
+        # weights become the dense weights, unless what was written is the pruned copy we keep
+        # there anyway (a checkpoint's model state, restored before or after the optimizer's).
+        if prm._version != state["version"]:
+            if not torch.equal(prm.detach(), state["dense"] * state["mask"]):
+                state["dense"].copy_(prm.detach())
+                state["norm"] = None
+            self._stamp(prm)
         return state["dense"]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by state_dict(), in this or another process: the dense weights
+        (error feedback) come from it, and the parameters are rewritten as their pruned copy. Version
+        counters saved with it are another process's and mean nothing here."""
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for prm in group["params"]:
+                    state = self.state[prm]
+                    if "dense" in state:
+                        state["mask"] = state["mask"].to(torch.bool).contiguous()
+                        state["dense"] = state["dense"].contiguous()
+                        prm.copy_(state["dense"] * state["mask"])
+                        self._stamp(prm)
 
     def _stamp(self, prm: torch.Tensor) -> None:
         state = self.state[prm]

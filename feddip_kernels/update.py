@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import FLOAT_DTYPES, as_array, contiguous, flat_mask, writable_view
+from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, flat_mask, writable_view
 from .pruning import unpack_mask
 
 
@@ -44,10 +44,12 @@ def masked_ef_step(
     so the layer's norm is NaN and its regulariser term drops out; tests/test_update.py).
     Momentum follows torch.optim.SGD (no dampening, no Nesterov); start from a zero buffer.
 
-    `norm` is ||w * m||_p before the step; when None it is computed with an extra read pass. The
+    `norm` is ||w * m||_p before the step; when None it is computed with an extra read pass (a
+    non-finite norm, as a step returns for a layer holding NaN or inf, drops the regulariser term). The
     return value is ||w * m||_p after the step: pass it as `norm` next time to keep each step a
     single pass over memory. `w`, `momentum_buffer` and `pruned_out` are written in place (NumPy
-    arrays or torch CPU tensors, C-contiguous); `g` and `mask` have w's number of elements.
+    arrays or torch CPU tensors, C-contiguous); `g` and `mask` have w's number of elements. No two
+    of w, g, mask, momentum_buffer and pruned_out may share memory (ValueError).
 
     `mask_bits` may replace `mask`: the mask packed as pack_mask writes it ((n + 7) / 8 bytes,
     little-endian bit order), 1/8 of the memory and traffic. The native kernel reads the bits
@@ -71,8 +73,9 @@ def masked_ef_step(
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):
         if not np.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
-    if norm is not None and (not np.isfinite(norm) or norm < 0):
-        raise ValueError(f"norm must be finite and >= 0, got {norm}")
+    if norm is not None and not (norm >= 0 or np.isnan(norm)):
+        raise ValueError(f"norm must be >= 0 (or NaN), got {norm}")
+    check_disjoint({"w": wa, "g": ga, "mask": ma, "momentum_buffer": buf, "pruned_out": out})
     kwargs = dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), p=p, momentum=float(momentum))
     be = _backend.resolve(backend)
     if be == "native":

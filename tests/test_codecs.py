@@ -89,8 +89,8 @@ def test_mask_delta_is_coded_relative_to_previous_mask():
     np.testing.assert_array_equal(out.tensors["w"], w * new)
 
 
-@pytest.mark.parametrize("p", [0.01, 0.05, 0.1, 0.2])
-def test_golomb_within_two_percent_of_entropy(p):
+@pytest.mark.parametrize("p", [0.001, 0.01, 0.05, 0.1, 0.2, 0.3])
+def test_golomb_within_one_percent_of_entropy(p):
     rng = np.random.default_rng(3)
     n = 2_000_000
     mask = rng.random(n) < p
@@ -99,7 +99,7 @@ def test_golomb_within_two_percent_of_entropy(p):
     q = nnz / n
     entropy_bytes = n * -(q * math.log2(q) + (1 - q) * math.log2(1 - q)) / 8
     enc = golomb_encode(bits, n, golomb_parameter(nnz, n))
-    assert len(enc) <= 1.02 * entropy_bytes
+    assert len(enc) <= 1.01 * entropy_bytes  # as RESULTS.md states
     np.testing.assert_array_equal(golomb_decode(enc, n, nnz, golomb_parameter(nnz, n)), bits)
 
 
@@ -421,3 +421,139 @@ def test_misaligned_inputs_are_read_through_aligned_copies(backend):
     np.testing.assert_array_equal(w1, w2)
     with pytest.raises(ValueError, match="aligned"):
         fk.masked_ef_step(_misaligned(a), a, lr=0.1, backend=backend)
+
+
+# --------------------------------------------------------------- audit regressions
+
+
+def _record_offsets(msg: bytes) -> dict:
+    """Byte offsets of the first record's fields (name and shape of any length)."""
+    name_len = struct.unpack_from("<H", msg, 12)[0]
+    ndim = msg[14 + name_len]
+    shape_at = 15 + name_len
+    fields = shape_at + 8 * ndim
+    return {"shape": shape_at, "domain": fields + 1, "positions": fields + 2}
+
+
+def test_shape_whose_size_overflows_is_a_codec_error():
+    # (0, 2**62) holds no element, so the size check passed, and NumPy refused the shape later.
+    body = bytearray(fk.encode_model({"w": np.zeros((0, 3), np.float32)})[:-4])
+    struct.pack_into("<Q", body, _record_offsets(bytes(body))["shape"] + 8, 1 << 62)
+    with pytest.raises(fk.CodecError, match="too large"):
+        fk.decode_model(_reseal(bytes(body)))
+    fine = fk.decode_model(fk.encode_model({"w": np.zeros((0, 1 << 20), np.float32)}))
+    assert fine.tensors["w"].shape == (0, 1 << 20)
+
+
+@pytest.mark.parametrize("positions", ["bitmask", "csr", "golomb", "all"])
+def test_nothing_returned_aliases_the_message(positions):
+    a = np.arange(1, 101, dtype=np.float32) * (np.arange(100) % 3 == 0)
+    if positions == "all":
+        a = np.arange(1, 101, dtype=np.float32)
+    buf = bytearray(fk.encode_model({"w": a}, positions=positions))
+    out = fk.decode_model(buf)
+    buf[:] = bytes(len(buf))  # the caller reuses its buffer
+    np.testing.assert_array_equal(out.masks["w"], a != 0)
+    np.testing.assert_array_equal(fk.unpack_mask(out.packed["w"], 100), a != 0)
+    np.testing.assert_array_equal(out.tensors["w"], a)
+
+
+def test_nonzero_reserved_header_field_is_rejected():
+    msg = fk.encode_model({"w": np.ones(4, np.float32)})
+    with pytest.raises(fk.CodecError, match="reserved"):
+        fk.decode_model(_reseal(msg[:6] + b"\x01\x00" + msg[8:-4]))
+
+
+def test_csr_positions_relative_to_a_mask_are_rejected():
+    # docs/wire-format.md: CSR is defined for domain 0 only. A well-formed CSR payload over the
+    # reference's 6 positions (read as 3 rows of 2) must still be refused.
+    shared = {"a": np.arange(12).reshape(3, 4) >= 6}
+    indptr, cols = np.array([0, 1, 2, 2], "<u4"), np.array([0, 1], "<u1")
+    payload = indptr.tobytes() + cols.tobytes()
+    values = np.array([1.0, 2.0], "<f4").tobytes()
+    body = codecs._HEADER.pack(codecs.MAGIC, codecs.VERSION, 0, 0, 1) + struct.pack("<H", 1) + b"a"
+    body += struct.pack("<B2Q", 2, 3, 4) + codecs._RECORD.pack(
+        1, codecs.DOMAIN_REFERENCE, codecs.POSITIONS["csr"], 0, 0, 0, 6, 2, 0, 0.0, len(payload), len(values)
+    )
+    body += payload + values
+    with pytest.raises(fk.CodecError, match="CSR positions are defined"):
+        fk.decode_model(_reseal(body), reference=shared)
+
+
+def test_out_arrays_must_not_overlap():
+    msg = fk.encode_model({"a": np.ones(8, np.float32), "b": np.ones(8, np.float32)})
+    block = np.zeros(12, np.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        fk.decode_model(msg, out={"a": block[:8], "b": block[4:]})
+    msg = fk.encode_model({"a": np.ones(2, np.float32)}, positions="bitmask")
+    store = np.frombuffer(bytearray(msg), dtype=np.uint8)
+    with pytest.raises(ValueError, match="share memory"):  # decoding over the message's own bytes
+        fk.decode_model(store, out={"a": store[16:24].view(np.float32)})
+
+
+# Every binding that reads a buffer, given views whose bytes are not ptr .. ptr + size: the
+# native module must refuse them or read them right, never read outside the view.
+def _strided_views():
+    base = np.arange(256, dtype=np.uint8)
+    return {
+        "reversed": memoryview(base)[::-1],
+        "stepped": memoryview(base)[::3],
+        "offset": memoryview(base)[5:133],
+        "2-d column": memoryview(base.reshape(16, 16)[:, 3]),
+        "numpy reversed": base[::-1],
+    }
+
+
+@pytest.mark.parametrize("kind", list(_strided_views()))
+def test_native_bindings_never_read_outside_a_strided_view(kind):
+    from feddip_kernels import _core
+
+    view = _strided_views()[kind]
+    logical = np.asarray(view).tobytes()
+    bits = np.frombuffer(logical, np.uint8)
+    calls = {
+        "crc32c": (lambda v: _core.crc32c(v), lambda: reference.crc32c(logical)),
+        "golomb_decode": (lambda v: bytes(_core.golomb_decode(v, 8 * len(logical), 3, 1)),
+                          lambda: bytes(_core.golomb_decode(logical, 8 * len(logical), 3, 1))),
+        "golomb_decode_many": (lambda v: bytes(_core.golomb_decode_many([(v, 8 * len(logical), 3, 1)])[0][0]),
+                               lambda: bytes(_core.golomb_decode_many([(logical, 8 * len(logical), 3, 1)])[0][0])),
+        "pack_bits": (lambda v: bytes(_core.pack_bits(np.asarray(v).view(bool))),
+                      lambda: bytes(_core.pack_bits(bits.astype(bool)))),
+        "unpack_bits": (lambda v: _core.unpack_bits(np.asarray(v), 8 * len(logical)).tobytes(),
+                        lambda: _core.unpack_bits(bits, 8 * len(logical)).tobytes()),
+        "count_bits": (lambda v: _core.count_bits(np.asarray(v), 8 * len(logical)),
+                       lambda: _core.count_bits(bits, 8 * len(logical))),
+        "golomb_encode": (lambda v: _core.golomb_encode(np.asarray(v), 8 * len(logical), 4),
+                          lambda: _core.golomb_encode(bits, 8 * len(logical), 4)),
+        "densify": (lambda v: _core.densify(np.asarray(v), 8 * len(logical), np.ones(int(np.unpackbits(bits).sum()), np.float32)).tobytes(),
+                    lambda: _core.densify(bits, 8 * len(logical), np.ones(int(np.unpackbits(bits).sum()), np.float32)).tobytes()),
+    }
+    def outcome(f, *args):
+        try:
+            return f(*args)
+        except ValueError as e:
+            return f"ValueError: {e}"
+
+    for name, (native, expected) in calls.items():
+        got = outcome(native, view)
+        if not (isinstance(got, str) and "contiguous" in got):  # refused, or read right
+            assert got == outcome(expected), name
+    # The public function reads any view in logical order, the same in every backend.
+    for be in fk.available_backends():
+        assert codecs.crc32c(view, backend=be) == reference.crc32c(logical)
+
+
+@pytest.mark.parametrize("cols", [256, 257, 65536, 65537])
+def test_csr_column_widths(backend, cols):
+    # Column indices take 1 byte up to 256 columns, 2 up to 65536, then 4.
+    rng = np.random.default_rng(cols)
+    a = rng.standard_normal((3, cols)).astype(np.float32) * (rng.random((3, cols)) < 0.05)
+    a[:, -1] = 1.5  # the last column is present, so the widest index is coded
+    msg = fk.encode_model({"a": a}, positions="csr", backend=backend)
+    assert msg == fk.encode_model({"a": a}, positions="csr", backend="numpy")
+    width = 1 if cols <= 256 else 2 if cols <= 65536 else 4
+    nnz = int((a != 0).sum())
+    assert len(msg) == 12 + 2 + 1 + 1 + 16 + codecs._RECORD.size + 4 * 4 + width * nnz + 4 * nnz + 4
+    out = fk.decode_model(msg, backend=backend)
+    np.testing.assert_array_equal(out.tensors["a"], a)
+    np.testing.assert_array_equal(out.masks["a"], a != 0)

@@ -115,3 +115,66 @@ def test_strategy_and_mod_for_three_rounds(task_identity, values):
     # What the clients received was the pruned global model; the bytes shrink with the sparsity.
     assert strategy.bytes_down > 0 and strategy.bytes_up > 0
     assert strategy.bytes_up < 3 * 2 * dense_bytes / 2
+
+
+def test_strategy_validates_its_settings():
+    with pytest.raises(ValueError, match="mask_every"):
+        FedDIP(num_rounds=3, mask_every=0)
+    with pytest.raises(ValueError, match="num_rounds"):
+        FedDIP(num_rounds=0)
+    with pytest.raises(ValueError, match="s0"):
+        FedDIP(num_rounds=3, s0=0.9, sp=0.5)
+    with pytest.raises(ValueError, match="values"):
+        FedDIP(num_rounds=3, values="fp8")
+
+
+def _one_round(strategy, corrupt_node=None):
+    app = _client_app([])
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
+    messages = list(strategy.configure_train(1, _record(_model()), ConfigRecord({}), _Grid()))
+    replies = [app(m, contexts[m.metadata.dst_node_id]) for m in messages]
+    for r in replies:
+        if r.metadata.src_node_id == corrupt_node:
+            broken = Array(dtype="uint8", shape=(8,), stype="feddip/v1", data=b"FDKW\x01\x00\x00\x00")
+            r.content["arrays"] = ArrayRecord(array_dict={"feddip": broken})
+    return replies
+
+
+def test_a_corrupt_reply_is_dropped_and_counted(task_identity):
+    strategy = FedDIP(num_rounds=3, s0=0.5, sp=0.9, min_available_nodes=2, min_train_nodes=1)
+    replies = _one_round(strategy, corrupt_node=2)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["feddip-rejected"] == 1 and strategy.rejected == 1
+    # The same as aggregating the valid reply alone.
+    alone = FedDIP(num_rounds=3, s0=0.5, sp=0.9, min_available_nodes=2, min_train_nodes=1)
+    valid = [r for r in _one_round(alone) if r.metadata.src_node_id == 1]
+    expected, _ = alone.aggregate_train(1, valid)
+    for k in expected:
+        np.testing.assert_array_equal(arrays[k].numpy(), expected[k].numpy())
+
+
+def test_evaluate_path_sends_the_pruned_model(task_identity):
+    strategy = FedDIP(num_rounds=2, s0=0.5, sp=0.9, min_available_nodes=2, min_evaluate_nodes=2)
+    seen = []
+    app = ClientApp(mods=[feddip_mod])
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        arrays = msg.content["arrays"]
+        assert not is_encoded(arrays)
+        seen.append({k: a.numpy().copy() for k, a in arrays.items()})
+        metrics = MetricRecord({"num-examples": 5, "accuracy": 0.5 + 0.1 * context.node_id})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+    model = _model()
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
+    messages = list(strategy.configure_evaluate(1, _record(model), ConfigRecord({}), _Grid()))
+    assert len(messages) == 2 and all(is_encoded(m.content["arrays"]) for m in messages)
+    replies = [app(m, contexts[m.metadata.dst_node_id]) for m in messages]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["accuracy"] == pytest.approx(0.65)
+    for got in seen:
+        for k, m in strategy.masks.items():
+            np.testing.assert_array_equal(got[k], model[k] * m)
+        np.testing.assert_array_equal(got["fc.bias"], model["fc.bias"])
+    assert strategy.bytes_down > 0

@@ -177,3 +177,20 @@ def test_erk_dense_layers():
         fk.erk_densities([(100, 100), (2, 2)], 0.0001, dense=[0])
     with pytest.raises(ValueError, match="out of range"):
         fk.erk_densities(shapes, 0.1, dense=[5])
+
+
+# The native kernel splits tensors into chunks of 2^15 and samples a bracket from 2^20 elements
+# on: tensors one element either side of a chunk, totals either side of the sampling threshold.
+@pytest.mark.parametrize("total", [(1 << 20) - 1, 1 << 20, (1 << 20) + 1])
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunk_and_sampling_boundaries_match_reference(backend, total, tied):
+    rng = np.random.default_rng(total)
+    sizes = [(1 << 15) - 1, 1 << 15, (1 << 15) + 1, 3]
+    sizes.append(total - sum(sizes))
+    draw = (lambda s: rng.integers(-3, 4, s).astype(np.float32)) if tied else (lambda s: rng.standard_normal(s).astype(np.float32))
+    tensors = [draw(s) for s in sizes]
+    for k in (1, (1 << 15) + 1, total // 20, total - 1):
+        expected = reference.topk_masks(tensors, k)
+        for m, e in zip(fk.global_topk_masks(tensors, k, backend=backend), expected):
+            np.testing.assert_array_equal(m, e)
+        assert fk.global_magnitude_threshold(tensors, k, backend=backend) == reference.magnitude_threshold(tensors, k)

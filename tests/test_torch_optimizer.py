@@ -25,13 +25,16 @@ def _data(seed=2):
     return torch.randn(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_matches_straightforward_torch(backend, p, momentum):
+def test_matches_straightforward_torch(backend, p, momentum, dtype):
     lr, wd, lam, steps = 0.05, 5e-4, 0.01, 6
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
     x, y = _data()
+    x = x.to(dtype)
     # Ours: parameters hold w*m, the optimizer keeps dense w.
-    model = _model()
+    model = _model().to(dtype)
     ref_dense = [t.detach().clone() for t in model.parameters()]
     opt = FedDIPSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd, lam=lam, p=p, backend=backend)
     masks = _masks(model)
@@ -39,7 +42,7 @@ def test_matches_straightforward_torch(backend, p, momentum):
     mask_list = [masks.get(t) for t in model.parameters()]
     # Reference: dense tensors, forward at w*m via autograd, gradient w.r.t. the pruned point applied
     # to the dense weights by torch.optim.SGD.
-    ref_model = _model()
+    ref_model = _model().to(dtype)
     dense = [torch.nn.Parameter(t) for t in ref_dense]
     ref_opt = torch.optim.SGD(dense, lr=lr, momentum=momentum, weight_decay=wd)
     for _ in range(steps):
@@ -60,9 +63,10 @@ def test_matches_straightforward_torch(backend, p, momentum):
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
 
     for prm, d, m in zip(model.parameters(), dense, mask_list):
-        np.testing.assert_allclose(opt.dense(prm).numpy(), d.detach().numpy(), **TOL)
+        assert prm.dtype == dtype
+        np.testing.assert_allclose(opt.dense(prm).numpy(), d.detach().numpy(), **tol)
         expected = d.detach() * m if m is not None else d.detach()
-        np.testing.assert_allclose(prm.detach().numpy(), expected.numpy(), **TOL)
+        np.testing.assert_allclose(prm.detach().numpy(), expected.numpy(), **tol)
 
 
 def test_without_masks_equals_sgd(backend):
@@ -110,3 +114,80 @@ def test_set_masks_validates():
     assert not model[0].weight.any()
     opt.set_masks({model[0].weight: None})
     assert model[0].weight.any()  # dense weights restored
+
+
+_RESTORE_SCRIPT = r"""
+import sys, torch
+from feddip_kernels.torch import FedDIPSGD
+sys.path.insert(0, sys.argv[1])
+from test_torch_optimizer import _data, _masks, _model, _train
+
+ckpt, order, out = sys.argv[2], sys.argv[3], sys.argv[4]
+model = _model()
+opt = FedDIPSGD(model.parameters(), lr=0.1, momentum=0.9, lam=0.01, backend=sys.argv[5])
+opt.set_masks(_masks(model))
+saved = torch.load(ckpt, weights_only=True)
+if order == "model-twice-first":  # bumps the parameters' version counters by two before the optimizer's load
+    model.load_state_dict(saved["model"]); model.load_state_dict(saved["model"]); opt.load_state_dict(saved["opt"])
+else:  # the optimizer first, then the model's (pruned) weights written over the parameters
+    opt.load_state_dict(saved["opt"]); model.load_state_dict(saved["model"])
+_train(model, opt, 3)
+torch.save({"model": model.state_dict(), "dense": [opt.dense(p).clone() for p in model.parameters()]}, out)
+"""
+
+
+def _train(model, opt, steps):
+    x, y = _data()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("order", ["model-twice-first", "optimizer-first"])
+def test_state_restored_in_a_new_process_continues_the_run(backend, order, tmp_path):
+    # The dense weights (error feedback) must survive a save and a restore in another process,
+    # whatever torch's version counters of the parameters are there.
+    import os
+    import subprocess
+    import sys
+
+    def fresh():
+        model = _model()
+        opt = FedDIPSGD(model.parameters(), lr=0.1, momentum=0.9, lam=0.01, backend=backend)
+        opt.set_masks(_masks(model))
+        return model, opt
+
+    model, opt = fresh()
+    _train(model, opt, 3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    _train(model, opt, 3)  # the uninterrupted run
+    script = tmp_path / "restore.py"
+    script.write_text(_RESTORE_SCRIPT)
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run(
+        [sys.executable, str(script), here, str(tmp_path / "ckpt.pt"), order, str(tmp_path / "out.pt"), backend],
+        check=True,
+    )
+    resumed = torch.load(tmp_path / "out.pt", weights_only=True)
+    for (name, value), dense, prm in zip(resumed["model"].items(), resumed["dense"], model.parameters()):
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=0)
+        torch.testing.assert_close(dense, opt.dense(prm), rtol=0, atol=0)
+
+
+def test_huge_float32_weights_keep_a_finite_norm_and_propagate_nan(backend):
+    # A norm of float32 weights of 3e19 is finite (accumulated in double); a layer holding NaN
+    # has a NaN norm, which the next step takes (the regulariser drops out) instead of raising.
+    w = torch.nn.Parameter(torch.full((5000,), 3e19))
+    opt = FedDIPSGD([w], lr=0.0, lam=0.01, weight_decay=0.0, backend=backend)
+    opt.set_masks({w: torch.ones(5000, dtype=torch.bool)})
+    w.grad = torch.zeros(5000)
+    opt.step()
+    assert opt.state[w]["norm"] == pytest.approx(3e19 * 5000**0.5, rel=1e-6)
+    with torch.no_grad():
+        opt.dense(w)[0] = float("nan")
+    opt.state[w]["dense_version"] = opt.dense(w)._version  # keep the stale norm path out of it
+    opt.step()
+    assert np.isnan(opt.state[w]["norm"])
+    opt.step()  # takes the NaN norm, no "norm must be finite"
+    assert np.isnan(opt.state[w]["norm"])
