@@ -65,12 +65,33 @@ def record(benchmark):
     return run
 
 
+def thread_counts() -> dict[str, int]:
+    """Threads each contender may use in this run (every table is read against these)."""
+    import os
+
+    from feddip_kernels import _backend
+
+    native = _backend.native_module()
+    counts = {"native (OpenMP)": (os.cpu_count() or 1) if native is not None and native.openmp else 1}
+    if "OMP_NUM_THREADS" in os.environ:
+        counts["native (OpenMP)"] = int(os.environ["OMP_NUM_THREADS"])
+    try:
+        import torch
+
+        counts["torch"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    counts["numpy, scipy, numba kernels"] = 1
+    return counts
+
+
 def pytest_terminal_summary(terminalreporter):
     timed = [r for r in _ROWS if r.median_s]
     if not timed:
         return
     tr = terminalreporter
     tr.section("feddip-kernels: throughput and speed-up vs baseline (same run)")
+    tr.write_line("threads: " + ", ".join(f"{k} {v}" for k, v in thread_counts().items()) + "; zstd encode as native")
     for group in dict.fromkeys(r.group for r in timed):
         rows = [r for r in timed if r.group == group]
         base = next((r for r in rows if r.baseline), None)

@@ -1,7 +1,11 @@
 """Global magnitude top-k on ResNet-18-sized weights (11.16M float32), k = 5%.
 
-Baseline: torch.topk on the already concatenated |w| (what a PyTorch FL server runs); also timed:
-the full torch pipeline including the concatenation, and np.partition."""
+Baseline: torch.topk(k, sorted=False) on the already concatenated |w| (what a PyTorch FL server
+runs, without the sort it does not need); also timed: torch.kthvalue (the same work as our
+threshold: one order statistic), the sorted torch.topk, the full torch pipeline including the
+concatenation, np.partition, and a plain streaming read of the same bytes (max |w|, the memory
+roofline). A second group repeats the threshold on heavily tied weights (seven distinct values),
+where the native kernel's sampled bracket cannot separate the k-th value and its radix fallback runs."""
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ import feddip_kernels as fk
 from .conftest import resnet18_weights
 
 GROUP = "topk ResNet-18 11.2M f32 k=5%"
+TIED_GROUP = "topk ResNet-18 shapes, 7 tied values, k=5%"
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +38,50 @@ def test_masks_native(record, weights):
     assert sum(int(m.sum()) for m in masks) == k
 
 
-def test_torch_topk_concatenated(record, weights):
+@pytest.mark.parametrize("data", ["weights", "tied_weights"])
+@pytest.mark.parametrize("kind", ["topk", "kthvalue"])
+def test_torch_baselines(record, request, data, kind):
+    torch = pytest.importorskip("torch")
+    ws, n, k = request.getfixturevalue(data)
+    flat = torch.cat([torch.from_numpy(w).abs().flatten() for w in ws])
+    group = GROUP if data == "weights" else TIED_GROUP
+    if kind == "topk":
+        value = record(lambda: flat.topk(k, sorted=False).values.min().item(), group=group,
+                       name="torch.topk(sorted=False) (concat |w|)", dense_bytes=4 * n, baseline=True)
+    else:
+        value = record(lambda: flat.kthvalue(n - k + 1).values.item(), group=group, name="torch.kthvalue (concat |w|)",
+                       dense_bytes=4 * n)
+    assert value == fk.global_magnitude_threshold(ws, k)
+
+
+def test_torch_topk_sorted(record, weights):
     torch = pytest.importorskip("torch")
     ws, n, k = weights
     flat = torch.cat([torch.from_numpy(w).abs().flatten() for w in ws])
-    value = record(lambda: flat.topk(k).values[-1].item(), group=GROUP, name="torch.topk (concatenated |w|)", dense_bytes=4 * n, baseline=True)
-    assert value == fk.global_magnitude_threshold(ws, k)
+    record(lambda: flat.topk(k).values[-1].item(), group=GROUP, name="torch.topk sorted (concat |w|)", dense_bytes=4 * n)
+
+
+def test_streaming_read(record, weights):
+    # The memory roofline: one read of the same bytes with the least work per element.
+    ws, n, k = weights
+    record(lambda: max(float(np.max(np.abs(w))) for w in ws), group=GROUP, name="read roofline: max |w| (numpy)",
+           dense_bytes=4 * n)
+
+
+
+@pytest.fixture(scope="module")
+def tied_weights():
+    rng = np.random.default_rng(5)
+    ws = [rng.integers(-3, 4, w.shape).astype(np.float32) for w in resnet18_weights()]
+    n = sum(w.size for w in ws)
+    return ws, n, int(0.05 * n)
+
+
+def test_threshold_tied(record, tied_weights):
+    ws, n, k = tied_weights
+    record(lambda: fk.global_magnitude_threshold(ws, k, backend="native"), group=TIED_GROUP, name="threshold[native]",
+           dense_bytes=4 * n)
+
 
 
 def test_torch_cat_topk(record, weights):

@@ -8,6 +8,9 @@ import feddip_kernels
 # CI runs a fixed set of examples (derandomized), so a run is reproducible and a failure is never
 # a lottery; the random profiles (dev, stress) are for looking for new failures.
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
+# `random`: new examples on every run, for CI's second, bounded pass (see README); a failure prints
+# the blob that reproduces it (@reproduce_failure).
+settings.register_profile("random", max_examples=100, deadline=None, print_blob=True)
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.register_profile("stress", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -194,3 +194,23 @@ def test_chunk_and_sampling_boundaries_match_reference(backend, total, tied):
         for m, e in zip(fk.global_topk_masks(tensors, k, backend=backend), expected):
             np.testing.assert_array_equal(m, e)
         assert fk.global_magnitude_threshold(tensors, k, backend=backend) == reference.magnitude_threshold(tensors, k)
+
+
+def test_auto_falls_back_when_the_native_module_is_missing(monkeypatch):
+    from feddip_kernels import _backend
+
+    tensors = [np.arange(-5, 5, dtype=np.float32)]
+    expected = reference.topk_masks(tensors, 3)
+    msg = fk.encode_model({"w": tensors[0]})
+    for missing, chosen in ((["native"], "numba"), (["native", "numba"], "numpy")):
+        for name in missing:
+            monkeypatch.setattr(_backend, f"{name}_module", lambda: None)
+        assert _backend.resolve("auto") == chosen
+        assert fk.available_backends()[0] == chosen
+        np.testing.assert_array_equal(fk.global_topk_masks(tensors, 3)[0], expected[0])
+        assert fk.encode_model({"w": tensors[0]}) == msg
+        w = np.ones(4, np.float32)
+        fk.masked_ef_step(w, np.ones(4, np.float32), lr=0.5)
+        np.testing.assert_array_equal(w, np.full(4, 0.5, np.float32))
+        with pytest.raises(RuntimeError, match="not built"):
+            _backend.resolve("native")

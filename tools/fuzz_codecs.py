@@ -38,7 +38,24 @@ def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
             if positions != "csr":  # CSR codes positions in the tensor only
                 out.append((fk.encode_model(w, masks=shared, reference=shared, positions=positions, values=values), shared))
                 out.append((fk.encode_model(w, masks=subset, reference=shared, positions=positions, values=values), shared))
-    return out
+    return out + invalid_seeds(w, shared)
+
+
+def invalid_seeds(w: dict, shared: dict) -> list[tuple[bytes, dict | None]]:
+    """Messages one field away from valid, which the decoder must refuse: a non-zero reserved header
+    field, and CSR positions coded relative to a shared mask (the format allows CSR in domain 0 only)."""
+    msg = fk.encode_model(w)
+    reserved = msg[:6] + b"\x01\x00" + msg[8:-4]
+    shared_2d = {"t0": shared["t0"]}
+    body = bytearray(fk.encode_model({"t0": w["t0"]}, masks=shared_2d, reference=shared_2d, positions="bitmask")[:-4])
+    name_len = struct.unpack_from("<H", body, 12)[0]
+    fields = 15 + name_len + 8 * body[14 + name_len]
+    body[fields + 2] = codecs.POSITIONS["csr"]  # the record's positions codec, its domain being 1
+    return [(reseal(reserved), None), (reseal(bytes(body)), shared_2d)]
+
+
+def reseal(body: bytes) -> bytes:
+    return body + struct.pack("<I", codecs.crc32c(body))
 
 
 def mutate(rng: np.random.Generator, body: bytearray) -> bytearray:
@@ -68,8 +85,7 @@ def main() -> int:
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
         msg, shared = cases[rng.integers(len(cases))]
-        body = bytes(mutate(rng, bytearray(msg[:-4])))
-        data = body + struct.pack("<I", codecs.crc32c(body))
+        data = reseal(bytes(mutate(rng, bytearray(msg[:-4]))))
         for backend in backends:
             for reference in (shared, None) if shared is not None else (None,):
                 decodes += 1
