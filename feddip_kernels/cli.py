@@ -55,6 +55,22 @@ def _values_per_algorithm(spec: str, algorithms: list[str]) -> dict[str, str]:
     return out
 
 
+# Settings a preset provides; a flag given on the command line overrides its preset's value.
+_PRESET_KEYS = ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "lr", "lr_decay", "momentum",
+                "weight_decay", "s0", "sp", "horizon", "mask_every", "lambda_max", "lambda_segments")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    from .fl.simulation import PRESETS
+
+    out = {k: getattr(args, k) if getattr(args, k) is not None else PRESETS[args.preset][k] for k in _PRESET_KEYS}
+    if args.all_clients:
+        out["clients_per_round"] = None
+    # The paper averages with equal weights on IID splits and by sample count on non-IID ones.
+    out["weighting"] = args.weighting or ("equal" if args.partition == "iid" else "samples")
+    return out
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -75,22 +91,18 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         train, test = load_idx_dataset(args.data)
         data_name = os.path.abspath(args.data)
+    clients = _settings(args)["clients"]
     if args.partition == "iid":
-        parts = iid_partition(len(train), args.clients, seed=args.seed)
+        parts = iid_partition(len(train), clients, seed=args.seed)
     else:
-        parts = dirichlet_partition(train.y, args.clients, args.alpha, seed=args.seed)
+        parts = dirichlet_partition(train.y, clients, args.alpha, seed=args.seed)
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     values = _values_per_algorithm(args.values, algorithms)
     os.makedirs(args.out, exist_ok=True)
     results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "runs": {}}
+    settings = _settings(args)
     for alg in algorithms:
-        cfg = SimulationConfig(
-            algorithm=alg, model=args.model, clients=args.clients, clients_per_round=args.clients_per_round,
-            rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
-            lr_decay=args.lr_decay, momentum=args.momentum, weight_decay=args.weight_decay, s0=args.s0,
-            sp=args.sp, prune_rounds=args.prune_rounds, mask_every=args.mask_every, lambda_max=args.lambda_max,
-            values=values[alg], seed=args.seed,
-        )
+        cfg = SimulationConfig(algorithm=alg, model=args.model, values=values[alg], seed=args.seed, **settings)
         bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None
 
         def log(row: dict, alg: str = alg, bar=bar) -> None:
@@ -131,7 +143,7 @@ def _simulate(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot_histories({a: r["history"] for a, r in runs.items()}, os.path.join(args.out, "results.png"),
-                   title=f"{args.model} on {os.path.basename(data_name)}, {args.clients} clients")
+                   title=f"{args.model} on {os.path.basename(data_name)}, {clients} clients")
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.png")
     return 0
 
@@ -154,22 +166,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--synthetic-train", type=int, default=20000)
     p.add_argument("--synthetic-test", type=int, default=1000)
     p.add_argument("--model", default="lenet5", choices=["lenet5", "alexnet", "resnet18"])
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--clients-per-round", type=int, default=None)
+    p.add_argument("--preset", default="quick", choices=["quick", "paper"],
+                   help="settings to start from: paper = the FedDIP paper's setup (50 clients, 5 a round, 1000 rounds, "
+                        "5 epochs, batch 128, lr 0.1*0.998^t, no momentum, s0 0.5 -> sp 0.95, R 5); quick = the same "
+                        "algorithm on 10 clients, all every round, 20 rounds, 1 epoch, batch 64, R 2. Flags override it")
+    p.add_argument("--clients", type=int)
+    p.add_argument("--clients-per-round", type=int)
+    p.add_argument("--all-clients", action="store_true", help="every client trains every round")
     p.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID)")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--lr-decay", type=float, default=0.998)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--s0", type=float, default=0.5, help="initial sparsity")
-    p.add_argument("--sp", type=float, default=0.95, help="target sparsity")
-    p.add_argument("--prune-rounds", type=int, default=10, help="rounds to reach the target sparsity")
-    p.add_argument("--mask-every", type=int, default=2, help="R: rounds between mask updates")
-    p.add_argument("--lambda-max", type=float, default=1e-3)
+    p.add_argument("--weighting", choices=["equal", "samples"],
+                   help="averaging weights (default: equal for iid, by sample count for dirichlet)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-decay", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--s0", type=float, help="initial sparsity")
+    p.add_argument("--sp", type=float, help="final sparsity")
+    p.add_argument("--horizon", "--prune-rounds", dest="horizon", type=int,
+                   help="rounds over which the sparsity and lambda schedules run (default: the whole run)")
+    p.add_argument("--mask-every", type=int, help="R: prune every R rounds")
+    p.add_argument("--lambda-max", type=float)
+    p.add_argument("--lambda-segments", type=int, help="Q: segments of the lambda schedule")
     p.add_argument(
         "--values", default="raw",
         help="value codec of every transfer: raw (lossless fp32), fp16, bf16 or int8; or per algorithm, "

@@ -96,8 +96,9 @@ def test_two_round_feddip_run_over_a_real_deployment(deployment):
         raise AssertionError("run did not finish; logs:\n" + logs) from None
     r = json.loads(report.read_text())
     messages = 2 * 2  # two rounds, two nodes
-    # Round 1 sends the model at density 0.5 (ERK masks), round 2 after pruning to 10%: on average
-    # the encoded model must be well under the dense one, both ways.
-    assert 0 < r["bytes_down"] < 0.6 * messages * r["dense_bytes"]
-    assert 0 < r["bytes_up"] < 0.6 * messages * r["dense_bytes"]
+    # Round 1 (t = 0) moves the dense model both ways (clients train under their own ERK masks);
+    # round 2 sends the model pruned to s0 = 0.5 and gets back the values under that mask; then
+    # the server prunes to s_1 = 0.85.
+    assert 0.5 * messages * r["dense_bytes"] < r["bytes_down"] < 0.85 * messages * r["dense_bytes"]
+    assert 0.5 * messages * r["dense_bytes"] < r["bytes_up"] < 0.8 * messages * r["dense_bytes"]
     assert r["sparsity"] > 0.8

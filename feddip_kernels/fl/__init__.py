@@ -1,6 +1,7 @@
-"""A thin federated-learning simulation (FedDIP, its ablations FedDP and FedDIP without error
-feedback, and FedAvg) that uses the library's kernels and codecs for every step and transfer, and
-counts the real encoded bytes. Needs torch (the [fl] extra)."""
+"""A thin federated-learning simulation (FedDIP as its authors run it, its ablations FedDP and
+FedDIP without error feedback, and FedAvg) that uses the library's kernels and codecs for every
+step and transfer, and counts the real encoded bytes; the server side is feddip_kernels.server.
+Needs torch (the [fl] extra)."""
 
 from .data import Dataset, dirichlet_partition, iid_partition, load_idx_dataset, synthetic_dataset
 from .models import MODELS, make_model, prunable_parameters

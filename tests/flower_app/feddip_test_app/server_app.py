@@ -18,7 +18,7 @@ def main(grid: Grid, context: Context) -> None:
         "fc.weight": Array(rng.standard_normal((10, 2000)).astype(np.float32)),
         "fc.bias": Array(np.zeros(10, np.float32)),
     })
-    strategy = FedDIP(num_rounds=rounds, s0=0.5, sp=0.9, fraction_evaluate=0.0)
+    strategy = FedDIP(num_rounds=rounds, s0=0.5, sp=0.9, mask_every=1, fraction_evaluate=0.0)
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds)
     final = {k: a.numpy() for k, a in result.arrays.items()}
     report = {"bytes_down": strategy.bytes_down, "bytes_up": strategy.bytes_up, "dense_bytes": arrays.count_bytes(),
