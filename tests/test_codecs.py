@@ -557,3 +557,24 @@ def test_csr_column_widths(backend, cols):
     out = fk.decode_model(msg, backend=backend)
     np.testing.assert_array_equal(out.tensors["a"], a)
     np.testing.assert_array_equal(out.masks["a"], a != 0)
+
+
+def test_coverage_guided_fuzzing_short_run(tmp_path):
+    # tools/fuzz_atheris.py: libFuzzer through atheris, from the committed seed corpus (copied, as
+    # libFuzzer adds the inputs it finds to its corpus directory). Any crash fails the run.
+    pytest.importorskip("atheris")
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    corpus = tmp_path / "corpus"
+    shutil.copytree(root / "tests" / "fuzz_corpus", corpus)
+    run = subprocess.run(
+        [sys.executable, str(root / "tools" / "fuzz_atheris.py"), "-max_total_time=8", "-timeout=20", str(corpus)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "Done" in run.stderr and not list(tmp_path.glob("crash-*"))
+    assert len(list(corpus.iterdir())) >= 44

@@ -161,10 +161,14 @@ def _train_client(
     if masks:
         opt.set_masks(mask_tensors)
     no_feedback = cfg.algorithm == "feddip-noef"
-    if no_feedback:  # without error feedback nothing lives outside the mask, from the start
-        with torch.no_grad():
-            for prm, m in mask_tensors.items():
-                opt.dense(prm).mul_(m)
+
+    @torch.no_grad()
+    def drop_outside_mask() -> None:  # the ablation: no error feedback, nothing lives outside the mask
+        for prm, m in mask_tensors.items():
+            opt.dense(prm).mul_(m)
+
+    if no_feedback:
+        drop_outside_mask()
     rng = np.random.default_rng(seed_for(cfg.seed, 3, t, client))
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     for _ in range(cfg.local_epochs):
@@ -174,10 +178,8 @@ def _train_client(
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-            if no_feedback:  # ablation: drop what error feedback keeps outside the mask
-                with torch.no_grad():
-                    for prm, m in mask_tensors.items():
-                        opt.dense(prm).mul_(m)
+            if no_feedback:
+                drop_outside_mask()
     local = {k: v.copy() for k, v in _float_state(model).items()}
     local.update({k: opt.dense(params[k]).numpy().copy() for k in masks})
     return local
