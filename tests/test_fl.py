@@ -320,3 +320,32 @@ def test_cli_preset_paper_and_overrides(tmp_path):
     assert (cfg["batch_size"], cfg["lr"], cfg["momentum"], cfg["mask_every"], cfg["s0"], cfg["sp"]) == (
         128, 0.1, 0.0, 5, 0.5, 0.95)  # the paper's
     assert cfg["horizon"] is None and cfg["weighting"] == "equal"
+
+
+def test_failing_clients_are_dropped_and_counted(monkeypatch):
+    # A client whose training raises, and one whose upload does not decode, are left out of their
+    # round's average and counted; the run goes on.
+    from feddip_kernels.fl import simulation
+
+    cfg, train, test, parts = _tiny("feddip", rounds=3)
+    train_client, upload = simulation._train_client, simulation._upload
+
+    def flaky_train(cfg, model, weights, masks, data, t, client):
+        if (t, client) == (1, 1):
+            raise RuntimeError("out of memory")
+        return train_client(cfg, model, weights, masks, data, t, client)
+
+    def flaky_upload(local, shared, values, client):
+        msg = upload(local, shared, values, client)
+        return msg[:-1] + bytes([msg[-1] ^ 1]) if client == 2 else msg
+
+    monkeypatch.setattr(simulation, "_train_client", flaky_train)
+    monkeypatch.setattr(simulation, "_upload", flaky_upload)
+    state = run_simulation(cfg, train, test, parts)
+    assert [r["clients_failed"] for r in state.history] == [1, 2, 1]
+    assert "RuntimeError: out of memory" in state.history[1]["failures"][0]
+    assert all("checksum" in f for r in state.history for f in r["failures"] if f.startswith("client 2"))
+    assert np.isfinite(state.history[-1]["loss"])
+    monkeypatch.setattr(simulation, "_train_client", lambda *a: (_ for _ in ()).throw(ValueError("broken")))
+    with pytest.raises(RuntimeError, match="every client failed"):
+        run_simulation(cfg, train, test, parts)

@@ -185,6 +185,12 @@ def _train_client(
     return local
 
 
+def _upload(local: dict[str, np.ndarray], shared: Optional[dict[str, np.ndarray]], values: str, client: int) -> bytes:
+    """The message a client sends: its model's values under the shared mask (all of it before
+    there is one). A seam for tests that make a client send bad bytes."""
+    return encode_model(local, masks=shared, reference=shared, values=values)
+
+
 def run_simulation(
     cfg: SimulationConfig,
     train: Dataset,
@@ -226,7 +232,7 @@ def run_simulation(
         shared = server.masks or None  # the global mask of this round (None before the first)
         # The authors' count: 32 (1 - s) n bits a model, s the share of pruned positions, no index cost.
         kept = sum(v.size for v in server.weights.values()) - sum(int(m.size - np.count_nonzero(m)) for m in server.masks.values())
-        uploads = []
+        uploads, failures = [], []
         for c in chosen:
             # Downlink: the global model, relative to the global mask this client already has.
             t0 = time.perf_counter()
@@ -237,14 +243,20 @@ def run_simulation(
             if shared:
                 state.client_masks[int(c)] = server.masks
             t1 = time.perf_counter()
-            local = _train_client(cfg, model, received, server.training_masks(int(c)), shards[c], t, int(c))
-            t2 = time.perf_counter()
-            # Uplink: the values under the shared mask (the server zeroes the rest of a dense upload).
-            msg = encode_model(local, masks=shared, reference=shared, values=cfg.values)
-            uploads.append((decode_model(msg, reference=shared).tensors, sizes[c] if cfg.weighting == "samples" else 1.0))
-            bytes_up += len(msg)
-            times["encode"] += time.perf_counter() - t2 + t1 - t0
+            try:  # a client that fails (its training raises, its upload does not decode) is dropped
+                local = _train_client(cfg, model, received, server.training_masks(int(c)), shards[c], t, int(c))
+                t2 = time.perf_counter()
+                # Uplink: the values under the shared mask (the server zeroes the rest of a dense upload).
+                msg = _upload(local, shared, cfg.values, int(c))
+                bytes_up += len(msg)
+                uploads.append((decode_model(msg, reference=shared).tensors, sizes[c] if cfg.weighting == "samples" else 1.0))
+            except Exception as e:  # noqa: BLE001 - any failure of one client; recorded in the row
+                failures.append(f"client {int(c)}: {type(e).__name__}: {e}")
+                t2 = time.perf_counter()
             times["train"] += t2 - t1
+            times["encode"] += time.perf_counter() - t2 + t1 - t0
+        if not uploads:
+            raise RuntimeError(f"round {t}: every client failed: {failures}")
         t0 = time.perf_counter()
         server.aggregate(uploads)
         times["prune"] = time.perf_counter() - t0
@@ -257,7 +269,8 @@ def run_simulation(
             "bytes_up": bytes_up, "bytes_down": bytes_down,
             "bytes_total": (state.history[-1]["bytes_total"] if state.history else 0) + bytes_up + bytes_down,
             "bytes_authors": 2 * len(chosen) * 4 * kept,
-            "clients": len(chosen), **{f"time_{k}": v for k, v in times.items()},
+            "clients": len(chosen), "clients_failed": len(failures), "failures": failures,
+            **{f"time_{k}": v for k, v in times.items()},
         }
         state.history.append(row)
         if checkpoint:
