@@ -177,6 +177,10 @@ class FedDIP(FedAvg):
         self.bytes_down = 0
         self.bytes_up = 0
         self.rejected = 0  # replies dropped from aggregation because they did not decode to the model
+        self.sampled: set[int] = set()  # nodes sent this round's training message
+        # One entry a training round: nodes whose replies were aggregated, rejected, failed (error
+        # replies) and missing (no reply within the round's timeout: crashed, stalled, cut off).
+        self.rounds: list[dict[str, list[int]]] = []
 
     @property
     def masks(self) -> dict[str, np.ndarray]:
@@ -212,7 +216,9 @@ class FedDIP(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
         server = self._start(arrays)
-        return self._messages(super().configure_train(server_round, arrays, config, grid), server, config)
+        messages = self._messages(super().configure_train(server_round, arrays, config, grid), server, config)
+        self.sampled = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
         server = self._start(arrays)
@@ -245,24 +251,34 @@ class FedDIP(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         server = self.server
-        valid, uploads, rejected = [], [], 0
+        valid, uploads = [], []
+        seen = {"aggregated": [], "rejected": [], "failed": [], "missing": []}
         # In node order, so that the average is summed in a reproducible order.
         for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
+            node = reply.metadata.src_node_id
             if reply.has_error() or not reply.has_content():
-                self.node_masks.pop(reply.metadata.src_node_id, None)  # its state is unknown now
+                self.node_masks.pop(node, None)  # its state is unknown now
+                seen["failed"].append(node)
                 continue
             try:
                 model = self._decode_reply(reply, server)
                 weight = self._num_examples(reply) if self.weighting == "samples" else 1.0
             except (CodecError, KeyError, TypeError, ValueError):
-                rejected += 1  # one bad reply must not abort the round: drop it, count it
+                seen["rejected"].append(node)  # one bad reply must not abort the round: drop it, count it
                 continue
             valid.append(reply)
             uploads.append((model, weight))
-        self.rejected += rejected
-        if not uploads:
-            return None, MetricRecord({"feddip-rejected": rejected})
+            seen["aggregated"].append(node)
+        answered = set(seen["aggregated"] + seen["rejected"] + seen["failed"])
+        seen["missing"] = sorted(self.sampled - answered)
+        for node in seen["missing"]:
+            self.node_masks.pop(node, None)  # it may or may not have received the last model
+        self.rounds.append(seen)
+        self.rejected += len(seen["rejected"])
+        counts = {f"feddip-{k}": len(v) for k, v in seen.items()}
+        if not uploads:  # nothing to aggregate: the global model stays, the round is not counted
+            return None, MetricRecord(counts)
         server.aggregate(uploads)
         metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
-        metrics = MetricRecord({**(dict(metrics) if metrics is not None else {}), "feddip-rejected": rejected})
+        metrics = MetricRecord({**(dict(metrics) if metrics is not None else {}), **counts})
         return ArrayRecord(array_dict={k: Array(v) for k, v in server.weights.items()}), metrics

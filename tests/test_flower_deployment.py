@@ -1,11 +1,13 @@
-"""A real Flower deployment on localhost: one SuperLink and two SuperNodes (separate processes,
-started and stopped here), `flwr run` of a two-round FedDIP app (tests/flower_app) whose ClientApp
-uses feddip_mod. Checks the run finishes and that the encoded models on the wire are smaller than
-the dense model in proportion to the sparsity."""
+"""A real Flower deployment on localhost: one SuperLink and several SuperNodes (separate processes,
+each in its own session, started here and killed with their children when the test ends, pass or
+fail), `flwr run` of a FedDIP app (tests/flower_app) whose ClientApp uses feddip_mod. Checks a run
+finishes with the encoded models on the wire smaller than the dense model in proportion to the
+sparsity, and that a run survives nodes that crash, stall or reply with bad bytes."""
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,49 +44,85 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    link = _free_port()
-    env = {**os.environ, "FLWR_HOME": str(home)}
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    procs, logs = [], []
+class _Deployment:
+    """A SuperLink and SuperNodes on loopback; `stop()` kills every process group it started."""
 
-    def start(cmd, name):
-        log = open(tmp_path / f"{name}.log", "wb")
-        logs.append(log)
-        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT))
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        home = tmp_path / "flwr-home"
+        home.mkdir()
+        self.link = _free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(home)}
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.link}"\ninsecure = true\n'
+        )
+        self.procs: list[subprocess.Popen] = []
+        self.nodes: dict[int, subprocess.Popen] = {}
+        self.logs = []
 
-    try:
-        start(["flower-superlink", "--insecure", "--port", str(link)], "superlink")
-        _wait_for(lambda: _port_open(link), 60, "the SuperLink")
-        for i in range(2):
-            start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                   "--port", str(_free_port()), "--node-config", f"partition-id={i}"], f"supernode{i}")
-        yield env, tmp_path
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
+    def _start(self, cmd: list[str], name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        self.logs.append(log)
+        # A session of its own: the process and everything it starts (ClientApp processes) form one
+        # group that stop() can kill at once.
+        proc = subprocess.Popen(cmd, env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, node_configs: list[str]) -> None:
+        self._start(["flower-superlink", "--insecure", "--port", str(self.link)], "superlink")
+        _wait_for(lambda: _port_open(self.link), 60, "the SuperLink")
+        for i, config in enumerate(node_configs):
+            self.nodes[i] = self._start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link}",
+                                         "--port", str(_free_port()), "--node-config", config], f"supernode{i}")
+
+    def kill_node(self, i: int) -> None:
+        os.killpg(self.nodes[i].pid, signal.SIGKILL)
+
+    def logs_tail(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.tmp.glob("*.log"))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                p.kill()
-        for log in logs:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # stragglers of the group, the ClientApps included
+            except ProcessLookupError:
+                pass
+            p.wait()
+        for log in self.logs:
             log.close()
 
 
-def test_two_round_feddip_run_over_a_real_deployment(deployment):
-    env, tmp = deployment
-    report = tmp / "report.json"
-    run = subprocess.run(
-        ["flwr", "run", str(APP), "test", "--run-config", f'report="{report}"'],
-        env=env, cwd=tmp, capture_output=True, text=True, timeout=120,
-    )
+@pytest.fixture
+def deployment(tmp_path):
+    d = _Deployment(tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def _flwr_run(d: _Deployment, report: Path, **config) -> None:
+    settings = " ".join(f"{k}={json.dumps(v)}" for k, v in {"report": str(report), **config}.items())
+    run = subprocess.run(["flwr", "run", str(APP), "test", "--run-config", settings], env=d.env, cwd=d.tmp,
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_two_round_feddip_run_over_a_real_deployment(deployment):
+    deployment.start(["partition-id=0", "partition-id=1"])
+    report = deployment.tmp / "report.json"
+    _flwr_run(deployment, report)
 
     def finished():
         return report.exists() and report.stat().st_size > 0
@@ -92,8 +130,7 @@ def test_two_round_feddip_run_over_a_real_deployment(deployment):
     try:
         _wait_for(finished, 120, "the ServerApp's report")
     except TimeoutError:
-        logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp.glob("*.log"))
-        raise AssertionError("run did not finish; logs:\n" + logs) from None
+        raise AssertionError("run did not finish; logs:\n" + deployment.logs_tail()) from None
     r = json.loads(report.read_text())
     messages = 2 * 2  # two rounds, two nodes
     # Round 1 (t = 0) moves the dense model both ways (clients train under their own ERK masks);
@@ -102,3 +139,46 @@ def test_two_round_feddip_run_over_a_real_deployment(deployment):
     assert 0.5 * messages * r["dense_bytes"] < r["bytes_down"] < 0.85 * messages * r["dense_bytes"]
     assert 0.5 * messages * r["dense_bytes"] < r["bytes_up"] < 0.8 * messages * r["dense_bytes"]
     assert r["sparsity"] > 0.8
+
+
+def test_run_survives_crashed_stalled_and_lying_nodes(deployment):
+    # Six SuperNodes: two behave; one replies corrupt bytes, one a valid message for another model,
+    # one never replies within the round's timeout, and one is SIGKILLed (its whole process group)
+    # in the middle of round 2. The run must finish its three rounds with exactly the model
+    # aggregated from the valid replies, and count the others.
+    sys.path.insert(0, str(APP))
+    try:
+        from feddip_test_app.client_app import update
+        from feddip_test_app.server_app import initial_model
+    finally:
+        sys.path.remove(str(APP))
+    from feddip_kernels import decode_model
+    from feddip_kernels.server import FedDIPServer, Schedule, apply_mask
+
+    deployment.start([f"partition-id={p}" + (f" fault={f}" if f else "") for p, f in enumerate([0, 0, 1, 2, 3, 4])])
+    report = deployment.tmp / "report.json"
+    _flwr_run(deployment, report, **{"num-server-rounds": 3, "nodes": 6, "timeout": 25.0, "stall": 90.0})
+    marker = Path(str(report) + ".round2-5")
+    try:
+        _wait_for(marker.exists, 120, "round 2 to start on the node to kill")
+        deployment.kill_node(5)
+        _wait_for(lambda: report.exists() and report.stat().st_size > 0, 180, "the ServerApp's report")
+    except TimeoutError:
+        raise AssertionError("run did not finish; logs:\n" + deployment.logs_tail()) from None
+    r = json.loads(report.read_text())
+    rounds = r["rounds"]
+    assert [len(x["aggregated"]) for x in rounds] == [3, 2, 2]  # partitions 0, 1 (and 5 before its death)
+    assert [len(x["rejected"]) for x in rounds] == [2, 2, 2] and r["rejected"] == 6
+    assert [len(x["missing"]) + len(x["failed"]) for x in rounds][1] >= 2  # the stalled and the killed node
+    assert all(len(x["missing"]) + len(x["failed"]) >= 1 for x in rounds)
+    # The final model, recomputed from the valid nodes' updates alone.
+    server = FedDIPServer(initial_model(), ["conv.weight", "fc.weight"], Schedule(rounds=3, s0=0.5, sp=0.9, mask_every=1))
+    for t, valid in enumerate([[0, 1, 5], [0, 1], [0, 1]]):
+        uploads = []
+        for p in valid:
+            local = update(server.weights, p, t)
+            uploads.append(({k: apply_mask(v, server.masks[k]) if k in server.masks else v for k, v in local.items()}, 10.0))
+        server.aggregate(uploads)
+    final = decode_model(Path(str(report) + ".model").read_bytes()).tensors
+    for k, v in server.weights.items():
+        assert final[k].tobytes() == v.tobytes(), k
