@@ -363,11 +363,14 @@ def decode_model(
     reference: Optional[Mapping[str, Any]] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     out: Optional[Mapping[str, Any]] = None,
+    expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]] = None,
     backend: str = "auto",
 ) -> Decoded:
     """Decode a message from encode_model. `reference` supplies the shared masks of tensors coded
     relative to one. `max_bytes` caps the total size of the decoded arrays: a message that would
-    exceed it is rejected before anything is allocated. `out` maps names to existing arrays (or
+    exceed it is rejected before anything is allocated. `expect` maps names to (shape, dtype): the
+    message must hold exactly those tensors, which is checked before anything is allocated (a peer
+    replying for another model is refused at no cost). `out` maps names to existing arrays (or
     torch CPU tensors) of the right dtype and size to decode into, skipping the allocation; they
     are returned in `tensors` and must not overlap each other or the message. Nothing else returned
     shares memory with `data`, which the caller may reuse. Raises CodecError on any corruption (`out` may then be partly
@@ -431,6 +434,8 @@ def decode_model(
         pos_raw = r.take(pos_len, f"{name!r} positions")
         val_raw = r.take(val_len, f"{name!r} values")
         records.append(_Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw, val_raw))
+    if expect is not None:
+        _check_expected(records, expect)
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
     dests = {
@@ -466,6 +471,17 @@ def decode_model(
             result.tensors[name] = target.reshape(rec.shape)
         result.packed[name] = bits
     return result
+
+
+def _check_expected(records: list["_Record"], expect: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
+    names = [rec.name for rec in records]
+    if set(names) != set(expect):
+        missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
+        raise CodecError(f"the message holds other tensors than expected (missing {missing}, unexpected {extra})")
+    for rec in records:
+        shape, dtype = expect[rec.name]
+        if rec.shape != tuple(shape) or rec.dtype.newbyteorder("=") != np.dtype(dtype):
+            raise CodecError(f"{rec.name!r} is {rec.shape} {rec.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
 
 
 def _decode_golomb_positions(k: _Kernels, records: list[_Record]) -> dict[int, np.ndarray]:

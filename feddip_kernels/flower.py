@@ -72,10 +72,15 @@ def encode_arrayrecord(
 
 
 def decode_arrayrecord(
-    record: ArrayRecord, *, reference: Optional[dict[str, np.ndarray]] = None, max_bytes: int = DEFAULT_MAX_BYTES
+    record: ArrayRecord,
+    *,
+    reference: Optional[dict[str, np.ndarray]] = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    expect: Optional[dict[str, tuple[tuple[int, ...], Any]]] = None,
 ) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
-    """(plain ArrayRecord, positions as bool masks) of an encoded record; raises CodecError on bad bytes."""
-    decoded = decode_model(record[ENCODED_KEY].data, reference=reference, max_bytes=max_bytes)
+    """(plain ArrayRecord, positions as bool masks) of an encoded record; raises CodecError on bad
+    bytes, or (with `expect`, name -> (shape, dtype)) on a message for another model."""
+    decoded = decode_model(record[ENCODED_KEY].data, reference=reference, max_bytes=max_bytes, expect=expect)
     arrays = {k: Array(v) for k, v in decoded.tensors.items()}
     arrays.update({k: a for k, a in record.items() if k != ENCODED_KEY})
     return ArrayRecord(array_dict=arrays), decoded.masks
@@ -231,15 +236,10 @@ class FedDIP(FedAvg):
         if record is None or not is_encoded(record):
             raise CodecError("reply carries no encoded model")
         self.bytes_up += encoded_size(record)
+        schema = {k: (v.shape, v.dtype) for k, v in server.weights.items()}
         limit = sum(v.nbytes for v in server.weights.values())
-        plain, _ = decode_arrayrecord(record, reference=server.masks or None, max_bytes=limit)
-        model = {k: a.numpy() for k, a in plain.items()}
-        if set(model) != set(server.weights):
-            raise CodecError("reply holds other tensors than the global model")
-        for k, v in model.items():
-            if v.shape != server.weights[k].shape or v.dtype != server.weights[k].dtype:
-                raise CodecError(f"reply's {k!r} is {v.shape} {v.dtype}, the model's {server.weights[k].shape}")
-        return model
+        plain, _ = decode_arrayrecord(record, reference=server.masks or None, max_bytes=limit, expect=schema)
+        return {k: a.numpy() for k, a in plain.items()}
 
     def _num_examples(self, reply: Message) -> float:
         for record in reply.content.metric_records.values():

@@ -578,3 +578,16 @@ def test_coverage_guided_fuzzing_short_run(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert "Done" in run.stderr and not list(tmp_path.glob("crash-*"))
     assert len(list(corpus.iterdir())) >= 44
+
+
+def test_expected_schema_is_checked_before_allocating():
+    w = {"a": np.ones((3, 4), np.float32), "b": np.ones(5)}
+    msg = fk.encode_model(w)
+    schema = {"a": ((3, 4), np.float32), "b": ((5,), np.float64)}
+    out = fk.decode_model(msg, expect=schema)
+    assert set(out.tensors) == {"a", "b"}
+    bad = [({"a": ((3, 4), np.float32)}, "other tensors"), ({**schema, "c": ((1,), np.float32)}, "missing \\['c'\\]"),
+           ({**schema, "a": ((4, 3), np.float32)}, "expected \\(4, 3\\)"), ({**schema, "b": ((5,), np.float32)}, "float32")]
+    for expect, match in bad:
+        with pytest.raises(fk.CodecError, match=match):
+            fk.decode_model(msg, expect=expect, max_bytes=100)  # refused by the schema, not the limit
