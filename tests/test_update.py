@@ -319,5 +319,7 @@ def test_native_results_do_not_depend_on_the_thread_count():
                                     norm=-1.0, n_threads=threads)
         norm = native.masked_norm(w, mask, 2, n_threads=threads)
         th = native.magnitude_threshold([w0, g], 12345, n_threads=threads)
-        runs.append((w.tobytes(), buf.tobytes(), pr.tobytes(), out, norm, th))
+        masks = [np.zeros(n, bool), np.zeros(n, bool)]
+        native.topk_masks([w0, g], masks, 12345, n_threads=threads)
+        runs.append((w.tobytes(), buf.tobytes(), pr.tobytes(), out, norm, th, masks[0].tobytes(), masks[1].tobytes()))
     assert runs[0] == runs[1] == runs[2]
