@@ -238,7 +238,10 @@ class FedDIP(FedAvg):
         self.bytes_up += encoded_size(record)
         schema = {k: (v.shape, v.dtype) for k, v in server.weights.items()}
         limit = sum(v.nbytes for v in server.weights.values())
-        plain, _ = decode_arrayrecord(record, reference=server.masks or None, max_bytes=limit, expect=schema)
+        plain, positions = decode_arrayrecord(record, reference=server.masks or None, max_bytes=limit, expect=schema)
+        for k, m in server.masks.items():
+            if (positions[k] & ~m).any():
+                raise CodecError(f"reply's {k!r} has values outside the global mask it was sent")
         return {k: a.numpy() for k, a in plain.items()}
 
     def _num_examples(self, reply: Message) -> float:

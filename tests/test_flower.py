@@ -255,3 +255,14 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
         arrays, _ = strategy.aggregate_train(rnd, replies)
         for k, v in expected[rnd - 1].items():
             assert arrays[k].numpy().tobytes() == v.tobytes(), (rnd, k)
+
+
+def test_reply_outside_the_global_mask_is_rejected(task_identity):
+    strategy = FedDIP(num_rounds=3, s0=0.5, sp=0.9, mask_every=1, min_available_nodes=2, min_train_nodes=1)
+    strategy.aggregate_train(1, _one_round(strategy))  # round 1 makes the global mask
+    messages = list(strategy.configure_train(2, _record(_model()), ConfigRecord({}), _Grid()))
+    dense = encode_arrayrecord(_record(_model(3)))  # positions everywhere, not relative to the mask
+    replies = [Message(content=RecordDict({"arrays": dense, "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=m) for m in messages]
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert arrays is None and metrics["feddip-rejected"] == 2
