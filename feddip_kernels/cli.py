@@ -77,7 +77,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import os
 
     from .fl.simulation import ALGORITHMS
-    from .fl import SimulationConfig, dirichlet_partition, iid_partition, load_idx_dataset, run_simulation, synthetic_dataset
+    from .fl import SimulationConfig, dirichlet_partition, iid_partition, load_dataset, run_simulation, synthetic_dataset
     from .fl.report import plot_histories
 
     try:
@@ -89,7 +89,7 @@ def _simulate(args: argparse.Namespace) -> int:
         train, test = synthetic_dataset(args.synthetic_train, args.synthetic_test, seed=args.seed)
         data_name = "synthetic"
     else:
-        train, test = load_idx_dataset(args.data)
+        train, test = load_dataset(args.data)
         data_name = os.path.abspath(args.data)
     clients = _settings(args)["clients"]
     if args.partition == "iid":
@@ -163,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("simulate", help="run a federated-learning simulation (needs the [fl] extra)")
     p.add_argument("--algorithm", default="all",
                    help="feddip, feddp (no regulariser), feddip-noef (no error feedback), fedavg, a comma list, or all")
-    p.add_argument("--data", default="synthetic", help="directory of MNIST-style IDX files, or 'synthetic'")
+    p.add_argument("--data", default="synthetic",
+                   help="directory of CIFAR-10/100 (binary or python version) or MNIST-style IDX files, or 'synthetic'")
     p.add_argument("--synthetic-train", type=int, default=20000)
     p.add_argument("--synthetic-test", type=int, default=1000)
     p.add_argument("--model", default="lenet5", choices=["lenet5", "alexnet", "resnet18"])

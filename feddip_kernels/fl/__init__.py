@@ -3,7 +3,8 @@ FedDIP without error feedback, and FedAvg) that uses the library's kernels and c
 step and transfer, and counts the real encoded bytes; the server side is feddip_kernels.server.
 Needs torch (the [fl] extra)."""
 
-from .data import Dataset, dirichlet_partition, iid_partition, load_idx_dataset, synthetic_dataset
+from .cifar import load_cifar
+from .data import Dataset, dirichlet_partition, iid_partition, load_dataset, load_idx_dataset, synthetic_dataset
 from .models import MODELS, make_model, prunable_parameters
 from .simulation import SimulationConfig, run_simulation
 
@@ -13,6 +14,8 @@ __all__ = [
     "SimulationConfig",
     "dirichlet_partition",
     "iid_partition",
+    "load_cifar",
+    "load_dataset",
     "load_idx_dataset",
     "make_model",
     "prunable_parameters",

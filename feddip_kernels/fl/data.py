@@ -15,10 +15,12 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 
 @dataclass
 class Dataset:
-    """Images (N, C, H, W) float32, labels (N,) int64."""
+    """Images (N, C, H, W) float32, labels (N,) int64; `augment`: training batches get random
+    crops and flips (cifar.augment_batch), as the paper does for CIFAR."""
 
     x: np.ndarray
     y: np.ndarray
+    augment: bool = False
 
     def __len__(self) -> int:
         return len(self.y)
@@ -53,6 +55,16 @@ def _find(directory: str, stem: str) -> str:
         if os.path.exists(p):
             return p
     raise FileNotFoundError(f"{stem}[.gz] not found in {directory}")
+
+
+def load_dataset(directory: str) -> tuple[Dataset, Dataset]:
+    """(train, test) from `directory`: CIFAR-10/100 (binary or python version, see fl.cifar) when
+    it holds one, else MNIST-style IDX files."""
+    from .cifar import find_cifar, load_cifar
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"data directory {directory} not found")
+    return load_cifar(directory) if find_cifar(directory) else load_idx_dataset(directory)
 
 
 def load_idx_dataset(directory: str) -> tuple[Dataset, Dataset]:

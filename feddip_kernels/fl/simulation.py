@@ -17,6 +17,7 @@ from ..codecs import decode_model, encode_model
 from ..server import FedDIPServer, Schedule, seed_for
 from ..torch import FedDIPSGD
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cifar import augment_batch
 from .data import Dataset
 from .models import make_model, prunable_parameters
 
@@ -170,13 +171,15 @@ def _train_client(
     if no_feedback:
         drop_outside_mask()
     rng = np.random.default_rng(seed_for(cfg.seed, 3, t, client))
+    augment_rng = np.random.default_rng(seed_for(cfg.seed, 5, t, client))
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     for _ in range(cfg.local_epochs):
-        order = torch.from_numpy(rng.permutation(len(data)))
+        order = rng.permutation(len(data))
         for i in range(0, len(data), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
+            xb = torch.from_numpy(augment_batch(data.x[idx], augment_rng)) if data.augment else x[idx]
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            nn.functional.cross_entropy(model(xb), y[idx]).backward()
             opt.step()
             if no_feedback:
                 drop_outside_mask()
@@ -219,7 +222,7 @@ def run_simulation(
     else:
         state = _initial_state(cfg, model)
     server = state.server
-    shards = [Dataset(train.x[p], train.y[p]) for p in partition]
+    shards = [Dataset(train.x[p], train.y[p], augment=train.augment) for p in partition]
     sizes = np.array([len(p) for p in partition], dtype=np.float64)
 
     while server.round < cfg.rounds:
