@@ -591,3 +591,46 @@ def test_expected_schema_is_checked_before_allocating():
     for expect, match in bad:
         with pytest.raises(fk.CodecError, match=match):
             fk.decode_model(msg, expect=expect, max_bytes=100)  # refused by the schema, not the limit
+
+
+def _conformance_arrays():
+    rng = np.random.default_rng(11)
+    out = []
+    for dtype in (np.float32, np.float64):
+        a = rng.standard_normal((20, 30)).astype(dtype) * (rng.random((20, 30)) < 0.1)
+        out += [a, np.asfortranarray(a), a.reshape(-1), np.zeros(7, dtype), np.asfortranarray(a.reshape(4, 5, 30))]
+    return out
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_numcodecs_conformance(index, tmp_path, monkeypatch):
+    # numcodecs' own helpers, for the lossless settings (issue 14): arrays of either order, raw
+    # buffers read through the dtype setting, `out` of any layout or any writable buffer.
+    pytest.importorskip("numcodecs")
+    from numcodecs.tests.common import check_config, check_encode_decode, check_encode_decode_array, check_repr
+
+    arr = _conformance_arrays()[index]
+    for positions in ("auto", "bitmask", "golomb"):
+        codec = fk.SparseCodec(positions=positions, dtype=arr.dtype.str)
+        check_encode_decode(arr, codec)
+        check_encode_decode_array(arr, codec)
+        check_config(codec)
+    import numcodecs.tests.common as common
+
+    monkeypatch.setattr(common, "SparseCodec", fk.SparseCodec, raising=False)  # check_repr evals in its module
+    check_repr("SparseCodec(positions='auto', values='raw')")
+    check_repr("SparseCodec(positions='golomb', values='fp16', max_bytes=1000, dtype='<f4')")
+    with pytest.raises(TypeError, match="dtype"):
+        fk.SparseCodec().encode(arr.tobytes())
+
+
+def test_numcodecs_backwards_compatibility(monkeypatch):
+    # Encoded fixtures kept in tests/fixture/feddip_sparse must still decode to their arrays.
+    pytest.importorskip("numcodecs")
+    from pathlib import Path
+
+    from numcodecs.tests.common import check_backwards_compatibility
+
+    monkeypatch.chdir(Path(__file__).parent)
+    codecs_ = [fk.SparseCodec(), fk.SparseCodec(positions="bitmask"), fk.SparseCodec(positions="golomb", dtype="<f8")]
+    check_backwards_compatibility(fk.SparseCodec.codec_id, _conformance_arrays()[:4], codecs_)
