@@ -91,7 +91,8 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         train, test = load_dataset(args.data)
         data_name = os.path.abspath(args.data)
-    clients = _settings(args)["clients"]
+    settings = _settings(args)
+    clients = settings["clients"]
     if args.partition == "iid":
         parts = iid_partition(len(train), clients, seed=args.seed)
     else:
@@ -100,7 +101,6 @@ def _simulate(args: argparse.Namespace) -> int:
     values = _values_per_algorithm(args.values, algorithms)
     os.makedirs(args.out, exist_ok=True)
     results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "runs": {}}
-    settings = _settings(args)
     for alg in algorithms:
         cfg = SimulationConfig(algorithm=alg, model=args.model, values=values[alg], seed=args.seed, **settings)
         bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None

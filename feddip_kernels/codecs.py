@@ -373,8 +373,8 @@ def decode_model(
     replying for another model is refused at no cost). `out` maps names to existing arrays (or
     torch CPU tensors) of the right dtype and size to decode into, skipping the allocation; they
     are returned in `tensors` and must not overlap each other or the message. Nothing else returned
-    shares memory with `data`, which the caller may reuse. Raises CodecError on any corruption (`out` may then be partly
-    written)."""
+    shares memory with `data`, which the caller may reuse. Raises CodecError on any corruption
+    (`out` may then be partly written)."""
     k = _Kernels(backend)
     view = memoryview(data).cast("B")
     if len(view) < _HEADER.size + _CRC.size:
@@ -557,8 +557,7 @@ class SparseCodec:
             return a if a.flags.c_contiguous or not a.flags.f_contiguous else a.ravel(order="A")
         if self.dtype is None:
             raise TypeError(f"buffer has dtype {a.dtype}; set SparseCodec(dtype=...) to read raw bytes as floats")
-        raw = np.asarray(memoryview(buf)).reshape(-1, order="A") if not isinstance(buf, np.ndarray) else buf.reshape(-1, order="A")
-        return raw.view(np.uint8).view(self.dtype)
+        return a.reshape(-1, order="A").view(np.uint8).view(self.dtype)
 
     def encode(self, buf: Any) -> bytes:
         # Positions are the elements whose bits are not all zero: -0.0 is kept, so a lossless

@@ -104,7 +104,7 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
             config.update(record)
         values = str(config.get(VALUES_KEY, values))
         masked, prunable = list(config.get(MASKED_KEY, [])), list(config.get(PRUNABLE_KEY, []))
-        held = _record_to_masks(ctxt.state[_STATE_KEY]) if _STATE_KEY in ctxt.state else {}
+        held = _held_masks(ctxt)
         # A new RecordDict: the incoming one may be shared (e.g. one object for every node).
         content = RecordDict(dict(msg.content.items()))
         shapes: dict[str, tuple[int, ...]] = {}
@@ -126,13 +126,18 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
     reply = call_next(msg, ctxt)
     if reply.has_error() or not reply.has_content():
         return reply
-    shared = _record_to_masks(ctxt.state[_STATE_KEY]) if _STATE_KEY in ctxt.state else {}
+    shared = _held_masks(ctxt)
     for key, record in list(reply.content.array_records.items()):
         if key != MASKS_RECORD and not is_encoded(record):
             names = set(record.keys())
             masks = {k: m for k, m in shared.items() if k in names}
             reply.content[key] = encode_arrayrecord(record, masks=masks or None, reference=masks or None, values=values)
     return reply
+
+
+def _held_masks(ctxt: Context) -> dict[str, np.ndarray]:
+    """The global mask this node last received (kept in its context state), or {}."""
+    return _record_to_masks(ctxt.state[_STATE_KEY]) if _STATE_KEY in ctxt.state else {}
 
 
 def _client_index(ctxt: Context) -> int:

@@ -57,14 +57,10 @@ def load_cifar(directory: str) -> tuple[Dataset, Dataset]:
     for files in (train_files, test_files):
         xs, ys = zip(*(read(os.path.join(d, f), labels) for f in files))
         parts.append((np.concatenate(xs), np.concatenate(ys)))
-    (xtr, ytr), (xte, yte) = parts
-    x = xtr.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
-    mean, std = x.mean(axis=(0, 2, 3), keepdims=True), x.std(axis=(0, 2, 3), keepdims=True)
-    out = []
-    for xs, ys, augment in ((xtr, ytr, True), (xte, yte, False)):
-        images = (xs.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0 - mean) / std
-        out.append(Dataset(images.astype(np.float32), ys.astype(np.int64), augment=augment))
-    return out[0], out[1]
+    (xtr, ytr), (xte, yte) = ((xs.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, ys) for xs, ys in parts)
+    mean, std = xtr.mean(axis=(0, 2, 3), keepdims=True), xtr.std(axis=(0, 2, 3), keepdims=True)
+    train = Dataset((xtr - mean) / std, ytr.astype(np.int64), augment=True)
+    return train, Dataset((xte - mean) / std, yte.astype(np.int64))
 
 
 def _read_binary(path: str, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:

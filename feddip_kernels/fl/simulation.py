@@ -222,6 +222,7 @@ def run_simulation(
     else:
         state = _initial_state(cfg, model)
     server = state.server
+    schedule = server.schedule
     shards = [Dataset(train.x[p], train.y[p], augment=train.augment) for p in partition]
     sizes = np.array([len(p) for p in partition], dtype=np.float64)
 
@@ -234,7 +235,8 @@ def run_simulation(
         bytes_down = bytes_up = 0
         shared = server.masks or None  # the global mask of this round (None before the first)
         # The authors' count: 32 (1 - s) n bits a model, s the share of pruned positions, no index cost.
-        kept = sum(v.size for v in server.weights.values()) - sum(int(m.size - np.count_nonzero(m)) for m in server.masks.values())
+        pruned = sum(int(m.size - np.count_nonzero(m)) for m in server.masks.values())
+        kept = sum(v.size for v in server.weights.values()) - pruned
         uploads, failures = [], []
         for c in chosen:
             # Downlink: the global model, relative to the global mask this client already has.
@@ -267,8 +269,8 @@ def run_simulation(
         acc, loss = evaluate(model, test)
         row = {
             "round": server.round, "accuracy": acc, "loss": loss, "sparsity": server.sparsity(),
-            "sparsity_target": cfg.schedule.sparsity(t) if server.prune and cfg.schedule.updates_mask(t) else None,
-            "lr": cfg.schedule.learning_rate(t), "lambda": cfg.schedule.lam(t) if cfg.algorithm in _REGULARISED else 0.0,
+            "sparsity_target": schedule.sparsity(t) if server.prune and schedule.updates_mask(t) else None,
+            "lr": schedule.learning_rate(t), "lambda": schedule.lam(t) if cfg.algorithm in _REGULARISED else 0.0,
             "bytes_up": bytes_up, "bytes_down": bytes_down,
             "bytes_total": (state.history[-1]["bytes_total"] if state.history else 0) + bytes_up + bytes_down,
             "bytes_authors": 2 * len(chosen) * 4 * kept,
