@@ -11,6 +11,7 @@ from .pruning import (
     unpack_mask,
 )
 from .schedules import lambda_schedule, sparsity_schedule
+from .storage import load, save
 from .update import masked_ef_step, masked_norm
 
 __version__ = "0.1.0"
@@ -27,9 +28,11 @@ __all__ = [
     "global_topk_masks",
     "k_for_density",
     "lambda_schedule",
+    "load",
     "masked_ef_step",
     "masked_norm",
     "pack_mask",
+    "save",
     "sparsity_schedule",
     "unpack_mask",
 ]
