@@ -14,6 +14,12 @@ def is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
+def on_device(*xs: Any) -> bool:
+    """Whether any argument is a torch tensor on a device other than the CPU (CUDA): those are
+    handled by the torch kernels (_torch_kernels), where they are."""
+    return any(is_torch(x) and x.device.type != "cpu" for x in xs)
+
+
 def as_array(x: Any, what: str = "tensor") -> np.ndarray:
     """A NumPy view of `x` sharing its memory where the object allows it (torch CPU tensors,
     DLPack producers, buffer-protocol objects); a copy only for plain Python sequences."""

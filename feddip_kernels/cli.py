@@ -71,11 +71,27 @@ def _settings(args: argparse.Namespace) -> dict:
     return out
 
 
+def _device(name: str) -> str:
+    """The torch device for --device: cpu, cuda[:N], or auto (cuda when torch sees one)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name.split(":")[0] != "cuda":
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device (this torch build: {torch.__version__})")
+    return name
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     import os
 
+    from .fl.data import SYNTHETIC
     from .fl.simulation import ALGORITHMS
     from .fl import SimulationConfig, dirichlet_partition, iid_partition, load_dataset, run_simulation, synthetic_dataset
     from .fl.report import plot_histories
@@ -85,13 +101,16 @@ def _simulate(args: argparse.Namespace) -> int:
     except ImportError:  # the progress bar is optional
         tqdm = None
 
-    if args.data == "synthetic":
-        train, test = synthetic_dataset(args.synthetic_train, args.synthetic_test, seed=args.seed)
-        data_name = "synthetic"
+    if args.data in SYNTHETIC:
+        shape, classes, augment = SYNTHETIC[args.data]
+        train, test = synthetic_dataset(args.synthetic_train, args.synthetic_test, classes, seed=args.seed, shape=shape)
+        train.augment = augment
+        data_name = args.data
     else:
         train, test = load_dataset(args.data)
         data_name = os.path.abspath(args.data)
     settings = _settings(args)
+    device = _device(args.device)
     clients = settings["clients"]
     if args.partition == "iid":
         parts = iid_partition(len(train), clients, seed=args.seed)
@@ -100,7 +119,7 @@ def _simulate(args: argparse.Namespace) -> int:
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     values = _values_per_algorithm(args.values, algorithms)
     os.makedirs(args.out, exist_ok=True)
-    results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "runs": {}}
+    results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "device": device, "runs": {}}
     for alg in algorithms:
         cfg = SimulationConfig(algorithm=alg, model=args.model, values=values[alg], seed=args.seed, **settings)
         bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None
@@ -122,7 +141,8 @@ def _simulate(args: argparse.Namespace) -> int:
                 print(line, flush=True)
 
         ckpt = os.path.join(args.out, f"{alg}.ckpt") if args.checkpoint else None
-        state = run_simulation(cfg, train, test, parts, checkpoint=ckpt, resume=args.resume, on_round=log)
+        state = run_simulation(cfg, train, test, parts, checkpoint=ckpt, resume=args.resume, on_round=log,
+                               device=device)
         if bar is not None:
             bar.close()
         results["runs"][alg] = {"config": dataclasses.asdict(cfg), "history": state.history}
@@ -164,7 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--algorithm", default="all",
                    help="feddip, feddp (no regulariser), feddip-noef (no error feedback), fedavg, a comma list, or all")
     p.add_argument("--data", default="synthetic",
-                   help="directory of CIFAR-10/100 (binary or python version) or MNIST-style IDX files, or 'synthetic'")
+                   help="directory of CIFAR-10/100 (binary or python version) or MNIST-style IDX files; or a built-in "
+                        "set: synthetic (1x28x28, 10 classes), synthetic-cifar10 or synthetic-cifar100 (3x32x32, "
+                        "10 or 100 classes, augmented in training as CIFAR is)")
     p.add_argument("--synthetic-train", type=int, default=20000)
     p.add_argument("--synthetic-test", type=int, default=1000)
     p.add_argument("--model", default="lenet5", choices=["lenet5", "alexnet", "resnet18"])
@@ -198,6 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="value codec of every transfer: raw (lossless fp32), fp16, bf16 or int8; or per algorithm, "
              "e.g. feddip=fp16,fedavg=raw (algorithms not named send raw)",
     )
+    p.add_argument("--device", default="cpu",
+                   help="where clients train: cpu, cuda (or cuda:N), or auto (cuda when available); the server's "
+                        "state and the messages stay on the host")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="directory for results.json, results.png, checkpoints")
     p.add_argument("--checkpoint", action="store_true", help="checkpoint the server state every round")

@@ -12,7 +12,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, block_views, check_disjoint, contiguous, flat_mask, writable_view
+from ._arrays import as_array, block_views, check_disjoint, contiguous, flat_mask, on_device, writable_view
 
 MAGIC = b"FDKW"
 VERSION = 1
@@ -24,6 +24,7 @@ _CRC = struct.Struct("<I")
 
 DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+_TORCH_FLOATS = {"torch.float32": np.dtype(np.float32), "torch.float64": np.dtype(np.float64)}
 
 DOMAIN_FULL, DOMAIN_REFERENCE = 0, 1
 POSITIONS = {"all": 0, "bitmask": 1, "csr": 2, "golomb": 3}
@@ -288,6 +289,8 @@ def encode_model(
     are a subset of it are coded relative to it (mask delta); otherwise the full tensor is the
     domain. `positions` is "auto" (smallest per tensor), "bitmask", "csr", "golomb" or "all";
     `values` is "raw" (lossless) or the lossy "fp16", "bf16", "int8" (per-tensor scale).
+    Tensors on a CUDA device are sparsified there: only their packed positions and kept values
+    are copied to the host.
     """
     if values not in VALUES:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
@@ -296,16 +299,27 @@ def encode_model(
     k = _Kernels(backend)
     prepared: list[_Sparse] = []
     for name, t in tensors.items():
-        a = as_array(t, f"tensors[{name!r}]")
-        if a.dtype not in DTYPE_CODES:
-            raise TypeError(f"tensors[{name!r}] has dtype {a.dtype}; float32 or float64 is required")
-        if a.ndim > MAX_NDIM:
-            raise ValueError(f"tensors[{name!r}] has {a.ndim} dimensions, at most {MAX_NDIM}")
-        shape = tuple(int(s) for s in a.shape)
-        a = contiguous(a).reshape(-1)
-        n = a.size
-        mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
-        bits, vals = k.sparsify(a, mask)
+        if on_device(t):  # positions and values are found where the tensor is; only they cross
+            from . import _torch_kernels
+
+            dtype = _TORCH_FLOATS.get(str(t.dtype))
+            if dtype is None:
+                raise TypeError(f"tensors[{name!r}] has dtype {t.dtype}; float32 or float64 is required")
+            if t.ndim > MAX_NDIM:
+                raise ValueError(f"tensors[{name!r}] has {t.ndim} dimensions, at most {MAX_NDIM}")
+            shape, n = tuple(int(s) for s in t.shape), t.numel()
+            bits, vals = _torch_kernels.sparsify(t, masks[name] if masks and name in masks else None)
+        else:
+            a = as_array(t, f"tensors[{name!r}]")
+            if a.dtype not in DTYPE_CODES:
+                raise TypeError(f"tensors[{name!r}] has dtype {a.dtype}; float32 or float64 is required")
+            if a.ndim > MAX_NDIM:
+                raise ValueError(f"tensors[{name!r}] has {a.ndim} dimensions, at most {MAX_NDIM}")
+            shape, dtype = tuple(int(s) for s in a.shape), a.dtype
+            a = contiguous(a).reshape(-1)
+            n = a.size
+            mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
+            bits, vals = k.sparsify(a, mask)
         nnz = vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
@@ -317,7 +331,7 @@ def encode_model(
         name_b = name.encode("utf-8")
         if len(name_b) > 0xFFFF:
             raise ValueError(f"tensor name longer than 65535 bytes: {name[:40]!r}...")
-        prepared.append(_Sparse(name_b, shape, a.dtype, domain, d, nnz, pos_bits, csr_shape, vals))
+        prepared.append(_Sparse(name_b, shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals))
     # The Golomb streams of all tensors in one call (the native backend encodes them in parallel).
     golomb: list[Optional[tuple[int, bytes]]] = [None] * len(prepared)
     if positions in ("auto", "golomb"):

@@ -16,7 +16,7 @@ from typing import Any, Collection, Optional, Sequence
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import as_array, block_views, contiguous, flat_mask, float_tensors, like_input
+from ._arrays import as_array, block_views, contiguous, flat_mask, float_tensors, like_input, on_device
 
 
 def k_for_density(n: int, density: float) -> int:
@@ -41,8 +41,13 @@ def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str =
     """The k-th largest |w| over all elements of `tensors` (float32 or float64, one dtype).
 
     Returns +inf for k = 0. The list is never concatenated: the native backend runs a radix select
-    on the bit patterns of |w| in about two passes over memory.
+    on the bit patterns of |w| in about two passes over memory. Tensors on a CUDA device are
+    handled there (torch operations; `backend` does not apply).
     """
+    if on_device(*tensors):
+        from . import _torch_kernels
+
+        return _torch_kernels.magnitude_threshold(list(tensors), _check_k(k, sum(t.numel() for t in tensors)))
     arrays = float_tensors(tensors)
     k = _check_k(k, sum(a.size for a in arrays))
     be = _backend.resolve(backend)
@@ -64,12 +69,19 @@ def global_topk_masks(
 
     Give either `k` or `density` (k = round(density * n)). Masks are NumPy bool arrays, or torch
     bool tensors sharing their memory when the inputs are torch tensors; the native and numba
-    backends return views into one block (_arrays.block_views).
+    backends return views into one block (_arrays.block_views). Masks of tensors on a CUDA device
+    are computed there and stay there (torch operations; `backend` does not apply).
     """
-    arrays = float_tensors(tensors)
-    n = sum(a.size for a in arrays)
     if (k is None) == (density is None):
         raise ValueError("give exactly one of k and density")
+    if on_device(*tensors):
+        from . import _torch_kernels
+
+        n = sum(t.numel() for t in tensors)
+        k = k_for_density(n, density) if density is not None else _check_k(k, n)
+        return _torch_kernels.topk_masks(list(tensors), k)
+    arrays = float_tensors(tensors)
+    n = sum(a.size for a in arrays)
     k = k_for_density(n, density) if density is not None else _check_k(k, n)
     be = _backend.resolve(backend)
     if be == "numpy":

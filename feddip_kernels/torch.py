@@ -8,11 +8,13 @@ all in one fused pass per layer (feddip_kernels.masked_ef_step).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 
+from . import _torch_kernels
 from ._arrays import as_array
 from .update import masked_ef_step
 
@@ -27,7 +29,12 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     Writing new weights into a masked parameter in place (`param.copy_(x)` under no_grad, as
     `load_state_dict` does) makes them the new dense weights at the next step; call `set_masks`
-    again to change a mask. CPU float32/float64 parameters only.
+    again to change a mask. float32/float64 parameters. On the CPU each step is the native fused
+    kernel. On a CUDA device it is the same arithmetic in torch operations
+    (_torch_kernels.ef_step; `backend="torch"` takes that path on the CPU too), compiled by
+    torch.compile into one kernel per layer shape when `compile` is True, or None (the default)
+    on a CUDA device where compiling works (else, with a warning, the uncompiled operations). No
+    step waits for the device.
     """
 
     def __init__(
@@ -39,6 +46,7 @@ class FedDIPSGD(torch.optim.Optimizer):
         lam: float = 0.0,
         p: int = 2,
         backend: str = "auto",
+        compile: Optional[bool] = None,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or lam < 0:
             raise ValueError("lr, momentum, weight_decay and lam must be >= 0")
@@ -47,10 +55,11 @@ class FedDIPSGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lam=lam, p=p)
         super().__init__(params, defaults)
         self.backend = backend
+        self.compile = compile
         for group in self.param_groups:
             for prm in group["params"]:
-                if prm.device.type != "cpu" or prm.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"FedDIPSGD needs CPU float32/float64 parameters, got {prm.dtype} on {prm.device}")
+                if prm.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"FedDIPSGD needs float32/float64 parameters, got {prm.dtype}")
                 if not prm.is_contiguous():
                     raise ValueError("FedDIPSGD needs contiguous parameters")
 
@@ -74,7 +83,10 @@ class FedDIPSGD(torch.optim.Optimizer):
                 for key in ("dense", "mask", "norm", "version", "dense_version"):
                     state.pop(key, None)
                 continue
-            m = torch.as_tensor(np.asarray(as_array(mask, "mask"), dtype=bool))
+            if isinstance(mask, torch.Tensor):
+                m = mask.detach().to(device=prm.device, dtype=torch.bool)
+            else:
+                m = torch.as_tensor(np.asarray(as_array(mask, "mask"), dtype=bool), device=prm.device)
             if m.shape != prm.shape:
                 raise ValueError(f"mask shape {tuple(m.shape)} differs from parameter shape {tuple(prm.shape)}")
             state["dense"] = dense
@@ -113,6 +125,7 @@ class FedDIPSGD(torch.optim.Optimizer):
                     if "dense" in state:
                         state["mask"] = state["mask"].to(torch.bool).contiguous()
                         state["dense"] = state["dense"].contiguous()
+                        state["norm"] = None  # recomputed at the next step, in float64
                         prm.copy_(state["dense"] * state["mask"])
                         self._stamp(prm)
 
@@ -128,8 +141,15 @@ class FedDIPSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            hp: dict[torch.device, torch.Tensor] = {}
             for prm in group["params"]:
                 if prm.grad is None:
+                    continue
+                if prm.device.type != "cpu" or self.backend == "torch":
+                    if prm.device not in hp:
+                        hp[prm.device] = _torch_kernels.hyper(group["lr"], group["weight_decay"], group["lam"],
+                                                              group["momentum"], prm.device)
+                    self._step_on_device(prm, group, hp[prm.device])
                     continue
                 if prm.grad.is_sparse:
                     raise TypeError("FedDIPSGD does not support sparse gradients")
@@ -154,3 +174,37 @@ class FedDIPSGD(torch.optim.Optimizer):
                         momentum=group["momentum"], momentum_buffer=buf, norm=0.0, backend=self.backend,
                     )
         return loss
+
+    def _step_on_device(self, prm: torch.Tensor, group: dict[str, Any], hp: torch.Tensor) -> None:
+        state = self.state[prm]
+        buf = None
+        if group["momentum"] != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+        if "mask" in state:
+            dense = self._dense(prm)
+            norm = state["norm"] if state["dense_version"] == dense._version else None
+            state["norm"] = self._ef_step(dense, prm.grad, state["mask"], buf, prm.detach(), hp, group["p"], norm)
+            self._stamp(prm)
+        else:  # no mask, no regulariser: SGD as torch.optim.SGD makes it
+            w = prm.detach()
+            d = prm.grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else prm.grad
+            if buf is not None:
+                buf.mul_(group["momentum"]).add_(d)
+                d = buf
+            w.add_(d, alpha=-group["lr"])
+
+    def _ef_step(self, *args: Any) -> torch.Tensor:
+        if not (self.compile or (self.compile is None and args[0].device.type == "cuda")):
+            return _torch_kernels.ef_step(*args)
+        try:
+            return _torch_kernels.ef_step_fused(*args)
+        except Exception as e:  # noqa: BLE001 - no compiler here (no Triton, no C++ toolchain)
+            if self.compile:
+                raise
+            warnings.warn(f"FedDIPSGD: torch.compile failed ({type(e).__name__}: {e}); stepping with "
+                          "uncompiled torch operations", RuntimeWarning, stacklevel=3)
+            self.compile = False
+            return _torch_kernels.ef_step(*args)
+

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _backend, reference
-from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, flat_mask, writable_view
+from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, flat_mask, on_device, writable_view
 from .pruning import unpack_mask
 
 
@@ -54,7 +54,14 @@ def masked_ef_step(
     `mask_bits` may replace `mask`: the mask packed as pack_mask writes it ((n + 7) / 8 bytes,
     little-endian bit order), 1/8 of the memory and traffic. The native kernel reads the bits
     directly; the numba and numpy backends unpack them first.
+
+    torch tensors on a CUDA device are stepped there, by the same arithmetic in torch operations
+    (_torch_kernels.ef_step; `backend` and `mask_bits` do not apply). All of them must be on the
+    one device.
     """
+    if on_device(w, g, mask, momentum_buffer, pruned_out, mask_bits):
+        return _step_on_device(w, g, mask, lr=lr, weight_decay=weight_decay, lam=lam, p=p, momentum=momentum,
+                               momentum_buffer=momentum_buffer, pruned_out=pruned_out, norm=norm, mask_bits=mask_bits)
     wa = as_array(w, "w")
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
@@ -87,6 +94,45 @@ def masked_ef_step(
         ma = unpack_mask(ma, wa.size, backend=be)
     impl = _backend.numba_module().masked_ef_step if be == "numba" else reference.masked_ef_step
     return impl(wa, ga, ma, momentum_buffer=buf, pruned_out=out, norm=norm, **kwargs)
+
+
+def _step_on_device(w: Any, g: Any, mask: Any, *, lr: float, weight_decay: float, lam: float, p: int,
+                    momentum: float, momentum_buffer: Any, pruned_out: Any, norm: Optional[float],
+                    mask_bits: Any) -> float:
+    import torch
+
+    from . import _torch_kernels
+
+    if mask_bits is not None:
+        raise ValueError("mask_bits is for host arrays; pass the mask as a bool tensor on the device")
+    args = {"w": w, "g": g, "mask": mask, "momentum_buffer": momentum_buffer, "pruned_out": pruned_out}
+    for name, t in args.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != w.device):
+            raise ValueError(f"{name} must be a torch tensor on {w.device} like w")
+    if w.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"w has dtype {w.dtype}; float32 or float64 is required")
+    for name, t in (("g", g), ("momentum_buffer", momentum_buffer), ("pruned_out", pruned_out)):
+        if t is not None and (t.dtype != w.dtype or t.numel() != w.numel()):
+            raise ValueError(f"{name} must match w ({w.numel()} x {w.dtype}), got {t.numel()} x {t.dtype}")
+    if mask is not None and mask.numel() != w.numel():
+        raise ValueError(f"mask has {mask.numel()} elements, expected {w.numel()}")
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if momentum != 0.0 and momentum_buffer is None:
+        raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
+    for name, t in (("w", w), ("momentum_buffer", momentum_buffer), ("pruned_out", pruned_out)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is written in place)")
+    m = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).reshape(w.shape)
+    prev = None if norm is None else torch.tensor(float(norm), dtype=torch.float64, device=w.device)
+    hp = _torch_kernels.hyper(lr, weight_decay, lam, momentum, w.device)
+    buf = None if momentum_buffer is None else momentum_buffer.view(w.shape)
+    out = None if pruned_out is None else pruned_out.view(w.shape)
+    with torch.no_grad():
+        return float(_torch_kernels.ef_step(w.detach(), g.detach().reshape(w.shape), m, buf, out, hp, p, prev))
 
 
 def masked_norm(w: Any, mask: Any = None, *, p: int = 2, mask_bits: Any = None, backend: str = "auto") -> float:

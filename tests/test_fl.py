@@ -211,6 +211,38 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().err
 
 
+def test_cli_cifar_shaped_pairs_run_the_three_algorithms(tmp_path):
+    # The short reproduction commands of the README, at a few samples: synthetic CIFAR-10/100
+    # shapes with AlexNet and ResNet-18, FedDIP, FedDP and FedAvg in one results.json and plot.
+    for model, data, classes in (("alexnet", "synthetic-cifar10", 10), ("resnet18", "synthetic-cifar100", 100)):
+        out = tmp_path / model
+        assert main(["simulate", "--model", model, "--data", data, "--synthetic-train", "48",
+                     "--synthetic-test", "16", "--clients", "2", "--rounds", "1", "--batch-size", "16",
+                     "--algorithm", "feddip,feddp,fedavg", "--out", str(out), "--quiet"]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert set(res["runs"]) == {"feddip", "feddp", "fedavg"} and res["device"] == "cpu"
+        assert res["data"] == data and (out / "results.png").stat().st_size > 1000
+    train, test = synthetic_dataset(20, 10, 100, seed=1, shape=(3, 32, 32))
+    assert train.x.shape == (20, 3, 32, 32) and train.y.max() < 100
+    with pytest.raises(ValueError, match="multiples of 4"):
+        synthetic_dataset(2, 2, shape=(3, 30, 30))
+
+
+def test_cli_device_flag(tmp_path, capsys):
+    import torch
+
+    base = ["simulate", "--algorithm", "feddip", "--clients", "2", "--rounds", "1", "--synthetic-train", "60",
+            "--synthetic-test", "20", "--quiet", "--out", str(tmp_path)]
+    assert main(base + ["--device", "tpu"]) == 2
+    assert "--device must be" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main(base + ["--device", "auto"]) == 0
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((tmp_path / "results.json").read_text())["device"] == want
+
+
 @pytest.mark.skipif(not os.path.isdir(MNIST), reason="MNIST not found at ../shared/data/mnist")
 def test_mnist_loads_and_trains():
     train, test = load_idx_dataset(MNIST)

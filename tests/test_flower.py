@@ -240,11 +240,11 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
         weights = {k: a.numpy() for k, a in msg.content["arrays"].items()}
         masks = {k: a.numpy().astype(bool) for k, a in msg.content[MASKS_RECORD].items()}
         local = _train_client(cfg, make_model(cfg.model, 1, 10), weights, masks, shards[c], t, c)
-        content = RecordDict({"arrays": _record(local), "metrics": MetricRecord({"num-examples": len(shards[c])})})
+        content = RecordDict({"arrays": _record({k: v.numpy() for k, v in local.items()}), "metrics": MetricRecord({"num-examples": len(shards[c])})})
         return Message(content=content, reply_to=msg)
 
     torch.manual_seed(seed_for(cfg.seed, 0))
-    arrays = _record({k: v.copy() for k, v in _float_state(make_model(cfg.model, 1, 10)).items()})
+    arrays = _record({k: v.numpy().copy() for k, v in _float_state(make_model(cfg.model, 1, 10)).items()})
     strategy = FedDIP(num_rounds=3, s0=0.5, sp=0.9, mask_every=1, horizon=3, lr=0.05, seed=5, weighting="samples",
                       min_available_nodes=3, min_train_nodes=3)
     contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1}, state=RecordDict(), run_config={})

@@ -7,6 +7,15 @@ torch = pytest.importorskip("torch")
 
 from feddip_kernels.torch import FedDIPSGD  # noqa: E402
 
+from feddip_kernels import available_backends  # noqa: E402
+
+
+# Every kernel backend, and "torch": the torch operations that step tensors on a CUDA device, here
+# run on CPU tensors (the same operations on either device).
+@pytest.fixture(params=[*available_backends(), "torch"])
+def backend(request):
+    return request.param
+
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32; the fused kernel rounds differently from torch's eager ops
 
 

@@ -83,16 +83,22 @@ def load_idx_dataset(directory: str) -> tuple[Dataset, Dataset]:
     return parts[0], parts[1]
 
 
-def synthetic_dataset(n_train: int = 6000, n_test: int = 1000, num_classes: int = 10, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """A learnable, not trivial 1x28x28 ten-class set that needs no download. Each class has four
-    blocky random prototypes (modes); a sample is one of its class's modes plus up to 0.6 times a
-    mode of another class, shifted by up to 2 pixels, scaled by 0.7-1.3, with N(0, 0.8) noise. In
-    the default `feddip simulate` run (10 clients, 20 rounds) FedAvg reaches 99.5% and FedDIP 92%
-    and still rising: harder than MNIST for a sparse LeNet-5, so the algorithms differ."""
+def synthetic_dataset(n_train: int = 6000, n_test: int = 1000, num_classes: int = 10, seed: int = 0,
+                      shape: tuple[int, int, int] = (1, 28, 28)) -> tuple[Dataset, Dataset]:
+    """A learnable, not trivial image set that needs no download, of `shape` (C, H, W; H and W
+    multiples of 4). Each class has four blocky random prototypes (modes); a sample is one of its
+    class's modes plus up to 0.6 times a mode of another class, shifted by up to 2 pixels, scaled
+    by 0.7-1.3, with N(0, 0.8) noise. In the default `feddip simulate` run (1x28x28, ten classes,
+    10 clients, 20 rounds) FedAvg reaches 99.5% and FedDIP 92% and still rising: harder than MNIST
+    for a sparse LeNet-5, so the algorithms differ. (3, 32, 32) with 10 or 100 classes stands in
+    for CIFAR-10/100."""
+    channels, height, width = shape
+    if height % 4 or width % 4 or min(shape) < 1:
+        raise ValueError(f"synthetic images need C >= 1 and H, W multiples of 4, got {shape}")
     rng = np.random.default_rng(seed)
     modes = 4
-    coarse = rng.standard_normal((num_classes, modes, 7, 7)).astype(np.float32)
-    protos = np.kron(coarse, np.ones((4, 4), np.float32))  # 28x28 blocks
+    coarse = rng.standard_normal((num_classes, modes, channels, height // 4, width // 4)).astype(np.float32)
+    protos = np.kron(coarse, np.ones((4, 4), np.float32))  # 4x4-pixel blocks
 
     def make(n: int) -> Dataset:
         y = rng.integers(0, num_classes, n)
@@ -101,15 +107,23 @@ def synthetic_dataset(n_train: int = 6000, n_test: int = 1000, num_classes: int 
         other_mode = rng.integers(0, modes, n)
         mix = rng.uniform(0, 0.6, n).astype(np.float32)
         shifts = rng.integers(-2, 3, (n, 2))
-        x = np.empty((n, 1, 28, 28), np.float32)
+        x = np.empty((n, *shape), np.float32)
         for i in range(n):
             img = protos[y[i], mode[i]] + mix[i] * protos[other[i], other_mode[i]]
-            x[i, 0] = np.roll(img, tuple(shifts[i]), axis=(0, 1))
+            x[i] = np.roll(img, tuple(shifts[i]), axis=(1, 2))
         x *= rng.uniform(0.7, 1.3, (n, 1, 1, 1)).astype(np.float32)
         x += rng.normal(0, 0.8, x.shape).astype(np.float32)
         return Dataset(x, y.astype(np.int64))
 
     return make(n_train), make(n_test)
+
+
+# --data names of the synthetic sets: (shape, classes, training-time augmentation as for CIFAR).
+SYNTHETIC = {
+    "synthetic": ((1, 28, 28), 10, False),
+    "synthetic-cifar10": ((3, 32, 32), 10, True),
+    "synthetic-cifar100": ((3, 32, 32), 100, True),
+}
 
 
 def iid_partition(n: int, clients: int, seed: int = 0) -> list[np.ndarray]:

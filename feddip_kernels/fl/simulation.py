@@ -105,14 +105,14 @@ class ServerState:
         return self.server.masks
 
 
-def _float_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's float tensors (parameters, BatchNorm statistics): what the transfers carry.
-    Integer buffers (BatchNorm's num_batches_tracked) stay with each model."""
-    return {k: v.detach().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's float tensors (parameters, BatchNorm statistics), where the model is: what the
+    transfers carry. Integer buffers (BatchNorm's num_batches_tracked) stay with each model."""
+    return {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 def _initial_state(cfg: SimulationConfig, model: nn.Module) -> ServerState:
-    weights = {k: v.copy() for k, v in _float_state(model).items()}
+    weights = {k: v.cpu().numpy().copy() for k, v in _float_state(model).items()}
     server = FedDIPServer(weights, list(prunable_parameters(model)), cfg.schedule,
                           prune=cfg.algorithm != "fedavg", seed=cfg.seed)
     return ServerState(cfg, server)
@@ -128,28 +128,30 @@ def _load(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `model` on `data`."""
+    """(accuracy, mean cross-entropy) of `model` on `data`, on the model's device."""
     model.eval()
-    correct, loss = 0, 0.0
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, len(data), batch):
-        x = torch.from_numpy(data.x[i : i + batch])
-        y = torch.from_numpy(data.y[i : i + batch])
+        x = torch.from_numpy(data.x[i : i + batch]).to(device)
+        y = torch.from_numpy(data.y[i : i + batch]).to(device)
         out = model(x)
-        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        loss += nn.functional.cross_entropy(out, y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
     n = max(len(data), 1)
-    return correct / n, loss / n
+    return int(correct) / n, float(loss) / n
 
 
 def _train_client(
     cfg: SimulationConfig, model: nn.Module, weights: dict[str, np.ndarray], masks: dict[str, np.ndarray],
     data: Dataset, t: int, client: int,
-) -> dict[str, np.ndarray]:
+) -> dict[str, torch.Tensor]:
     """Local training in place on `model` from the global `weights`, under `masks` (the client's
     round-0 ERK mask or the global mask): error feedback (FedDIP, FedDP: the gradient at w * m
     applied to the dense w), or masked SGD without it (feddip-noef), plain SGD for FedAvg, all
-    through FedDIPSGD's fused kernel. Returns the client's model: every float tensor, the masked
-    ones as the dense weights (what the authors upload)."""
+    through FedDIPSGD's fused kernel. Returns the client's model, on the model's device: every float
+    tensor, the masked ones as the dense weights (what the authors upload)."""
     torch.manual_seed(seed_for(cfg.seed, 2, t, client))
     _load(model, weights)
     model.train()
@@ -158,7 +160,8 @@ def _train_client(
     opt = FedDIPSGD(model.parameters(), lr=schedule.learning_rate(t), momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay, lam=lam)
     params = dict(model.named_parameters())
-    mask_tensors = {params[k]: torch.from_numpy(np.ascontiguousarray(m)) for k, m in masks.items()}
+    device = next(model.parameters()).device
+    mask_tensors = {params[k]: torch.from_numpy(np.ascontiguousarray(m)).to(device) for k, m in masks.items()}
     if masks:
         opt.set_masks(mask_tensors)
     no_feedback = cfg.algorithm == "feddip-noef"
@@ -179,18 +182,19 @@ def _train_client(
             idx = order[i : i + cfg.batch_size]
             xb = torch.from_numpy(augment_batch(data.x[idx], augment_rng)) if data.augment else x[idx]
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(xb), y[idx]).backward()
+            nn.functional.cross_entropy(model(xb.to(device)), y[idx].to(device)).backward()
             opt.step()
             if no_feedback:
                 drop_outside_mask()
-    local = {k: v.copy() for k, v in _float_state(model).items()}
-    local.update({k: opt.dense(params[k]).numpy().copy() for k in masks})
+    local = {k: v.clone() for k, v in _float_state(model).items()}
+    local.update({k: opt.dense(params[k]).clone() for k in masks})
     return local
 
 
-def _upload(local: dict[str, np.ndarray], shared: Optional[dict[str, np.ndarray]], values: str, client: int) -> bytes:
+def _upload(local: dict[str, torch.Tensor], shared: Optional[dict[str, np.ndarray]], values: str, client: int) -> bytes:
     """The message a client sends: its model's values under the shared mask (all of it before
-    there is one). A seam for tests that make a client send bad bytes."""
+    there is one), sparsified where the tensors are: from a GPU only the message's positions and
+    values cross to the host. A seam for tests that make a client send bad bytes."""
     return encode_model(local, masks=shared, reference=shared, values=values)
 
 
@@ -203,6 +207,7 @@ def run_simulation(
     checkpoint: Optional[str] = None,
     resume: bool = False,
     on_round: Optional[Callable[[dict], None]] = None,
+    device: str = "cpu",
 ) -> ServerState:
     """Run (or resume) a simulation; returns the final server state with one history row a round:
     accuracy, loss, sparsity, bytes up/down (real encoded sizes) and time split.
@@ -212,6 +217,9 @@ def run_simulation(
     pruning round, all positions for a client that never received one; dense in round 0); the
     client sends back the values of its model under the global mask it trained with (in round 0,
     before there is one, its whole model). The server decodes and aggregates what arrived.
+
+    `device` ("cpu", "cuda", "cuda:1", ...) is where clients train and the model is evaluated; the
+    server's state and the messages stay on the host.
     """
     if len(partition) != cfg.clients:
         raise ValueError(f"partition has {len(partition)} shards for {cfg.clients} clients")
@@ -221,6 +229,7 @@ def run_simulation(
         state = load_checkpoint(checkpoint, cfg, model)
     else:
         state = _initial_state(cfg, model)
+    model.to(device)
     server = state.server
     schedule = server.schedule
     shards = [Dataset(train.x[p], train.y[p], augment=train.augment) for p in partition]

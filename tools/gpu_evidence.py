@@ -1,0 +1,168 @@
+"""The GPU evidence of issue 10, as one script for a machine with a CUDA device (the device tool):
+
+1. FedDIPSGD's step (compiled and uncompiled) against torch.optim.SGD(fused=True) on ResNet-18's
+   weights (target: at most 1.3x the fused SGD time);
+2. global top-k masks of ResNet-18's weights on the device against torch.topk on the concatenated
+   |w| (target: faster);
+3. encode_model of a 95%-sparse ResNet-18 from device tensors against a plain .cpu() copy of the
+   dense tensors (target: faster);
+4. rounds of FedDIP and FedAvg on CIFAR-10-shaped synthetic data with AlexNet, on the device.
+
+    python tools/gpu_evidence.py --device cuda --out $OUT/gpu.json [--rounds 3]
+
+It runs on the CPU too (`--device cpu`, for checking the script itself; the figures mean nothing
+there). Prints one line per measurement and writes them all to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import feddip_kernels as fk
+from feddip_kernels.fl.models import make_model, prunable_parameters
+from feddip_kernels.torch import FedDIPSGD
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of fn() over `repeat` runs after two warm-ups, synchronising the device."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def resnet18(device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return make_model("resnet18", 3, 100).to(device)
+
+
+def step_benchmark(device: torch.device, repeat: int) -> dict:
+    out = {}
+    model = resnet18(device)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    weights = list(prunable_parameters(model).values())
+    masks = fk.global_topk_masks([w.detach() for w in weights], density=0.05)
+    for name, make in {
+        "torch.optim.SGD(fused=True)": lambda: torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4, fused=True),
+        "torch.optim.SGD(foreach=True)": lambda: torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4, foreach=True),
+        "FedDIPSGD compiled": lambda: FedDIPSGD(params, lr=1e-3, weight_decay=5e-4, lam=1e-3, compile=True),
+        "FedDIPSGD uncompiled": lambda: FedDIPSGD(params, lr=1e-3, weight_decay=5e-4, lam=1e-3, compile=False),
+    }.items():
+        try:
+            opt = make()
+        except (RuntimeError, TypeError, ValueError) as e:
+            out[name] = f"unavailable: {e}"
+            continue
+        if isinstance(opt, FedDIPSGD):
+            opt.set_masks(dict(zip(weights, masks)))
+        out[name] = timed(opt.step, device, repeat)
+    base = out.get("torch.optim.SGD(fused=True)")
+    if isinstance(base, float):
+        for k in list(out):
+            if isinstance(out[k], float):
+                out[f"{k} / fused SGD"] = out[k] / base
+    return out
+
+
+def topk_benchmark(device: torch.device, repeat: int) -> dict:
+    weights = [w.detach() for w in prunable_parameters(resnet18(device)).values()]
+    n = sum(w.numel() for w in weights)
+    k = round(0.05 * n)
+
+    def baseline() -> list[torch.Tensor]:
+        flat = torch.cat([w.abs().reshape(-1) for w in weights])
+        tau = torch.topk(flat, k, sorted=False).values.min()
+        return [w.abs() >= tau for w in weights]
+
+    ours = fk.global_topk_masks(weights, k)
+    assert sum(int(m.sum()) for m in ours) == k
+    out = {"elements": n, "k": k,
+           "torch.topk on the concatenated |w|": timed(baseline, device, repeat),
+           "fk.global_topk_masks": timed(lambda: fk.global_topk_masks(weights, k), device, repeat)}
+    out["speed-up"] = out["torch.topk on the concatenated |w|"] / out["fk.global_topk_masks"]
+    return out
+
+
+def encode_benchmark(device: torch.device, repeat: int) -> dict:
+    model = resnet18(device)
+    state = {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
+    weights = {k: state[k] for k in prunable_parameters(model)}
+    masks = fk.global_topk_masks(list(weights.values()), density=0.05)
+    with torch.no_grad():
+        for w, m in zip(weights.values(), masks):
+            w.mul_(m)
+    msg = fk.encode_model(state)
+    host = fk.encode_model({k: v.cpu() for k, v in state.items()})
+    assert msg == host
+    out = {"message_bytes": len(msg), "dense_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+           "plain .cpu() of the dense tensors": timed(lambda: [v.cpu() for v in state.values()], device, repeat),
+           "fk.encode_model from device tensors": timed(lambda: fk.encode_model(state), device, repeat)}
+    out["speed-up"] = out["plain .cpu() of the dense tensors"] / out["fk.encode_model from device tensors"]
+    return out
+
+
+def fl_rounds(device: str, rounds: int) -> dict:
+    from feddip_kernels.fl import SimulationConfig, iid_partition, run_simulation, synthetic_dataset
+
+    train, test = synthetic_dataset(5000, 1000, 10, seed=0, shape=(3, 32, 32))
+    train.augment = True
+    parts = iid_partition(len(train), 10, seed=0)
+    out = {}
+    for alg in ("feddip", "fedavg"):
+        cfg = SimulationConfig(algorithm=alg, model="alexnet", clients=10, clients_per_round=None, rounds=rounds,
+                               local_epochs=1, batch_size=64, mask_every=1)
+        t0 = time.perf_counter()
+        state = run_simulation(cfg, train, test, parts, device=device)
+        out[alg] = {"seconds": time.perf_counter() - t0, "history": state.history}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="FL rounds of each algorithm (0: skip)")
+    ap.add_argument("--out", default="gpu_evidence.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    facts = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+             "torch": torch.__version__, "feddip_kernels": fk.__version__, "threads": torch.get_num_threads()}
+    print(json.dumps(facts), flush=True)
+    results: dict = {"facts": facts}
+    for name, fn in (("step", step_benchmark), ("topk", topk_benchmark), ("encode", encode_benchmark)):
+        results[name] = fn(device, args.repeat)
+        print(name, json.dumps(results[name]), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.rounds:
+        results["fl"] = fl_rounds(args.device, args.rounds)
+        for alg, r in results["fl"].items():
+            accs = [round(100 * h["accuracy"], 2) for h in r["history"]]
+            print(f"fl {alg}: {r['seconds']:.1f} s, accuracy {accs}", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
