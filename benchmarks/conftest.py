@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from feddip_kernels import available_backends
+
 # Conv/linear weight shapes of ResNet-18 for CIFAR-10 (biases and norms excluded): 11,164,352 weights.
 RESNET18_SHAPES = (
     [(64, 3, 3, 3)]
@@ -17,6 +19,11 @@ RESNET18_SHAPES = (
     + [(512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1), (512, 512, 3, 3), (512, 512, 3, 3)]
     + [(10, 512)]
 )
+
+
+# The numba backend's cases, skipped with the reason where numba is not installed.
+NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
+    "numba" not in available_backends(), reason="numba is not installed (the [numba] extra)"))
 
 
 def resnet18_weights(seed: int = 0) -> list[np.ndarray]:

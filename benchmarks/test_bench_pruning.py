@@ -12,7 +12,7 @@ import pytest
 
 import feddip_kernels as fk
 
-from .conftest import resnet18_weights
+from .conftest import NUMBA, resnet18_weights
 
 GROUP = "topk ResNet-18 11.2M f32 k=5%"
 TIED_GROUP = "topk ResNet-18 shapes, 7 tied values, k=5%"
@@ -25,7 +25,7 @@ def weights():
     return ws, n, int(0.05 * n)
 
 
-@pytest.mark.parametrize("backend", ["native", "numba"])
+@pytest.mark.parametrize("backend", ["native", NUMBA])
 def test_threshold(record, weights, backend):
     ws, n, k = weights
     fk.global_magnitude_threshold(ws, k, backend=backend)  # JIT warm-up for numba

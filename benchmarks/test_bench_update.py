@@ -13,7 +13,7 @@ import pytest
 
 import feddip_kernels as fk
 
-from .conftest import resnet18_weights
+from .conftest import NUMBA, resnet18_weights
 
 GROUP = "EF step ResNet-18 11.2M f32"
 LR, MOM, WD, LAM = 0.01, 0.9, 5e-4, 1e-3
@@ -79,7 +79,7 @@ def torch_eager_step(setup):
     return step
 
 
-@pytest.mark.parametrize("backend", ["native", "numba"])
+@pytest.mark.parametrize("backend", ["native", NUMBA])
 def test_fused_step(record, setup, backend):
     record(fused_step(setup, backend), group=GROUP, name=f"masked_ef_step[{backend}]", dense_bytes=4 * setup[3])
 

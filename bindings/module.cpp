@@ -1,26 +1,43 @@
 // Thin pybind11 bindings over the C++ core. Validation of Python-level arguments happens in
-// feddip_kernels; here we only check what the C++ core needs to stay memory safe.
+// feddip_kernels; here we only check what the C++ core needs to stay memory safe. The functions
+// and their signatures are the kernel contract (feddip_kernels/_contract.py), which the Numba
+// module and the NumPy reference meet too; _core.pyi states it for type checkers.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
 
-#include "../csrc/bitpack.hpp"
-#include "../csrc/crc32c.hpp"
-#include "../csrc/ef_step.hpp"
-#include "../csrc/golomb.hpp"
-#include "../csrc/sparse.hpp"
-#include "../csrc/topk.hpp"
+#include "bitpack.hpp"
+#include "crc32c.hpp"
+#include "ef_step.hpp"
+#include "golomb.hpp"
+#include "sparse.hpp"
+#include "topk.hpp"
 
 namespace py = pybind11;
 using namespace feddip;
 
 namespace {
+
+// f(T{}) with T the element type of a float array: double for float64, else float (data_of then
+// checks that it is float32). The one place where a kernel picks its precision.
+template <class F>
+decltype(auto) with_float_type(const py::array& a, F&& f) {
+    if (py::isinstance<py::array_t<double>>(a)) return f(double{});
+    return f(float{});
+}
+
+template <class F>
+decltype(auto) with_float_type(const std::vector<py::array>& tensors, F&& f) {
+    if (!tensors.empty() && py::isinstance<py::array_t<double>>(tensors[0])) return f(double{});
+    return f(float{});
+}
 
 template <class T>
 const T* data_of(const py::array& a, const char* what) {
@@ -54,24 +71,15 @@ std::vector<Segment<T>> segments_of(const std::vector<py::array>& tensors) {
 }
 
 template <class T>
-py::tuple as_tuple(const MagnitudeThreshold<T>& th) {
-    return py::make_tuple(static_cast<double>(th.value), th.n_greater, th.n_equal);
-}
-
-template <class T>
-py::tuple threshold_impl(const std::vector<py::array>& tensors, std::uint64_t k, int n_threads) {
+double threshold_impl(const std::vector<py::array>& tensors, std::uint64_t k, int n_threads) {
     const auto segs = segments_of<T>(tensors);
-    MagnitudeThreshold<T> th;
-    {
-        py::gil_scoped_release release;
-        th = global_magnitude_threshold(segs, k, n_threads);
-    }
-    return as_tuple(th);
+    py::gil_scoped_release release;
+    return static_cast<double>(global_magnitude_threshold(segs, k, n_threads).value);
 }
 
 template <class T>
-py::tuple masks_impl(const std::vector<py::array>& tensors, std::vector<py::array>& masks,
-                     std::uint64_t k, int n_threads) {
+void masks_impl(const std::vector<py::array>& tensors, std::vector<py::array>& masks, std::uint64_t k,
+                int n_threads) {
     const auto segs = segments_of<T>(tensors);
     if (masks.size() != segs.size()) throw std::invalid_argument("need one mask per tensor");
     std::vector<std::uint8_t*> outs;
@@ -80,12 +88,8 @@ py::tuple masks_impl(const std::vector<py::array>& tensors, std::vector<py::arra
             throw std::invalid_argument("mask " + std::to_string(i) + " has the wrong size");
         outs.push_back(mask_data(masks[i], "mask"));
     }
-    MagnitudeThreshold<T> th;
-    {
-        py::gil_scoped_release release;
-        th = global_topk_masks(segs, outs, k, n_threads);
-    }
-    return as_tuple(th);
+    py::gil_scoped_release release;
+    global_topk_masks(segs, outs, k, n_threads);
 }
 
 const std::uint8_t* optional_mask(const py::object& mask, std::size_t n) {
@@ -195,10 +199,6 @@ py::array densify_impl(const Bits& bits, std::size_t n, const py::array& values,
     return result;
 }
 
-bool is_float64(const std::vector<py::array>& tensors) {
-    return !tensors.empty() && py::isinstance<py::array_t<double>>(tensors[0]);
-}
-
 }  // namespace
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -216,58 +216,52 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "magnitude_threshold",
         [](const std::vector<py::array>& tensors, std::uint64_t k, int n_threads) {
-            return is_float64(tensors) ? threshold_impl<double>(tensors, k, n_threads)
-                                       : threshold_impl<float>(tensors, k, n_threads);
+            return with_float_type(tensors, [&](auto t) { return threshold_impl<decltype(t)>(tensors, k, n_threads); });
         },
-        py::arg("tensors"), py::arg("k"), py::arg("n_threads") = 0,
-        "(value, n_greater, n_equal) of the k-th largest |x| over a list of same-dtype arrays.");
+        py::arg("tensors"), py::arg("k"), py::kw_only(), py::arg("n_threads") = 0,
+        "The k-th largest |x| over a list of same-dtype arrays (+inf for k = 0).");
 
     m.def(
         "topk_masks",
-        [](const std::vector<py::array>& tensors, std::vector<py::array> masks, std::uint64_t k,
-           int n_threads) {
-            return is_float64(tensors) ? masks_impl<double>(tensors, masks, k, n_threads)
-                                       : masks_impl<float>(tensors, masks, k, n_threads);
+        [](const std::vector<py::array>& tensors, std::vector<py::array> masks, std::uint64_t k, int n_threads) {
+            with_float_type(tensors, [&](auto t) { masks_impl<decltype(t)>(tensors, masks, k, n_threads); });
         },
-        py::arg("tensors"), py::arg("masks"), py::arg("k"), py::arg("n_threads") = 0,
-        "Fill bool masks with the global top-k by |x|; returns (value, n_greater, n_equal).");
+        py::arg("tensors"), py::arg("masks"), py::arg("k"), py::kw_only(), py::arg("n_threads") = 0,
+        "Fill bool masks (one per tensor, same sizes) with the global top-k by |x|.");
 
     m.def(
         "masked_ef_step",
-        [](py::array w, const py::array& g, const py::object& mask, const py::object& buf,
-           const py::object& pruned, double lr, double weight_decay, double lam, double momentum, int p,
-           double norm, bool mask_packed, int n_threads) {
+        [](py::array w, const py::array& g, const py::object& mask, const py::object& buf, const py::object& pruned,
+           double lr, double weight_decay, double lam, double momentum, int p, std::optional<double> norm,
+           bool mask_packed, int n_threads) {
             const EFStepParams prm{lr, weight_decay, lam, momentum, p};
-            return py::isinstance<py::array_t<double>>(w)
-                       ? ef_step_impl<double>(w, g, mask, mask_packed, buf, pruned, prm, norm, n_threads)
-                       : ef_step_impl<float>(w, g, mask, mask_packed, buf, pruned, prm, norm, n_threads);
+            const double prev = norm ? *norm : -1.0;  // the core's "not known": compute it
+            return with_float_type(w, [&](auto t) {
+                return ef_step_impl<decltype(t)>(w, g, mask, mask_packed, buf, pruned, prm, prev, n_threads);
+            });
         },
-        py::arg("w"), py::arg("g"), py::arg("mask"), py::arg("momentum_buffer"), py::arg("pruned_out"),
-        py::arg("lr"), py::arg("weight_decay"), py::arg("lam"), py::arg("momentum"), py::arg("p"),
-        py::arg("norm"), py::arg("mask_packed") = false, py::arg("n_threads") = 0,
+        py::arg("w"), py::arg("g"), py::arg("mask"), py::kw_only(), py::arg("momentum_buffer"), py::arg("pruned_out"),
+        py::arg("lr"), py::arg("weight_decay"), py::arg("lam"), py::arg("momentum"), py::arg("p"), py::arg("norm"),
+        py::arg("mask_packed") = false, py::arg("n_threads") = 0,
         "Fused masked error-feedback SGD step in place; returns ||w*m||_p after the step.");
 
     m.def(
         "masked_norm",
         [](const py::array& w, const py::object& mask, int p, bool mask_packed, int n_threads) {
-            const std::size_t n = static_cast<std::size_t>(w.size());
-            const MaskRef pm = mask_ref(mask, n, mask_packed);
-            if (py::isinstance<py::array_t<double>>(w)) {
-                const double* pw = data_of<double>(w, "w");
+            const MaskRef pm = mask_ref(mask, static_cast<std::size_t>(w.size()), mask_packed);
+            return with_float_type(w, [&](auto t) {
+                const auto* pw = data_of<decltype(t)>(w, "w");
                 py::gil_scoped_release release;
-                return masked_norm(pw, pm, n, p, n_threads);
-            }
-            const float* pw = data_of<float>(w, "w");
-            py::gil_scoped_release release;
-            return masked_norm(pw, pm, n, p, n_threads);
+                return masked_norm(pw, pm, static_cast<std::size_t>(w.size()), p, n_threads);
+            });
         },
-        py::arg("w"), py::arg("mask"), py::arg("p"), py::arg("mask_packed") = false, py::arg("n_threads") = 0);
+        py::arg("w"), py::arg("mask"), py::kw_only(), py::arg("p"), py::arg("mask_packed") = false,
+        py::arg("n_threads") = 0, "||w*m||_p accumulated in double.");
 
     m.def(
         "sparsify",
         [](const py::array& x, const py::object& mask) {
-            return py::isinstance<py::array_t<double>>(x) ? sparsify_impl<double>(x, mask)
-                                                          : sparsify_impl<float>(x, mask);
+            return with_float_type(x, [&](auto t) { return sparsify_impl<decltype(t)>(x, mask); });
         },
         py::arg("x"), py::arg("mask"),
         "(packed positions, values): positions = mask, or x != 0 without a mask.");
@@ -275,21 +269,13 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "densify",
         [](const Bits& bits, std::size_t n, const py::array& values, const py::object& out) {
-            return py::isinstance<py::array_t<double>>(values) ? densify_impl<double>(bits, n, values, out)
-                                                               : densify_impl<float>(bits, n, values, out);
+            return with_float_type(values, [&](auto t) { return densify_impl<decltype(t)>(bits, n, values, out); });
         },
         py::arg("bits"), py::arg("n"), py::arg("values"), py::arg("out") = py::none(),
         "Dense array with the values at the set positions, zeros elsewhere; into `out` when given.");
 
-    m.def("golomb_parameter", &golomb_parameter, py::arg("nnz"), py::arg("n"));
-
-    m.def(
-        "golomb_size",
-        [](const Bits& bits, std::size_t n, std::uint32_t m) {
-            check_bits(bits, n);
-            return golomb_size(bits.data(), n, m);
-        },
-        py::arg("bits"), py::arg("n"), py::arg("m"));
+    m.def("golomb_parameter", &golomb_parameter, py::arg("nnz"), py::arg("n"),
+          "Golomb parameter for positions of density nnz / n (docs/wire-format.md).");
 
     m.def(
         "golomb_encode",

@@ -23,7 +23,7 @@ inline void unpack8(std::uint8_t byte, std::uint8_t* out) {
     // Spread bit j to byte j: replicate the byte, keep bit j in byte j, normalise to 0/1.
     std::uint64_t v = byte * kOnes;
     v &= 0x8040201008040201ull;
-    v = ((v & kLow7) + kLow7 | v) >> 7 & kOnes;
+    v = ((((v & kLow7) + kLow7) | v) >> 7) & kOnes;
     std::memcpy(out, &v, 8);
 }
 

@@ -33,12 +33,6 @@ inline void divmod(std::uint64_t gap, std::uint32_t m, std::uint64_t& q, std::ui
     r = gap - q * m;
 }
 
-inline std::uint64_t code_length(std::uint64_t gap, const Params& p) {
-    std::uint64_t q, r;
-    divmod(gap, p.m, q, r);
-    return q + 1 + (p.b == 0 ? 0 : (r < p.cut ? p.b - 1 : p.b));
-}
-
 // Calls f(gap) for each set position, in order.
 template <class F>
 void for_each_gap(const std::uint8_t* bits, std::size_t n, F&& f) {
@@ -193,13 +187,6 @@ std::uint32_t golomb_parameter(std::uint64_t nnz, std::uint64_t n) {
     return m > 2147483648.0 ? 2147483648u : static_cast<std::uint32_t>(m);
 }
 
-std::size_t golomb_size(const std::uint8_t* bits, std::size_t n, std::uint32_t m) {
-    const Params p = params_of(m);
-    std::uint64_t total = 0;
-    for_each_gap(bits, n, [&](std::uint64_t gap) { total += code_length(gap, p); });
-    return static_cast<std::size_t>((total + 7) / 8);
-}
-
 std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n, std::uint32_t m) {
     const Params p = params_of(m);
     // Upper bound: the quotients sum to at most n / m bits, every code adds 1 + b more.
@@ -248,11 +235,10 @@ void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, st
         bits[pos >> 3] |= std::uint8_t(1u << (pos & 7));
         next = pos + 1;
     }
-    // Anything but zero padding in the last byte means the stream does not match nnz.
-    if ((r.bits_consumed() + 7) / 8 != size)
-        throw std::invalid_argument("Golomb stream has " + std::to_string(size) + " bytes, codes use " +
-                                    std::to_string((r.bits_consumed() + 7) / 8));
-    if (!r.rest_is_zero()) throw std::invalid_argument("Golomb stream: non-zero padding bits");
+    // Anything but zero padding in the last byte means the stream does not match nnz. (The same
+    // message as the Python backends': one stream, one error, whichever backend reads it.)
+    if ((r.bits_consumed() + 7) / 8 != size || !r.rest_is_zero())
+        throw std::invalid_argument("Golomb stream: bytes or bits left after the last code");
 }
 
 namespace {

@@ -19,9 +19,6 @@ namespace feddip {
 // Golomb parameter minimising the expected length for i.i.d. positions of density nnz / n.
 std::uint32_t golomb_parameter(std::uint64_t nnz, std::uint64_t n);
 
-// Exact encoded size in bytes, without encoding.
-std::size_t golomb_size(const std::uint8_t* bits, std::size_t n, std::uint32_t m);
-
 std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n, std::uint32_t m);
 
 // Decodes exactly `nnz` positions into `bits` ((n + 7) / 8 bytes, overwritten). Throws

@@ -1,10 +1,14 @@
-"""Backend selection: "native" (C++ extension), "numba" (JIT twins), "numpy" (reference)."""
+"""Backend selection: "native" (C++ extension), "numba" (JIT twins), "numpy" (reference). Each is a
+module meeting the kernel contract (_contract.Kernels); `kernels(name)` hands one out."""
 
 from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ._contract import Kernels
 
 BACKENDS = ("auto", "native", "numba", "numpy")
 
@@ -48,3 +52,16 @@ def resolve(backend: str) -> str:
     if backend == "numba" and numba_module() is None:
         raise RuntimeError("numba is not installed; `pip install numba` or the [numba] extra")
     return backend
+
+
+def kernels(backend: str = "auto") -> "Kernels":
+    """The kernel module of a backend ("auto": the fastest available), every function of the
+    contract with the same signature whichever it is."""
+    be = resolve(backend)
+    if be == "native":
+        return native_module()  # type: ignore[return-value]
+    if be == "numba":
+        return numba_module()  # type: ignore[return-value]
+    from . import reference
+
+    return reference  # type: ignore[return-value]

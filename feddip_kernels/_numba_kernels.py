@@ -10,7 +10,7 @@ import math
 import numba as nb
 import numpy as np
 
-from . import reference
+from ._formulas import crc32c_table, golomb_parameter  # noqa: F401 - golomb_parameter is a kernel
 
 _BINS = 1 << 16
 
@@ -93,17 +93,16 @@ def _select(keys_list: list[np.ndarray], bits: int, k: int) -> tuple[int, int, i
     raise AssertionError("unreachable")
 
 
-def magnitude_threshold(tensors: list[np.ndarray], k: int) -> tuple[float, int, int]:
+def magnitude_threshold(tensors: list[np.ndarray], k: int) -> float:
     dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
     bits = 8 * dtype.itemsize
     key, greater, equal = _select([_keys(t) for t in tensors], bits, k)
     if k == 0:
-        return math.inf, 0, 0
-    value = np.array([key], dtype=np.uint32 if bits == 32 else np.uint64).view(dtype)[0]
-    return float(value), greater, equal
+        return math.inf
+    return float(np.array([key], dtype=np.uint32 if bits == 32 else np.uint64).view(dtype)[0])
 
 
-def topk_masks(tensors: list[np.ndarray], masks: list[np.ndarray], k: int) -> tuple[float, int, int]:
+def topk_masks(tensors: list[np.ndarray], masks: list[np.ndarray], k: int) -> None:
     dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
     bits = 8 * dtype.itemsize
     utype = np.uint32 if bits == 32 else np.uint64
@@ -113,7 +112,7 @@ def topk_masks(tensors: list[np.ndarray], masks: list[np.ndarray], k: int) -> tu
     if k == 0:
         for m in masks:
             m.fill(False)
-        return math.inf, 0, 0
+        return
     inclusive = greater + equal == k
     for keys, m in zip(keys_list, masks):
         _write_mask(keys, sign_clear, utype(key), inclusive, m.reshape(-1))
@@ -121,8 +120,6 @@ def topk_masks(tensors: list[np.ndarray], masks: list[np.ndarray], k: int) -> tu
         ties = k - greater
         for keys, m in zip(keys_list, masks):
             ties = _take_ties(keys, sign_clear, utype(key), ties, m.reshape(-1))
-    value = np.array([key], dtype=utype).view(dtype)[0]
-    return float(value), greater, equal
 
 
 @nb.njit(cache=True, nogil=True)
@@ -199,7 +196,9 @@ def _finish_norm(norm: float, flat: np.ndarray, m: np.ndarray, has_mask: bool, p
     return norm
 
 
-def masked_norm(w: np.ndarray, mask, p: int) -> float:
+def masked_norm(w: np.ndarray, mask, *, p: int, mask_packed: bool = False) -> float:
+    if mask_packed:
+        mask = unpack_bits(mask, w.size)
     m = mask.reshape(-1) if mask is not None else np.ones(1, np.bool_)
     flat = w.reshape(-1)
     return _finish_norm(float(_norm(flat, m, mask is not None, p)), flat, m, mask is not None, p)
@@ -217,13 +216,16 @@ def _regulariser_factors(lam: float, norm: float, p: int, dtype: np.dtype) -> tu
     return lam / (norm * scale), scale
 
 
-def masked_ef_step(w, g, mask, *, lr, weight_decay, lam, p, momentum, momentum_buffer, pruned_out, norm) -> float:
+def masked_ef_step(w, g, mask, *, momentum_buffer, pruned_out, lr, weight_decay, lam, momentum, p, norm,
+                   mask_packed=False) -> float:
+    if mask_packed:
+        mask = unpack_bits(mask, w.size)
     flat = w.reshape(-1)
     dt = w.dtype.type
     dummy = np.zeros(1, w.dtype)
     m = mask.reshape(-1) if mask is not None else np.ones(1, np.bool_)
     if norm is None:
-        norm = masked_norm(w, mask, p)
+        norm = masked_norm(w, mask, p=p)
     reg, scale = _regulariser_factors(lam, norm, p, w.dtype)
     out = float(
         _ef_step(
@@ -413,8 +415,22 @@ def _crc32c(data, crc, table):
     return c ^ 0xFFFFFFFF
 
 
-_CRC_TABLE = np.array(reference._crc_table(), dtype=np.int64)
+_CRC_TABLE = np.array(crc32c_table(), dtype=np.int64)
 
 
 def crc32c(data, crc: int = 0) -> int:
     return int(_crc32c(np.frombuffer(data, dtype=np.uint8), np.int64(crc), _CRC_TABLE))
+
+
+def golomb_encode_many(items) -> list[bytes]:
+    return [golomb_encode(bits, n, m) for bits, n, m in items]
+
+
+def golomb_decode_many(items) -> tuple[list[np.ndarray], int, str]:
+    out = []
+    for i, (data, n, nnz, m) in enumerate(items):
+        try:
+            out.append(golomb_decode(data, n, nnz, m))
+        except ValueError as e:
+            return out, i, str(e)
+    return out, -1, ""

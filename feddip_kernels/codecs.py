@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from . import _backend, reference
+from . import _backend
 from ._arrays import as_array, block_views, check_disjoint, contiguous, flat_mask, on_device, writable_view
+
+if TYPE_CHECKING:
+    from ._contract import Kernels
 
 MAGIC = b"FDKW"
 VERSION = 1
@@ -41,48 +44,11 @@ class CodecError(ValueError):
     """The bytes are not a valid message: corrupt, truncated, over a limit, or inconsistent."""
 
 
-class _Kernels:
-    """The codec primitives of one backend: native (C++), numba (JIT twins) or numpy (reference)."""
-
-    def __init__(self, backend: str) -> None:
-        be = _backend.resolve(backend)
-        if be == "native":
-            mod = _backend.native_module()
-            self.golomb_parameter = mod.golomb_parameter
-        else:
-            mod = _backend.numba_module() if be == "numba" else reference
-            self.golomb_parameter = reference.golomb_parameter
-        self.name = be
-        for fn in ("crc32c", "golomb_encode", "golomb_decode", "sparsify", "densify", "pack_bits", "count_bits"):
-            setattr(self, fn, getattr(mod, fn))
-        self._encode_many = getattr(mod, "golomb_encode_many", None)
-        self._decode_many = getattr(mod, "golomb_decode_many", None)
-
-    def golomb_encode_many(self, items: list[tuple[np.ndarray, int, int]]) -> list[bytes]:
-        """golomb_encode on (bits, n, m) items, in parallel where the backend can."""
-        if self._encode_many is not None:
-            return self._encode_many(items)
-        return [bytes(self.golomb_encode(bits, n, m)) for bits, n, m in items]
-
-    def golomb_decode_many(self, items: list[tuple[memoryview, int, int, int]]) -> tuple[list[np.ndarray], int, str]:
-        """golomb_decode on (data, n, nnz, m) items, in parallel where the backend can: (bits list,
-        index of the first failed item or -1, its message)."""
-        if self._decode_many is not None:
-            return self._decode_many(items)
-        out = []
-        for i, (data, n, nnz, m) in enumerate(items):
-            try:
-                out.append(self.golomb_decode(data, n, nnz, m))
-            except ValueError as e:
-                return out, i, str(e)
-        return out, -1, ""
-
-
 def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
     """CRC-32C (Castagnoli) of a bytes-like object's bytes in logical (C) order, continuing from
     `crc`; a strided view (reversed, stepped) is copied first."""
     view = memoryview(data)
-    return _Kernels(backend).crc32c(view if view.c_contiguous else view.tobytes(), crc)
+    return _backend.kernels(backend).crc32c(view if view.c_contiguous else view.tobytes(), crc)
 
 
 # ----------------------------------------------------------------------------- values
@@ -208,7 +174,7 @@ def _encode_positions(
     return POSITIONS["golomb"], golomb[0], golomb[1]
 
 
-def _decode_positions(k: _Kernels, raw: memoryview, codec: int, d: int, nnz: int, shape: tuple[int, ...]) -> np.ndarray:
+def _decode_positions(k: "Kernels", raw: memoryview, codec: int, d: int, nnz: int, shape: tuple[int, ...]) -> np.ndarray:
     if codec == POSITIONS["all"]:
         if nnz != d or len(raw):
             raise CodecError("'all' positions need nnz equal to the domain size and no payload")
@@ -296,7 +262,7 @@ def encode_model(
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
     if positions not in ("auto", *POSITIONS):
         raise ValueError(f"unknown positions codec {positions!r}")
-    k = _Kernels(backend)
+    k = _backend.kernels(backend)
     prepared: list[_Sparse] = []
     for name, t in tensors.items():
         if on_device(t):  # positions and values are found where the tensor is; only they cross
@@ -389,7 +355,7 @@ def decode_model(
     are returned in `tensors` and must not overlap each other or the message. Nothing else returned
     shares memory with `data`, which the caller may reuse. Raises CodecError on any corruption
     (`out` may then be partly written)."""
-    k = _Kernels(backend)
+    k = _backend.kernels(backend)
     view = memoryview(data).cast("B")
     if len(view) < _HEADER.size + _CRC.size:
         raise CodecError(f"message of {len(view)} bytes is shorter than header and checksum")
@@ -498,7 +464,7 @@ def _check_expected(records: list["_Record"], expect: Mapping[str, tuple[tuple[i
             raise CodecError(f"{rec.name!r} is {rec.shape} {rec.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
 
 
-def _decode_golomb_positions(k: _Kernels, records: list[_Record]) -> dict[int, np.ndarray]:
+def _decode_golomb_positions(k: "Kernels", records: list[_Record]) -> dict[int, np.ndarray]:
     """The Golomb-coded positions of all records at once (the native backend decodes several
     tensors' streams in parallel, each stream being sequential), by record index."""
     index = [i for i, rec in enumerate(records) if rec.pos_codec == POSITIONS["golomb"]]

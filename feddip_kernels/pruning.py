@@ -15,7 +15,7 @@ from typing import Any, Collection, Optional, Sequence
 
 import numpy as np
 
-from . import _backend, reference
+from . import _backend
 from ._arrays import as_array, block_views, contiguous, flat_mask, float_tensors, like_input, on_device
 
 
@@ -50,12 +50,7 @@ def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str =
         return _torch_kernels.magnitude_threshold(list(tensors), _check_k(k, sum(t.numel() for t in tensors)))
     arrays = float_tensors(tensors)
     k = _check_k(k, sum(a.size for a in arrays))
-    be = _backend.resolve(backend)
-    if be == "numpy":
-        return reference.magnitude_threshold(arrays, k)
-    if be == "native":
-        return _backend.native_module().magnitude_threshold(arrays, k)[0]
-    return _backend.numba_module().magnitude_threshold(arrays, k)[0]
+    return _backend.kernels(backend).magnitude_threshold(arrays, k)
 
 
 def global_topk_masks(
@@ -68,8 +63,8 @@ def global_topk_masks(
     """Boolean masks (same shapes as `tensors`) keeping exactly the k globally largest |w|.
 
     Give either `k` or `density` (k = round(density * n)). Masks are NumPy bool arrays, or torch
-    bool tensors sharing their memory when the inputs are torch tensors; the native and numba
-    backends return views into one block (_arrays.block_views). Masks of tensors on a CUDA device
+    bool tensors sharing their memory when the inputs are torch tensors, views into one block
+    (_arrays.block_views). Masks of tensors on a CUDA device
     are computed there and stay there (torch operations; `backend` does not apply).
     """
     if (k is None) == (density is None):
@@ -83,28 +78,15 @@ def global_topk_masks(
     arrays = float_tensors(tensors)
     n = sum(a.size for a in arrays)
     k = k_for_density(n, density) if density is not None else _check_k(k, n)
-    be = _backend.resolve(backend)
-    if be == "numpy":
-        masks = reference.topk_masks(arrays, k)
-    else:
-        masks = block_views([(a.shape, np.dtype(bool)) for a in arrays])
-        if be == "native":
-            _backend.native_module().topk_masks(arrays, masks, k)
-        else:
-            _backend.numba_module().topk_masks(arrays, masks, k)
+    masks = block_views([(a.shape, np.dtype(bool)) for a in arrays])
+    _backend.kernels(backend).topk_masks(arrays, masks, k)
     return [like_input(m, t) for m, t in zip(masks, tensors)]
 
 
 def pack_mask(mask: Any, *, backend: str = "auto") -> np.ndarray:
     """Pack a mask (any shape, flattened in C order) into bits, little-endian bit order: element i
     is bit i % 8 of byte i // 8, as np.packbits(..., bitorder="little"). Unused bits are zero."""
-    m = flat_mask(mask)
-    be = _backend.resolve(backend)
-    if be == "native":
-        return _backend.native_module().pack_bits(m)
-    if be == "numba":
-        return _backend.numba_module().pack_bits(m)
-    return reference.pack_bits(m)
+    return _backend.kernels(backend).pack_bits(flat_mask(mask))
 
 
 def unpack_mask(bits: Any, shape: Sequence[int] | int, *, backend: str = "auto") -> np.ndarray:
@@ -116,14 +98,7 @@ def unpack_mask(bits: Any, shape: Sequence[int] | int, *, backend: str = "auto")
     b = contiguous(as_array(bits, "bits")).reshape(-1).view(np.uint8)
     if b.size < (n + 7) // 8:
         raise ValueError(f"packed mask holds {b.size} bytes, {(n + 7) // 8} needed for shape {shape}")
-    be = _backend.resolve(backend)
-    if be == "native":
-        out = _backend.native_module().unpack_bits(b, n)
-    elif be == "numba":
-        out = _backend.numba_module().unpack_bits(b, n)
-    else:
-        out = reference.unpack_bits(b, n)
-    return out.reshape(shape)
+    return _backend.kernels(backend).unpack_bits(b, n).reshape(shape)
 
 
 def erk_densities(

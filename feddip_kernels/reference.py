@@ -4,8 +4,11 @@ backend is tested against. They concatenate and sort, so they are slow and memor
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import numpy as np
+
+from ._formulas import crc32c_table, golomb_parameter
 
 
 def _magnitudes(tensors: list[np.ndarray]) -> np.ndarray:
@@ -37,13 +40,19 @@ def magnitude_threshold(tensors: list[np.ndarray], k: int) -> float:
     return float(-np.sort(-mags)[k - 1])
 
 
-def topk_masks(tensors: list[np.ndarray], k: int) -> list[np.ndarray]:
+def topk_masks(tensors: Sequence[np.ndarray], masks: Sequence[np.ndarray], k: int) -> None:
     flat = np.zeros(sum(t.size for t in tensors), dtype=bool)
-    flat[topk_order(tensors, k)] = True
-    masks, start = [], 0
-    for t in tensors:
-        masks.append(flat[start : start + t.size].reshape(t.shape))
+    flat[topk_order(list(tensors), k)] = True
+    start = 0
+    for t, m in zip(tensors, masks):
+        m.reshape(-1)[:] = flat[start : start + t.size]
         start += t.size
+
+
+def topk_mask_list(tensors: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
+    """topk_masks into new arrays of the tensors' shapes (for tests and callers without buffers)."""
+    masks = [np.zeros(t.shape, dtype=bool) for t in tensors]
+    topk_masks(tensors, masks, k)
     return masks
 
 
@@ -55,7 +64,9 @@ def unpack_bits(bits: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(bits, count=n, bitorder="little").astype(bool)
 
 
-def masked_norm(w: np.ndarray, mask: np.ndarray | None, p: int) -> float:
+def masked_norm(w: np.ndarray, mask: Optional[np.ndarray], *, p: int, mask_packed: bool = False) -> float:
+    if mask_packed:
+        mask = unpack_bits(mask, w.size)
     v = w.astype(np.float64).ravel()
     if mask is not None:
         with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as w * m in the kernels (and torch)
@@ -71,24 +82,27 @@ def masked_norm(w: np.ndarray, mask: np.ndarray | None, p: int) -> float:
 def masked_ef_step(
     w: np.ndarray,
     g: np.ndarray,
-    mask: np.ndarray | None,
+    mask: Optional[np.ndarray],
     *,
+    momentum_buffer: Optional[np.ndarray],
+    pruned_out: Optional[np.ndarray],
     lr: float,
     weight_decay: float,
     lam: float,
-    p: int,
     momentum: float,
-    momentum_buffer: np.ndarray | None,
-    pruned_out: np.ndarray | None,
-    norm: float | None,
+    p: int,
+    norm: Optional[float],
+    mask_packed: bool = False,
 ) -> float:
     """Step by step, in w's dtype: the same update the fused kernels make in one pass. NaN and inf
     propagate by IEEE arithmetic, as in the kernels, without floating-point warnings."""
+    if mask_packed:
+        mask = unpack_bits(mask, w.size)
     with np.errstate(invalid="ignore", over="ignore"):
         dt = w.dtype.type
         m = np.ones_like(w) if mask is None else mask.reshape(w.shape).astype(w.dtype)
         if norm is None:
-            norm = masked_norm(w, mask, p)
+            norm = masked_norm(w, mask, p=p)
         if p == 2:
             # lam * w / norm in double: each term is at most lam even where lam / norm overflows dtype.
             reg = (lam * (m * w).astype(np.float64) / norm if 0 < norm < np.inf else 0 * w).astype(w.dtype)
@@ -102,7 +116,7 @@ def masked_ef_step(
         w -= dt(lr) * d
         if pruned_out is not None:
             pruned_out.reshape(w.shape)[...] = w * m
-        return masked_norm(w, mask, p)
+        return masked_norm(w, mask, p=p)
 
 
 def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes:
@@ -129,17 +143,10 @@ def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes:
     return np.packbits(np.array(out_bits, dtype=np.uint8), bitorder="little").tobytes()
 
 
-def golomb_parameter(nnz: int, n: int) -> int:
-    """Golomb parameter for i.i.d. positions of density nnz / n: ceil(log(2 - p) / -log(1 - p))."""
-    if nnz == 0 or nnz >= n:
-        return 1
-    theta = 1.0 - nnz / n
-    m = math.ceil(math.log(1.0 + theta) / -math.log(theta))
-    return max(1, min(m, 1 << 31))
-
-
 def golomb_decode(data: bytes, n: int, nnz: int, m: int) -> np.ndarray:
     """Bit-by-bit decoder with the same checks as the native one; returns packed positions."""
+    if m < 1:
+        raise ValueError("Golomb parameter must be >= 1")
     stream = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), bitorder="little")
     b = (m - 1).bit_length()
     cut = (1 << b) - m
@@ -195,17 +202,7 @@ def densify(bits: np.ndarray, n: int, values: np.ndarray, out: np.ndarray | None
     return out
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc_table()
+_CRC_TABLE = crc32c_table()
 
 
 def crc32c(data: bytes, crc: int = 0) -> int:
@@ -217,3 +214,17 @@ def crc32c(data: bytes, crc: int = 0) -> int:
 
 def count_bits(bits: np.ndarray, n: int) -> int:
     return int(unpack_bits(bits, n).sum())
+
+
+def golomb_encode_many(items: Sequence[tuple[np.ndarray, int, int]]) -> list[bytes]:
+    return [golomb_encode(bits, n, m) for bits, n, m in items]
+
+
+def golomb_decode_many(items: Sequence[tuple[object, int, int, int]]) -> tuple[list[np.ndarray], int, str]:
+    out = []
+    for i, (data, n, nnz, m) in enumerate(items):
+        try:
+            out.append(golomb_decode(data, n, nnz, m))
+        except ValueError as e:
+            return out, i, str(e)
+    return out, -1, ""

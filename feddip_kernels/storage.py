@@ -17,13 +17,16 @@ import math
 import os
 import struct
 from collections import OrderedDict
-from typing import Any, BinaryIO, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Mapping, Optional, Union
 
 import numpy as np
 
-from . import codecs
+from . import _backend, codecs
 from ._arrays import as_array, flat_mask, is_torch
 from .codecs import DEFAULT_MAX_BYTES, CodecError, decode_model, encode_model
+
+if TYPE_CHECKING:
+    from ._contract import Kernels
 
 MAGIC = b"FDKS"
 VERSION = 1
@@ -65,7 +68,7 @@ def save(
     unknown = sorted(set(masks) - set(state_dict))
     if unknown:
         raise KeyError(f"masks name entries that are not in the state dict: {unknown}")
-    k = codecs._Kernels("auto")
+    k = _backend.kernels()
     entries: list[dict[str, Any]] = []
     floats: dict[str, np.ndarray] = {}
     keeps: dict[str, np.ndarray] = {}
@@ -172,7 +175,7 @@ def load(
     expect = {e["name"]: (tuple(e["shape"]), np.dtype(e["dtype"])) for e in entries if e["store"] == "message"}
     raw_total = sum(e["nbytes"] for e in entries if e["store"] == "raw")
     decoded = decode_model(message, expect=expect, max_bytes=max_bytes - raw_total)
-    k = codecs._Kernels("auto")
+    k = _backend.kernels()
     out: dict[str, Any] = OrderedDict()
     kept: dict[str, np.ndarray] = {}
     for e in entries:
@@ -260,7 +263,7 @@ def _torch_dtype(entry: Mapping[str, Any]) -> Any:
 # ------------------------------------------------------------------ negative-zero sets
 
 
-def _encode_position_set(k: "codecs._Kernels", keep: np.ndarray) -> tuple[int, str, bytes]:
+def _encode_position_set(k: "Kernels", keep: np.ndarray) -> tuple[int, str, bytes]:
     """A bool set as the smaller of a Golomb stream and a bitmask (docs/wire-format.md codes)."""
     bits = k.pack_bits(keep)
     n, nnz = keep.size, int(np.count_nonzero(keep))
@@ -271,7 +274,7 @@ def _encode_position_set(k: "codecs._Kernels", keep: np.ndarray) -> tuple[int, s
     return 0, "bitmask", bits.tobytes()
 
 
-def _decode_position_set(k: "codecs._Kernels", raw: memoryview, nz: Mapping[str, Any], n: int, name: str) -> np.ndarray:
+def _decode_position_set(k: "Kernels", raw: memoryview, nz: Mapping[str, Any], n: int, name: str) -> np.ndarray:
     count = nz["count"]
     if nz["positions"] == "golomb":
         if nz["m"] < 1 or 8 * len(raw) < count:

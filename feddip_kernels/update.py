@@ -7,9 +7,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _backend, reference
+from . import _backend
 from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, flat_mask, on_device, writable_view
-from .pruning import unpack_mask
 
 
 def masked_ef_step(
@@ -83,17 +82,9 @@ def masked_ef_step(
     if norm is not None and not (norm >= 0 or np.isnan(norm)):
         raise ValueError(f"norm must be >= 0 (or NaN), got {norm}")
     check_disjoint({"w": wa, "g": ga, "mask": ma, "momentum_buffer": buf, "pruned_out": out})
-    kwargs = dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), p=p, momentum=float(momentum))
-    be = _backend.resolve(backend)
-    if be == "native":
-        return _backend.native_module().masked_ef_step(
-            wa, ga, ma, buf, out, kwargs["lr"], kwargs["weight_decay"], kwargs["lam"], kwargs["momentum"], p,
-            -1.0 if norm is None else float(norm), packed,
-        )
-    if packed:
-        ma = unpack_mask(ma, wa.size, backend=be)
-    impl = _backend.numba_module().masked_ef_step if be == "numba" else reference.masked_ef_step
-    return impl(wa, ga, ma, momentum_buffer=buf, pruned_out=out, norm=norm, **kwargs)
+    return _backend.kernels(backend).masked_ef_step(
+        wa, ga, ma, momentum_buffer=buf, pruned_out=out, lr=float(lr), weight_decay=float(weight_decay),
+        lam=float(lam), momentum=float(momentum), p=p, norm=None if norm is None else float(norm), mask_packed=packed)
 
 
 def _step_on_device(w: Any, g: Any, mask: Any, *, lr: float, weight_decay: float, lam: float, p: int,
@@ -145,14 +136,7 @@ def masked_norm(w: Any, mask: Any = None, *, p: int = 2, mask_bits: Any = None, 
     ma, packed = _layer_mask(mask, mask_bits, wa.size)
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
-    be = _backend.resolve(backend)
-    if be == "native":
-        return _backend.native_module().masked_norm(wa, ma, p, packed)
-    if packed:
-        ma = unpack_mask(ma, wa.size, backend=be)
-    if be == "numba":
-        return _backend.numba_module().masked_norm(wa, ma, p)
-    return reference.masked_norm(wa, ma, p)
+    return _backend.kernels(backend).masked_norm(wa, ma, p=p, mask_packed=packed)
 
 
 def _layer_mask(mask: Any, mask_bits: Any, n: int) -> tuple[Optional[np.ndarray], bool]:

@@ -51,7 +51,7 @@ def test_step_matches_reference(backend, case):
     tol = _tol(w.dtype)
     w_ref, buf_ref = w.copy(), None if buf is None else buf.copy()
     pr_ref = np.empty_like(w) if want_pruned else None
-    norm = reference.masked_norm(w, mask, kw["p"]) if give_norm else None
+    norm = reference.masked_norm(w, mask, p=kw["p"]) if give_norm else None
     out_ref = reference.masked_ef_step(w_ref, g, mask, momentum_buffer=buf_ref, pruned_out=pr_ref, norm=norm, **kw)
     w_b, buf_b = w.copy(), None if buf is None else buf.copy()
     pr_b = np.empty_like(w) if want_pruned else None
@@ -72,7 +72,7 @@ def test_nan_and_inf_propagate_as_in_the_reference(backend, case):
     # The documented behaviour: nothing is checked, IEEE arithmetic carries NaN and inf through the
     # same formula in every backend; a non-finite layer norm drops the regulariser for the layer.
     w, g, mask, buf, kw, want_pruned, give_norm = case
-    norm = reference.masked_norm(w, mask, kw["p"])
+    norm = reference.masked_norm(w, mask, p=kw["p"])
     norm = norm if give_norm and np.isfinite(norm) else None
     w_ref, buf_ref = w.copy(), None if buf is None else buf.copy()
     pr_ref = np.empty_like(w) if want_pruned else None
@@ -93,7 +93,7 @@ def test_nan_and_inf_propagate_as_in_the_reference(backend, case):
 def test_packed_mask_gives_the_same_step(backend, case):
     w, g, mask, buf, kw, want_pruned, _ = case
     assume(mask is not None)
-    norm = reference.masked_norm(w, mask, kw["p"])  # the same regulariser coefficient for both runs
+    norm = reference.masked_norm(w, mask, p=kw["p"])  # the same regulariser coefficient for both runs
     runs = []
     for kind in ("mask", "mask_bits"):
         w_b, buf_b = w.copy(), None if buf is None else buf.copy()
@@ -198,11 +198,11 @@ def test_tiny_norms_are_exact_and_the_regulariser_bounded(backend, dtype, tiny):
     w0 = np.array([tiny, -tiny, 0.0, tiny], dtype=dtype)
     norm = fk.masked_norm(w0, backend=backend)
     assert norm == pytest.approx(float(w0[0]) * np.sqrt(3), rel=1e-6)
-    assert norm == pytest.approx(reference.masked_norm(w0, None, 2), rel=1e-6)
+    assert norm == pytest.approx(reference.masked_norm(w0, None, p=2), rel=1e-6)
     for lr in (0.0, 0.1):
         w = w0.copy()
         after = fk.masked_ef_step(w, np.zeros_like(w), None, lr=lr, lam=0.5, backend=backend)
-        assert after == pytest.approx(reference.masked_norm(w, None, 2), rel=1e-6)  # exact after the step too
+        assert after == pytest.approx(reference.masked_norm(w, None, p=2), rel=1e-6)  # exact after the step too
         expected = w0.astype(np.float64) - lr * 0.5 * np.sign(w0) / np.sqrt(3)
         np.testing.assert_allclose(w, expected, rtol=1e-5, atol=float(w0[0]) * 1e-3)
 
@@ -265,7 +265,7 @@ def test_boundary_sizes_match_reference(backend, n, dtype, packed):
         np.testing.assert_allclose(pr_b, pr_ref, **tol)
         rel = 1e-5 if dtype == np.float32 else 1e-12
         assert out == pytest.approx(out_ref, rel=rel, abs=0)
-        assert fk.masked_norm(w_b, p=p, backend=backend, **m) == pytest.approx(reference.masked_norm(w_ref, mask, p), rel=rel, abs=0)
+        assert fk.masked_norm(w_b, p=p, backend=backend, **m) == pytest.approx(reference.masked_norm(w_ref, mask, p=p), rel=rel, abs=0)
 
 
 @pytest.mark.parametrize("dtype, big", [(np.float32, 3e19), (np.float32, 3e38), (np.float64, 1e200)])
@@ -274,7 +274,7 @@ def test_huge_weights_have_a_finite_norm(backend, dtype, big):
     # float64 squares beyond double's range are rescaled), as the docstring says.
     n = 5000  # more than one chunk
     w = np.full(n, big, dtype=dtype)
-    expected = reference.masked_norm(w, None, 2)
+    expected = reference.masked_norm(w, None, p=2)
     assert np.isfinite(expected)
     assert fk.masked_norm(w, backend=backend) == pytest.approx(expected, rel=1e-6)
     assert fk.masked_norm(w, p=1, backend=backend) == pytest.approx(float(big) * n, rel=1e-6)
@@ -315,9 +315,9 @@ def test_native_results_do_not_depend_on_the_thread_count():
     runs = []
     for threads in (1, 2, 3):
         w, buf, pr = w0.copy(), np.zeros(n, np.float32), np.empty(n, np.float32)
-        out = native.masked_ef_step(w, g, mask, buf, pr, lr=0.05, weight_decay=5e-4, lam=0.01, momentum=0.9, p=2,
-                                    norm=-1.0, n_threads=threads)
-        norm = native.masked_norm(w, mask, 2, n_threads=threads)
+        out = native.masked_ef_step(w, g, mask, momentum_buffer=buf, pruned_out=pr, lr=0.05, weight_decay=5e-4,
+                                    lam=0.01, momentum=0.9, p=2, norm=None, n_threads=threads)
+        norm = native.masked_norm(w, mask, p=2, n_threads=threads)
         th = native.magnitude_threshold([w0, g], 12345, n_threads=threads)
         masks = [np.zeros(n, bool), np.zeros(n, bool)]
         native.topk_masks([w0, g], masks, 12345, n_threads=threads)

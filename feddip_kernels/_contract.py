@@ -1,0 +1,87 @@
+"""The kernel contract: every kernel with its exact signature and return type, met by each backend
+module alike (native `_core`, `_numba_kernels`, `reference`), so that `_backend.kernels(name)`
+can hand out any of them and the public functions call through it without asking which.
+
+Arguments are already validated by the public layer (pruning, update, codecs): arrays are
+C-contiguous NumPy arrays of the right dtype and size. Keyword-only where a call takes several
+numbers, so two of them cannot be swapped unnoticed. Errors on bad data (a corrupt Golomb stream,
+NaN in a top-k input) are ValueError with the same message in every backend.
+tests/test_contract.py checks each backend against this class.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+
+class Kernels(Protocol):
+    # Global magnitude top-k (ties in list order, then flat index; NaN raises ValueError).
+    def magnitude_threshold(self, tensors: Sequence[np.ndarray], k: int) -> float:
+        """The k-th largest |x| over the tensors, +inf for k = 0."""
+
+    def topk_masks(self, tensors: Sequence[np.ndarray], masks: Sequence[np.ndarray], k: int) -> None:
+        """Fill `masks` (bool, one per tensor, same sizes) with the k largest |x|."""
+
+    # The local step.
+    def masked_norm(self, w: np.ndarray, mask: Optional[np.ndarray], *, p: int, mask_packed: bool = False) -> float:
+        """||w * m||_p accumulated in double; `mask` bool, or packed bits when mask_packed."""
+
+    def masked_ef_step(
+        self,
+        w: np.ndarray,
+        g: np.ndarray,
+        mask: Optional[np.ndarray],
+        *,
+        momentum_buffer: Optional[np.ndarray],
+        pruned_out: Optional[np.ndarray],
+        lr: float,
+        weight_decay: float,
+        lam: float,
+        momentum: float,
+        p: int,
+        norm: Optional[float],
+        mask_packed: bool = False,
+    ) -> float:
+        """One FedDIP step in place (update.masked_ef_step); returns ||w * m||_p after it."""
+
+    # Bit-level codec primitives (little-endian packed bits: element i is bit i % 8 of byte i // 8).
+    def pack_bits(self, mask: np.ndarray) -> np.ndarray:
+        """A bool array's elements as (n + 7) // 8 bytes."""
+
+    def unpack_bits(self, bits: np.ndarray, n: int) -> np.ndarray:
+        """The first n packed bits as a bool array."""
+
+    def count_bits(self, bits: np.ndarray, n: int) -> int:
+        """How many of the first n packed bits are set."""
+
+    def sparsify(self, x: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(packed positions, values at them): the mask's positions, or x's non-zeros."""
+
+    def densify(self, bits: np.ndarray, n: int, values: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """n elements: the values at the positions, zero elsewhere; written into `out` when given."""
+
+    def golomb_parameter(self, nnz: int, n: int) -> int:
+        """The Golomb parameter encoders use for nnz positions among n (docs/wire-format.md)."""
+
+    def golomb_encode(self, bits: np.ndarray, n: int, m: int) -> bytes:
+        """The positions' gaps, Golomb-coded with parameter m."""
+
+    def golomb_decode(self, data: object, n: int, nnz: int, m: int) -> np.ndarray:
+        """Packed positions from a Golomb stream of exactly nnz codes (ValueError otherwise)."""
+
+    def golomb_encode_many(self, items: Sequence[tuple[np.ndarray, int, int]]) -> list[bytes]:
+        """golomb_encode over (bits, n, m) items (in parallel where the backend can)."""
+
+    def golomb_decode_many(
+        self, items: Sequence[tuple[object, int, int, int]]
+    ) -> tuple[list[np.ndarray], int, str]:
+        """golomb_decode over (data, n, nnz, m) items: (bits list, index of the first failed item
+        or -1, its message)."""
+
+    def crc32c(self, data: object, crc: int = 0) -> int:
+        """CRC-32C (Castagnoli) of a C-contiguous buffer, continuing from `crc`."""
+
+
+NAMES = tuple(name for name in Kernels.__dict__ if not name.startswith("_"))

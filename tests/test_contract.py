@@ -1,0 +1,147 @@
+"""Every backend module meets the kernel contract (_contract.Kernels): the same functions, the same
+parameter names and kinds (keyword-only where the contract says so), the same return types and
+the same error messages for the same bad data."""
+
+import inspect
+import re
+
+import numpy as np
+import pytest
+
+from feddip_kernels import _backend
+from feddip_kernels._contract import NAMES, Kernels
+
+BACKENDS = _backend.available_backends()
+
+
+def contract_params(name):
+    sig = inspect.signature(getattr(Kernels, name))
+    return [(p.name, p.kind) for p in list(sig.parameters.values())[1:]]  # without self
+
+
+def backend_params(fn):
+    fn = getattr(fn, "py_func", fn)  # a numba dispatcher's Python function
+    try:
+        return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+    except ValueError:  # a pybind11 function: its signature is the docstring's first line
+        head = fn.__doc__.splitlines()[0]
+        inner = head[head.index("(") + 1 : head.rindex(") ->")]
+        params, kind = [], inspect.Parameter.POSITIONAL_OR_KEYWORD
+        for part in re.split(r",\s*(?![^\[]*\])", inner):
+            part = part.strip()
+            if part == "*":
+                kind = inspect.Parameter.KEYWORD_ONLY
+            elif part:
+                params.append((part.split(":")[0].strip(), kind))
+        return params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_meets_the_contract(backend, name):
+    module = _backend.kernels(backend)
+    assert hasattr(module, name), f"{backend} lacks {name}"
+    got, want = backend_params(getattr(module, name)), contract_params(name)
+    # The native core may add keyword-only tuning knobs (n_threads) after the contract's parameters.
+    extra = got[len(want):]
+    assert got[: len(want)] == want, f"{backend}.{name}: {got} != {want}"
+    assert all(kind == inspect.Parameter.KEYWORD_ONLY and pname == "n_threads" for pname, kind in extra), extra
+
+
+def test_the_contract_lists_every_kernel_the_public_layer_calls():
+    assert set(NAMES) == {
+        "magnitude_threshold", "topk_masks", "masked_norm", "masked_ef_step", "pack_bits", "unpack_bits",
+        "count_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
+        "golomb_encode_many", "golomb_decode_many", "crc32c",
+    }
+
+
+def calls():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(37).astype(np.float32)
+    mask = rng.random(37) < 0.3
+    bits = np.packbits(mask, bitorder="little")
+    return {
+        "magnitude_threshold": lambda k: k.magnitude_threshold([w, w[:5].copy()], 4),
+        "topk_masks": lambda k: k.topk_masks([w], [np.zeros(37, bool)], 4),
+        "masked_norm": lambda k: k.masked_norm(w, bits, p=2, mask_packed=True),
+        "masked_ef_step": lambda k: k.masked_ef_step(
+            w.copy(), w, mask, momentum_buffer=None, pruned_out=None, lr=0.1, weight_decay=0.0, lam=0.01,
+            momentum=0.0, p=2, norm=None),
+        "pack_bits": lambda k: k.pack_bits(mask),
+        "unpack_bits": lambda k: k.unpack_bits(bits, 37),
+        "count_bits": lambda k: k.count_bits(bits, 37),
+        "sparsify": lambda k: k.sparsify(w, mask),
+        "densify": lambda k: k.densify(bits, 37, w[: int(mask.sum())].copy()),
+        "golomb_parameter": lambda k: k.golomb_parameter(5, 37),
+        "golomb_encode": lambda k: k.golomb_encode(bits, 37, 3),
+        "golomb_decode": lambda k: k.golomb_decode(bytes(k.golomb_encode(bits, 37, 3)), 37, int(mask.sum()), 3),
+        "golomb_encode_many": lambda k: k.golomb_encode_many([(bits, 37, 3)]),
+        "golomb_decode_many": lambda k: k.golomb_decode_many([(b"\x01", 8, 1, 1)]),
+        "crc32c": lambda k: k.crc32c(b"123456789"),
+    }
+
+
+def shape_of(x):
+    """The type structure of a result, for comparing backends (ints and bools as int)."""
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(shape_of(v) for v in x))
+    if isinstance(x, np.ndarray):
+        return ("ndarray", x.dtype.str, x.shape)
+    if isinstance(x, (bytes, bytearray)):
+        return "bytes"
+    if isinstance(x, (bool, int, np.integer)):
+        return "int"
+    return type(x).__name__
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_return_types_are_the_same_in_every_backend(name):
+    call = calls()[name]
+    results = {be: call(_backend.kernels(be)) for be in BACKENDS}
+    shapes = {be: shape_of(r) for be, r in results.items()}
+    assert len(set(map(repr, shapes.values()))) == 1, shapes
+    if name in ("magnitude_threshold", "masked_norm", "masked_ef_step"):
+        assert all(type(r) is float for r in results.values())
+    if name == "topk_masks":
+        assert all(r is None for r in results.values())
+
+
+CORRUPT_GOLOMB = [
+    (b"", 8, 1, 1),  # truncated
+    (b"\x00\x00", 8, 1, 1),  # quotient past the end
+    (b"\x03", 8, 1, 1),  # bits left after the last code
+    (b"\x01\x00", 8, 1, 1),  # a byte left after the last code
+    (b"\x01", 4, 5, 1),  # more positions than elements
+    (b"\x01", 8, 1, 0),  # parameter 0
+]
+
+
+@pytest.mark.parametrize("stream", CORRUPT_GOLOMB)
+def test_corrupt_golomb_streams_give_the_same_error_in_every_backend(stream):
+    messages = {}
+    for be in BACKENDS:
+        with pytest.raises(ValueError) as e:
+            _backend.kernels(be).golomb_decode(*stream)
+        messages[be] = str(e.value)
+    assert len(set(messages.values())) == 1, messages
+
+
+def test_auto_is_one_of_the_backends():
+    assert _backend.kernels("auto") is _backend.kernels(BACKENDS[0])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.kernels("cuda")
+
+
+def test_the_native_stub_lists_exactly_the_native_functions():
+    import ast
+    import pathlib
+
+    native = pytest.importorskip("feddip_kernels._core")
+    stub = pathlib.Path(_backend.__file__).with_name("_core.pyi")
+    tree = ast.parse(stub.read_text())
+    stubbed = {n.name: [a.arg for a in n.args.args + n.args.kwonlyargs] for n in tree.body if isinstance(n, ast.FunctionDef)}
+    functions = {k for k in dir(native) if callable(getattr(native, k)) and not k.startswith("_")}
+    assert set(stubbed) == functions
+    for name, args in stubbed.items():
+        assert [p for p, _ in backend_params(getattr(native, name))] == args, name
