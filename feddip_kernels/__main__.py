@@ -1,5 +1,5 @@
 """`python -m feddip_kernels`: same as the `feddip` command."""
 
-from .cli import main
+from .fl.cli import main
 
 raise SystemExit(main())

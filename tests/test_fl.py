@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from feddip_kernels.cli import main  # noqa: E402
+from feddip_kernels.fl.cli import main  # noqa: E402
 from feddip_kernels.fl import (  # noqa: E402
     SimulationConfig,
     dirichlet_partition,

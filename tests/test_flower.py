@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 
 import feddip_kernels as fk  # noqa: E402
-from feddip_kernels.flower import (  # noqa: E402
+from feddip_kernels.integrations.flower import (  # noqa: E402
     MASKS_RECORD,
     FedDIP,
     decode_arrayrecord,
@@ -219,7 +219,7 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
     from feddip_kernels.fl import iid_partition, make_model, synthetic_dataset
     from feddip_kernels.fl.data import Dataset
     from feddip_kernels.fl.simulation import SimulationConfig, _float_state, _train_client, run_simulation
-    from feddip_kernels.flower import LAMBDA_KEY, LR_KEY, ROUND_KEY
+    from feddip_kernels.integrations.flower import LAMBDA_KEY, LR_KEY, ROUND_KEY
     from feddip_kernels.server import seed_for
 
     train, test = synthetic_dataset(300, 60, seed=0)

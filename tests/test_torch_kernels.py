@@ -148,4 +148,4 @@ def test_compiled_step_matches_the_uncompiled_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-from feddip_kernels.torch import FedDIPSGD  # noqa: E402
+from feddip_kernels.integrations.pytorch import FedDIPSGD  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from feddip_kernels.torch import FedDIPSGD  # noqa: E402
+from feddip_kernels.integrations.pytorch import FedDIPSGD  # noqa: E402
 
 from feddip_kernels import available_backends  # noqa: E402
 
@@ -127,7 +127,7 @@ def test_set_masks_validates():
 
 _RESTORE_SCRIPT = r"""
 import sys, torch
-from feddip_kernels.torch import FedDIPSGD
+from feddip_kernels.integrations.pytorch import FedDIPSGD
 sys.path.insert(0, sys.argv[1])
 from test_torch_optimizer import _data, _masks, _model, _train
 

@@ -6,7 +6,7 @@ from zarr.registry import get_codec_class  # noqa: E402
 from zarr.storage import MemoryStore  # noqa: E402
 
 from feddip_kernels.codecs import CodecError  # noqa: E402
-from feddip_kernels.zarr_codec import NAME, SparseZarrCodec  # noqa: E402
+from feddip_kernels.integrations.zarr3 import NAME, SparseZarrCodec  # noqa: E402
 
 
 def sparse(shape, density, dtype, seed=0):

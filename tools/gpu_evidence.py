@@ -27,7 +27,7 @@ import torch
 
 import feddip_kernels as fk
 from feddip_kernels.fl.models import make_model, prunable_parameters
-from feddip_kernels.torch import FedDIPSGD
+from feddip_kernels.integrations.pytorch import FedDIPSGD
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..codecs import decode_model, encode_model
 from ..server import FedDIPServer, Schedule, seed_for
-from ..torch import FedDIPSGD
+from ..integrations.pytorch import FedDIPSGD
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cifar import augment_batch
 from .data import Dataset

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from feddip_kernels import encode_model
-from feddip_kernels.flower import ROUND_KEY, feddip_mod
+from feddip_kernels.integrations.flower import ROUND_KEY, feddip_mod
 
 app = ClientApp(mods=[feddip_mod])
 

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from feddip_kernels import encode_model
-from feddip_kernels.flower import FedDIP
+from feddip_kernels.integrations.flower import FedDIP
 
 app = ServerApp()
 

@@ -10,9 +10,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _backend, __version__
-from .codecs import VALUES as VALUE_CODECS
-from .pruning import global_topk_masks
+from .. import _backend, __version__
+from ..codecs import VALUES as VALUE_CODECS
+from ..pruning import global_topk_masks
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ _PRESET_KEYS = ("clients", "clients_per_round", "rounds", "local_epochs", "batch
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    from .fl.simulation import PRESETS
+    from .simulation import PRESETS
 
     out = {k: getattr(args, k) if getattr(args, k) is not None else PRESETS[args.preset][k] for k in _PRESET_KEYS}
     if args.all_clients:
@@ -91,10 +91,10 @@ def _simulate(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from .fl.data import SYNTHETIC
-    from .fl.simulation import ALGORITHMS
-    from .fl import SimulationConfig, dirichlet_partition, iid_partition, load_dataset, run_simulation, synthetic_dataset
-    from .fl.report import plot_histories
+    from .data import SYNTHETIC
+    from .simulation import ALGORITHMS
+    from . import SimulationConfig, dirichlet_partition, iid_partition, load_dataset, run_simulation, synthetic_dataset
+    from .report import plot_histories
 
     try:
         from tqdm import tqdm

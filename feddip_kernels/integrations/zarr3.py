@@ -18,7 +18,7 @@ import numpy as np
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 
-from .codecs import POSITIONS, VALUES, CodecError, decode_model, encode_model
+from ..codecs import POSITIONS, VALUES, CodecError, decode_model, encode_model
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec

@@ -25,8 +25,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from .codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
-from .server import FedDIPServer, Schedule, random_erk_masks, seed_for
+from ..codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
+from ..server import FedDIPServer, Schedule, random_erk_masks, seed_for
 
 STYPE = "feddip/v1"
 ENCODED_KEY = "feddip"

@@ -14,9 +14,9 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
-from . import _torch_kernels
-from ._arrays import as_array
-from .update import masked_ef_step
+from .. import _torch_kernels
+from .._arrays import as_array
+from ..update import masked_ef_step
 
 
 class FedDIPSGD(torch.optim.Optimizer):
