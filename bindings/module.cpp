@@ -388,6 +388,36 @@ PYBIND11_MODULE(_core, m) {
         py::arg("bits"), py::arg("n"));
 
     m.def(
+        "select_bits",
+        [](const Bits& bits, const Bits& ref, std::size_t n) {
+            check_bits(bits, n);
+            check_bits(ref, n);
+            const std::uint64_t d = count_bits(ref.data(), n);
+            Bits out(static_cast<py::ssize_t>((d + 7) / 8));
+            std::uint8_t* po = out.mutable_data();
+            py::gil_scoped_release release;
+            select_bits(bits.data(), ref.data(), n, po);
+            return out;
+        },
+        py::arg("bits"), py::arg("ref"), py::arg("n"),
+        "The bits of `bits` at ref's set positions, packed in order (a mask delta's positions).");
+
+    m.def(
+        "deposit_bits",
+        [](const Bits& sub, const Bits& ref, std::size_t n) {
+            check_bits(ref, n);
+            const std::uint64_t d = count_bits(ref.data(), n);
+            if (static_cast<std::uint64_t>(sub.size()) < (d + 7) / 8)
+                throw std::invalid_argument("sub holds fewer bits than ref has set positions");
+            Bits out(static_cast<py::ssize_t>((n + 7) / 8));
+            std::uint8_t* po = out.mutable_data();
+            py::gil_scoped_release release;
+            deposit_bits(sub.data(), ref.data(), n, po);
+            return out;
+        },
+        py::arg("sub"), py::arg("ref"), py::arg("n"), "Inverse of select_bits: sub's bits at ref's set positions.");
+
+    m.def(
         "count_bits",
         [](const py::array_t<std::uint8_t, py::array::c_style>& bits, std::size_t n) {
             if (static_cast<std::size_t>(bits.size()) < (n + 7) / 8)

@@ -59,4 +59,41 @@ FEDDIP_VECTOR_CLONES std::uint64_t count_bits(const std::uint8_t* bits, std::siz
     return c;
 }
 
+namespace {
+
+// Bits 64w .. 64w + 63 of a packed n-bit mask; bits at n and beyond read as zero.
+inline std::uint64_t word_at(const std::uint8_t* bits, std::size_t n, std::size_t w) {
+    const std::size_t bytes = (n + 7) / 8, at = 8 * w;
+    std::uint64_t v = 0;
+    std::memcpy(&v, bits + at, at + 8 <= bytes ? 8 : bytes - at);
+    const std::size_t left = n - 64 * w;
+    return left >= 64 ? v : v & ((std::uint64_t(1) << left) - 1);
+}
+
+}  // namespace
+
+void select_bits(const std::uint8_t* bits, const std::uint8_t* ref, std::size_t n, std::uint8_t* out) {
+    const std::size_t words = (n + 63) / 64;
+    const std::uint64_t d = count_bits(ref, n);
+    std::memset(out, 0, (d + 7) / 8);
+    std::uint64_t j = 0;  // next output bit
+    for (std::size_t w = 0; w < words; ++w) {
+        std::uint64_t r = word_at(ref, n, w);
+        const std::uint64_t b = word_at(bits, n, w);
+        for (; r; r &= r - 1, ++j)
+            if ((b >> __builtin_ctzll(r)) & 1) out[j >> 3] |= std::uint8_t(1u << (j & 7));
+    }
+}
+
+void deposit_bits(const std::uint8_t* sub, const std::uint8_t* ref, std::size_t n, std::uint8_t* out) {
+    const std::size_t words = (n + 63) / 64, bytes = (n + 7) / 8;
+    std::uint64_t j = 0;  // next input bit
+    for (std::size_t w = 0; w < words; ++w) {
+        std::uint64_t r = word_at(ref, n, w), v = 0;
+        for (; r; r &= r - 1, ++j)
+            if ((sub[j >> 3] >> (j & 7)) & 1) v |= std::uint64_t(1) << __builtin_ctzll(r);
+        std::memcpy(out + 8 * w, &v, 8 * w + 8 <= bytes ? 8 : bytes - 8 * w);
+    }
+}
+
 }  // namespace feddip

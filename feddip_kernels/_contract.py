@@ -56,6 +56,13 @@ class Kernels(Protocol):
     def count_bits(self, bits: np.ndarray, n: int) -> int:
         """How many of the first n packed bits are set."""
 
+    def select_bits(self, bits: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
+        """The bits of `bits` at the set positions of `ref` (both packed, n elements), packed in
+        order: the positions of a mask delta, relative to the reference mask it lies in."""
+
+    def deposit_bits(self, sub: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
+        """Inverse of select_bits: n packed bits, sub's bits placed at ref's set positions."""
+
     def sparsify(self, x: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(packed positions, values at them): the mask's positions, or x's non-zeros."""
 

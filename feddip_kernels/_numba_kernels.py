@@ -10,7 +10,10 @@ import math
 import numba as nb
 import numpy as np
 
-from ._formulas import crc32c_table, golomb_parameter  # noqa: F401 - golomb_parameter is a kernel
+from . import _formulas
+from ._formulas import crc32c_table
+
+golomb_parameter = _formulas.golomb_parameter  # a kernel of the contract, shared with the other Python backend
 
 _BINS = 1 << 16
 
@@ -434,3 +437,35 @@ def golomb_decode_many(items) -> tuple[list[np.ndarray], int, str]:
         except ValueError as e:
             return out, i, str(e)
     return out, -1, ""
+
+
+@nb.njit(cache=True, nogil=True)
+def _select_bits(bits, ref, n, out):
+    j = 0
+    for i in range(n):
+        if (ref[i >> 3] >> (i & 7)) & 1:
+            if (bits[i >> 3] >> (i & 7)) & 1:
+                out[j >> 3] |= np.uint8(1 << (j & 7))
+            j += 1
+
+
+def select_bits(bits: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((count_bits(ref, n) + 7) // 8, dtype=np.uint8)
+    _select_bits(bits, ref, n, out)
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def _deposit_bits(sub, ref, n, out):
+    j = 0
+    for i in range(n):
+        if (ref[i >> 3] >> (i & 7)) & 1:
+            if (sub[j >> 3] >> (j & 7)) & 1:
+                out[i >> 3] |= np.uint8(1 << (i & 7))
+            j += 1
+
+
+def deposit_bits(sub: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n + 7) // 8, dtype=np.uint8)
+    _deposit_bits(sub, ref, n, out)
+    return out

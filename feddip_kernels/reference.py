@@ -8,7 +8,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ._formulas import crc32c_table, golomb_parameter
+from . import _formulas
+from ._formulas import crc32c_table
+
+golomb_parameter = _formulas.golomb_parameter  # a kernel of the contract, shared with the other Python backend
 
 
 def _magnitudes(tensors: list[np.ndarray]) -> np.ndarray:
@@ -183,6 +186,17 @@ def golomb_decode(data: bytes, n: int, nnz: int, m: int) -> np.ndarray:
     if (at + 7) // 8 != len(data) or stream[at:].any():
         raise ValueError("Golomb stream: bytes or bits left after the last code")
     return pack_bits(mask)
+
+
+def select_bits(bits: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
+    return pack_bits(unpack_bits(bits, n)[unpack_bits(ref, n)])
+
+
+def deposit_bits(sub: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
+    where = unpack_bits(ref, n)
+    out = np.zeros(n, dtype=bool)
+    out[where] = unpack_bits(sub, int(where.sum()))
+    return pack_bits(out)
 
 
 def sparsify(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

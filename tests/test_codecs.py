@@ -471,8 +471,8 @@ def test_csr_positions_relative_to_a_mask_are_rejected():
     indptr, cols = np.array([0, 1, 2, 2], "<u4"), np.array([0, 1], "<u1")
     payload = indptr.tobytes() + cols.tobytes()
     values = np.array([1.0, 2.0], "<f4").tobytes()
-    body = codecs._HEADER.pack(codecs.MAGIC, codecs.VERSION, 0, 0, 1) + struct.pack("<H", 1) + b"a"
-    body += struct.pack("<B2Q", 2, 3, 4) + codecs._RECORD.pack(
+    body = codecs.format.HEADER.pack(codecs.MAGIC, codecs.VERSION, 0, 0, 1) + struct.pack("<H", 1) + b"a"
+    body += struct.pack("<B2Q", 2, 3, 4) + codecs.format.RECORD.pack(
         1, codecs.DOMAIN_REFERENCE, codecs.POSITIONS["csr"], 0, 0, 0, 6, 2, 0, 0.0, len(payload), len(values)
     )
     body += payload + values
@@ -553,7 +553,7 @@ def test_csr_column_widths(backend, cols):
     assert msg == fk.encode_model({"a": a}, positions="csr", backend="numpy")
     width = 1 if cols <= 256 else 2 if cols <= 65536 else 4
     nnz = int((a != 0).sum())
-    assert len(msg) == 12 + 2 + 1 + 1 + 16 + codecs._RECORD.size + 4 * 4 + width * nnz + 4 * nnz + 4
+    assert len(msg) == 12 + 2 + 1 + 1 + 16 + codecs.format.RECORD.size + 4 * 4 + width * nnz + 4 * nnz + 4
     out = fk.decode_model(msg, backend=backend)
     np.testing.assert_array_equal(out.tensors["a"], a)
     np.testing.assert_array_equal(out.masks["a"], a != 0)

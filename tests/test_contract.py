@@ -51,7 +51,7 @@ def test_signature_meets_the_contract(backend, name):
 def test_the_contract_lists_every_kernel_the_public_layer_calls():
     assert set(NAMES) == {
         "magnitude_threshold", "topk_masks", "masked_norm", "masked_ef_step", "pack_bits", "unpack_bits",
-        "count_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
+        "count_bits", "select_bits", "deposit_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
         "golomb_encode_many", "golomb_decode_many", "crc32c",
     }
 
@@ -72,6 +72,8 @@ def calls():
         "unpack_bits": lambda k: k.unpack_bits(bits, 37),
         "count_bits": lambda k: k.count_bits(bits, 37),
         "sparsify": lambda k: k.sparsify(w, mask),
+        "select_bits": lambda k: k.select_bits(np.packbits(mask & (w > 0), bitorder="little"), bits, 37),
+        "deposit_bits": lambda k: k.deposit_bits(np.array([0b1011, 0x5], np.uint8), bits, 37),
         "densify": lambda k: k.densify(bits, 37, w[: int(mask.sum())].copy()),
         "golomb_parameter": lambda k: k.golomb_parameter(5, 37),
         "golomb_encode": lambda k: k.golomb_encode(bits, 37, 3),
@@ -145,3 +147,20 @@ def test_the_native_stub_lists_exactly_the_native_functions():
     assert set(stubbed) == functions
     for name, args in stubbed.items():
         assert [p for p, _ in backend_params(getattr(native, name))] == args, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 1000])
+def test_select_and_deposit_bits_match_the_reference(backend, n):
+    from feddip_kernels import reference
+
+    k = _backend.kernels(backend)
+    rng = np.random.default_rng(n)
+    for density in (0.0, 0.3, 1.0):
+        ref = rng.random(n) < density
+        sub = ref & (rng.random(n) < 0.5)
+        b, r = np.packbits(sub, bitorder="little"), np.packbits(ref, bitorder="little")
+        picked = k.select_bits(b, r, n)
+        assert picked.tobytes() == reference.select_bits(b, r, n).tobytes()
+        assert picked.tobytes() == np.packbits(sub[ref], bitorder="little").tobytes()
+        assert k.deposit_bits(picked, r, n).tobytes() == b.tobytes()

@@ -298,7 +298,7 @@ def test_overlapping_arrays_are_rejected(backend):
         "momentum_buffer": dict(momentum_buffer=store[99:199], momentum=0.9),
     }
     for name, kw in cases.items():
-        with pytest.raises(ValueError, match=f"share memory"):
+        with pytest.raises(ValueError, match="share memory"):
             fk.masked_ef_step(w, g, mask, lr=0.1, backend=backend, **kw)
     with pytest.raises(ValueError, match="share memory"):
         fk.masked_ef_step(w, store[10:110], mask, lr=0.1, backend=backend)

@@ -69,7 +69,7 @@ def load_checkpoint(path: str, cfg: "SimulationConfig", model: nn.Module) -> "Se
     """The state saved at `path`, for a run of `cfg` with `model`'s architecture. Raises ValueError
     for a file that is not a valid checkpoint of this run; only `rounds` may differ, and only when
     `cfg.horizon` fixes the schedules (then a finished run can be extended)."""
-    from .simulation import ServerState, _initial_state  # simulation imports this module
+    from .simulation import _initial_state  # simulation imports this module
 
     with open(path, "rb") as f:
         data = f.read()

@@ -3,7 +3,6 @@ training locally, and every transfer encoded with feddip_kernels.codecs and coun
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field

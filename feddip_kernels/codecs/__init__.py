@@ -1,0 +1,32 @@
+"""Codecs for sparse models: positions (bitmask, CSR, Golomb-coded gaps, or none when a shared mask
+says where the values go), values (lossless, or opt-in fp16/bf16/int8), and the versioned wire
+format of docs/wire-format.md. Decoding validates every length against the message and a
+caller-set output limit before allocating, and raises CodecError on any inconsistency.
+
+One file per part of the format: `format` (structs, codes, reader, checksum), `positions`,
+`values`, `model` (messages of named tensors), `numcodecs_adapter` (SparseCodec)."""
+
+from .format import (
+    DEFAULT_MAX_BYTES,
+    DOMAIN_FULL,
+    DOMAIN_REFERENCE,
+    DTYPE_CODES,
+    DTYPES,
+    MAGIC,
+    MAX_NDIM,
+    POSITION_NAMES,
+    POSITIONS,
+    VALUE_NAMES,
+    VALUES,
+    VERSION,
+    CodecError,
+    crc32c,
+)
+from .model import Decoded, decode_model, encode_model
+from .numcodecs_adapter import SparseCodec
+
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DOMAIN_FULL", "DOMAIN_REFERENCE", "DTYPES", "DTYPE_CODES", "MAGIC", "MAX_NDIM",
+    "POSITIONS", "POSITION_NAMES", "VALUES", "VALUE_NAMES", "VERSION", "CodecError", "Decoded", "SparseCodec",
+    "crc32c", "decode_model", "encode_model",
+]

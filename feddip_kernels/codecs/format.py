@@ -1,0 +1,81 @@
+"""The wire format's structure (docs/wire-format.md): constants and codes, the header and record
+structs, a bounds-checked reader, the checksum, and CodecError."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .. import _backend
+
+MAGIC = b"FDKW"
+VERSION = 1
+DEFAULT_MAX_BYTES = 1 << 31  # decoded output limit unless the caller sets one
+
+HEADER = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, n_tensors
+RECORD = struct.Struct("<BBBBBBQQIfQQ")  # after name and shape, see docs/wire-format.md
+CRC = struct.Struct("<I")
+
+DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
+DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+TORCH_FLOATS = {"torch.float32": np.dtype(np.float32), "torch.float64": np.dtype(np.float64)}
+
+DOMAIN_FULL, DOMAIN_REFERENCE = 0, 1
+POSITIONS = {"all": 0, "bitmask": 1, "csr": 2, "golomb": 3}
+POSITION_NAMES = {v: k for k, v in POSITIONS.items()}
+VALUES = {"raw": 0, "fp16": 1, "bf16": 2, "int8": 3}
+VALUE_NAMES = {v: k for k, v in VALUES.items()}
+MAX_NDIM = 32
+# NumPy's bound on an array's size in bytes, zero-length dimensions counted as 1 (it refuses shapes
+# such as (0, 2**62) although they hold no element).
+MAX_ARRAY_BYTES = np.iinfo(np.intp).max
+
+
+class CodecError(ValueError):
+    """The bytes are not a valid message: corrupt, truncated, over a limit, or inconsistent."""
+
+
+def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
+    """CRC-32C (Castagnoli) of a bytes-like object's bytes in logical (C) order, continuing from
+    `crc`; a strided view (reversed, stepped) is copied first."""
+    view = memoryview(data)
+    return _backend.kernels(backend).crc32c(view if view.c_contiguous else view.tobytes(), crc)
+
+
+class Reader:
+    """Reads a message front to back; every take is checked against what is left."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > len(self.view) - self.pos:
+            raise CodecError(f"truncated message: {what} needs {n} bytes, {len(self.view) - self.pos} left")
+        out = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: struct.Struct | str, what: str) -> tuple:
+        s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        return s.unpack(self.take(s.size, what))
+
+
+
+class Record(NamedTuple):
+    """One tensor's record of a message, validated, its payloads not yet decoded."""
+
+    name: str
+    shape: tuple[int, ...]
+    n: int
+    dtype: np.dtype
+    domain: int
+    pos_codec: int
+    val_codec: int
+    d: int
+    nnz: int
+    m: int
+    scale: float
+    pos_raw: memoryview
+    val_raw: memoryview

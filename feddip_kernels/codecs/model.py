@@ -1,0 +1,270 @@
+"""Model messages: encode_model and decode_model over the format, positions and values codecs.
+Decoding validates every record and length of the whole message before allocating (and before
+decoding any payload), then decodes the Golomb streams of several tensors in parallel."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, Mapping, NamedTuple, Optional
+
+import numpy as np
+
+from .. import _backend
+from .._arrays import as_array, block_views, check_disjoint, contiguous, flat_mask, on_device, writable_view
+from .format import (
+    CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, DTYPES, HEADER, MAGIC, MAX_ARRAY_BYTES,
+    MAX_NDIM, POSITION_NAMES, POSITIONS, RECORD, TORCH_FLOATS, VALUE_NAMES, VALUES, VERSION, CodecError, Reader,
+    Record,
+)
+from .positions import decode_golomb_positions, decode_positions, encode_positions
+from .values import decode_values, encode_values, value_size
+
+
+class Decoded:
+    """A decoded model: `tensors`, dense arrays (zeros off the positions), and `masks`, the
+    positions as bool arrays (unpacked on first access)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+        self.packed: dict[str, np.ndarray] = {}  # positions, packed little-endian bits
+        self._masks: Optional[dict[str, np.ndarray]] = None
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        if self._masks is None:
+            from ..pruning import unpack_mask
+
+            self._masks = {k: unpack_mask(b, self.tensors[k].shape) for k, b in self.packed.items()}
+        return self._masks
+
+
+class _Sparse(NamedTuple):
+    """One tensor on its way into a message: its positions (over the domain) and values."""
+
+    name: bytes
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    domain: int
+    d: int
+    nnz: int
+    pos_bits: np.ndarray
+    csr_shape: Optional[tuple[int, ...]]
+    vals: np.ndarray
+
+
+def encode_model(
+    tensors: Mapping[str, Any],
+    *,
+    masks: Optional[Mapping[str, Any]] = None,
+    reference: Optional[Mapping[str, Any]] = None,
+    positions: str = "auto",
+    values: str = "raw",
+    backend: str = "auto",
+) -> bytes:
+    """Encode named float32/float64 tensors as one message.
+
+    Positions kept per tensor: `masks[name]` if given (values there are sent even when zero), else
+    the non-zeros (+0.0 and -0.0 both count as zero). With `reference[name]`, a mask the receiver
+    already has: kept positions equal to it cost nothing (values go in mask order), positions that
+    are a subset of it are coded relative to it (mask delta); otherwise the full tensor is the
+    domain. `positions` is "auto" (smallest per tensor), "bitmask", "csr", "golomb" or "all";
+    `values` is "raw" (lossless) or the lossy "fp16", "bf16", "int8" (per-tensor scale).
+    Tensors on a CUDA device are sparsified there: only their packed positions and kept values
+    are copied to the host.
+    """
+    if values not in VALUES:
+        raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
+    if positions not in ("auto", *POSITIONS):
+        raise ValueError(f"unknown positions codec {positions!r}")
+    k = _backend.kernels(backend)
+    prepared: list[_Sparse] = []
+    for name, t in tensors.items():
+        if on_device(t):  # positions and values are found where the tensor is; only they cross
+            from .. import _torch_kernels
+
+            dtype = TORCH_FLOATS.get(str(t.dtype))
+            if dtype is None:
+                raise TypeError(f"tensors[{name!r}] has dtype {t.dtype}; float32 or float64 is required")
+            if t.ndim > MAX_NDIM:
+                raise ValueError(f"tensors[{name!r}] has {t.ndim} dimensions, at most {MAX_NDIM}")
+            shape, n = tuple(int(s) for s in t.shape), t.numel()
+            bits, vals = _torch_kernels.sparsify(t, masks[name] if masks and name in masks else None)
+        else:
+            a = as_array(t, f"tensors[{name!r}]")
+            if a.dtype not in DTYPE_CODES:
+                raise TypeError(f"tensors[{name!r}] has dtype {a.dtype}; float32 or float64 is required")
+            if a.ndim > MAX_NDIM:
+                raise ValueError(f"tensors[{name!r}] has {a.ndim} dimensions, at most {MAX_NDIM}")
+            shape, dtype = tuple(int(s) for s in a.shape), a.dtype
+            a = contiguous(a).reshape(-1)
+            n = a.size
+            mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
+            bits, vals = k.sparsify(a, mask)
+        nnz = vals.size
+        domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
+        if reference is not None and name in reference:
+            ref = k.pack_bits(flat_mask(reference[name], n, f"reference[{name!r}]"))
+            if not np.any(bits & ~ref):  # a subset of the reference: code relative to it
+                domain, d, csr_shape = DOMAIN_REFERENCE, k.count_bits(ref, n), None
+                pos_bits = k.select_bits(bits, ref, n)
+        name_b = name.encode("utf-8")
+        if len(name_b) > 0xFFFF:
+            raise ValueError(f"tensor name longer than 65535 bytes: {name[:40]!r}...")
+        prepared.append(_Sparse(name_b, shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals))
+    # The Golomb streams of all tensors in one call (the native backend encodes them in parallel).
+    golomb: list[Optional[tuple[int, bytes]]] = [None] * len(prepared)
+    if positions in ("auto", "golomb"):
+        ms = [k.golomb_parameter(sp.nnz, sp.d) for sp in prepared]
+        streams = k.golomb_encode_many([(sp.pos_bits, sp.d, m) for sp, m in zip(prepared, ms)])
+        golomb = list(zip(ms, streams))
+    parts = [HEADER.pack(MAGIC, VERSION, 0, 0, len(tensors))]
+    for sp, g in zip(prepared, golomb):
+        pos_codec, m, pos_payload = encode_positions(sp.pos_bits, sp.d, sp.nnz, positions, sp.csr_shape, g)
+        val_payload, scale = encode_values(sp.vals, values)
+        parts += [
+            struct.pack("<H", len(sp.name)),
+            sp.name,
+            struct.pack(f"<B{len(sp.shape)}Q", len(sp.shape), *sp.shape),
+            RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], 0, 0, sp.d, sp.nnz, m, scale,
+                         len(pos_payload), len(val_payload)),
+            pos_payload,
+            val_payload,
+        ]
+    body = b"".join(parts)
+    return body + CRC.pack(k.crc32c(body))
+
+
+def decode_model(
+    data: Any,
+    *,
+    reference: Optional[Mapping[str, Any]] = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    out: Optional[Mapping[str, Any]] = None,
+    expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]] = None,
+    backend: str = "auto",
+) -> Decoded:
+    """Decode a message from encode_model. `reference` supplies the shared masks of tensors coded
+    relative to one. `max_bytes` caps the total size of the decoded arrays: a message that would
+    exceed it is rejected before anything is allocated. `expect` maps names to (shape, dtype): the
+    message must hold exactly those tensors, which is checked before anything is allocated (a peer
+    replying for another model is refused at no cost). `out` maps names to existing arrays (or
+    torch CPU tensors) of the right dtype and size to decode into, skipping the allocation; they
+    are returned in `tensors` and must not overlap each other or the message. Nothing else returned
+    shares memory with `data`, which the caller may reuse. Raises CodecError on any corruption
+    (`out` may then be partly written)."""
+    k = _backend.kernels(backend)
+    view = memoryview(data).cast("B")
+    if len(view) < HEADER.size + CRC.size:
+        raise CodecError(f"message of {len(view)} bytes is shorter than header and checksum")
+    body = view[: len(view) - CRC.size]
+    (stored,) = CRC.unpack(view[len(view) - CRC.size :])
+    if k.crc32c(body) != stored:
+        raise CodecError("checksum mismatch: the message is corrupt")
+    r = Reader(body)
+    magic, version, flags, reserved, count = r.unpack(HEADER, "header")
+    if magic != MAGIC:
+        raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise CodecError(f"unsupported format version {version} (this library reads {VERSION})")
+    if flags != 0:
+        raise CodecError(f"unknown header flags {flags:#x}")
+    if reserved != 0:
+        raise CodecError(f"reserved header field is {reserved:#x}, must be 0")
+    records: list[Record] = []
+    seen: set[str] = set()
+    budget = max_bytes
+    for i in range(count):
+        (name_len,) = r.unpack("<H", f"tensor {i} name length")
+        try:
+            name = bytes(r.take(name_len, f"tensor {i} name")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"tensor {i} name is not UTF-8") from None
+        if name in seen:
+            raise CodecError(f"tensor {name!r} appears twice")
+        seen.add(name)
+        (ndim,) = r.unpack("<B", f"{name!r} ndim")
+        if ndim > MAX_NDIM:
+            raise CodecError(f"{name!r} has {ndim} dimensions, at most {MAX_NDIM}")
+        shape = r.unpack(f"<{ndim}Q", f"{name!r} shape")
+        (dtype_code, domain, pos_codec, val_codec, r0, r1, d, nnz, m, scale, pos_len, val_len) = r.unpack(RECORD, f"{name!r} record")
+        if dtype_code not in DTYPES:
+            raise CodecError(f"{name!r}: unknown dtype code {dtype_code}")
+        if val_codec not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r0 or r1:
+            raise CodecError(f"{name!r}: unknown codec, domain or reserved field")
+        if pos_codec == POSITIONS["csr"] and domain != DOMAIN_FULL:
+            raise CodecError(f"{name!r}: CSR positions are defined for the tensor's own index space only")
+        dtype = DTYPES[dtype_code]
+        if math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_ARRAY_BYTES:
+            raise CodecError(f"{name!r}: shape {tuple(shape)} is too large for an array")
+        n = math.prod(shape)
+        if n * dtype.itemsize > budget:
+            raise CodecError(f"{name!r}: decoded size exceeds the limit of {max_bytes} bytes (decode_model's max_bytes)")
+        budget -= n * dtype.itemsize
+        if domain == DOMAIN_FULL and d != n:
+            raise CodecError(f"{name!r}: domain size {d} differs from the element count {n}")
+        if domain == DOMAIN_REFERENCE and d > n:
+            raise CodecError(f"{name!r}: reference domain larger than the tensor")
+        if nnz > d:
+            raise CodecError(f"{name!r}: {nnz} values for a domain of {d}")
+        if val_len != nnz * value_size(val_codec, dtype):
+            raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need {nnz * value_size(val_codec, dtype)}")
+        pos_raw = r.take(pos_len, f"{name!r} positions")
+        val_raw = r.take(val_len, f"{name!r} values")
+        records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw, val_raw))
+    if expect is not None:
+        _check_expected(records, expect)
+    if r.pos != len(body):
+        raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
+    dests = {
+        rec.name: writable_view(out[rec.name], f"out[{rec.name!r}]", rec.dtype.newbyteorder("="), rec.n).reshape(-1)
+        for rec in records
+        if out is not None and rec.name in out
+    }
+    check_disjoint({"the message": np.frombuffer(view, dtype=np.uint8), **{f"out[{k!r}]": a for k, a in dests.items()}})
+    targets = _allocate(records, out)
+    golomb = decode_golomb_positions(k, records)
+    result = Decoded()
+    for i, (rec, target) in enumerate(zip(records, targets)):
+        name, n = rec.name, rec.n
+        bits = golomb[i] if i in golomb else decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.shape)
+        vals = decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
+        if rec.domain == DOMAIN_REFERENCE:
+            if reference is None or name not in reference:
+                raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
+            try:
+                ref = flat_mask(reference[name], n, f"reference[{name!r}]")
+            except ValueError as e:  # the message's shape and the caller's mask disagree
+                raise CodecError(f"{name!r}: {e}") from None
+            ref_bits = k.pack_bits(ref)
+            held = k.count_bits(ref_bits, n)
+            if held != rec.d:
+                raise CodecError(f"{name!r}: the reference mask has {held} positions, the sender's had {rec.d}")
+            bits = k.deposit_bits(bits, ref_bits, n)
+        if name in dests:
+            k.densify(bits, n, vals, dests[name])
+            result.tensors[name] = out[name]
+        else:
+            k.densify(bits, n, vals, target)
+            result.tensors[name] = target.reshape(rec.shape)
+        result.packed[name] = bits
+    return result
+
+
+def _check_expected(records: list["Record"], expect: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
+    names = [rec.name for rec in records]
+    if set(names) != set(expect):
+        missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
+        raise CodecError(f"the message holds other tensors than expected (missing {missing}, unexpected {extra})")
+    for rec in records:
+        shape, dtype = expect[rec.name]
+        if rec.shape != tuple(shape) or rec.dtype.newbyteorder("=") != np.dtype(dtype):
+            raise CodecError(f"{rec.name!r} is {rec.shape} {rec.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
+
+
+def _allocate(records: list[Record], out: Optional[Mapping[str, Any]]) -> list[Optional[np.ndarray]]:
+    """Flat output arrays for the records not decoded into `out`, views into one block; its size is
+    within the caller's max_bytes (each record's size was checked against it)."""
+    return block_views(
+        [None if out is not None and rec.name in out else ((rec.n,), rec.dtype.newbyteorder("=")) for rec in records]
+    )

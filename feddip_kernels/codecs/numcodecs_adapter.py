@@ -1,0 +1,104 @@
+"""The numcodecs adapter: SparseCodec, one float array per message, registered with numcodecs
+(id "feddip_sparse") when numcodecs is installed."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from .._arrays import as_array
+from .format import DEFAULT_MAX_BYTES, DTYPE_CODES, POSITIONS, VALUES, CodecError
+from .model import decode_model, encode_model
+
+
+class SparseCodec:
+    """numcodecs-style codec for one float array: encode(buffer) -> bytes, decode(bytes, out=None)
+    -> array, get_config()/from_config(). Registered with numcodecs when it is installed.
+
+    Lossless settings give back the same bytes (-0.0 included). A float32/float64 array (or torch
+    tensor) is encoded with its shape (C order) or, when only
+    Fortran-contiguous, as its elements in memory order (decode then returns them flat, as
+    numcodecs' filters do). A buffer without a float dtype (bytes, bytearray, array.array, ...)
+    is read as `dtype`, which must then be set. `out` may be any writable buffer of the decoded
+    size: an array of the decoded shape gets the elements by index, anything else the bytes in
+    order.
+    """
+
+    codec_id = "feddip_sparse"
+
+    def __init__(self, positions: str = "auto", values: str = "raw", max_bytes: int = DEFAULT_MAX_BYTES,
+                 dtype: Optional[str] = None) -> None:
+        if positions not in ("auto", *POSITIONS) or values not in VALUES:
+            raise ValueError(f"bad codec configuration positions={positions!r} values={values!r}")
+        if dtype is not None and np.dtype(dtype) not in DTYPE_CODES:
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.positions, self.values, self.max_bytes = positions, values, int(max_bytes)
+        self.dtype = None if dtype is None else np.dtype(dtype).str
+
+    def _array(self, buf: Any) -> np.ndarray:
+        a = as_array(buf, "buffer")
+        if a.dtype in DTYPE_CODES:
+            return a if a.flags.c_contiguous or not a.flags.f_contiguous else a.ravel(order="A")
+        if self.dtype is None:
+            raise TypeError(f"buffer has dtype {a.dtype}; set SparseCodec(dtype=...) to read raw bytes as floats")
+        return a.reshape(-1, order="A").view(np.uint8).view(self.dtype)
+
+    def encode(self, buf: Any) -> bytes:
+        # Positions are the elements whose bits are not all zero: -0.0 is kept, so a lossless
+        # round trip gives back the same bytes (encode_model's default would send it as +0.0).
+        a = self._array(buf)
+        with np.errstate(invalid="ignore"):
+            keep = (a != 0) | np.signbit(a)
+        return encode_model({"": a}, masks={"": keep}, positions=self.positions, values=self.values)
+
+    def decode(self, buf: Any, out: Any = None) -> Any:
+        decoded = decode_model(buf, max_bytes=self.max_bytes)
+        if set(decoded.tensors) != {""}:
+            raise CodecError("message holds no single unnamed tensor")
+        result = decoded.tensors[""]
+        if out is None:
+            return result
+        dst = out if isinstance(out, np.ndarray) else np.asarray(memoryview(out))
+        if not dst.flags.writeable:
+            raise ValueError("out is read-only")
+        if dst.shape == result.shape and dst.dtype == result.dtype:
+            np.copyto(dst, result)
+        else:
+            flat = dst.reshape(-1, order="A")
+            if not np.may_share_memory(flat, dst) or flat.nbytes != result.nbytes:
+                raise ValueError(f"out holds {dst.nbytes} bytes, contiguous, for {result.nbytes} decoded bytes")
+            flat.view(np.uint8)[:] = np.ascontiguousarray(result).reshape(-1).view(np.uint8)
+        return out
+
+    def get_config(self) -> dict:
+        config = {"id": self.codec_id, "positions": self.positions, "values": self.values, "max_bytes": self.max_bytes}
+        if self.dtype is not None:
+            config["dtype"] = self.dtype
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "SparseCodec":
+        cfg = dict(config)
+        if cfg.pop("id", cls.codec_id) != cls.codec_id:
+            raise ValueError(f"config is not for {cls.codec_id}")
+        return cls(**cfg)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SparseCodec) and self.get_config() == other.get_config()
+
+    def __repr__(self) -> str:
+        args = [f"positions={self.positions!r}", f"values={self.values!r}"]
+        if self.max_bytes != DEFAULT_MAX_BYTES:
+            args.append(f"max_bytes={self.max_bytes}")
+        if self.dtype is not None:
+            args.append(f"dtype={self.dtype!r}")
+        return f"SparseCodec({', '.join(args)})"
+
+
+try:  # optional: make the codec discoverable by numcodecs.get_codec
+    from numcodecs.registry import register_codec
+
+    register_codec(SparseCodec)
+except ImportError:
+    pass

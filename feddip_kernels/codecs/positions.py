@@ -1,0 +1,128 @@
+"""Positions codecs (docs/wire-format.md): all, bitmask, CSR and Golomb-coded gaps, over a domain
+of d indices. Positions travel between the codecs as packed little-endian bits."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from .format import POSITIONS, CodecError, Record
+
+if TYPE_CHECKING:
+    from .._contract import Kernels
+
+
+def _csr_layout(shape: tuple[int, ...], n: int) -> tuple[int, int, int]:
+    rows = shape[0] if len(shape) >= 1 and n else 1
+    cols = n // rows if rows else 0
+    width = 1 if cols <= 1 << 8 else 2 if cols <= 1 << 16 else 4
+    return rows, cols, width
+
+
+def _csr_encode(bits: np.ndarray, n: int, shape: tuple[int, ...]) -> bytes:
+    rows, cols, width = _csr_layout(shape, n)
+    flat = np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little"))
+    r, c = np.divmod(flat, max(cols, 1))
+    indptr = np.zeros(rows + 1, dtype="<u4")
+    np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
+    return indptr.tobytes() + c.astype({1: "<u1", 2: "<u2", 4: "<u4"}[width]).tobytes()
+
+
+def _csr_size(shape: tuple[int, ...], n: int, nnz: int) -> int:
+    rows, cols, width = _csr_layout(shape, n)
+    return 4 * (rows + 1) + width * nnz
+
+
+def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np.ndarray:
+    rows, cols, width = _csr_layout(shape, n)
+    if len(raw) != _csr_size(shape, n, nnz):
+        raise CodecError("CSR positions have the wrong length")
+    indptr = np.frombuffer(raw, dtype="<u4", count=rows + 1).astype(np.int64)
+    col = np.frombuffer(raw, dtype={1: "<u1", 2: "<u2", 4: "<u4"}[width], offset=4 * (rows + 1), count=nnz).astype(np.int64)
+    if indptr[0] != 0 or indptr[-1] != nnz or (np.diff(indptr) < 0).any():
+        raise CodecError("CSR row pointers are not a valid partition of the values")
+    if nnz and (col >= cols).any():
+        raise CodecError("CSR column index out of range")
+    row = np.repeat(np.arange(rows, dtype=np.int64), np.diff(indptr))
+    flat = row * cols + col
+    if nnz > 1 and (np.diff(flat) <= 0).any():
+        raise CodecError("CSR column indices are not strictly increasing within rows")
+    mask = np.zeros(n, dtype=bool)
+    mask[flat] = True
+    return np.packbits(mask, bitorder="little")
+
+
+def encode_positions(
+    bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]], golomb: Optional[tuple[int, bytes]]
+) -> tuple[int, int, bytes]:
+    """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements;
+    `golomb` is the (parameter, stream) already encoded when codec is "auto" or "golomb". "auto"
+    takes the smallest payload (the others are sized by formula and built only when chosen)."""
+    sizes = {"bitmask": (d + 7) // 8}
+    if shape is not None and d < 1 << 32 and nnz < 1 << 32:
+        sizes["csr"] = _csr_size(shape, d, nnz)
+    if nnz == d:
+        sizes["all"] = 0
+    if golomb is not None:
+        sizes["golomb"] = len(golomb[1])
+    if codec == "auto":
+        codec = min(sizes, key=lambda k: (sizes[k], k != "all"))
+    if codec not in sizes:
+        raise ValueError(f"positions codec {codec!r} is not available here (choose from {sorted(sizes)})")
+    if codec == "all":
+        return POSITIONS["all"], 0, b""
+    if codec == "bitmask":
+        return POSITIONS["bitmask"], 0, bits.tobytes()
+    if codec == "csr":
+        return POSITIONS["csr"], 0, _csr_encode(bits, d, shape)
+    assert golomb is not None
+    return POSITIONS["golomb"], golomb[0], golomb[1]
+
+
+def decode_positions(k: "Kernels", raw: memoryview, codec: int, d: int, nnz: int, shape: tuple[int, ...]) -> np.ndarray:
+    if codec == POSITIONS["all"]:
+        if nnz != d or len(raw):
+            raise CodecError("'all' positions need nnz equal to the domain size and no payload")
+        bits = np.full((d + 7) // 8, 0xFF, dtype=np.uint8)
+        if d % 8:
+            bits[-1] = (1 << (d % 8)) - 1
+        return bits
+    if codec == POSITIONS["bitmask"]:
+        if len(raw) != (d + 7) // 8:
+            raise CodecError(f"bitmask positions have {len(raw)} bytes, {(d + 7) // 8} expected")
+        bits = np.frombuffer(raw, dtype=np.uint8).copy()  # a copy: nothing returned aliases the message
+        if d % 8 and bits[-1] >> (d % 8):
+            raise CodecError("bitmask padding bits are not zero")
+        if k.count_bits(bits, d) != nnz:
+            raise CodecError("bitmask holds a different number of positions than the record says")
+        return bits
+    if codec == POSITIONS["csr"]:
+        return _csr_decode(raw, d, nnz, shape)
+    raise CodecError(f"unknown positions codec {codec}")  # Golomb streams: decode_golomb_positions
+
+
+def check_golomb(raw: memoryview, nnz: int, m: int) -> None:
+    if m < 1:
+        raise CodecError("Golomb parameter must be >= 1")
+    if 8 * len(raw) < nnz:
+        raise CodecError("Golomb payload is shorter than one bit per position")
+
+
+
+
+def decode_golomb_positions(k: "Kernels", records: list[Record]) -> dict[int, np.ndarray]:
+    """The Golomb-coded positions of all records at once (the native backend decodes several
+    tensors' streams in parallel, each stream being sequential), by record index."""
+    index = [i for i, rec in enumerate(records) if rec.pos_codec == POSITIONS["golomb"]]
+    index.sort(key=lambda i: -records[i].d)  # largest first: better balance between threads
+    for i in index:
+        rec = records[i]
+        try:
+            check_golomb(rec.pos_raw, rec.nnz, rec.m)
+        except CodecError as e:
+            raise CodecError(f"{rec.name!r}: {e}") from None
+    bits, failed, message = k.golomb_decode_many([(records[i].pos_raw, records[i].d, records[i].nnz, records[i].m) for i in index])
+    if failed >= 0:
+        raise CodecError(f"{records[index[failed]].name!r}: {message}")
+    return dict(zip(index, bits))

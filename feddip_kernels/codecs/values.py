@@ -1,0 +1,61 @@
+"""Values codecs (docs/wire-format.md): raw (lossless), fp16, bf16 (rounded to nearest even) and
+int8 with a per-tensor scale."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._arrays import contiguous
+from .format import VALUES, CodecError
+
+
+def _bf16_encode(v: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32)
+    rounded = ((u.astype(np.uint64) + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(v)
+    if nan.any():  # keep NaN a NaN (rounding could carry it into inf)
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def encode_values(v: np.ndarray, codec: str) -> tuple[bytes, float]:
+    if codec == "raw":
+        return v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes(), 0.0
+    if codec == "fp16":
+        return v.astype("<f2").tobytes(), 0.0
+    if codec == "bf16":
+        return _bf16_encode(v.astype(np.float32)).astype("<u2").tobytes(), 0.0
+    if codec == "int8":
+        if v.size and not np.isfinite(v).all():
+            raise ValueError("int8 values need finite inputs; use raw, fp16 or bf16")
+        peak = float(np.max(np.abs(v))) if v.size else 0.0
+        scale = np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)
+        q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+        return q.tobytes(), float(scale)
+    raise ValueError(f"unknown values codec {codec!r}; one of {sorted(VALUES)}")
+
+
+def value_size(codec: int, dtype: np.dtype) -> int:
+    return {0: dtype.itemsize, 1: 2, 2: 2, 3: 1}[codec]
+
+
+def decode_values(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
+    # Whatever the bytes say is decoded as such: signalling NaNs and int8 products beyond the
+    # float range become NaN / inf without floating-point warnings.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _decode_values_as_sent(raw, codec, nnz, dtype, scale)
+
+
+def _decode_values_as_sent(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
+    if codec == 0:  # a view of the message when aligned (values sit at any byte offset)
+        return contiguous(np.frombuffer(raw, dtype=dtype, count=nnz).astype(dtype.newbyteorder("="), copy=False))
+    if codec == 1:
+        return np.frombuffer(raw, dtype="<f2", count=nnz).astype(dtype)
+    if codec == 2:
+        u = np.frombuffer(raw, dtype="<u2", count=nnz).astype(np.uint32) << 16
+        return u.view(np.float32).astype(dtype, copy=False)
+    if not math.isfinite(scale) or scale <= 0:
+        raise CodecError(f"int8 scale {scale} is not a positive finite number")
+    return (np.frombuffer(raw, dtype=np.int8, count=nnz).astype(np.float32) * np.float32(scale)).astype(dtype, copy=False)
