@@ -74,14 +74,9 @@ def record(benchmark):
 
 def thread_counts() -> dict[str, int]:
     """Threads each contender may use in this run (every table is read against these)."""
-    import os
-
     from feddip_kernels import _backend
 
-    native = _backend.native_module()
-    counts = {"native (OpenMP)": (os.cpu_count() or 1) if native is not None and native.openmp else 1}
-    if "OMP_NUM_THREADS" in os.environ:
-        counts["native (OpenMP)"] = int(os.environ["OMP_NUM_THREADS"])
+    counts = {"native (OpenMP)": _backend.get_num_threads()}  # feddip_kernels.set_num_threads or OpenMP's default
     try:
         import torch
 

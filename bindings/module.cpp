@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bitpack.hpp"
+#include "common.hpp"
 #include "crc32c.hpp"
 #include "ef_step.hpp"
 #include "golomb.hpp"
@@ -212,6 +213,11 @@ PYBIND11_MODULE(_core, m) {
 #else
     m.attr("openmp") = false;
 #endif
+
+    m.def(
+        "set_num_threads", [](int n) { default_threads().store(n > 0 ? n : 0); }, py::arg("n"),
+        "Threads of every parallel kernel from now on (0: OpenMP's default).");
+    m.def("get_num_threads", []() { return max_threads(0); }, "Threads a parallel kernel uses now.");
 
     m.def(
         "magnitude_threshold",

@@ -1,6 +1,7 @@
 // Shared helpers for the feddip-kernels C++ core. Plain C++17, no Python.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -53,9 +54,19 @@ constexpr bits_t<T> inf_key() {
     return sizeof(T) == 4 ? bits_t<T>(0x7f800000u) : bits_t<T>(0x7ff0000000000000ull);
 }
 
+// The library-wide thread count that set_num_threads sets (0: OpenMP's default). One instance
+// for the whole library (a static of an inline function).
+inline std::atomic<int>& default_threads() {
+    static std::atomic<int> n{0};
+    return n;
+}
+
+// Threads a parallel kernel uses: its own request, else the library-wide setting, else OpenMP's.
 inline int max_threads(int requested) {
 #ifdef _OPENMP
-    return requested > 0 ? requested : omp_get_max_threads();
+    if (requested > 0) return requested;
+    const int set = default_threads().load(std::memory_order_relaxed);
+    return set > 0 ? set : omp_get_max_threads();
 #else
     (void)requested;
     return 1;

@@ -1,6 +1,6 @@
 """feddip-kernels: fast kernels and compact codecs for federated learning with extreme sparsity."""
 
-from ._backend import available_backends
+from ._backend import available_backends, get_num_threads, set_num_threads
 from .codecs import CodecError, Decoded, SparseCodec, decode_model, encode_model
 from .pruning import (
     erk_densities,
@@ -24,6 +24,7 @@ __all__ = [
     "decode_model",
     "encode_model",
     "erk_densities",
+    "get_num_threads",
     "global_magnitude_threshold",
     "global_topk_masks",
     "k_for_density",
@@ -33,6 +34,7 @@ __all__ = [
     "masked_norm",
     "pack_mask",
     "save",
+    "set_num_threads",
     "sparsity_schedule",
     "unpack_mask",
 ]

@@ -65,3 +65,20 @@ def kernels(backend: str = "auto") -> "Kernels":
     from . import reference
 
     return reference  # type: ignore[return-value]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads every parallel kernel uses from now on, in this process: n >= 1, or 0 for the
+    default (OpenMP's: OMP_NUM_THREADS or the number of cores). The native kernels are the
+    parallel ones; the Numba and NumPy backends run on one thread."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    core = native_module()
+    if core is not None:
+        core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads a parallel kernel uses now (1 without the native extension or OpenMP)."""
+    core = native_module()
+    return core.get_num_threads() if core is not None else 1

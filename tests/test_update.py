@@ -323,3 +323,25 @@ def test_native_results_do_not_depend_on_the_thread_count():
         native.topk_masks([w0, g], masks, 12345, n_threads=threads)
         runs.append((w.tobytes(), buf.tobytes(), pr.tobytes(), out, norm, th, masks[0].tobytes(), masks[1].tobytes()))
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_set_num_threads_is_honoured_and_validated():
+    rng = np.random.default_rng(4)
+    w0, g = rng.standard_normal(1 << 18).astype(np.float32), rng.standard_normal(1 << 18).astype(np.float32)
+    default = fk.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            fk.set_num_threads(n)
+            core = fk._backend.native_module()
+            assert fk.get_num_threads() == (n if core is not None and core.openmp else 1)
+            w = w0.copy()
+            norm = fk.masked_ef_step(w, g, w0 > 0, lr=0.1, lam=0.01)
+            results.append((w.tobytes(), norm, fk.global_magnitude_threshold([w0, g], 999)))
+        assert results[0] == results[1]  # the same bits whatever the thread count
+        for bad in (-1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="integer >= 0"):
+                fk.set_num_threads(bad)
+    finally:
+        fk.set_num_threads(0)
+    assert fk.get_num_threads() == default
