@@ -6,6 +6,7 @@ on speed and checked against the NumPy reference in the same tests."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numba as nb
 import numpy as np
@@ -425,18 +426,12 @@ def crc32c(data, crc: int = 0) -> int:
     return int(_crc32c(np.frombuffer(data, dtype=np.uint8), np.int64(crc), _CRC_TABLE))
 
 
-def golomb_encode_many(items) -> list[bytes]:
-    return [golomb_encode(bits, n, m) for bits, n, m in items]
+def golomb_encode_many(items: Sequence[tuple[np.ndarray, int, int]]) -> list[bytes]:
+    return _formulas.encode_each(golomb_encode, items)
 
 
-def golomb_decode_many(items) -> tuple[list[np.ndarray], int, str]:
-    out = []
-    for i, (data, n, nnz, m) in enumerate(items):
-        try:
-            out.append(golomb_decode(data, n, nnz, m))
-        except ValueError as e:
-            return out, i, str(e)
-    return out, -1, ""
+def golomb_decode_many(items: Sequence[tuple[object, int, int, int]]) -> tuple[list[np.ndarray], int, str]:
+    return _formulas.decode_each(golomb_decode, items)
 
 
 @nb.njit(cache=True, nogil=True)

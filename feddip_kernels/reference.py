@@ -231,14 +231,8 @@ def count_bits(bits: np.ndarray, n: int) -> int:
 
 
 def golomb_encode_many(items: Sequence[tuple[np.ndarray, int, int]]) -> list[bytes]:
-    return [golomb_encode(bits, n, m) for bits, n, m in items]
+    return _formulas.encode_each(golomb_encode, items)
 
 
 def golomb_decode_many(items: Sequence[tuple[object, int, int, int]]) -> tuple[list[np.ndarray], int, str]:
-    out = []
-    for i, (data, n, nnz, m) in enumerate(items):
-        try:
-            out.append(golomb_decode(data, n, nnz, m))
-        except ValueError as e:
-            return out, i, str(e)
-    return out, -1, ""
+    return _formulas.decode_each(golomb_decode, items)

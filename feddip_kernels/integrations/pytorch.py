@@ -141,15 +141,9 @@ class FedDIPSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            hp: dict[torch.device, torch.Tensor] = {}
+            hp: dict[torch.device, torch.Tensor] = {}  # the group's scalars, per device (torch path)
             for prm in group["params"]:
                 if prm.grad is None:
-                    continue
-                if prm.device.type != "cpu" or self.backend == "torch":
-                    if prm.device not in hp:
-                        hp[prm.device] = _torch_kernels.hyper(group["lr"], group["weight_decay"], group["lam"],
-                                                              group["momentum"], prm.device)
-                    self._step_on_device(prm, group, hp[prm.device])
                     continue
                 if prm.grad.is_sparse:
                     raise TypeError("FedDIPSGD does not support sparse gradients")
@@ -159,41 +153,36 @@ class FedDIPSGD(torch.optim.Optimizer):
                     buf = state.get("momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+                in_torch = prm.device.type != "cpu" or self.backend == "torch"
+                if in_torch and prm.device not in hp:
+                    hp[prm.device] = _torch_kernels.hyper(group["lr"], group["weight_decay"], group["lam"],
+                                                          group["momentum"], prm.device)
                 if "mask" in state:
                     dense = self._dense(prm)
                     norm = state["norm"] if state["dense_version"] == dense._version else None
-                    state["norm"] = masked_ef_step(
-                        dense, prm.grad, state["mask"], lr=group["lr"], weight_decay=group["weight_decay"],
-                        lam=group["lam"], p=group["p"], momentum=group["momentum"], momentum_buffer=buf,
-                        pruned_out=prm.detach(), norm=norm, backend=self.backend,
-                    )
+                    if in_torch:
+                        state["norm"] = self._ef_step(dense, prm.grad, state["mask"], buf, prm.detach(),
+                                                      hp[prm.device], group["p"], norm)
+                    else:
+                        state["norm"] = masked_ef_step(
+                            dense, prm.grad, state["mask"], lr=group["lr"], weight_decay=group["weight_decay"],
+                            lam=group["lam"], p=group["p"], momentum=group["momentum"], momentum_buffer=buf,
+                            pruned_out=prm.detach(), norm=norm, backend=self.backend,
+                        )
                     self._stamp(prm)
+                elif in_torch:  # no mask, no regulariser: SGD as torch.optim.SGD makes it
+                    w = prm.detach()
+                    d = prm.grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else prm.grad
+                    if buf is not None:
+                        buf.mul_(group["momentum"]).add_(d)
+                        d = buf
+                    w.add_(d, alpha=-group["lr"])
                 else:
                     masked_ef_step(
                         prm.detach(), prm.grad, None, lr=group["lr"], weight_decay=group["weight_decay"],
                         momentum=group["momentum"], momentum_buffer=buf, norm=0.0, backend=self.backend,
                     )
         return loss
-
-    def _step_on_device(self, prm: torch.Tensor, group: dict[str, Any], hp: torch.Tensor) -> None:
-        state = self.state[prm]
-        buf = None
-        if group["momentum"] != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
-        if "mask" in state:
-            dense = self._dense(prm)
-            norm = state["norm"] if state["dense_version"] == dense._version else None
-            state["norm"] = self._ef_step(dense, prm.grad, state["mask"], buf, prm.detach(), hp, group["p"], norm)
-            self._stamp(prm)
-        else:  # no mask, no regulariser: SGD as torch.optim.SGD makes it
-            w = prm.detach()
-            d = prm.grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else prm.grad
-            if buf is not None:
-                buf.mul_(group["momentum"]).add_(d)
-                d = buf
-            w.add_(d, alpha=-group["lr"])
 
     def _ef_step(self, *args: Any) -> torch.Tensor:
         if not (self.compile or (self.compile is None and args[0].device.type == "cuda")):
