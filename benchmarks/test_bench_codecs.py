@@ -93,3 +93,50 @@ def test_scipy_csr(record, model):
 
     size = sum(x.data.nbytes + x.indices.nbytes + x.indptr.nbytes for x in enc())
     record(enc, group=GROUP_ENC, name="scipy CSR", dense_bytes=4 * n, ratio=4 * n / size)
+
+
+# One large tensor (1e8 float32, 5% kept): version 2 codes its positions in runs of 4 Mi elements,
+# encoded and decoded on several threads. The 1-thread runs are the baseline of each group.
+GROUP_BIG_ENC = "encode one 1e8-element tensor p=5%"
+GROUP_BIG_DEC = "decode one 1e8-element tensor p=5% into a buffer"
+BIG = 100_000_000
+
+
+@pytest.fixture(scope="module")
+def big():
+    rng = np.random.default_rng(7)
+    w = np.zeros(BIG, np.float32)
+    idx = rng.choice(BIG, BIG // 20, replace=False)
+    w[idx] = rng.standard_normal(idx.size, dtype=np.float32)
+    return w
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_encode_one_large_tensor(record, big, threads):
+    from feddip_kernels.codecs import model
+
+    chunk, model.CHUNK_ELEMS = model.CHUNK_ELEMS, 1 << 40
+    try:
+        v1 = len(fk.encode_model({"w": big}))  # the same tensor without runs, for the size
+    finally:
+        model.CHUNK_ELEMS = chunk
+    fk.set_num_threads(threads)
+    try:
+        msg = record(lambda: fk.encode_model({"w": big}), group=GROUP_BIG_ENC, name=f"feddip encode, {threads} thread(s)",
+                     dense_bytes=4 * BIG, baseline=threads == 1, size_vs_v1=len(fk.encode_model({"w": big})) / v1)
+    finally:
+        fk.set_num_threads(0)
+    assert msg[4] == 2 and len(msg) <= 1.005 * v1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_one_large_tensor(record, big, threads):
+    msg = fk.encode_model({"w": big})
+    out = {"w": np.empty_like(big)}
+    fk.set_num_threads(threads)
+    try:
+        record(lambda: fk.decode_model(msg, out=out, max_bytes=4 * BIG), group=GROUP_BIG_DEC,
+               name=f"feddip decode, {threads} thread(s)", dense_bytes=4 * BIG, baseline=threads == 1)
+    finally:
+        fk.set_num_threads(0)
+    np.testing.assert_array_equal(out["w"], big)

@@ -4,7 +4,8 @@
     python tools/fuzz_atheris.py --write-corpus tests/fuzz_corpus         # (re)write the seed corpus
 
 The corpus holds valid messages of every kind (positions in the tensor or relative to a shared
-mask, every position and value codec, empty and 0-d tensors, float32 and float64), each stored as
+mask, every position and value codec, chunked Golomb positions of version 2, empty and 0-d
+tensors, float32 and float64), each stored as
 its body: the harness appends the right CRC-32C, so that mutations get past the checksum and reach
 the parser, and with the input's first byte odd it also decodes the input as it is (exercising
 the checksum itself). Every input is decoded by every backend, with and without the shared mask
@@ -58,6 +59,17 @@ def write_corpus(directory: str) -> int:
                 with open(os.path.join(directory, f"{kind}-{positions}-{values}"), "wb") as f:
                     f.write(msg[:-4])
                 n += 1
+        # Version 2: Golomb positions in runs of 16 elements (chunk tables).
+        from feddip_kernels.codecs import model
+
+        chunk, model.CHUNK_ELEMS = model.CHUNK_ELEMS, 16
+        try:
+            msg = fk.encode_model(w, positions="golomb", values=values)
+        finally:
+            model.CHUNK_ELEMS = chunk
+        with open(os.path.join(directory, f"chunked-golomb-{values}"), "wb") as f:
+            f.write(msg[:-4])
+        n += 1
     return n
 
 

@@ -35,6 +35,12 @@ def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
     for values in ("raw", "fp16", "bf16", "int8"):
         for positions in ("bitmask", "csr", "golomb", "auto"):
             out.append((fk.encode_model(w, positions=positions, values=values), None))
+            if positions in ("golomb", "auto"):  # version 2: the same tensors in runs of 16 elements
+                chunk, codecs.model.CHUNK_ELEMS = codecs.model.CHUNK_ELEMS, 16
+                try:
+                    out.append((fk.encode_model(w, positions=positions, values=values), None))
+                finally:
+                    codecs.model.CHUNK_ELEMS = chunk
             if positions != "csr":  # CSR codes positions in the tensor only
                 out.append((fk.encode_model(w, masks=shared, reference=shared, positions=positions, values=values), shared))
                 out.append((fk.encode_model(w, masks=subset, reference=shared, positions=positions, values=values), shared))

@@ -11,12 +11,14 @@ import numpy as np
 from .. import _backend
 
 MAGIC = b"FDKW"
-VERSION = 1
+VERSION = 2  # written when a record is chunked; version 1 (no chunk tables) otherwise
+VERSIONS = (1, 2)
 DEFAULT_MAX_BYTES = 1 << 31  # decoded output limit unless the caller sets one
 
 HEADER = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, n_tensors
 RECORD = struct.Struct("<BBBBBBQQIfQQ")  # after name and shape, see docs/wire-format.md
 CRC = struct.Struct("<I")
+CHUNK = struct.Struct("<QQIQ")  # version 2 chunk table entry: domain_len, nnz, golomb_m, pos_len
 
 DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
@@ -63,6 +65,18 @@ class Reader:
 
 
 
+class Chunk(NamedTuple):
+    """A run of a chunked record's domain: [start, start + size), its nnz positions Golomb-coded
+    with parameter m in `pos_raw`, and its values from value index `first` on."""
+
+    start: int
+    size: int
+    nnz: int
+    m: int
+    first: int
+    pos_raw: memoryview
+
+
 class Record(NamedTuple):
     """One tensor's record of a message, validated, its payloads not yet decoded."""
 
@@ -79,3 +93,4 @@ class Record(NamedTuple):
     scale: float
     pos_raw: memoryview
     val_raw: memoryview
+    chunks: tuple[Chunk, ...] = ()  # version 2: the positions in independently coded runs

@@ -6,19 +6,48 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Mapping, NamedTuple, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from .. import _backend
 from .._arrays import as_array, block_views, check_disjoint, contiguous, flat_mask, on_device, writable_view
 from .format import (
-    CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, DTYPES, HEADER, MAGIC, MAX_ARRAY_BYTES,
-    MAX_NDIM, POSITION_NAMES, POSITIONS, RECORD, TORCH_FLOATS, VALUE_NAMES, VALUES, VERSION, CodecError, Reader,
-    Record,
+    CHUNK, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, DTYPES, HEADER, MAGIC,
+    MAX_ARRAY_BYTES, MAX_NDIM, POSITION_NAMES, POSITIONS, RECORD, TORCH_FLOATS, VALUE_NAMES, VALUES, VERSIONS,
+    Chunk, CodecError, Reader, Record,
 )
 from .positions import decode_golomb_positions, decode_positions, encode_positions
 from .values import decode_values, encode_values, value_size
+
+# Tensors of more elements than this are sparsified, Golomb-coded and decoded in runs of this many
+# elements, independently and in parallel (a Golomb stream is sequential). A multiple of 8, so runs
+# of packed bits start on byte boundaries. 4 Mi elements: 16 MiB of float32 a run.
+CHUNK_ELEMS = 1 << 22
+
+
+def _parallel(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """fn over items on the library's threads (the kernels release the GIL), in order."""
+    items = list(items)
+    threads = min(len(items), _backend.get_num_threads())
+    if threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
+
+
+def _runs(n: int) -> range:
+    return range(0, n, CHUNK_ELEMS)
+
+
+def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """k.sparsify, in runs of CHUNK_ELEMS on several threads for a large tensor (the same result)."""
+    if a.size <= CHUNK_ELEMS:
+        return k.sparsify(a, mask)
+    parts = _parallel(lambda s: k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS]),
+                      _runs(a.size))
+    return np.concatenate([b for b, _ in parts]), np.concatenate([v for _, v in parts])
 
 
 class Decoded:
@@ -100,7 +129,7 @@ def encode_model(
             a = contiguous(a).reshape(-1)
             n = a.size
             mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
-            bits, vals = k.sparsify(a, mask)
+            bits, vals = _sparsify(k, a, mask)
         nnz = vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
@@ -112,25 +141,44 @@ def encode_model(
         if len(name_b) > 0xFFFF:
             raise ValueError(f"tensor name longer than 65535 bytes: {name[:40]!r}...")
         prepared.append(_Sparse(name_b, shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals))
-    # The Golomb streams of all tensors in one call (the native backend encodes them in parallel).
-    golomb: list[Optional[tuple[int, bytes]]] = [None] * len(prepared)
+    # The Golomb streams of all tensors in one call (the native backend encodes them in parallel):
+    # one stream a tensor, or one a run of CHUNK_ELEMS for a large tensor in its own index space.
+    streams: list[list[tuple[int, int, int, bytes]]] = [[] for _ in prepared]  # (size, nnz, m, stream)
     if positions in ("auto", "golomb"):
-        ms = [k.golomb_parameter(sp.nnz, sp.d) for sp in prepared]
-        streams = k.golomb_encode_many([(sp.pos_bits, sp.d, m) for sp, m in zip(prepared, ms)])
-        golomb = list(zip(ms, streams))
-    parts = [HEADER.pack(MAGIC, VERSION, 0, 0, len(tensors))]
-    for sp, g in zip(prepared, golomb):
+        items, owner = [], []
+        for i, sp in enumerate(prepared):
+            if sp.domain == DOMAIN_FULL and sp.d > CHUNK_ELEMS:
+                runs = [(s, min(CHUNK_ELEMS, sp.d - s)) for s in _runs(sp.d)]
+                parts = [sp.pos_bits[s // 8 : (s + size + 7) // 8] for s, size in runs]
+                counts = [k.count_bits(b, size) for b, (_, size) in zip(parts, runs)]
+            else:
+                runs, parts, counts = [(0, sp.d)], [sp.pos_bits], [sp.nnz]
+            for b, (_, size), nnz in zip(parts, runs, counts):
+                items.append((b, size, k.golomb_parameter(nnz, size)))
+                owner.append((i, nnz))
+        for (b, size, m), (i, nnz), stream in zip(items, owner, k.golomb_encode_many(items)):
+            streams[i].append((size, nnz, m, stream))
+    records = []
+    for sp, runs in zip(prepared, streams):
+        g = None if not runs else (runs[0][2] if len(runs) == 1 else 0, b"".join(r[3] for r in runs))
         pos_codec, m, pos_payload = encode_positions(sp.pos_bits, sp.d, sp.nnz, positions, sp.csr_shape, g)
+        table = runs if pos_codec == POSITIONS["golomb"] and len(runs) > 1 else []
+        records.append((sp, pos_codec, m, pos_payload, table))
+    version = 2 if any(table for *_, table in records) else 1  # version 1 readers read what needs no chunks
+    parts = [HEADER.pack(MAGIC, version, 0, 0, len(tensors))]
+    for sp, pos_codec, m, pos_payload, table in records:
         val_payload, scale = encode_values(sp.vals, values)
         parts += [
             struct.pack("<H", len(sp.name)),
             sp.name,
             struct.pack(f"<B{len(sp.shape)}Q", len(sp.shape), *sp.shape),
             RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], 0, 0, sp.d, sp.nnz, m, scale,
-                         len(pos_payload), len(val_payload)),
-            pos_payload,
-            val_payload,
+                        len(pos_payload), len(val_payload)),
         ]
+        if version == 2:
+            parts.append(struct.pack("<I", len(table)))
+            parts += [CHUNK.pack(size, nnz, cm, len(stream)) for size, nnz, cm, stream in table]
+        parts += [pos_payload, val_payload]
     body = b"".join(parts)
     return body + CRC.pack(k.crc32c(body))
 
@@ -165,8 +213,8 @@ def decode_model(
     magic, version, flags, reserved, count = r.unpack(HEADER, "header")
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise CodecError(f"unsupported format version {version} (this library reads {VERSION})")
+    if version not in VERSIONS:
+        raise CodecError(f"unsupported format version {version} (this library reads {', '.join(map(str, VERSIONS))})")
     if flags != 0:
         raise CodecError(f"unknown header flags {flags:#x}")
     if reserved != 0:
@@ -209,9 +257,15 @@ def decode_model(
             raise CodecError(f"{name!r}: {nnz} values for a domain of {d}")
         if val_len != nnz * value_size(val_codec, dtype):
             raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need {nnz * value_size(val_codec, dtype)}")
+        table = _read_chunk_table(r, name, domain, pos_codec, d, nnz, m, pos_len) if version == 2 else []
         pos_raw = r.take(pos_len, f"{name!r} positions")
         val_raw = r.take(val_len, f"{name!r} values")
-        records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw, val_raw))
+        chunks, start, first, at = [], 0, 0, 0
+        for size, c_nnz, c_m, c_len in table:
+            chunks.append(Chunk(start, size, c_nnz, c_m, first, pos_raw[at : at + c_len]))
+            start, first, at = start + size, first + c_nnz, at + c_len
+        records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw,
+                              val_raw, tuple(chunks)))
     if expect is not None:
         _check_expected(records, expect)
     if r.pos != len(body):
@@ -227,8 +281,15 @@ def decode_model(
     result = Decoded()
     for i, (rec, target) in enumerate(zip(records, targets)):
         name, n = rec.name, rec.n
-        bits = golomb[i] if i in golomb else decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.shape)
         vals = decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
+        if rec.chunks:  # each run into its slice of the output, on several threads
+            dest = dests[name] if name in dests else target
+            _parallel(lambda cb: k.densify(cb[1], cb[0].size, vals[cb[0].first : cb[0].first + cb[0].nnz],
+                                           dest[cb[0].start : cb[0].start + cb[0].size]), zip(rec.chunks, golomb[i]))
+            result.tensors[name] = out[name] if name in dests else target.reshape(rec.shape)
+            result.packed[name] = np.concatenate(golomb[i])
+            continue
+        bits = golomb[i][0] if i in golomb else decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.shape)
         if rec.domain == DOMAIN_REFERENCE:
             if reference is None or name not in reference:
                 raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
@@ -249,6 +310,27 @@ def decode_model(
             result.tensors[name] = target.reshape(rec.shape)
         result.packed[name] = bits
     return result
+
+
+def _read_chunk_table(r: Reader, name: str, domain: int, pos_codec: int, d: int, nnz: int, m: int,
+                      pos_len: int) -> list[tuple[int, int, int, int]]:
+    """A version 2 record's chunk table (empty when the record is not chunked), checked: runs of
+    the tensor's own index space, each but the last a multiple of 8 elements, whose sizes, counts
+    and stream lengths add up to the record's."""
+    (count,) = r.unpack("<I", f"{name!r} chunk count")
+    if not count:
+        return []
+    if pos_codec != POSITIONS["golomb"] or domain != DOMAIN_FULL or m != 0 or count < 2:
+        raise CodecError(f"{name!r}: chunks are for Golomb positions over the tensor's own index space, "
+                         "two or more, with the record's Golomb parameter 0")
+    raw = r.take(CHUNK.size * count, f"{name!r} chunk table")
+    table = [CHUNK.unpack_from(raw, CHUNK.size * j) for j in range(count)]
+    for j, (size, c_nnz, c_m, c_len) in enumerate(table):
+        if size == 0 or (j < count - 1 and size % 8) or c_nnz > size or c_m < 1:
+            raise CodecError(f"{name!r}: chunk {j} has size {size}, {c_nnz} positions, parameter {c_m}")
+    if [sum(col) for col in zip(*table)][0:2] != [d, nnz] or sum(row[3] for row in table) != pos_len:
+        raise CodecError(f"{name!r}: the chunks' sizes, counts or lengths do not add up to the record's")
+    return table
 
 
 def _check_expected(records: list["Record"], expect: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:

@@ -111,18 +111,26 @@ def check_golomb(raw: memoryview, nnz: int, m: int) -> None:
 
 
 
-def decode_golomb_positions(k: "Kernels", records: list[Record]) -> dict[int, np.ndarray]:
-    """The Golomb-coded positions of all records at once (the native backend decodes several
-    tensors' streams in parallel, each stream being sequential), by record index."""
-    index = [i for i, rec in enumerate(records) if rec.pos_codec == POSITIONS["golomb"]]
-    index.sort(key=lambda i: -records[i].d)  # largest first: better balance between threads
-    for i in index:
-        rec = records[i]
-        try:
-            check_golomb(rec.pos_raw, rec.nnz, rec.m)
-        except CodecError as e:
-            raise CodecError(f"{rec.name!r}: {e}") from None
-    bits, failed, message = k.golomb_decode_many([(records[i].pos_raw, records[i].d, records[i].nnz, records[i].m) for i in index])
+def decode_golomb_positions(k: "Kernels", records: list[Record]) -> dict[int, list[np.ndarray]]:
+    """The Golomb-coded positions of all records at once, by record index: the native backend
+    decodes the streams in parallel (one per unchunked record, one per chunk of a chunked one;
+    each stream is sequential). Each record gets its streams' packed bits, in chunk order."""
+    items: list[tuple[int, memoryview, int, int, int]] = []  # (record, stream, domain, nnz, m)
+    for i, rec in enumerate(records):
+        if rec.pos_codec != POSITIONS["golomb"]:
+            continue
+        for c in rec.chunks or (None,):
+            raw, d, nnz, m = (rec.pos_raw, rec.d, rec.nnz, rec.m) if c is None else (c.pos_raw, c.size, c.nnz, c.m)
+            try:
+                check_golomb(raw, nnz, m)
+            except CodecError as e:
+                raise CodecError(f"{rec.name!r}: {e}") from None
+            items.append((i, raw, d, nnz, m))
+    order = sorted(range(len(items)), key=lambda j: -items[j][2])  # largest first: better balance
+    bits, failed, message = k.golomb_decode_many([items[j][1:] for j in order])
     if failed >= 0:
-        raise CodecError(f"{records[index[failed]].name!r}: {message}")
-    return dict(zip(index, bits))
+        raise CodecError(f"{records[items[order[failed]][0]].name!r}: {message}")
+    out: dict[int, list[np.ndarray]] = {}
+    for j, b in sorted(zip(order, bits)):
+        out.setdefault(items[j][0], []).append(b)
+    return out
