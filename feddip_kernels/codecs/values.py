@@ -20,9 +20,11 @@ def _bf16_encode(v: np.ndarray) -> np.ndarray:
     return rounded
 
 
-def encode_values(v: np.ndarray, codec: str) -> tuple[bytes, float]:
+def encode_values(v: np.ndarray, codec: str) -> tuple[memoryview, float]:
+    """(the payload's bytes, int8 scale or 0). Raw values come back as a view of the array: the
+    message's one join copies them, no second copy first."""
     if codec == "raw":
-        return v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes(), 0.0
+        return memoryview(np.ascontiguousarray(v.astype(v.dtype.newbyteorder("<"), copy=False))).cast("B"), 0.0
     if codec == "fp16":
         return v.astype("<f2").tobytes(), 0.0
     if codec == "bf16":
