@@ -6,7 +6,10 @@
    |w| (target: faster);
 3. encode_model of a 95%-sparse ResNet-18 from device tensors against a plain .cpu() copy of the
    dense tensors (target: faster);
-4. rounds of FedDIP and FedAvg on CIFAR-10-shaped synthetic data with AlexNet, on the device.
+4. rounds of FedDIP and FedAvg on CIFAR-10-shaped synthetic data with AlexNet, on the device;
+5. issue 11's thread table on the host's cores (ResNet-18's weights on the CPU at 1, 2, 4, 8 and
+   16 threads via fk.set_num_threads): global top-k masks, encode_model (5% kept), decode_model
+   into buffers, masked_ef_step against torch.optim.SGD(fused=True) with as many torch threads.
 
     python tools/gpu_evidence.py --device cuda --out $OUT/gpu.json [--rounds 3]
 
@@ -121,6 +124,49 @@ def encode_benchmark(device: torch.device, repeat: int) -> dict:
     return out
 
 
+def thread_table(repeat: int) -> dict:
+    """Issue 11's table: the CPU kernels on ResNet-18's weights at 1 .. 16 threads (as the host has)."""
+    import os
+
+    cpu = torch.device("cpu")
+    weights = [w.detach().clone() for w in prunable_parameters(resnet18(cpu)).values()]
+    arrays = [w.numpy() for w in weights]
+    k = round(0.05 * sum(a.size for a in arrays))
+    masks = fk.global_topk_masks(arrays, k)
+    sparse = {f"w{i}": a * m for i, (a, m) in enumerate(zip(arrays, masks))}
+    msg = fk.encode_model(sparse)
+    bufs = {name: np.empty_like(a) for name, a in sparse.items()}
+    grads = [np.random.default_rng(i).standard_normal(a.shape).astype(np.float32) * 1e-3 for i, a in enumerate(arrays)]
+    pruned = [np.empty_like(a) for a in arrays]
+    params = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in arrays]
+    for p, g in zip(params, grads):
+        p.grad = torch.from_numpy(g)
+    sgd = torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4, fused=True)
+    norms = [fk.masked_norm(a, m) for a, m in zip(arrays, masks)]
+
+    def ef_steps() -> None:  # each step hands its norm to the next, as FedDIPSGD does: one pass a layer
+        for i, (a, g, m, o) in enumerate(zip(arrays, grads, masks, pruned)):
+            norms[i] = fk.masked_ef_step(a, g, m, lr=1e-3, weight_decay=5e-4, lam=1e-3, pruned_out=o, norm=norms[i])
+
+    out = {}
+    for t in (1, 2, 4, 8, 16):
+        if t > (os.cpu_count() or 1):
+            break
+        fk.set_num_threads(t)
+        torch.set_num_threads(t)
+        row = {
+            "global_topk_masks": timed(lambda: fk.global_topk_masks(arrays, k), cpu, repeat),
+            "encode_model": timed(lambda: fk.encode_model(sparse), cpu, repeat),
+            "decode_model into buffers": timed(lambda: fk.decode_model(msg, out=bufs), cpu, repeat),
+            "masked_ef_step": timed(ef_steps, cpu, repeat),
+            "SGD(fused=True)": timed(sgd.step, cpu, repeat),
+        }
+        out[t] = row
+        print("threads", t, json.dumps(row), flush=True)
+    fk.set_num_threads(0)
+    return out
+
+
 def fl_rounds(device: str, rounds: int) -> dict:
     from feddip_kernels.fl import SimulationConfig, iid_partition, run_simulation, synthetic_dataset
 
@@ -143,6 +189,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="FL rounds of each algorithm (0: skip)")
     ap.add_argument("--out", default="gpu_evidence.json")
+    ap.add_argument("--no-thread-table", action="store_true", help="skip the CPU thread table (item 5)")
     args = ap.parse_args()
     device = torch.device(args.device)
     facts = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
@@ -152,6 +199,10 @@ def main() -> None:
     for name, fn in (("step", step_benchmark), ("topk", topk_benchmark), ("encode", encode_benchmark)):
         results[name] = fn(device, args.repeat)
         print(name, json.dumps(results[name]), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    if not args.no_thread_table:
+        results["threads"] = thread_table(args.repeat)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.rounds:
