@@ -23,7 +23,8 @@ import numpy as np
 
 from . import _backend, codecs
 from ._arrays import as_array, flat_mask, is_torch
-from .codecs import DEFAULT_MAX_BYTES, CodecError, decode_model, encode_model
+from .codecs import DEFAULT_MAX_BYTES, POSITIONS, CodecError, decode_model, encode_model
+from .codecs.positions import check_golomb, decode_positions
 
 if TYPE_CHECKING:
     from ._contract import Kernels
@@ -275,18 +276,19 @@ def _encode_position_set(k: "Kernels", keep: np.ndarray) -> tuple[int, str, byte
 
 
 def _decode_position_set(k: "Kernels", raw: memoryview, nz: Mapping[str, Any], n: int, name: str) -> np.ndarray:
+    """A negative-zero position set as a bool array, checked as the wire format's positions are."""
     count = nz["count"]
-    if nz["positions"] == "golomb":
-        if nz["m"] < 1 or 8 * len(raw) < count:
-            raise CodecError(f"entry {name!r}: bad negative-zero positions")
-        try:
-            bits = k.golomb_decode(raw, n, count, nz["m"])
-        except ValueError as e:
-            raise CodecError(f"entry {name!r}: negative-zero positions: {e}") from None
-    else:
-        bits = np.frombuffer(raw, dtype=np.uint8)
-        if len(raw) != (n + 7) // 8 or (n % 8 and bits[-1] >> (n % 8)) or k.count_bits(bits, n) != count:
-            raise CodecError(f"entry {name!r}: bad negative-zero bitmask")
+    try:
+        if nz["positions"] == "golomb":
+            check_golomb(raw, count, nz["m"])
+            try:
+                bits = k.golomb_decode(raw, n, count, nz["m"])
+            except ValueError as e:
+                raise CodecError(str(e)) from None
+        else:
+            bits = decode_positions(k, raw, POSITIONS["bitmask"], n, count, ())
+    except CodecError as e:
+        raise CodecError(f"entry {name!r}: negative-zero positions: {e}") from None
     return np.unpackbits(np.asarray(bits), count=n, bitorder="little").view(bool)
 
 
