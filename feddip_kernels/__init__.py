@@ -1,7 +1,7 @@
 """feddip-kernels: fast kernels and compact codecs for federated learning with extreme sparsity."""
 
 from ._backend import available_backends, get_num_threads, set_num_threads
-from .codecs import CodecError, Decoded, SparseCodec, decode_model, encode_model
+from .codecs import CodecError, Decoded, SparseCodec, decode_model, decode_stream, encode_model, encode_stream
 from .pruning import (
     erk_densities,
     global_magnitude_threshold,
@@ -22,7 +22,9 @@ __all__ = [
     "SparseCodec",
     "available_backends",
     "decode_model",
+    "decode_stream",
     "encode_model",
+    "encode_stream",
     "erk_densities",
     "get_num_threads",
     "global_magnitude_threshold",

@@ -37,6 +37,26 @@ def as_array(x: Any, what: str = "tensor") -> np.ndarray:
         return np.asarray(x)
 
 
+def flat_float(x: Any, what: str, max_ndim: int, device: bool) -> tuple[Any, tuple[int, ...], np.dtype]:
+    """(flat C-order view, shape, dtype) of a float32/float64 tensor with at most max_ndim
+    dimensions: a NumPy view, or with `device` (x on a device, see on_device) a flat torch tensor
+    where x is."""
+    if device:
+        got = x.dtype
+        dtype = {"torch.float32": FLOAT_DTYPES[0], "torch.float64": FLOAT_DTYPES[1]}.get(str(got))
+        shape, flat = tuple(int(s) for s in x.shape), x.detach().reshape(-1)
+    else:
+        a = as_array(x, what)
+        got, shape = a.dtype, tuple(int(s) for s in a.shape)
+        dtype = a.dtype if a.dtype in FLOAT_DTYPES else None
+        flat = contiguous(a).reshape(-1) if dtype is not None else None
+    if dtype is None:
+        raise TypeError(f"{what} has dtype {got}; float32 or float64 is required")
+    if len(shape) > max_ndim:
+        raise ValueError(f"{what} has {len(shape)} dimensions, at most {max_ndim}")
+    return flat, shape, dtype
+
+
 def contiguous(a: np.ndarray) -> np.ndarray:
     """`a` itself when C-contiguous and aligned for its dtype, else such a copy (keeps 0-d arrays
     0-d). Views into byte buffers (np.frombuffer at an odd offset) can be misaligned, and native

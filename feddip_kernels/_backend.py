@@ -4,8 +4,9 @@ module meeting the kernel contract (_contract.Kernels); `kernels(name)` hands on
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 if TYPE_CHECKING:
     from ._contract import Kernels
@@ -82,3 +83,14 @@ def get_num_threads() -> int:
     """Threads a parallel kernel uses now (1 without the native extension or OpenMP)."""
     core = native_module()
     return core.get_num_threads() if core is not None else 1
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """fn over items on the library's threads, results in order: for work whose kernels release
+    the GIL (the native ones do)."""
+    items = list(items)
+    threads = min(len(items), get_num_threads())
+    if threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))

@@ -95,7 +95,7 @@ def test_ef_step_matches_the_reference(dtype, n, p, momentum, masked, given_norm
 def routed(monkeypatch):
     """CPU torch tensors take the device paths of the public functions."""
     on = lambda *xs: any(isinstance(x, torch.Tensor) for x in xs)  # noqa: E731
-    for mod in (codecs.model, pruning, update):
+    for mod in (codecs.model, codecs.stream, pruning, update):
         monkeypatch.setattr(mod, "on_device", on)
 
 

@@ -4,7 +4,9 @@ format of docs/wire-format.md. Decoding validates every length against the messa
 caller-set output limit before allocating, and raises CodecError on any inconsistency.
 
 One file per part of the format: `format` (structs, codes, reader, checksum), `positions`,
-`values`, `model` (messages of named tensors), `numcodecs_adapter` (SparseCodec)."""
+`values`, `records` (what every version's records share), `model` (messages of named tensors),
+`stream` (version 3: messages written and read through file objects), `numcodecs_adapter`
+(SparseCodec)."""
 
 from .format import (
     DEFAULT_MAX_BYTES,
@@ -22,11 +24,13 @@ from .format import (
     CodecError,
     crc32c,
 )
-from .model import Decoded, decode_model, encode_model
+from .model import decode_model, encode_model
+from .records import Decoded
+from .stream import decode_stream, encode_stream
 from .numcodecs_adapter import SparseCodec
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DOMAIN_FULL", "DOMAIN_REFERENCE", "DTYPES", "DTYPE_CODES", "MAGIC", "MAX_NDIM",
     "POSITIONS", "POSITION_NAMES", "VALUES", "VALUE_NAMES", "VERSION", "CodecError", "Decoded", "SparseCodec",
-    "crc32c", "decode_model", "encode_model",
+    "crc32c", "decode_model", "decode_stream", "encode_model", "encode_stream",
 ]

@@ -11,14 +11,25 @@ import numpy as np
 from .. import _backend
 
 MAGIC = b"FDKW"
-VERSION = 2  # written when a record is chunked; version 1 (no chunk tables) otherwise
-VERSIONS = (1, 2)
+VERSION = 2  # encode_model writes it when a record is chunked; version 1 (no chunk tables) otherwise
+STREAM_VERSION = 3  # encode_stream's: records laid out to be written and read front to back
+VERSIONS = (1, 2, 3)
 DEFAULT_MAX_BYTES = 1 << 31  # decoded output limit unless the caller sets one
 
 HEADER = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, n_tensors
 RECORD = struct.Struct("<BBBBBBQQIfQQ")  # after name and shape, see docs/wire-format.md
 CRC = struct.Struct("<I")
 CHUNK = struct.Struct("<QQIQ")  # version 2 chunk table entry: domain_len, nnz, golomb_m, pos_len
+STREAM_RECORD = struct.Struct("<BBHQ")  # version 3, after name and shape: dtype, values, reserved, chunk_elems
+STREAM_CHUNK = struct.Struct("<BBHQQIfQ")  # version 3: domain, positions, reserved, domain_size, nnz, golomb_m,
+#                                             scale, pos_len; then the chunk's positions and values
+
+# Tensors of more elements than this are sparsified, Golomb-coded and decoded in runs of this many
+# elements, independently and in parallel (a Golomb stream is sequential); streams are cut into
+# chunks of this many by default. A multiple of 8, so runs of packed bits start on byte
+# boundaries. 4 Mi elements: 16 MiB of float32 a run.
+CHUNK_ELEMS = 1 << 22
+MAX_STREAM_CHUNK = 1 << 24  # the most elements a version 3 chunk may cover (bounds a reader's buffers)
 
 DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
@@ -63,6 +74,19 @@ class Reader:
         s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
         return s.unpack(self.take(s.size, what))
 
+
+def read_header(r: Reader) -> tuple[int, int]:
+    """A message's version and tensor count, from its checked header."""
+    magic, version, flags, reserved, count = r.unpack(HEADER, "header")
+    if magic != MAGIC:
+        raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version not in VERSIONS:
+        raise CodecError(f"unsupported format version {version} (this library reads {', '.join(map(str, VERSIONS))})")
+    if flags != 0:
+        raise CodecError(f"unknown header flags {flags:#x}")
+    if reserved != 0:
+        raise CodecError(f"reserved header field is {reserved:#x}, must be 0")
+    return version, count
 
 
 class Chunk(NamedTuple):

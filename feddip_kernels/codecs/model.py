@@ -1,40 +1,28 @@
 """Model messages: encode_model and decode_model over the format, positions and values codecs.
 Decoding validates every record and length of the whole message before allocating (and before
-decoding any payload), then decodes the Golomb streams of several tensors in parallel."""
+decoding any payload), then decodes the Golomb streams of several tensors in parallel. Version 3
+messages (streams, written by encode_stream) are read by the stream decoder over the bytes."""
 
 from __future__ import annotations
 
 import math
 import struct
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from .. import _backend
-from .._arrays import as_array, block_views, check_disjoint, contiguous, flat_mask, on_device, writable_view
+from .._arrays import block_views, check_disjoint, flat_float, flat_mask, on_device, writable_view
+from .._backend import parallel_map
 from .format import (
-    CHUNK, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, DTYPES, HEADER, MAGIC,
-    MAX_ARRAY_BYTES, MAX_NDIM, POSITION_NAMES, POSITIONS, RECORD, TORCH_FLOATS, VALUE_NAMES, VALUES, VERSIONS,
-    Chunk, CodecError, Reader, Record,
+    CHUNK, CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
+    POSITION_NAMES, POSITIONS, RECORD, STREAM_VERSION, VALUE_NAMES, VALUES,
+    Chunk, CodecError, Reader, Record, read_header,
 )
 from .positions import decode_golomb_positions, decode_positions, encode_positions
+from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, write_head
+from .stream import decode_records
 from .values import decode_values, encode_values, value_size
-
-# Tensors of more elements than this are sparsified, Golomb-coded and decoded in runs of this many
-# elements, independently and in parallel (a Golomb stream is sequential). A multiple of 8, so runs
-# of packed bits start on byte boundaries. 4 Mi elements: 16 MiB of float32 a run.
-CHUNK_ELEMS = 1 << 22
-
-
-def _parallel(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    """fn over items on the library's threads (the kernels release the GIL), in order."""
-    items = list(items)
-    threads = min(len(items), _backend.get_num_threads())
-    if threads <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(fn, items))
 
 
 def _runs(n: int) -> range:
@@ -45,33 +33,15 @@ def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.nda
     """k.sparsify, in runs of CHUNK_ELEMS on several threads for a large tensor (the same result)."""
     if a.size <= CHUNK_ELEMS:
         return k.sparsify(a, mask)
-    parts = _parallel(lambda s: k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS]),
-                      _runs(a.size))
+    parts = parallel_map(lambda s: k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS]),
+                         _runs(a.size))
     return np.concatenate([b for b, _ in parts]), np.concatenate([v for _, v in parts])
-
-
-class Decoded:
-    """A decoded model: `tensors`, dense arrays (zeros off the positions), and `masks`, the
-    positions as bool arrays (unpacked on first access)."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[str, np.ndarray] = {}
-        self.packed: dict[str, np.ndarray] = {}  # positions, packed little-endian bits
-        self._masks: Optional[dict[str, np.ndarray]] = None
-
-    @property
-    def masks(self) -> dict[str, np.ndarray]:
-        if self._masks is None:
-            from ..pruning import unpack_mask
-
-            self._masks = {k: unpack_mask(b, self.tensors[k].shape) for k, b in self.packed.items()}
-        return self._masks
 
 
 class _Sparse(NamedTuple):
     """One tensor on its way into a message: its positions (over the domain) and values."""
 
-    name: bytes
+    head: bytes  # the record's name and shape
     shape: tuple[int, ...]
     dtype: np.dtype
     domain: int
@@ -109,27 +79,15 @@ def encode_model(
     k = _backend.kernels(backend)
     prepared: list[_Sparse] = []
     for name, t in tensors.items():
-        if on_device(t):  # positions and values are found where the tensor is; only they cross
+        flat, shape, dtype = flat_float(t, f"tensors[{name!r}]", MAX_NDIM, on_device(t))
+        n = math.prod(shape)
+        if on_device(flat):  # positions and values are found where the tensor is; only they cross
             from .. import _torch_kernels
 
-            dtype = TORCH_FLOATS.get(str(t.dtype))
-            if dtype is None:
-                raise TypeError(f"tensors[{name!r}] has dtype {t.dtype}; float32 or float64 is required")
-            if t.ndim > MAX_NDIM:
-                raise ValueError(f"tensors[{name!r}] has {t.ndim} dimensions, at most {MAX_NDIM}")
-            shape, n = tuple(int(s) for s in t.shape), t.numel()
-            bits, vals = _torch_kernels.sparsify(t, masks[name] if masks and name in masks else None)
+            bits, vals = _torch_kernels.sparsify(flat, masks[name] if masks and name in masks else None)
         else:
-            a = as_array(t, f"tensors[{name!r}]")
-            if a.dtype not in DTYPE_CODES:
-                raise TypeError(f"tensors[{name!r}] has dtype {a.dtype}; float32 or float64 is required")
-            if a.ndim > MAX_NDIM:
-                raise ValueError(f"tensors[{name!r}] has {a.ndim} dimensions, at most {MAX_NDIM}")
-            shape, dtype = tuple(int(s) for s in a.shape), a.dtype
-            a = contiguous(a).reshape(-1)
-            n = a.size
             mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
-            bits, vals = _sparsify(k, a, mask)
+            bits, vals = _sparsify(k, flat, mask)
         nnz = vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
@@ -137,10 +95,7 @@ def encode_model(
             if not np.any(bits & ~ref):  # a subset of the reference: code relative to it
                 domain, d, csr_shape = DOMAIN_REFERENCE, k.count_bits(ref, n), None
                 pos_bits = k.select_bits(bits, ref, n)
-        name_b = name.encode("utf-8")
-        if len(name_b) > 0xFFFF:
-            raise ValueError(f"tensor name longer than 65535 bytes: {name[:40]!r}...")
-        prepared.append(_Sparse(name_b, shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals))
+        prepared.append(_Sparse(write_head(name, shape), shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals))
     # The Golomb streams of all tensors in one call (the native backend encodes them in parallel):
     # one stream a tensor, or one a run of CHUNK_ELEMS for a large tensor in its own index space.
     streams: list[list[tuple[int, int, int, bytes]]] = [[] for _ in prepared]  # (size, nnz, m, stream)
@@ -169,9 +124,7 @@ def encode_model(
     for sp, pos_codec, m, pos_payload, table in records:
         val_payload, scale = encode_values(sp.vals, values)
         parts += [
-            struct.pack("<H", len(sp.name)),
-            sp.name,
-            struct.pack(f"<B{len(sp.shape)}Q", len(sp.shape), *sp.shape),
+            sp.head,
             RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], 0, 0, sp.d, sp.nnz, m, scale,
                         len(pos_payload), len(val_payload)),
         ]
@@ -210,45 +163,26 @@ def decode_model(
     if k.crc32c(body) != stored:
         raise CodecError("checksum mismatch: the message is corrupt")
     r = Reader(body)
-    magic, version, flags, reserved, count = r.unpack(HEADER, "header")
-    if magic != MAGIC:
-        raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version not in VERSIONS:
-        raise CodecError(f"unsupported format version {version} (this library reads {', '.join(map(str, VERSIONS))})")
-    if flags != 0:
-        raise CodecError(f"unknown header flags {flags:#x}")
-    if reserved != 0:
-        raise CodecError(f"reserved header field is {reserved:#x}, must be 0")
+    version, count = read_header(r)
+    if version == STREAM_VERSION:
+        result = decode_records(r, k, count, reference=reference, max_bytes=max_bytes, out=out, expect=expect,
+                                masks=True, caller="decode_model", message=view)
+        if r.pos != len(body):
+            raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
+        return result
     records: list[Record] = []
     seen: set[str] = set()
-    budget = max_bytes
+    budget = Budget(max_bytes, "decode_model")
     for i in range(count):
-        (name_len,) = r.unpack("<H", f"tensor {i} name length")
-        try:
-            name = bytes(r.take(name_len, f"tensor {i} name")).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError(f"tensor {i} name is not UTF-8") from None
-        if name in seen:
-            raise CodecError(f"tensor {name!r} appears twice")
-        seen.add(name)
-        (ndim,) = r.unpack("<B", f"{name!r} ndim")
-        if ndim > MAX_NDIM:
-            raise CodecError(f"{name!r} has {ndim} dimensions, at most {MAX_NDIM}")
-        shape = r.unpack(f"<{ndim}Q", f"{name!r} shape")
+        name, shape = read_head(r, i, seen)
         (dtype_code, domain, pos_codec, val_codec, r0, r1, d, nnz, m, scale, pos_len, val_len) = r.unpack(RECORD, f"{name!r} record")
-        if dtype_code not in DTYPES:
-            raise CodecError(f"{name!r}: unknown dtype code {dtype_code}")
+        dtype = record_dtype(name, dtype_code)
+        check_expected(name, shape, dtype, expect)
+        n = budget.take(name, shape, dtype)
         if val_codec not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r0 or r1:
             raise CodecError(f"{name!r}: unknown codec, domain or reserved field")
         if pos_codec == POSITIONS["csr"] and domain != DOMAIN_FULL:
             raise CodecError(f"{name!r}: CSR positions are defined for the tensor's own index space only")
-        dtype = DTYPES[dtype_code]
-        if math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_ARRAY_BYTES:
-            raise CodecError(f"{name!r}: shape {tuple(shape)} is too large for an array")
-        n = math.prod(shape)
-        if n * dtype.itemsize > budget:
-            raise CodecError(f"{name!r}: decoded size exceeds the limit of {max_bytes} bytes (decode_model's max_bytes)")
-        budget -= n * dtype.itemsize
         if domain == DOMAIN_FULL and d != n:
             raise CodecError(f"{name!r}: domain size {d} differs from the element count {n}")
         if domain == DOMAIN_REFERENCE and d > n:
@@ -266,8 +200,7 @@ def decode_model(
             start, first, at = start + size, first + c_nnz, at + c_len
         records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw,
                               val_raw, tuple(chunks)))
-    if expect is not None:
-        _check_expected(records, expect)
+    check_all_expected([rec.name for rec in records], expect)
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
     dests = {
@@ -284,7 +217,7 @@ def decode_model(
         vals = decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
         if rec.chunks:  # each run into its slice of the output, on several threads
             dest = dests[name] if name in dests else target
-            _parallel(lambda cb: k.densify(cb[1], cb[0].size, vals[cb[0].first : cb[0].first + cb[0].nnz],
+            parallel_map(lambda cb: k.densify(cb[1], cb[0].size, vals[cb[0].first : cb[0].first + cb[0].nnz],
                                            dest[cb[0].start : cb[0].start + cb[0].size]), zip(rec.chunks, golomb[i]))
             result.tensors[name] = out[name] if name in dests else target.reshape(rec.shape)
             result.packed[name] = np.concatenate(golomb[i])
@@ -331,17 +264,6 @@ def _read_chunk_table(r: Reader, name: str, domain: int, pos_codec: int, d: int,
     if [sum(col) for col in zip(*table)][0:2] != [d, nnz] or sum(row[3] for row in table) != pos_len:
         raise CodecError(f"{name!r}: the chunks' sizes, counts or lengths do not add up to the record's")
     return table
-
-
-def _check_expected(records: list["Record"], expect: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
-    names = [rec.name for rec in records]
-    if set(names) != set(expect):
-        missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
-        raise CodecError(f"the message holds other tensors than expected (missing {missing}, unexpected {extra})")
-    for rec in records:
-        shape, dtype = expect[rec.name]
-        if rec.shape != tuple(shape) or rec.dtype.newbyteorder("=") != np.dtype(dtype):
-            raise CodecError(f"{rec.name!r} is {rec.shape} {rec.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
 
 
 def _allocate(records: list[Record], out: Optional[Mapping[str, Any]]) -> list[Optional[np.ndarray]]:

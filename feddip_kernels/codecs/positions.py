@@ -102,13 +102,18 @@ def decode_positions(k: "Kernels", raw: memoryview, codec: int, d: int, nnz: int
     raise CodecError(f"unknown positions codec {codec}")  # Golomb streams: decode_golomb_positions
 
 
+def golomb_max_len(d: int, nnz: int, m: int) -> int:
+    """The most bytes a Golomb stream of nnz positions among d takes with parameter m: the gaps add
+    up to at most d - nnz, so the quotients' bits to at most (d - nnz) / m; each position adds a
+    stop bit and at most ceil(log2 m) remainder bits."""
+    return ((d - nnz) // m + nnz * (1 + (m - 1).bit_length()) + 7) // 8
+
+
 def check_golomb(raw: memoryview, nnz: int, m: int) -> None:
     if m < 1:
         raise CodecError("Golomb parameter must be >= 1")
     if 8 * len(raw) < nnz:
         raise CodecError("Golomb payload is shorter than one bit per position")
-
-
 
 
 def decode_golomb_positions(k: "Kernels", records: list[Record]) -> dict[int, list[np.ndarray]]:

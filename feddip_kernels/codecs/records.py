@@ -1,0 +1,99 @@
+"""What the records of every format version share on the way in: the name and shape at the head
+of a record, the size check against the caller's limit, the check against the tensors the caller
+expects, and the decoded result."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from .format import DTYPES, MAX_ARRAY_BYTES, MAX_NDIM, CodecError
+
+
+class Decoded:
+    """A decoded model: `tensors`, dense arrays (zeros off the positions), and `masks`, the
+    positions as bool arrays (unpacked on first access)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+        self.packed: dict[str, np.ndarray] = {}  # positions, packed little-endian bits
+        self._masks: Optional[dict[str, np.ndarray]] = None
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        if self._masks is None:
+            from ..pruning import unpack_mask
+
+            self._masks = {k: unpack_mask(b, self.tensors[k].shape) for k, b in self.packed.items()}
+        return self._masks
+
+
+def write_head(name: str, shape: tuple[int, ...]) -> bytes:
+    """The name and shape that open a record."""
+    name_b = name.encode("utf-8")
+    if len(name_b) > 0xFFFF:
+        raise ValueError(f"tensor name longer than 65535 bytes: {name[:40]!r}...")
+    return struct.pack(f"<H{len(name_b)}sB{len(shape)}Q", len(name_b), name_b, len(shape), *shape)
+
+
+def read_head(r: Any, i: int, seen: set[str]) -> tuple[str, tuple[int, ...]]:
+    """The name and shape that open record i (r: a reader with take and unpack); a name seen
+    before is refused."""
+    (name_len,) = r.unpack("<H", f"tensor {i} name length")
+    try:
+        name = bytes(r.take(name_len, f"tensor {i} name")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"tensor {i} name is not UTF-8") from None
+    if name in seen:
+        raise CodecError(f"tensor {name!r} appears twice")
+    seen.add(name)
+    (ndim,) = r.unpack("<B", f"{name!r} ndim")
+    if ndim > MAX_NDIM:
+        raise CodecError(f"{name!r} has {ndim} dimensions, at most {MAX_NDIM}")
+    return name, tuple(r.unpack(f"<{ndim}Q", f"{name!r} shape"))
+
+
+def record_dtype(name: str, code: int) -> np.dtype:
+    if code not in DTYPES:
+        raise CodecError(f"{name!r}: unknown dtype code {code}")
+    return DTYPES[code]
+
+
+class Budget:
+    """The decoded bytes a message may still add up to under the caller's max_bytes."""
+
+    def __init__(self, max_bytes: int, caller: str) -> None:
+        self.max_bytes, self.left, self.caller = max_bytes, max_bytes, caller
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
+        """The record's element count, after checking that its array fits NumPy and what is left
+        of the limit."""
+        if math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_ARRAY_BYTES:
+            raise CodecError(f"{name!r}: shape {shape} is too large for an array")
+        n = math.prod(shape)
+        if n * dtype.itemsize > self.left:
+            raise CodecError(f"{name!r}: the decoded tensors exceed max_bytes={self.max_bytes}; pass a larger "
+                             f"max_bytes to {self.caller} to accept this message")
+        self.left -= n * dtype.itemsize
+        return n
+
+
+def check_expected(name: str, shape: tuple[int, ...], dtype: np.dtype,
+                   expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]]) -> None:
+    """One record against the caller's expected tensors (name, shape, dtype)."""
+    if expect is None:
+        return
+    if name not in expect:
+        raise CodecError(f"the message holds other tensors than expected (unexpected {name!r})")
+    want_shape, want_dtype = expect[name]
+    if shape != tuple(want_shape) or dtype.newbyteorder("=") != np.dtype(want_dtype):
+        raise CodecError(f"{name!r} is {shape} {dtype}, expected {tuple(want_shape)} {np.dtype(want_dtype)}")
+
+
+def check_all_expected(names: list[str], expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]]) -> None:
+    if expect is not None and set(names) != set(expect):
+        missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
+        raise CodecError(f"the message holds other tensors than expected (missing {missing}, unexpected {extra})")

@@ -1,0 +1,379 @@
+"""Streams: wire format version 3 (docs/wire-format.md), written to and read from file objects
+front to back, tensor by tensor and chunk by chunk, so that models larger than memory or than
+2 GiB move through. Every chunk carries its own positions and values; the working memory is one
+window of chunks (about a chunk a thread) besides the caller's tensors and output buffers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple, Optional
+
+import numpy as np
+
+from .. import _backend
+from .._arrays import check_disjoint, flat_float, flat_mask, on_device, writable_view
+from .._backend import parallel_map
+from .format import (
+    CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
+    MAX_STREAM_CHUNK, POSITIONS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
+    Reader, read_header,
+)
+from .positions import decode_positions, encode_positions, golomb_max_len
+from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, write_head
+from .values import decode_values, encode_values, value_size
+
+STREAM_POSITIONS = ("auto", "all", "bitmask", "golomb")  # not CSR: it codes rows, which chunks cut
+_GOLOMB = POSITIONS["golomb"]
+_READ_STEP = 1 << 20  # a take's buffer starts at this and doubles as its bytes arrive
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+class _Source(NamedTuple):
+    """A tensor on its way into a stream: flat views of it, its mask and its reference mask."""
+
+    flat: Any  # NumPy, or torch on the tensor's device
+    mask: Any
+    ref: Optional[np.ndarray]
+    n: int
+
+
+class _Writer:
+    """Writes to a file object, keeping the count and the CRC-32C of everything written."""
+
+    def __init__(self, file: Any, k: Any) -> None:
+        self.file, self.k, self.crc, self.count = file, k, 0, 0
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        self.crc = self.k.crc32c(view, self.crc)
+        self.count += len(view)
+        while len(view):
+            written = self.file.write(view)
+            if not isinstance(written, int):  # objects that return nothing have taken it all
+                break
+            if written <= 0:
+                raise OSError(f"the file object took none of {len(view)} bytes")
+            view = view[written:]
+
+
+def encode_stream(
+    tensors: Mapping[str, Any],
+    file: Any,
+    *,
+    masks: Optional[Mapping[str, Any]] = None,
+    reference: Optional[Mapping[str, Any]] = None,
+    positions: str = "auto",
+    values: str = "raw",
+    chunk_elems: int = CHUNK_ELEMS,
+    backend: str = "auto",
+) -> int:
+    """Write named float32/float64 tensors to `file` (an object with `write`, e.g. an open file,
+    a socket's makefile("wb"), io.BytesIO) as one version 3 message; returns its length in bytes.
+
+    Each tensor goes out in chunks of `chunk_elems` elements (a multiple of 8, at most 2**24),
+    each chunk with its own positions (the smallest of "all", "bitmask" and "golomb" for "auto",
+    or the one named; CSR codes rows and is not offered) and values ("raw", "fp16", "bf16",
+    "int8" with a scale per chunk). `masks` and `reference` mean what they mean to encode_model; a
+    chunk whose positions are a subset of its part of the reference mask is coded relative to it.
+    `tensors` is read one item at a time (a Mapping that loads each tensor on access keeps one in
+    memory), and the working memory is a window of about one chunk a thread
+    (get_num_threads()). Tensors on a CUDA device are sparsified there, chunk by chunk."""
+    if values not in VALUES:
+        raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
+    if positions not in STREAM_POSITIONS:
+        raise ValueError(f"positions codec {positions!r} is not offered in streams; one of {STREAM_POSITIONS}")
+    if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems % 8 \
+            or not 8 <= chunk_elems <= MAX_STREAM_CHUNK:
+        raise ValueError(f"chunk_elems must be a multiple of 8 from 8 to {MAX_STREAM_CHUNK}, got {chunk_elems!r}")
+    k = _backend.kernels(backend)
+    w = _Writer(file, k)
+    w.write(HEADER.pack(MAGIC, STREAM_VERSION, 0, 0, len(tensors)))
+    window: list[Any] = []  # record heads (bytes) and chunks (source, start, size), in stream order
+    elems, window_elems = 0, max(1, _backend.get_num_threads()) * chunk_elems
+    for name, t in tensors.items():
+        flat, shape, dtype = flat_float(t, f"tensors[{name!r}]", MAX_NDIM, on_device(t))
+        n = math.prod(shape)
+        mask = masks[name] if masks and name in masks else None
+        if mask is not None:
+            if on_device(flat):
+                import torch
+
+                mask = torch.as_tensor(mask, device=flat.device).reshape(-1)
+                if mask.numel() != n:
+                    raise ValueError(f"masks[{name!r}] has {mask.numel()} elements, expected {n}")
+            else:
+                mask = flat_mask(mask, n, f"masks[{name!r}]")
+        ref = flat_mask(reference[name], n, f"reference[{name!r}]") if reference and name in reference else None
+        window.append(write_head(name, shape) + STREAM_RECORD.pack(DTYPE_CODES[dtype], VALUES[values], 0, chunk_elems))
+        source = _Source(flat, mask, ref, n)
+        for start in range(0, n, chunk_elems):
+            size = min(chunk_elems, n - start)
+            window.append((source, start, size))
+            elems += size
+            if elems >= window_elems:
+                _write_window(w, k, window, positions, values)
+                window, elems = [], 0
+    _write_window(w, k, window, positions, values)
+    w.write(CRC.pack(w.crc))
+    return w.count
+
+
+def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(domain, domain size, packed positions over it, values) of one chunk."""
+    src, start, size = job
+    piece, mask = src.flat[start : start + size], None if src.mask is None else src.mask[start : start + size]
+    if on_device(piece):
+        from .. import _torch_kernels
+
+        bits, vals = _torch_kernels.sparsify(piece, mask)
+    else:
+        bits, vals = k.sparsify(piece, mask)
+    if src.ref is not None:
+        ref = k.pack_bits(src.ref[start : start + size])
+        if not np.any(bits & ~ref):  # a subset of the reference: code relative to it
+            return DOMAIN_REFERENCE, k.count_bits(ref, size), k.select_bits(bits, ref, size), vals
+    return DOMAIN_FULL, size, bits, vals
+
+
+def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values: str) -> None:
+    """Code a window's chunks (sparsify on the library's threads, all Golomb streams in one
+    parallel call) and write them, with the record heads among them, in order."""
+    jobs = [x for x in window if not isinstance(x, bytes)]
+    sparse = parallel_map(lambda job: _sparse_chunk(k, job), jobs)
+    golomb: list[Optional[tuple[int, bytes]]] = [None] * len(sparse)
+    if positions in ("auto", "golomb"):
+        params = [k.golomb_parameter(vals.size, d) for _, d, _, vals in sparse]
+        streams = k.golomb_encode_many([(bits, d, m) for (_, d, bits, _), m in zip(sparse, params)])
+        golomb = list(zip(params, streams))
+    coded = iter(zip(sparse, golomb))
+    for item in window:
+        if isinstance(item, bytes):
+            w.write(item)
+            continue
+        (domain, d, bits, vals), g = next(coded)
+        codec, m, pos = encode_positions(bits, d, vals.size, positions, None, g)
+        val, scale = encode_values(vals, values)
+        w.write(STREAM_CHUNK.pack(domain, codec, 0, d, vals.size, m, scale, len(pos)))
+        w.write(pos)
+        w.write(val)
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+class _FileReader(Reader):
+    """Reads a stream from a file object front to back, keeping the CRC-32C of what it read. Each
+    take is exactly the bytes asked for (never more, so the file is left just past the message),
+    and its buffer grows as they arrive: a length in the stream does not allocate bytes that were
+    never sent."""
+
+    def __init__(self, file: Any, k: Any) -> None:
+        super().__init__(memoryview(b""))
+        self.file, self.k, self.crc = file, k, 0
+        self.readinto = getattr(file, "readinto", None)
+
+    def take(self, n: int, what: str) -> memoryview:
+        buf, got = bytearray(min(n, _READ_STEP)), 0
+        while got < n:
+            if got == len(buf):
+                buf.extend(bytes(min(n - got, got)))
+            with memoryview(buf) as whole, whole[got:] as part:
+                arrived = self._fill(part)
+            if not arrived:
+                raise CodecError(f"truncated stream: {what} needs {n} bytes, {got} arrived")
+            got += arrived
+        self.crc = self.k.crc32c(buf, self.crc)
+        self.pos += n
+        return memoryview(buf)
+
+    def _fill(self, part: memoryview) -> int:
+        if self.readinto is not None:
+            return self.readinto(part) or 0
+        data = self.file.read(len(part))
+        part[: len(data)] = data
+        return len(data)
+
+
+def decode_stream(
+    file: Any,
+    *,
+    reference: Optional[Mapping[str, Any]] = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    out: Optional[Mapping[str, Any]] = None,
+    expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]] = None,
+    masks: bool = False,
+    backend: str = "auto",
+) -> Decoded:
+    """Read one version 3 message (from encode_stream) from `file` (an object with `readinto` or
+    `read`), tensor by tensor and chunk by chunk, leaving the file just past the message.
+
+    `reference`, `out` and `expect` mean what they mean to decode_model; `max_bytes` caps the
+    decoded tensors, those written into `out` included. With `out` for every tensor, the working
+    memory is a window of about one chunk a thread. `masks=True` also returns the positions
+    (`packed`, one bit an element; `masks` unpacks them), which otherwise are not kept.
+
+    A stream is checked as it arrives: each record and chunk before its bytes are read or decoded,
+    the CRC-32C at the end. On a CodecError (corrupt, truncated, over a limit, other tensors than
+    expected) the tensors decoded so far, and `out`, must not be used."""
+    k = _backend.kernels(backend)
+    r = _FileReader(file, k)
+    version, count = read_header(r)
+    if version != STREAM_VERSION:
+        raise CodecError(f"a version {version} message is not a stream: read its bytes and pass them to decode_model")
+    result = decode_records(r, k, count, reference=reference, max_bytes=max_bytes, out=out, expect=expect,
+                            masks=masks, caller="decode_stream")
+    crc = r.crc
+    (stored,) = r.unpack(CRC, "checksum")
+    if stored != crc:
+        raise CodecError("checksum mismatch: the stream is corrupt")
+    return result
+
+
+class _Chunk(NamedTuple):
+    """A chunk read and checked, not yet decoded."""
+
+    where: str
+    dest: np.ndarray  # its slice of the output
+    packed: Optional[np.ndarray]  # its bytes of the returned positions
+    ref: Optional[np.ndarray]  # its part of the reference mask, packed, for domain 1
+    pos_codec: int
+    d: int
+    nnz: int
+    m: int
+    pos_raw: memoryview
+    val_codec: int
+    dtype: np.dtype  # the values' (little-endian)
+    scale: float
+    val_raw: memoryview
+
+
+def decode_records(
+    r: Reader,
+    k: Any,
+    count: int,
+    *,
+    reference: Optional[Mapping[str, Any]],
+    max_bytes: int,
+    out: Optional[Mapping[str, Any]],
+    expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]],
+    masks: bool,
+    caller: str,
+    message: Optional[memoryview] = None,
+) -> Decoded:
+    """The `count` version 3 records that follow the header in `r` (a file or, from decode_model,
+    the message in memory), decoded a window of chunks at a time."""
+    result, seen, budget = Decoded(), set(), Budget(max_bytes, caller)
+    spans = {} if message is None else {"the message": np.frombuffer(message, dtype=np.uint8)}
+    window: list[_Chunk] = []
+    elems, window_elems = 0, max(1, _backend.get_num_threads()) * CHUNK_ELEMS
+    for i in range(count):
+        name, shape = read_head(r, i, seen)
+        dtype_code, val_codec, reserved, chunk_elems = r.unpack(STREAM_RECORD, f"{name!r} record")
+        dtype = record_dtype(name, dtype_code)
+        check_expected(name, shape, dtype, expect)
+        n = budget.take(name, shape, dtype)
+        if val_codec not in VALUE_NAMES or reserved:
+            raise CodecError(f"{name!r}: unknown values codec or reserved field")
+        if chunk_elems % 8 or not 8 <= chunk_elems <= MAX_STREAM_CHUNK:
+            raise CodecError(f"{name!r}: chunks of {chunk_elems} elements (a multiple of 8 up to {MAX_STREAM_CHUNK})")
+        if out is not None and name in out:
+            dest = writable_view(out[name], f"out[{name!r}]", dtype.newbyteorder("="), n).reshape(-1)
+            spans[f"out[{name!r}]"] = dest
+            check_disjoint(spans)
+            result.tensors[name] = out[name]
+        else:
+            dest = np.empty(n, dtype=dtype.newbyteorder("="))
+            result.tensors[name] = dest.reshape(shape)
+        packed = np.empty((n + 7) // 8, dtype=np.uint8) if masks else None
+        if packed is not None:
+            result.packed[name] = packed
+        ref = None
+        for j, start in enumerate(range(0, n, chunk_elems)):
+            size, where = min(chunk_elems, n - start), f"{name!r} chunk {j}"
+            domain, pos_codec, reserved, d, nnz, m, scale, pos_len = r.unpack(STREAM_CHUNK, where)
+            _check_chunk(where, domain, pos_codec, reserved, d, size, nnz, m, scale, pos_len, val_codec)
+            ref_bits = None
+            if domain == DOMAIN_REFERENCE:
+                if ref is None:
+                    ref = _reference(reference, name, n)
+                ref_bits = k.pack_bits(ref[start : start + size])
+                if k.count_bits(ref_bits, size) != d:
+                    raise CodecError(f"{where}: the reference mask has {k.count_bits(ref_bits, size)} positions "
+                                     f"there, the sender's had {d}")
+            pos_raw = r.take(pos_len, f"{where} positions")
+            val_raw = r.take(nnz * value_size(val_codec, dtype), f"{where} values")
+            window.append(_Chunk(where, dest[start : start + size],
+                                 None if packed is None else packed[start // 8 : (start + size + 7) // 8],
+                                 ref_bits, pos_codec, d, nnz, m, pos_raw, val_codec, dtype, scale, val_raw))
+            elems += size
+            if elems >= window_elems:
+                _decode_window(k, window)
+                window, elems = [], 0
+    _decode_window(k, window)
+    check_all_expected(list(result.tensors), expect)
+    return result
+
+
+def _check_chunk(where: str, domain: int, pos_codec: int, reserved: int, d: int, size: int, nnz: int, m: int,
+                 scale: float, pos_len: int, val_codec: int) -> None:
+    """A chunk header's fields against each other and the chunk's size, before its bytes are read."""
+    if domain not in (DOMAIN_FULL, DOMAIN_REFERENCE) or pos_codec not in POSITIONS.values() or reserved:
+        raise CodecError(f"{where}: unknown domain, positions codec or reserved field")
+    if pos_codec == POSITIONS["csr"]:
+        raise CodecError(f"{where}: CSR positions are not used in streams")
+    if d > size or (domain == DOMAIN_FULL and d != size):
+        raise CodecError(f"{where}: domain of {d} for a chunk of {size} elements")
+    if nnz > d:
+        raise CodecError(f"{where}: {nnz} values for a domain of {d}")
+    if (m != 0) != (pos_codec == _GOLOMB):
+        raise CodecError(f"{where}: Golomb parameter {m} (>= 1 for Golomb positions, else 0)")
+    if scale != 0 and val_codec != VALUES["int8"]:
+        raise CodecError(f"{where}: scale {scale} for values that have none")
+    if pos_codec == _GOLOMB:
+        if pos_len > golomb_max_len(d, nnz, m):
+            raise CodecError(f"{where}: {pos_len} bytes of Golomb positions, at most {golomb_max_len(d, nnz, m)} "
+                             "for its counts")
+        if 8 * pos_len < nnz:
+            raise CodecError(f"{where}: Golomb payload is shorter than one bit per position")
+    else:
+        want = 0 if pos_codec == POSITIONS["all"] else (d + 7) // 8
+        if pos_len != want:
+            raise CodecError(f"{where}: {pos_len} bytes of positions, {want} expected")
+
+
+def _reference(reference: Optional[Mapping[str, Any]], name: str, n: int) -> np.ndarray:
+    if reference is None or name not in reference:
+        raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
+    try:
+        return flat_mask(reference[name], n, f"reference[{name!r}]")
+    except ValueError as e:  # the message's shape and the caller's mask disagree
+        raise CodecError(f"{name!r}: {e}") from None
+
+
+def _decode_window(k: Any, window: list[_Chunk]) -> None:
+    """Decode a window's chunks into their outputs: the Golomb streams in one parallel call, the
+    rest of each chunk on the library's threads."""
+    if not window:
+        return
+    golomb = [c for c in window if c.pos_codec == _GOLOMB]
+    bits, failed, message = k.golomb_decode_many([(c.pos_raw, c.d, c.nnz, c.m) for c in golomb])
+    if failed >= 0:
+        raise CodecError(f"{golomb[failed].where}: {message}")
+    decoded = iter(bits)
+
+    def finish(item: tuple[_Chunk, Optional[np.ndarray]]) -> None:
+        c, b = item
+        try:
+            if b is None:
+                b = decode_positions(k, c.pos_raw, c.pos_codec, c.d, c.nnz, ())
+        except CodecError as e:
+            raise CodecError(f"{c.where}: {e}") from None
+        if c.ref is not None:
+            b = k.deposit_bits(b, c.ref, c.dest.size)
+        k.densify(b, c.dest.size, decode_values(c.val_raw, c.val_codec, c.nnz, c.dtype, c.scale), c.dest)
+        if c.packed is not None:
+            c.packed[:] = b
+
+    parallel_map(finish, [(c, next(decoded) if c.pos_codec == _GOLOMB else None) for c in window])
