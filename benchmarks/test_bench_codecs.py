@@ -5,6 +5,8 @@ ratio table; reading the arrays' buffers without a copy, with as many zstd worke
 encoder has OpenMP threads), np.packbits + values, scipy CSR. extra_info carries each payload's
 compression ratio against dense fp32."""
 
+import io
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,28 @@ def test_decode_into_buffers(record, model):
     bufs = {k: np.empty_like(v) for k, v in m.items()}
     record(lambda: fk.decode_model(msg, out=bufs), group=GROUP_DEC, name="feddip decode auto/raw into buffers",
            dense_bytes=4 * n, ratio=4 * n / len(msg))
+    for k, v in m.items():
+        np.testing.assert_array_equal(bufs[k], v)
+
+
+def _stream(tensors) -> bytes:
+    f = io.BytesIO()  # in memory: the codec's cost, not a disk's
+    fk.encode_stream(tensors, f)
+    return f.getvalue()
+
+
+def test_encode_stream(record, model):
+    m, n = model
+    record(_stream, m, group=GROUP_ENC, name="feddip encode_stream auto/raw", dense_bytes=4 * n,
+           ratio=4 * n / len(_stream(m)))
+
+
+def test_decode_stream_into_buffers(record, model):
+    m, n = model
+    msg = _stream(m)
+    bufs = {k: np.empty_like(v) for k, v in m.items()}
+    record(lambda: fk.decode_stream(io.BytesIO(msg), out=bufs), group=GROUP_DEC,
+           name="feddip decode_stream auto/raw into buffers", dense_bytes=4 * n, ratio=4 * n / len(msg))
     for k, v in m.items():
         np.testing.assert_array_equal(bufs[k], v)
 
@@ -139,4 +163,17 @@ def test_decode_one_large_tensor(record, big, threads):
                name=f"feddip decode, {threads} thread(s)", dense_bytes=4 * BIG, baseline=threads == 1)
     finally:
         fk.set_num_threads(0)
+    np.testing.assert_array_equal(out["w"], big)
+
+
+def test_encode_stream_one_large_tensor(record, big):
+    threads = fk.get_num_threads()
+    record(_stream, {"w": big}, group=GROUP_BIG_ENC, name=f"feddip encode_stream, {threads} thread(s)",
+           dense_bytes=4 * BIG, size_vs_v1=len(_stream({"w": big})) / len(fk.encode_model({"w": big})))
+
+
+def test_decode_stream_one_large_tensor(record, big):
+    msg, out = _stream({"w": big}), {"w": np.empty_like(big)}
+    record(lambda: fk.decode_stream(io.BytesIO(msg), out=out, max_bytes=4 * BIG), group=GROUP_BIG_DEC,
+           name=f"feddip decode_stream, {fk.get_num_threads()} thread(s)", dense_bytes=4 * BIG)
     np.testing.assert_array_equal(out["w"], big)

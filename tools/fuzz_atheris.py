@@ -4,19 +4,21 @@
     python tools/fuzz_atheris.py --write-corpus tests/fuzz_corpus         # (re)write the seed corpus
 
 The corpus holds valid messages of every kind (positions in the tensor or relative to a shared
-mask, every position and value codec, chunked Golomb positions of version 2, empty and 0-d
-tensors, float32 and float64), each stored as
-its body: the harness appends the right CRC-32C, so that mutations get past the checksum and reach
-the parser, and with the input's first byte odd it also decodes the input as it is (exercising
-the checksum itself). Every input is decoded by every backend, with and without the shared mask
-the seeds use, and its tail is fed to the native Golomb decoder with parameters from its head.
-Anything but CodecError (ValueError from the bare Golomb decoder), or an output above the size
-limit, is a crash: libFuzzer stops and writes the input to crash-<hash>. Python code is
-instrumented for coverage (feddip_kernels); libFuzzer's `cov:` counts edges of that code.
+mask, every position and value codec, chunked Golomb positions of version 2, streams of version
+3, empty and 0-d tensors, float32 and float64), each stored as its body: the harness appends the
+right CRC-32C, so that mutations get past the checksum and reach the parser, and with the input's
+first byte odd it also decodes the input as it is (exercising the checksum itself). Every input
+is decoded by every backend, with and without the shared mask the seeds use, by decode_model and
+by decode_stream (from a file object), and its tail is fed to the native Golomb decoder with
+parameters from its head. Anything but CodecError (ValueError from the bare Golomb decoder), or
+an output above the size limit, is a crash: libFuzzer stops and writes the input to
+crash-<hash>. Python code is instrumented for coverage (feddip_kernels); libFuzzer's `cov:`
+counts edges of that code.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import sys
@@ -70,6 +72,14 @@ def write_corpus(directory: str) -> int:
         with open(os.path.join(directory, f"chunked-golomb-{values}"), "wb") as f:
             f.write(msg[:-4])
         n += 1
+        # Version 3 (streams) in chunks of 16 elements, in the tensor's index space and relative
+        # to the shared mask.
+        for kind, kw in (("stream-full", {}), ("stream-subset", dict(masks=subset, reference=shared))):
+            buf = io.BytesIO()
+            fk.encode_stream(w, buf, values=values, chunk_elems=16, **kw)
+            with open(os.path.join(directory, f"{kind}-{values}"), "wb") as f:
+                f.write(buf.getvalue()[:-4])
+            n += 1
     return n
 
 
@@ -86,6 +96,7 @@ def main() -> int:
     backends = fk.available_backends()
     shared = _shared_masks()
     native = _backend.native_module()
+    decoders = [fk.decode_model, lambda d, **kw: fk.decode_stream(io.BytesIO(d), **kw)]
 
     def one_input(data: bytes) -> None:
         sealed = data + struct.pack("<I", codecs.crc32c(data))
@@ -93,12 +104,13 @@ def main() -> int:
         for message in inputs:
             for backend in backends:
                 for reference in (shared, None):
-                    try:
-                        out = fk.decode_model(message, reference=reference, max_bytes=LIMIT, backend=backend)
-                    except fk.CodecError:
-                        continue
-                    if any(t.size * t.itemsize > LIMIT for t in out.tensors.values()):
-                        raise AssertionError("decoded tensors above the size limit")
+                    for decode in decoders:
+                        try:
+                            out = decode(message, reference=reference, max_bytes=LIMIT, backend=backend)
+                        except fk.CodecError:
+                            continue
+                        if any(t.size * t.itemsize > LIMIT for t in out.tensors.values()):
+                            raise AssertionError("decoded tensors above the size limit")
         if native is not None and len(data) >= 12:
             n, nnz, m = struct.unpack_from("<IIH", data)
             n %= 1 << 16

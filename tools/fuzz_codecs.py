@@ -3,15 +3,17 @@
     python tools/fuzz_codecs.py --seconds 600 --seed 1
 
 Valid messages of every kind (positions in the tensor or relative to a shared mask, every position
-and value codec, empty and 0-d tensors, float32 and float64) are mutated (bytes overwritten, bits
+and value codec, chunked versions 2 and 3, empty and 0-d tensors, float32 and float64) are mutated (bytes overwritten, bits
 flipped, truncated, bytes inserted), resealed with a correct CRC so that the parser goes past the
-checksum, and decoded with every backend, with and without the reference mask. Anything but a
-CodecError, or an output above the size limit, is reported; the exit status is 1 if there was one.
+checksum, and decoded with every backend, with and without the reference mask; version 3 messages
+(streams) also by decode_stream from a file object. Anything but a CodecError, or an output above
+the size limit, is reported; the exit status is 1 if there was one.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import struct
 import sys
 import time
@@ -44,7 +46,17 @@ def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
             if positions != "csr":  # CSR codes positions in the tensor only
                 out.append((fk.encode_model(w, masks=shared, reference=shared, positions=positions, values=values), shared))
                 out.append((fk.encode_model(w, masks=subset, reference=shared, positions=positions, values=values), shared))
+                # Version 3 (streams), in chunks of 16 elements.
+                out.append((stream(w, positions=positions, values=values, chunk_elems=16), None))
+                out.append((stream(w, masks=subset, reference=shared, positions=positions, values=values, chunk_elems=16),
+                            shared))
     return out + invalid_seeds(w, shared)
+
+
+def stream(w: dict, **kw) -> bytes:
+    f = io.BytesIO()
+    fk.encode_stream(w, f, **kw)
+    return f.getvalue()
 
 
 def invalid_seeds(w: dict, shared: dict) -> list[tuple[bytes, dict | None]]:
@@ -79,6 +91,13 @@ def mutate(rng: np.random.Generator, body: bytearray) -> bytearray:
     return body
 
 
+def decoders(data: bytes) -> list:
+    """decode_model, and for what claims to be a stream (version 3) decode_stream too."""
+    if data[4:5] != bytes([codecs.STREAM_VERSION]):
+        return [fk.decode_model]
+    return [fk.decode_model, lambda d, **kw: fk.decode_stream(io.BytesIO(d), **kw)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -94,17 +113,18 @@ def main() -> int:
         data = reseal(bytes(mutate(rng, bytearray(msg[:-4]))))
         for backend in backends:
             for reference in (shared, None) if shared is not None else (None,):
-                decodes += 1
-                try:
-                    out = fk.decode_model(data, reference=reference, max_bytes=LIMIT, backend=backend)
-                    if any(t.size * t.itemsize > LIMIT for t in out.tensors.values()):
-                        raise AssertionError("decoded tensors above the size limit")
-                except fk.CodecError:
-                    pass
-                except Exception:
-                    failures += 1
-                    print(f"backend {backend}, reference {reference is not None}, message {data.hex()}")
-                    traceback.print_exc()
+                for decode in decoders(data):
+                    decodes += 1
+                    try:
+                        out = decode(data, reference=reference, max_bytes=LIMIT, backend=backend)
+                        if any(t.size * t.itemsize > LIMIT for t in out.tensors.values()):
+                            raise AssertionError("decoded tensors above the size limit")
+                    except fk.CodecError:
+                        pass
+                    except Exception:
+                        failures += 1
+                        print(f"backend {backend}, reference {reference is not None}, message {data.hex()}")
+                        traceback.print_exc()
     print(f"{decodes} decodes, {failures} failures")
     return 1 if failures else 0
 

@@ -20,6 +20,7 @@ from .format import (
     POSITIONS,
     VALUE_NAMES,
     VALUES,
+    STREAM_VERSION,
     VERSION,
     CodecError,
     crc32c,
@@ -31,6 +32,6 @@ from .numcodecs_adapter import SparseCodec
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DOMAIN_FULL", "DOMAIN_REFERENCE", "DTYPES", "DTYPE_CODES", "MAGIC", "MAX_NDIM",
-    "POSITIONS", "POSITION_NAMES", "VALUES", "VALUE_NAMES", "VERSION", "CodecError", "Decoded", "SparseCodec",
+    "POSITIONS", "POSITION_NAMES", "STREAM_VERSION", "VALUES", "VALUE_NAMES", "VERSION", "CodecError", "Decoded", "SparseCodec",
     "crc32c", "decode_model", "decode_stream", "encode_model", "encode_stream",
 ]

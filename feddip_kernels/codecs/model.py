@@ -13,13 +13,12 @@ import numpy as np
 
 from .. import _backend
 from .._arrays import block_views, check_disjoint, flat_float, flat_mask, on_device, writable_view
-from .._backend import parallel_map
 from .format import (
     CHUNK, CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
     POSITION_NAMES, POSITIONS, RECORD, STREAM_VERSION, VALUE_NAMES, VALUES,
     Chunk, CodecError, Reader, Record, read_header,
 )
-from .positions import decode_golomb_positions, decode_positions, encode_positions
+from .positions import decode_golomb_positions, decode_positions, encode_positions, joined
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, write_head
 from .stream import decode_records
 from .values import decode_values, encode_values, value_size
@@ -29,13 +28,18 @@ def _runs(n: int) -> range:
     return range(0, n, CHUNK_ELEMS)
 
 
-def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """k.sparsify, in runs of CHUNK_ELEMS on several threads for a large tensor (the same result)."""
+def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray]) -> tuple[Any, Any]:
+    """k.sparsify, or for a tensor over CHUNK_ELEMS the lists of its runs' positions and values:
+    small arrays a run (each sparsified on the library's threads), which the message's one join
+    copies, rather than large new ones that a first write must fault in page by page."""
     if a.size <= CHUNK_ELEMS:
         return k.sparsify(a, mask)
-    parts = parallel_map(lambda s: k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS]),
-                         _runs(a.size))
-    return np.concatenate([b for b, _ in parts]), np.concatenate([v for _, v in parts])
+    runs = [k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS]) for s in _runs(a.size)]
+    return [b for b, _ in runs], [v for _, v in runs]
+
+
+def _pieces(payload: Any) -> list[Any]:
+    return payload if isinstance(payload, list) else [payload]
 
 
 class _Sparse(NamedTuple):
@@ -47,9 +51,9 @@ class _Sparse(NamedTuple):
     domain: int
     d: int
     nnz: int
-    pos_bits: np.ndarray
+    pos_bits: Any  # packed bits, or a list of them a run of CHUNK_ELEMS
     csr_shape: Optional[tuple[int, ...]]
-    vals: np.ndarray
+    vals: Any  # an array, or a list of them a run
 
 
 def encode_model(
@@ -88,9 +92,10 @@ def encode_model(
         else:
             mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
             bits, vals = _sparsify(k, flat, mask)
-        nnz = vals.size
+        nnz = sum(v.size for v in vals) if isinstance(vals, list) else vals.size
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
+            bits = joined(bits)
             ref = k.pack_bits(flat_mask(reference[name], n, f"reference[{name!r}]"))
             if not np.any(bits & ~ref):  # a subset of the reference: code relative to it
                 domain, d, csr_shape = DOMAIN_REFERENCE, k.count_bits(ref, n), None
@@ -104,8 +109,11 @@ def encode_model(
         for i, sp in enumerate(prepared):
             if sp.domain == DOMAIN_FULL and sp.d > CHUNK_ELEMS:
                 runs = [(s, min(CHUNK_ELEMS, sp.d - s)) for s in _runs(sp.d)]
-                parts = [sp.pos_bits[s // 8 : (s + size + 7) // 8] for s, size in runs]
-                counts = [k.count_bits(b, size) for b, (_, size) in zip(parts, runs)]
+                if isinstance(sp.pos_bits, list):  # sparsified run by run
+                    parts, counts = sp.pos_bits, [v.size for v in sp.vals]
+                else:
+                    parts = [sp.pos_bits[s // 8 : (s + size + 7) // 8] for s, size in runs]
+                    counts = [k.count_bits(b, size) for b, (_, size) in zip(parts, runs)]
             else:
                 runs, parts, counts = [(0, sp.d)], [sp.pos_bits], [sp.nnz]
             for b, (_, size), nnz in zip(parts, runs, counts):
@@ -115,25 +123,31 @@ def encode_model(
             streams[i].append((size, nnz, m, stream))
     records = []
     for sp, runs in zip(prepared, streams):
-        g = None if not runs else (runs[0][2] if len(runs) == 1 else 0, b"".join(r[3] for r in runs))
+        g = None if not runs else (runs[0][2] if len(runs) == 1 else 0, [r[3] for r in runs])
         pos_codec, m, pos_payload = encode_positions(sp.pos_bits, sp.d, sp.nnz, positions, sp.csr_shape, g)
         table = runs if pos_codec == POSITIONS["golomb"] and len(runs) > 1 else []
         records.append((sp, pos_codec, m, pos_payload, table))
     version = 2 if any(table for *_, table in records) else 1  # version 1 readers read what needs no chunks
     parts = [HEADER.pack(MAGIC, version, 0, 0, len(tensors))]
     for sp, pos_codec, m, pos_payload, table in records:
-        val_payload, scale = encode_values(sp.vals, values)
+        if isinstance(sp.vals, list) and values == "raw":  # the runs' values go in as they are
+            val_payload, scale = [encode_values(v, values)[0] for v in sp.vals], 0.0
+        else:
+            val_payload, scale = encode_values(joined(sp.vals), values)
+        pos_payload, val_payload = _pieces(pos_payload), _pieces(val_payload)
         parts += [
             sp.head,
             RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], 0, 0, sp.d, sp.nnz, m, scale,
-                        len(pos_payload), len(val_payload)),
+                        sum(map(len, pos_payload)), sum(map(len, val_payload))),
         ]
         if version == 2:
             parts.append(struct.pack("<I", len(table)))
             parts += [CHUNK.pack(size, nnz, cm, len(stream)) for size, nnz, cm, stream in table]
-        parts += [pos_payload, val_payload]
-    body = b"".join(parts)
-    return body + CRC.pack(k.crc32c(body))
+        parts += pos_payload + val_payload
+    crc = 0
+    for part in parts:  # the checksum of the pieces, so that they are copied once, by the join
+        crc = k.crc32c(part, crc)
+    return b"".join([*parts, CRC.pack(crc)])
 
 
 def decode_model(
@@ -215,12 +229,12 @@ def decode_model(
     for i, (rec, target) in enumerate(zip(records, targets)):
         name, n = rec.name, rec.n
         vals = decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
-        if rec.chunks:  # each run into its slice of the output, on several threads
+        if rec.chunks:  # each run into its slice of the output (densify runs on the library's threads)
             dest = dests[name] if name in dests else target
-            parallel_map(lambda cb: k.densify(cb[1], cb[0].size, vals[cb[0].first : cb[0].first + cb[0].nnz],
-                                           dest[cb[0].start : cb[0].start + cb[0].size]), zip(rec.chunks, golomb[i]))
+            for c, bits in zip(rec.chunks, golomb[i]):
+                k.densify(bits, c.size, vals[c.first : c.first + c.nnz], dest[c.start : c.start + c.size])
             result.tensors[name] = out[name] if name in dests else target.reshape(rec.shape)
-            result.packed[name] = np.concatenate(golomb[i])
+            result.packed_parts[name] = golomb[i]
             continue
         bits = golomb[i][0] if i in golomb else decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.shape)
         if rec.domain == DOMAIN_REFERENCE:

@@ -3,7 +3,7 @@ of d indices. Positions travel between the codecs as packed little-endian bits."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -53,19 +53,25 @@ def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np
     return np.packbits(mask, bitorder="little")
 
 
+def joined(parts: Any) -> np.ndarray:
+    """An array, or the concatenation of a list of them (a tensor's runs)."""
+    return np.concatenate(parts) if isinstance(parts, list) else parts
+
+
 def encode_positions(
-    bits: np.ndarray, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]], golomb: Optional[tuple[int, bytes]]
-) -> tuple[int, int, bytes]:
-    """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements;
-    `golomb` is the (parameter, stream) already encoded when codec is "auto" or "golomb". "auto"
-    takes the smallest payload (the others are sized by formula and built only when chosen)."""
+    bits: Any, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]], golomb: Optional[tuple[int, Any]]
+) -> tuple[int, int, Any]:
+    """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements
+    (`bits`: one array, or a list of them for runs of whole bytes); `golomb` is the (parameter,
+    stream or list of streams) already encoded when codec is "auto" or "golomb". "auto" takes the
+    smallest payload (the others are sized by formula and built only when chosen)."""
     sizes = {"bitmask": (d + 7) // 8}
     if shape is not None and d < 1 << 32 and nnz < 1 << 32:
         sizes["csr"] = _csr_size(shape, d, nnz)
     if nnz == d:
         sizes["all"] = 0
     if golomb is not None:
-        sizes["golomb"] = len(golomb[1])
+        sizes["golomb"] = sum(map(len, golomb[1])) if isinstance(golomb[1], list) else len(golomb[1])
     if codec == "auto":
         codec = min(sizes, key=lambda k: (sizes[k], k != "all"))
     if codec not in sizes:
@@ -73,9 +79,9 @@ def encode_positions(
     if codec == "all":
         return POSITIONS["all"], 0, b""
     if codec == "bitmask":
-        return POSITIONS["bitmask"], 0, bits.tobytes()
+        return POSITIONS["bitmask"], 0, joined(bits).tobytes()
     if codec == "csr":
-        return POSITIONS["csr"], 0, _csr_encode(bits, d, shape)
+        return POSITIONS["csr"], 0, _csr_encode(joined(bits), d, shape)
     assert golomb is not None
     return POSITIONS["golomb"], golomb[0], golomb[1]
 

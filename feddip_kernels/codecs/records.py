@@ -14,13 +14,22 @@ from .format import DTYPES, MAX_ARRAY_BYTES, MAX_NDIM, CodecError
 
 
 class Decoded:
-    """A decoded model: `tensors`, dense arrays (zeros off the positions), and `masks`, the
-    positions as bool arrays (unpacked on first access)."""
+    """A decoded model: `tensors`, dense arrays (zeros off the positions), `packed`, the positions
+    as packed little-endian bits, and `masks`, the positions as bool arrays (both made on first
+    access)."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, np.ndarray] = {}
-        self.packed: dict[str, np.ndarray] = {}  # positions, packed little-endian bits
+        self.packed_parts: dict[str, list[np.ndarray]] = {}  # positions of chunked records, by run
+        self._packed: dict[str, np.ndarray] = {}
         self._masks: Optional[dict[str, np.ndarray]] = None
+
+    @property
+    def packed(self) -> dict[str, np.ndarray]:
+        for name, parts in self.packed_parts.items():  # joined only when asked for
+            self._packed[name] = np.concatenate(parts)
+        self.packed_parts.clear()
+        return self._packed
 
     @property
     def masks(self) -> dict[str, np.ndarray]:

@@ -12,7 +12,6 @@ import numpy as np
 
 from .. import _backend
 from .._arrays import check_disjoint, flat_float, flat_mask, on_device, writable_view
-from .._backend import parallel_map
 from .format import (
     CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
     MAX_STREAM_CHUNK, POSITIONS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
@@ -138,10 +137,10 @@ def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> tuple[int, int, np.n
 
 
 def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values: str) -> None:
-    """Code a window's chunks (sparsify on the library's threads, all Golomb streams in one
-    parallel call) and write them, with the record heads among them, in order."""
-    jobs = [x for x in window if not isinstance(x, bytes)]
-    sparse = parallel_map(lambda job: _sparse_chunk(k, job), jobs)
+    """Code a window's chunks and write them, with the record heads among them, in order. The
+    kernels run on the library's threads within a large chunk; the Golomb coder, sequential
+    within a stream, takes all the window's streams in one parallel call."""
+    sparse = [_sparse_chunk(k, job) for job in window if not isinstance(job, bytes)]
     golomb: list[Optional[tuple[int, bytes]]] = [None] * len(sparse)
     if positions in ("auto", "golomb"):
         params = [k.golomb_parameter(vals.size, d) for _, d, _, vals in sparse]
@@ -353,8 +352,8 @@ def _reference(reference: Optional[Mapping[str, Any]], name: str, n: int) -> np.
 
 
 def _decode_window(k: Any, window: list[_Chunk]) -> None:
-    """Decode a window's chunks into their outputs: the Golomb streams in one parallel call, the
-    rest of each chunk on the library's threads."""
+    """Decode a window's chunks into their outputs: the Golomb streams in one parallel call, then
+    chunk by chunk (the kernels run on the library's threads within a large chunk)."""
     if not window:
         return
     golomb = [c for c in window if c.pos_codec == _GOLOMB]
@@ -362,9 +361,8 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
     if failed >= 0:
         raise CodecError(f"{golomb[failed].where}: {message}")
     decoded = iter(bits)
-
-    def finish(item: tuple[_Chunk, Optional[np.ndarray]]) -> None:
-        c, b = item
+    for c in window:
+        b = next(decoded) if c.pos_codec == _GOLOMB else None
         try:
             if b is None:
                 b = decode_positions(k, c.pos_raw, c.pos_codec, c.d, c.nnz, ())
@@ -375,5 +373,3 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
         k.densify(b, c.dest.size, decode_values(c.val_raw, c.val_codec, c.nnz, c.dtype, c.scale), c.dest)
         if c.packed is not None:
             c.packed[:] = b
-
-    parallel_map(finish, [(c, next(decoded) if c.pos_codec == _GOLOMB else None) for c in window])
