@@ -698,10 +698,6 @@ def _chunk_table_at(msg: bytes) -> int:
     return codecs.format.HEADER.size + 2 + 1 + 1 + 8 + codecs.format.RECORD.size + 4
 
 
-def _reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", codecs.crc32c(body))
-
-
 @pytest.mark.parametrize("field, value, match", [
     (0, 63, "chunk 0 has size"),  # not a multiple of 8
     (0, 0, "chunk 0 has size"),

@@ -18,8 +18,8 @@ from .format import (
     POSITION_NAMES, POSITIONS, RECORD, STREAM_VERSION, VALUE_NAMES, VALUES,
     Chunk, CodecError, Reader, Record, read_header,
 )
-from .positions import decode_golomb_positions, decode_positions, encode_positions, joined
-from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, write_head
+from .positions import decode_golomb_positions, decode_positions, encode_positions, joined, relative_to
+from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .stream import decode_records
 from .values import decode_values, encode_values, value_size
 
@@ -96,10 +96,9 @@ def encode_model(
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
             bits = joined(bits)
-            ref = k.pack_bits(flat_mask(reference[name], n, f"reference[{name!r}]"))
-            if not np.any(bits & ~ref):  # a subset of the reference: code relative to it
-                domain, d, csr_shape = DOMAIN_REFERENCE, k.count_bits(ref, n), None
-                pos_bits = k.select_bits(bits, ref, n)
+            sub = relative_to(k, bits, k.pack_bits(flat_mask(reference[name], n, f"reference[{name!r}]")), n)
+            if sub is not None:  # a subset of the reference: code relative to it
+                (d, pos_bits), domain, csr_shape = sub, DOMAIN_REFERENCE, None
         prepared.append(_Sparse(write_head(name, shape), shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals))
     # The Golomb streams of all tensors in one call (the native backend encodes them in parallel):
     # one stream a tensor, or one a run of CHUNK_ELEMS for a large tensor in its own index space.
@@ -238,13 +237,7 @@ def decode_model(
             continue
         bits = golomb[i][0] if i in golomb else decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.shape)
         if rec.domain == DOMAIN_REFERENCE:
-            if reference is None or name not in reference:
-                raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
-            try:
-                ref = flat_mask(reference[name], n, f"reference[{name!r}]")
-            except ValueError as e:  # the message's shape and the caller's mask disagree
-                raise CodecError(f"{name!r}: {e}") from None
-            ref_bits = k.pack_bits(ref)
+            ref_bits = k.pack_bits(reference_mask(reference, name, n))
             held = k.count_bits(ref_bits, n)
             if held != rec.d:
                 raise CodecError(f"{name!r}: the reference mask has {held} positions, the sender's had {rec.d}")

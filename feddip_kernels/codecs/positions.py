@@ -58,6 +58,14 @@ def joined(parts: Any) -> np.ndarray:
     return np.concatenate(parts) if isinstance(parts, list) else parts
 
 
+def relative_to(k: "Kernels", bits: np.ndarray, ref: np.ndarray, n: int) -> Optional[tuple[int, np.ndarray]]:
+    """(domain size, positions within it) of packed positions that are a subset of the packed
+    reference mask `ref` (n elements), or None if they are not."""
+    if np.any(bits & ~ref):
+        return None
+    return k.count_bits(ref, n), k.select_bits(bits, ref, n)
+
+
 def encode_positions(
     bits: Any, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]], golomb: Optional[tuple[int, Any]]
 ) -> tuple[int, int, Any]:

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from .._arrays import flat_mask
 from .format import DTYPES, MAX_ARRAY_BYTES, MAX_NDIM, CodecError
 
 
@@ -88,6 +89,16 @@ class Budget:
                              f"max_bytes to {self.caller} to accept this message")
         self.left -= n * dtype.itemsize
         return n
+
+
+def reference_mask(reference: Optional[Mapping[str, Any]], name: str, n: int) -> np.ndarray:
+    """The caller's shared mask for a record coded relative to one, flat, of the record's size."""
+    if reference is None or name not in reference:
+        raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
+    try:
+        return flat_mask(reference[name], n, f"reference[{name!r}]")
+    except ValueError as e:  # the message's shape and the caller's mask disagree
+        raise CodecError(f"{name!r}: {e}") from None
 
 
 def check_expected(name: str, shape: tuple[int, ...], dtype: np.dtype,

@@ -17,8 +17,8 @@ from .format import (
     MAX_STREAM_CHUNK, POSITIONS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
     Reader, read_header,
 )
-from .positions import decode_positions, encode_positions, golomb_max_len
-from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, write_head
+from .positions import decode_positions, encode_positions, golomb_max_len, relative_to
+from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .values import decode_values, encode_values, value_size
 
 STREAM_POSITIONS = ("auto", "all", "bitmask", "golomb")  # not CSR: it codes rows, which chunks cut
@@ -130,9 +130,9 @@ def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> tuple[int, int, np.n
     else:
         bits, vals = k.sparsify(piece, mask)
     if src.ref is not None:
-        ref = k.pack_bits(src.ref[start : start + size])
-        if not np.any(bits & ~ref):  # a subset of the reference: code relative to it
-            return DOMAIN_REFERENCE, k.count_bits(ref, size), k.select_bits(bits, ref, size), vals
+        sub = relative_to(k, bits, k.pack_bits(src.ref[start : start + size]), size)
+        if sub is not None:  # a subset of the reference: code relative to it
+            return DOMAIN_REFERENCE, *sub, vals
     return DOMAIN_FULL, size, bits, vals
 
 
@@ -296,7 +296,7 @@ def decode_records(
             ref_bits = None
             if domain == DOMAIN_REFERENCE:
                 if ref is None:
-                    ref = _reference(reference, name, n)
+                    ref = reference_mask(reference, name, n)
                 ref_bits = k.pack_bits(ref[start : start + size])
                 if k.count_bits(ref_bits, size) != d:
                     raise CodecError(f"{where}: the reference mask has {k.count_bits(ref_bits, size)} positions "
@@ -340,15 +340,6 @@ def _check_chunk(where: str, domain: int, pos_codec: int, reserved: int, d: int,
         want = 0 if pos_codec == POSITIONS["all"] else (d + 7) // 8
         if pos_len != want:
             raise CodecError(f"{where}: {pos_len} bytes of positions, {want} expected")
-
-
-def _reference(reference: Optional[Mapping[str, Any]], name: str, n: int) -> np.ndarray:
-    if reference is None or name not in reference:
-        raise CodecError(f"{name!r} is coded relative to a shared mask; pass it as reference[{name!r}]")
-    try:
-        return flat_mask(reference[name], n, f"reference[{name!r}]")
-    except ValueError as e:  # the message's shape and the caller's mask disagree
-        raise CodecError(f"{name!r}: {e}") from None
 
 
 def _decode_window(k: Any, window: list[_Chunk]) -> None:
