@@ -4,9 +4,8 @@ module meeting the kernel contract (_contract.Kernels); `kernels(name)` hands on
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from ._contract import Kernels
@@ -84,13 +83,3 @@ def get_num_threads() -> int:
     core = native_module()
     return core.get_num_threads() if core is not None else 1
 
-
-def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    """fn over items on the library's threads, results in order: for work whose kernels release
-    the GIL (the native ones do)."""
-    items = list(items)
-    threads = min(len(items), get_num_threads())
-    if threads <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(fn, items))

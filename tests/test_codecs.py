@@ -199,14 +199,20 @@ def _reseal(body: bytes) -> bytes:
     return body + struct.pack("<I", codecs.crc32c(body))
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
-@given(st.sampled_from(MESSAGES), st.data())
-def test_fuzz_mutations_raise_codec_error_only(case, data):
-    msg, reference = case
+def mutated_body(msg: bytes, data) -> bytearray:
+    """The message without its checksum, one to four bytes overwritten as hypothesis draws."""
     body = bytearray(msg[:-4])
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(body) - 1))
         body[i] = data.draw(st.integers(0, 255))
+    return body
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.sampled_from(MESSAGES), st.data())
+def test_fuzz_mutations_raise_codec_error_only(case, data):
+    msg, reference = case
+    body = mutated_body(msg, data)
     for sealed in (_reseal(bytes(body)), bytes(body) + msg[-4:]):
         for ref in (reference, None):
             try:

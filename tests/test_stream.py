@@ -20,7 +20,7 @@ import feddip_kernels as fk
 from feddip_kernels import codecs
 from feddip_kernels.codecs.format import HEADER, STREAM_CHUNK, STREAM_RECORD
 
-from test_codecs import sparse_arrays
+from test_codecs import _reseal, mutated_body, sparse_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 POSITIONS = ["auto", "all", "bitmask", "golomb"]
@@ -272,10 +272,6 @@ def _messages() -> list[tuple[bytes, dict | None]]:
 MESSAGES = _messages()
 
 
-def _reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", codecs.crc32c(body))
-
-
 def _decode_both(msg: bytes, reference, limit: int = 1 << 24):
     """decode_model and decode_stream of the same bytes: both refuse or both return the same."""
     results = []
@@ -299,10 +295,7 @@ def _decode_both(msg: bytes, reference, limit: int = 1 << 24):
 @given(st.sampled_from(MESSAGES), st.data())
 def test_fuzz_mutations_raise_codec_error_only(case, data):
     msg, reference = case
-    body = bytearray(msg[:-4])
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(body) - 1))
-        body[i] = data.draw(st.integers(0, 255))
+    body = mutated_body(msg, data)
     for ref in (reference, None):
         _decode_both(_reseal(bytes(body)), ref)
         assert _decode_both(bytes(body) + msg[-4:], ref) is None or bytes(body) == msg[:-4]

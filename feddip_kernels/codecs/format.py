@@ -33,7 +33,6 @@ MAX_STREAM_CHUNK = 1 << 24  # the most elements a version 3 chunk may cover (bou
 
 DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
-TORCH_FLOATS = {"torch.float32": np.dtype(np.float32), "torch.float64": np.dtype(np.float64)}
 
 DOMAIN_FULL, DOMAIN_REFERENCE = 0, 1
 POSITIONS = {"all": 0, "bitmask": 1, "csr": 2, "golomb": 3}

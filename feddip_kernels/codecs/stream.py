@@ -35,7 +35,6 @@ class _Source(NamedTuple):
     flat: Any  # NumPy, or torch on the tensor's device
     mask: Any
     ref: Optional[np.ndarray]
-    n: int
 
 
 class _Writer:
@@ -106,7 +105,7 @@ def encode_stream(
                 mask = flat_mask(mask, n, f"masks[{name!r}]")
         ref = flat_mask(reference[name], n, f"reference[{name!r}]") if reference and name in reference else None
         window.append(write_head(name, shape) + STREAM_RECORD.pack(DTYPE_CODES[dtype], VALUES[values], 0, chunk_elems))
-        source = _Source(flat, mask, ref, n)
+        source = _Source(flat, mask, ref)
         for start in range(0, n, chunk_elems):
             size = min(chunk_elems, n - start)
             window.append((source, start, size))
