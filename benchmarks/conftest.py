@@ -43,6 +43,7 @@ class Row:
     median_s: float | None
     dense_bytes: int
     baseline: bool
+    roofline: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -51,22 +52,25 @@ _ROWS: list[Row] = []
 
 @pytest.fixture
 def record(benchmark):
-    """record(fn, *args, group=..., name=..., dense_bytes=..., baseline=False, ratios_of=None, **extra):
-    benchmark fn and remember its median for the summary table; `ratios_of()`, called after the
-    timing, adds metrics derived from it to extra. Returns fn's result."""
+    """record(fn, *args, group=..., name=..., dense_bytes=..., baseline=False, roofline=False,
+    ratios_of=None, **extra): benchmark fn and remember its median for the summary table;
+    `ratios_of()`, called after the timing, adds metrics derived from it to extra. The roofline
+    row of a group (a plain read of the same bytes) makes the summary print every row's share of
+    its read rate. Returns fn's result."""
 
-    def run(fn, *args, group: str, name: str, dense_bytes: int, baseline: bool = False, ratios_of=None, **extra):
+    def run(fn, *args, group: str, name: str, dense_bytes: int, baseline: bool = False, roofline: bool = False,
+            ratios_of=None, **extra):
         benchmark.group = group
         benchmark.name = name
         result = benchmark(fn, *args)
         if ratios_of is not None:  # metrics computed from the timed calls themselves
             extra.update(ratios_of())
-        benchmark.extra_info.update(extra, dense_bytes=dense_bytes, baseline=baseline)
+        benchmark.extra_info.update(extra, dense_bytes=dense_bytes, baseline=baseline, roofline=roofline)
         stats = getattr(benchmark, "stats", None)
         median = stats.stats.median if stats is not None else None
         if median:
             benchmark.extra_info["dense_GBps"] = dense_bytes / median / 1e9
-        _ROWS.append(Row(group, name, median, dense_bytes, baseline, extra))
+        _ROWS.append(Row(group, name, median, dense_bytes, baseline, roofline, extra))
         return result
 
     return run
@@ -97,10 +101,13 @@ def pytest_terminal_summary(terminalreporter):
     for group in dict.fromkeys(r.group for r in timed):
         rows = [r for r in timed if r.group == group]
         base = next((r for r in rows if r.baseline), None)
+        read = next((r for r in rows if r.roofline), None)
         tr.write_line(f"[{group}]")
         for r in sorted(rows, key=lambda r: r.median_s):
             ratio = f"{base.median_s / r.median_s:8.2f}x" if base else "       -"
             extra = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
+            if read:  # the share of a plain read's rate of the same bytes
+                extra = f"of read rate: {read.median_s / r.median_s * r.dense_bytes / read.dense_bytes:6.1%}  " + extra
             tr.write_line(
                 f"  {r.name:<36} {r.median_s * 1e3:10.3f} ms {r.dense_bytes / r.median_s / 1e9:8.2f} GB/s {ratio}"
                 f"{'  (baseline)' if r is base else ''}  {extra}"

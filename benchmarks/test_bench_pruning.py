@@ -5,7 +5,11 @@ runs, without the sort it does not need); also timed: torch.kthvalue (the same w
 threshold: one order statistic), the sorted torch.topk, the full torch pipeline including the
 concatenation, np.partition, and a plain streaming read of the same bytes (max |w|, the memory
 roofline). A second group repeats the threshold on heavily tied weights (seven distinct values),
-where the native kernel's sampled bracket cannot separate the k-th value and its radix fallback runs."""
+where the native kernel's sampled bracket cannot separate the k-th value and its radix fallback runs.
+
+Two more groups hold the native kernels to the memory roofline at 1 and at 2 threads: the
+roofline is `fk.max_magnitude` on the same tensors with the same threads (one streaming read with
+the least work per element), and the summary prints each kernel's share of its read rate."""
 
 import numpy as np
 import pytest
@@ -64,8 +68,23 @@ def test_torch_topk_sorted(record, weights):
 def test_streaming_read(record, weights):
     # The memory roofline: one read of the same bytes with the least work per element.
     ws, n, k = weights
-    record(lambda: max(float(np.max(np.abs(w))) for w in ws), group=GROUP, name="read roofline: max |w| (numpy)",
-           dense_bytes=4 * n)
+    record(lambda: fk.max_magnitude(ws, backend="native"), group=GROUP, name="read roofline: max |w| (native)",
+           dense_bytes=4 * n, roofline=True)
+
+
+@pytest.mark.parametrize("kernel", ["read roofline", "threshold", "masks"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_against_the_roofline(record, weights, threads, kernel):
+    ws, n, k = weights
+    fn = {"read roofline": lambda: fk.max_magnitude(ws, backend="native"),
+          "threshold": lambda: fk.global_magnitude_threshold(ws, k, backend="native"),
+          "masks": lambda: fk.global_topk_masks(ws, k, backend="native")}[kernel]
+    fk.set_num_threads(threads)
+    try:
+        record(fn, group=f"topk vs the read roofline, {threads} thread(s)", name=f"{kernel}[native]",
+               dense_bytes=4 * n, roofline=kernel == "read roofline")
+    finally:
+        fk.set_num_threads(0)
 
 
 

@@ -228,6 +228,37 @@ PYBIND11_MODULE(_core, m) {
         "The k-th largest |x| over a list of same-dtype arrays (+inf for k = 0).");
 
     m.def(
+        "_scan_isa",
+        [](std::optional<std::string> limit) {
+            static const char* const names[] = {"generic", "avx2", "avx512"};
+            if (limit) {
+                int i = 0;
+                while (i < 3 && *limit != names[i]) ++i;
+                if (i == 3) throw std::invalid_argument("scan ISA must be generic, avx2 or avx512, got " + *limit);
+                limit_scan_isa(static_cast<ScanIsa>(i));
+            }
+            return std::string(names[static_cast<int>(scan_isa())]);
+        },
+        py::arg("limit") = py::none(),
+        "The vector code of the top-k fast path's pass: 'avx512', 'avx2' or 'generic'. `limit` caps it "
+        "(tests run every path on a wide machine); results never depend on it.");
+
+    m.def("_sample_fallbacks", &sample_fallbacks,
+          "How many top-k selections so far fell back from the one-pass fast path to radix passes.");
+
+    m.def(
+        "max_magnitude",
+        [](const std::vector<py::array>& tensors, int n_threads) {
+            return with_float_type(tensors, [&](auto t) {
+                const auto segs = segments_of<decltype(t)>(tensors);
+                py::gil_scoped_release release;
+                return static_cast<double>(max_magnitude(segs, n_threads));
+            });
+        },
+        py::arg("tensors"), py::kw_only(), py::arg("n_threads") = 0,
+        "The largest |x| over a list of same-dtype arrays (0.0 for no elements), in one streaming read.");
+
+    m.def(
         "topk_masks",
         [](const std::vector<py::array>& tensors, std::vector<py::array> masks, std::uint64_t k, int n_threads) {
             with_float_type(tensors, [&](auto t) { masks_impl<decltype(t)>(tensors, masks, k, n_threads); });

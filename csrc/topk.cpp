@@ -1,11 +1,18 @@
 #include "topk.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FEDDIP_X86_SCAN 1
+#endif
 
 namespace feddip {
 namespace {
@@ -14,9 +21,11 @@ constexpr std::size_t kChunk = std::size_t(1) << 15;
 constexpr std::size_t kBins = std::size_t(1) << 16;
 // Below this many candidates, gather them and select in cache instead of another histogram.
 constexpr std::uint64_t kGatherMax = std::uint64_t(1) << 18;
-// Sample size of the one-pass fast path, and the smallest input it is used for.
-constexpr std::uint64_t kSample = std::uint64_t(1) << 16;
+// The one-pass fast path: used from kSampleMinN elements; its sample holds n / 256 keys, at least
+// kSampleMin and at most kSampleMax, and it may gather up to max(kGatherMax, n / 64) keys.
 constexpr std::uint64_t kSampleMinN = std::uint64_t(1) << 20;
+constexpr std::uint64_t kSampleMin = std::uint64_t(1) << 16;
+constexpr std::uint64_t kSampleMax = std::uint64_t(1) << 20;
 constexpr std::size_t kBlock = 32;
 constexpr std::size_t kRun = 16;  // sample run length (one 64-byte line of float32)
 
@@ -85,19 +94,106 @@ bits_t<T> histogram(const std::vector<Chunk<T>>& chunks, int nt, int shift, bits
     return *std::max_element(maxima.begin(), maxima.end());
 }
 
-// The rank-th largest of `keys` (rank >= 1), with `above` more keys known to be larger.
-template <class T>
-MagnitudeThreshold<T> select_in(std::vector<bits_t<T>>& keys, std::uint64_t rank, std::uint64_t above) {
-    using U = bits_t<T>;
-    auto nth = keys.begin() + static_cast<std::ptrdiff_t>(rank - 1);
-    std::nth_element(keys.begin(), nth, keys.end(), std::greater<U>());
-    const U key = *nth;
-    std::uint64_t greater = 0, equal = 0;
-    for (U x : keys) {
-        greater += x > key;
-        equal += x == key;
+template <class U>
+struct Rank {
+    U key;                    // the rank-th largest key
+    std::uint64_t n_greater;  // keys > key
+    std::uint64_t n_equal;    // keys == key
+};
+
+constexpr int kDigit = 12;  // bits per radix level of the in-cache selections
+
+// One radix level over keys in [lo, hi]: the histogram of their 12-bit digit (key - lo) >> shift,
+// with the shift that makes the span's top digit the highest. width 0: all keys equal lo.
+template <class U>
+struct Level {
+    int width = 0, shift = 0;
+    std::vector<std::uint32_t> hist;
+
+    Level(const U* keys, std::size_t n, U lo, U hi) : hist(std::size_t(1) << kDigit, 0) {
+        const U span = hi - lo;
+        while (width < int(8 * sizeof(U)) && (span >> width) != 0) ++width;
+        shift = std::max(0, width - kDigit);
+        if (width == 0) return;
+        // Four interleaved histograms: runs of equal digits (keys cluster) would otherwise chain
+        // every increment on the one before through memory.
+        std::vector<std::uint32_t> part(3 * hist.size(), 0);
+        std::uint32_t* h[4] = {hist.data(), part.data(), part.data() + hist.size(), part.data() + 2 * hist.size()};
+        std::size_t i = 0;
+        for (; i + 4 <= n; i += 4)
+            for (int q = 0; q < 4; ++q) ++h[q][(keys[i + q] - lo) >> shift];
+        for (; i < n; ++i) ++hist[(keys[i] - lo) >> shift];
+        for (std::size_t b = 0; b < hist.size(); ++b) hist[b] += h[1][b] + h[2][b] + h[3][b];
     }
-    return {key_to_value<T>(key), above + greater, equal};
+    // The bin that holds the rank-th largest key, and how many keys lie in higher bins.
+    std::pair<std::size_t, std::uint64_t> find(std::uint64_t rank) const {
+        std::size_t b = hist.size();
+        std::uint64_t cum = 0;
+        while (cum + hist[b - 1] < rank) cum += hist[--b];
+        return {b - 1, cum};
+    }
+};
+
+// The rank-th largest (1 <= rank <= n) of n keys that all lie in [lo, hi], in linear time: radix
+// levels narrow the range in place (reordering `keys`) until few keys are left for nth_element,
+// which alone would cost a mispredicted branch per compare.
+template <class U>
+Rank<U> kth_largest(U* keys, std::size_t n, std::uint64_t rank, U lo, U hi) {
+    constexpr std::size_t kSmall = 2048;
+    std::uint64_t greater = 0;
+    while (n > kSmall) {
+        const Level<U> level(keys, n, lo, hi);
+        if (level.width == 0) return {lo, greater, n};
+        const auto [b, above] = level.find(rank);
+        greater += above;
+        rank -= above;
+        // Keep the bin's keys: a branch that is rarely taken where the bin is small, else a
+        // branchless copy (a store per key, but no mispredictions).
+        const U bin_lo = lo + (U(b) << level.shift), bin_span = (U(1) << level.shift) - 1;
+        std::size_t j = 0;
+        if (level.hist[b] < n / 16) {
+            for (std::size_t i = 0; i < n; ++i)
+                if (U(keys[i] - bin_lo) <= bin_span) keys[j++] = keys[i];
+        } else {
+            for (std::size_t i = 0; i < n; ++i) {
+                const U key = keys[i];
+                keys[j] = key;
+                j += U(key - bin_lo) <= bin_span;
+            }
+        }
+        n = j;
+        lo = bin_lo;
+        hi = std::min<U>(hi, bin_lo + bin_span);
+    }
+    U* nth = keys + (rank - 1);
+    std::nth_element(keys, nth, keys + n, std::greater<U>());
+    const U key = *nth;
+    std::uint64_t equal = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        greater += keys[i] > key;
+        equal += keys[i] == key;
+    }
+    return {key, greater, equal};
+}
+
+// Keys hi >= the r1-th largest and lo <= the r2-th largest of `keys` (1 <= r1 <= r2 <= size):
+// the edges of their bins in one histogram of the top 16 bits of the keys' span. A bin is 2^-9 of
+// an octave of float32 magnitudes, so the bracket is hardly wider than the exact ranks'.
+template <class U>
+std::pair<U, U> sample_bracket(const std::vector<U>& keys, std::uint64_t r1, std::uint64_t r2) {
+    constexpr int kBracketDigit = 16;
+    const U top = *std::max_element(keys.begin(), keys.end());
+    int width = 0;
+    while (width < int(8 * sizeof(U)) && (top >> width) != 0) ++width;
+    const int shift = std::max(0, width - kBracketDigit);
+    std::vector<std::uint32_t> hist(std::size_t(top >> shift) + 1, 0);
+    for (const U key : keys) ++hist[key >> shift];
+    std::size_t b = hist.size();
+    std::uint64_t cum = 0;
+    while (cum + hist[b - 1] < r1) cum += hist[--b];
+    const U hi = std::min<U>(top, (U(b) << shift) - 1);  // the top of bin b - 1
+    while (cum + hist[b - 1] < r2) cum += hist[--b];
+    return {hi, U(b - 1) << shift};
 }
 
 template <class T>
@@ -123,19 +219,22 @@ std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_
     return all;
 }
 
-struct ChunkScan {
+// What one thread's share of the fast path's pass found.
+template <class U>
+struct Scan {
+    U* out;                   // gathered keys in [lo, hi]; `cap` of room
+    std::size_t cap;
+    std::size_t size = 0;
     std::uint64_t above = 0;  // keys > hi
     bool nan = false;
-    bool overflow = false;    // the gather buffer would have exceeded `cap`
+    bool overflow = false;    // more than `cap` keys in [lo, hi]: the gather gave up
 };
 
-// The one pass of the fast path over one chunk: count keys > hi and append keys in [lo, hi] to
-// `out` (up to `cap` in all). Blocks of kBlock get a vectorised count first and are compacted
-// (branchless) only when they hold candidates. Keys have the top bit clear, so signed compares,
-// which SSE2/AVX2 have for 32-bit lanes, order them correctly.
+// The pass over one chunk: count keys > hi, append keys in [lo, hi]. Blocks of kBlock get a
+// vectorised count first and are compacted (branchless) only when they hold candidates. Keys have
+// the top bit clear, so signed compares, which SSE2/AVX2 have for 32-bit lanes, order them right.
 template <class T, class S>
-FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, std::size_t cap,
-                                     std::vector<bits_t<T>>& out, ChunkScan& scan) {
+FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan<bits_t<T>>& scan) {
     using U = bits_t<T>;
     const S inf = static_cast<S>(inf_key<T>());
     for (std::size_t b0 = 0; b0 < m; b0 += kBlock) {
@@ -149,80 +248,231 @@ FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, std:
         }
         scan.above += above;
         scan.nan |= nan != 0;
-        if (inside == above || scan.overflow) continue;
-        if (out.size() + (inside - above) > cap) {
+        if (inside == above) continue;
+        if (scan.size + kBlock > scan.cap) {
             scan.overflow = true;
-            continue;
+            return;
         }
-        U buf[kBlock];
+        U* out = scan.out + scan.size;
         std::size_t j = 0;
         for (std::size_t i = b0; i < b1; ++i) {
             const S key = static_cast<S>(magnitude_key(p[i]));
-            buf[j] = static_cast<U>(key);
+            out[j] = static_cast<U>(key);
             j += (key >= lo) & (key <= hi);
         }
-        out.insert(out.end(), buf, buf + j);
+        scan.size += j;
     }
 }
 
-// Fast path, one pass over memory: a strided sample brackets the k-th largest key in [lo, hi]; one
-// pass counts the keys above hi and gathers those inside; selection finishes on the gathered keys.
+#ifdef FEDDIP_X86_SCAN
+// Lane indices that move the lanes set in an 8-bit mask to the front, one byte each.
+struct PackTable {
+    std::uint64_t entry[256];
+    constexpr PackTable() : entry() {
+        for (int mask = 0; mask < 256; ++mask) {
+            std::uint64_t e = 0;
+            int j = 0;
+            for (int lane = 0; lane < 8; ++lane)
+                if (mask >> lane & 1) e |= std::uint64_t(lane) << (8 * j++);
+            entry[mask] = e;
+        }
+    }
+};
+constexpr PackTable kPack;
+
+// The float32 pass with AVX2. Branchless: every block's candidates are packed eight lanes at a
+// time by a permute from kPack and stored, most of the time zero of them. A branch on "this block
+// holds one" mispredicts on about a fifth of the blocks and cost more (GCC does not vectorise a
+// compaction by itself).
+__attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std::size_t m,
+                                                             std::int32_t hi, std::int32_t lo,
+                                                             Scan<std::uint32_t>& scan) {
+    const __m256i sign_clear = _mm256_set1_epi32(0x7fffffff);
+    const __m256i vhi = _mm256_set1_epi32(hi);
+    const __m256i vlo = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo >= 0)
+    __m256i above = _mm256_setzero_si256(), peak = _mm256_setzero_si256();
+    std::uint32_t* out = scan.out + scan.size;
+    std::uint32_t* const end = scan.out + scan.cap;
+    std::size_t i = 0;
+    for (; i + kBlock <= m; i += kBlock) {
+        if (end - out < std::ptrdiff_t(kBlock)) {
+            scan.overflow = true;
+            return;
+        }
+        for (std::size_t q = 0; q < kBlock; q += 8) {
+            const __m256i key = _mm256_and_si256(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + q)), sign_clear);
+            const __m256i gt = _mm256_cmpgt_epi32(key, vhi);
+            above = _mm256_sub_epi32(above, gt);
+            peak = _mm256_max_epi32(peak, key);
+            const __m256i in = _mm256_andnot_si256(gt, _mm256_cmpgt_epi32(key, vlo));
+            const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(in));
+            const __m256i lanes =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.entry + bits)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(key, lanes));
+            out += _mm_popcnt_u32(static_cast<unsigned>(bits));
+        }
+    }
+    scan.size = static_cast<std::size_t>(out - scan.out);
+    alignas(32) std::int32_t lane[8];  // lane counts stay below 2^31: a chunk is kChunk elements
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane), above);
+    for (int q = 0; q < 8; ++q) scan.above += static_cast<std::uint32_t>(lane[q]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane), peak);
+    for (int q = 0; q < 8; ++q) scan.nan |= lane[q] > std::int32_t(inf_key<float>());
+    if (i < m) scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan);
+}
+
+// The float32 pass with AVX-512: compares give lane masks, and a register compress packs the
+// candidates (the compress-to-memory form is microcoded and slow on AMD Zen 4).
+__attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p, std::size_t m,
+                                                                 std::int32_t hi, std::int32_t lo,
+                                                                 Scan<std::uint32_t>& scan) {
+    const __m512i sign_clear = _mm512_set1_epi32(0x7fffffff);
+    const __m512i vhi = _mm512_set1_epi32(hi);
+    const __m512i vlo = _mm512_set1_epi32(lo);
+    __m512i peak = _mm512_setzero_si512();
+    std::uint64_t above = 0;
+    std::uint32_t* out = scan.out + scan.size;
+    std::uint32_t* const end = scan.out + scan.cap;
+    std::size_t i = 0;
+    for (; i + kBlock <= m; i += kBlock) {
+        if (end - out < std::ptrdiff_t(kBlock)) {
+            scan.overflow = true;
+            return;
+        }
+        for (std::size_t q = 0; q < kBlock; q += 16) {
+            const __m512i key = _mm512_and_si512(_mm512_loadu_si512(p + i + q), sign_clear);
+            const __mmask16 gt = _mm512_cmpgt_epi32_mask(key, vhi);
+            const __mmask16 in = _mm512_mask_cmpge_epi32_mask(static_cast<__mmask16>(~gt), key, vlo);
+            above += static_cast<unsigned>(_mm_popcnt_u32(gt));
+            // The masked form: the plain _mm512_max_epi32 trips GCC 12's -Wmaybe-uninitialized.
+            peak = _mm512_mask_max_epi32(peak, __mmask16(0xffff), peak, key);
+            _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(in, key));
+            out += _mm_popcnt_u32(in);
+        }
+    }
+    scan.size = static_cast<std::size_t>(out - scan.out);
+    scan.above += above;
+    scan.nan |= _mm512_cmpgt_epi32_mask(peak, _mm512_set1_epi32(std::int32_t(inf_key<float>()))) != 0;
+    if (i < m) scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan);
+}
+
+ScanIsa detected_isa() {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt")) return ScanIsa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return ScanIsa::avx2;
+    return ScanIsa::generic;
+}
+#else
+ScanIsa detected_isa() { return ScanIsa::generic; }
+#endif
+
+std::atomic<std::uint64_t>& fallback_count() {
+    static std::atomic<std::uint64_t> count{0};
+    return count;
+}
+
+std::atomic<int>& isa_limit() {
+    static std::atomic<int> limit{static_cast<int>(ScanIsa::avx512)};
+    return limit;
+}
+
+// The pass over one chunk, with the widest vectors the CPU has (up to the limit tests may set).
+template <class T>
+void scan(const Chunk<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed_t<bits_t<T>> lo,
+          Scan<bits_t<T>>& sc, ScanIsa isa) {
+    if (sc.overflow) return;  // the fast path has failed already: the caller falls back
+#ifdef FEDDIP_X86_SCAN
+    if constexpr (sizeof(T) == 4) {
+        if (isa == ScanIsa::avx512) return scan_chunk_avx512(ch.data, ch.size, hi, lo, sc);
+        if (isa == ScanIsa::avx2) return scan_chunk_avx2(ch.data, ch.size, hi, lo, sc);
+    }
+#endif
+    (void)isa;
+    scan_chunk<T>(ch.data, ch.size, hi, lo, sc);
+}
+
+// A strided sample of the keys: runs of kRun consecutive elements at evenly spaced offsets in each
+// chunk (one cache line and one page per run instead of per key: single strided reads cost a TLB
+// miss each without huge pages). Chunks fill their own slots in parallel; the sample does not
+// depend on the thread count.
+template <class T>
+std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uint64_t n,
+                                   std::uint64_t n_sample, int nt) {
+    using U = bits_t<T>;
+    // Chunk c contributes runs[c] runs of kRun keys (the last may be cut short by the chunk's
+    // end), step[c] elements apart, about its share of n_sample keys.
+    std::vector<std::size_t> runs(chunks.size()), step(chunks.size()), start(chunks.size() + 1, 0);
+    for (std::size_t c = 0; c < chunks.size(); ++c) {
+        const std::size_t m = chunks[c].size;
+        const std::size_t take = static_cast<std::size_t>((m * n_sample + n - 1) / n);
+        runs[c] = (take + kRun - 1) / kRun;
+        step[c] = m / std::max<std::size_t>(runs[c], 1);
+        for (std::size_t r = 0; r < runs[c]; ++r)
+            start[c + 1] += std::min(m, r * step[c] + kRun) - std::min(m, r * step[c]);
+        start[c + 1] += start[c];
+    }
+    std::vector<U> sample(start.back());
+    const long long n_chunks = static_cast<long long>(chunks.size());
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long c = 0; c < n_chunks; ++c) {
+        const Chunk<T>& ch = chunks[c];
+        U* out = sample.data() + start[c];
+        for (std::size_t r = 0; r < runs[c]; ++r)
+            for (std::size_t j = r * step[c]; j < std::min(ch.size, r * step[c] + kRun); ++j)
+                *out++ = magnitude_key(ch.data[j]);
+    }
+    return sample;
+}
+
+// Fast path, one pass over memory: a sample brackets the k-th largest key in [lo, hi]; one pass
+// counts the keys above hi and gathers those inside; selection finishes on the gathered keys.
 // Returns false (and the caller falls back to the radix passes) when the bracket missed the k-th
-// key or held more than kGatherMax keys.
+// key or held more keys than the gather's room.
 template <class T>
 bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t k, int nt,
                    MagnitudeThreshold<T>* result) {
     using U = bits_t<T>;
     using S = std::make_signed_t<U>;  // keys have the top bit clear: signed compares vectorise
-    const std::uint64_t n_sample = std::min<std::uint64_t>(n, kSample);
-    std::vector<U> sample;
-    sample.reserve(n_sample + chunks.size());
-    // Runs of kRun consecutive elements at evenly spaced offsets: one cache line and one page per
-    // run instead of per sample (single strided samples cost a TLB miss each without huge pages).
-    for (const Chunk<T>& ch : chunks) {
-        const std::size_t take = static_cast<std::size_t>((ch.size * n_sample + n - 1) / n);
-        const std::size_t runs = (take + kRun - 1) / kRun;
-        const std::size_t step = ch.size / std::max<std::size_t>(runs, 1);
-        for (std::size_t r = 0; r < runs; ++r)
-            for (std::size_t j = r * step; j < std::min(ch.size, r * step + kRun); ++j)
-                sample.push_back(magnitude_key(ch.data[j]));
-    }
+    const std::uint64_t n_sample = std::min(n, std::clamp(n / 256, kSampleMin, kSampleMax));
+    std::vector<U> sample = take_sample(chunks, n, n_sample, nt);
     const double s = static_cast<double>(sample.size());
     const double r = static_cast<double>(k) * s / static_cast<double>(n);  // expected sample rank
     const double margin = 4.0 * std::sqrt(r * (1.0 - r / s)) + 16.0;
-    const auto hi_pos = static_cast<std::ptrdiff_t>(std::floor(r - margin));
-    const auto lo_pos = static_cast<std::ptrdiff_t>(std::ceil(r + margin));
-    U hi = std::numeric_limits<S>::max(), lo = 0;
-    if (hi_pos >= 0) {
-        std::nth_element(sample.begin(), sample.begin() + hi_pos, sample.end(), std::greater<U>());
-        hi = sample[hi_pos];
-    }
-    if (lo_pos < static_cast<std::ptrdiff_t>(sample.size())) {
-        std::nth_element(sample.begin(), sample.begin() + lo_pos, sample.end(), std::greater<U>());
-        lo = sample[lo_pos];
-    }
+    const auto hi_rank = static_cast<std::int64_t>(std::floor(r - margin)) + 1;  // 1-based
+    const auto lo_rank = static_cast<std::int64_t>(std::ceil(r + margin)) + 1;
+    // Clamped to the sample: an end past it leaves that side open (hi above every key, lo at 0).
+    const std::uint64_t r1 = static_cast<std::uint64_t>(std::max<std::int64_t>(hi_rank, 1));
+    const std::uint64_t r2 = static_cast<std::uint64_t>(std::min<std::int64_t>(lo_rank, sample.size()));
+    auto [hi, lo] = sample_bracket<U>(sample, r1, r2);
+    if (hi_rank < 1) hi = std::numeric_limits<S>::max();
+    if (lo_rank > static_cast<std::int64_t>(sample.size())) lo = 0;
+    const std::size_t room = static_cast<std::size_t>(std::max(kGatherMax, n / 64));
+    const std::size_t part = room / static_cast<std::size_t>(nt) + kBlock;
+    std::unique_ptr<U[]> gathered(new U[part * std::size_t(nt)]);  // untouched room costs no memory
+    std::vector<Scan<U>> scans;
+    for (int t = 0; t < nt; ++t) scans.push_back({gathered.get() + part * std::size_t(t), part});
     const S shi = static_cast<S>(hi), slo = static_cast<S>(lo);
-    std::vector<std::vector<U>> parts(nt);
-    std::vector<ChunkScan> scans(nt);
-    const std::size_t part_cap = kGatherMax / static_cast<std::size_t>(nt) + 1;
     const long long n_chunks = static_cast<long long>(chunks.size());
+    const ScanIsa isa = scan_isa();
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (long long c = 0; c < n_chunks; ++c) {
-        const int t = thread_id();
-        scan_chunk(chunks[c].data, chunks[c].size, shi, slo, part_cap, parts[t], scans[t]);
-    }
-    bool overflow = false;
+    for (long long c = 0; c < n_chunks; ++c) scan<T>(chunks[c], shi, slo, scans[thread_id()], isa);
     std::uint64_t n_above = 0;
-    for (const ChunkScan& sc : scans) {
+    std::size_t n_keys = 0;
+    bool overflow = false;
+    for (const Scan<U>& sc : scans) {
         if (sc.nan) throw std::invalid_argument("input contains NaN");
         overflow |= sc.overflow;
         n_above += sc.above;
     }
     if (overflow) return false;
-    std::vector<U> keys;
-    for (auto& part : parts) keys.insert(keys.end(), part.begin(), part.end());
-    if (k <= n_above || k > n_above + keys.size()) return false;
-    *result = select_in<T>(keys, k - n_above, n_above);
+    for (const Scan<U>& sc : scans) {  // join the parts at the front of the buffer
+        std::copy(sc.out, sc.out + sc.size, gathered.get() + n_keys);
+        n_keys += sc.size;
+    }
+    if (k <= n_above || k > n_above + n_keys) return false;
+    const Rank<U> kth = kth_largest<U>(gathered.get(), n_keys, k - n_above, lo, hi);
+    *result = {key_to_value<T>(kth.key), n_above + kth.n_greater, kth.n_equal};
     return true;
 }
 
@@ -237,6 +487,7 @@ MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t 
     if (k > 0 && n >= kSampleMinN) {
         MagnitudeThreshold<T> result;
         if (sample_select(chunks, n, k, nt, &result)) return result;
+        fallback_count().fetch_add(1, std::memory_order_relaxed);
     }
     std::vector<std::uint64_t> hist;
     U prefix = 0, prefix_mask = 0;
@@ -260,13 +511,34 @@ MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t 
         if (shift == 0) return {key_to_value<T>(prefix), above, candidates};
         if (candidates <= kGatherMax) {
             std::vector<U> keys = gather(chunks, nt, prefix, prefix_mask);
-            return select_in<T>(keys, rank, above);
+            const U lo = prefix, hi = prefix | U(~prefix_mask);
+            const Rank<U> kth = kth_largest<U>(keys.data(), keys.size(), rank, lo, hi);
+            return {key_to_value<T>(kth.key), above + kth.n_greater, kth.n_equal};
         }
     }
     throw std::logic_error("radix select did not terminate");  // unreachable
 }
 
+template <class T>
+FEDDIP_VECTOR_CLONES bits_t<T> chunk_peak(const T* p, std::size_t m) {
+    bits_t<T> peak = 0;
+    for (std::size_t i = 0; i < m; ++i) peak = std::max(peak, magnitude_key(p[i]));
+    return peak;
+}
+
 }  // namespace
+
+ScanIsa scan_isa() {
+    static const ScanIsa detected = detected_isa();
+    return std::min(detected, static_cast<ScanIsa>(isa_limit().load(std::memory_order_relaxed)));
+}
+
+std::uint64_t sample_fallbacks() { return fallback_count().load(std::memory_order_relaxed); }
+
+ScanIsa limit_scan_isa(ScanIsa limit) {
+    isa_limit().store(static_cast<int>(limit), std::memory_order_relaxed);
+    return scan_isa();
+}
 
 template <class T>
 MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments,
@@ -274,6 +546,20 @@ MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& 
     std::uint64_t n = 0;
     const auto chunks = make_chunks(segments, &n);
     return select(chunks, n, k, threads_for(n_threads, chunks.size()));
+}
+
+template <class T>
+T max_magnitude(const std::vector<Segment<T>>& segments, int n_threads) {
+    using U = bits_t<T>;
+    std::uint64_t n = 0;
+    const auto chunks = make_chunks(segments, &n);
+    const int nt = threads_for(n_threads, chunks.size());
+    const long long n_chunks = static_cast<long long>(chunks.size());
+    U peak = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : peak)
+    for (long long c = 0; c < n_chunks; ++c) peak = std::max(peak, chunk_peak(chunks[c].data, chunks[c].size));
+    if (peak > inf_key<T>()) throw std::invalid_argument("input contains NaN");
+    return key_to_value<T>(peak);
 }
 
 // out[i] = |p[i]| > the value of `key` (on magnitude keys; NaN never occurs here). Keys have the top
@@ -329,6 +615,8 @@ template MagnitudeThreshold<float> global_magnitude_threshold(const std::vector<
                                                               std::uint64_t, int);
 template MagnitudeThreshold<double> global_magnitude_threshold(const std::vector<Segment<double>>&,
                                                                std::uint64_t, int);
+template float max_magnitude(const std::vector<Segment<float>>&, int);
+template double max_magnitude(const std::vector<Segment<double>>&, int);
 template MagnitudeThreshold<float> global_topk_masks(const std::vector<Segment<float>>&,
                                                     const std::vector<std::uint8_t*>&, std::uint64_t,
                                                     int);

@@ -16,13 +16,30 @@ struct MagnitudeThreshold {
     std::uint64_t n_equal;    // elements with |x| == value
 };
 
-// Radix select on the bit patterns of |x|: one histogram pass over the top 15 bits, then
-// either a second histogram pass or, when few candidates remain, a gather pass and an
-// in-cache selection. Typically two passes over memory, no allocation proportional to n.
+// Selection on the bit patterns of |x|. From 2^20 elements, one pass over memory: a sample
+// brackets the k-th key, the pass counts the keys above the bracket and gathers those inside it
+// (at most max(2^18, n / 64) keys), and a radix select in cache finishes. Where the bracket misses
+// or holds too many keys (heavy ties), and below 2^20 elements: radix select over memory, one
+// histogram pass per 16-bit digit until few enough candidates remain to gather.
 // Throws std::invalid_argument when an element is NaN or k exceeds the element count.
 template <class T>
 MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments,
                                                  std::uint64_t k, int n_threads = 0);
+
+// Vector instruction sets the fast path's pass has code for, narrowest first. It uses the widest
+// the CPU has; limit_scan_isa caps that (so tests can run every path on a wide machine) and returns
+// the one now in use. Results do not depend on it.
+enum class ScanIsa : int { generic = 0, avx2 = 1, avx512 = 2 };
+ScanIsa scan_isa();
+ScanIsa limit_scan_isa(ScanIsa limit);
+
+// How many selections so far tried the one-pass fast path and fell back to the radix passes.
+std::uint64_t sample_fallbacks();
+
+// The largest |x| (0 for no elements) in one streaming read: the memory roofline the selection is
+// measured against. Throws std::invalid_argument when an element is NaN.
+template <class T>
+T max_magnitude(const std::vector<Segment<T>>& segments, int n_threads = 0);
 
 // Writes one byte (0/1) per element into masks[i] (same length as segments[i]): exactly k ones,
 // at the k largest |x|. Ties at the threshold are taken in list order (tensor, then flat index).

@@ -7,6 +7,7 @@ from .pruning import (
     global_magnitude_threshold,
     global_topk_masks,
     k_for_density,
+    max_magnitude,
     pack_mask,
     unpack_mask,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "load",
     "masked_ef_step",
     "masked_norm",
+    "max_magnitude",
     "pack_mask",
     "save",
     "set_num_threads",

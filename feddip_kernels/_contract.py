@@ -24,6 +24,9 @@ class Kernels(Protocol):
     def topk_masks(self, tensors: Sequence[np.ndarray], masks: Sequence[np.ndarray], k: int) -> None:
         """Fill `masks` (bool, one per tensor, same sizes) with the k largest |x|."""
 
+    def max_magnitude(self, tensors: Sequence[np.ndarray]) -> float:
+        """The largest |x| over the tensors, 0.0 for no elements: one streaming read."""
+
     # The local step.
     def masked_norm(self, w: np.ndarray, mask: Optional[np.ndarray], *, p: int, mask_packed: bool = False) -> float:
         """||w * m||_p accumulated in double; `mask` bool, or packed bits when mask_packed."""

@@ -106,6 +106,24 @@ def magnitude_threshold(tensors: list[np.ndarray], k: int) -> float:
     return float(np.array([key], dtype=np.uint32 if bits == 32 else np.uint64).view(dtype)[0])
 
 
+@nb.njit(cache=True, nogil=True)
+def _peak(keys, sign_clear):
+    mx = sign_clear - sign_clear  # zero of the key type
+    for i in range(keys.size):
+        mx = max(mx, keys[i] & sign_clear)
+    return mx
+
+
+def max_magnitude(tensors: list[np.ndarray]) -> float:
+    dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
+    utype = np.uint32 if dtype.itemsize == 4 else np.uint64
+    sign_clear = utype(np.iinfo(utype).max >> 1)
+    peak = max((int(_peak(_keys(t), sign_clear)) for t in tensors), default=0)
+    if peak > (0x7F800000 if dtype.itemsize == 4 else 0x7FF0000000000000):
+        raise ValueError("input contains NaN")
+    return float(np.array([peak], dtype=utype).view(dtype)[0])
+
+
 def topk_masks(tensors: list[np.ndarray], masks: list[np.ndarray], k: int) -> None:
     dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
     bits = 8 * dtype.itemsize

@@ -97,6 +97,11 @@ def _check(tensors: Sequence[torch.Tensor]) -> None:
         raise ValueError("NaN in tensors: magnitudes of NaN have no order")
 
 
+def max_magnitude(tensors: Sequence[torch.Tensor]) -> float:
+    _check(tensors)
+    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+
+
 def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
     """The k-th largest |w| over all tensors (+inf for k = 0), never concatenating them: a strided
     sample brackets it, one pass counts the elements above the bracket and gathers those inside,

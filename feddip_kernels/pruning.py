@@ -40,9 +40,11 @@ def _check_k(k: Any, n: int) -> int:
 def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str = "auto") -> float:
     """The k-th largest |w| over all elements of `tensors` (float32 or float64, one dtype).
 
-    Returns +inf for k = 0. The list is never concatenated: the native backend runs a radix select
-    on the bit patterns of |w| in about two passes over memory. Tensors on a CUDA device are
-    handled there (torch operations; `backend` does not apply).
+    Returns +inf for k = 0. The list is never concatenated: the native backend selects on the bit
+    patterns of |w|, from 2^20 elements in one pass over memory (a sample brackets the k-th
+    magnitude, the pass counts what lies above the bracket and gathers what lies inside); on
+    heavily tied data, radix passes. Tensors on a CUDA device are handled there (torch operations;
+    `backend` does not apply).
     """
     if on_device(*tensors):
         from . import _torch_kernels
@@ -51,6 +53,17 @@ def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str =
     arrays = float_tensors(tensors)
     k = _check_k(k, sum(a.size for a in arrays))
     return _backend.kernels(backend).magnitude_threshold(arrays, k)
+
+
+def max_magnitude(tensors: Sequence[Any], *, backend: str = "auto") -> float:
+    """The largest |w| over all elements of `tensors` (float32 or float64, one dtype); 0.0 for no
+    elements, and NaN raises ValueError as in the top-k functions. One streaming read of the
+    tensors: the memory roofline the benchmarks hold the top-k threshold against."""
+    if on_device(*tensors):
+        from . import _torch_kernels
+
+        return _torch_kernels.max_magnitude(list(tensors))
+    return _backend.kernels(backend).max_magnitude(float_tensors(tensors))
 
 
 def global_topk_masks(

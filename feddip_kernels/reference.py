@@ -43,6 +43,11 @@ def magnitude_threshold(tensors: list[np.ndarray], k: int) -> float:
     return float(-np.sort(-mags)[k - 1])
 
 
+def max_magnitude(tensors: list[np.ndarray]) -> float:
+    mags = _magnitudes(tensors)
+    return float(mags.max()) if mags.size else 0.0
+
+
 def topk_masks(tensors: Sequence[np.ndarray], masks: Sequence[np.ndarray], k: int) -> None:
     flat = np.zeros(sum(t.size for t in tensors), dtype=bool)
     flat[topk_order(list(tensors), k)] = True

@@ -50,7 +50,7 @@ def test_signature_meets_the_contract(backend, name):
 
 def test_the_contract_lists_every_kernel_the_public_layer_calls():
     assert set(NAMES) == {
-        "magnitude_threshold", "topk_masks", "masked_norm", "masked_ef_step", "pack_bits", "unpack_bits",
+        "magnitude_threshold", "topk_masks", "max_magnitude", "masked_norm", "masked_ef_step", "pack_bits", "unpack_bits",
         "count_bits", "select_bits", "deposit_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
         "golomb_encode_many", "golomb_decode_many", "crc32c",
     }
@@ -64,6 +64,7 @@ def calls():
     return {
         "magnitude_threshold": lambda k: k.magnitude_threshold([w, w[:5].copy()], 4),
         "topk_masks": lambda k: k.topk_masks([w], [np.zeros(37, bool)], 4),
+        "max_magnitude": lambda k: k.max_magnitude([w, w[:5].copy()]),
         "masked_norm": lambda k: k.masked_norm(w, bits, p=2, mask_packed=True),
         "masked_ef_step": lambda k: k.masked_ef_step(
             w.copy(), w, mask, momentum_buffer=None, pruned_out=None, lr=0.1, weight_decay=0.0, lam=0.01,
@@ -103,7 +104,7 @@ def test_return_types_are_the_same_in_every_backend(name):
     results = {be: call(_backend.kernels(be)) for be in BACKENDS}
     shapes = {be: shape_of(r) for be, r in results.items()}
     assert len(set(map(repr, shapes.values()))) == 1, shapes
-    if name in ("magnitude_threshold", "masked_norm", "masked_ef_step"):
+    if name in ("magnitude_threshold", "max_magnitude", "masked_norm", "masked_ef_step"):
         assert all(type(r) is float for r in results.values())
     if name == "topk_masks":
         assert all(r is None for r in results.values())
@@ -143,7 +144,7 @@ def test_the_native_stub_lists_exactly_the_native_functions():
     stub = pathlib.Path(_backend.__file__).with_name("_core.pyi")
     tree = ast.parse(stub.read_text())
     stubbed = {n.name: [a.arg for a in n.args.args + n.args.kwonlyargs] for n in tree.body if isinstance(n, ast.FunctionDef)}
-    functions = {k for k in dir(native) if callable(getattr(native, k)) and not k.startswith("_")}
+    functions = {k for k in dir(native) if callable(getattr(native, k)) and not k.startswith("__")}
     assert set(stubbed) == functions
     for name, args in stubbed.items():
         assert [p for p, _ in backend_params(getattr(native, name))] == args, name

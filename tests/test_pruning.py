@@ -217,3 +217,99 @@ def test_auto_falls_back_when_the_native_module_is_missing(monkeypatch):
         np.testing.assert_array_equal(w, np.full(4, 0.5, np.float32))
         with pytest.raises(RuntimeError, match="not built"):
             _backend.resolve("native")
+
+
+@given(tensor_lists())
+def test_max_magnitude_matches_reference(backend, case):
+    tensors, _ = case
+    assert fk.max_magnitude(tensors, backend=backend) == reference.max_magnitude([t for t in tensors])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_magnitude_nan_and_empty(backend, dtype):
+    assert fk.max_magnitude([], backend=backend) == 0.0
+    assert fk.max_magnitude([np.zeros(0, dtype), np.array([-0.0], dtype)], backend=backend) == 0.0
+    assert fk.max_magnitude([np.array([1.0, -np.inf], dtype)], backend=backend) == math.inf
+    big = np.ones(100_003, dtype)
+    big[100_001] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fk.max_magnitude([np.ones(3, dtype), big], backend=backend)
+
+
+# The native fast path's pass has AVX-512, AVX2 and generic code; each must give the same exact
+# results. `_scan_isa` caps the one in use, so one machine runs every path its CPU has.
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def scan_isa(request):
+    native = pytest.importorskip("feddip_kernels._core")
+    before = native._scan_isa()
+    if native._scan_isa(request.param) != request.param:
+        native._scan_isa(before)
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    native._scan_isa("avx512")
+
+
+def _expected_threshold_and_masks(tensors, k):
+    """The k-th largest |x| and the masks by the selection rule, without a full sort."""
+    mags = np.concatenate([np.abs(t).ravel() for t in tensors])
+    th = float(np.partition(mags, mags.size - k)[mags.size - k])
+    keep = mags > th
+    ties = np.flatnonzero(mags == th)[: k - int(keep.sum())]
+    keep[ties] = True
+    bounds = np.cumsum([0] + [t.size for t in tensors])
+    return th, [keep[a:b].reshape(t.shape) for a, b, t in zip(bounds[:-1], bounds[1:], tensors)], int((mags == th).sum())
+
+
+def _fast_path_cases():
+    rng = np.random.default_rng(11)
+    sizes = [(1 << 15) + 5, 1000, 1, 31, 33, (1 << 20) + 17, 333_333]  # chunk tails of every length
+    normal = [rng.standard_normal(s).astype(np.float32) * np.float32(10.0 ** rng.integers(-3, 2)) for s in sizes]
+    # Eight significant bits: many equal keys inside the bracket (the in-cache selection's ties).
+    coarse = [np.float32(np.round(w * 16.0) / 16.0) for w in normal]
+    special = [w.copy() for w in normal]
+    special[0][7] = np.inf
+    special[5][-1] = -np.inf
+    special[6][:1000] = -0.0
+    special[1][3] = 1e-42
+    return {"normal": normal, "coarse": coarse, "special": special, "float64": [w.astype(np.float64) for w in normal]}
+
+
+FAST_PATH_CASES = _fast_path_cases()
+
+
+@pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
+def test_every_scan_isa_gives_the_exact_top_k(scan_isa, case):
+    from feddip_kernels import _core
+
+    tensors = FAST_PATH_CASES[case]
+    n = sum(t.size for t in tensors)
+    for k in (1, 17, n // 20, n // 2, n - 1, n):
+        th, masks, n_tied = _expected_threshold_and_masks(tensors, k)
+        fallbacks = _core._sample_fallbacks()
+        assert fk.global_magnitude_threshold(tensors, k, backend="native") == th, (case, k)
+        for got, want in zip(fk.global_topk_masks(tensors, k, backend="native"), masks):
+            np.testing.assert_array_equal(got, want)
+        # The results came from the fast path itself (a wrong bracket or gather would otherwise
+        # hide behind the radix fallback's correct answer), unless the k-th magnitude's ties alone
+        # come near the gather's room of 2^18 keys.
+        if n_tied < 1 << 16:
+            assert _core._sample_fallbacks() == fallbacks, (case, k, n_tied)
+
+
+def test_heavy_ties_fall_back_to_the_radix_passes():
+    from feddip_kernels import _core
+
+    w = np.random.default_rng(3).integers(-3, 4, (1 << 21) + 5).astype(np.float32)
+    fallbacks = _core._sample_fallbacks()
+    th, masks, _ = _expected_threshold_and_masks([w], 100_000)
+    assert fk.global_magnitude_threshold([w], 100_000, backend="native") == th
+    np.testing.assert_array_equal(fk.global_topk_masks([w], 100_000, backend="native")[0], masks[0])
+    assert _core._sample_fallbacks() == fallbacks + 2
+
+
+@pytest.mark.parametrize("where", [0, 29, 32, (1 << 15) - 1, (1 << 20) + 3])
+def test_every_scan_isa_finds_nan(scan_isa, where):
+    w = np.random.default_rng(where).standard_normal((1 << 20) + 40).astype(np.float32)
+    w[where] = np.nan  # in a vector block, in a block's tail, at a chunk's end, in the last chunk
+    with pytest.raises(ValueError, match="NaN"):
+        fk.global_magnitude_threshold([w], 1000, backend="native")
