@@ -28,23 +28,30 @@ def setup():
     return ws, gs, masks, sum(w.size for w in ws)
 
 
-def fused_step(setup, backend, packed=False):
-    """Our kernel on private copies of the weights (masks as bools, or packed bits); returns the
-    step function."""
+def fused_step(setup, backend, packed=False, many=False):
+    """Our kernel on private copies of the weights (masks as bools, or packed bits), one call per
+    layer or one call for all (masked_ef_step_many); returns the step function."""
     ws, gs, masks, _ = setup
     ws = [w.copy() for w in ws]
     bufs = [np.zeros_like(w) for w in ws]
     pruned = [np.empty_like(w) for w in ws]
     norms = [fk.masked_norm(w, m) for w, m in zip(ws, masks)]
     margs = [{"mask_bits": fk.pack_mask(m)} if packed else {"mask": m} for m in masks]
+    hyper = dict(lr=LR, weight_decay=WD, lam=LAM, momentum=MOM, backend=backend)
 
     def step():
         for i, (w, g) in enumerate(zip(ws, gs)):
-            norms[i] = fk.masked_ef_step(w, g, lr=LR, weight_decay=WD, lam=LAM, momentum=MOM, momentum_buffer=bufs[i],
-                                         pruned_out=pruned[i], norm=norms[i], backend=backend, **margs[i])
+            norms[i] = fk.masked_ef_step(w, g, momentum_buffer=bufs[i], pruned_out=pruned[i], norm=norms[i], **margs[i],
+                                         **hyper)
 
-    step()  # warm-up (numba compiles here)
-    return step
+    def step_many():
+        masks_as = {k: [m[k] for m in margs] for k in margs[0]}
+        norms[:] = fk.masked_ef_step_many(ws, gs, momentum_buffers=bufs, pruned_outs=pruned, norms=norms, **masks_as,
+                                          **hyper)
+
+    fn = step_many if many else step
+    fn()  # warm-up (numba compiles here)
+    return fn
 
 
 def _torch_params(setup):
@@ -87,6 +94,11 @@ def test_fused_step(record, setup, backend):
 def test_fused_step_packed_mask(record, setup):
     record(fused_step(setup, "native", packed=True), group=GROUP, name="masked_ef_step[native, packed mask]",
            dense_bytes=4 * setup[3])
+
+
+def test_fused_step_many_packed_mask(record, setup):
+    record(fused_step(setup, "native", packed=True, many=True), group=GROUP,
+           name="masked_ef_step_many[native, packed]", dense_bytes=4 * setup[3])
 
 
 def test_torch_sgd_fused(record, setup):
@@ -138,3 +150,35 @@ def test_interleaved_ratios(record, setup):
     # Pass the ratios through extra_info (and so --benchmark-json) and the summary table.
     record(round_, group=GROUP + " interleaved", name="native + fused SGD + eager, one round", dense_bytes=12 * setup[3],
            ratios_of=ratios)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_over_fused_by_threads(record, setup, threads):
+    """The native step of all layers in one call (masked_ef_step_many, packed masks: what torch's
+    fused SGD is, a multi-tensor step) and fused SGD back to back, in a random order each round,
+    with both libraries on `threads` threads; the ratio is the median of the rounds' ratios."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    fk.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    try:
+        steps = {"native": fused_step(setup, "native", packed=True, many=True), "fused": torch_sgd_step(setup, True)}
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        order = np.random.default_rng(threads)
+
+        def round_():
+            for name in order.permutation(list(steps)):
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - t0)
+
+        def ratios() -> dict[str, float]:
+            nat, fus = np.array(times["native"]), np.array(times["fused"])
+            return {"rounds": len(nat), "native_ms": float(np.median(nat)) * 1e3,
+                    "fused_ms": float(np.median(fus)) * 1e3, "native_over_fused": float(np.median(nat / fus))}
+
+        record(round_, group=f"{GROUP}: native / fused SGD, {threads} thread(s)", name="native + fused SGD, one round",
+               dense_bytes=8 * setup[3], ratios_of=ratios)
+    finally:
+        fk.set_num_threads(0)
+        torch.set_num_threads(before)

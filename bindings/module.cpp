@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -103,10 +104,10 @@ const std::uint8_t* optional_mask(const py::object& mask, std::size_t n) {
     return static_cast<const std::uint8_t*>(a.data());
 }
 
-// A layer's mask from Python: None, a bool array of n elements, or (packed) (n + 7) / 8 bytes of bits.
+// A layer's mask from Python: None (all kept), a bool array of n elements, or (packed) (n + 7) / 8
+// bytes of bits.
 MaskRef mask_ref(const py::object& mask, std::size_t n, bool packed) {
-    if (!packed) return {optional_mask(mask, n), false};
-    if (mask.is_none()) throw std::invalid_argument("mask_bits: None");
+    if (!packed || mask.is_none()) return {optional_mask(mask, n), false};
     auto a = mask.cast<py::array>();
     if (a.itemsize() != 1 || !(a.flags() & py::array::c_style))
         throw std::invalid_argument("mask_bits: expected a C-contiguous uint8 array");
@@ -137,6 +138,46 @@ double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, bo
     T* pp = optional_out<T>(pruned, n, "pruned_out");
     py::gil_scoped_release release;
     return masked_ef_step(pw, pg, pm, pb, pp, n, prm, norm, n_threads);
+}
+
+// The layers of masked_ef_step_many: each checked as ef_step_impl checks its one layer, and no two
+// arrays of any layers overlapping (the threads would race on the shared bytes).
+template <class T>
+std::vector<double> ef_step_many_impl(std::vector<py::array>& ws, const std::vector<py::array>& gs,
+                                      const std::vector<py::object>& masks, bool packed,
+                                      const std::vector<py::object>& bufs, const std::vector<py::object>& pruned,
+                                      const std::vector<std::optional<double>>& norms, const EFStepParams& prm,
+                                      int n_threads) {
+    const std::size_t n_layers = ws.size();
+    if (gs.size() != n_layers || masks.size() != n_layers || bufs.size() != n_layers || pruned.size() != n_layers ||
+        norms.size() != n_layers)
+        throw std::invalid_argument("ws, gs, masks, momentum_buffers, pruned_outs and norms need one entry per layer");
+    std::vector<LayerStep<T>> layers;
+    std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;
+    const auto span = [&](const void* p, std::size_t bytes) {
+        if (p && bytes) spans.emplace_back(reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + bytes);
+    };
+    for (std::size_t l = 0; l < n_layers; ++l) {
+        const std::size_t n = static_cast<std::size_t>(ws[l].size());
+        T* pw = mutable_data_of<T>(ws[l], "w");
+        const T* pg = data_of<T>(gs[l], "g");
+        if (static_cast<std::size_t>(gs[l].size()) != n) throw std::invalid_argument("g: size differs from w");
+        const MaskRef pm = mask_ref(masks[l], n, packed);
+        T* pb = optional_out<T>(bufs[l], n, "momentum_buffer");
+        T* pp = optional_out<T>(pruned[l], n, "pruned_out");
+        layers.push_back({pw, pg, pm, pb, pp, n, norms[l] ? *norms[l] : -1.0});
+        span(pw, n * sizeof(T));
+        span(pg, n * sizeof(T));
+        span(pm.data, pm.packed ? (n + 7) / 8 : n);
+        span(pb, n * sizeof(T));
+        span(pp, n * sizeof(T));
+    }
+    std::sort(spans.begin(), spans.end());
+    for (std::size_t i = 1; i < spans.size(); ++i)  // sorted by start: an overlap shows between neighbours
+        if (spans[i].first < spans[i - 1].second)
+            throw std::invalid_argument("arrays of the layers share memory; pass separate arrays");
+    py::gil_scoped_release release;
+    return masked_ef_step_many(layers, prm, n_threads);
 }
 
 using Bits = py::array_t<std::uint8_t, py::array::c_style>;
@@ -281,6 +322,23 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lr"), py::arg("weight_decay"), py::arg("lam"), py::arg("momentum"), py::arg("p"), py::arg("norm"),
         py::arg("mask_packed") = false, py::arg("n_threads") = 0,
         "Fused masked error-feedback SGD step in place; returns ||w*m||_p after the step.");
+
+    m.def(
+        "masked_ef_step_many",
+        [](std::vector<py::array> ws, const std::vector<py::array>& gs, const std::vector<py::object>& masks,
+           const std::vector<py::object>& bufs, const std::vector<py::object>& pruned, double lr, double weight_decay,
+           double lam, double momentum, int p, const std::vector<std::optional<double>>& norms, bool mask_packed,
+           int n_threads) {
+            const EFStepParams prm{lr, weight_decay, lam, momentum, p};
+            if (ws.empty()) return std::vector<double>{};
+            return with_float_type(ws, [&](auto t) {
+                return ef_step_many_impl<decltype(t)>(ws, gs, masks, mask_packed, bufs, pruned, norms, prm, n_threads);
+            });
+        },
+        py::arg("ws"), py::arg("gs"), py::arg("masks"), py::kw_only(), py::arg("momentum_buffers"),
+        py::arg("pruned_outs"), py::arg("lr"), py::arg("weight_decay"), py::arg("lam"), py::arg("momentum"),
+        py::arg("p"), py::arg("norms"), py::arg("mask_packed") = false, py::arg("n_threads") = 0,
+        "masked_ef_step on every layer in one parallel pass; returns each layer's ||w*m||_p after the step.");
 
     m.def(
         "masked_norm",

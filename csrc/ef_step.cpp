@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "common.hpp"
@@ -369,63 +370,129 @@ double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
     return acc;
 }
 
-template <class T, Layout Mask, bool Mom, bool Pruned, int P>
-double step_impl(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
-                 const EFStepParams& prm, double norm, int nt) {
-    if (norm < 0) norm = norm_impl<T, Mask, P>(w, mask, n, nt);
-    // lam / norm can overflow T for a tiny norm although each term lam * w_i / norm is at most lam:
-    // w_i is scaled by a power of two (exact, kept within T's normal range) and lam divided by the
-    // norm scaled alike. A zero or non-finite norm, or lam == 0, gives no regulariser term.
-    double reg = prm.lam, scale = 1.0;
-    if (P == 2) {
-        reg = 0.0;
-        if (prm.lam != 0 && norm > 0 && std::isfinite(norm)) {
-            using L = std::numeric_limits<T>;
-            const int e = std::min(std::max(-std::ilogb(norm), L::min_exponent), L::max_exponent - 2);
-            scale = std::ldexp(1.0, e);
-            reg = prm.lam / (norm * scale);
-        }
-    }
-    const T lr = T(prm.lr), wd = T(prm.weight_decay), r = T(reg), sc = T(scale), mom = T(prm.momentum);
-    const double total = sum_over_chunks(n, nt, [&](std::size_t b, std::size_t m) {
-        return step_chunk<T, Mask, Mom, Pruned, P>(w + b, g + b, mask_from<Mask>(mask, b), Mom ? buf + b : nullptr,
-                                                   Pruned ? pruned + b : nullptr, m, lr, wd, r, sc, mom);
-    });
-    return finish_norm<T, Mask, P>(total, w, mask, n, nt);
+// The regulariser's factors for a layer whose ||w*m||_p before the step is `norm`: reg * scale =
+// lam / norm for p = 2, reg = lam for p = 1. lam / norm can overflow T for a tiny norm although
+// each term lam * w_i / norm is at most lam: w_i is scaled by a power of two (exact, kept within T's
+// normal range) and lam divided by the norm scaled alike. A zero or non-finite norm, or lam == 0,
+// gives no regulariser term.
+template <class T>
+std::pair<double, double> regulariser(double lam, int p, double norm) {
+    if (p == 1) return {lam, 1.0};
+    if (lam == 0 || !(norm > 0) || !std::isfinite(norm)) return {0.0, 1.0};
+    using L = std::numeric_limits<T>;
+    const int e = std::min(std::max(-std::ilogb(norm), L::min_exponent), L::max_exponent - 2);
+    const double scale = std::ldexp(1.0, e);
+    return {lam / (norm * scale), scale};
 }
 
+// One layer of a step, bound to the kernel instantiation its mask layout, momentum, pruned copy
+// and p select: chunk(b, m) steps elements [b, b + m) and returns their norm terms; finish turns
+// the layer's summed terms into ||w*m||_p.
+template <class T>
+struct BoundLayer {
+    const LayerStep<T>* layer;
+    T lr, wd, reg, scale, mom;
+    double (*chunk)(const BoundLayer&, std::size_t b, std::size_t m);
+    double (*finish)(const BoundLayer&, double total, int nt);
+    double (*norm)(const LayerStep<T>&, int nt);
+};
+
+template <class T, Layout Mask, bool Mom, bool Pruned, int P>
+struct Kernel {
+    static double chunk(const BoundLayer<T>& s, std::size_t b, std::size_t m) {
+        const LayerStep<T>& L = *s.layer;
+        return step_chunk<T, Mask, Mom, Pruned, P>(L.w + b, L.g + b, mask_from<Mask>(L.mask.data, b),
+                                                   Mom ? L.buf + b : nullptr, Pruned ? L.pruned + b : nullptr, m,
+                                                   s.lr, s.wd, s.reg, s.scale, s.mom);
+    }
+    static double finish(const BoundLayer<T>& s, double total, int nt) {
+        return finish_norm<T, Mask, P>(total, s.layer->w, s.layer->mask.data, s.layer->n, nt);
+    }
+    static double norm(const LayerStep<T>& L, int nt) { return norm_impl<T, Mask, P>(L.w, L.mask.data, L.n, nt); }
+};
+
 template <class T, Layout Mask, bool Mom, bool Pruned>
-double dispatch_p(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
-                  const EFStepParams& prm, double norm, int nt) {
-    return prm.p == 1 ? step_impl<T, Mask, Mom, Pruned, 1>(w, g, mask, buf, pruned, n, prm, norm, nt)
-                      : step_impl<T, Mask, Mom, Pruned, 2>(w, g, mask, buf, pruned, n, prm, norm, nt);
+BoundLayer<T> bind_p(int p) {
+    BoundLayer<T> s{};
+    if (p == 1) {
+        s.chunk = &Kernel<T, Mask, Mom, Pruned, 1>::chunk;
+        s.finish = &Kernel<T, Mask, Mom, Pruned, 1>::finish;
+        s.norm = &Kernel<T, Mask, Mom, Pruned, 1>::norm;
+    } else {
+        s.chunk = &Kernel<T, Mask, Mom, Pruned, 2>::chunk;
+        s.finish = &Kernel<T, Mask, Mom, Pruned, 2>::finish;
+        s.norm = &Kernel<T, Mask, Mom, Pruned, 2>::norm;
+    }
+    return s;
 }
 
 template <class T, Layout Mask, bool Mom>
-double dispatch_pruned(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
-                       const EFStepParams& prm, double norm, int nt) {
-    return pruned ? dispatch_p<T, Mask, Mom, true>(w, g, mask, buf, pruned, n, prm, norm, nt)
-                  : dispatch_p<T, Mask, Mom, false>(w, g, mask, buf, pruned, n, prm, norm, nt);
+BoundLayer<T> bind_pruned(bool pruned, int p) {
+    return pruned ? bind_p<T, Mask, Mom, true>(p) : bind_p<T, Mask, Mom, false>(p);
 }
 
 template <class T, Layout Mask>
-double dispatch_mom(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n,
-                    const EFStepParams& prm, double norm, int nt) {
-    return buf ? dispatch_pruned<T, Mask, true>(w, g, mask, buf, pruned, n, prm, norm, nt)
-               : dispatch_pruned<T, Mask, false>(w, g, mask, buf, pruned, n, prm, norm, nt);
+BoundLayer<T> bind_mom(bool mom, bool pruned, int p) {
+    return mom ? bind_pruned<T, Mask, true>(pruned, p) : bind_pruned<T, Mask, false>(pruned, p);
+}
+
+template <class T>
+BoundLayer<T> bind(const LayerStep<T>& L, int p) {
+    const bool mom = L.buf != nullptr, pruned = L.pruned != nullptr;
+    if (!L.mask.data) return bind_mom<T, Layout::none>(mom, pruned, p);
+    return L.mask.packed ? bind_mom<T, Layout::bits>(mom, pruned, p) : bind_mom<T, Layout::bytes>(mom, pruned, p);
 }
 
 }  // namespace
 
 template <class T>
+std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers, const EFStepParams& prm,
+                                        int n_threads) {
+    if (prm.p != 1 && prm.p != 2) throw std::invalid_argument("p must be 1 or 2");
+    std::size_t total = 0;
+    for (const LayerStep<T>& L : layers) total += L.n;
+    const int nt = threads_for(n_threads, total);
+    // Bind each layer, with its norm before the step (an extra read pass where not given).
+    std::vector<BoundLayer<T>> bound;
+    bound.reserve(layers.size());
+    for (const LayerStep<T>& L : layers) {
+        BoundLayer<T> s = bind(L, prm.p);
+        const double norm = L.norm < 0 ? s.norm(L, threads_for(n_threads, L.n)) : L.norm;
+        const auto [reg, scale] = regulariser<T>(prm.lam, prm.p, norm);
+        s.layer = &L;
+        s.lr = T(prm.lr), s.wd = T(prm.weight_decay), s.reg = T(reg), s.scale = T(scale), s.mom = T(prm.momentum);
+        bound.push_back(s);
+    }
+    // Every layer's chunks in one parallel loop: one fork and join for the whole model, and small
+    // layers share the threads. Each layer's terms are added in chunk order, so the norms are the
+    // same bits whatever the thread count and whether layers are stepped together or alone.
+    struct Piece {
+        std::size_t layer, begin, size;
+    };
+    std::vector<Piece> pieces;
+    pieces.reserve(total / kChunk + layers.size());
+    for (std::size_t l = 0; l < layers.size(); ++l)
+        for (std::size_t b = 0; b < layers[l].n; b += kChunk) pieces.push_back({l, b, std::min(kChunk, layers[l].n - b)});
+    std::vector<double> part(pieces.size());
+    const long long n_pieces = static_cast<long long>(pieces.size());
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long c = 0; c < n_pieces; ++c) {
+        const Piece& pc = pieces[static_cast<std::size_t>(c)];
+        const BoundLayer<T>& s = bound[pc.layer];
+        part[static_cast<std::size_t>(c)] = s.chunk(s, pc.begin, pc.size);
+    }
+    std::vector<double> norms(layers.size(), 0.0);
+    for (std::size_t c = 0; c < pieces.size(); ++c) norms[pieces[c].layer] += part[c];
+    for (std::size_t l = 0; l < layers.size(); ++l)
+        norms[l] = bound[l].finish(bound[l], norms[l], threads_for(n_threads, layers[l].n));
+    return norms;
+}
+
+template <class T>
 double masked_ef_step(T* w, const T* g, MaskRef mask, T* buf, T* pruned, std::size_t n,
                       const EFStepParams& params, double norm, int n_threads) {
-    if (params.p != 1 && params.p != 2) throw std::invalid_argument("p must be 1 or 2");
-    const int nt = threads_for(n_threads, n);
-    const std::uint8_t* m = mask.data;
-    if (!m) return dispatch_mom<T, Layout::none>(w, g, m, buf, pruned, n, params, norm, nt);
-    return mask.packed ? dispatch_mom<T, Layout::bits>(w, g, m, buf, pruned, n, params, norm, nt)
-                       : dispatch_mom<T, Layout::bytes>(w, g, m, buf, pruned, n, params, norm, nt);
+    const std::vector<LayerStep<T>> one{{w, g, mask, buf, pruned, n, norm}};
+    return masked_ef_step_many(one, params, n_threads)[0];
 }
 
 template <class T>
@@ -439,6 +506,8 @@ double masked_norm(const T* w, MaskRef mask, std::size_t n, int p, int n_threads
     return p == 1 ? norm_impl<T, Layout::bytes, 1>(w, m, n, nt) : norm_impl<T, Layout::bytes, 2>(w, m, n, nt);
 }
 
+template std::vector<double> masked_ef_step_many(const std::vector<LayerStep<float>>&, const EFStepParams&, int);
+template std::vector<double> masked_ef_step_many(const std::vector<LayerStep<double>>&, const EFStepParams&, int);
 template double masked_ef_step(float*, const float*, MaskRef, float*, float*, std::size_t, const EFStepParams&,
                                double, int);
 template double masked_ef_step(double*, const double*, MaskRef, double*, double*, std::size_t, const EFStepParams&,

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace feddip {
 
@@ -35,6 +36,25 @@ struct EFStepParams {
 template <class T>
 double masked_ef_step(T* w, const T* g, MaskRef mask, T* buf, T* pruned, std::size_t n,
                       const EFStepParams& params, double norm, int n_threads = 0);
+
+// One layer of a multi-layer step: the arguments of masked_ef_step.
+template <class T>
+struct LayerStep {
+    T* w;
+    const T* g;
+    MaskRef mask;
+    T* buf;      // momentum buffer or null
+    T* pruned;   // pruned copy or null
+    std::size_t n;
+    double norm;  // ||w*m||_p before the step; negative: not known, computed first
+};
+
+// masked_ef_step on every layer, with one set of hyperparameters, in one parallel pass over all
+// layers' chunks. Returns each layer's ||w*m||_p after the step: the same values as stepping the
+// layers one at a time. No two arrays of any layers may overlap.
+template <class T>
+std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers, const EFStepParams& params,
+                                        int n_threads = 0);
 
 // ||w * m||_p (p = 1 or 2) with a double accumulator; mask may be null. For p = 2, a sum of squares
 // small enough to have lost underflowed terms is recomputed from rescaled values.

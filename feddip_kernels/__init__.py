@@ -13,7 +13,7 @@ from .pruning import (
 )
 from .schedules import lambda_schedule, sparsity_schedule
 from .storage import load, save
-from .update import masked_ef_step, masked_norm
+from .update import masked_ef_step, masked_ef_step_many, masked_norm
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "lambda_schedule",
     "load",
     "masked_ef_step",
+    "masked_ef_step_many",
     "masked_norm",
     "max_magnitude",
     "pack_mask",

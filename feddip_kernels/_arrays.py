@@ -11,6 +11,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def is_torch(x: Any) -> bool:
+    if x is None or type(x) is np.ndarray:  # the common cases, answered without string work
+        return False
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
@@ -89,11 +91,11 @@ def writable_view(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
 def check_disjoint(arrays: dict[str, Optional[np.ndarray]]) -> None:
     """Raise ValueError naming two of the (C-contiguous) arrays whose memory overlaps: a kernel that
     writes one while reading another would give a result that depends on its order of work."""
-    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes, name) for name, a in arrays.items() if a is not None and a.nbytes)
-    # Sorted by start, some pair overlaps exactly when some neighbouring pair does.
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        if start < end:
-            raise ValueError(f"{first} and {second} share memory; pass separate arrays")
+    named = [(name, a) for name, a in arrays.items() if a is not None and a.nbytes]
+    for i, (first, a) in enumerate(named):
+        for second, b in named[i + 1:]:
+            if np.may_share_memory(a, b):  # overlapping address ranges (a bounds check, no solving)
+                raise ValueError(f"{first} and {second} share memory; pass separate arrays")
 
 
 def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:

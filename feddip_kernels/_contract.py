@@ -49,6 +49,25 @@ class Kernels(Protocol):
     ) -> float:
         """One FedDIP step in place (update.masked_ef_step); returns ||w * m||_p after it."""
 
+    def masked_ef_step_many(
+        self,
+        ws: Sequence[np.ndarray],
+        gs: Sequence[np.ndarray],
+        masks: Sequence[Optional[np.ndarray]],
+        *,
+        momentum_buffers: Sequence[Optional[np.ndarray]],
+        pruned_outs: Sequence[Optional[np.ndarray]],
+        lr: float,
+        weight_decay: float,
+        lam: float,
+        momentum: float,
+        p: int,
+        norms: Sequence[Optional[float]],
+        mask_packed: bool = False,
+    ) -> list[float]:
+        """masked_ef_step on every layer (lists of one entry per layer); each layer's norm after it.
+        No two arrays of any layers share memory (the public layer checks; the native core too)."""
+
     # Bit-level codec primitives (little-endian packed bits: element i is bit i % 8 of byte i // 8).
     def pack_bits(self, mask: np.ndarray) -> np.ndarray:
         """A bool array's elements as (n + 7) // 8 bytes."""

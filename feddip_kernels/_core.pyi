@@ -15,6 +15,22 @@ def max_magnitude(tensors: Sequence[np.ndarray], *, n_threads: int = 0) -> float
 def _scan_isa(limit: Optional[str] = None) -> str: ...
 def _sample_fallbacks() -> int: ...
 def topk_masks(tensors: Sequence[np.ndarray], masks: Sequence[np.ndarray], k: int, *, n_threads: int = 0) -> None: ...
+def masked_ef_step_many(
+    ws: Sequence[np.ndarray],
+    gs: Sequence[np.ndarray],
+    masks: Sequence[Optional[np.ndarray]],
+    *,
+    momentum_buffers: Sequence[Optional[np.ndarray]],
+    pruned_outs: Sequence[Optional[np.ndarray]],
+    lr: float,
+    weight_decay: float,
+    lam: float,
+    momentum: float,
+    p: int,
+    norms: Sequence[Optional[float]],
+    mask_packed: bool = False,
+    n_threads: int = 0,
+) -> list[float]: ...
 def masked_norm(
     w: np.ndarray, mask: Optional[np.ndarray], *, p: int, mask_packed: bool = False, n_threads: int = 0
 ) -> float: ...

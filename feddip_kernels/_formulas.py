@@ -1,5 +1,5 @@
 """What the two Python backends (reference, Numba) share: the CRC-32C table and the Golomb
-parameter (the C++ core's formulas too), and the sequential form of the Golomb *_many kernels.
+parameter (the C++ core's formulas too), and the sequential forms of the *_many kernels.
 Plain Python, no backend of its own."""
 
 from __future__ import annotations
@@ -42,3 +42,15 @@ def decode_each(decode: Callable[..., Any], items: Sequence[tuple[Any, int, int,
         except ValueError as e:
             return out, i, str(e)
     return out, -1, ""
+
+
+def layer_by_layer(step: Callable[..., float]) -> Callable[..., list[float]]:
+    """The kernel masked_ef_step_many of a Python backend: its masked_ef_step on each layer in turn."""
+
+    def masked_ef_step_many(ws, gs, masks, *, momentum_buffers, pruned_outs, lr, weight_decay, lam, momentum, p, norms,
+                            mask_packed=False):
+        return [step(w, g, m, momentum_buffer=b, pruned_out=o, lr=lr, weight_decay=weight_decay, lam=lam,
+                     momentum=momentum, p=p, norm=nm, mask_packed=mask_packed and m is not None)
+                for w, g, m, b, o, nm in zip(ws, gs, masks, momentum_buffers, pruned_outs, norms)]
+
+    return masked_ef_step_many

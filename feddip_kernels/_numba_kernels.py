@@ -260,6 +260,9 @@ def masked_ef_step(w, g, mask, *, momentum_buffer, pruned_out, lr, weight_decay,
     return _finish_norm(out, flat, m, mask is not None, p)
 
 
+masked_ef_step_many = _formulas.layer_by_layer(masked_ef_step)
+
+
 # ------------------------------------------------------------------ codec kernels
 
 

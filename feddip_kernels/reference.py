@@ -127,6 +127,9 @@ def masked_ef_step(
         return masked_norm(w, mask, p=p)
 
 
+masked_ef_step_many = _formulas.layer_by_layer(masked_ef_step)
+
+
 def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes:
     """Bit-by-bit Golomb coder of the gaps between packed positions (docs/wire-format.md)."""
     if m < 1:

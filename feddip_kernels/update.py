@@ -3,12 +3,13 @@ fused in-place pass over memory (native and numba), with a step-by-step NumPy re
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from . import _backend
-from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, flat_mask, on_device, writable_view
+from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, flat_mask, is_torch, on_device, writable_view
 
 
 def masked_ef_step(
@@ -61,6 +62,83 @@ def masked_ef_step(
     if on_device(w, g, mask, momentum_buffer, pruned_out, mask_bits):
         return _step_on_device(w, g, mask, lr=lr, weight_decay=weight_decay, lam=lam, p=p, momentum=momentum,
                                momentum_buffer=momentum_buffer, pruned_out=pruned_out, norm=norm, mask_bits=mask_bits)
+    _check_hyper(lr, weight_decay, lam, momentum, p)
+    wa, ga, ma, packed, buf, out = _host_layer(w, g, mask, mask_bits, momentum_buffer, pruned_out, momentum, norm)
+    check_disjoint({"w": wa, "g": ga, "mask": ma, "momentum_buffer": buf, "pruned_out": out})
+    return _backend.kernels(backend).masked_ef_step(
+        wa, ga, ma, momentum_buffer=buf, pruned_out=out, lr=float(lr), weight_decay=float(weight_decay),
+        lam=float(lam), momentum=float(momentum), p=p, norm=None if norm is None else float(norm), mask_packed=packed)
+
+
+def masked_ef_step_many(
+    ws: Sequence[Any],
+    gs: Sequence[Any],
+    masks: Optional[Sequence[Any]] = None,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    lam: float = 0.0,
+    p: int = 2,
+    momentum: float = 0.0,
+    momentum_buffers: Optional[Sequence[Any]] = None,
+    pruned_outs: Optional[Sequence[Any]] = None,
+    norms: Optional[Sequence[Optional[float]]] = None,
+    mask_bits: Optional[Sequence[Any]] = None,
+    backend: str = "auto",
+) -> list[float]:
+    """masked_ef_step on every layer of a model with one set of hyperparameters, as torch's fused
+    multi-tensor optimisers do: one call, one parallel pass over all layers (native), where a call
+    per layer pays a thread start and the argument checks for each small layer.
+
+    `ws` and `gs` are lists of layers; `masks`, `mask_bits`, `momentum_buffers`, `pruned_outs` and
+    `norms` are lists with an entry (None allowed) per layer, or None for none at all. Each layer
+    is checked as masked_ef_step checks it, and no two arrays of any layers may share memory.
+    Returns each layer's ||w * m||_p after the step, the same values that stepping the layers one
+    at a time returns. Host arrays only (CUDA tensors: step them with masked_ef_step)."""
+    n_layers = len(ws)
+
+    def entries(xs: Optional[Sequence[Any]], name: str) -> Sequence[Any]:
+        if xs is None:
+            return [None] * n_layers
+        if isinstance(xs, np.ndarray) or is_torch(xs) or len(xs) != n_layers:
+            raise ValueError(f"{name} must be a list with one entry per layer ({n_layers})")
+        return xs
+
+    if on_device(*ws, *gs):
+        raise ValueError("masked_ef_step_many steps host arrays; step CUDA tensors with masked_ef_step")
+    _check_hyper(lr, weight_decay, lam, momentum, p)
+    layers = [
+        _host_layer(w, g, m, mb, b, o, momentum, nm)
+        for w, g, m, mb, b, o, nm in zip(entries(ws, "ws"), entries(gs, "gs"), entries(masks, "masks"),
+                                         entries(mask_bits, "mask_bits"), entries(momentum_buffers, "momentum_buffers"),
+                                         entries(pruned_outs, "pruned_outs"), entries(norms, "norms"))
+    ]
+    packed = {layer[3] for layer in layers if layer[2] is not None}
+    if len(packed) > 1:
+        raise ValueError("give every layer's mask the same way: all as masks or all as mask_bits")
+    kernels = _backend.kernels(backend)
+    if _backend.resolve(backend) != "native":  # the native binding checks overlaps itself, in C++
+        check_disjoint({f"{name} of layer {i}": a for i, layer in enumerate(layers)
+                        for name, a in zip(("w", "g", "mask", "", "momentum_buffer", "pruned_out"), layer) if name})
+    return kernels.masked_ef_step_many(
+        [layer[0] for layer in layers], [layer[1] for layer in layers], [layer[2] for layer in layers],
+        momentum_buffers=[layer[4] for layer in layers], pruned_outs=[layer[5] for layer in layers], lr=float(lr),
+        weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p,
+        norms=[None if nm is None else float(nm) for nm in entries(norms, "norms")], mask_packed=packed == {True})
+
+
+def _check_hyper(lr: float, weight_decay: float, lam: float, momentum: float, p: int) -> None:
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+
+
+def _host_layer(w: Any, g: Any, mask: Any, mask_bits: Any, momentum_buffer: Any, pruned_out: Any, momentum: float,
+                norm: Optional[float]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], bool,
+                                                Optional[np.ndarray], Optional[np.ndarray]]:
+    """One layer's arrays for the kernels, checked: (w, g, mask, mask is packed bits, buffer, pruned)."""
     wa = as_array(w, "w")
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
@@ -74,17 +152,9 @@ def masked_ef_step(
     if momentum != 0.0 and buf is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
     out = None if pruned_out is None else writable_view(pruned_out, "pruned_out", wa.dtype, wa.size)
-    if p not in (1, 2):
-        raise ValueError(f"p must be 1 or 2, got {p}")
-    for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):
-        if not np.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {v}")
-    if norm is not None and not (norm >= 0 or np.isnan(norm)):
+    if norm is not None and not (norm >= 0 or math.isnan(norm)):
         raise ValueError(f"norm must be >= 0 (or NaN), got {norm}")
-    check_disjoint({"w": wa, "g": ga, "mask": ma, "momentum_buffer": buf, "pruned_out": out})
-    return _backend.kernels(backend).masked_ef_step(
-        wa, ga, ma, momentum_buffer=buf, pruned_out=out, lr=float(lr), weight_decay=float(weight_decay),
-        lam=float(lam), momentum=float(momentum), p=p, norm=None if norm is None else float(norm), mask_packed=packed)
+    return wa, ga, ma, packed, buf, out
 
 
 def _step_on_device(w: Any, g: Any, mask: Any, *, lr: float, weight_decay: float, lam: float, p: int,

@@ -50,8 +50,8 @@ def test_signature_meets_the_contract(backend, name):
 
 def test_the_contract_lists_every_kernel_the_public_layer_calls():
     assert set(NAMES) == {
-        "magnitude_threshold", "topk_masks", "max_magnitude", "masked_norm", "masked_ef_step", "pack_bits", "unpack_bits",
-        "count_bits", "select_bits", "deposit_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
+        "magnitude_threshold", "topk_masks", "max_magnitude", "masked_norm", "masked_ef_step", "masked_ef_step_many",
+        "pack_bits", "unpack_bits", "count_bits", "select_bits", "deposit_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
         "golomb_encode_many", "golomb_decode_many", "crc32c",
     }
 
@@ -69,6 +69,10 @@ def calls():
         "masked_ef_step": lambda k: k.masked_ef_step(
             w.copy(), w, mask, momentum_buffer=None, pruned_out=None, lr=0.1, weight_decay=0.0, lam=0.01,
             momentum=0.0, p=2, norm=None),
+        "masked_ef_step_many": lambda k: k.masked_ef_step_many(
+            [w.copy(), w[:9].copy()], [w, w[:9].copy()], [mask, None], momentum_buffers=[None, np.zeros(9, np.float32)],
+            pruned_outs=[np.zeros(37, np.float32), None], lr=0.1, weight_decay=0.0, lam=0.01, momentum=0.5, p=2,
+            norms=[None, 1.0]),
         "pack_bits": lambda k: k.pack_bits(mask),
         "unpack_bits": lambda k: k.unpack_bits(bits, 37),
         "count_bits": lambda k: k.count_bits(bits, 37),

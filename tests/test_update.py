@@ -345,3 +345,103 @@ def test_set_num_threads_is_honoured_and_validated():
     finally:
         fk.set_num_threads(0)
     assert fk.get_num_threads() == default
+
+
+def _model(rng, sizes, dtype, *, packed):
+    """Layers of every kind at once: masked or not, with or without a buffer and a pruned copy, norm
+    given or not (layer i takes the kinds from the bits of i)."""
+    layers = []
+    for i, n in enumerate(sizes):
+        w = rng.standard_normal(n).astype(dtype)
+        g = rng.standard_normal(n).astype(dtype)
+        mask = rng.random(n) < 0.3 if i % 2 == 0 else None
+        bits = None if mask is None else fk.pack_mask(mask)
+        buf = rng.standard_normal(n).astype(dtype) if i % 4 < 2 else None
+        pruned = np.full(n, 7, dtype) if i % 3 else None
+        norm = reference.masked_norm(w, mask, p=2) if i % 5 else None
+        layers.append(dict(w=w, g=g, mask=None if packed else mask, mask_bits=bits if packed else None, buf=buf,
+                           pruned=pruned, norm=norm))
+    return layers
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [1, 2])
+def test_many_layers_in_one_call_step_as_one_call_each(backend, packed, dtype, p):
+    sizes = [0, 1, 7, 4095, 4096, 4097, 70_001, 9, 20_000, 3]
+    kw = dict(lr=0.05, weight_decay=5e-4, lam=0.01, p=p, momentum=0.9)
+    one = _model(np.random.default_rng(p), sizes, dtype, packed=packed)
+    many = [{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in layer.items()} for layer in one]
+    want = [fk.masked_ef_step(L["w"], L["g"], L["mask"], mask_bits=L["mask_bits"], momentum_buffer=L["buf"],
+                              pruned_out=L["pruned"], norm=L["norm"], backend=backend,
+                              **dict(kw, momentum=kw["momentum"] if L["buf"] is not None else 0.0)) for L in one]
+    # One momentum for all layers: layers without a buffer step without momentum in the loop above,
+    # so the call below gives them momentum 0.9 and a buffer of zeros is the same (buf = d).
+    for L in many:
+        if L["buf"] is None:
+            L["buf"] = np.zeros_like(L["w"])
+    got = fk.masked_ef_step_many(
+        [L["w"] for L in many], [L["g"] for L in many], None if packed else [L["mask"] for L in many],
+        mask_bits=[L["mask_bits"] for L in many] if packed else None, momentum_buffers=[L["buf"] for L in many],
+        pruned_outs=[L["pruned"] for L in many], norms=[L["norm"] for L in many], backend=backend, **kw)
+    assert got == want  # the same bits: each layer's terms are added in the same order
+    for a, b in zip(one, many):
+        assert a["w"].tobytes() == b["w"].tobytes()
+        if a["pruned"] is not None:
+            assert a["pruned"].tobytes() == b["pruned"].tobytes()
+        if a["buf"] is not None:
+            assert a["buf"].tobytes() == b["buf"].tobytes()
+
+
+def test_many_layers_native_matches_reference_and_every_thread_count():
+    native = pytest.importorskip("feddip_kernels._core")
+    layers = _model(np.random.default_rng(5), [70_000, 1, 300_000, 4096, 5], np.float32, packed=False)
+    kw = dict(lr=0.05, weight_decay=5e-4, lam=0.01, p=2, momentum=0.9)
+    results = []
+    for be, threads in (("numpy", 0), ("native", 1), ("native", 2), ("native", 3)):
+        ws = [L["w"].copy() for L in layers]
+        bufs = [np.zeros_like(w) for w in ws]
+        prs = [np.empty_like(w) for w in ws]
+        args = (ws, [L["g"] for L in layers], [L["mask"] for L in layers])
+        opts = dict(momentum_buffers=bufs, pruned_outs=prs, norms=[L["norm"] for L in layers], **kw)
+        if be == "numpy":
+            ref = (reference.masked_ef_step_many(*args, **opts), ws, prs)
+            continue
+        norms = native.masked_ef_step_many(*args, n_threads=threads, **opts)
+        results.append((norms, b"".join(w.tobytes() for w in ws), b"".join(x.tobytes() for x in prs)))
+        assert norms == pytest.approx(ref[0], rel=1e-5)
+        for w, w_ref, x, x_ref in zip(ws, ref[1], prs, ref[2]):
+            np.testing.assert_allclose(w, w_ref, **_tol(np.float32))
+            np.testing.assert_allclose(x, x_ref, **_tol(np.float32))
+    assert results[0] == results[1] == results[2]
+
+
+def test_many_layers_bad_arguments(backend):
+    w = [np.zeros(10, np.float32), np.zeros(5, np.float32)]
+    g = [np.ones(10, np.float32), np.ones(5, np.float32)]
+    with pytest.raises(ValueError, match="one entry per layer"):
+        fk.masked_ef_step_many(w, g, [None], lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        fk.masked_ef_step_many(w, g[:1], lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="same way"):
+        fk.masked_ef_step_many(w, g, [np.ones(10, bool), None], mask_bits=[None, fk.pack_mask(np.ones(5, bool))],
+                               lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="g must match w"):
+        fk.masked_ef_step_many(w, g[::-1], lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        fk.masked_ef_step_many(w, g, lr=0.1, momentum=0.9, backend=backend)
+    with pytest.raises(ValueError, match="lr"):
+        fk.masked_ef_step_many(w, g, lr=-1.0, backend=backend)
+    assert fk.masked_ef_step_many([], [], lr=0.1, backend=backend) == []
+
+
+def test_many_layers_sharing_memory_are_rejected(backend):
+    store = np.zeros(300, np.float32)
+    g = [np.ones(100, np.float32), np.ones(100, np.float32)]
+    with pytest.raises(ValueError, match="share memory"):  # layer 1's w overlaps layer 0's w
+        fk.masked_ef_step_many([store[:100], store[50:150]], g, lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="share memory"):  # layer 1's pruned copy is layer 0's w
+        fk.masked_ef_step_many([store[:100], store[100:200]], g, pruned_outs=[None, store[:100]], lr=0.1,
+                               backend=backend)
+    fk.masked_ef_step_many([store[:100], store[100:200]], g, pruned_outs=[store[200:], None], lr=0.1,
+                           backend=backend)  # adjacent is fine

@@ -3,7 +3,8 @@
 The model's parameters hold the *pruned* weights w * m, so forward and backward run at the pruned
 point with no copy of the model; the optimizer keeps the dense weights w in its state and updates
 them with the gradient taken at the pruned point (error feedback), then rewrites the pruned copy,
-all in one fused pass per layer (feddip_kernels.masked_ef_step).
+all in one fused pass per layer; on the CPU all layers of a parameter group in one call
+(feddip_kernels.masked_ef_step_many).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .. import _torch_kernels
 from .._arrays import as_array
-from ..update import masked_ef_step
+from ..update import masked_ef_step_many
 
 
 class FedDIPSGD(torch.optim.Optimizer):
@@ -142,6 +143,8 @@ class FedDIPSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             hp: dict[torch.device, torch.Tensor] = {}  # the group's scalars, per device (torch path)
+            host_masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]]] = []
+            host_plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
             for prm in group["params"]:
                 if prm.grad is None:
                     continue
@@ -163,13 +166,9 @@ class FedDIPSGD(torch.optim.Optimizer):
                     if in_torch:
                         state["norm"] = self._ef_step(dense, prm.grad, state["mask"], buf, prm.detach(),
                                                       hp[prm.device], group["p"], norm)
+                        self._stamp(prm)
                     else:
-                        state["norm"] = masked_ef_step(
-                            dense, prm.grad, state["mask"], lr=group["lr"], weight_decay=group["weight_decay"],
-                            lam=group["lam"], p=group["p"], momentum=group["momentum"], momentum_buffer=buf,
-                            pruned_out=prm.detach(), norm=norm, backend=self.backend,
-                        )
-                    self._stamp(prm)
+                        host_masked.append((prm, dense, buf, norm))
                 elif in_torch:  # no mask, no regulariser: SGD as torch.optim.SGD makes it
                     w = prm.detach()
                     d = prm.grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else prm.grad
@@ -178,11 +177,29 @@ class FedDIPSGD(torch.optim.Optimizer):
                         d = buf
                     w.add_(d, alpha=-group["lr"])
                 else:
-                    masked_ef_step(
-                        prm.detach(), prm.grad, None, lr=group["lr"], weight_decay=group["weight_decay"],
-                        momentum=group["momentum"], momentum_buffer=buf, norm=0.0, backend=self.backend,
-                    )
+                    host_plain.append((prm, buf))
+            self._host_steps(group, host_masked, host_plain)
         return loss
+
+    def _host_steps(self, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                                     Optional[float]]],
+                    plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+        """A group's host layers in at most two calls of the multi-layer kernel (one fork and join
+        each, not one per layer): the masked layers with the regulariser, then the others without."""
+        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], p=group["p"], momentum=group["momentum"],
+                     backend=self.backend)
+        if masked:
+            norms = masked_ef_step_many(
+                [dense for _, dense, _, _ in masked], [prm.grad for prm, *_ in masked],
+                [self.state[prm]["mask"] for prm, *_ in masked], lam=group["lam"],
+                momentum_buffers=[buf for _, _, buf, _ in masked], pruned_outs=[prm.detach() for prm, *_ in masked],
+                norms=[norm for *_, norm in masked], **hyper)
+            for (prm, *_), norm in zip(masked, norms):
+                self.state[prm]["norm"] = norm
+                self._stamp(prm)
+        if plain:
+            masked_ef_step_many([prm.detach() for prm, _ in plain], [prm.grad for prm, _ in plain],
+                                momentum_buffers=[buf for _, buf in plain], norms=[0.0] * len(plain), **hyper)
 
     def _ef_step(self, *args: Any) -> torch.Tensor:
         if not (self.compile or (self.compile is None and args[0].device.type == "cuda")):
