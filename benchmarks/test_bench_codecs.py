@@ -6,6 +6,7 @@ encoder has OpenMP threads), np.packbits + values, scipy CSR. extra_info carries
 compression ratio against dense fp32."""
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -177,3 +178,37 @@ def test_decode_stream_one_large_tensor(record, big):
     record(lambda: fk.decode_stream(io.BytesIO(msg), out=out, max_bytes=4 * BIG), group=GROUP_BIG_DEC,
            name=f"feddip decode_stream, {fk.get_num_threads()} thread(s)", dense_bytes=4 * BIG)
     np.testing.assert_array_equal(out["w"], big)
+
+
+@pytest.mark.parametrize("kind", ["encode", "decode", "encode_stream", "decode_stream"])
+def test_two_thread_speedup_one_large_tensor(record, big, kind):
+    """1 and 2 threads back to back in each round, in an order drawn at random each round, so that
+    the speed-up is a median of the rounds' own ratios: the separate 1- and 2-thread benchmarks
+    above are timed minutes apart, and this machine's memory speed drifts between them."""
+    msg, stream_msg, out = fk.encode_model({"w": big}), _stream({"w": big}), {"w": np.empty_like(big)}
+    call = {"encode": lambda: fk.encode_model({"w": big}),
+            "decode": lambda: fk.decode_model(msg, out=out, max_bytes=4 * BIG),
+            "encode_stream": lambda: _stream({"w": big}),
+            "decode_stream": lambda: fk.decode_stream(io.BytesIO(stream_msg), out=out, max_bytes=4 * BIG)}[kind]
+    times: dict[int, list[float]] = {1: [], 2: []}
+    order = np.random.default_rng(len(kind))
+
+    def round_():
+        try:
+            for threads in order.permutation([1, 2]):
+                fk.set_num_threads(int(threads))
+                t0 = time.perf_counter()
+                call()
+                times[int(threads)].append(time.perf_counter() - t0)
+        finally:
+            fk.set_num_threads(0)
+
+    def ratios() -> dict[str, float]:
+        one, two = np.array(times[1]), np.array(times[2])
+        return {"rounds": len(one), "ms_1_thread": float(np.median(one)) * 1e3,
+                "ms_2_threads": float(np.median(two)) * 1e3, "speedup": float(np.median(one / two))}
+
+    record(round_, group="1e8-element tensor p=5%: 2-thread speed-up, interleaved", name=f"{kind}, 1 + 2 threads",
+           dense_bytes=8 * BIG, ratios_of=ratios)
+    if kind.startswith("decode"):
+        np.testing.assert_array_equal(out["w"], big)

@@ -2,7 +2,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include "bitpack.hpp"
 #include "common.hpp"
@@ -67,23 +72,31 @@ std::vector<std::size_t> block_offsets(const std::uint8_t* bits, std::size_t n, 
     return first;
 }
 
-// Calls start(lo, hi) once per block of elements [lo, hi), then visit(j, i) for each set position i
-// of the block, j being its rank among all set positions. Blocks run in parallel for large n.
-template <class Start, class Visit>
-void for_each_position(const std::uint8_t* bits, std::size_t n, Start&& start, Visit&& visit) {
+// Calls block(w0, w1, j) once per block of 64-bit words [w0, w1) of positions, j being the rank
+// of the block's first set position among all. Blocks run in parallel for large n.
+template <class Block>
+void for_each_block(const std::uint8_t* bits, std::size_t n, Block&& block) {
     const std::size_t n_words = (n + 63) / 64;
     const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
     const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks);
     const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
-        const std::size_t w0 = static_cast<std::size_t>(b) * kWords, w1 = std::min(n_words, w0 + kWords);
+        const std::size_t w0 = static_cast<std::size_t>(b) * kWords;
+        block(w0, std::min(n_words, w0 + kWords), first[static_cast<std::size_t>(b)]);
+    }
+}
+
+// Calls start(lo, hi) once per block of elements [lo, hi), then visit(j, i) for each set position i
+// of the block, j being its rank among all set positions.
+template <class Start, class Visit>
+void for_each_position(const std::uint8_t* bits, std::size_t n, Start&& start, Visit&& visit) {
+    for_each_block(bits, n, [&](std::size_t w0, std::size_t w1, std::size_t j) {
         start(64 * w0, std::min(n, 64 * w1));
-        std::size_t j = first[b];
         for (std::size_t w = w0; w < w1; ++w)
             for (std::uint64_t v = load_word(bits, n, w); v; v &= v - 1)
                 visit(j++, 64 * w + static_cast<std::size_t>(__builtin_ctzll(v)));
-    }
+    });
 }
 
 }  // namespace
@@ -94,8 +107,80 @@ void gather(const T* x, const std::uint8_t* bits, std::size_t n, T* values) {
         bits, n, [](std::size_t, std::size_t) {}, [&](std::size_t j, std::size_t i) { values[j] = x[i]; });
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+namespace {
+
+// For each 8-bit mask, the value each lane takes: lane l, when set, gets the next value in order
+// (the inverse of a compress), one byte a lane; unset lanes are zeroed afterwards.
+struct ExpandTable {
+    std::uint64_t entry[256];
+    constexpr ExpandTable() : entry() {
+        for (int mask = 0; mask < 256; ++mask) {
+            std::uint64_t e = 0;
+            int j = 0;
+            for (int lane = 0; lane < 8; ++lane)
+                if (mask >> lane & 1) e |= std::uint64_t(j++) << (8 * lane);
+            entry[mask] = e;
+        }
+    }
+};
+constexpr ExpandTable kExpand;
+
+bool has_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    return yes;
+}
+
+// Elements [64 w0, 64 w1) of a float32 densify, all full words, `out` 16-byte aligned: each line
+// is built in registers (8 lanes: the next values spread over the set lanes, zeros elsewhere) and
+// streamed to memory. No zeroing pass before the scatter, and no read of the output's lines
+// before they are written: half the memory traffic of memset-then-scatter.
+__attribute__((target("avx2,popcnt"))) void expand_words(const std::uint8_t* bits, std::size_t w0, std::size_t w1,
+                                                         const float* values, float* out) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (std::size_t w = w0; w < w1; ++w) {
+        std::uint64_t word;
+        std::memcpy(&word, bits + 8 * w, 8);
+        float* o = out + 64 * w;
+        for (int q = 0; q < 8; ++q, word >>= 8) {
+            const unsigned m = static_cast<unsigned>(word & 0xff);
+            const int count = _mm_popcnt_u32(m);
+            // Only `count` values are read: the masked load never touches memory past them.
+            const __m256 v = _mm256_maskload_ps(values, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane_index));
+            const __m256i from = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand.entry + m)));
+            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), lane_bit), lane_bit);
+            const __m256 line = _mm256_and_ps(_mm256_permutevar8x32_ps(v, from), _mm256_castsi256_ps(set));
+            _mm_stream_ps(o + 8 * q, _mm256_castps256_ps128(line));
+            _mm_stream_ps(o + 8 * q + 4, _mm256_extractf128_ps(line, 1));
+            values += count;
+        }
+    }
+    _mm_sfence();
+}
+
+}  // namespace
+#endif
+
 template <class T>
 void scatter(const std::uint8_t* bits, std::size_t n, const T* values, T* out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if constexpr (std::is_same_v<T, float>) {
+        if (has_avx2() && (reinterpret_cast<std::uintptr_t>(out) & 15) == 0 && n >= 64) {
+            for_each_block(bits, n, [&](std::size_t w0, std::size_t w1, std::size_t j) {
+                const std::size_t full = std::min(w1, n / 64);  // the last, partial word goes below
+                if (w0 < full) expand_words(bits, w0, full, values + j, out);
+                if (full < w1) {
+                    std::size_t k = j + static_cast<std::size_t>(count_bits(bits + 8 * w0, 64 * (full - w0)));
+                    std::memset(out + 64 * full, 0, (n - 64 * full) * sizeof(T));
+                    for (std::uint64_t v = load_word(bits, n, full); v; v &= v - 1)
+                        out[64 * full + static_cast<std::size_t>(__builtin_ctzll(v))] = values[k++];
+                }
+            });
+            return;
+        }
+    }
+#endif
     for_each_position(
         bits, n, [&](std::size_t lo, std::size_t hi) { std::memset(out + lo, 0, (hi - lo) * sizeof(T)); },
         [&](std::size_t j, std::size_t i) { out[i] = values[j]; });

@@ -169,3 +169,27 @@ def test_select_and_deposit_bits_match_the_reference(backend, n):
         assert picked.tobytes() == reference.select_bits(b, r, n).tobytes()
         assert picked.tobytes() == np.packbits(sub[ref], bitorder="little").tobytes()
         assert k.deposit_bits(picked, r, n).tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [63, 64, 65, 127, 128, 1000, (1 << 16) * 64 + 3, 300_007])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparsify_and_densify_match_the_reference(backend, n, dtype):
+    # Sizes either side of a 64-element word and of a parallel block (2^16 words), densities from
+    # none to all, into fresh arrays and into an output at an odd offset (the native float32 path
+    # streams aligned lines and falls back for the rest).
+    from feddip_kernels import reference
+
+    k = _backend.kernels(backend)
+    rng = np.random.default_rng(n)
+    for density in (0.0, 0.05, 0.5, 1.0):
+        x = np.where(rng.random(n) < density, rng.standard_normal(n), 0.0).astype(dtype)
+        bits, vals = k.sparsify(x, None)
+        ref_bits, ref_vals = reference.sparsify(x, None)
+        assert bits.tobytes() == ref_bits.tobytes() and vals.tobytes() == ref_vals.tobytes()
+        vals = vals.copy()  # the values end where their array ends: nothing past it may be read
+        assert k.densify(bits, n, vals).tobytes() == x.tobytes()
+        store = np.full(n + 1, np.nan, dtype)
+        out = store[1:]  # 4 or 8 bytes off the allocation's alignment
+        k.densify(bits, n, vals, out)
+        assert out.tobytes() == x.tobytes()
