@@ -325,6 +325,34 @@ def test_crc32c_check_value(backend):
     assert codecs.crc32c(b"", backend=backend) == 0
 
 
+@pytest.mark.parametrize("n", [8 * 4096 * 3 - 1, 4096 * 3, 4096 * 3 + 13, 100_003])
+def test_crc32c_lanes_match_the_reference(backend, n):
+    # The native CRC runs three 4 KiB lanes side by side from 12 KiB and joins their registers.
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    want = reference.crc32c(data)
+    assert codecs.crc32c(data, backend=backend) == want
+    assert codecs.crc32c(data[n // 3:], codecs.crc32c(data[: n // 3], backend=backend), backend=backend) == want
+
+
+def test_crc32c_in_pieces_a_thread_is_exact():
+    # From 256 KiB the native CRC takes a piece a thread and joins them: every thread count and
+    # every starting register give the one-thread result.
+    native = pytest.importorskip("feddip_kernels._core")
+    rng = np.random.default_rng(3)
+    try:
+        for n in ((1 << 18) - 1, 1 << 18, (1 << 18) + 7, 3_000_017):
+            data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            results = set()
+            for threads in (1, 2, 3, 5):
+                fk.set_num_threads(threads)
+                results.add((native.crc32c(data), native.crc32c(data, 0x12345678)))
+            assert len(results) == 1, n
+            fk.set_num_threads(1)
+            assert results.pop()[0] == native.crc32c(data[n // 2:], native.crc32c(data[: n // 2]))
+    finally:
+        fk.set_num_threads(0)
+
+
 @pytest.mark.parametrize("m", [1, 3, 1000, (1 << 31) - 1])
 def test_golomb_backends_long_quotients(backend, m):
     k = _backend.kernels(backend)
