@@ -7,6 +7,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+
+#include "lanes.hpp"
 #endif
 
 #include "bitpack.hpp"
@@ -110,21 +112,6 @@ void gather(const T* x, const std::uint8_t* bits, std::size_t n, T* values) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 namespace {
 
-// For each 8-bit mask, the value each lane takes: lane l, when set, gets the next value in order
-// (the inverse of a compress), one byte a lane; unset lanes are zeroed afterwards.
-struct ExpandTable {
-    std::uint64_t entry[256];
-    constexpr ExpandTable() : entry() {
-        for (int mask = 0; mask < 256; ++mask) {
-            std::uint64_t e = 0;
-            int j = 0;
-            for (int lane = 0; lane < 8; ++lane)
-                if (mask >> lane & 1) e |= std::uint64_t(j++) << (8 * lane);
-            entry[mask] = e;
-        }
-    }
-};
-constexpr ExpandTable kExpand;
 
 bool has_avx2() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
@@ -148,7 +135,7 @@ __attribute__((target("avx2,popcnt"))) void expand_words(const std::uint8_t* bit
             const int count = _mm_popcnt_u32(m);
             // Only `count` values are read: the masked load never touches memory past them.
             const __m256 v = _mm256_maskload_ps(values, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane_index));
-            const __m256i from = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand.entry + m)));
+            const __m256i from = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandLanes.entry + m)));
             const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), lane_bit), lane_bit);
             const __m256 line = _mm256_and_ps(_mm256_permutevar8x32_ps(v, from), _mm256_castsi256_ps(set));
             _mm_stream_ps(o + 8 * q, _mm256_castps256_ps128(line));

@@ -11,6 +11,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+
+#include "lanes.hpp"
 #define FEDDIP_X86_SCAN 1
 #endif
 
@@ -265,23 +267,9 @@ FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan
 }
 
 #ifdef FEDDIP_X86_SCAN
-// Lane indices that move the lanes set in an 8-bit mask to the front, one byte each.
-struct PackTable {
-    std::uint64_t entry[256];
-    constexpr PackTable() : entry() {
-        for (int mask = 0; mask < 256; ++mask) {
-            std::uint64_t e = 0;
-            int j = 0;
-            for (int lane = 0; lane < 8; ++lane)
-                if (mask >> lane & 1) e |= std::uint64_t(lane) << (8 * j++);
-            entry[mask] = e;
-        }
-    }
-};
-constexpr PackTable kPack;
 
 // The float32 pass with AVX2. Branchless: every block's candidates are packed eight lanes at a
-// time by a permute from kPack and stored, most of the time zero of them. A branch on "this block
+// time by a permute from kCompressLanes and stored, most of the time zero of them. A branch on "this block
 // holds one" mispredicts on about a fifth of the blocks and cost more (GCC does not vectorise a
 // compaction by itself).
 __attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std::size_t m,
@@ -308,7 +296,7 @@ __attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std:
             const __m256i in = _mm256_andnot_si256(gt, _mm256_cmpgt_epi32(key, vlo));
             const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(in));
             const __m256i lanes =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.entry + bits)));
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompressLanes.entry + bits)));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(key, lanes));
             out += _mm_popcnt_u32(static_cast<unsigned>(bits));
         }
