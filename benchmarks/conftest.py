@@ -4,6 +4,7 @@ throughput and the speed ratio against the group's baseline, all measured in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -53,16 +54,18 @@ _ROWS: list[Row] = []
 @pytest.fixture
 def record(benchmark):
     """record(fn, *args, group=..., name=..., dense_bytes=..., baseline=False, roofline=False,
-    ratios_of=None, **extra): benchmark fn and remember its median for the summary table;
+    ratios_of=None, rounds=None, **extra): benchmark fn and remember its median for the summary table;
     `ratios_of()`, called after the timing, adds metrics derived from it to extra. The roofline
     row of a group (a plain read of the same bytes) makes the summary print every row's share of
     its read rate. Returns fn's result."""
 
     def run(fn, *args, group: str, name: str, dense_bytes: int, baseline: bool = False, roofline: bool = False,
-            ratios_of=None, **extra):
+            ratios_of=None, rounds: Optional[int] = None, **extra):
         benchmark.group = group
         benchmark.name = name
-        result = benchmark(fn, *args)
+        # `rounds`: exactly that many (after one warm-up), where a median of ratios needs more
+        # rounds than the time-based calibration gives slow calls.
+        result = benchmark(fn, *args) if rounds is None else benchmark.pedantic(fn, args, rounds=rounds, warmup_rounds=1)
         if ratios_of is not None:  # metrics computed from the timed calls themselves
             extra.update(ratios_of())
         benchmark.extra_info.update(extra, dense_bytes=dense_bytes, baseline=baseline, roofline=roofline)

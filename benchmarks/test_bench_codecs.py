@@ -209,6 +209,6 @@ def test_two_thread_speedup_one_large_tensor(record, big, kind):
                 "ms_2_threads": float(np.median(two)) * 1e3, "speedup": float(np.median(one / two))}
 
     record(round_, group="1e8-element tensor p=5%: 2-thread speed-up, interleaved", name=f"{kind}, 1 + 2 threads",
-           dense_bytes=8 * BIG, ratios_of=ratios)
+           dense_bytes=8 * BIG, ratios_of=ratios, rounds=25)
     if kind.startswith("decode"):
         np.testing.assert_array_equal(out["w"], big)

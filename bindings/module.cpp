@@ -453,6 +453,34 @@ PYBIND11_MODULE(_core, m) {
         py::arg("data"), py::arg("crc") = 0);
 
     m.def(
+        "join_crc32c",
+        [](const std::vector<py::buffer>& parts) {
+            std::vector<py::buffer_info> infos;  // holds the buffers' exports while they are read
+            std::vector<ByteRun> runs;
+            std::size_t total = 0;
+            for (const py::buffer& part : parts) {
+                infos.push_back(part.request());
+                const ByteSpan span = contiguous_bytes(infos.back(), "part");
+                runs.push_back({span.data, span.size});
+                total += span.size;
+            }
+            // A new bytes object is filled before anyone else can see it, as CPython's own
+            // constructors do; then it is immutable.
+            PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<py::ssize_t>(total + 4));
+            if (!raw) throw py::error_already_set();
+            py::bytes out = py::reinterpret_steal<py::bytes>(raw);
+            auto* dst = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(raw));
+            std::uint32_t crc;
+            {
+                py::gil_scoped_release release;
+                crc = copy_crc32c(runs, dst);
+            }
+            for (int i = 0; i < 4; ++i) dst[total + i] = static_cast<std::uint8_t>(crc >> (8 * i));
+            return out;
+        },
+        py::arg("parts"), "The parts joined, then their CRC-32C (4 bytes, little-endian): one parallel pass.");
+
+    m.def(
         "pack_bits",
         [](py::array mask) {
             if (mask.itemsize() != 1 || !(mask.flags() & py::array::c_style))

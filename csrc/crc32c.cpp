@@ -68,14 +68,20 @@ Matrix one_zero_byte() {
     return square(square(square(bit)));
 }
 
-// The register r carried past n zero bytes.
-std::uint32_t past_zeros(std::uint32_t r, std::uint64_t n) {
-    static const Matrix byte = one_zero_byte();
-    Matrix m = byte;
-    for (; n; n >>= 1) {
-        if (n & 1) r = apply(m, r);
-        if (n > 1) m = square(m);
+// The maps past 2^k zero bytes, k = 0 .. 63, squared once and kept.
+struct PowersOfTwo {
+    Matrix past[64];
+    PowersOfTwo() {
+        past[0] = one_zero_byte();
+        for (int k = 1; k < 64; ++k) past[k] = square(past[k - 1]);
     }
+};
+
+// The register r carried past n zero bytes: a matrix a set bit of n.
+std::uint32_t past_zeros(std::uint32_t r, std::uint64_t n) {
+    static const PowersOfTwo powers;
+    for (int k = 0; n; ++k, n >>= 1)
+        if (n & 1) r = apply(powers.past[k], r);
     return r;
 }
 
@@ -164,6 +170,36 @@ std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t c
         const auto [lo, hi] = bounds(t);
         r = past_zeros(r, hi - lo) ^ reg[static_cast<std::size_t>(t)];
     }
+    return ~r;
+}
+
+std::uint32_t copy_crc32c(const std::vector<ByteRun>& runs, std::uint8_t* dst, std::uint32_t crc) {
+    // Pieces of at most kPiece bytes, each copied and then checksummed from the copy while it is
+    // in cache, in parallel; their registers are joined in order.
+    constexpr std::size_t kPiece = std::size_t(1) << 18;
+    struct Piece {
+        const std::uint8_t* src;
+        std::uint8_t* dst;
+        std::size_t size;
+    };
+    std::vector<Piece> pieces;
+    std::size_t total = 0;
+    for (const ByteRun& run : runs) {
+        for (std::size_t off = 0; off < run.size; off += kPiece)
+            pieces.push_back({run.data + off, dst + total + off, std::min(kPiece, run.size - off)});
+        total += run.size;
+    }
+    const int nt = total < kPiece ? 1 : max_threads(0);
+    std::vector<std::uint32_t> reg(pieces.size(), 0);
+    const long long n_pieces = static_cast<long long>(pieces.size());
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+    for (long long i = 0; i < n_pieces; ++i) {
+        const Piece& pc = pieces[static_cast<std::size_t>(i)];
+        std::memcpy(pc.dst, pc.src, pc.size);
+        reg[static_cast<std::size_t>(i)] = crc_run(pc.dst, pc.size, 0);
+    }
+    std::uint32_t r = ~crc;
+    for (std::size_t i = 0; i < pieces.size(); ++i) r = past_zeros(r, pieces[i].size) ^ reg[i];
     return ~r;
 }
 

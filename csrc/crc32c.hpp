@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace feddip {
 
@@ -10,5 +11,14 @@ namespace feddip {
 // streams side by side, where the CPU has it, else slicing-by-8 tables; from 256 KiB, a piece a
 // thread (set_num_threads), joined exactly.
 std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t crc = 0);
+
+// Copies the runs one after another into dst (which holds their total size) and returns the
+// CRC-32C of all their bytes, continuing from `crc`: a message's join and checksum in one
+// parallel pass (set_num_threads), each byte read once from where it was.
+struct ByteRun {
+    const std::uint8_t* data;
+    std::size_t size;
+};
+std::uint32_t copy_crc32c(const std::vector<ByteRun>& runs, std::uint8_t* dst, std::uint32_t crc = 0);
 
 }  // namespace feddip

@@ -65,12 +65,14 @@ namespace {
 // Work split: blocks of kWords 64-bit words of positions, with the index of each block's first value.
 constexpr std::size_t kWords = 1024;
 
-std::vector<std::size_t> block_offsets(const std::uint8_t* bits, std::size_t n, std::size_t n_blocks) {
+std::vector<std::size_t> block_offsets(const std::uint8_t* bits, std::size_t n, std::size_t n_blocks, int nt) {
     std::vector<std::size_t> first(n_blocks + 1, 0);
-    for (std::size_t b = 0; b < n_blocks; ++b) {
-        const std::size_t lo = b * kWords * 64, hi = std::min(n, lo + kWords * 64);
-        first[b + 1] = first[b] + static_cast<std::size_t>(count_bits(bits + lo / 8, hi - lo));
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
+        const std::size_t lo = static_cast<std::size_t>(b) * kWords * 64, hi = std::min(n, lo + kWords * 64);
+        first[static_cast<std::size_t>(b) + 1] = static_cast<std::size_t>(count_bits(bits + lo / 8, hi - lo));
     }
+    for (std::size_t b = 0; b < n_blocks; ++b) first[b + 1] += first[b];
     return first;
 }
 
@@ -80,8 +82,8 @@ template <class Block>
 void for_each_block(const std::uint8_t* bits, std::size_t n, Block&& block) {
     const std::size_t n_words = (n + 63) / 64;
     const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
-    const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks);
     const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
+    const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks, nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
         const std::size_t w0 = static_cast<std::size_t>(b) * kWords;

@@ -112,5 +112,9 @@ class Kernels(Protocol):
     def crc32c(self, data: object, crc: int = 0) -> int:
         """CRC-32C (Castagnoli) of a C-contiguous buffer, continuing from `crc`."""
 
+    def join_crc32c(self, parts: Sequence[object]) -> bytes:
+        """The C-contiguous buffers joined, then the CRC-32C of all of them, 4 bytes little-endian:
+        a message's last step (encode_model)."""
+
 
 NAMES = tuple(name for name in Kernels.__dict__ if not name.startswith("_"))

@@ -54,3 +54,13 @@ def layer_by_layer(step: Callable[..., float]) -> Callable[..., list[float]]:
                 for w, g, m, b, o, nm in zip(ws, gs, masks, momentum_buffers, pruned_outs, norms)]
 
     return masked_ef_step_many
+
+
+def join_with_crc32c(crc32c: Callable[..., int]) -> Callable[[Sequence[Any]], bytes]:
+    """The kernel join_crc32c of a Python backend, from its crc32c."""
+
+    def join_crc32c(parts: Sequence[Any]) -> bytes:
+        body = b"".join(parts)
+        return body + crc32c(body).to_bytes(4, "little")
+
+    return join_crc32c

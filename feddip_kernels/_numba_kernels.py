@@ -447,6 +447,9 @@ def crc32c(data, crc: int = 0) -> int:
     return int(_crc32c(np.frombuffer(data, dtype=np.uint8), np.int64(crc), _CRC_TABLE))
 
 
+join_crc32c = _formulas.join_with_crc32c(crc32c)
+
+
 def golomb_encode_many(items: Sequence[tuple[np.ndarray, int, int]]) -> list[bytes]:
     return _formulas.encode_each(golomb_encode, items)
 

@@ -234,6 +234,9 @@ def crc32c(data: bytes, crc: int = 0) -> int:
     return c ^ 0xFFFFFFFF
 
 
+join_crc32c = _formulas.join_with_crc32c(crc32c)
+
+
 def count_bits(bits: np.ndarray, n: int) -> int:
     return int(unpack_bits(bits, n).sum())
 

@@ -771,3 +771,26 @@ def test_chunks_are_only_for_golomb_in_the_own_index_space(small_chunks):
     bad[4] = 1
     with pytest.raises(fk.CodecError):
         fk.decode_model(_reseal(bytes(bad)))
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [5, 0, 9], [1 << 18, 3, (1 << 18) + 5], [3_000_001, 77, 1_000_003]])
+def test_join_crc32c_matches_the_reference(backend, sizes):
+    # The native join copies pieces of 256 KiB on every thread and checksums each copy; the
+    # registers are joined in order. Every thread count gives the one message.
+    rng = np.random.default_rng(len(sizes))
+    parts = [rng.integers(0, 256, s, dtype=np.uint8) for s in sizes]
+    body = b"".join(p.tobytes() for p in parts)
+    want = body + reference.crc32c(body).to_bytes(4, "little") if sum(sizes) < 100_000 else None
+    k = _backend.kernels(backend)
+    try:
+        got = set()
+        for threads in (1, 2, 3):
+            fk.set_num_threads(threads)
+            got.add(k.join_crc32c([*parts[:1], *(p.tobytes() for p in parts[1:])]))
+    finally:
+        fk.set_num_threads(0)
+    assert len(got) == 1
+    msg = got.pop()
+    assert msg[:-4] == body and int.from_bytes(msg[-4:], "little") == k.crc32c(body)
+    if want is not None:
+        assert msg == want

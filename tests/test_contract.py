@@ -52,7 +52,7 @@ def test_the_contract_lists_every_kernel_the_public_layer_calls():
     assert set(NAMES) == {
         "magnitude_threshold", "topk_masks", "max_magnitude", "masked_norm", "masked_ef_step", "masked_ef_step_many",
         "pack_bits", "unpack_bits", "count_bits", "select_bits", "deposit_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
-        "golomb_encode_many", "golomb_decode_many", "crc32c",
+        "golomb_encode_many", "golomb_decode_many", "crc32c", "join_crc32c",
     }
 
 
@@ -86,6 +86,7 @@ def calls():
         "golomb_encode_many": lambda k: k.golomb_encode_many([(bits, 37, 3)]),
         "golomb_decode_many": lambda k: k.golomb_decode_many([(b"\x01", 8, 1, 1)]),
         "crc32c": lambda k: k.crc32c(b"123456789"),
+        "join_crc32c": lambda k: k.join_crc32c([b"1234", np.frombuffer(b"56789", np.uint8)]),
     }
 
 

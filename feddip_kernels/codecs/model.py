@@ -143,10 +143,7 @@ def encode_model(
             parts.append(struct.pack("<I", len(table)))
             parts += [CHUNK.pack(size, nnz, cm, len(stream)) for size, nnz, cm, stream in table]
         parts += pos_payload + val_payload
-    crc = 0
-    for part in parts:  # the checksum of the pieces, so that they are copied once, by the join
-        crc = k.crc32c(part, crc)
-    return b"".join([*parts, CRC.pack(crc)])
+    return k.join_crc32c(parts)  # one pass: each piece copied into the message and checksummed there
 
 
 def decode_model(
