@@ -28,4 +28,15 @@ struct LaneTable {
 inline constexpr LaneTable kCompressLanes{false};
 inline constexpr LaneTable kExpandLanes{true};
 
+// entry[mask]: the 8 bits of the mask as 8 bytes of 0 or 1, bit j to byte j (a bool mask's bytes).
+struct ByteTable {
+    std::uint64_t entry[256];
+    constexpr ByteTable() : entry() {
+        for (int mask = 0; mask < 256; ++mask)
+            for (int j = 0; j < 8; ++j) entry[mask] |= std::uint64_t(mask >> j & 1) << (8 * j);
+    }
+};
+
+inline constexpr ByteTable kMaskBytes{};
+
 }  // namespace feddip

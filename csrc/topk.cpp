@@ -5,6 +5,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -225,6 +226,7 @@ std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_
 template <class U>
 struct Scan {
     U* out;                   // gathered keys in [lo, hi]; `cap` of room
+    std::uint32_t* pos;       // and their indices in their chunk, when masks are written
     std::size_t cap;
     std::size_t size = 0;
     std::uint64_t above = 0;  // keys > hi
@@ -232,11 +234,13 @@ struct Scan {
     bool overflow = false;    // more than `cap` keys in [lo, hi]: the gather gave up
 };
 
-// The pass over one chunk: count keys > hi, append keys in [lo, hi]. Blocks of kBlock get a
-// vectorised count first and are compacted (branchless) only when they hold candidates. Keys have
-// the top bit clear, so signed compares, which SSE2/AVX2 have for 32-bit lanes, order them right.
+// The pass over one chunk: count keys > hi, append keys in [lo, hi], and where `mask` is given,
+// write mask[i] = key > hi and append the candidates' indices (base + i) too. Blocks of kBlock get
+// a vectorised count first and are compacted (branchless) only when they hold candidates. Keys
+// have the top bit clear, so signed compares, which SSE2/AVX2 have for 32-bit lanes, order them.
 template <class T, class S>
-FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan<bits_t<T>>& scan) {
+FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan<bits_t<T>>& scan,
+                                     std::uint8_t* mask, std::uint32_t base) {
     using U = bits_t<T>;
     const S inf = static_cast<S>(inf_key<T>());
     for (std::size_t b0 = 0; b0 < m; b0 += kBlock) {
@@ -248,6 +252,8 @@ FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan
             inside += key >= lo;
             nan += key > inf;
         }
+        if (mask)
+            for (std::size_t i = b0; i < b1; ++i) mask[i] = static_cast<S>(magnitude_key(p[i])) > hi;
         scan.above += above;
         scan.nan |= nan != 0;
         if (inside == above) continue;
@@ -256,10 +262,12 @@ FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan
             return;
         }
         U* out = scan.out + scan.size;
+        std::uint32_t* pos = mask ? scan.pos + scan.size : nullptr;
         std::size_t j = 0;
         for (std::size_t i = b0; i < b1; ++i) {
             const S key = static_cast<S>(magnitude_key(p[i]));
             out[j] = static_cast<U>(key);
+            if (pos) pos[j] = base + static_cast<std::uint32_t>(i);
             j += (key >= lo) & (key <= hi);
         }
         scan.size += j;
@@ -272,14 +280,17 @@ FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan
 // time by a permute from kCompressLanes and stored, most of the time zero of them. A branch on "this block
 // holds one" mispredicts on about a fifth of the blocks and cost more (GCC does not vectorise a
 // compaction by itself).
+template <bool Masks>
 __attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std::size_t m,
                                                              std::int32_t hi, std::int32_t lo,
-                                                             Scan<std::uint32_t>& scan) {
+                                                             Scan<std::uint32_t>& scan, std::uint8_t* mask) {
     const __m256i sign_clear = _mm256_set1_epi32(0x7fffffff);
     const __m256i vhi = _mm256_set1_epi32(hi);
     const __m256i vlo = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo >= 0)
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i above = _mm256_setzero_si256(), peak = _mm256_setzero_si256();
     std::uint32_t* out = scan.out + scan.size;
+    std::uint32_t* pos = Masks ? scan.pos + scan.size : nullptr;
     std::uint32_t* const end = scan.out + scan.cap;
     std::size_t i = 0;
     for (; i + kBlock <= m; i += kBlock) {
@@ -298,7 +309,15 @@ __attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std:
             const __m256i lanes =
                 _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompressLanes.entry + bits)));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(key, lanes));
-            out += _mm_popcnt_u32(static_cast<unsigned>(bits));
+            const int count = _mm_popcnt_u32(static_cast<unsigned>(bits));
+            out += count;
+            if constexpr (Masks) {
+                const int kept = _mm256_movemask_ps(_mm256_castsi256_ps(gt));
+                std::memcpy(mask + i + q, kMaskBytes.entry + kept, 8);
+                const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i + q)), iota);
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos), _mm256_permutevar8x32_epi32(index, lanes));
+                pos += count;
+            }
         }
     }
     scan.size = static_cast<std::size_t>(out - scan.out);
@@ -307,20 +326,25 @@ __attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std:
     for (int q = 0; q < 8; ++q) scan.above += static_cast<std::uint32_t>(lane[q]);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lane), peak);
     for (int q = 0; q < 8; ++q) scan.nan |= lane[q] > std::int32_t(inf_key<float>());
-    if (i < m) scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan);
+    if (i < m)
+        scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
+                                        static_cast<std::uint32_t>(i));
 }
 
 // The float32 pass with AVX-512: compares give lane masks, and a register compress packs the
 // candidates (the compress-to-memory form is microcoded and slow on AMD Zen 4).
+template <bool Masks>
 __attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p, std::size_t m,
                                                                  std::int32_t hi, std::int32_t lo,
-                                                                 Scan<std::uint32_t>& scan) {
+                                                                 Scan<std::uint32_t>& scan, std::uint8_t* mask) {
     const __m512i sign_clear = _mm512_set1_epi32(0x7fffffff);
     const __m512i vhi = _mm512_set1_epi32(hi);
     const __m512i vlo = _mm512_set1_epi32(lo);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512i peak = _mm512_setzero_si512();
     std::uint64_t above = 0;
     std::uint32_t* out = scan.out + scan.size;
+    std::uint32_t* pos = Masks ? scan.pos + scan.size : nullptr;
     std::uint32_t* const end = scan.out + scan.cap;
     std::size_t i = 0;
     for (; i + kBlock <= m; i += kBlock) {
@@ -336,13 +360,25 @@ __attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p,
             // The masked form: the plain _mm512_max_epi32 trips GCC 12's -Wmaybe-uninitialized.
             peak = _mm512_mask_max_epi32(peak, __mmask16(0xffff), peak, key);
             _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(in, key));
-            out += _mm_popcnt_u32(in);
+            const int count = _mm_popcnt_u32(in);
+            out += count;
+            if constexpr (Masks) {
+                // The merge form of the narrowing: the plain one trips the same GCC warning.
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(mask + i + q),
+                                 _mm512_mask_cvtepi32_epi8(_mm_setzero_si128(), __mmask16(0xffff),
+                                                           _mm512_maskz_set1_epi32(gt, 1)));
+                const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i + q)), iota);
+                _mm512_storeu_si512(pos, _mm512_maskz_compress_epi32(in, index));
+                pos += count;
+            }
         }
     }
     scan.size = static_cast<std::size_t>(out - scan.out);
     scan.above += above;
     scan.nan |= _mm512_cmpgt_epi32_mask(peak, _mm512_set1_epi32(std::int32_t(inf_key<float>()))) != 0;
-    if (i < m) scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan);
+    if (i < m)
+        scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
+                                        static_cast<std::uint32_t>(i));
 }
 
 ScanIsa detected_isa() {
@@ -365,19 +401,24 @@ std::atomic<int>& isa_limit() {
     return limit;
 }
 
-// The pass over one chunk, with the widest vectors the CPU has (up to the limit tests may set).
+// The pass over one chunk, with the widest vectors the CPU has (up to the limit tests may set);
+// `mask` (the chunk's part of its tensor's mask) given: written too, with the candidates' indices.
 template <class T>
 void scan(const Chunk<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed_t<bits_t<T>> lo,
-          Scan<bits_t<T>>& sc, ScanIsa isa) {
+          Scan<bits_t<T>>& sc, ScanIsa isa, std::uint8_t* mask) {
     if (sc.overflow) return;  // the fast path has failed already: the caller falls back
 #ifdef FEDDIP_X86_SCAN
     if constexpr (sizeof(T) == 4) {
-        if (isa == ScanIsa::avx512) return scan_chunk_avx512(ch.data, ch.size, hi, lo, sc);
-        if (isa == ScanIsa::avx2) return scan_chunk_avx2(ch.data, ch.size, hi, lo, sc);
+        if (isa == ScanIsa::avx512)
+            return mask ? scan_chunk_avx512<true>(ch.data, ch.size, hi, lo, sc, mask)
+                        : scan_chunk_avx512<false>(ch.data, ch.size, hi, lo, sc, nullptr);
+        if (isa == ScanIsa::avx2)
+            return mask ? scan_chunk_avx2<true>(ch.data, ch.size, hi, lo, sc, mask)
+                        : scan_chunk_avx2<false>(ch.data, ch.size, hi, lo, sc, nullptr);
     }
 #endif
     (void)isa;
-    scan_chunk<T>(ch.data, ch.size, hi, lo, sc);
+    scan_chunk<T>(ch.data, ch.size, hi, lo, sc, mask, 0);
 }
 
 // A strided sample of the keys: runs of kRun consecutive elements at evenly spaced offsets in each
@@ -415,11 +456,13 @@ std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uin
 
 // Fast path, one pass over memory: a sample brackets the k-th largest key in [lo, hi]; one pass
 // counts the keys above hi and gathers those inside; selection finishes on the gathered keys.
-// Returns false (and the caller falls back to the radix passes) when the bracket missed the k-th
-// key or held more keys than the gather's room.
+// With `masks` (one per tensor), the pass also writes them as |x| > hi and keeps where each
+// gathered key came from; the selection then sets the gathered keys' bytes, ties in list order.
+// Returns false (and the caller falls back to the radix passes, which write the masks anew) when
+// the bracket missed the k-th key or held more keys than the gather's room.
 template <class T>
 bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t k, int nt,
-                   MagnitudeThreshold<T>* result) {
+                   const std::vector<std::uint8_t*>* masks, MagnitudeThreshold<T>* result) {
     using U = bits_t<T>;
     using S = std::make_signed_t<U>;  // keys have the top bit clear: signed compares vectorise
     const std::uint64_t n_sample = std::min(n, std::clamp(n / 256, kSampleMin, kSampleMax));
@@ -437,14 +480,28 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
     if (lo_rank > static_cast<std::int64_t>(sample.size())) lo = 0;
     const std::size_t room = static_cast<std::size_t>(std::max(kGatherMax, n / 64));
     const std::size_t part = room / static_cast<std::size_t>(nt) + kBlock;
-    std::unique_ptr<U[]> gathered(new U[part * std::size_t(nt)]);  // untouched room costs no memory
+    // Untouched room costs no memory: only what the pass gathers is ever written.
+    std::unique_ptr<U[]> gathered(new U[part * std::size_t(nt)]);
+    std::unique_ptr<std::uint32_t[]> where(masks ? new std::uint32_t[part * std::size_t(nt)] : nullptr);
     std::vector<Scan<U>> scans;
-    for (int t = 0; t < nt; ++t) scans.push_back({gathered.get() + part * std::size_t(t), part});
+    for (int t = 0; t < nt; ++t)
+        scans.push_back({gathered.get() + part * std::size_t(t), masks ? where.get() + part * std::size_t(t) : nullptr,
+                         part});
+    // Each chunk's gathered keys: [first[c], first[c] + count[c]) of its thread's part.
+    std::vector<std::size_t> first(chunks.size()), count(chunks.size());
+    std::vector<int> owner(chunks.size());
     const S shi = static_cast<S>(hi), slo = static_cast<S>(lo);
     const long long n_chunks = static_cast<long long>(chunks.size());
     const ScanIsa isa = scan_isa();
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (long long c = 0; c < n_chunks; ++c) scan<T>(chunks[c], shi, slo, scans[thread_id()], isa);
+    for (long long c = 0; c < n_chunks; ++c) {
+        const Chunk<T>& ch = chunks[c];
+        Scan<U>& sc = scans[thread_id()];
+        first[c] = sc.size;
+        owner[c] = thread_id();
+        scan<T>(ch, shi, slo, sc, isa, masks ? (*masks)[ch.segment] + ch.offset : nullptr);
+        count[c] = sc.size - first[c];
+    }
     std::uint64_t n_above = 0;
     std::size_t n_keys = 0;
     bool overflow = false;
@@ -452,21 +509,39 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
         if (sc.nan) throw std::invalid_argument("input contains NaN");
         overflow |= sc.overflow;
         n_above += sc.above;
-    }
-    if (overflow) return false;
-    for (const Scan<U>& sc : scans) {  // join the parts at the front of the buffer
-        std::copy(sc.out, sc.out + sc.size, gathered.get() + n_keys);
         n_keys += sc.size;
     }
-    if (k <= n_above || k > n_above + n_keys) return false;
-    const Rank<U> kth = kth_largest<U>(gathered.get(), n_keys, k - n_above, lo, hi);
+    if (overflow || k <= n_above || k > n_above + n_keys) return false;
+    // The rank's selection reorders what it is given: the parts, joined into one array.
+    std::vector<U> keys;
+    keys.reserve(n_keys);
+    for (const Scan<U>& sc : scans) keys.insert(keys.end(), sc.out, sc.out + sc.size);
+    const Rank<U> kth = kth_largest<U>(keys.data(), n_keys, k - n_above, lo, hi);
     *result = {key_to_value<T>(kth.key), n_above + kth.n_greater, kth.n_equal};
+    if (masks) {
+        // Above the k-th key: kept; equal: kept while ties are wanted, in list order (chunks in
+        // order, a chunk's keys in order); below: not (the pass wrote 0 for all of them).
+        const bool all_ties = result->n_greater + result->n_equal == k;
+        std::uint64_t ties = k - result->n_greater;
+        for (std::size_t c = 0; c < chunks.size(); ++c) {
+            const Scan<U>& sc = scans[owner[c]];
+            std::uint8_t* mask = (*masks)[chunks[c].segment] + chunks[c].offset;
+            for (std::size_t j = first[c]; j < first[c] + count[c]; ++j) {
+                const U key = sc.out[j];
+                const bool take = key > kth.key || (key == kth.key && (all_ties || ties > 0));
+                ties -= (key == kth.key && take && !all_ties);
+                mask[sc.pos[j]] = take;
+            }
+        }
+    }
     return true;
 }
 
+// The k-th largest key. With `masks`, *masks_written says whether the fast path wrote them.
 template <class T>
 MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t k,
-                             int nt) {
+                             int nt, const std::vector<std::uint8_t*>* masks = nullptr,
+                             bool* masks_written = nullptr) {
     using U = bits_t<T>;
     constexpr int kBits = 8 * sizeof(U);
     if (k > n)
@@ -474,7 +549,10 @@ MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t 
                                     std::to_string(n) + ")");
     if (k > 0 && n >= kSampleMinN) {
         MagnitudeThreshold<T> result;
-        if (sample_select(chunks, n, k, nt, &result)) return result;
+        if (sample_select(chunks, n, k, nt, masks, &result)) {
+            if (masks_written) *masks_written = masks != nullptr;
+            return result;
+        }
         fallback_count().fetch_add(1, std::memory_order_relaxed);
     }
     std::vector<std::uint64_t> hist;
@@ -570,7 +648,9 @@ MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
     std::uint64_t n = 0;
     const auto chunks = make_chunks(segments, &n);
     const int nt = threads_for(n_threads, chunks.size());
-    const MagnitudeThreshold<T> th = select(chunks, n, k, nt);
+    bool written = false;  // by the fast path's one pass; else by the pass below
+    const MagnitudeThreshold<T> th = select(chunks, n, k, nt, &masks, &written);
+    if (written) return th;
     const U key = magnitude_key(th.value);
     // All ties fit: take |x| >= value. Otherwise take |x| > value, then the first ties in order.
     const bool take_all_ties = k > 0 && th.n_greater + th.n_equal == k;

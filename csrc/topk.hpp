@@ -43,6 +43,8 @@ T max_magnitude(const std::vector<Segment<T>>& segments, int n_threads = 0);
 
 // Writes one byte (0/1) per element into masks[i] (same length as segments[i]): exactly k ones,
 // at the k largest |x|. Ties at the threshold are taken in list order (tensor, then flat index).
+// On the fast path the masks are written by the selection's one pass (|x| above the bracket),
+// then the gathered keys' bytes; elsewhere by a second pass once the threshold is known.
 template <class T>
 MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
                                         const std::vector<std::uint8_t*>& masks, std::uint64_t k,
