@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
-#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
