@@ -3,8 +3,9 @@ throughput and the speed ratio against the group's baseline, all measured in the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pytest
@@ -77,6 +78,23 @@ def record(benchmark):
         return result
 
     return run
+
+
+def alternating(calls: dict[Any, Callable[[], object]], seed: int) -> tuple[Callable[[], None], dict[Any, list[float]]]:
+    """(round, times): each round runs every call once, in an order drawn at random each round (no
+    call always follows the same one), and appends its time to times[key]. Ratios taken round by
+    round compare calls made moments apart, which a slow spell of the machine cannot skew."""
+    keys = list(calls)
+    times: dict[Any, list[float]] = {k: [] for k in keys}
+    order = np.random.default_rng(seed)
+
+    def round_() -> None:
+        for i in order.permutation(len(keys)):
+            t0 = time.perf_counter()
+            calls[keys[i]]()
+            times[keys[i]].append(time.perf_counter() - t0)
+
+    return round_, times
 
 
 def thread_counts() -> dict[str, int]:

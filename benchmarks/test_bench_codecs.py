@@ -6,14 +6,13 @@ encoder has OpenMP threads), np.packbits + values, scipy CSR. extra_info carries
 compression ratio against dense fp32."""
 
 import io
-import time
 
 import numpy as np
 import pytest
 
 import feddip_kernels as fk
 
-from .conftest import resnet18_weights, thread_counts
+from .conftest import alternating, resnet18_weights, thread_counts
 
 GROUP_ENC = "encode ResNet-18 11.2M f32 p=5%"
 GROUP_DEC = "decode ResNet-18 11.2M f32 p=5%"
@@ -190,16 +189,17 @@ def test_two_thread_speedup_one_large_tensor(record, big, kind):
             "decode": lambda: fk.decode_model(msg, out=out, max_bytes=4 * BIG),
             "encode_stream": lambda: _stream({"w": big}),
             "decode_stream": lambda: fk.decode_stream(io.BytesIO(stream_msg), out=out, max_bytes=4 * BIG)}[kind]
-    times: dict[int, list[float]] = {1: [], 2: []}
-    order = np.random.default_rng(len(kind))
+    def on(threads):
+        def run():
+            fk.set_num_threads(threads)
+            call()
+        return run
+
+    alternate, times = alternating({1: on(1), 2: on(2)}, seed=len(kind))
 
     def round_():
         try:
-            for threads in order.permutation([1, 2]):
-                fk.set_num_threads(int(threads))
-                t0 = time.perf_counter()
-                call()
-                times[int(threads)].append(time.perf_counter() - t0)
+            alternate()
         finally:
             fk.set_num_threads(0)
 

@@ -6,14 +6,13 @@ Also timed: the eager masked step in torch (regulariser gradient, SGD on the den
 pruned copy w * m), i.e. what FedDIP client code runs without our kernel. The last benchmark runs
 the three alternately, so that the ratios come from back-to-back pairs on the same machine state."""
 
-import time
 
 import numpy as np
 import pytest
 
 import feddip_kernels as fk
 
-from .conftest import NUMBA, resnet18_weights
+from .conftest import NUMBA, alternating, resnet18_weights
 
 GROUP = "EF step ResNet-18 11.2M f32"
 LR, MOM, WD, LAM = 0.01, 0.9, 5e-4, 1e-3
@@ -119,16 +118,8 @@ def test_interleaved_ratios(record, setup):
     order drawn at random each round (no step always runs after the same one). Reported: each
     step's median time over these rounds, and each ratio as the median over rounds of that round's
     ratio, which a slow spell of the machine cannot skew; the two readings differ slightly."""
-    steps = {"native": fused_step(setup, "native", packed=True), "fused": torch_sgd_step(setup, True),
-             "eager": torch_eager_step(setup)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    order = np.random.default_rng(0)
-
-    def round_():
-        for name in order.permutation(list(steps)):
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
+    round_, times = alternating({"native": fused_step(setup, "native", packed=True),
+                                 "fused": torch_sgd_step(setup, True), "eager": torch_eager_step(setup)}, seed=0)
 
     def ratios() -> dict[str, float]:
         nat, fus, eag = (np.array(times[k]) for k in ("native", "fused", "eager"))
@@ -162,15 +153,8 @@ def test_native_over_fused_by_threads(record, setup, threads):
     fk.set_num_threads(threads)
     torch.set_num_threads(threads)
     try:
-        steps = {"native": fused_step(setup, "native", packed=True, many=True), "fused": torch_sgd_step(setup, True)}
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        order = np.random.default_rng(threads)
-
-        def round_():
-            for name in order.permutation(list(steps)):
-                t0 = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t0)
+        round_, times = alternating({"native": fused_step(setup, "native", packed=True, many=True),
+                                     "fused": torch_sgd_step(setup, True)}, seed=threads)
 
         def ratios() -> dict[str, float]:
             nat, fus = np.array(times["native"]), np.array(times["fused"])
