@@ -177,11 +177,7 @@ def _step_on_device(w: Any, g: Any, mask: Any, *, lr: float, weight_decay: float
             raise ValueError(f"{name} must match w ({w.numel()} x {w.dtype}), got {t.numel()} x {t.dtype}")
     if mask is not None and mask.numel() != w.numel():
         raise ValueError(f"mask has {mask.numel()} elements, expected {w.numel()}")
-    if p not in (1, 2):
-        raise ValueError(f"p must be 1 or 2, got {p}")
-    for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):
-        if not np.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    _check_hyper(lr, weight_decay, lam, momentum, p)
     if momentum != 0.0 and momentum_buffer is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
     for name, t in (("w", w), ("momentum_buffer", momentum_buffer), ("pruned_out", pruned_out)):
