@@ -17,6 +17,7 @@ import torch
 
 from .. import _torch_kernels
 from .._arrays import as_array
+from ..pruning import pack_mask
 from ..update import masked_ef_step_many
 
 
@@ -191,7 +192,7 @@ class FedDIPSGD(torch.optim.Optimizer):
         if masked:
             norms = masked_ef_step_many(
                 [dense for _, dense, _, _ in masked], [prm.grad for prm, *_ in masked],
-                [self.state[prm]["mask"] for prm, *_ in masked], lam=group["lam"],
+                mask_bits=[self._mask_bits(prm) for prm, *_ in masked], lam=group["lam"],
                 momentum_buffers=[buf for _, _, buf, _ in masked], pruned_outs=[prm.detach() for prm, *_ in masked],
                 norms=[norm for *_, norm in masked], **hyper)
             for (prm, *_), norm in zip(masked, norms):
@@ -200,6 +201,17 @@ class FedDIPSGD(torch.optim.Optimizer):
         if plain:
             masked_ef_step_many([prm.detach() for prm, _ in plain], [prm.grad for prm, _ in plain],
                                 momentum_buffers=[buf for _, buf in plain], norms=[0.0] * len(plain), **hyper)
+
+    def _mask_bits(self, prm: torch.Tensor) -> np.ndarray:
+        """A host parameter's mask as packed bits (an eighth of the bool mask's traffic in every
+        step), packed once per mask: kept beside the state, not in it, so checkpoints keep only the
+        bool mask, and packed again whenever the mask tensor is replaced or written."""
+        mask = self.state[prm]["mask"]
+        cache = self.__dict__.setdefault("_packed_masks", {})
+        hit = cache.get(prm)
+        if hit is None or hit[0] is not mask or hit[1] != mask._version:
+            hit = cache[prm] = (mask, mask._version, pack_mask(mask))
+        return hit[2]
 
     def _ef_step(self, *args: Any) -> torch.Tensor:
         if not (self.compile or (self.compile is None and args[0].device.type == "cuda")):
