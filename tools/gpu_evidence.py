@@ -9,7 +9,8 @@
 4. rounds of FedDIP and FedAvg on CIFAR-10-shaped synthetic data with AlexNet, on the device;
 5. issue 11's thread table on the host's cores (ResNet-18's weights on the CPU at 1, 2, 4, 8 and
    16 threads via fk.set_num_threads): global top-k masks, encode_model (5% kept), decode_model
-   into buffers, masked_ef_step against torch.optim.SGD(fused=True) with as many torch threads.
+   into buffers, masked_ef_step (one call a layer) and masked_ef_step_many (one call) against
+   torch.optim.SGD(fused=True) with as many torch threads.
 
     python tools/gpu_evidence.py --device cuda --out $OUT/gpu.json [--rounds 3]
 
@@ -148,6 +149,12 @@ def thread_table(repeat: int) -> dict:
         for i, (a, g, m, o) in enumerate(zip(arrays, grads, masks, pruned)):
             norms[i] = fk.masked_ef_step(a, g, m, lr=1e-3, weight_decay=5e-4, lam=1e-3, pruned_out=o, norm=norms[i])
 
+    bits = [fk.pack_mask(m) for m in masks]
+
+    def ef_steps_many() -> None:  # all layers in one call, masks as packed bits (what FedDIPSGD does)
+        norms[:] = fk.masked_ef_step_many(arrays, grads, mask_bits=bits, lr=1e-3, weight_decay=5e-4, lam=1e-3,
+                                          pruned_outs=pruned, norms=norms)
+
     out = {}
     for t in (1, 2, 4, 8, 16):
         if t > (os.cpu_count() or 1):
@@ -159,6 +166,7 @@ def thread_table(repeat: int) -> dict:
             "encode_model": timed(lambda: fk.encode_model(sparse), cpu, repeat),
             "decode_model into buffers": timed(lambda: fk.decode_model(msg, out=bufs), cpu, repeat),
             "masked_ef_step": timed(ef_steps, cpu, repeat),
+            "masked_ef_step_many, packed masks": timed(ef_steps_many, cpu, repeat),
             "SGD(fused=True)": timed(sgd.step, cpu, repeat),
         }
         out[t] = row
