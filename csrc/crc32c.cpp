@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #include "common.hpp"
@@ -148,59 +147,57 @@ std::uint32_t crc_run(const std::uint8_t* data, std::size_t size, std::uint32_t 
 
 }  // namespace
 
-std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t crc) {
-    // Large inputs in one piece a thread, the pieces' registers joined by carrying each past the
-    // ones after it.
-    constexpr std::size_t kParallelMin = std::size_t(1) << 18;
-    const int nt = size < kParallelMin ? 1 : max_threads(0);
-    if (nt <= 1) return ~crc_run(data, size, ~crc);
-    const std::size_t piece = size / static_cast<std::size_t>(nt) & ~std::size_t(7);
-    const auto bounds = [&](int t) {  // piece t; the last one takes what the rounding left
-        const std::size_t lo = piece * static_cast<std::size_t>(t);
-        return std::pair<std::size_t, std::size_t>(lo, t == nt - 1 ? size : lo + piece);
-    };
-    std::vector<std::uint32_t> reg(static_cast<std::size_t>(nt), 0);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int t = 0; t < nt; ++t) {
-        const auto [lo, hi] = bounds(t);
-        reg[static_cast<std::size_t>(t)] = crc_run(data + lo, hi - lo, t == 0 ? ~crc : 0u);
-    }
-    std::uint32_t r = reg[0];
-    for (int t = 1; t < nt; ++t) {
-        const auto [lo, hi] = bounds(t);
-        r = past_zeros(r, hi - lo) ^ reg[static_cast<std::size_t>(t)];
-    }
-    return ~r;
-}
+namespace {
 
-std::uint32_t copy_crc32c(const std::vector<ByteRun>& runs, std::uint8_t* dst, std::uint32_t crc) {
-    // Pieces of at most kPiece bytes, each copied and then checksummed from the copy while it is
-    // in cache, in parallel; their registers are joined in order.
-    constexpr std::size_t kPiece = std::size_t(1) << 18;
-    struct Piece {
-        const std::uint8_t* src;
-        std::uint8_t* dst;
-        std::size_t size;
-    };
-    std::vector<Piece> pieces;
-    std::size_t total = 0;
-    for (const ByteRun& run : runs) {
-        for (std::size_t off = 0; off < run.size; off += kPiece)
-            pieces.push_back({run.data + off, dst + total + off, std::min(kPiece, run.size - off)});
-        total += run.size;
-    }
+// A piece of at most kPiece bytes: checksummed where it lies, or first copied to `dst` and
+// checksummed from the copy while it is in cache.
+constexpr std::size_t kPiece = std::size_t(1) << 18;
+
+struct Piece {
+    const std::uint8_t* src;
+    std::uint8_t* dst;  // null: no copy
+    std::size_t size;
+};
+
+// The CRC of the pieces' bytes in order, continuing from `crc`: the pieces in parallel, each
+// register from 0, then joined by carrying the register so far past each next piece.
+std::uint32_t crc_of_pieces(const std::vector<Piece>& pieces, std::size_t total, std::uint32_t crc) {
     const int nt = total < kPiece ? 1 : max_threads(0);
     std::vector<std::uint32_t> reg(pieces.size(), 0);
     const long long n_pieces = static_cast<long long>(pieces.size());
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
     for (long long i = 0; i < n_pieces; ++i) {
         const Piece& pc = pieces[static_cast<std::size_t>(i)];
-        std::memcpy(pc.dst, pc.src, pc.size);
-        reg[static_cast<std::size_t>(i)] = crc_run(pc.dst, pc.size, 0);
+        if (pc.dst) std::memcpy(pc.dst, pc.src, pc.size);
+        reg[static_cast<std::size_t>(i)] = crc_run(pc.dst ? pc.dst : pc.src, pc.size, 0);
     }
     std::uint32_t r = ~crc;
     for (std::size_t i = 0; i < pieces.size(); ++i) r = past_zeros(r, pieces[i].size) ^ reg[i];
     return ~r;
+}
+
+void add_pieces(const std::uint8_t* src, std::uint8_t* dst, std::size_t size, std::vector<Piece>& pieces) {
+    for (std::size_t off = 0; off < size; off += kPiece)
+        pieces.push_back({src + off, dst ? dst + off : nullptr, std::min(kPiece, size - off)});
+}
+
+}  // namespace
+
+std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t crc) {
+    if (size < kPiece || max_threads(0) <= 1) return ~crc_run(data, size, ~crc);
+    std::vector<Piece> pieces;
+    add_pieces(data, nullptr, size, pieces);
+    return crc_of_pieces(pieces, size, crc);
+}
+
+std::uint32_t copy_crc32c(const std::vector<ByteRun>& runs, std::uint8_t* dst, std::uint32_t crc) {
+    std::vector<Piece> pieces;
+    std::size_t total = 0;
+    for (const ByteRun& run : runs) {
+        add_pieces(run.data, dst + total, run.size, pieces);
+        total += run.size;
+    }
+    return crc_of_pieces(pieces, total, crc);
 }
 
 }  // namespace feddip
