@@ -126,22 +126,29 @@ T* optional_out(const py::object& obj, std::size_t n, const char* what) {
     return p;
 }
 
+// One layer of a step from Python, checked as the C++ core needs it: sizes agree, the arrays
+// written are writeable, every array is C-contiguous and aligned.
 template <class T>
-double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, bool packed, const py::object& buf,
-                    const py::object& pruned, const EFStepParams& prm, double norm, int n_threads) {
+LayerStep<T> layer_of(py::array& w, const py::array& g, const py::object& mask, bool packed, const py::object& buf,
+                      const py::object& pruned, double norm) {
     const std::size_t n = static_cast<std::size_t>(w.size());
     T* pw = mutable_data_of<T>(w, "w");
     const T* pg = data_of<T>(g, "g");
     if (static_cast<std::size_t>(g.size()) != n) throw std::invalid_argument("g: size differs from w");
-    const MaskRef pm = mask_ref(mask, n, packed);
-    T* pb = optional_out<T>(buf, n, "momentum_buffer");
-    T* pp = optional_out<T>(pruned, n, "pruned_out");
-    py::gil_scoped_release release;
-    return masked_ef_step(pw, pg, pm, pb, pp, n, prm, norm, n_threads);
+    return {pw, pg, mask_ref(mask, n, packed), optional_out<T>(buf, n, "momentum_buffer"),
+            optional_out<T>(pruned, n, "pruned_out"), n, norm};
 }
 
-// The layers of masked_ef_step_many: each checked as ef_step_impl checks its one layer, and no two
-// arrays of any layers overlapping (the threads would race on the shared bytes).
+template <class T>
+double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, bool packed, const py::object& buf,
+                    const py::object& pruned, const EFStepParams& prm, double norm, int n_threads) {
+    const LayerStep<T> L = layer_of<T>(w, g, mask, packed, buf, pruned, norm);
+    py::gil_scoped_release release;
+    return masked_ef_step(L.w, L.g, L.mask, L.buf, L.pruned, L.n, prm, L.norm, n_threads);
+}
+
+// The layers of masked_ef_step_many: each checked as one layer is, and no two arrays of any
+// layers overlapping (the threads would race on the shared bytes).
 template <class T>
 std::vector<double> ef_step_many_impl(std::vector<py::array>& ws, const std::vector<py::array>& gs,
                                       const std::vector<py::object>& masks, bool packed,
@@ -158,19 +165,13 @@ std::vector<double> ef_step_many_impl(std::vector<py::array>& ws, const std::vec
         if (p && bytes) spans.emplace_back(reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + bytes);
     };
     for (std::size_t l = 0; l < n_layers; ++l) {
-        const std::size_t n = static_cast<std::size_t>(ws[l].size());
-        T* pw = mutable_data_of<T>(ws[l], "w");
-        const T* pg = data_of<T>(gs[l], "g");
-        if (static_cast<std::size_t>(gs[l].size()) != n) throw std::invalid_argument("g: size differs from w");
-        const MaskRef pm = mask_ref(masks[l], n, packed);
-        T* pb = optional_out<T>(bufs[l], n, "momentum_buffer");
-        T* pp = optional_out<T>(pruned[l], n, "pruned_out");
-        layers.push_back({pw, pg, pm, pb, pp, n, norms[l] ? *norms[l] : -1.0});
-        span(pw, n * sizeof(T));
-        span(pg, n * sizeof(T));
-        span(pm.data, pm.packed ? (n + 7) / 8 : n);
-        span(pb, n * sizeof(T));
-        span(pp, n * sizeof(T));
+        const LayerStep<T> L = layer_of<T>(ws[l], gs[l], masks[l], packed, bufs[l], pruned[l], norms[l] ? *norms[l] : -1.0);
+        layers.push_back(L);
+        span(L.w, L.n * sizeof(T));
+        span(L.g, L.n * sizeof(T));
+        span(L.mask.data, L.mask.packed ? (L.n + 7) / 8 : L.n);
+        span(L.buf, L.n * sizeof(T));
+        span(L.pruned, L.n * sizeof(T));
     }
     std::sort(spans.begin(), spans.end());
     for (std::size_t i = 1; i < spans.size(); ++i)  // sorted by start: an overlap shows between neighbours
