@@ -114,7 +114,6 @@ void gather(const T* x, const std::uint8_t* bits, std::size_t n, T* values) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 namespace {
 
-
 bool has_avx2() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
     return yes;
@@ -123,9 +122,10 @@ bool has_avx2() {
 // Elements [64 w0, 64 w1) of a float32 densify, all full words, `out` 16-byte aligned: each line
 // is built in registers (8 lanes: the next values spread over the set lanes, zeros elsewhere) and
 // streamed to memory. No zeroing pass before the scatter, and no read of the output's lines
-// before they are written: half the memory traffic of memset-then-scatter.
-__attribute__((target("avx2,popcnt"))) void expand_words(const std::uint8_t* bits, std::size_t w0, std::size_t w1,
-                                                         const float* values, float* out) {
+// before they are written: half the memory traffic of memset-then-scatter. Returns the values
+// past the ones it placed.
+__attribute__((target("avx2,popcnt"))) const float* expand_words(const std::uint8_t* bits, std::size_t w0,
+                                                                 std::size_t w1, const float* values, float* out) {
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (std::size_t w = w0; w < w1; ++w) {
@@ -146,6 +146,7 @@ __attribute__((target("avx2,popcnt"))) void expand_words(const std::uint8_t* bit
         }
     }
     _mm_sfence();
+    return values;
 }
 
 }  // namespace
@@ -158,12 +159,11 @@ void scatter(const std::uint8_t* bits, std::size_t n, const T* values, T* out) {
         if (has_avx2() && (reinterpret_cast<std::uintptr_t>(out) & 15) == 0 && n >= 64) {
             for_each_block(bits, n, [&](std::size_t w0, std::size_t w1, std::size_t j) {
                 const std::size_t full = std::min(w1, n / 64);  // the last, partial word goes below
-                if (w0 < full) expand_words(bits, w0, full, values + j, out);
+                const float* next = w0 < full ? expand_words(bits, w0, full, values + j, out) : values + j;
                 if (full < w1) {
-                    std::size_t k = j + static_cast<std::size_t>(count_bits(bits + 8 * w0, 64 * (full - w0)));
                     std::memset(out + 64 * full, 0, (n - 64 * full) * sizeof(T));
                     for (std::uint64_t v = load_word(bits, n, full); v; v &= v - 1)
-                        out[64 * full + static_cast<std::size_t>(__builtin_ctzll(v))] = values[k++];
+                        out[64 * full + static_cast<std::size_t>(__builtin_ctzll(v))] = *next++;
                 }
             });
             return;
