@@ -10,7 +10,9 @@
 5. issue 11's thread table on the host's cores (ResNet-18's weights on the CPU at 1, 2, 4, 8 and
    16 threads via fk.set_num_threads): global top-k masks, encode_model (5% kept), decode_model
    into buffers, masked_ef_step (one call a layer) and masked_ef_step_many (one call) against
-   torch.optim.SGD(fused=True) with as many torch threads.
+   torch.optim.SGD(fused=True) with as many torch threads; then, on all the host's threads, one
+   large float32 tensor (1e7 and 1e8 elements): the global threshold against max |w| (one streaming
+   read of the same bytes), and encode_model / decode_model at 5% density.
 
     python tools/gpu_evidence.py --device cuda --out $OUT/gpu.json [--rounds 3]
 
@@ -175,6 +177,29 @@ def thread_table(repeat: int) -> dict:
     return out
 
 
+def one_tensor(repeat: int) -> dict:
+    """Issue 11's single-tensor figures on all the host's threads (fk's default)."""
+    cpu = torch.device("cpu")
+    out = {"threads": fk.get_num_threads()}
+    rng = np.random.default_rng(0)
+    for n in (10**7, 10**8):
+        a = rng.standard_normal(n, dtype=np.float32)
+        k = n // 20
+        row = {"max |w| (read roofline)": timed(lambda: fk.max_magnitude([a]), cpu, repeat),
+               "global threshold, k = 5%": timed(lambda: fk.global_magnitude_threshold([a], k), cpu, repeat)}
+        row["threshold GB/s of |w|"] = a.nbytes / row["global threshold, k = 5%"] / 1e9
+        row["threshold / read rate"] = row["max |w| (read roofline)"] / row["global threshold, k = 5%"]
+        sparse = {"w": a * fk.global_topk_masks([a], k)[0]}
+        msg = fk.encode_model(sparse)
+        buf = {"w": np.empty_like(a)}
+        row["encode_model"] = timed(lambda: fk.encode_model(sparse), cpu, repeat)
+        row["decode_model into a buffer"] = timed(lambda: fk.decode_model(msg, out=buf), cpu, repeat)
+        row["encode G elements/s"] = n / row["encode_model"] / 1e9
+        out[n] = row
+        print("one tensor", n, json.dumps(row), flush=True)
+    return out
+
+
 def fl_rounds(device: str, rounds: int) -> dict:
     from feddip_kernels.fl import SimulationConfig, iid_partition, run_simulation, synthetic_dataset
 
@@ -201,7 +226,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     facts = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-             "torch": torch.__version__, "feddip_kernels": fk.__version__, "threads": torch.get_num_threads()}
+             "torch": torch.__version__, "feddip_kernels": fk.__version__, "backends": fk.available_backends(),
+             "fk threads": fk.get_num_threads(), "torch threads": torch.get_num_threads()}
     print(json.dumps(facts), flush=True)
     results: dict = {"facts": facts}
     for name, fn in (("step", step_benchmark), ("topk", topk_benchmark), ("encode", encode_benchmark)):
@@ -211,6 +237,7 @@ def main() -> None:
             json.dump(results, f, indent=1)
     if not args.no_thread_table:
         results["threads"] = thread_table(args.repeat)
+        results["one tensor"] = one_tensor(max(3, args.repeat // 4))
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.rounds:
