@@ -142,10 +142,11 @@ class FedDIPSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             hp: dict[torch.device, torch.Tensor] = {}  # the group's scalars, per device (torch path)
             host_masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]]] = []
             host_plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+            in_triton: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for prm in group["params"]:
                 if prm.grad is None:
                     continue
@@ -157,6 +158,9 @@ class FedDIPSGD(torch.optim.Optimizer):
                     buf = state.get("momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+                if self._triton(prm):
+                    in_triton.setdefault((prm.device, prm.dtype), []).append(prm)
+                    continue
                 in_torch = prm.device.type != "cpu" or self.backend == "torch"
                 if in_torch and prm.device not in hp:
                     hp[prm.device] = _torch_kernels.hyper(group["lr"], group["weight_decay"], group["lam"],
@@ -180,7 +184,52 @@ class FedDIPSGD(torch.optim.Optimizer):
                 else:
                     host_plain.append((prm, buf))
             self._host_steps(group, host_masked, host_plain)
+            for (device, dtype), prms in in_triton.items():
+                self._triton_steps(group, (gi, device, dtype), prms)
         return loss
+
+    def _triton(self, prm: torch.Tensor) -> bool:
+        """Whether a parameter steps in the multi-layer Triton kernel: CUDA parameters where Triton
+        imports (backend "auto"), or any with backend="triton" (CPU tensors under TRITON_INTERPRET)."""
+        if self.backend == "triton":
+            return True
+        if prm.device.type != "cuda" or self.backend != "auto":
+            return False
+        have = self.__dict__.get("_have_triton")
+        if have is None:
+            try:
+                from .. import _triton_kernels  # noqa: F401
+                have = True
+            except ImportError:
+                have = False
+            self.__dict__["_have_triton"] = have
+        return have
+
+    def _triton_steps(self, group: dict[str, Any], where: tuple[Any, ...], prms: list[torch.Tensor]) -> None:
+        """A group's layers of one device and dtype in one launch of the Triton step (and one that
+        sums the layers' norms); the layer table and its norms stay on the device between steps."""
+        from .. import _triton_kernels
+
+        states = [self.state[prm] for prm in prms]
+        ws = [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)]
+        masks = [st.get("mask") for st in states]
+        bufs = [st.get("momentum_buffer") for st in states]
+        outs = [prm.detach() if "mask" in st else None for prm, st in zip(prms, states)]
+        tables = self.__dict__.setdefault("_triton_tables", {})
+        table = tables.get(where)
+        if table is None or table.key != table.key_of(ws, masks, bufs, outs):
+            table = tables[where] = _triton_kernels.LayerTable(ws, masks, bufs, outs)
+        if any(m is not None and (st["norm"] is not v or st["dense_version"] != w._version)
+               for m, st, v, w in zip(masks, states, table.views, ws)):
+            table.compute_norms(group["p"])  # a first step, new masks or weights written from outside
+        grads = [prm.grad if prm.grad.is_contiguous() and prm.grad.dtype == prm.dtype
+                 else prm.grad.to(prm.dtype).contiguous() for prm in prms]
+        table.step(grads, group["lr"], group["weight_decay"], group["lam"], group["momentum"], group["p"])
+        torch.autograd.graph.increment_version(prms)  # written in place, as torch's own in-place steps count
+        for prm, st, m, v in zip(prms, states, masks, table.views):
+            if m is not None:
+                st["norm"] = v
+                self._stamp(prm)
 
     def _host_steps(self, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                                                      Optional[float]]],

@@ -1,0 +1,135 @@
+"""FedDIPSGD's step on a CUDA device as one Triton kernel over all layers of a parameter group, as
+torch's fused multi-tensor optimisers step all parameters in one launch: a step of L layers is one
+launch of the update and two small ones that finish the layers' norms, not L or more, and nothing
+waits for the device.
+
+Layers travel as tables of raw addresses on the device; a program updates BLOCK elements of one
+layer (w, g and m read once; w, the momentum buffer and the pruned copy w * m written once) and
+leaves the block's share of ||w * m||_p^p, which a segment sum adds up per layer in a fixed order,
+so the norms do not depend on scheduling. Same arithmetic as _torch_kernels.ef_step (the
+regulariser in float64); layers without a mask get plain SGD. Importing this module needs Triton;
+TRITON_INTERPRET=1 runs it on CPU tensors (the tests)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 2048  # elements a program updates
+
+
+@triton.jit
+def _step_kernel(w_tab, g_tab, m_tab, b_tab, o_tab, sizes, block_layer, block_start, hp, norms, partials,
+                 F64: tl.constexpr, P: tl.constexpr, HAS_BUF: tl.constexpr, NORM_ONLY: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    layer = tl.load(block_layer + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    valid = offs < tl.load(sizes + layer)
+    ty = tl.float64 if F64 else tl.float32
+    w_ptr = tl.load(w_tab + layer).to(tl.pointer_type(ty))
+    m_addr = tl.load(m_tab + layer)
+    masked = m_addr != 0  # a layer without a mask: plain SGD, no pruned copy
+    keep = tl.load(m_addr.to(tl.pointer_type(tl.int8)) + offs, mask=valid & masked, other=1)
+    mf = (keep != 0).to(ty)
+    w = tl.load(w_ptr + offs, mask=valid, other=0.0)
+    if not NORM_ONLY:
+        g = tl.load(tl.load(g_tab + layer).to(tl.pointer_type(ty)) + offs, mask=valid, other=0.0)
+        lr, wd, lam, mu = tl.load(hp), tl.load(hp + 1), tl.load(hp + 2), tl.load(hp + 3)
+        if P == 2:
+            n = tl.load(norms + layer)
+            scale = tl.where(masked & (n > 0) & (n < float("inf")), lam / n, 0.0)
+            # lam * w / norm in float64: each term is at most lam even where lam / norm overflows w's dtype.
+            reg = ((w * mf).to(tl.float64) * scale).to(ty)
+        else:
+            sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)).to(ty)
+            reg = tl.where(masked, lam.to(ty) * sign * mf, 0.0)
+        d = g + wd.to(ty) * w + reg
+        if HAS_BUF:
+            b_ptr = tl.load(b_tab + layer).to(tl.pointer_type(ty))
+            d = mu.to(ty) * tl.load(b_ptr + offs, mask=valid, other=0.0) + d
+            tl.store(b_ptr + offs, d, mask=valid)
+        w = w - lr.to(ty) * d
+        tl.store(w_ptr + offs, w, mask=valid)
+        tl.store(tl.load(o_tab + layer).to(tl.pointer_type(ty)) + offs, w * mf, mask=valid & masked)
+    v = (w * mf).to(tl.float64)
+    if P == 2:
+        v = v * v
+    else:
+        v = tl.abs(v)
+    tl.store(partials + pid, tl.sum(v, axis=0))
+
+
+class LayerTable:
+    """One parameter group's layers on one device and dtype, as the kernel reads them: addresses of
+    the weights w, masks (bool; None for plain SGD), momentum buffers and pruned copies, the block
+    partition, and the layers' norms ||w * m||_p (a float64 vector on the device, updated in place
+    by each step). Built once and reused while the layers' storage stays where it is (`key`)."""
+
+    def __init__(self, ws: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+                 bufs: Sequence[Optional[torch.Tensor]], outs: Sequence[Optional[torch.Tensor]]) -> None:
+        self.device, dtype = ws[0].device, ws[0].dtype
+        if any(w.device != self.device or w.dtype != dtype for w in ws):
+            raise ValueError("a layer table holds layers of one device and dtype")
+        self.f64 = dtype == torch.float64
+        self.has_buf = bufs[0] is not None
+        self.key = self.key_of(ws, masks, bufs, outs)
+        sizes = [w.numel() for w in ws]
+        counts = [max(1, -(-n // BLOCK)) for n in sizes]
+        layer_of_block = [i for i, c in enumerate(counts) for _ in range(c)]
+        start_of_block = [j * BLOCK for c in counts for j in range(c)]
+
+        table = self._upload
+
+        self.sizes, self.block_layer, self.block_start = table(sizes), table(layer_of_block), table(start_of_block)
+        self.counts = table(counts)
+        self.w_tab, self.m_tab, self.b_tab, self.o_tab = (table(list(k)) for k in self.key[:4])
+        self.g_key: tuple[int, ...] = ()
+        self.g_tab = self.w_tab
+        self.partials = torch.empty(len(layer_of_block), dtype=torch.float64, device=self.device)
+        self.norms = torch.zeros(len(ws), dtype=torch.float64, device=self.device)
+        self.views = list(self.norms)  # state["norm"] of each layer: 0-d views of `norms`
+        self.hp_key: tuple[float, ...] = ()
+        self.hp = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    @staticmethod
+    def key_of(ws: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+               bufs: Sequence[Optional[torch.Tensor]], outs: Sequence[Optional[torch.Tensor]]) -> tuple:
+        def addr(xs: Sequence[Optional[torch.Tensor]]) -> tuple[int, ...]:
+            return tuple(0 if x is None else x.data_ptr() for x in xs)
+
+        return addr(ws), addr(masks), addr(bufs), addr(outs), tuple(w.numel() for w in ws), ws[0].dtype
+
+    def _launch(self, p: int, norm_only: bool) -> None:
+        _step_kernel[(self.partials.numel(),)](
+            self.w_tab, self.g_tab, self.m_tab, self.b_tab, self.o_tab, self.sizes, self.block_layer,
+            self.block_start, self.hp, self.norms, self.partials, F64=self.f64, P=p, HAS_BUF=self.has_buf,
+            NORM_ONLY=norm_only, BLOCK=BLOCK)
+        total = torch.segment_reduce(self.partials, "sum", lengths=self.counts)  # in order: deterministic
+        torch.sqrt(total, out=self.norms) if p == 2 else self.norms.copy_(total)
+
+    def compute_norms(self, p: int) -> None:
+        """Each layer's ||w * m||_p into `norms`, for a first step or after weights changed."""
+        self._launch(p, norm_only=True)
+
+    def step(self, grads: Sequence[torch.Tensor], lr: float, weight_decay: float, lam: float, momentum: float,
+             p: int) -> None:
+        """One step of every layer: w, the buffers and the pruned copies in place, `norms` after it."""
+        g_key = tuple(g.data_ptr() for g in grads)
+        if g_key != self.g_key:  # gradients set to None and allocated again often land where they were
+            self.g_tab, self.g_key = self._upload(g_key), g_key
+        hp_key = (lr, weight_decay, lam, momentum)
+        if hp_key != self.hp_key:
+            self.hp, self.hp_key = self._upload(hp_key, torch.float64), hp_key
+        self._launch(p, norm_only=False)
+
+    def _upload(self, values: Sequence[float], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """A small table to the device without waiting for it: through pinned memory (torch's
+        pinned-block cache keeps a block until the copy from it is done)."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
