@@ -12,7 +12,7 @@ not recompile it.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -88,75 +88,82 @@ def ef_step_fused(*args: object) -> torch.Tensor:
 # ---------------------------------------------------------------------------- global top-k
 
 
-def _check(tensors: Sequence[torch.Tensor]) -> None:
+def _magnitudes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """|w| of all tensors in list order as one flat tensor. On a device one copy costs less than a
+    pass per tensor: a few launches over all elements instead of a few per tensor."""
     if len({t.dtype for t in tensors}) > 1 or any(t.dtype not in (torch.float32, torch.float64) for t in tensors):
         raise TypeError("tensors must be float32 or float64, one dtype per call")
     if len({t.device for t in tensors}) > 1:
         raise ValueError("tensors must be on one device")
-    if tensors and bool(torch.stack([torch.isnan(t).any() for t in tensors]).any()):
+    if not tensors:
+        return torch.empty(0)
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).abs_()
+
+
+def _no_nan(peak: torch.Tensor) -> float:
+    """The largest magnitude (max propagates NaN) as a float; NaN raises as on the host."""
+    value = float(peak)
+    if value != value:
         raise ValueError("NaN in tensors: magnitudes of NaN have no order")
+    return value
 
 
 def max_magnitude(tensors: Sequence[torch.Tensor]) -> float:
-    _check(tensors)
-    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+    a = _magnitudes(tensors)
+    return _no_nan(a.max()) if a.numel() else 0.0
 
 
-def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
-    """The k-th largest |w| over all tensors (+inf for k = 0), never concatenating them: a strided
+def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of the flat magnitudes `a` (1 <= k <= n, no NaN) as a 0-d tensor: a strided
     sample brackets it, one pass counts the elements above the bracket and gathers those inside,
     and a selection among those few finishes. A missed bracket (heavily tied data) falls back to
     a selection over all magnitudes."""
-    _check(tensors)
-    n = sum(t.numel() for t in tensors)
-    if k == 0:
-        return float("inf")
-    flat = [t.detach().reshape(-1) for t in tensors if t.numel()]
+    n = a.numel()
     stride = max(1, n // _SAMPLE)
-    sample = torch.cat([f[::stride].abs() for f in flat]).sort(descending=True).values
+    sample = a[::stride].sort(descending=True).values
     s = sample.numel()
     rank = k * s / n  # expected rank of the k-th largest in the sample
     margin = 4.0 * rank**0.5 + 8
     hi_rank, lo_rank = int(rank - margin), int(rank + margin)
     hi = sample[hi_rank] if hi_rank >= 1 else None  # elements above hi are surely kept
     lo = sample[lo_rank] if lo_rank < s else None  # elements below lo surely are not
-    above, inside = 0, []
-    for f in flat:
-        a = f.abs()
-        if hi is not None:
-            above += (a > hi).sum()
-        keep = torch.ones_like(a, dtype=torch.bool) if hi is None else a <= hi
-        if lo is not None:
-            keep &= a >= lo
-        inside.append(a[keep])
-    cand = torch.cat(inside)
-    above = int(above)
+    if hi is None and lo is None:
+        return torch.topk(a, k, sorted=False).values.min()
+    inside = (a <= hi) if hi is not None else (a >= lo)
+    if hi is not None and lo is not None:
+        inside &= a >= lo
+    cand = a[inside]  # waits for the device (the count)
+    above = int((a > hi).sum()) if hi is not None else 0
     if above < k <= above + cand.numel():
-        return float(torch.topk(cand, k - above, sorted=False).values.min())
-    return float(torch.topk(torch.cat([f.abs() for f in flat]), k, sorted=False).values.min())
+        return torch.topk(cand, k - above, sorted=False).values.min()
+    return torch.topk(a, k, sorted=False).values.min()
+
+
+def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
+    """The k-th largest |w| over all tensors (+inf for k = 0)."""
+    a = _magnitudes(tensors)
+    if a.numel():
+        _no_nan(a.max())
+    return float("inf") if k == 0 else float(_kth_largest(a, k))
 
 
 def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Bool masks keeping exactly the k largest |w|, ties at the threshold taken in list order
-    (tensor index, then flat index), as the reference's rule (README)."""
-    tau = magnitude_threshold(tensors, k)
+    (tensor index, then flat index), as the reference's rule (README): views into one flat mask,
+    as the host's masks are views into one block."""
+    a = _magnitudes(tensors)
+    if a.numel():
+        _no_nan(a.max())
     if k == 0:
-        return [torch.zeros_like(t, dtype=torch.bool) for t in tensors]
-    tau_t = [torch.tensor(tau, dtype=t.dtype, device=t.device) for t in tensors]
-    masks = [t.detach().abs() > tt for t, tt in zip(tensors, tau_t)]
-    ties = [t.detach().abs() == tt for t, tt in zip(tensors, tau_t)]
-    counts = torch.stack([m.sum() for m in masks] + [e.sum() for e in ties]).tolist() if tensors else []
-    left = k - sum(counts[: len(tensors)])
-    for mask, eq, c in zip(masks, ties, counts[len(tensors) :]):
-        if left <= 0:
-            break
-        if c <= left:
-            mask |= eq
-        else:
-            flat = eq.reshape(-1)
-            mask.reshape(-1)[flat & (flat.cumsum(0) <= left)] = True
-        left -= c
-    return masks
+        keep = torch.zeros_like(a, dtype=torch.bool)
+    else:
+        tau = _kth_largest(a, k)
+        keep = a > tau
+        eq = a == tau
+        greater, ties = torch.stack([keep.sum(), eq.sum()]).tolist()
+        left = k - greater
+        keep |= eq if ties <= left else eq & (eq.cumsum(0) <= left)
+    return [m.view(t.shape) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
 
 
 # ------------------------------------------------------------------------------- sparsify
@@ -178,15 +185,61 @@ def pack_bits(keep: torch.Tensor) -> torch.Tensor:
 
 
 def sparsify(t: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """(packed positions, kept values) of `t` on the host, computed where `t` is: the positions of
-    `mask` (any tensor or array, non-zero = kept), else the non-zeros. Only the packed bits and
-    the values cross to the host."""
-    flat = t.detach().reshape(-1)
-    if mask is None:
-        keep = flat != 0
-    else:
-        keep = torch.as_tensor(mask, device=t.device).reshape(-1)
-        if keep.numel() != flat.numel():
-            raise ValueError(f"mask has {keep.numel()} elements, expected {flat.numel()}")
-        keep = keep != 0 if keep.dtype != torch.bool else keep
-    return pack_bits(keep).cpu().numpy(), flat[keep].cpu().numpy()
+    """(packed positions, kept values) of `t` on the host (sparsify_many of one tensor)."""
+    from . import _backend
+
+    return sparsify_many([(t, mask)], _backend.kernels("auto").count_bits)[0]
+
+
+def sparsify_many(items: Sequence[tuple[torch.Tensor, Any]],
+                  count_bits: Callable[[np.ndarray, int], int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(packed positions, kept values) on the host of each (tensor, mask) pair, computed where the
+    tensors are: the positions of the mask (any tensor or array, non-zero = kept), else the
+    non-zeros. The tensors of one device and dtype go as one: one copy into a flat buffer (each
+    padded to whole bytes of positions), one pass for the positions, one gather of the values,
+    and two copies to the host of only the packed bits and the values, through pinned memory."""
+    out: list[Any] = [None] * len(items)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (t, _) in enumerate(items):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (device, dtype), idx in groups.items():
+        sizes = [items[i][0].numel() for i in idx]
+        padded = [(n + 7) // 8 * 8 for n in sizes]
+        zeros = torch.zeros(8, dtype=dtype, device=device)
+        pieces = []
+        for i, n, pn in zip(idx, sizes, padded):
+            pieces.append(items[i][0].detach().reshape(-1))
+            if pn > n:
+                pieces.append(zeros[: pn - n])
+        flat = torch.cat(pieces) if pieces else zeros[:0]
+        keep = flat != 0  # the padding is zero: never kept
+        offset = 0
+        for i, n, pn in zip(idx, sizes, padded):
+            mask = items[i][1]
+            if mask is not None:
+                m = torch.as_tensor(mask, device=device).reshape(-1)
+                if m.numel() != n:
+                    raise ValueError(f"mask has {m.numel()} elements, expected {n}")
+                keep[offset : offset + n] = m if m.dtype == torch.bool else m != 0
+            offset += pn
+        bits = _to_host(pack_bits(keep))
+        vals = _to_host(flat[keep])  # waits for the device (the count), then for both copies
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        bits_np, vals_np = bits.numpy(), vals.numpy()
+        byte, start = 0, 0
+        for i, n, pn in zip(idx, sizes, padded):
+            b = bits_np[byte : byte + pn // 8]
+            nnz = count_bits(b, n)
+            out[i] = (b, vals_np[start : start + nnz])
+            byte, start = byte + pn // 8, start + nnz
+    return out
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` on the host, without waiting for it (pinned memory) where `t` is on CUDA."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

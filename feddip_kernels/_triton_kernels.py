@@ -19,42 +19,42 @@ import triton
 import triton.language as tl
 
 BLOCK = 2048  # elements a program updates
+_DOUBLE_MAX: tl.constexpr = tl.constexpr(1.7976931348623157e308)
 
 
 @triton.jit
 def _step_kernel(w_tab, g_tab, m_tab, b_tab, o_tab, sizes, block_layer, block_start, hp, norms, partials,
-                 F64: tl.constexpr, P: tl.constexpr, HAS_BUF: tl.constexpr, NORM_ONLY: tl.constexpr,
+                 DTYPE: tl.constexpr, P: tl.constexpr, HAS_BUF: tl.constexpr, NORM_ONLY: tl.constexpr,
                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(block_layer + pid)
     offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
     valid = offs < tl.load(sizes + layer)
-    ty = tl.float64 if F64 else tl.float32
-    w_ptr = tl.load(w_tab + layer).to(tl.pointer_type(ty))
+    w_ptr = tl.load(w_tab + layer).to(tl.pointer_type(DTYPE))
     m_addr = tl.load(m_tab + layer)
     masked = m_addr != 0  # a layer without a mask: plain SGD, no pruned copy
     keep = tl.load(m_addr.to(tl.pointer_type(tl.int8)) + offs, mask=valid & masked, other=1)
-    mf = (keep != 0).to(ty)
+    mf = (keep != 0).to(DTYPE)
     w = tl.load(w_ptr + offs, mask=valid, other=0.0)
     if not NORM_ONLY:
-        g = tl.load(tl.load(g_tab + layer).to(tl.pointer_type(ty)) + offs, mask=valid, other=0.0)
+        g = tl.load(tl.load(g_tab + layer).to(tl.pointer_type(DTYPE)) + offs, mask=valid, other=0.0)
         lr, wd, lam, mu = tl.load(hp), tl.load(hp + 1), tl.load(hp + 2), tl.load(hp + 3)
         if P == 2:
             n = tl.load(norms + layer)
-            scale = tl.where(masked & (n > 0) & (n < float("inf")), lam / n, 0.0)
+            scale = tl.where(masked & (n > 0) & (n <= _DOUBLE_MAX), lam / n, 0.0)  # NaN fails both
             # lam * w / norm in float64: each term is at most lam even where lam / norm overflows w's dtype.
-            reg = ((w * mf).to(tl.float64) * scale).to(ty)
+            reg = ((w * mf).to(tl.float64) * scale).to(DTYPE)
         else:
-            sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)).to(ty)
-            reg = tl.where(masked, lam.to(ty) * sign * mf, 0.0)
-        d = g + wd.to(ty) * w + reg
+            sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)).to(DTYPE)
+            reg = tl.where(masked, lam.to(DTYPE) * sign * mf, 0.0)
+        d = g + wd.to(DTYPE) * w + reg
         if HAS_BUF:
-            b_ptr = tl.load(b_tab + layer).to(tl.pointer_type(ty))
-            d = mu.to(ty) * tl.load(b_ptr + offs, mask=valid, other=0.0) + d
+            b_ptr = tl.load(b_tab + layer).to(tl.pointer_type(DTYPE))
+            d = mu.to(DTYPE) * tl.load(b_ptr + offs, mask=valid, other=0.0) + d
             tl.store(b_ptr + offs, d, mask=valid)
-        w = w - lr.to(ty) * d
+        w = w - lr.to(DTYPE) * d
         tl.store(w_ptr + offs, w, mask=valid)
-        tl.store(tl.load(o_tab + layer).to(tl.pointer_type(ty)) + offs, w * mf, mask=valid & masked)
+        tl.store(tl.load(o_tab + layer).to(tl.pointer_type(DTYPE)) + offs, w * mf, mask=valid & masked)
     v = (w * mf).to(tl.float64)
     if P == 2:
         v = v * v
@@ -106,8 +106,8 @@ class LayerTable:
     def _launch(self, p: int, norm_only: bool) -> None:
         _step_kernel[(self.partials.numel(),)](
             self.w_tab, self.g_tab, self.m_tab, self.b_tab, self.o_tab, self.sizes, self.block_layer,
-            self.block_start, self.hp, self.norms, self.partials, F64=self.f64, P=p, HAS_BUF=self.has_buf,
-            NORM_ONLY=norm_only, BLOCK=BLOCK)
+            self.block_start, self.hp, self.norms, self.partials, DTYPE=tl.float64 if self.f64 else tl.float32,
+            P=p, HAS_BUF=self.has_buf, NORM_ONLY=norm_only, BLOCK=BLOCK)
         total = torch.segment_reduce(self.partials, "sum", lengths=self.counts)  # in order: deterministic
         torch.sqrt(total, out=self.norms) if p == 2 else self.norms.copy_(total)
 

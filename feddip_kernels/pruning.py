@@ -43,8 +43,8 @@ def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str =
     Returns +inf for k = 0. The list is never concatenated: the native backend selects on the bit
     patterns of |w|, from 2^20 elements in one pass over memory (a sample brackets the k-th
     magnitude, the pass counts what lies above the bracket and gathers what lies inside); on
-    heavily tied data, radix passes. Tensors on a CUDA device are handled there (torch operations;
-    `backend` does not apply).
+    heavily tied data, radix passes. Tensors on a CUDA device are handled there (torch operations
+    on one flat copy of |w|, a few launches in all; `backend` does not apply).
     """
     if on_device(*tensors):
         from . import _torch_kernels

@@ -79,14 +79,15 @@ def test_masked_ef_step_matches_the_cpu(dtype, momentum, p):
     assert n1 == pytest.approx(n0, rel=1e-5 if dtype == torch.float32 else 1e-12)
 
 
-def _train(device: torch.device, compile: bool) -> list[torch.Tensor]:
+def _train(device: torch.device, backend: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(8 * 6 * 6, 10)).double().to(device)
     x = torch.randn(16, 3, 8, 8, dtype=torch.float64).to(device)
     y = torch.randint(0, 10, (16,)).to(device)
     weights = [model[0].weight, model[3].weight]
-    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=1e-3, compile=compile)
+    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=1e-3, backend=backend,
+                    compile=False)
     for t in range(5):
         masks = fk.global_topk_masks([opt.dense(w) for w in weights], density=0.3)  # masks found where w lives
         opt.set_masks(dict(zip(weights, masks)))
@@ -97,11 +98,11 @@ def _train(device: torch.device, compile: bool) -> list[torch.Tensor]:
     return [opt.dense(p).detach().cpu() for p in model.parameters()] + [p.detach().cpu() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_feddipsgd_trains_as_on_the_cpu(compile):
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # on CUDA: the Triton kernel, the per-layer torch operations
+def test_feddipsgd_trains_as_on_the_cpu(backend):
     """Five steps with masks recomputed on the device each step (float64, so that the convolution's
     summation order on either device stays far below the tolerance)."""
-    for a, b in zip(_train(DEV, compile), _train(torch.device("cpu"), False)):
+    for a, b in zip(_train(DEV, backend), _train(torch.device("cpu"), "auto")):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -122,6 +123,8 @@ def test_encoded_messages_are_the_cpus_byte_for_byte(dtype):
     a, b = io.BytesIO(), io.BytesIO()
     assert fk.encode_stream(dev, a, chunk_elems=65_536) == fk.encode_stream(host, b, chunk_elems=65_536)
     assert a.getvalue() == b.getvalue()
+    mixed = {**host, "f32": torch.randn(1001, generator=g), "f64": torch.randn(77, generator=g, dtype=torch.float64)}
+    assert fk.encode_model({k: v.to(DEV) for k, v in mixed.items()}) == fk.encode_model(mixed)
     back = fk.decode_model(fk.encode_model(dev))
     for k, v in host.items():
         np.testing.assert_array_equal(back.tensors[k], v.numpy())

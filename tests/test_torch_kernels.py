@@ -113,6 +113,8 @@ def test_public_functions_route_device_tensors_to_the_torch_kernels(routed):
     device = fk.encode_model({k: torch.from_numpy(v) for k, v in sparse.items()},
                              masks={"t0": torch.from_numpy(masks["t0"])})
     assert device == host  # the same message, byte for byte
+    mixed = {"a": sparse["t1"], "b": sparse["t0"].astype(np.float64), "c": np.zeros(0, np.float32), "d": ws[2]}
+    assert fk.encode_model({k: torch.from_numpy(v) for k, v in mixed.items()}) == fk.encode_model(mixed)
     w, g, m = ws[0].copy(), rng.standard_normal(ws[0].shape).astype(np.float32), masks["t0"]
     tw = torch.from_numpy(w.copy())
     got = fk.masked_ef_step(tw, torch.from_numpy(g), torch.from_numpy(m), lr=0.1, lam=0.01, weight_decay=1e-4)

@@ -82,13 +82,18 @@ def encode_model(
         raise ValueError(f"unknown positions codec {positions!r}")
     k = _backend.kernels(backend)
     prepared: list[_Sparse] = []
-    for name, t in tensors.items():
-        flat, shape, dtype = flat_float(t, f"tensors[{name!r}]", MAX_NDIM, on_device(t))
-        n = math.prod(shape)
-        if on_device(flat):  # positions and values are found where the tensor is; only they cross
-            from .. import _torch_kernels
+    flats = {name: flat_float(t, f"tensors[{name!r}]", MAX_NDIM, on_device(t)) for name, t in tensors.items()}
+    on_dev = [name for name, (flat, _, _) in flats.items() if on_device(flat)]
+    if on_dev:  # positions and values are found where the tensors are, all at once; only they cross
+        from .. import _torch_kernels
 
-            bits, vals = _torch_kernels.sparsify(flat, masks[name] if masks and name in masks else None)
+        found = _torch_kernels.sparsify_many(
+            [(flats[name][0], masks[name] if masks and name in masks else None) for name in on_dev], k.count_bits)
+        from_device = dict(zip(on_dev, found))
+    for name, (flat, shape, dtype) in flats.items():
+        n = math.prod(shape)
+        if name in on_dev:
+            bits, vals = from_device[name]
         else:
             mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
             bits, vals = _sparsify(k, flat, mask)

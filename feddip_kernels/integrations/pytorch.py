@@ -9,6 +9,7 @@ all in one fused pass per layer; on the CPU all layers of a parameter group in o
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
@@ -32,11 +33,14 @@ class FedDIPSGD(torch.optim.Optimizer):
     Writing new weights into a masked parameter in place (`param.copy_(x)` under no_grad, as
     `load_state_dict` does) makes them the new dense weights at the next step; call `set_masks`
     again to change a mask. float32/float64 parameters. On the CPU each step is the native fused
-    kernel. On a CUDA device it is the same arithmetic in torch operations
-    (_torch_kernels.ef_step; `backend="torch"` takes that path on the CPU too), compiled by
-    torch.compile into one kernel per layer shape when `compile` is True, or None (the default)
-    on a CUDA device where compiling works (else, with a warning, the uncompiled operations). No
-    step waits for the device.
+    kernel. On a CUDA device, where Triton is installed, a group's layers (one device and dtype)
+    step in one Triton kernel launch (_triton_kernels), as torch's fused SGD steps them; without
+    Triton, or with `backend="torch"` (which takes that path on the CPU too), each layer steps in
+    torch operations (_torch_kernels.ef_step), compiled by torch.compile into one kernel per
+    layer shape when `compile` is True, or None (the default) on a CUDA device where compiling
+    works (else, with a warning, the uncompiled operations). `backend="triton"` asks for the
+    Triton kernel everywhere (CPU tensors only under TRITON_INTERPRET=1). No step waits for the
+    device.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class FedDIPSGD(torch.optim.Optimizer):
         """Assign masks (bool tensors or arrays, same shape) to parameters; None removes a mask.
         The dense weights are kept (or taken from the parameter the first time) and the parameter
         is rewritten as dense * mask."""
+        self.__dict__["_layout"] = self.__dict__.get("_layout", 0) + 1  # cached layer tables are stale
         for prm, mask in masks.items():
             state = self.state[prm]
             dense = self._dense(prm) if "dense" in state else prm.detach().clone()
@@ -120,6 +125,7 @@ class FedDIPSGD(torch.optim.Optimizer):
         (error feedback) come from it, and the parameters are rewritten as their pruned copy. Version
         counters saved with it are another process's and mean nothing here."""
         super().load_state_dict(state_dict)
+        self.__dict__["_layout"] = self.__dict__.get("_layout", 0) + 1
         with torch.no_grad():
             for group in self.param_groups:
                 for prm in group["params"]:
@@ -143,10 +149,12 @@ class FedDIPSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
+            if self._triton_group(group):
+                self._triton_steps(gi, group)
+                continue
             hp: dict[torch.device, torch.Tensor] = {}  # the group's scalars, per device (torch path)
             host_masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]]] = []
             host_plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
-            in_triton: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for prm in group["params"]:
                 if prm.grad is None:
                     continue
@@ -158,9 +166,6 @@ class FedDIPSGD(torch.optim.Optimizer):
                     buf = state.get("momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
-                if self._triton(prm):
-                    in_triton.setdefault((prm.device, prm.dtype), []).append(prm)
-                    continue
                 in_torch = prm.device.type != "cpu" or self.backend == "torch"
                 if in_torch and prm.device not in hp:
                     hp[prm.device] = _torch_kernels.hyper(group["lr"], group["weight_decay"], group["lam"],
@@ -184,52 +189,70 @@ class FedDIPSGD(torch.optim.Optimizer):
                 else:
                     host_plain.append((prm, buf))
             self._host_steps(group, host_masked, host_plain)
-            for (device, dtype), prms in in_triton.items():
-                self._triton_steps(group, (gi, device, dtype), prms)
         return loss
 
-    def _triton(self, prm: torch.Tensor) -> bool:
-        """Whether a parameter steps in the multi-layer Triton kernel: CUDA parameters where Triton
-        imports (backend "auto"), or any with backend="triton" (CPU tensors under TRITON_INTERPRET)."""
-        if self.backend == "triton":
-            return True
-        if prm.device.type != "cuda" or self.backend != "auto":
+    def _triton_group(self, group: dict[str, Any]) -> bool:
+        """Whether a group steps in the multi-layer Triton kernel: all its parameters on one CUDA
+        device with one dtype where Triton imports (backend "auto"), or any with backend="triton"
+        (CPU tensors under TRITON_INTERPRET). Otherwise its CUDA layers step one by one."""
+        params = group["params"]
+        if not params or (self.backend != "triton" and not (self.backend == "auto" and params[0].is_cuda)):
+            return False
+        if len({(prm.device, prm.dtype) for prm in params}) > 1:
             return False
         have = self.__dict__.get("_have_triton")
         if have is None:
             try:
-                from .. import _triton_kernels  # noqa: F401
+                importlib.import_module("._triton_kernels", "feddip_kernels")
                 have = True
             except ImportError:
                 have = False
             self.__dict__["_have_triton"] = have
         return have
 
-    def _triton_steps(self, group: dict[str, Any], where: tuple[Any, ...], prms: list[torch.Tensor]) -> None:
-        """A group's layers of one device and dtype in one launch of the Triton step (and one that
-        sums the layers' norms); the layer table and its norms stay on the device between steps."""
+    def _triton_steps(self, gi: int, group: dict[str, Any]) -> None:
+        """A group's layers in one launch of the Triton step (and two small ones that finish the
+        layers' norms). The layer table, with the addresses, the states and the norms, stays between
+        steps while the layers do (the same parameters at the same addresses, no new masks)."""
         from .. import _triton_kernels
 
-        states = [self.state[prm] for prm in prms]
-        ws = [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)]
-        masks = [st.get("mask") for st in states]
-        bufs = [st.get("momentum_buffer") for st in states]
-        outs = [prm.detach() if "mask" in st else None for prm, st in zip(prms, states)]
+        prms = [prm for prm in group["params"] if prm.grad is not None]
+        if not prms:
+            return
+        key = (self.__dict__.get("_layout", 0), group["momentum"] != 0, tuple(map(id, prms)),
+               tuple(prm.data_ptr() for prm in prms))
         tables = self.__dict__.setdefault("_triton_tables", {})
-        table = tables.get(where)
-        if table is None or table.key != table.key_of(ws, masks, bufs, outs):
-            table = tables[where] = _triton_kernels.LayerTable(ws, masks, bufs, outs)
-        if any(m is not None and (st["norm"] is not v or st["dense_version"] != w._version)
-               for m, st, v, w in zip(masks, states, table.views, ws)):
-            table.compute_norms(group["p"])  # a first step, new masks or weights written from outside
-        grads = [prm.grad if prm.grad.is_contiguous() and prm.grad.dtype == prm.dtype
-                 else prm.grad.to(prm.dtype).contiguous() for prm in prms]
-        table.step(grads, group["lr"], group["weight_decay"], group["lam"], group["momentum"], group["p"])
-        torch.autograd.graph.increment_version(prms)  # written in place, as torch's own in-place steps count
-        for prm, st, m, v in zip(prms, states, masks, table.views):
-            if m is not None:
+        entry = tables.get(gi)
+        if entry is None or entry[0] != key:
+            if any(prm.grad.is_sparse for prm in prms):
+                raise TypeError("FedDIPSGD does not support sparse gradients")
+            states = [self.state[prm] for prm in prms]
+            if group["momentum"] != 0:
+                for prm, st in zip(prms, states):
+                    if st.get("momentum_buffer") is None:
+                        st["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+            masked = [(prm, st) for prm, st in zip(prms, states) if "mask" in st]
+            table = _triton_kernels.LayerTable(
+                [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)],
+                [st.get("mask") for st in states], [st.get("momentum_buffer") for st in states],
+                [prm.detach() if "mask" in st else None for prm, st in zip(prms, states)])
+            views = [v for v, st in zip(table.views, states) if "mask" in st]
+            entry = tables[gi] = (key, table, masked, views, states)
+        _, table, masked, views, states = entry
+        fresh = False  # norms to compute first: a new table, or weights written from outside
+        for (prm, st), v in zip(masked, views):
+            if prm._version != st["version"]:
+                self._dense(prm)
+            fresh |= st["norm"] is not v
+        if fresh:
+            table.compute_norms(group["p"])
+            for (_, st), v in zip(masked, views):
                 st["norm"] = v
-                self._stamp(prm)
+        grads = [prm.grad if prm.grad.is_contiguous() else prm.grad.contiguous() for prm in prms]
+        table.step(grads, group["lr"], group["weight_decay"], group["lam"], group["momentum"], group["p"])
+        _bump(prms)  # written in place: autograd sees it as it sees torch's own in-place steps
+        for prm, st in masked:
+            st["version"] = prm._version
 
     def _host_steps(self, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                                                      Optional[float]]],
@@ -275,3 +298,11 @@ class FedDIPSGD(torch.optim.Optimizer):
             self.compile = False
             return _torch_kernels.ef_step(*args)
 
+
+def _bump(tensors: list[torch.Tensor]) -> None:
+    """Advance the tensors' version counters (one call where torch takes a list)."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch before list support
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
