@@ -113,11 +113,12 @@ def max_magnitude(tensors: Sequence[torch.Tensor]) -> float:
     return _no_nan(a.max()) if a.numel() else 0.0
 
 
-def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of the flat magnitudes `a` (1 <= k <= n, no NaN) as a 0-d tensor: a strided
-    sample brackets it, one pass counts the elements above the bracket and gathers those inside,
-    and a selection among those few finishes. A missed bracket (heavily tied data) falls back to
-    a selection over all magnitudes."""
+def _kth_largest(a: torch.Tensor, k: int, peak: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The k-th largest of the flat magnitudes `a` (1 <= k <= n) as a 0-d tensor, and how many
+    elements are at least that large: a strided sample brackets it, one pass counts the elements
+    above the bracket and gathers those inside, and a selection among those few finishes. A
+    missed bracket (heavily tied data) falls back to a selection over all magnitudes. `peak` is
+    a.max(): NaN raises, checked where the device has been waited for anyway (two waits in all)."""
     n = a.numel()
     stride = max(1, n // _SAMPLE)
     sample = a[::stride].sort(descending=True).values
@@ -127,24 +128,31 @@ def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     hi_rank, lo_rank = int(rank - margin), int(rank + margin)
     hi = sample[hi_rank] if hi_rank >= 1 else None  # elements above hi are surely kept
     lo = sample[lo_rank] if lo_rank < s else None  # elements below lo surely are not
-    if hi is None and lo is None:
-        return torch.topk(a, k, sorted=False).values.min()
-    inside = (a <= hi) if hi is not None else (a >= lo)
-    if hi is not None and lo is not None:
-        inside &= a >= lo
-    cand = a[inside]  # waits for the device (the count)
-    above = int((a > hi).sum()) if hi is not None else 0
-    if above < k <= above + cand.numel():
-        return torch.topk(cand, k - above, sorted=False).values.min()
-    return torch.topk(a, k, sorted=False).values.min()
+    if hi is not None or lo is not None:
+        above_t = (a > hi).sum() if hi is not None else None
+        inside = (a <= hi) if hi is not None else (a >= lo)
+        if hi is not None and lo is not None:
+            inside &= a >= lo
+        cand = a[inside]  # waits for the device (the count)
+        _no_nan(peak)
+        above = int(above_t) if above_t is not None else 0
+        if above < k <= above + cand.numel():
+            tau = torch.topk(cand, k - above, sorted=False).values.min()
+            return tau, above + int((cand >= tau).sum())
+    _no_nan(peak)
+    tau = torch.topk(a, k, sorted=False).values.min()
+    return tau, int((a >= tau).sum())
 
 
 def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
     """The k-th largest |w| over all tensors (+inf for k = 0)."""
     a = _magnitudes(tensors)
-    if a.numel():
+    if not a.numel():
+        return float("inf")
+    if k == 0:
         _no_nan(a.max())
-    return float("inf") if k == 0 else float(_kth_largest(a, k))
+        return float("inf")
+    return float(_kth_largest(a, k, a.max())[0])
 
 
 def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -152,18 +160,24 @@ def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     (tensor index, then flat index), as the reference's rule (README): views into one flat mask,
     as the host's masks are views into one block."""
     a = _magnitudes(tensors)
-    if a.numel():
-        _no_nan(a.max())
+    keep = torch.empty(a.shape, dtype=torch.bool, device=a.device)
+    # The views are made while the device is still copying: on the host they cost a few us each.
+    masks = [m.view(t.shape) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+    if not a.numel():
+        return masks
+    peak = a.max()
     if k == 0:
-        keep = torch.zeros_like(a, dtype=torch.bool)
-    else:
-        tau = _kth_largest(a, k)
-        keep = a > tau
+        _no_nan(peak)
+        keep.zero_()
+        return masks
+    tau, at_least = _kth_largest(a, k, peak)
+    torch.ge(a, tau, out=keep)
+    if at_least > k:  # ties at tau beyond the k-th: keep the first in list order
         eq = a == tau
-        greater, ties = torch.stack([keep.sum(), eq.sum()]).tolist()
-        left = k - greater
-        keep |= eq if ties <= left else eq & (eq.cumsum(0) <= left)
-    return [m.view(t.shape) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+        need = k - (at_least - int(eq.sum()))
+        torch.gt(a, tau, out=keep)
+        keep |= eq & (eq.cumsum(0) <= need)
+    return masks
 
 
 # ------------------------------------------------------------------------------- sparsify

@@ -1,24 +1,25 @@
 """FedDIPSGD's step on a CUDA device as one Triton kernel over all layers of a parameter group, as
-torch's fused multi-tensor optimisers step all parameters in one launch: a step of L layers is one
-launch of the update and two small ones that finish the layers' norms, not L or more, and nothing
-waits for the device.
+torch's fused multi-tensor optimisers step all parameters in one launch: a step of L layers is two
+launches (the update, then a small one that adds up each layer's norm), not L or more, replayed
+as one CUDA graph from a table's second step on, and nothing waits for the device.
 
 Layers travel as tables of raw addresses on the device; a program updates BLOCK elements of one
 layer (w, g and m read once; w, the momentum buffer and the pruned copy w * m written once) and
-leaves the block's share of ||w * m||_p^p, which a segment sum adds up per layer in a fixed order,
-so the norms do not depend on scheduling. Same arithmetic as _torch_kernels.ef_step (the
+leaves the block's share of ||w * m||_p^p, which the second launch adds up per layer in a fixed
+order, so the norms do not depend on scheduling. Same arithmetic as _torch_kernels.ef_step (the
 regulariser in float64); layers without a mask get plain SGD. Importing this module needs Triton;
 TRITON_INTERPRET=1 runs it on CPU tensors (the tests)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 2048  # elements a program updates
+_REDUCE = 256  # partial sums a norm program adds at a time
 _DOUBLE_MAX: tl.constexpr = tl.constexpr(1.7976931348623157e308)
 
 
@@ -63,6 +64,21 @@ def _step_kernel(w_tab, g_tab, m_tab, b_tab, o_tab, sizes, block_layer, block_st
     tl.store(partials + pid, tl.sum(v, axis=0))
 
 
+@triton.jit
+def _norm_kernel(partials, layer_first, norms, P: tl.constexpr, MAX_BLOCKS: tl.constexpr, REDUCE: tl.constexpr):
+    """A layer's norm from its blocks' partial sums, added in a fixed order."""
+    layer = tl.program_id(0)
+    first, end = tl.load(layer_first + layer), tl.load(layer_first + layer + 1)
+    acc = tl.zeros([REDUCE], dtype=tl.float64)
+    for j in range(0, MAX_BLOCKS, REDUCE):  # static bounds: the most blocks any layer has, rounded up
+        idx = first + j + tl.arange(0, REDUCE)
+        acc += tl.load(partials + idx, mask=idx < end, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if P == 2:
+        total = tl.sqrt(total)
+    tl.store(norms + layer, total)
+
+
 class LayerTable:
     """One parameter group's layers on one device and dtype, as the kernel reads them: addresses of
     the weights w, masks (bool; None for plain SGD), momentum buffers and pruned copies, the block
@@ -82,18 +98,27 @@ class LayerTable:
         layer_of_block = [i for i, c in enumerate(counts) for _ in range(c)]
         start_of_block = [j * BLOCK for c in counts for j in range(c)]
 
-        table = self._upload
+        def table(values: list[int]) -> torch.Tensor:
+            return self._upload(values).to(self.device, non_blocking=True)
 
         self.sizes, self.block_layer, self.block_start = table(sizes), table(layer_of_block), table(start_of_block)
-        self.counts = table(counts)
+        first = [0]
+        for c in counts:
+            first.append(first[-1] + c)
+        self.layer_first = table(first)
+        self.max_blocks = _REDUCE
+        while self.max_blocks < max(counts):  # a power of two: few compiled variants
+            self.max_blocks *= 2
         self.w_tab, self.m_tab, self.b_tab, self.o_tab = (table(list(k)) for k in self.key[:4])
         self.g_key: tuple[int, ...] = ()
-        self.g_tab = self.w_tab
+        self.g_tab = torch.zeros(len(ws), dtype=torch.int64, device=self.device)  # filled in place: a
+        self.hp_key: tuple[float, ...] = ()  # captured graph reads these buffers where they are
+        self.hp = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.partials = torch.empty(len(layer_of_block), dtype=torch.float64, device=self.device)
         self.norms = torch.zeros(len(ws), dtype=torch.float64, device=self.device)
         self.views = list(self.norms)  # state["norm"] of each layer: 0-d views of `norms`
-        self.hp_key: tuple[float, ...] = ()
-        self.hp = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.graphs: dict[int, Any] = {}  # p -> the step's two launches as one CUDA graph
+        self.graph_error: Optional[str] = None  # why capturing failed, if it did (then launched each step)
 
     @staticmethod
     def key_of(ws: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
@@ -108,8 +133,8 @@ class LayerTable:
             self.w_tab, self.g_tab, self.m_tab, self.b_tab, self.o_tab, self.sizes, self.block_layer,
             self.block_start, self.hp, self.norms, self.partials, DTYPE=tl.float64 if self.f64 else tl.float32,
             P=p, HAS_BUF=self.has_buf, NORM_ONLY=norm_only, BLOCK=BLOCK)
-        total = torch.segment_reduce(self.partials, "sum", lengths=self.counts)  # in order: deterministic
-        torch.sqrt(total, out=self.norms) if p == 2 else self.norms.copy_(total)
+        _norm_kernel[(self.norms.numel(),)](self.partials, self.layer_first, self.norms, P=p,
+                                            MAX_BLOCKS=self.max_blocks, REDUCE=_REDUCE)
 
     def compute_norms(self, p: int) -> None:
         """Each layer's ||w * m||_p into `norms`, for a first step or after weights changed."""
@@ -117,19 +142,40 @@ class LayerTable:
 
     def step(self, grads: Sequence[torch.Tensor], lr: float, weight_decay: float, lam: float, momentum: float,
              p: int) -> None:
-        """One step of every layer: w, the buffers and the pruned copies in place, `norms` after it."""
+        """One step of every layer: w, the buffers and the pruned copies in place, `norms` after it.
+        The first step launches the kernels (compiling them the first time) and then captures them
+        as a CUDA graph, which later steps replay: one call instead of two Triton launches, whose
+        argument handling in Python costs more than the step itself takes on the device."""
         g_key = tuple(g.data_ptr() for g in grads)
         if g_key != self.g_key:  # gradients set to None and allocated again often land where they were
-            self.g_tab, self.g_key = self._upload(g_key), g_key
+            self.g_tab.copy_(self._upload(g_key), non_blocking=True)
+            self.g_key = g_key
         hp_key = (lr, weight_decay, lam, momentum)
         if hp_key != self.hp_key:
-            self.hp, self.hp_key = self._upload(hp_key, torch.float64), hp_key
+            self.hp.copy_(self._upload(hp_key, torch.float64), non_blocking=True)
+            self.hp_key = hp_key
+        graph = self.graphs.get(p)
+        if graph is not None:
+            graph.replay()
+            return
         self._launch(p, norm_only=False)
+        if self.device.type == "cuda" and self.graph_error is None:
+            # Captured on a side stream with the low-level calls: torch.cuda.graph() would also
+            # empty torch's allocator cache, at every new table.
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        self._launch(p, norm_only=False)  # recorded, not run
+                    finally:
+                        graph.capture_end()
+                self.graphs[p] = graph
+            except Exception as e:  # noqa: BLE001 - the launches work without a graph, only slower
+                self.graph_error = f"{type(e).__name__}: {e}"
 
     def _upload(self, values: Sequence[float], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """A small table to the device without waiting for it: through pinned memory (torch's
-        pinned-block cache keeps a block until the copy from it is done)."""
+        """A small table for the device: pinned host memory where the device is CUDA, so that the
+        copy does not wait (torch's pinned-block cache keeps a block until the copy from it is done)."""
         host = torch.tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return host.pin_memory() if self.device.type == "cuda" else host

@@ -101,6 +101,9 @@ def step_benchmark(device: torch.device, repeat: int, steps: int = 10) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times[name].append((time.perf_counter() - t0) / steps)
+        for name, opt in opts.items():
+            for _, table, *_ in getattr(opt, "_triton_tables", {}).values():
+                out[f"{name}, momentum {momentum}: CUDA graph"] = table.graph_error or "replayed"
         base = statistics.median(times["torch.optim.SGD(fused=True)"])
         for name, ts in times.items():
             out[f"{name}, momentum {momentum}"] = statistics.median(ts)
