@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 # Candidates per tensor list that the sampled bracket of the k-th magnitude aims to leave.
 _SAMPLE = 1 << 16
@@ -90,14 +91,18 @@ def ef_step_fused(*args: object) -> torch.Tensor:
 
 def _magnitudes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """|w| of all tensors in list order as one flat tensor. On a device one copy costs less than a
-    pass per tensor: a few launches over all elements instead of a few per tensor."""
+    pass per tensor: a few launches over all elements instead of a few per tensor (flattened and
+    joined in one C++ call, as torch's distributed code does it)."""
     if len({t.dtype for t in tensors}) > 1 or any(t.dtype not in (torch.float32, torch.float64) for t in tensors):
         raise TypeError("tensors must be float32 or float64, one dtype per call")
     if len({t.device for t in tensors}) > 1:
         raise ValueError("tensors must be on one device")
     if not tensors:
         return torch.empty(0)
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).abs_()
+    with torch.no_grad():
+        if len(tensors) == 1:  # flattening one tensor is a view of it: abs out of place
+            return tensors[0].reshape(-1).abs()
+        return _flatten_dense_tensors(list(tensors)).abs_()
 
 
 def _no_nan(peak: torch.Tensor) -> float:
@@ -115,33 +120,25 @@ def max_magnitude(tensors: Sequence[torch.Tensor]) -> float:
 
 def _kth_largest(a: torch.Tensor, k: int, peak: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The k-th largest of the flat magnitudes `a` (1 <= k <= n) as a 0-d tensor, and how many
-    elements are at least that large: a strided sample brackets it, one pass counts the elements
-    above the bracket and gathers those inside, and a selection among those few finishes. A
-    missed bracket (heavily tied data) falls back to a selection over all magnitudes. `peak` is
-    a.max(): NaN raises, checked where the device has been waited for anyway (two waits in all)."""
+    elements are at least that large. A strided sample gives a floor that at least k elements
+    clear with high probability; one pass gathers those (about k of n, plus a margin), and a
+    selection among them finishes (the smaller side of it: k largest or the rest smallest). A
+    missed floor (heavily tied data) selects among all magnitudes. `peak` is a.max(): NaN raises,
+    checked where the device has been waited for anyway (two waits in all)."""
     n = a.numel()
-    stride = max(1, n // _SAMPLE)
-    sample = a[::stride].sort(descending=True).values
-    s = sample.numel()
-    rank = k * s / n  # expected rank of the k-th largest in the sample
-    margin = 4.0 * rank**0.5 + 8
-    hi_rank, lo_rank = int(rank - margin), int(rank + margin)
-    hi = sample[hi_rank] if hi_rank >= 1 else None  # elements above hi are surely kept
-    lo = sample[lo_rank] if lo_rank < s else None  # elements below lo surely are not
-    if hi is not None or lo is not None:
-        above_t = (a > hi).sum() if hi is not None else None
-        inside = (a <= hi) if hi is not None else (a >= lo)
-        if hi is not None and lo is not None:
-            inside &= a >= lo
-        cand = a[inside]  # waits for the device (the count)
-        _no_nan(peak)
-        above = int(above_t) if above_t is not None else 0
-        if above < k <= above + cand.numel():
-            tau = torch.topk(cand, k - above, sorted=False).values.min()
-            return tau, above + int((cand >= tau).sum())
+    sample = a[:: max(1, n // _SAMPLE)].sort(descending=True).values
+    rank = k * sample.numel() / n  # expected rank of the k-th largest in the sample
+    floor_rank = int(rank + 4.0 * rank**0.5 + 8)
+    cand = a[a >= sample[floor_rank]] if floor_rank < sample.numel() else a  # waits for the device (the count)
     _no_nan(peak)
-    tau = torch.topk(a, k, sorted=False).values.min()
-    return tau, int((a >= tau).sum())
+    if cand.numel() < k:
+        cand = a
+    rest = cand.numel() - k + 1  # tau is the rest-th smallest of cand
+    if k <= rest:
+        tau = torch.topk(cand, k, sorted=False).values.min()
+    else:
+        tau = torch.topk(cand, rest, largest=False, sorted=False).values.max()
+    return tau, int((cand >= tau).sum())  # every element >= tau is in cand
 
 
 def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
@@ -161,8 +158,7 @@ def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     as the host's masks are views into one block."""
     a = _magnitudes(tensors)
     keep = torch.empty(a.shape, dtype=torch.bool, device=a.device)
-    # The views are made while the device is still copying: on the host they cost a few us each.
-    masks = [m.view(t.shape) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+    masks = list(_unflatten_dense_tensors(keep, list(tensors))) if tensors else []  # made while the device copies
     if not a.numel():
         return masks
     peak = a.max()
