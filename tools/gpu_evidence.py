@@ -9,7 +9,8 @@
    dense tensors (target: faster);
 4. rounds of FedDIP and FedAvg on CIFAR-10-shaped synthetic data with AlexNet, on the device;
 5. issue 11's thread table on the host's cores (ResNet-18's weights on the CPU at 1, 2, 4, 8 and
-   16 threads via fk.set_num_threads): global top-k masks, encode_model (5% kept), decode_model
+   16 threads via fk.set_num_threads): global top-k masks (also the threshold alone, and the masks
+   written into arrays already faulted in), encode_model (5% kept), decode_model
    into buffers, masked_ef_step (one call a layer) and masked_ef_step_many (one call) against
    torch.optim.SGD(fused=True) with as many torch threads; then, on all the host's threads, one
    large float32 tensor (1e7 and 1e8 elements): the global threshold against max |w| (one streaming
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 import feddip_kernels as fk
+from feddip_kernels import _backend
 from feddip_kernels.fl.models import make_model, prunable_parameters
 from feddip_kernels.integrations.pytorch import FedDIPSGD
 
@@ -181,6 +183,8 @@ def thread_table(repeat: int) -> dict:
         norms[:] = fk.masked_ef_step_many(arrays, grads, mask_bits=bits, lr=1e-3, weight_decay=5e-4, lam=1e-3,
                                           pruned_outs=pruned, norms=norms)
 
+    native = _backend.kernels("native")
+    out_masks = [np.ones(a.shape, dtype=bool) for a in arrays]
     out = {}
     for t in (1, 2, 4, 8, 16):
         if t > (os.cpu_count() or 1):
@@ -189,6 +193,9 @@ def thread_table(repeat: int) -> dict:
         torch.set_num_threads(t)
         row = {
             "global_topk_masks": timed(lambda: fk.global_topk_masks(arrays, k), cpu, repeat),
+            # the same pass without masks, and writing masks already faulted in: which part scales
+            "global threshold": timed(lambda: fk.global_magnitude_threshold(arrays, k), cpu, repeat),
+            "topk masks into written masks": timed(lambda: native.topk_masks(arrays, out_masks, k), cpu, repeat),
             "encode_model": timed(lambda: fk.encode_model(sparse), cpu, repeat),
             "decode_model into buffers": timed(lambda: fk.decode_model(msg, out=bufs), cpu, repeat),
             "masked_ef_step": timed(ef_steps, cpu, repeat),
