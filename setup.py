@@ -13,6 +13,7 @@ SOURCES = [
     "csrc/crc32c.cpp",
     "csrc/ef_step.cpp",
     "csrc/golomb.cpp",
+    "csrc/isa.cpp",
     "csrc/sparse.cpp",
     "csrc/topk.cpp",
 ]

@@ -19,6 +19,7 @@
 #include "crc32c.hpp"
 #include "ef_step.hpp"
 #include "golomb.hpp"
+#include "isa.hpp"
 #include "sparse.hpp"
 #include "topk.hpp"
 
@@ -270,20 +271,20 @@ PYBIND11_MODULE(_core, m) {
         "The k-th largest |x| over a list of same-dtype arrays (+inf for k = 0).");
 
     m.def(
-        "_scan_isa",
+        "_isa",
         [](std::optional<std::string> limit) {
             static const char* const names[] = {"generic", "avx2", "avx512"};
             if (limit) {
                 int i = 0;
                 while (i < 3 && *limit != names[i]) ++i;
-                if (i == 3) throw std::invalid_argument("scan ISA must be generic, avx2 or avx512, got " + *limit);
-                limit_scan_isa(static_cast<ScanIsa>(i));
+                if (i == 3) throw std::invalid_argument("ISA must be generic, avx2 or avx512, got " + *limit);
+                limit_isa(static_cast<Isa>(i));
             }
-            return std::string(names[static_cast<int>(scan_isa())]);
+            return std::string(names[static_cast<int>(isa())]);
         },
         py::arg("limit") = py::none(),
-        "The vector code of the top-k fast path's pass: 'avx512', 'avx2' or 'generic'. `limit` caps it "
-        "(tests run every path on a wide machine); results never depend on it.");
+        "The vector code of the hand-vectorised loops (top-k's pass, the error-feedback step): 'avx512', "
+        "'avx2' or 'generic'. `limit` caps it (tests run every path on a wide machine).");
 
     m.def("_sample_fallbacks", &sample_fallbacks,
           "How many top-k selections so far fell back from the one-pass fast path to radix passes.");

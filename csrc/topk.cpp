@@ -1,5 +1,7 @@
 #include "topk.hpp"
 
+#include "isa.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -381,14 +383,6 @@ __attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p,
                                         static_cast<std::uint32_t>(i));
 }
 
-ScanIsa detected_isa() {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt")) return ScanIsa::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return ScanIsa::avx2;
-    return ScanIsa::generic;
-}
-#else
-ScanIsa detected_isa() { return ScanIsa::generic; }
 #endif
 
 std::atomic<std::uint64_t>& fallback_count() {
@@ -396,23 +390,18 @@ std::atomic<std::uint64_t>& fallback_count() {
     return count;
 }
 
-std::atomic<int>& isa_limit() {
-    static std::atomic<int> limit{static_cast<int>(ScanIsa::avx512)};
-    return limit;
-}
-
 // The pass over one chunk, with the widest vectors the CPU has (up to the limit tests may set);
 // `mask` (the chunk's part of its tensor's mask) given: written too, with the candidates' indices.
 template <class T>
 void scan(const Chunk<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed_t<bits_t<T>> lo,
-          Scan<bits_t<T>>& sc, ScanIsa isa, std::uint8_t* mask) {
+          Scan<bits_t<T>>& sc, Isa isa, std::uint8_t* mask) {
     if (sc.overflow) return;  // the fast path has failed already: the caller falls back
 #ifdef FEDDIP_X86_SCAN
     if constexpr (sizeof(T) == 4) {
-        if (isa == ScanIsa::avx512)
+        if (isa == Isa::avx512)
             return mask ? scan_chunk_avx512<true>(ch.data, ch.size, hi, lo, sc, mask)
                         : scan_chunk_avx512<false>(ch.data, ch.size, hi, lo, sc, nullptr);
-        if (isa == ScanIsa::avx2)
+        if (isa == Isa::avx2)
             return mask ? scan_chunk_avx2<true>(ch.data, ch.size, hi, lo, sc, mask)
                         : scan_chunk_avx2<false>(ch.data, ch.size, hi, lo, sc, nullptr);
     }
@@ -492,7 +481,7 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
     std::vector<int> owner(chunks.size());
     const S shi = static_cast<S>(hi), slo = static_cast<S>(lo);
     const long long n_chunks = static_cast<long long>(chunks.size());
-    const ScanIsa isa = scan_isa();
+    const Isa isa = feddip::isa();
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long long c = 0; c < n_chunks; ++c) {
         const Chunk<T>& ch = chunks[c];
@@ -594,17 +583,7 @@ FEDDIP_VECTOR_CLONES bits_t<T> chunk_peak(const T* p, std::size_t m) {
 
 }  // namespace
 
-ScanIsa scan_isa() {
-    static const ScanIsa detected = detected_isa();
-    return std::min(detected, static_cast<ScanIsa>(isa_limit().load(std::memory_order_relaxed)));
-}
-
 std::uint64_t sample_fallbacks() { return fallback_count().load(std::memory_order_relaxed); }
-
-ScanIsa limit_scan_isa(ScanIsa limit) {
-    isa_limit().store(static_cast<int>(limit), std::memory_order_relaxed);
-    return scan_isa();
-}
 
 template <class T>
 MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments,

@@ -26,13 +26,6 @@ template <class T>
 MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments,
                                                  std::uint64_t k, int n_threads = 0);
 
-// Vector instruction sets the fast path's pass has code for, narrowest first. It uses the widest
-// the CPU has; limit_scan_isa caps that (so tests can run every path on a wide machine) and returns
-// the one now in use. Results do not depend on it.
-enum class ScanIsa : int { generic = 0, avx2 = 1, avx512 = 2 };
-ScanIsa scan_isa();
-ScanIsa limit_scan_isa(ScanIsa limit);
-
 // How many selections so far tried the one-pass fast path and fell back to the radix passes.
 std::uint64_t sample_fallbacks();
 

@@ -23,5 +23,19 @@ def backend(request):
     return request.param
 
 
+# The native loops with hand-written vector code (top-k's pass, the error-feedback step) have
+# AVX-512, AVX2 and generic versions. `_isa` caps the one in use, so one machine runs every path
+# its CPU has.
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def isa(request):
+    native = pytest.importorskip("feddip_kernels._core")
+    before = native._isa()
+    if native._isa(request.param) != request.param:
+        native._isa(before)
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    native._isa("avx512")
+
+
 def pytest_report_header(config):
     return f"feddip_kernels backends: {', '.join(BACKENDS)}"

@@ -236,19 +236,6 @@ def test_max_magnitude_nan_and_empty(backend, dtype):
         fk.max_magnitude([np.ones(3, dtype), big], backend=backend)
 
 
-# The native fast path's pass has AVX-512, AVX2 and generic code; each must give the same exact
-# results. `_scan_isa` caps the one in use, so one machine runs every path its CPU has.
-@pytest.fixture(params=["avx512", "avx2", "generic"])
-def scan_isa(request):
-    native = pytest.importorskip("feddip_kernels._core")
-    before = native._scan_isa()
-    if native._scan_isa(request.param) != request.param:
-        native._scan_isa(before)
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    native._scan_isa("avx512")
-
-
 def _expected_threshold_and_masks(tensors, k):
     """The k-th largest |x| and the masks by the selection rule, without a full sort."""
     mags = np.concatenate([np.abs(t).ravel() for t in tensors])
@@ -278,7 +265,7 @@ FAST_PATH_CASES = _fast_path_cases()
 
 
 @pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
-def test_every_scan_isa_gives_the_exact_top_k(scan_isa, case):
+def test_every_isa_gives_the_exact_top_k(isa, case):
     from feddip_kernels import _core
 
     tensors = FAST_PATH_CASES[case]
@@ -308,7 +295,7 @@ def test_heavy_ties_fall_back_to_the_radix_passes():
 
 
 @pytest.mark.parametrize("where", [0, 29, 32, (1 << 15) - 1, (1 << 20) + 3])
-def test_every_scan_isa_finds_nan(scan_isa, where):
+def test_every_isa_finds_nan(isa, where):
     w = np.random.default_rng(where).standard_normal((1 << 20) + 40).astype(np.float32)
     w[where] = np.nan  # in a vector block, in a block's tail, at a chunk's end, in the last chunk
     with pytest.raises(ValueError, match="NaN"):

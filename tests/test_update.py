@@ -393,6 +393,49 @@ def test_many_layers_in_one_call_step_as_one_call_each(backend, packed, dtype, p
             assert a["buf"].tobytes() == b["buf"].tobytes()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("offset", [0, 16, None])  # pruned copy 64-, 16- or one element past: each store path
+def test_every_isa_steps_as_the_reference(isa, packed, dtype, p, offset):
+    """Each vector path of the native step against the reference, and one call for all layers
+    bit for bit as one call each (the norm's terms added in the same order on every path)."""
+    sizes = [1, 15, 16, 17, 4095, 4097, 70_001, 100_003]
+    kw = dict(lr=0.05, weight_decay=5e-4, lam=0.01, p=p, momentum=0.9)
+    base = _model(np.random.default_rng(p + 7), sizes, dtype, packed=packed)
+    offset = np.dtype(dtype).itemsize if offset is None else offset
+
+    def copy():  # the layers anew, each pruned copy at `offset` bytes past a 64-byte boundary
+        layers = []
+        for L in base:
+            room = np.empty(L["w"].size + 32, dtype)
+            start = (-room.ctypes.data % 64 + offset) // room.itemsize
+            layers.append(dict({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in L.items()},
+                               buf=np.zeros_like(L["w"]) if L["buf"] is None else L["buf"].copy(),
+                               pruned=room[start : start + L["w"].size]))
+        return layers
+
+    ref, one, many = copy(), copy(), copy()
+    assert all(L["pruned"].ctypes.data % 64 == offset for L in one if L["pruned"].size)
+    want = [reference.masked_ef_step(
+        L["w"], L["g"], fk.unpack_mask(L["mask_bits"], L["w"].size) if L["mask_bits"] is not None else L["mask"],
+        momentum_buffer=L["buf"], pruned_out=L["pruned"], norm=L["norm"], **kw) for L in ref]
+    single = [fk.masked_ef_step(L["w"], L["g"], L["mask"], mask_bits=L["mask_bits"], momentum_buffer=L["buf"],
+                                pruned_out=L["pruned"], norm=L["norm"], backend="native", **kw) for L in one]
+    for L, R in zip(one, ref):
+        for key in ("w", "pruned", "buf"):
+            np.testing.assert_allclose(L[key], R[key], **_tol(dtype))
+    assert single == pytest.approx(want, rel=1e-5 if dtype == np.float32 else 1e-11)
+    got = fk.masked_ef_step_many(
+        [L["w"] for L in many], [L["g"] for L in many], None if packed else [L["mask"] for L in many],
+        mask_bits=[L["mask_bits"] for L in many] if packed else None, momentum_buffers=[L["buf"] for L in many],
+        pruned_outs=[L["pruned"] for L in many], norms=[L["norm"] for L in many], backend="native", **kw)
+    assert got == single
+    for a, b in zip(one, many):
+        for key in ("w", "pruned", "buf"):
+            assert a[key].tobytes() == b[key].tobytes()
+
+
 def test_many_layers_native_matches_reference_and_every_thread_count():
     native = pytest.importorskip("feddip_kernels._core")
     layers = _model(np.random.default_rng(5), [70_000, 1, 300_000, 4096, 5], np.float32, packed=False)

@@ -1,0 +1,18 @@
+// Which vector instruction set the hot loops with hand-written vector code use (top-k's pass,
+// the error-feedback step). Plain C++17, no Python.
+#pragma once
+
+namespace feddip {
+
+// Narrowest first. avx2 includes FMA and POPCNT; avx512 is AVX-512F on top of them.
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+// The widest the CPU has, capped by limit_isa.
+Isa isa();
+
+// Caps isa() (tests run every path on a wide machine) and returns the one now in use. Top-k's
+// results never depend on it; the step's norm may differ in its last bits (its terms are added in
+// lanes of the vector width).
+Isa limit_isa(Isa limit);
+
+}  // namespace feddip
