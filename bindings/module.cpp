@@ -283,8 +283,8 @@ PYBIND11_MODULE(_core, m) {
             return std::string(names[static_cast<int>(isa())]);
         },
         py::arg("limit") = py::none(),
-        "The vector code of the hand-vectorised loops (top-k's pass, the error-feedback step): 'avx512', "
-        "'avx2' or 'generic'. `limit` caps it (tests run every path on a wide machine).");
+        "The vector code of the hand-vectorised loops: 'avx512', 'avx2' or 'generic' (top-k's pass has all "
+        "three, the error-feedback step AVX2 and generic). `limit` caps it (tests run every path on a wide machine).");
 
     m.def("_sample_fallbacks", &sample_fallbacks,
           "How many top-k selections so far fell back from the one-pass fast path to radix passes.");

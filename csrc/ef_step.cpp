@@ -359,90 +359,15 @@ __attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, cons
                                                     Pruned ? out + i : nullptr, n - i, lr, wd, reg, scale, mom);
     return total;
 }
-
-// The float32 step with AVX-512: the same arithmetic as step_tile_avx2, in the same order, 16
-// lanes at a time, the mask a lane mask (two bytes of packed bits are one). Half the instructions
-// of the AVX2 loop: on a core whose memory is fast (37 GB/s for one core's fused SGD on the
-// device machine's Xeon) the AVX2 step was bound by them, not by memory.
-template <Layout Mask, bool Mom, bool Pruned, int P, int Stream = 0>  // Stream: the copy's alignment for NT stores
-__attribute__((target("avx512f,avx2,fma"))) double step_tile_avx512(float* w, const float* g, const std::uint8_t* mask,
-                                                                 float* buf, float* out, std::size_t n, float lr,
-                                                                 float wd, float reg, float scale, float mom) {
-    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps(), vlr = _mm512_set1_ps(lr),
-                 vwd = _mm512_set1_ps(wd), vreg = _mm512_set1_ps(reg), vsc = _mm512_set1_ps(scale),
-                 vmom = _mm512_set1_ps(mom);
-    __m512d acc_lo = _mm512_setzero_pd(), acc_hi = _mm512_setzero_pd();
-    std::size_t i = 0;
-    // With packed bits the scalar tail must start on a mask byte: stop at a multiple of 16.
-    const std::size_t vec_end = Mask == Layout::bits ? n & ~std::size_t(15) : n;
-    for (; i + 16 <= vec_end; i += 16) {
-        const __m512 wi = _mm512_loadu_ps(w + i);
-        __m512 mi = one;
-        if constexpr (Mask == Layout::bits) {
-            std::uint16_t k;
-            std::memcpy(&k, mask + i / 8, 2);
-            mi = _mm512_maskz_mov_ps(k, one);
-        } else if constexpr (Mask == Layout::bytes) {
-            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i)));
-            mi = _mm512_maskz_mov_ps(_mm512_test_epi32_mask(x, x), one);
-        }
-        __m512 r;
-        if constexpr (P == 2) {
-            r = _mm512_mul_ps(_mm512_mul_ps(mi, wi), vsc);
-        } else {  // sign(w) as (w > 0) - (0 > w): zero for 0 and NaN
-            r = _mm512_mul_ps(mi, _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(wi, zero, _CMP_GT_OQ), one),
-                                                _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zero, wi, _CMP_GT_OQ), one)));
-        }
-        __m512 d = _mm512_fmadd_ps(vwd, wi, _mm512_loadu_ps(g + i));
-        d = _mm512_fmadd_ps(vreg, r, d);
-        if constexpr (Mom) {
-            d = _mm512_fmadd_ps(vmom, _mm512_loadu_ps(buf + i), d);
-            _mm512_storeu_ps(buf + i, d);
-        }
-        const __m512 wn = _mm512_fnmadd_ps(vlr, d, wi);
-        _mm512_storeu_ps(w + i, wn);
-        const __m512 v = _mm512_mul_ps(wn, mi);
-        if constexpr (Pruned) {
-            if constexpr (Stream == 64) {
-                _mm512_stream_ps(out + i, v);
-            } else if constexpr (Stream == 16) {  // the copy only 16-byte aligned (NumPy's large arrays)
-                const __m256 a = _mm512_castps512_ps256(v);
-                const __m256 b = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-                _mm_stream_ps(out + i, _mm256_castps256_ps128(a));
-                _mm_stream_ps(out + i + 4, _mm256_extractf128_ps(a, 1));
-                _mm_stream_ps(out + i + 8, _mm256_castps256_ps128(b));
-                _mm_stream_ps(out + i + 12, _mm256_extractf128_ps(b, 1));
-            } else {
-                _mm512_storeu_ps(out + i, v);
-            }
-        }
-        // The norm's terms in double: the 16 lanes widened into two vectors of 8.
-        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-        if constexpr (P == 2) {
-            acc_lo = _mm512_fmadd_pd(lo, lo, acc_lo);
-            acc_hi = _mm512_fmadd_pd(hi, hi, acc_hi);
-        } else {
-            acc_lo = _mm512_add_pd(_mm512_abs_pd(lo), acc_lo);
-            acc_hi = _mm512_add_pd(_mm512_abs_pd(hi), acc_hi);
-        }
-    }
-    double total = _mm512_reduce_add_pd(_mm512_add_pd(acc_lo, acc_hi));
-    if (i < n)
-        total += step_tile<float, Mask, Mom, Pruned, P>(w + i, g + i, mask_from<Mask>(mask, i), Mom ? buf + i : nullptr,
-                                                        Pruned ? out + i : nullptr, n - i, lr, wd, reg, scale, mom);
-    return total;
-}
 #endif
 
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 double step_tile_best(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n, T lr, T wd, T reg,
                  T scale, T mom) {
 #if defined(FEDDIP_X86_AVX2)
-    const Isa best = isa();
-    if constexpr (std::is_same_v<T, float>)
-        if (best == Isa::avx512) return step_tile_avx512<Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
-    if (best >= Isa::avx2) return step_tile_avx2<T, Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
+    // AVX2 also where the CPU has AVX-512: a 16-lane version of this loop was 20% faster on data in
+    // cache but 3-4% slower from memory on ResNet-18 (benchmarks/RESULTS.md), and it was dropped.
+    if (isa() >= Isa::avx2) return step_tile_avx2<T, Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
 #endif
     return step_tile<T, Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
 }
@@ -453,20 +378,7 @@ double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
     if (!Pruned)
         return step_tile_best<T, Mask, Mom, false, P>(w, g, mask, buf, nullptr, n, lr, wd, reg, scale, mom);
 #if defined(FEDDIP_X86_AVX2)
-    // Streamed straight from registers where the copy is aligned for the vector width, else through
-    // a tile: the same loop either way, so the norm's terms are added in the same order.
-    const Isa best = isa();
-    const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(pruned);
-    if constexpr (std::is_same_v<T, float>) {
-        if (best == Isa::avx512 && (at & 15) == 0) {
-            const double acc = (at & 63) == 0
-                                   ? step_tile_avx512<Mask, Mom, true, P, 64>(w, g, mask, buf, pruned, n, lr, wd, reg, scale, mom)
-                                   : step_tile_avx512<Mask, Mom, true, P, 16>(w, g, mask, buf, pruned, n, lr, wd, reg, scale, mom);
-            stream_fence();
-            return acc;
-        }
-    }
-    if ((best == Isa::avx2 || (best == Isa::avx512 && !std::is_same_v<T, float>)) && (at & 15) == 0) {
+    if (isa() >= Isa::avx2 && (reinterpret_cast<std::uintptr_t>(pruned) & 15) == 0) {
         const double acc = step_tile_avx2<T, Mask, Mom, true, P, true>(w, g, mask, buf, pruned, n, lr, wd, reg, scale, mom);
         stream_fence();
         return acc;
