@@ -200,3 +200,47 @@ def test_huge_float32_weights_keep_a_finite_norm_and_propagate_nan(backend):
     assert np.isnan(float(opt.state[w]["norm"]))
     opt.step()  # takes the NaN norm, no "norm must be finite"
     assert np.isnan(float(opt.state[w]["norm"]))
+
+
+def test_prepared_host_arrays_step_as_the_checked_path(monkeypatch):
+    """From its second step a host group reuses the arrays it was checked with; every event that
+    invalidates them (new masks, weights or masks written from outside, a parameter without a
+    gradient, new hyperparameters, a restored state) must give the bits of the checked path."""
+    pytest.importorskip("feddip_kernels._core")
+
+    def run(fast):
+        if not fast:
+            monkeypatch.setattr(FedDIPSGD, "_host_fast", lambda self, gi, group: False)
+        model = _model()
+        opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01)
+        x, y = _data()
+        taken = 0
+        for t in range(10):
+            if t in (0, 4):
+                opt.set_masks(_masks(model, seed=t + 1))
+            if t == 2:
+                with torch.no_grad():
+                    model[0].weight.mul_(0.5)  # new dense weights from outside
+            if t == 3:
+                opt.state[model[2].weight]["mask"][0, :5] = True  # a mask written in place
+            if t == 5:
+                opt.set_lambda(0.02)
+                opt.param_groups[0]["lr"] = 0.02
+            if t == 7:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if t == 6:
+                model[0].bias.grad = None  # this step without one parameter
+            before = getattr(opt, "_host_tables", {}).get(0)
+            opt.step()
+            taken += before is not None and opt._host_tables.get(0) is before  # not prepared again
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()] + [opt.dense(p).clone() for p in model.parameters()], taken
+
+    got, taken = run(True)
+    want, _ = run(False)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert taken >= 4  # the prepared arrays did step most steps

@@ -16,10 +16,10 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
-from .. import _torch_kernels
+from .. import _backend, _torch_kernels
 from .._arrays import as_array
 from ..pruning import pack_mask
-from ..update import masked_ef_step_many
+from ..update import _check_hyper, masked_ef_step_many
 
 
 class FedDIPSGD(torch.optim.Optimizer):
@@ -152,6 +152,8 @@ class FedDIPSGD(torch.optim.Optimizer):
             if self._triton_group(group):
                 self._triton_steps(gi, group)
                 continue
+            if self._host_fast(gi, group):
+                continue
             hp: dict[torch.device, torch.Tensor] = {}  # the group's scalars, per device (torch path)
             host_masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]]] = []
             host_plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
@@ -189,7 +191,68 @@ class FedDIPSGD(torch.optim.Optimizer):
                 else:
                     host_plain.append((prm, buf))
             self._host_steps(group, host_masked, host_plain)
+            if len(host_masked) + len(host_plain) == len(group["params"]) and _backend.resolve(self.backend) == "native":
+                self._prepare_host(gi, group, host_masked, host_plain)
         return loss
+
+    def _host_key(self, group: dict[str, Any], prms: list[torch.Tensor]) -> tuple[Any, ...]:
+        return (self.__dict__.get("_layout", 0), group["momentum"] != 0, tuple(map(id, prms)),
+                tuple(prm.data_ptr() for prm in prms))
+
+    def _prepare_host(self, gi: int, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor,
+                      Optional[torch.Tensor], Optional[float]]], plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]]
+                      ) -> None:
+        """Keep the arrays that a group of host parameters (all with gradients) has just been stepped
+        with, checked, so that the next steps hand them to the native kernel as they are: the
+        checks and conversions cost about 20 us a parameter, 1.2 ms a step for ResNet-18's 62."""
+        prms = [prm for prm in group["params"] if prm.grad is not None]
+        self.__dict__.setdefault("_host_tables", {})[gi] = (
+            self._host_key(group, prms),
+            [(prm, self.state[prm], as_array(dense), self._mask_bits(prm), self.state[prm]["mask"],
+              None if buf is None else as_array(buf), as_array(prm)) for prm, dense, buf, _ in masked],
+            [(prm, as_array(prm), None if buf is None else as_array(buf)) for prm, buf in plain],
+        )
+
+    def _host_fast(self, gi: int, group: dict[str, Any]) -> bool:
+        """Step a group of host parameters with the arrays _prepare_host kept, when nothing they
+        depend on has changed (the same parameters at the same addresses, no new masks, masks not
+        written, gradients shaped as before); False otherwise, and the checked path runs."""
+        entry = self.__dict__.get("_host_tables", {}).get(gi)
+        if entry is None:
+            return False
+        key, masked, plain = entry
+        prms = [prm for prm in group["params"] if prm.grad is not None]
+        if len(prms) != len(masked) + len(plain) or self._host_key(group, prms) != key:
+            return False
+        grads = []
+        for prm in [m[0] for m in masked] + [q[0] for q in plain]:
+            g = prm.grad
+            if g.is_sparse or g.dtype != prm.dtype or g.shape != prm.shape or not g.is_contiguous():
+                return False
+            grads.append(g.detach().numpy())
+        if any(mask._version != self._packed_masks[prm][1] for prm, _, _, _, mask, _, _ in masked):
+            return False
+        _check_hyper(group["lr"], group["weight_decay"], group["lam"], group["momentum"], group["p"])
+        norms = []
+        for prm, st, *_ in masked:
+            if prm._version != st["version"]:
+                self._dense(prm)  # written from outside: the new dense weights (same storage)
+            norms.append(st["norm"] if st["dense_version"] == st["dense"]._version else None)
+        native = _backend.native_module()
+        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"], p=group["p"])
+        if masked:
+            new = native.masked_ef_step_many(
+                [m[2] for m in masked], grads[: len(masked)], [m[3] for m in masked],
+                momentum_buffers=[m[5] for m in masked], pruned_outs=[m[6] for m in masked], lam=group["lam"],
+                norms=norms, mask_packed=True, **hyper)
+            for (prm, st, *_), norm in zip(masked, new):
+                st["norm"] = norm
+                self._stamp(prm)
+        if plain:
+            native.masked_ef_step_many([m[1] for m in plain], grads[len(masked):], [None] * len(plain),
+                                       momentum_buffers=[m[2] for m in plain], pruned_outs=[None] * len(plain),
+                                       lam=0.0, norms=[0.0] * len(plain), **hyper)
+        return True
 
     def _triton_group(self, group: dict[str, Any]) -> bool:
         """Whether a group steps in the multi-layer Triton kernel: all its parameters on one CUDA
