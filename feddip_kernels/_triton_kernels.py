@@ -83,7 +83,7 @@ class LayerTable:
     """One parameter group's layers on one device and dtype, as the kernel reads them: addresses of
     the weights w, masks (bool; None for plain SGD), momentum buffers and pruned copies, the block
     partition, and the layers' norms ||w * m||_p (a float64 vector on the device, updated in place
-    by each step). Built once and reused while the layers' storage stays where it is (`key`)."""
+    by each step). Built once and reused while the layers' storage stays where it is."""
 
     def __init__(self, ws: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
                  bufs: Sequence[Optional[torch.Tensor]], outs: Sequence[Optional[torch.Tensor]]) -> None:
@@ -92,7 +92,8 @@ class LayerTable:
             raise ValueError("a layer table holds layers of one device and dtype")
         self.f64 = dtype == torch.float64
         self.has_buf = bufs[0] is not None
-        self.key = self.key_of(ws, masks, bufs, outs)
+        # The kernel reads the layers through their addresses: the table holds the tensors too.
+        self.layers = (list(ws), list(masks), list(bufs), list(outs))
         sizes = [w.numel() for w in ws]
         counts = [max(1, -(-n // BLOCK)) for n in sizes]
         layer_of_block = [i for i, c in enumerate(counts) for _ in range(c)]
@@ -109,24 +110,19 @@ class LayerTable:
         self.max_blocks = _REDUCE
         while self.max_blocks < max(counts):  # a power of two: few compiled variants
             self.max_blocks *= 2
-        self.w_tab, self.m_tab, self.b_tab, self.o_tab = (table(list(k)) for k in self.key[:4])
+        self.w_tab, self.m_tab, self.b_tab, self.o_tab = (
+            table([0 if x is None else x.data_ptr() for x in xs]) for xs in self.layers)
         self.g_key: tuple[int, ...] = ()
-        self.g_tab = torch.zeros(len(ws), dtype=torch.int64, device=self.device)  # filled in place: a
-        self.hp_key: tuple[float, ...] = ()  # captured graph reads these buffers where they are
+        # Gradients' addresses and the hyperparameters are written into these buffers in place: a
+        # captured graph reads them where they are.
+        self.g_tab = torch.zeros(len(ws), dtype=torch.int64, device=self.device)
+        self.hp_key: tuple[float, ...] = ()
         self.hp = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.partials = torch.empty(len(layer_of_block), dtype=torch.float64, device=self.device)
         self.norms = torch.zeros(len(ws), dtype=torch.float64, device=self.device)
         self.views = list(self.norms)  # state["norm"] of each layer: 0-d views of `norms`
         self.graphs: dict[int, Any] = {}  # p -> the step's two launches as one CUDA graph
         self.graph_error: Optional[str] = None  # why capturing failed, if it did (then launched each step)
-
-    @staticmethod
-    def key_of(ws: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
-               bufs: Sequence[Optional[torch.Tensor]], outs: Sequence[Optional[torch.Tensor]]) -> tuple:
-        def addr(xs: Sequence[Optional[torch.Tensor]]) -> tuple[int, ...]:
-            return tuple(0 if x is None else x.data_ptr() for x in xs)
-
-        return addr(ws), addr(masks), addr(bufs), addr(outs), tuple(w.numel() for w in ws), ws[0].dtype
 
     def _launch(self, p: int, norm_only: bool) -> None:
         _step_kernel[(self.partials.numel(),)](
