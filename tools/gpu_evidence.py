@@ -58,6 +58,21 @@ def timed(fn, device: torch.device, repeat: int) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, device: torch.device, rounds: int, calls: int = 1) -> dict[str, float]:
+    """Median seconds a call of each function, timed in rounds that call every function `calls`
+    times between two device synchronisations, the functions one after another in each round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def resnet18(device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     return make_model("resnet18", 3, 100).to(device)
@@ -94,22 +109,14 @@ def step_benchmark(device: torch.device, repeat: int, steps: int = 10) -> dict:
                 opts[name] = opt
             except Exception as e:  # noqa: BLE001 - recorded, the other measurements go on
                 out[f"{name}, momentum {momentum}"] = f"failed: {type(e).__name__}: {e}"
-        times: dict[str, list[float]] = {name: [] for name in opts}
-        for _ in range(repeat):
-            for name, opt in opts.items():
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    opt.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append((time.perf_counter() - t0) / steps)
+        medians = interleaved({name: opt.step for name, opt in opts.items()}, device, repeat, steps)
         for name, opt in opts.items():
             for _, table, *_ in getattr(opt, "_triton_tables", {}).values():
                 out[f"{name}, momentum {momentum}: CUDA graph"] = table.graph_error or "replayed"
-        base = statistics.median(times["torch.optim.SGD(fused=True)"])
-        for name, ts in times.items():
-            out[f"{name}, momentum {momentum}"] = statistics.median(ts)
-            out[f"{name}, momentum {momentum} / fused SGD"] = statistics.median(ts) / base
+        base = medians["torch.optim.SGD(fused=True)"]
+        for name, t in medians.items():
+            out[f"{name}, momentum {momentum}"] = t
+            out[f"{name}, momentum {momentum} / fused SGD"] = t / base
     return out
 
 
@@ -126,11 +133,9 @@ def topk_benchmark(device: torch.device, repeat: int) -> dict:
     ours = fk.global_topk_masks(weights, k)
     assert sum(int(m.sum()) for m in ours) == k
     fns = {"torch.topk on the concatenated |w|": baseline, "fk.global_topk_masks": lambda: fk.global_topk_masks(weights, k)}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(3 * repeat):  # interleaved rounds, each call between two device synchronisations
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device, 1))
-    out = {"elements": n, "k": k, **{name: statistics.median(ts) for name, ts in times.items()}}
+    for fn in fns.values():  # warm-up
+        fn()
+    out = {"elements": n, "k": k, **interleaved(fns, device, 3 * repeat)}
     out["speed-up"] = out["torch.topk on the concatenated |w|"] / out["fk.global_topk_masks"]
     return out
 

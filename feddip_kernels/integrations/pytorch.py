@@ -195,7 +195,9 @@ class FedDIPSGD(torch.optim.Optimizer):
                 self._prepare_host(gi, group, host_masked, host_plain)
         return loss
 
-    def _host_key(self, group: dict[str, Any], prms: list[torch.Tensor]) -> tuple[Any, ...]:
+    def _group_key(self, group: dict[str, Any], prms: list[torch.Tensor]) -> tuple[Any, ...]:
+        """What a group's prepared layers (Triton table, host arrays) stay valid for: no new masks or
+        restored state since, momentum on or off as then, the same parameters at the same addresses."""
         return (self.__dict__.get("_layout", 0), group["momentum"] != 0, tuple(map(id, prms)),
                 tuple(prm.data_ptr() for prm in prms))
 
@@ -207,7 +209,7 @@ class FedDIPSGD(torch.optim.Optimizer):
         checks and conversions cost about 20 us a parameter, 1.2 ms a step for ResNet-18's 62."""
         prms = [prm for prm in group["params"] if prm.grad is not None]
         self.__dict__.setdefault("_host_tables", {})[gi] = (
-            self._host_key(group, prms),
+            self._group_key(group, prms),
             [(prm, self.state[prm], as_array(dense), self._mask_bits(prm), self.state[prm]["mask"],
               None if buf is None else as_array(buf), as_array(prm)) for prm, dense, buf, _ in masked],
             [(prm, as_array(prm), None if buf is None else as_array(buf)) for prm, buf in plain],
@@ -222,7 +224,7 @@ class FedDIPSGD(torch.optim.Optimizer):
             return False
         key, masked, plain = entry
         prms = [prm for prm in group["params"] if prm.grad is not None]
-        if len(prms) != len(masked) + len(plain) or self._host_key(group, prms) != key:
+        if len(prms) != len(masked) + len(plain) or self._group_key(group, prms) != key:
             return False
         grads = []
         for prm in [m[0] for m in masked] + [q[0] for q in plain]:
@@ -282,8 +284,7 @@ class FedDIPSGD(torch.optim.Optimizer):
         prms = [prm for prm in group["params"] if prm.grad is not None]
         if not prms:
             return
-        key = (self.__dict__.get("_layout", 0), group["momentum"] != 0, tuple(map(id, prms)),
-               tuple(prm.data_ptr() for prm in prms))
+        key = self._group_key(group, prms)
         tables = self.__dict__.setdefault("_triton_tables", {})
         entry = tables.get(gi)
         if entry is None or entry[0] != key:
