@@ -2,23 +2,17 @@
 same weights, pruned copies, momentum buffers and norms over several steps, through the events
 that invalidate the kernel's cached tables (new masks, weights written from outside, gradients
 allocated again, new hyperparameters). Runs on a CUDA device, or on CPU tensors under
-TRITON_INTERPRET=1; skipped where Triton is not installed (CI)."""
-
-import os
+TRITON_INTERPRET=1; left out where Triton is not installed (CI)."""
 
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
 
 from feddip_kernels.integrations.pytorch import FedDIPSGD  # noqa: E402
 
-if torch.cuda.is_available():
-    DEV = torch.device("cuda")
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = torch.device("cpu")
-else:
-    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+# Left out where Triton is missing or has neither a device nor its interpreter (conftest.py).
+pytestmark = pytest.mark.triton
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _model(dtype):
@@ -70,9 +64,8 @@ def test_triton_step_matches_the_torch_operations(dtype, p, momentum):
         assert a == pytest.approx(b, rel=1e-5 if dtype == torch.float32 else 1e-11)
 
 
+@pytest.mark.cuda
 def test_cuda_parameters_take_the_triton_step():
-    if DEV.type != "cuda":
-        pytest.skip("routing is checked on a CUDA device")
     model = _model(torch.float32)
     opt = FedDIPSGD(model.parameters(), lr=0.1)
     opt.set_masks({model[3].weight: torch.rand(model[3].weight.shape, device=DEV) < 0.1})
