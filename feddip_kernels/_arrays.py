@@ -46,10 +46,10 @@ def flat_float(x: Any, what: str, max_ndim: int, device: bool) -> tuple[Any, tup
     if device:
         got = x.dtype
         dtype = {"torch.float32": FLOAT_DTYPES[0], "torch.float64": FLOAT_DTYPES[1]}.get(str(got))
-        shape, flat = tuple(int(s) for s in x.shape), x.detach().reshape(-1)
+        shape, flat = tuple(x.shape), x.detach().reshape(-1)
     else:
         a = as_array(x, what)
-        got, shape = a.dtype, tuple(int(s) for s in a.shape)
+        got, shape = a.dtype, a.shape
         dtype = a.dtype if a.dtype in FLOAT_DTYPES else None
         flat = contiguous(a).reshape(-1) if dtype is not None else None
     if dtype is None:

@@ -4,11 +4,15 @@ int8 with a per-tensor scale."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
 from .._arrays import contiguous
 from .format import VALUES, CodecError
+
+
+_LITTLE = sys.byteorder == "little"
 
 
 def _bf16_encode(v: np.ndarray) -> np.ndarray:
@@ -24,7 +28,9 @@ def encode_values(v: np.ndarray, codec: str) -> tuple[memoryview, float]:
     """(the payload's bytes, int8 scale or 0). Raw values come back as a view of the array: the
     message's one join copies them, no second copy first."""
     if codec == "raw":
-        return memoryview(np.ascontiguousarray(v.astype(v.dtype.newbyteorder("<"), copy=False))).cast("B"), 0.0
+        if not (_LITTLE and v.dtype.isnative):  # the wire is little-endian
+            v = v.astype(v.dtype.newbyteorder("<"))
+        return memoryview(np.ascontiguousarray(v)).cast("B"), 0.0
     if codec == "fp16":
         return v.astype("<f2").tobytes(), 0.0
     if codec == "bf16":
