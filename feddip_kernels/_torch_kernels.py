@@ -179,19 +179,21 @@ def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------- sparsify
 
 
-_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+# Eight bool bytes read as one little-endian int64 (byte j is 0 or 1 at bit 8j), times this, hold
+# byte j's value at bit 56 + j and nothing that carries into bits 56-63: the top byte is the eight
+# packed little-endian (element j is bit j). Tested on every byte pattern.
+_GATHER_BITS = 0x0102040810204080
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
     """A flat bool tensor packed little-endian (element i is bit i % 8 of byte i // 8), on its device."""
-    n = keep.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=keep.device)
-    padded[:n] = keep.reshape(-1)
-    w = _BIT_WEIGHTS.get(keep.device)
-    if w is None:
-        w = _BIT_WEIGHTS[keep.device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
-                                                     device=keep.device)
-    return (padded.view(-1, 8) * w).sum(1, dtype=torch.uint8)
+    flat = keep.reshape(-1).contiguous()
+    if not flat.numel():
+        return flat.new_zeros(0, dtype=torch.uint8)
+    if flat.numel() % 8 or flat.storage_offset() % 8:  # whole int64 words, aligned
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    words = flat.view(torch.uint8).view(torch.int64) * _GATHER_BITS
+    return (words >> 56).to(torch.uint8)
 
 
 def sparsify(t: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

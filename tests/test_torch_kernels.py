@@ -154,3 +154,20 @@ def test_compiled_step_matches_the_uncompiled_one():
 
 
 from feddip_kernels.integrations.pytorch import FedDIPSGD  # noqa: E402
+
+
+def test_pack_bits_of_every_byte_pattern_offset_and_stride():
+    """The device's bit packing (one multiply an int64 word) against NumPy's packbits."""
+    import itertools
+
+    patterns = np.array(list(itertools.product([0, 1], repeat=8)), dtype=bool).reshape(-1)
+    np.testing.assert_array_equal(tk.pack_bits(torch.from_numpy(patterns)).numpy(),
+                                  np.packbits(patterns, bitorder="little"))
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 7, 8, 9, 63, 64, 65, 1001):
+        b = rng.random(n) < 0.5
+        want = np.packbits(b, bitorder="little")
+        for offset in (0, 1, 3, 8):  # views at any byte of a word
+            base = torch.from_numpy(np.concatenate([np.zeros(offset, bool), b]))
+            np.testing.assert_array_equal(tk.pack_bits(base[offset:]).numpy(), want)
+        np.testing.assert_array_equal(tk.pack_bits(torch.from_numpy(np.repeat(b, 2))[::2]).numpy(), want)
