@@ -3,8 +3,9 @@
 The model's parameters hold the *pruned* weights w * m, so forward and backward run at the pruned
 point with no copy of the model; the optimizer keeps the dense weights w in its state and updates
 them with the gradient taken at the pruned point (error feedback), then rewrites the pruned copy,
-all in one fused pass per layer; on the CPU all layers of a parameter group in one call
-(feddip_kernels.masked_ef_step_many).
+all in one fused pass: on the CPU all layers of a parameter group in one call of the native kernel
+(feddip_kernels.masked_ef_step_many, with the arrays checked once and kept while they stay valid),
+on a CUDA device in one Triton kernel (feddip_kernels._triton_kernels).
 """
 
 from __future__ import annotations
@@ -276,8 +277,8 @@ class FedDIPSGD(torch.optim.Optimizer):
         return have
 
     def _triton_steps(self, gi: int, group: dict[str, Any]) -> None:
-        """A group's layers in one launch of the Triton step (and two small ones that finish the
-        layers' norms). The layer table, with the addresses, the states and the norms, stays between
+        """A group's layers in one launch of the Triton step (and a small one that adds up the
+        layers' norms), replayed as a CUDA graph from the table's second step. The layer table, with the addresses, the states and the norms, stays between
         steps while the layers do (the same parameters at the same addresses, no new masks)."""
         from .. import _triton_kernels
 
