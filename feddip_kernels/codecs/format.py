@@ -3,6 +3,7 @@ structs, a bounds-checked reader, the checksum, and CodecError."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any, NamedTuple
 
@@ -70,8 +71,14 @@ class Reader:
         return out
 
     def unpack(self, fmt: struct.Struct | str, what: str) -> tuple:
-        s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        s = fmt if isinstance(fmt, struct.Struct) else _struct(fmt)
         return s.unpack(self.take(s.size, what))
+
+
+@functools.lru_cache(maxsize=64)
+def _struct(fmt: str) -> struct.Struct:
+    """A compiled format, made once (records read "<H", "<B" and "<nQ" each)."""
+    return struct.Struct(fmt)
 
 
 def read_header(r: Reader) -> tuple[int, int]:
