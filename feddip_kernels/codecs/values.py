@@ -50,6 +50,8 @@ def value_size(codec: int, dtype: np.dtype) -> int:
 
 
 def decode_values(raw: memoryview, codec: int, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
+    if codec == 0:  # raw: no arithmetic, so nothing to warn of (and no errstate to enter per tensor)
+        return _decode_values_as_sent(raw, codec, nnz, dtype, scale)
     # Whatever the bytes say is decoded as such: signalling NaNs and int8 products beyond the
     # float range become NaN / inf without floating-point warnings.
     with np.errstate(invalid="ignore", over="ignore"):
