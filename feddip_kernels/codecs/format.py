@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 
@@ -57,20 +57,29 @@ def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
     return _backend.kernels(backend).crc32c(view if view.c_contiguous else view.tobytes(), crc)
 
 
+# What a take reads, for its error message: a string, or (format, *args) formatted only when the
+# take fails (a record's takes would otherwise format its name several times for nothing).
+What = Union[str, tuple]
+
+
+def described(what: What) -> str:
+    return what if isinstance(what, str) else what[0].format(*what[1:])
+
+
 class Reader:
     """Reads a message front to back; every take is checked against what is left."""
 
     def __init__(self, view: memoryview) -> None:
         self.view, self.pos = view, 0
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: What) -> memoryview:
         if n < 0 or n > len(self.view) - self.pos:
-            raise CodecError(f"truncated message: {what} needs {n} bytes, {len(self.view) - self.pos} left")
+            raise CodecError(f"truncated message: {described(what)} needs {n} bytes, {len(self.view) - self.pos} left")
         out = self.view[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def unpack(self, fmt: struct.Struct | str, what: str) -> tuple:
+    def unpack(self, fmt: struct.Struct | str, what: What) -> tuple:
         s = fmt if isinstance(fmt, struct.Struct) else _struct(fmt)
         return s.unpack(self.take(s.size, what))
 

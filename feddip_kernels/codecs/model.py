@@ -191,7 +191,7 @@ def decode_model(
     budget = Budget(max_bytes, "decode_model")
     for i in range(count):
         name, shape = read_head(r, i, seen)
-        (dtype_code, domain, pos_codec, val_codec, r0, r1, d, nnz, m, scale, pos_len, val_len) = r.unpack(RECORD, f"{name!r} record")
+        (dtype_code, domain, pos_codec, val_codec, r0, r1, d, nnz, m, scale, pos_len, val_len) = r.unpack(RECORD, ("{!r} record", name))
         dtype = record_dtype(name, dtype_code)
         check_expected(name, shape, dtype, expect)
         n = budget.take(name, shape, dtype)
@@ -208,8 +208,8 @@ def decode_model(
         if val_len != nnz * value_size(val_codec, dtype):
             raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need {nnz * value_size(val_codec, dtype)}")
         table = _read_chunk_table(r, name, domain, pos_codec, d, nnz, m, pos_len) if version == 2 else []
-        pos_raw = r.take(pos_len, f"{name!r} positions")
-        val_raw = r.take(val_len, f"{name!r} values")
+        pos_raw = r.take(pos_len, ("{!r} positions", name))
+        val_raw = r.take(val_len, ("{!r} values", name))
         chunks, start, first, at = [], 0, 0, 0
         for size, c_nnz, c_m, c_len in table:
             chunks.append(Chunk(start, size, c_nnz, c_m, first, pos_raw[at : at + c_len]))

@@ -13,6 +13,8 @@ import numpy as np
 from .._arrays import flat_mask
 from .format import DTYPES, MAX_ARRAY_BYTES, MAX_NDIM, CodecError
 
+_SHAPES = [struct.Struct(f"<{ndim}Q") for ndim in range(MAX_NDIM + 1)]  # a shape of ndim sizes
+
 
 class Decoded:
     """A decoded model: `tensors`, dense arrays (zeros off the positions), `packed`, the positions
@@ -52,18 +54,18 @@ def write_head(name: str, shape: tuple[int, ...]) -> bytes:
 def read_head(r: Any, i: int, seen: set[str]) -> tuple[str, tuple[int, ...]]:
     """The name and shape that open record i (r: a reader with take and unpack); a name seen
     before is refused."""
-    (name_len,) = r.unpack("<H", f"tensor {i} name length")
+    (name_len,) = r.unpack("<H", ("tensor {} name length", i))
     try:
-        name = bytes(r.take(name_len, f"tensor {i} name")).decode("utf-8")
+        name = bytes(r.take(name_len, ("tensor {} name", i))).decode("utf-8")
     except UnicodeDecodeError:
         raise CodecError(f"tensor {i} name is not UTF-8") from None
     if name in seen:
         raise CodecError(f"tensor {name!r} appears twice")
     seen.add(name)
-    (ndim,) = r.unpack("<B", f"{name!r} ndim")
+    (ndim,) = r.unpack("<B", ("{!r} ndim", name))
     if ndim > MAX_NDIM:
         raise CodecError(f"{name!r} has {ndim} dimensions, at most {MAX_NDIM}")
-    return name, tuple(r.unpack(f"<{ndim}Q", f"{name!r} shape"))
+    return name, r.unpack(_SHAPES[ndim], ("{!r} shape", name))
 
 
 def record_dtype(name: str, code: int) -> np.dtype:

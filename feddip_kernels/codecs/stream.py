@@ -15,7 +15,7 @@ from .._arrays import check_disjoint, flat_float, flat_mask, on_device, writable
 from .format import (
     CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
     MAX_STREAM_CHUNK, POSITIONS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
-    Reader, read_header,
+    Reader, What, described, read_header,
 )
 from .positions import decode_positions, encode_positions, golomb_max_len, relative_to
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
@@ -172,7 +172,7 @@ class _FileReader(Reader):
         self.file, self.k, self.crc = file, k, 0
         self.readinto = getattr(file, "readinto", None)
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: What) -> memoryview:
         buf, got = bytearray(min(n, _READ_STEP)), 0
         while got < n:
             if got == len(buf):
@@ -180,7 +180,7 @@ class _FileReader(Reader):
             with memoryview(buf) as whole, whole[got:] as part:
                 arrived = self._fill(part)
             if not arrived:
-                raise CodecError(f"truncated stream: {what} needs {n} bytes, {got} arrived")
+                raise CodecError(f"truncated stream: {described(what)} needs {n} bytes, {got} arrived")
             got += arrived
         self.crc = self.k.crc32c(buf, self.crc)
         self.pos += n
