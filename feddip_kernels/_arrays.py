@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -22,14 +22,23 @@ def on_device(*xs: Any) -> bool:
     return any(is_torch(x) and x.device.type != "cpu" for x in xs)
 
 
-def as_array(x: Any, what: str = "tensor") -> np.ndarray:
+# What an argument is, for error messages: a string, or (format, *args) formatted only when there
+# is an error to report (per-tensor loops would otherwise format every name for nothing).
+What = Union[str, tuple]
+
+
+def described(what: What) -> str:
+    return what if isinstance(what, str) else what[0].format(*what[1:])
+
+
+def as_array(x: Any, what: What = "tensor") -> np.ndarray:
     """A NumPy view of `x` sharing its memory where the object allows it (torch CPU tensors,
     DLPack producers, buffer-protocol objects); a copy only for plain Python sequences."""
     if isinstance(x, np.ndarray):
         return x
     if is_torch(x):
         if x.device.type != "cpu":
-            raise ValueError(f"{what} is on device {x.device}; move it to the CPU first")
+            raise ValueError(f"{described(what)} is on device {x.device}; move it to the CPU first")
         return x.detach().resolve_conj().resolve_neg().numpy()
     if hasattr(x, "__dlpack__"):
         return np.from_dlpack(x)
@@ -39,7 +48,7 @@ def as_array(x: Any, what: str = "tensor") -> np.ndarray:
         return np.asarray(x)
 
 
-def flat_float(x: Any, what: str, max_ndim: int, device: bool) -> tuple[Any, tuple[int, ...], np.dtype]:
+def flat_float(x: Any, what: What, max_ndim: int, device: bool) -> tuple[Any, tuple[int, ...], np.dtype]:
     """(flat C-order view, shape, dtype) of a float32/float64 tensor with at most max_ndim
     dimensions: a NumPy view, or with `device` (x on a device, see on_device) a flat torch tensor
     where x is."""
@@ -53,9 +62,9 @@ def flat_float(x: Any, what: str, max_ndim: int, device: bool) -> tuple[Any, tup
         dtype = a.dtype if a.dtype in FLOAT_DTYPES else None
         flat = contiguous(a).reshape(-1) if dtype is not None else None
     if dtype is None:
-        raise TypeError(f"{what} has dtype {got}; float32 or float64 is required")
+        raise TypeError(f"{described(what)} has dtype {got}; float32 or float64 is required")
     if len(shape) > max_ndim:
-        raise ValueError(f"{what} has {len(shape)} dimensions, at most {max_ndim}")
+        raise ValueError(f"{described(what)} has {len(shape)} dimensions, at most {max_ndim}")
     return flat, shape, dtype
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import _backend
+from .._arrays import What, described
 
 MAGIC = b"FDKW"
 VERSION = 2  # encode_model writes it when a record is chunked; version 1 (no chunk tables) otherwise
@@ -55,15 +56,6 @@ def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
     `crc`; a strided view (reversed, stepped) is copied first."""
     view = memoryview(data)
     return _backend.kernels(backend).crc32c(view if view.c_contiguous else view.tobytes(), crc)
-
-
-# What a take reads, for its error message: a string, or (format, *args) formatted only when the
-# take fails (a record's takes would otherwise format its name several times for nothing).
-What = Union[str, tuple]
-
-
-def described(what: What) -> str:
-    return what if isinstance(what, str) else what[0].format(*what[1:])
 
 
 class Reader:

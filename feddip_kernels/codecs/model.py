@@ -83,7 +83,7 @@ def encode_model(
     k = _backend.kernels(backend)
     prepared: list[_Sparse] = []
     where = {name: on_device(t) for name, t in tensors.items()}
-    flats = {name: flat_float(t, f"tensors[{name!r}]", MAX_NDIM, where[name]) for name, t in tensors.items()}
+    flats = {name: flat_float(t, ("tensors[{!r}]", name), MAX_NDIM, where[name]) for name, t in tensors.items()}
     on_dev = [name for name in flats if where[name]]
     if on_dev:  # positions and values are found where the tensors are, all at once; only they cross
         from .. import _torch_kernels

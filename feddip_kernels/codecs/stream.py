@@ -11,11 +11,11 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from .. import _backend
-from .._arrays import check_disjoint, flat_float, flat_mask, on_device, writable_view
+from .._arrays import What, check_disjoint, described, flat_float, flat_mask, on_device, writable_view
 from .format import (
     CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
     MAX_STREAM_CHUNK, POSITIONS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
-    Reader, What, described, read_header,
+    Reader, read_header,
 )
 from .positions import decode_positions, encode_positions, golomb_max_len, relative_to
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
