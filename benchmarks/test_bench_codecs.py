@@ -212,3 +212,20 @@ def test_two_thread_speedup_one_large_tensor(record, big, kind):
            dense_bytes=8 * BIG, ratios_of=ratios, rounds=25)
     if kind.startswith("decode"):
         np.testing.assert_array_equal(out["w"], big)
+
+
+GROUP_SMALL = "100 small tensors (64 f32 each): the per-tensor cost"
+
+
+@pytest.mark.parametrize("kind", ["encode", "decode into buffers"])
+def test_many_small_tensors(record, kind):
+    """A model's biases and norm parameters are many small tensors: the time here is the codec's
+    work per tensor (checks, record headers, the calls), reported as us a tensor."""
+    rng = np.random.default_rng(3)
+    small = {f"bn{i}.weight": rng.standard_normal(64).astype(np.float32) for i in range(100)}
+    msg = fk.encode_model(small)
+    bufs = {k: np.empty_like(v) for k, v in small.items()}
+    fn = (lambda: fk.encode_model(small)) if kind == "encode" else (lambda: fk.decode_model(msg, out=bufs))
+    round_, times = alternating({kind: fn}, seed=0)
+    record(round_, group=GROUP_SMALL, name=f"feddip {kind}", dense_bytes=4 * 64 * len(small),
+           ratios_of=lambda: {"us_a_tensor": float(np.median(times[kind])) * 1e6 / len(small)})

@@ -7,6 +7,11 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # NumPy before 2.0
+    from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -101,10 +106,20 @@ def check_disjoint(arrays: dict[str, Optional[np.ndarray]]) -> None:
     """Raise ValueError naming two of the (C-contiguous) arrays whose memory overlaps: a kernel that
     writes one while reading another would give a result that depends on its order of work."""
     named = [(name, a) for name, a in arrays.items() if a is not None and a.nbytes]
-    for i, (first, a) in enumerate(named):
-        for second, b in named[i + 1:]:
-            if np.may_share_memory(a, b):  # overlapping address ranges (a bounds check, no solving)
-                raise ValueError(f"{first} and {second} share memory; pass separate arrays")
+    if len(named) <= 16:  # a few arrays (a step's): each pair's bounds, the cheapest for so few
+        for i, (first, a) in enumerate(named):
+            for second, b in named[i + 1:]:
+                if np.may_share_memory(a, b):  # overlapping address ranges (a bounds check, no solving)
+                    raise ValueError(f"{first} and {second} share memory; pass separate arrays")
+        return
+    # Many (a model's tensors): their address ranges in order, each against the furthest end so far.
+    spans = sorted((*byte_bounds(a), i) for i, (_, a) in enumerate(named))
+    reach, holder = 0, -1
+    for lo, hi, i in spans:
+        if lo < reach:
+            raise ValueError(f"{named[holder][0]} and {named[i][0]} share memory; pass separate arrays")
+        if hi > reach:
+            reach, holder = hi, i
 
 
 def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:

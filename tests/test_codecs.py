@@ -525,6 +525,20 @@ def test_out_arrays_must_not_overlap():
         fk.decode_model(store, out={"a": store[16:24].view(np.float32)})
 
 
+@pytest.mark.parametrize("count", [3, 40])  # a few out arrays checked pair by pair, many by sorted ranges
+def test_out_arrays_of_many_tensors_must_not_overlap(count):
+    model = {f"t{i}": np.full(8, i, np.float32) for i in range(count)}
+    msg = fk.encode_model(model)
+    block = np.zeros(8 * count + 8, np.float32)
+    out = {f"t{i}": block[8 * i : 8 * i + 8] for i in range(count)}  # adjacent, disjoint: fine
+    fk.decode_model(msg, out=out)
+    np.testing.assert_array_equal(block[: 8 * count], np.repeat(np.arange(count, dtype=np.float32), 8))
+    for a, b, start in ((0, count - 1, 4), (count // 2, 1, 8 * (count // 2) - 1)):  # a partial overlap, anywhere
+        bad = dict(out, **{f"t{b}": block[start : start + 8]})
+        with pytest.raises(ValueError, match="share memory"):
+            fk.decode_model(msg, out=bad)
+
+
 # Every binding that reads a buffer, given views whose bytes are not ptr .. ptr + size: the
 # native module must refuse them or read them right, never read outside the view.
 def _strided_views():
