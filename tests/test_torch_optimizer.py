@@ -244,3 +244,28 @@ def test_prepared_host_arrays_step_as_the_checked_path(monkeypatch):
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert taken >= 4  # the prepared arrays did step most steps
+
+
+def test_a_deep_copy_or_pickle_steps_as_the_original(backend):
+    """copy.deepcopy and pickle keep the optimizer's settings (torch's optimizers keep only their
+    state and groups), and the copy steps as the original does."""
+    import pickle
+
+    model = _model()
+    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01, backend=backend)
+    opt.set_masks(_masks(model))
+    x, y = _data()
+
+    def step(m, o):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+
+    step(model, opt)
+    twin_model, twin = copy.deepcopy((model, opt))
+    assert twin.backend == backend and pickle.loads(pickle.dumps(opt)).backend == backend
+    for _ in range(2):
+        step(model, opt)
+        step(twin_model, twin)
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b) and torch.equal(opt.dense(a), twin.dense(b))

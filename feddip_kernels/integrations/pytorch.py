@@ -70,6 +70,16 @@ class FedDIPSGD(torch.optim.Optimizer):
                 if not prm.is_contiguous():
                     raise ValueError("FedDIPSGD needs contiguous parameters")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's optimizers pickle (and deep-copy) their state and groups only: the settings
+        # travel too; the prepared tables (derived, with device addresses) do not.
+        return {**super().__getstate__(), "backend": self.backend, "compile": self.compile}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also load_state_dict's way in, with state and groups only
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("compile", None)
+
     def set_lambda(self, lam: float) -> None:
         """Set the regularisation strength lambda_t of every parameter group."""
         if lam < 0:
