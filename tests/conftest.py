@@ -23,9 +23,9 @@ def backend(request):
     return request.param
 
 
-# The native loops with hand-written vector code (top-k's pass, the error-feedback step) have
-# AVX-512, AVX2 and generic versions. `_isa` caps the one in use, so one machine runs every path
-# its CPU has.
+# The native loops with hand-written vector code have AVX-512, AVX2 and generic versions (top-k's
+# pass; the error-feedback step AVX2 and generic). `_isa` caps the one in use, so one machine runs
+# every path its CPU has.
 @pytest.fixture(params=["avx512", "avx2", "generic"])
 def isa(request):
     native = pytest.importorskip("feddip_kernels._core")

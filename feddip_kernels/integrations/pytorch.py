@@ -174,11 +174,7 @@ class FedDIPSGD(torch.optim.Optimizer):
                 if prm.grad.is_sparse:
                     raise TypeError("FedDIPSGD does not support sparse gradients")
                 state = self.state[prm]
-                buf = None
-                if group["momentum"] != 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+                buf = self._momentum_buffer(prm, state) if group["momentum"] != 0 else None
                 in_torch = prm.device.type != "cpu" or self.backend == "torch"
                 if in_torch and prm.device not in hp:
                     hp[prm.device] = _torch_kernels.hyper(group["lr"], group["weight_decay"], group["lam"],
@@ -206,6 +202,14 @@ class FedDIPSGD(torch.optim.Optimizer):
                 self._prepare_host(gi, group, host_masked, host_plain)
         return loss
 
+    @staticmethod
+    def _momentum_buffer(prm: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """A parameter's momentum buffer, made (zeros) at its first step with momentum."""
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+        return buf
+
     def _group_key(self, group: dict[str, Any], prms: list[torch.Tensor]) -> tuple[Any, ...]:
         """What a group's prepared layers (Triton table, host arrays) stay valid for: no new masks or
         restored state since, momentum on or off as then, the same parameters at the same addresses."""
@@ -221,15 +225,15 @@ class FedDIPSGD(torch.optim.Optimizer):
         prms = [prm for prm in group["params"] if prm.grad is not None]
         self.__dict__.setdefault("_host_tables", {})[gi] = (
             self._group_key(group, prms),
-            [(prm, self.state[prm], as_array(dense), self._mask_bits(prm), self.state[prm]["mask"],
-              None if buf is None else as_array(buf), as_array(prm)) for prm, dense, buf, _ in masked],
+            [(prm, self.state[prm], as_array(dense), None if buf is None else as_array(buf), as_array(prm))
+             for prm, dense, buf, _ in masked],
             [(prm, as_array(prm), None if buf is None else as_array(buf)) for prm, buf in plain],
         )
 
     def _host_fast(self, gi: int, group: dict[str, Any]) -> bool:
         """Step a group of host parameters with the arrays _prepare_host kept, when nothing they
-        depend on has changed (the same parameters at the same addresses, no new masks, masks not
-        written, gradients shaped as before); False otherwise, and the checked path runs."""
+        depend on has changed (the same parameters at the same addresses, no new masks, gradients
+        shaped as before); False otherwise, and the checked path runs."""
         entry = self.__dict__.get("_host_tables", {}).get(gi)
         if entry is None:
             return False
@@ -243,8 +247,6 @@ class FedDIPSGD(torch.optim.Optimizer):
             if g.is_sparse or g.dtype != prm.dtype or g.shape != prm.shape or not g.is_contiguous():
                 return False
             grads.append(g.detach().numpy())
-        if any(mask._version != self._packed_masks[prm][1] for prm, _, _, _, mask, _, _ in masked):
-            return False
         _check_hyper(group["lr"], group["weight_decay"], group["lam"], group["momentum"], group["p"])
         norms = []
         for prm, st, *_ in masked:
@@ -255,8 +257,8 @@ class FedDIPSGD(torch.optim.Optimizer):
         hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"], p=group["p"])
         if masked:
             new = native.masked_ef_step_many(
-                [m[2] for m in masked], grads[: len(masked)], [m[3] for m in masked],
-                momentum_buffers=[m[5] for m in masked], pruned_outs=[m[6] for m in masked], lam=group["lam"],
+                [m[2] for m in masked], grads[: len(masked)], [self._mask_bits(m[0]) for m in masked],
+                momentum_buffers=[m[3] for m in masked], pruned_outs=[m[4] for m in masked], lam=group["lam"],
                 norms=norms, mask_packed=True, **hyper)
             for (prm, st, *_), norm in zip(masked, new):
                 st["norm"] = norm
@@ -288,8 +290,9 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     def _triton_steps(self, gi: int, group: dict[str, Any]) -> None:
         """A group's layers in one launch of the Triton step (and a small one that adds up the
-        layers' norms), replayed as a CUDA graph from the table's second step. The layer table, with the addresses, the states and the norms, stays between
-        steps while the layers do (the same parameters at the same addresses, no new masks)."""
+        layers' norms), replayed as a CUDA graph from the table's second step. The layer table, with
+        the addresses, the states and the norms, stays between steps while the layers do (the same
+        parameters at the same addresses, no new masks)."""
         from .. import _triton_kernels
 
         prms = [prm for prm in group["params"] if prm.grad is not None]
@@ -304,8 +307,7 @@ class FedDIPSGD(torch.optim.Optimizer):
             states = [self.state[prm] for prm in prms]
             if group["momentum"] != 0:
                 for prm, st in zip(prms, states):
-                    if st.get("momentum_buffer") is None:
-                        st["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
+                    self._momentum_buffer(prm, st)
             masked = [(prm, st) for prm, st in zip(prms, states) if "mask" in st]
             table = _triton_kernels.LayerTable(
                 [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)],
