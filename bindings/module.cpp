@@ -283,8 +283,45 @@ PYBIND11_MODULE(_core, m) {
             return std::string(names[static_cast<int>(isa())]);
         },
         py::arg("limit") = py::none(),
-        "The vector code of the hand-vectorised loops: 'avx512', 'avx2' or 'generic' (top-k's pass has all "
-        "three, the error-feedback step AVX2 and generic). `limit` caps it (tests run every path on a wide machine).");
+        "The vector code of the hand-vectorised loops: 'avx512', 'avx2' or 'generic' (top-k's pass and the "
+        "float32 error-feedback step have all three, the float64 step AVX2 and generic). `limit` caps it (tests "
+        "run every path on a wide machine).");
+
+    m.def(
+        "_step_stores",
+        [](std::optional<std::string> stores) {
+            static const char* const names[] = {"stream", "cache"};
+            if (!stores) return std::string(names[static_cast<int>(step_stores())]);
+            int i = 0;
+            while (i < 2 && *stores != names[i]) ++i;
+            if (i == 2) throw std::invalid_argument("step stores must be stream or cache, got " + *stores);
+            return std::string(names[static_cast<int>(set_step_stores(static_cast<StepStores>(i)))]);
+        },
+        py::arg("stores") = py::none(),
+        "How the error-feedback step writes pruned copies: 'stream' (non-temporal stores, the default) or "
+        "'cache'. The same bits either way. Returns the setting before (the one in use, without an argument).");
+
+    m.def(
+        "_step_tuning",
+        [](std::optional<bool> on) { return on ? set_step_tuning(*on) : step_tuning(); },
+        py::arg("on") = py::none(),
+        "Whether a float32 step on an AVX-512 CPU times its AVX-512 and AVX2 loops on its first calls of each "
+        "size and thread count and keeps the faster (the default), or runs the widest loop _isa allows. The "
+        "same bits either way. Returns the setting before (the one in use, without an argument).");
+
+    m.def(
+        "_step_tuning_choices",
+        [](bool forget) {
+            py::list out;
+            for (const StepTuningChoice& c : step_tuning_choices())
+                out.append(py::make_tuple(c.size_class, c.threads, c.chosen, c.avx512_s, c.avx2_s));
+            if (forget) forget_step_tuning();
+            return out;
+        },
+        py::arg("forget") = false,
+        "What the loop timing has learnt: (log2 of a step's bytes, threads, 'avx512', 'avx2' or 'open' while "
+        "timing, fastest AVX-512 call in s, fastest AVX2 call in s) for each size and thread count seen. "
+        "forget: then start afresh.");
 
     m.def("_sample_fallbacks", &sample_fallbacks,
           "How many top-k selections so far fell back from the one-pass fast path to radix passes.");

@@ -1,8 +1,12 @@
 #include "ef_step.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -167,11 +171,10 @@ double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
     return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
 
-// The pruned copy is written and not read again in the step: streaming (non-temporal) stores
-// skip the read-for-ownership of its cache lines and keep it from evicting w, g and the buffer.
-// With AVX2 and a 16-byte aligned copy (NumPy's and torch's allocations are) they go straight from
-// the registers; otherwise a tile in cache is filled and then streamed out, which costs 5-10% of
-// the step (measured against fused SGD, issue 11).
+// The step runs a tile of kTile elements at a time. Where the pruned copy is streamed out (see
+// CopyStores) and is not aligned for the vector stores, the tile is written to a buffer in cache
+// and then streamed out; that costs 5-10% of the step (measured against fused SGD, issue 11), and
+// NumPy's and torch's allocations are aligned.
 constexpr std::size_t kTile = 512;
 
 template <class T>
@@ -267,11 +270,13 @@ struct Avx2<double> {
     FEDDIP_AVX2 Acc acc_add(Acc a, V v) {
         return P == 2 ? fmadd(v, v, a) : add(and_(v, abs_bits()), a);
     }
-    FEDDIP_AVX2 double acc_sum(Acc a) {
+    // Four lanes added as (x0 + x2) + (x1 + x3).
+    FEDDIP_AVX2 double lanes_sum(V a) {
         alignas(32) double x[4];
         _mm256_store_pd(x, a);
         return (x[0] + x[2]) + (x[1] + x[3]);
     }
+    FEDDIP_AVX2 double acc_sum(Acc a0, Acc a1) { return lanes_sum(_mm256_add_pd(a0, a1)); }
 };
 
 template <>
@@ -308,34 +313,36 @@ struct Avx2<float> {
         const __m256d sign = _mm256_set1_pd(-0.0);
         return {_mm256_add_pd(_mm256_andnot_pd(sign, lo), a.lo), _mm256_add_pd(_mm256_andnot_pd(sign, hi), a.hi)};
     }
-    FEDDIP_AVX2 double acc_sum(Acc a) { return Avx2<double>::acc_sum(_mm256_add_pd(a.lo, a.hi)); }
+    // a0 holds the terms of elements 0-7 of each group of 16, a1 those of 8-15: as step_tile_avx512's
+    // two accumulators, and added up as they are there.
+    FEDDIP_AVX2 double acc_sum(Acc a0, Acc a1) {
+        const __m256d s_lo = _mm256_add_pd(a0.lo, a1.lo), s_hi = _mm256_add_pd(a0.hi, a1.hi);
+        return Avx2<double>::lanes_sum(_mm256_add_pd(s_lo, s_hi));
+    }
 };
 
 
-template <class T, Layout Mask, bool Mom, bool Pruned, int P, bool Stream = false>
-__attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
-                                                      std::size_t n, T lr, T wd, T reg, T scale, T mom) {
+// One vector of the AVX2 step: elements [i, i + W), their norm terms added to acc.
+template <class T, Layout Mask, bool Mom, bool Pruned, int P, bool Stream>
+struct Avx2Step {
     using A = Avx2<T>;
     using V = typename A::V;
-    const V one = A::set1(T(1)), zero = A::set1(T(0)), vlr = A::set1(lr), vwd = A::set1(wd),
-            vreg = A::set1(reg), vsc = A::set1(scale), vmom = A::set1(mom);
-    typename A::Acc acc = A::acc_zero();
-    std::size_t i = 0;
-    // With packed bits the scalar tail must start on a mask byte: stop at a multiple of 8.
-    const std::size_t vec_end = Mask == Layout::bits ? n & ~std::size_t(7) : n;
-    for (; i + A::W <= vec_end; i += A::W) {
+    V one, zero, vlr, vwd, vreg, vsc, vmom;
+
+    FEDDIP_AVX2 void vector(std::size_t i, T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
+                            typename A::Acc& acc, const Avx2Step& c) {
         const V wi = A::load(w + i);
-        const V mi = Mask == Layout::none ? one : A::andnot(A::mask_zero(mask, i, Mask == Layout::bits), one);
+        const V mi = Mask == Layout::none ? c.one : A::andnot(A::mask_zero(mask, i, Mask == Layout::bits), c.one);
         // sign(w) as (w > 0) - (0 > w): zero for 0 and NaN, like step_tile.
-        const V r = P == 2 ? A::mul(A::mul(mi, wi), vsc)
-                           : A::mul(mi, A::sub(A::and_(A::gt(wi, zero), one), A::and_(A::gt(zero, wi), one)));
-        V d = A::fmadd(vwd, wi, A::load(g + i));
-        d = A::fmadd(vreg, r, d);
+        const V r = P == 2 ? A::mul(A::mul(mi, wi), c.vsc)
+                           : A::mul(mi, A::sub(A::and_(A::gt(wi, c.zero), c.one), A::and_(A::gt(c.zero, wi), c.one)));
+        V d = A::fmadd(c.vwd, wi, A::load(g + i));
+        d = A::fmadd(c.vreg, r, d);
         if (Mom) {
-            d = A::fmadd(vmom, A::load(buf + i), d);
+            d = A::fmadd(c.vmom, A::load(buf + i), d);
             A::store(buf + i, d);
         }
-        const V wn = A::fnmadd(vlr, d, wi);
+        const V wn = A::fnmadd(c.vlr, d, wi);
         A::store(w + i, wn);
         const V v = A::mul(wn, mi);
         if (Pruned) {
@@ -353,47 +360,163 @@ __attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, cons
         }
         acc = A::template acc_add<P>(acc, v);
     }
-    double total = A::acc_sum(acc);
+};
+
+// The step, two vectors an iteration (16 floats, 8 doubles), each with its own accumulators: for
+// float32 the norm's terms then fall into the lanes of step_tile_avx512's accumulators (element j of
+// a group of 16 into lane j) and are added up in the same order, so the two loops give the same
+// bits and either may be chosen for a call (see CopyStores).
+template <class T, Layout Mask, bool Mom, bool Pruned, int P, bool Stream = false>
+__attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
+                                                      std::size_t n, T lr, T wd, T reg, T scale, T mom) {
+    using S = Avx2Step<T, Mask, Mom, Pruned, P, Stream>;
+    using A = typename S::A;
+    const S c{A::set1(T(1)), A::set1(T(0)), A::set1(lr), A::set1(wd), A::set1(reg), A::set1(scale), A::set1(mom)};
+    typename A::Acc acc0 = A::acc_zero(), acc1 = A::acc_zero();
+    std::size_t i = 0;
+    // 2 * W is a multiple of 8: with packed bits the scalar tail starts on a mask byte.
+    for (; i + 2 * A::W <= n; i += 2 * A::W) {
+        S::vector(i, w, g, mask, buf, out, acc0, c);
+        S::vector(i + A::W, w, g, mask, buf, out, acc1, c);
+    }
+    double total = A::acc_sum(acc0, acc1);
     if (i < n)
         total += step_tile<T, Mask, Mom, Pruned, P>(w + i, g + i, mask_from<Mask>(mask, i), Mom ? buf + i : nullptr,
                                                     Pruned ? out + i : nullptr, n - i, lr, wd, reg, scale, mom);
     return total;
 }
+
+// The float32 step with AVX-512: the same arithmetic as step_tile_avx2, in the same order, 16
+// lanes at a time, the mask a lane mask (two bytes of packed bits are one). Half the instructions
+// of the AVX2 loop, which bound the step where its arrays stay in cache or the core's memory is
+// fast (benchmarks/RESULTS.md, issue 11).
+template <Layout Mask, bool Mom, bool Pruned, int P, int Stream = 0>  // Stream: the copy's alignment for NT stores
+__attribute__((target("avx512f,avx2,fma"))) double step_tile_avx512(float* w, const float* g, const std::uint8_t* mask,
+                                                                 float* buf, float* out, std::size_t n, float lr,
+                                                                 float wd, float reg, float scale, float mom) {
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps(), vlr = _mm512_set1_ps(lr),
+                 vwd = _mm512_set1_ps(wd), vreg = _mm512_set1_ps(reg), vsc = _mm512_set1_ps(scale),
+                 vmom = _mm512_set1_ps(mom);
+    __m512d acc_lo = _mm512_setzero_pd(), acc_hi = _mm512_setzero_pd();
+    std::size_t i = 0;
+    // The scalar tail starts where the AVX2 loop's does, on a mask byte.
+    for (; i + 16 <= n; i += 16) {
+        const __m512 wi = _mm512_loadu_ps(w + i);
+        __m512 mi = one;
+        if constexpr (Mask == Layout::bits) {
+            std::uint16_t k;
+            std::memcpy(&k, mask + i / 8, 2);
+            mi = _mm512_maskz_mov_ps(k, one);
+        } else if constexpr (Mask == Layout::bytes) {
+            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i)));
+            mi = _mm512_maskz_mov_ps(_mm512_test_epi32_mask(x, x), one);
+        }
+        __m512 r;
+        if constexpr (P == 2) {
+            r = _mm512_mul_ps(_mm512_mul_ps(mi, wi), vsc);
+        } else {  // sign(w) as (w > 0) - (0 > w): zero for 0 and NaN
+            r = _mm512_mul_ps(mi, _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(wi, zero, _CMP_GT_OQ), one),
+                                                _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zero, wi, _CMP_GT_OQ), one)));
+        }
+        __m512 d = _mm512_fmadd_ps(vwd, wi, _mm512_loadu_ps(g + i));
+        d = _mm512_fmadd_ps(vreg, r, d);
+        if constexpr (Mom) {
+            d = _mm512_fmadd_ps(vmom, _mm512_loadu_ps(buf + i), d);
+            _mm512_storeu_ps(buf + i, d);
+        }
+        const __m512 wn = _mm512_fnmadd_ps(vlr, d, wi);
+        _mm512_storeu_ps(w + i, wn);
+        const __m512 v = _mm512_mul_ps(wn, mi);
+        if constexpr (Pruned) {
+            if constexpr (Stream == 64) {
+                _mm512_stream_ps(out + i, v);
+            } else if constexpr (Stream == 16) {  // the copy only 16-byte aligned (NumPy's large arrays)
+                const __m256 a = _mm512_castps512_ps256(v);
+                const __m256 b = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+                _mm_stream_ps(out + i, _mm256_castps256_ps128(a));
+                _mm_stream_ps(out + i + 4, _mm256_extractf128_ps(a, 1));
+                _mm_stream_ps(out + i + 8, _mm256_castps256_ps128(b));
+                _mm_stream_ps(out + i + 12, _mm256_extractf128_ps(b, 1));
+            } else {
+                _mm512_storeu_ps(out + i, v);
+            }
+        }
+        // The norm's terms in double: the 16 lanes widened into two vectors of 8.
+        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        if constexpr (P == 2) {
+            acc_lo = _mm512_fmadd_pd(lo, lo, acc_lo);
+            acc_hi = _mm512_fmadd_pd(hi, hi, acc_hi);
+        } else {
+            acc_lo = _mm512_add_pd(_mm512_abs_pd(lo), acc_lo);
+            acc_hi = _mm512_add_pd(_mm512_abs_pd(hi), acc_hi);
+        }
+    }
+    // Added up as the AVX2 loop adds its accumulators: lane j + lane j + 8, then the halves, then
+    // (x0 + x2) + (x1 + x3), so that the two loops give the same bits.
+    const __m512d s = _mm512_add_pd(acc_lo, acc_hi);
+    const __m256d x = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1));
+    alignas(32) double xs[4];
+    _mm256_store_pd(xs, x);
+    double total = (xs[0] + xs[2]) + (xs[1] + xs[3]);
+    if (i < n)
+        total += step_tile<float, Mask, Mom, Pruned, P>(w + i, g + i, mask_from<Mask>(mask, i), Mom ? buf + i : nullptr,
+                                                        Pruned ? out + i : nullptr, n - i, lr, wd, reg, scale, mom);
+    return total;
+}
 #endif
 
+template <class T>
+using TileLoop = double (*)(T*, const T*, const std::uint8_t*, T*, T*, std::size_t, T, T, T, T, T);
+
+// The loop of `isa` for a tile, writing the pruned copy (if any) through the cache (stream_align 0)
+// or with streaming stores for a copy aligned to stream_align bytes (16 or 64); null where there is
+// no such loop.
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
-double step_tile_best(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out, std::size_t n, T lr, T wd, T reg,
-                 T scale, T mom) {
+TileLoop<T> tile_loop(Isa isa, int stream_align) {
 #if defined(FEDDIP_X86_AVX2)
-    // AVX2 also where the CPU has AVX-512: a 16-lane version of this loop was 20% faster on data in
-    // cache but 3-4% slower from memory on ResNet-18 (benchmarks/RESULTS.md), and it was dropped.
-    if (isa() >= Isa::avx2) return step_tile_avx2<T, Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
+    if constexpr (std::is_same_v<T, float>) {
+        if (isa == Isa::avx512) {
+            if (stream_align == 0) return &step_tile_avx512<Mask, Mom, Pruned, P, 0>;
+            return stream_align == 64 ? &step_tile_avx512<Mask, Mom, Pruned, P, 64> : &step_tile_avx512<Mask, Mom, Pruned, P, 16>;
+        }
+    }
+    if (isa >= Isa::avx2)
+        return stream_align ? &step_tile_avx2<T, Mask, Mom, Pruned, P, true> : &step_tile_avx2<T, Mask, Mom, Pruned, P, false>;
 #endif
-    return step_tile<T, Mask, Mom, Pruned, P>(w, g, mask, buf, out, n, lr, wd, reg, scale, mom);
+    return stream_align ? nullptr : &step_tile<T, Mask, Mom, Pruned, P>;
 }
 
+// The step on elements [0, n) of a layer (a chunk) with the loops of `isa`, a tile of kTile elements
+// at a time, each tile's norm terms summed in its vector lanes and the tiles' sums added in order:
+// every store path below gives the same bits. stream: the pruned copy goes out with streaming
+// stores (see StepTuning), straight from the registers where it is aligned for them, else through a
+// tile in cache; else through the cache.
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd,
-                  T reg, T scale, T mom) {
-    if (!Pruned)
-        return step_tile_best<T, Mask, Mom, false, P>(w, g, mask, buf, nullptr, n, lr, wd, reg, scale, mom);
-#if defined(FEDDIP_X86_AVX2)
-    if (isa() >= Isa::avx2 && (reinterpret_cast<std::uintptr_t>(pruned) & 15) == 0) {
-        const double acc = step_tile_avx2<T, Mask, Mom, true, P, true>(w, g, mask, buf, pruned, n, lr, wd, reg, scale, mom);
-        stream_fence();
-        return acc;
+                  T reg, T scale, T mom, Isa isa, bool stream) {
+    int align = 0;
+    if (Pruned && stream) {
+        const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(pruned);
+        align = (at & 63) == 0 ? 64 : (at & 15) == 0 ? 16 : -1;
     }
-#endif
-    alignas(64) T tile[kTile];
-    double acc = 0;
+    const TileLoop<T> direct = align < 0 ? nullptr : tile_loop<T, Mask, Mom, Pruned, P>(isa, align);
+    const TileLoop<T> cached = tile_loop<T, Mask, Mom, Pruned, P>(isa, 0);
+    alignas(64) T tile[Pruned ? kTile : 1];
+    double total = 0;
     for (std::size_t b = 0; b < n; b += kTile) {
         const std::size_t m = std::min(kTile, n - b);
-        acc += step_tile_best<T, Mask, Mom, true, P>(w + b, g + b, mask_from<Mask>(mask, b), Mom ? buf + b : nullptr,
-                                                tile, m, lr, wd, reg, scale, mom);
-        stream_store(pruned + b, tile, m);
+        const std::uint8_t* mb = mask_from<Mask>(mask, b);
+        T* bb = Mom ? buf + b : nullptr;
+        if (direct) {
+            total += direct(w + b, g + b, mb, bb, Pruned ? pruned + b : nullptr, m, lr, wd, reg, scale, mom);
+        } else {
+            total += cached(w + b, g + b, mb, bb, tile, m, lr, wd, reg, scale, mom);
+            stream_store(pruned + b, tile, m);
+        }
     }
-    stream_fence();
-    return acc;
+    if (Pruned && stream) stream_fence();
+    return total;
 }
 
 // The regulariser's factors for a layer whose ||w*m||_p before the step is `norm`: reg * scale =
@@ -418,18 +541,18 @@ template <class T>
 struct BoundLayer {
     const LayerStep<T>* layer;
     T lr, wd, reg, scale, mom;
-    double (*chunk)(const BoundLayer&, std::size_t b, std::size_t m);
+    double (*chunk)(const BoundLayer&, std::size_t b, std::size_t m, Isa isa, bool stream);
     double (*finish)(const BoundLayer&, double total, int nt);
     double (*norm)(const LayerStep<T>&, int nt);
 };
 
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 struct Kernel {
-    static double chunk(const BoundLayer<T>& s, std::size_t b, std::size_t m) {
+    static double chunk(const BoundLayer<T>& s, std::size_t b, std::size_t m, Isa isa, bool stream) {
         const LayerStep<T>& L = *s.layer;
         return step_chunk<T, Mask, Mom, Pruned, P>(L.w + b, L.g + b, mask_from<Mask>(L.mask.data, b),
                                                    Mom ? L.buf + b : nullptr, Pruned ? L.pruned + b : nullptr, m,
-                                                   s.lr, s.wd, s.reg, s.scale, s.mom);
+                                                   s.lr, s.wd, s.reg, s.scale, s.mom, isa, stream);
     }
     static double finish(const BoundLayer<T>& s, double total, int nt) {
         return finish_norm<T, Mask, P>(total, s.layer->w, s.layer->mask.data, s.layer->n, nt);
@@ -469,6 +592,86 @@ BoundLayer<T> bind(const LayerStep<T>& L, int p) {
     return L.mask.packed ? bind_mom<T, Layout::bits>(mom, pruned, p) : bind_mom<T, Layout::bytes>(mom, pruned, p);
 }
 
+
+// How pruned copies are written (StepStores). Streaming (non-temporal) stores skip the
+// read-for-ownership of the copy's lines and keep it from evicting w, g and the buffer; stores
+// through the cache leave the copy in cache for the forward pass that reads it next. Not chosen by
+// timing: a cached store's write-back to memory comes after the call, so timing calls would favour
+// it wherever the step streams from memory.
+std::atomic<int> g_step_stores{static_cast<int>(StepStores::stream)};
+std::atomic<bool> g_step_tuning{true};
+
+// Which loop runs a float32 step on an AVX-512 CPU (StepTuning). The AVX-512 loop runs half the
+// instructions of the AVX2 one, which wins where the step is bound by them (its arrays in cache:
+// 10-15% on this project's Zen 4 machine), and lost 3-8% from memory on one Zen 4 core. Which
+// holds depends on the machine, the model's size and the thread count, so the first calls of each
+// size and thread count time both and the faster is kept. Both give the same bits.
+struct LoopTrial {
+    bool narrow = false;  // the AVX2 loop
+    bool timed = false;
+    std::pair<int, int> key{};  // size class, threads
+};
+
+class LoopTuner {
+public:
+    // Calls of each loop timed before choosing, after one untimed call (its page faults and cold
+    // caches would count against whichever loop it ran).
+    static constexpr int kTrials = 4;
+
+    LoopTrial plan(std::size_t bytes, int threads) {
+        if (!g_step_tuning.load(std::memory_order_relaxed)) return {};
+        LoopTrial t;
+        t.key = {bytes ? 63 - __builtin_clzll(bytes) : 0, threads};  // floor(log2(bytes))
+        std::lock_guard<std::mutex> lock(mu_);
+        Entry& e = table_[t.key];
+        if (e.chosen >= 0) {
+            t.narrow = e.chosen == 1;
+            return t;
+        }
+        const int call = e.calls++;
+        t.narrow = call % 2 == 0 && call > 0;  // the first, untimed call runs the AVX-512 loop
+        t.timed = call > 0;
+        return t;
+    }
+
+    void report(const LoopTrial& t, double seconds) {
+        std::lock_guard<std::mutex> lock(mu_);
+        Entry& e = table_[t.key];
+        const int loop = t.narrow ? 1 : 0;
+        e.best[loop] = std::min(e.best[loop], seconds);
+        ++e.timed[loop];
+        if (e.chosen < 0 && e.timed[0] >= kTrials && e.timed[1] >= kTrials) e.chosen = e.best[1] < e.best[0] ? 1 : 0;
+    }
+
+    std::vector<StepTuningChoice> choices() {
+        std::lock_guard<std::mutex> lock(mu_);
+        std::vector<StepTuningChoice> out;
+        for (const auto& [key, e] : table_) {
+            const char* chosen = e.chosen < 0 ? "open" : e.chosen == 1 ? "avx2" : "avx512";
+            out.push_back({key.first, key.second, chosen, e.best[0], e.best[1]});
+        }
+        return out;
+    }
+
+    void forget() {
+        std::lock_guard<std::mutex> lock(mu_);
+        table_.clear();
+    }
+
+private:
+    struct Entry {
+        int calls = 0, chosen = -1, timed[2] = {0, 0};  // chosen: 0 AVX-512, 1 AVX2
+        double best[2] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+    };
+    std::mutex mu_;
+    std::map<std::pair<int, int>, Entry> table_;
+};
+
+LoopTuner& loop_tuner() {
+    static LoopTuner tuner;
+    return tuner;
+}
+
 }  // namespace
 
 template <class T>
@@ -501,12 +704,28 @@ std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers,
         for (std::size_t b = 0; b < layers[l].n; b += kChunk) pieces.push_back({l, b, std::min(kChunk, layers[l].n - b)});
     std::vector<double> part(pieces.size());
     const long long n_pieces = static_cast<long long>(pieces.size());
+    // The loop (StepTuning), by the size of what the step reads and writes (w, g and the buffer, the
+    // copies, the masks): timed while the loops are tried out.
+    LoopTrial trial;
+    if (std::is_same_v<T, float> && isa() == Isa::avx512) {
+        std::size_t bytes = 0;
+        for (const LayerStep<T>& L : layers) {
+            const std::size_t arrays = 3 + (L.buf ? 2 : 0) + (L.pruned ? 1 : 0);
+            bytes += L.n * sizeof(T) * arrays + (L.mask.data ? (L.mask.packed ? (L.n + 7) / 8 : L.n) : 0);
+        }
+        trial = loop_tuner().plan(bytes, nt);
+    }
+    const Isa loop = trial.narrow ? Isa::avx2 : isa();
+    const bool stream = g_step_stores.load(std::memory_order_relaxed) == static_cast<int>(StepStores::stream);
+    const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long long c = 0; c < n_pieces; ++c) {
         const Piece& pc = pieces[static_cast<std::size_t>(c)];
         const BoundLayer<T>& s = bound[pc.layer];
-        part[static_cast<std::size_t>(c)] = s.chunk(s, pc.begin, pc.size);
+        part[static_cast<std::size_t>(c)] = s.chunk(s, pc.begin, pc.size, loop, stream);
     }
+    if (trial.timed)
+        loop_tuner().report(trial, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     std::vector<double> norms(layers.size(), 0.0);
     for (std::size_t c = 0; c < pieces.size(); ++c) norms[pieces[c].layer] += part[c];
     for (std::size_t l = 0; l < layers.size(); ++l)
@@ -520,6 +739,20 @@ double masked_ef_step(T* w, const T* g, MaskRef mask, T* buf, T* pruned, std::si
     const std::vector<LayerStep<T>> one{{w, g, mask, buf, pruned, n, norm}};
     return masked_ef_step_many(one, params, n_threads)[0];
 }
+
+StepStores set_step_stores(StepStores stores) {
+    return static_cast<StepStores>(g_step_stores.exchange(static_cast<int>(stores)));
+}
+
+StepStores step_stores() { return static_cast<StepStores>(g_step_stores.load()); }
+
+bool set_step_tuning(bool on) { return g_step_tuning.exchange(on); }
+
+bool step_tuning() { return g_step_tuning.load(); }
+
+std::vector<StepTuningChoice> step_tuning_choices() { return loop_tuner().choices(); }
+
+void forget_step_tuning() { loop_tuner().forget(); }
 
 template <class T>
 double masked_norm(const T* w, MaskRef mask, std::size_t n, int p, int n_threads) {

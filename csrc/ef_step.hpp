@@ -56,6 +56,30 @@ template <class T>
 std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers, const EFStepParams& params,
                                         int n_threads = 0);
 
+// How masked_ef_step(_many) writes pruned copies: streaming (non-temporal) stores, the default, or
+// stores through the cache. Both write the same bits. Returns the setting before.
+enum class StepStores : int { stream = 0, cache = 1 };
+StepStores set_step_stores(StepStores stores);
+StepStores step_stores();
+
+// Whether a float32 step on an AVX-512 CPU picks its loop by timing (the default): the first calls
+// of each size (log2 of the bytes a step reads and writes) and thread count run the AVX-512 and the
+// AVX2 loop by turns and the faster is kept from then on. Off, the widest loop isa() allows runs.
+// Both give the same bits. Returns the setting before.
+bool set_step_tuning(bool on);
+bool step_tuning();
+
+// What the timing has learnt for one size class and thread count.
+struct StepTuningChoice {
+    int size_class;      // floor(log2(bytes a step reads and writes))
+    int threads;
+    const char* chosen;  // "avx512", "avx2", or "open" while still timing
+    double avx512_s, avx2_s;  // each loop's fastest call in seconds (infinity: not yet timed)
+};
+std::vector<StepTuningChoice> step_tuning_choices();
+// Forgets them: the next calls time both loops again.
+void forget_step_tuning();
+
 // ||w * m||_p (p = 1 or 2) with a double accumulator; mask may be null. For p = 2, a sum of squares
 // small enough to have lost underflowed terms is recomputed from rescaled values.
 template <class T>

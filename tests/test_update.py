@@ -436,6 +436,82 @@ def test_every_isa_steps_as_the_reference(isa, packed, dtype, p, offset):
             assert a[key].tobytes() == b[key].tobytes()
 
 
+@pytest.fixture
+def step_ways():
+    """The native step's settings for its stores and loop timing, set by the test and restored after
+    it, and what the timing had learnt forgotten before."""
+    native = pytest.importorskip("feddip_kernels._core")
+    before = native._step_stores(), native._step_tuning()
+    native._step_tuning_choices(forget=True)
+    yield native
+    native._step_stores(before[0])
+    native._step_tuning(before[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 16, None])  # pruned copy 64-, 16- or one element past a boundary
+def test_every_way_of_running_the_step_gives_the_same_bits(isa, step_ways, dtype, offset):
+    """Streaming stores or stores through the cache, the widest loop or the loop chosen by timing
+    (the AVX-512 and AVX2 loops by turns until it chooses) give the same weights, buffers, copies and
+    norms, step after step."""
+    sizes = [3, 4097, 70_001, 100_003]
+    kw = dict(lr=0.05, weight_decay=5e-4, lam=0.01, p=2, momentum=0.9)
+    rng = np.random.default_rng(11)
+    base = _model(rng, sizes, dtype, packed=True)
+    for L in base:  # magnitudes over a wide range: the order the norm's terms are added in shows in its bits
+        L["w"] *= np.exp2(rng.integers(-12, 13, L["w"].size)).astype(dtype)
+    offset = np.dtype(dtype).itemsize if offset is None else offset
+    runs = {}
+    for stores, tuning in (("stream", False), ("cache", False), ("stream", True), ("cache", True)):
+        step_ways._step_stores(stores)
+        step_ways._step_tuning(tuning)
+        step_ways._step_tuning_choices(forget=True)
+        layers = []
+        for L in base:
+            room = np.empty(L["w"].size + 32, dtype)
+            start = (-room.ctypes.data % 64 + offset) // room.itemsize
+            layers.append(dict(w=L["w"].copy(), g=L["g"], bits=L["mask_bits"], buf=np.zeros_like(L["w"]),
+                               pruned=room[start : start + L["w"].size]))
+        norms = [None] * len(layers)
+        trace = []
+        for _ in range(1 + 2 * 4 + 2):  # past the untimed call and four timed calls of each loop
+            norms = fk.masked_ef_step_many(
+                [L["w"] for L in layers], [L["g"] for L in layers], mask_bits=[L["bits"] for L in layers],
+                momentum_buffers=[L["buf"] for L in layers], pruned_outs=[L["pruned"] for L in layers], norms=norms,
+                backend="native", **kw)
+            trace.append((list(norms), *(b"".join(L[k].tobytes() for L in layers) for k in ("w", "buf", "pruned"))))
+        runs[stores, tuning] = trace
+        choices = step_ways._step_tuning_choices()
+        if not (tuning and isa == "avx512" and dtype == np.float32):
+            assert choices == []  # nothing to choose
+            continue
+        ((_, threads, chosen, avx512_s, avx2_s),) = choices
+        assert threads == fk.get_num_threads() and chosen in ("avx512", "avx2")  # both loops timed, one kept
+        assert 0 < min(avx512_s, avx2_s) and max(avx512_s, avx2_s) < np.inf
+        assert (avx512_s, avx2_s)[chosen == "avx2"] == min(avx512_s, avx2_s)
+    first, *rest = runs.values()
+    assert all(r == first for r in rest)
+
+
+def test_step_settings_are_checked_and_the_timing_forgotten(step_ways):
+    with pytest.raises(ValueError, match="step stores must be stream or cache"):
+        step_ways._step_stores("nontemporal")
+    step_ways._step_tuning(True)
+    assert step_ways._step_tuning_choices() == []
+    w = np.ones(10, np.float32)
+    fk.masked_ef_step(w, np.ones_like(w), None, pruned_out=np.empty_like(w), lr=0.1, backend="native")
+    if step_ways._isa() != "avx512":
+        assert step_ways._step_tuning_choices() == []  # one loop: nothing to time
+        return
+    (entry,) = step_ways._step_tuning_choices()
+    # w read and written, g read, the copy written: 160 bytes; the first call is not timed
+    assert entry == (int(np.log2(10 * 4 * 4)), 1, "open", np.inf, np.inf)
+    assert step_ways._step_tuning(False) is True and step_ways._step_tuning() is False
+    assert step_ways._step_stores("cache") == "stream" and step_ways._step_stores() == "cache"
+    assert step_ways._step_tuning_choices(forget=True) == [entry]
+    assert step_ways._step_tuning_choices() == []
+
+
 def test_many_layers_native_matches_reference_and_every_thread_count():
     native = pytest.importorskip("feddip_kernels._core")
     layers = _model(np.random.default_rng(5), [70_000, 1, 300_000, 4096, 5], np.float32, packed=False)
