@@ -104,9 +104,14 @@ def masked_ef_step_many(
             raise ValueError(f"{name} must be a list with one entry per layer ({n_layers})")
         return xs
 
+    _check_hyper(lr, weight_decay, lam, momentum, p)
+    if _backend.resolve(backend) == "native":
+        hyper = dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p)
+        fast = _native_many_as_given(ws, gs, masks, mask_bits, momentum_buffers, pruned_outs, norms, hyper)
+        if fast is not None:
+            return fast
     if on_device(*ws, *gs):
         raise ValueError("masked_ef_step_many steps host arrays; step CUDA tensors with masked_ef_step")
-    _check_hyper(lr, weight_decay, lam, momentum, p)
     layers = [
         _host_layer(w, g, m, mb, b, o, momentum, nm)
         for w, g, m, mb, b, o, nm in zip(entries(ws, "ws"), entries(gs, "gs"), entries(masks, "masks"),
@@ -125,6 +130,45 @@ def masked_ef_step_many(
         momentum_buffers=[layer[4] for layer in layers], pruned_outs=[layer[5] for layer in layers], lr=float(lr),
         weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p,
         norms=[None if nm is None else float(nm) for nm in entries(norms, "norms")], mask_packed=packed == {True})
+
+
+def _native_many_as_given(ws: Sequence[Any], gs: Sequence[Any], masks: Optional[Sequence[Any]],
+                          mask_bits: Optional[Sequence[Any]], bufs: Optional[Sequence[Any]],
+                          outs: Optional[Sequence[Any]], norms: Optional[Sequence[Optional[float]]],
+                          hyper: dict) -> Optional[list[float]]:
+    """The native step on the caller's arrays as they are, where every one is a NumPy array of a kind
+    the binding takes without conversion (bool masks, uint8 bits): the binding checks sizes, dtypes,
+    order, alignment, writability and overlaps itself, in C++, which costs a fifth of checking each
+    layer here (ResNet-18's 21 layers: about 10 us against 50). None where the arguments need the
+    checked path: other kinds of arrays or lists, arguments only that path checks, or any that the
+    binding refuses (the checked path then names the problem, or converts what it can)."""
+    lists = (ws, gs, masks, mask_bits, bufs, outs, norms)
+    if not isinstance(ws, (list, tuple)) or any(xs is not None and not isinstance(xs, (list, tuple)) for xs in lists):
+        return None
+    n = len(ws)
+    if any(xs is not None and len(xs) != n for xs in lists) or (masks is not None and mask_bits is not None):
+        return None
+    if any(xs is not None and any(type(a) is not np.ndarray for a in xs) for xs in (ws, gs, bufs, outs)):
+        return None
+    if mask_bits is not None:
+        given, packed, kind = mask_bits, True, np.dtype(np.uint8)
+    else:
+        given, packed, kind = masks, False, np.dtype(np.bool_)
+    if given is not None and any(m is not None and (type(m) is not np.ndarray or m.dtype != kind) for m in given):
+        return None
+    if hyper["momentum"] != 0.0 and (bufs is None or any(b is None for b in bufs)):
+        return None
+    if norms is not None and any(nm is not None and not (isinstance(nm, float) and (nm >= 0 or math.isnan(nm)))
+                                 for nm in norms):
+        return None
+    none = [None] * n
+    try:
+        return _backend.native_module().masked_ef_step_many(
+            ws, gs, none if given is None else given, momentum_buffers=none if bufs is None else bufs,
+            pruned_outs=none if outs is None else outs, norms=none if norms is None else norms, mask_packed=packed,
+            **hyper)
+    except (ValueError, TypeError):
+        return None
 
 
 def _check_hyper(lr: float, weight_decay: float, lam: float, momentum: float, p: int) -> None:

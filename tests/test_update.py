@@ -554,6 +554,55 @@ def test_many_layers_bad_arguments(backend):
     assert fk.masked_ef_step_many([], [], lr=0.1, backend=backend) == []
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def test_many_layers_of_plain_arrays_skip_the_python_checks():
+    """NumPy arrays the binding takes as they are go straight to it (it checks them in C++), with the
+    same results as the checked path; anything else, or anything the binding refuses, is declined
+    (None) and takes the checked path, which names the problem."""
+    pytest.importorskip("feddip_kernels._core")
+    from feddip_kernels import update
+
+    rng = np.random.default_rng(3)
+    sizes = [70_000, 5, 4096]
+    kw = dict(lr=0.05, weight_decay=5e-4, lam=0.01, momentum=0.9, p=2)
+
+    def layers():
+        r = np.random.default_rng(4)
+        ws = [r.standard_normal(n).astype(np.float32) for n in sizes]
+        return ws, [np.zeros_like(w) for w in ws], [np.empty_like(w) for w in ws]
+
+    gs = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    bits = [fk.pack_mask(rng.random(n) < 0.2) for n in sizes]
+    (ws, bufs, outs), (ws2, bufs2, outs2) = layers(), layers()
+    fast = update._native_many_as_given(ws, gs, None, bits, bufs, outs, [None, 1.0, None], kw)
+    torch = pytest.importorskip("torch")  # torch tensors take the checked path
+    as_t = [torch.from_numpy(a) for a in ws2]
+    checked = fk.masked_ef_step_many(as_t, gs, mask_bits=bits, momentum_buffers=bufs2, pruned_outs=outs2,
+                                     norms=[None, 1.0, None], backend="native", **kw)
+    assert fast == checked
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(ws + bufs + outs, ws2 + bufs2 + outs2))
+    declined = {
+        "a torch tensor": dict(ws=as_t),
+        "uint8 masks": dict(masks=[np.ones(n, np.uint8) for n in sizes], mask_bits=None),
+        "int8 bits": dict(mask_bits=[b.view(np.int8) for b in bits]),
+        "momentum without buffers": dict(bufs=None),
+        "a negative norm": dict(norms=[-1.0, None, None]),
+        "an int norm": dict(norms=[1, None, None]),
+        "a strided w": dict(ws=[np.zeros(n, np.float32) for n in sizes][:2] + [np.zeros(4096, np.float32)[::-1]]),
+        "a read-only w": dict(ws=[np.zeros(n, np.float32) for n in sizes[:2]] + [_read_only(np.zeros(4096, np.float32))]),
+        "a float16 gradient": dict(gs=[g.astype(np.float16) for g in gs]),
+        "a tuple of the wrong length": dict(gs=tuple(gs[:2])),
+    }
+    for what, change in declined.items():
+        args = dict(ws=layers()[0], gs=gs, masks=None, mask_bits=bits, bufs=layers()[1], outs=None, norms=None)
+        args.update(change)
+        assert update._native_many_as_given(hyper=kw, **args) is None, what
+
+
 def test_many_layers_sharing_memory_are_rejected(backend):
     store = np.zeros(300, np.float32)
     g = [np.ones(100, np.float32), np.ones(100, np.float32)]
