@@ -49,7 +49,8 @@ def fused_step(setup, backend, packed=False, many=False):
                                           **hyper)
 
     fn = step_many if many else step
-    fn()  # warm-up (numba compiles here)
+    for _ in range(12):  # warm-up: numba compiles, the native step times its loops and keeps the faster
+        fn()
     return fn
 
 

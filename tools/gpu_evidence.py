@@ -11,8 +11,9 @@
 5. issue 11's thread table on the host's cores (ResNet-18's weights on the CPU at 1, 2, 4, 8 and
    16 threads via fk.set_num_threads): global top-k masks (also the threshold alone, and the masks
    written into arrays already faulted in), encode_model (5% kept), decode_model
-   into buffers, masked_ef_step (one call a layer) and masked_ef_step_many (one call) against
-   torch.optim.SGD(fused=True) with as many torch threads; then, on all the host's threads, one
+   into buffers, masked_ef_step (one call a layer) and masked_ef_step_many (one call; also with
+   each loop and each kind of store it could run with) against torch.optim.SGD(fused=True) with as
+   many torch threads; then, on all the host's threads, one
    large float32 tensor (1e7 and 1e8 elements): the global threshold against max |w| (one streaming
    read of the same bytes), and encode_model / decode_model at 5% density.
 
@@ -189,6 +190,31 @@ def thread_table(repeat: int) -> dict:
                                           pruned_outs=pruned, norms=norms)
 
     native = _backend.kernels("native")
+    wide = native._isa() == "avx512"
+
+    def step_ways() -> dict:
+        # The step as it runs (streaming stores; on AVX-512 CPUs the loop chosen by timing, settled
+        # first), then each way it could run, so that a run on a new machine shows which pays there.
+        for _ in range(2 + 2 * 4 + 2):  # past the loop timing's untimed call and four calls of each loop
+            ef_steps_many()
+        row = {"masked_ef_step_many, packed masks": timed(ef_steps_many, cpu, repeat)}
+        tuned = [c for c in native._step_tuning_choices() if c[1] == fk.get_num_threads()]
+        if tuned:
+            row["loop chosen by timing"] = tuned[-1][2]
+        loops = ("avx512", "avx2") if wide else (native._isa(),)
+        native._step_tuning(False)
+        try:
+            for loop in loops:
+                native._isa(loop)
+                for stores in ("stream", "cache"):
+                    native._step_stores(stores)
+                    row[f"masked_ef_step_many, {loop} loop, {stores} stores"] = timed(ef_steps_many, cpu, repeat)
+        finally:
+            native._isa("avx512")
+            native._step_stores("stream")
+            native._step_tuning(True)
+        return row
+
     out_masks = [np.ones(a.shape, dtype=bool) for a in arrays]
     out = {}
     for t in (1, 2, 4, 8, 16):
@@ -204,7 +230,7 @@ def thread_table(repeat: int) -> dict:
             "encode_model": timed(lambda: fk.encode_model(sparse), cpu, repeat),
             "decode_model into buffers": timed(lambda: fk.decode_model(msg, out=bufs), cpu, repeat),
             "masked_ef_step": timed(ef_steps, cpu, repeat),
-            "masked_ef_step_many, packed masks": timed(ef_steps_many, cpu, repeat),
+            **step_ways(),
             "SGD(fused=True)": timed(sgd.step, cpu, repeat),
         }
         out[t] = row
