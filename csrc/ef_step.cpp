@@ -478,11 +478,14 @@ TileLoop<T> tile_loop(Isa isa, int stream_align) {
     if constexpr (std::is_same_v<T, float>) {
         if (isa == Isa::avx512) {
             if (stream_align == 0) return &step_tile_avx512<Mask, Mom, Pruned, P, 0>;
-            return stream_align == 64 ? &step_tile_avx512<Mask, Mom, Pruned, P, 64> : &step_tile_avx512<Mask, Mom, Pruned, P, 16>;
+            if (stream_align == 64) return &step_tile_avx512<Mask, Mom, Pruned, P, 64>;
+            return &step_tile_avx512<Mask, Mom, Pruned, P, 16>;
         }
     }
-    if (isa >= Isa::avx2)
-        return stream_align ? &step_tile_avx2<T, Mask, Mom, Pruned, P, true> : &step_tile_avx2<T, Mask, Mom, Pruned, P, false>;
+    if (isa >= Isa::avx2) {
+        if (stream_align) return &step_tile_avx2<T, Mask, Mom, Pruned, P, true>;
+        return &step_tile_avx2<T, Mask, Mom, Pruned, P, false>;
+    }
 #endif
     return stream_align ? nullptr : &step_tile<T, Mask, Mom, Pruned, P>;
 }
@@ -490,7 +493,7 @@ TileLoop<T> tile_loop(Isa isa, int stream_align) {
 // The step on elements [0, n) of a layer (a chunk) with the loops of `isa`, a tile of kTile elements
 // at a time, each tile's norm terms summed in its vector lanes and the tiles' sums added in order:
 // every store path below gives the same bits. stream: the pruned copy goes out with streaming
-// stores (see StepTuning), straight from the registers where it is aligned for them, else through a
+// stores (see StepStores), straight from the registers where it is aligned for them, else through a
 // tile in cache; else through the cache.
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd,
@@ -592,7 +595,6 @@ BoundLayer<T> bind(const LayerStep<T>& L, int p) {
     return L.mask.packed ? bind_mom<T, Layout::bits>(mom, pruned, p) : bind_mom<T, Layout::bytes>(mom, pruned, p);
 }
 
-
 // How pruned copies are written (StepStores). Streaming (non-temporal) stores skip the
 // read-for-ownership of the copy's lines and keep it from evicting w, g and the buffer; stores
 // through the cache leave the copy in cache for the forward pass that reads it next. Not chosen by
@@ -640,7 +642,8 @@ public:
         const int loop = t.narrow ? 1 : 0;
         e.best[loop] = std::min(e.best[loop], seconds);
         ++e.timed[loop];
-        if (e.chosen < 0 && e.timed[0] >= kTrials && e.timed[1] >= kTrials) e.chosen = e.best[1] < e.best[0] ? 1 : 0;
+        if (e.chosen < 0 && e.timed[0] >= kTrials && e.timed[1] >= kTrials)
+            e.chosen = e.best[1] < e.best[0] ? 1 : 0;
     }
 
     std::vector<StepTuningChoice> choices() {
