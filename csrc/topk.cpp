@@ -227,13 +227,40 @@ std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_
 // What one thread's share of the fast path's pass found.
 template <class U>
 struct Scan {
-    U* out;                   // gathered keys in [lo, hi]; `cap` of room
-    std::uint32_t* pos;       // and their indices in their chunk, when masks are written
-    std::size_t cap;
+    U* out = nullptr;                // gathered keys in [lo, hi]; `cap` of room
+    std::uint32_t* pos = nullptr;    // and their indices in their chunk, when masks are written
+    std::size_t cap = 0;
     std::size_t size = 0;
-    std::uint64_t above = 0;  // keys > hi
+    std::uint64_t above = 0;         // keys > hi
     bool nan = false;
-    bool overflow = false;    // more than `cap` keys in [lo, hi]: the gather gave up
+    bool overflow = false;           // more keys in [lo, hi] than all threads' room: the gather gave up
+    std::size_t room = 0;            // all threads' room: more keys than that in all, and the gather fails
+    const std::atomic<std::size_t>* gathered = nullptr;  // keys all threads have gathered so far
+    std::unique_ptr<U[]> keys_held;  // what out and pos point into
+    std::unique_ptr<std::uint32_t[]> pos_held;
+
+    // Room for `more` keys after those gathered, the buffers grown (to twice their size at least)
+    // if need be; false when all threads' keys so far exceed `room`. Threads start with an even
+    // share of the room, but the keys inside a bracket can lie in a few tensors and so in a few
+    // threads' chunks: a fixed share made ResNet-18's masks fall back to the radix passes on 8 and
+    // 16 threads.
+    bool reserve(std::size_t more, bool with_pos) {
+        if (size > room || (gathered && gathered->load(std::memory_order_relaxed) > room)) return false;
+        if (size + more <= cap) return true;
+        const std::size_t grown = std::max(size + more, std::min(2 * cap, room + more));
+        std::unique_ptr<U[]> keys(new U[grown]);
+        std::copy(out, out + size, keys.get());
+        if (with_pos) {
+            std::unique_ptr<std::uint32_t[]> where(new std::uint32_t[grown]);
+            std::copy(pos, pos + size, where.get());
+            pos_held = std::move(where);
+            pos = pos_held.get();
+        }
+        keys_held = std::move(keys);
+        out = keys_held.get();
+        cap = grown;
+        return true;
+    }
 };
 
 // The pass over one chunk: count keys > hi, append keys in [lo, hi], and where `mask` is given,
@@ -396,6 +423,10 @@ template <class T>
 void scan(const Chunk<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed_t<bits_t<T>> lo,
           Scan<bits_t<T>>& sc, Isa isa, std::uint8_t* mask) {
     if (sc.overflow) return;  // the fast path has failed already: the caller falls back
+    if (!sc.reserve(ch.size + kBlock, mask != nullptr)) {  // the chunk's keys, all of them if need be
+        sc.overflow = true;
+        return;
+    }
 #ifdef FEDDIP_X86_SCAN
     if constexpr (sizeof(T) == 4) {
         if (isa == Isa::avx512)
@@ -468,14 +499,15 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
     if (hi_rank < 1) hi = std::numeric_limits<S>::max();
     if (lo_rank > static_cast<std::int64_t>(sample.size())) lo = 0;
     const std::size_t room = static_cast<std::size_t>(std::max(kGatherMax, n / 64));
-    const std::size_t part = room / static_cast<std::size_t>(nt) + kBlock;
+    // Each thread starts with an even share of the room and grows it as it needs (Scan::reserve).
     // Untouched room costs no memory: only what the pass gathers is ever written.
-    std::unique_ptr<U[]> gathered(new U[part * std::size_t(nt)]);
-    std::unique_ptr<std::uint32_t[]> where(masks ? new std::uint32_t[part * std::size_t(nt)] : nullptr);
-    std::vector<Scan<U>> scans;
-    for (int t = 0; t < nt; ++t)
-        scans.push_back({gathered.get() + part * std::size_t(t), masks ? where.get() + part * std::size_t(t) : nullptr,
-                         part});
+    std::atomic<std::size_t> gathered{0};
+    std::vector<Scan<U>> scans(static_cast<std::size_t>(nt));
+    for (Scan<U>& sc : scans) {
+        sc.room = room;
+        sc.gathered = &gathered;
+        sc.reserve(room / static_cast<std::size_t>(nt) + kBlock, masks != nullptr);
+    }
     // Each chunk's gathered keys: [first[c], first[c] + count[c]) of its thread's part.
     std::vector<std::size_t> first(chunks.size()), count(chunks.size());
     std::vector<int> owner(chunks.size());
@@ -490,6 +522,7 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
         owner[c] = thread_id();
         scan<T>(ch, shi, slo, sc, isa, masks ? (*masks)[ch.segment] + ch.offset : nullptr);
         count[c] = sc.size - first[c];
+        gathered.fetch_add(count[c], std::memory_order_relaxed);
     }
     std::uint64_t n_above = 0;
     std::size_t n_keys = 0;

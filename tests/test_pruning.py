@@ -283,6 +283,29 @@ def test_every_isa_gives_the_exact_top_k(isa, case):
             assert _core._sample_fallbacks() == fallbacks, (case, k, n_tied)
 
 
+@pytest.mark.parametrize("threads", [1, 4, 16])
+def test_bracket_keys_in_few_threads_chunks_stay_on_the_fast_path(isa, threads):
+    """Layers of very different scales, as a model's are: the keys near the k-th magnitude all lie
+    in one large tensor, so in the chunks of a few threads. Each thread's room for them grows as it
+    needs (a fixed share of the room, 1/16 of it on 16 threads, made ResNet-18's masks fall back to
+    the radix passes on 8 and 16 threads); the masks and threshold are the same on every thread count."""
+    from feddip_kernels import _core
+
+    rng = np.random.default_rng(12)
+    tensors = [rng.standard_normal(n).astype(np.float32) * np.float32(s)
+               for n, s in ((1 << 22, 1e-3), (1 << 18, 1.0), (1 << 22, 1e3), (5000, 1.0))]
+    # All of the 1e3 tensor and half of the unit one, whose 8 chunks hold all the bracket's keys.
+    k = (1 << 22) + (1 << 17)
+    th, masks, _ = _expected_threshold_and_masks(tensors, k)
+    fallbacks = _core._sample_fallbacks()
+    assert _core.magnitude_threshold(tensors, k, n_threads=threads) == th
+    got = [np.zeros(t.shape, bool) for t in tensors]
+    _core.topk_masks(tensors, got, k, n_threads=threads)
+    for g, want in zip(got, masks):
+        np.testing.assert_array_equal(g, want)
+    assert _core._sample_fallbacks() == fallbacks
+
+
 def test_heavy_ties_fall_back_to_the_radix_passes():
     from feddip_kernels import _core
 
