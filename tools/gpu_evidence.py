@@ -222,8 +222,11 @@ def thread_table(repeat: int) -> dict:
             break
         fk.set_num_threads(t)
         torch.set_num_threads(t)
+        fallbacks = native._sample_fallbacks()
         row = {
             "global_topk_masks": timed(lambda: fk.global_topk_masks(arrays, k), cpu, repeat),
+            # calls (of repeat + 2) that left the one-pass fast path for the radix passes
+            "top-k fallbacks": native._sample_fallbacks() - fallbacks,
             # the same pass without masks, and writing masks already faulted in: which part scales
             "global threshold": timed(lambda: fk.global_magnitude_threshold(arrays, k), cpu, repeat),
             "topk masks into written masks": timed(lambda: native.topk_masks(arrays, out_masks, k), cpu, repeat),
