@@ -63,6 +63,13 @@ def masked_ef_step(
         return _step_on_device(w, g, mask, lr=lr, weight_decay=weight_decay, lam=lam, p=p, momentum=momentum,
                                momentum_buffer=momentum_buffer, pruned_out=pruned_out, norm=norm, mask_bits=mask_bits)
     _check_hyper(lr, weight_decay, lam, momentum, p)
+    if _backend.resolve(backend) == "native":  # plain arrays: straight to the binding (see _native_many_as_given)
+        hyper = dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p)
+        fast = _native_many_as_given([w], [g], None if mask is None else [mask],
+                                     None if mask_bits is None else [mask_bits], [momentum_buffer], [pruned_out],
+                                     [norm], hyper)
+        if fast is not None:
+            return fast[0]
     wa, ga, ma, packed, buf, out = _host_layer(w, g, mask, mask_bits, momentum_buffer, pruned_out, momentum, norm)
     check_disjoint({"w": wa, "g": ga, "mask": ma, "momentum_buffer": buf, "pruned_out": out})
     return _backend.kernels(backend).masked_ef_step(
@@ -132,6 +139,9 @@ def masked_ef_step_many(
         norms=[None if nm is None else float(nm) for nm in entries(norms, "norms")], mask_packed=packed == {True})
 
 
+_BOOL, _UINT8 = np.dtype(np.bool_), np.dtype(np.uint8)
+
+
 def _native_many_as_given(ws: Sequence[Any], gs: Sequence[Any], masks: Optional[Sequence[Any]],
                           mask_bits: Optional[Sequence[Any]], bufs: Optional[Sequence[Any]],
                           outs: Optional[Sequence[Any]], norms: Optional[Sequence[Optional[float]]],
@@ -142,25 +152,30 @@ def _native_many_as_given(ws: Sequence[Any], gs: Sequence[Any], masks: Optional[
     layer here (ResNet-18's 21 layers: about 10 us against 50). None where the arguments need the
     checked path: other kinds of arrays or lists, arguments only that path checks, or any that the
     binding refuses (the checked path then names the problem, or converts what it can)."""
-    lists = (ws, gs, masks, mask_bits, bufs, outs, norms)
-    if not isinstance(ws, (list, tuple)) or any(xs is not None and not isinstance(xs, (list, tuple)) for xs in lists):
+    if masks is not None and mask_bits is not None:
         return None
-    n = len(ws)
-    if any(xs is not None and len(xs) != n for xs in lists) or (masks is not None and mask_bits is not None):
-        return None
-    if any(xs is not None and any(type(a) is not np.ndarray for a in xs) for xs in (ws, gs, bufs, outs)):
-        return None
-    if mask_bits is not None:
-        given, packed, kind = mask_bits, True, np.dtype(np.uint8)
-    else:
-        given, packed, kind = masks, False, np.dtype(np.bool_)
-    if given is not None and any(m is not None and (type(m) is not np.ndarray or m.dtype != kind) for m in given):
-        return None
-    if hyper["momentum"] != 0.0 and (bufs is None or any(b is None for b in bufs)):
-        return None
-    if norms is not None and any(nm is not None and not (isinstance(nm, float) and (nm >= 0 or math.isnan(nm)))
-                                 for nm in norms):
-        return None
+    given, packed, kind = (mask_bits, True, _UINT8) if mask_bits is not None else (masks, False, _BOOL)
+    n = len(ws) if isinstance(ws, (list, tuple)) else -1
+    for xs, required, dtype in ((ws, True, None), (gs, True, None), (bufs, hyper["momentum"] != 0.0, None),
+                                (outs, False, None), (given, False, kind)):
+        if xs is None:
+            if required:
+                return None
+            continue
+        if not isinstance(xs, (list, tuple)) or len(xs) != n:
+            return None
+        for a in xs:
+            if a is None:
+                if required:
+                    return None
+            elif type(a) is not np.ndarray or (dtype is not None and a.dtype != dtype):
+                return None
+    if norms is not None:
+        if not isinstance(norms, (list, tuple)) or len(norms) != n:
+            return None
+        for nm in norms:
+            if nm is not None and not (isinstance(nm, float) and (nm >= 0 or math.isnan(nm))):
+                return None
     none = [None] * n
     try:
         return _backend.native_module().masked_ef_step_many(

@@ -601,6 +601,18 @@ def test_many_layers_of_plain_arrays_skip_the_python_checks():
         args = dict(ws=layers()[0], gs=gs, masks=None, mask_bits=bits, bufs=layers()[1], outs=None, norms=None)
         args.update(change)
         assert update._native_many_as_given(hyper=kw, **args) is None, what
+    taken = {  # None entries, no lists at all, tuples, masks as bools: the binding takes them as they are
+        "None entries": dict(outs=[None, np.empty(5, np.float32), None], mask_bits=[None, bits[1], bits[2]]),
+        "no masks, copies or norms": dict(mask_bits=None),
+        "tuples": dict(ws=tuple(layers()[0]), gs=tuple(gs)),
+        "bool masks": dict(masks=[np.ones(n, bool) for n in sizes], mask_bits=None),
+        "no buffers without momentum": dict(bufs=None, hyper=dict(kw, momentum=0.0)),
+    }
+    for what, change in taken.items():
+        args = dict(ws=layers()[0], gs=gs, masks=None, mask_bits=bits, bufs=layers()[1], outs=None, norms=None,
+                    hyper=kw)
+        args.update(change)
+        assert isinstance(update._native_many_as_given(**args), list), what
 
 
 def test_many_layers_sharing_memory_are_rejected(backend):
