@@ -15,7 +15,9 @@
    each loop and each kind of store it could run with) against torch.optim.SGD(fused=True) with as
    many torch threads; then, on all the host's threads, one
    large float32 tensor (1e7 and 1e8 elements): the global threshold against max |w| (one streaming
-   read of the same bytes), and encode_model / decode_model at 5% density.
+   read of the same bytes), and encode_model / decode_model at 5% density; and the step with
+   each loop and each kind of store against fused SGD, ResNet-18's layers cut to 2%, 25% and all of
+   their size, on 1 thread and all (ratios to fused SGD; its time in s).
 
     python tools/gpu_evidence.py --device cuda --out $OUT/gpu.json [--rounds 3]
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -161,7 +164,6 @@ def encode_benchmark(device: torch.device, repeat: int) -> dict:
 
 def thread_table(repeat: int) -> dict:
     """Issue 11's table: the CPU kernels on ResNet-18's weights at 1 .. 16 threads (as the host has)."""
-    import os
 
     cpu = torch.device("cpu")
     weights = [w.detach().clone() for w in prunable_parameters(resnet18(cpu)).values()]
@@ -242,6 +244,56 @@ def thread_table(repeat: int) -> dict:
     return out
 
 
+def step_ways_by_size(repeat: int, fractions: tuple = (0.02, 0.25, 1.0), threads_list: tuple = ()) -> dict:
+    """The error-feedback step (ResNet-18's layers cut to a fraction of their size, momentum 0, masks
+    at 5% as packed bits) against fused SGD, at 1 thread and all the host's, with each loop and each
+    kind of store: whether cached stores or the AVX-512 loop pay where the arrays stay in cache."""
+    native = _backend.kernels("native")
+    cpu = torch.device("cpu")
+    full = [w.detach().clone().numpy() for w in prunable_parameters(resnet18(cpu)).values()]
+    loops = ("avx512", "avx2") if native._isa() == "avx512" else (native._isa(),)
+    out = {}
+    for threads in threads_list or sorted({1, os.cpu_count() or 1}):
+        fk.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        for frac in fractions:
+            ws = [np.ascontiguousarray(w.ravel()[: max(64, int(w.size * frac))]) for w in full]
+            gs = [np.full_like(w, 1e-3) for w in ws]
+            bits = [fk.pack_mask(m) for m in fk.global_topk_masks(ws, density=0.05)]
+            pruned = [np.empty_like(w) for w in ws]
+            norms: list = [None] * len(ws)
+
+            def step() -> None:
+                norms[:] = fk.masked_ef_step_many(ws, gs, mask_bits=bits, lr=1e-3, weight_decay=5e-4, lam=1e-3,
+                                                  pruned_outs=pruned, norms=norms)
+
+            params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in ws]
+            for p, g in zip(params, gs):
+                p.grad = torch.from_numpy(g)
+            sgd = torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4, fused=True)
+            fns = {"SGD(fused=True)": sgd.step}
+            for loop in loops:
+                for stores in ("stream", "cache"):
+                    def way(loop: str = loop, stores: str = stores) -> None:
+                        native._isa(loop)
+                        native._step_stores(stores)
+                        step()
+                    fns[f"{loop} loop, {stores} stores"] = way
+            native._step_tuning(False)
+            try:
+                row = interleaved(fns, cpu, repeat, calls=4)  # back to back: what stays in cache does
+            finally:
+                native._isa("avx512")
+                native._step_stores("stream")
+                native._step_tuning(True)
+            row = {name: t / row["SGD(fused=True)"] if name != "SGD(fused=True)" else t for name, t in row.items()}
+            row["elements"] = sum(w.size for w in ws)
+            out[f"{threads} threads, {frac} of ResNet-18"] = row
+            print("step ways", threads, frac, json.dumps(row), flush=True)
+    fk.set_num_threads(0)
+    return out
+
+
 def one_tensor(repeat: int) -> dict:
     """Issue 11's single-tensor figures on all the host's threads (fk's default)."""
     cpu = torch.device("cpu")
@@ -309,6 +361,7 @@ def main() -> None:
     if not args.no_thread_table:
         results["threads"] = thread_table(args.repeat)
         results["one tensor"] = one_tensor(max(3, args.repeat // 4))
+        results["step ways by size"] = step_ways_by_size(args.repeat)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.rounds:
