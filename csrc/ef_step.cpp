@@ -172,7 +172,7 @@ double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
 }
 
 // The step runs a tile of kTile elements at a time. Where the pruned copy is streamed out (see
-// CopyStores) and is not aligned for the vector stores, the tile is written to a buffer in cache
+// StepStores) and is not aligned for the vector stores, the tile is written to a buffer in cache
 // and then streamed out; that costs 5-10% of the step (measured against fused SGD, issue 11), and
 // NumPy's and torch's allocations are aligned.
 constexpr std::size_t kTile = 512;
@@ -322,15 +322,17 @@ struct Avx2<float> {
 };
 
 
-// One vector of the AVX2 step: elements [i, i + W), their norm terms added to acc.
+// The AVX2 step's constants, and one vector of it: elements [i, i + W), their norm terms added to acc.
 template <class T, Layout Mask, bool Mom, bool Pruned, int P, bool Stream>
 struct Avx2Step {
     using A = Avx2<T>;
     using V = typename A::V;
     V one, zero, vlr, vwd, vreg, vsc, vmom;
 
-    FEDDIP_AVX2 void vector(std::size_t i, T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
-                            typename A::Acc& acc, const Avx2Step& c) {
+    __attribute__((target("avx2,fma"), always_inline)) inline void vector(std::size_t i, T* w, const T* g,
+                                                                          const std::uint8_t* mask, T* buf, T* out,
+                                                                          typename A::Acc& acc) const {
+        const Avx2Step& c = *this;
         const V wi = A::load(w + i);
         const V mi = Mask == Layout::none ? c.one : A::andnot(A::mask_zero(mask, i, Mask == Layout::bits), c.one);
         // sign(w) as (w > 0) - (0 > w): zero for 0 and NaN, like step_tile.
@@ -365,7 +367,7 @@ struct Avx2Step {
 // The step, two vectors an iteration (16 floats, 8 doubles), each with its own accumulators: for
 // float32 the norm's terms then fall into the lanes of step_tile_avx512's accumulators (element j of
 // a group of 16 into lane j) and are added up in the same order, so the two loops give the same
-// bits and either may be chosen for a call (see CopyStores).
+// bits and either may be chosen for a call (see StepTuning).
 template <class T, Layout Mask, bool Mom, bool Pruned, int P, bool Stream = false>
 __attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, const std::uint8_t* mask, T* buf, T* out,
                                                       std::size_t n, T lr, T wd, T reg, T scale, T mom) {
@@ -376,8 +378,8 @@ __attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, cons
     std::size_t i = 0;
     // 2 * W is a multiple of 8: with packed bits the scalar tail starts on a mask byte.
     for (; i + 2 * A::W <= n; i += 2 * A::W) {
-        S::vector(i, w, g, mask, buf, out, acc0, c);
-        S::vector(i + A::W, w, g, mask, buf, out, acc1, c);
+        c.vector(i, w, g, mask, buf, out, acc0);
+        c.vector(i + A::W, w, g, mask, buf, out, acc1);
     }
     double total = A::acc_sum(acc0, acc1);
     if (i < n)
@@ -386,6 +388,11 @@ __attribute__((target("avx2,fma"))) double step_tile_avx2(T* w, const T* g, cons
     return total;
 }
 
+// GCC 12's AVX-512 casts and conversions take an "undefined" source that its uninitialized-value
+// warnings report wrongly (GCC bug 105593); the step's loop is silenced for them alone.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // The float32 step with AVX-512: the same arithmetic as step_tile_avx2, in the same order, 16
 // lanes at a time, the mask a lane mask (two bytes of packed bits are one). Half the instructions
 // of the AVX2 loop, which bound the step where its arrays stay in cache or the core's memory is
@@ -464,6 +471,7 @@ __attribute__((target("avx512f,avx2,fma"))) double step_tile_avx512(float* w, co
                                                         Pruned ? out + i : nullptr, n - i, lr, wd, reg, scale, mom);
     return total;
 }
+#pragma GCC diagnostic pop
 #endif
 
 template <class T>
