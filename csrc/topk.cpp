@@ -235,7 +235,7 @@ struct Scan {
     bool nan = false;
     bool overflow = false;           // more keys in [lo, hi] than all threads' room: the gather gave up
     std::size_t room = 0;            // all threads' room: more keys than that in all, and the gather fails
-    const std::atomic<std::size_t>* gathered = nullptr;  // keys all threads have gathered so far
+    const std::atomic<std::size_t>* gathered = nullptr;  // keys all threads have gathered, chunk by chunk
     std::unique_ptr<U[]> keys_held;  // what out and pos point into
     std::unique_ptr<std::uint32_t[]> pos_held;
 
@@ -245,7 +245,7 @@ struct Scan {
     // threads' chunks: a fixed share made ResNet-18's masks fall back to the radix passes on 8 and
     // 16 threads.
     bool reserve(std::size_t more, bool with_pos) {
-        if (size > room || (gathered && gathered->load(std::memory_order_relaxed) > room)) return false;
+        if (gathered->load(std::memory_order_relaxed) > room) return false;  // counts this thread's keys too
         if (size + more <= cap) return true;
         const std::size_t grown = std::max(size + more, std::min(2 * cap, room + more));
         std::unique_ptr<U[]> keys(new U[grown]);
