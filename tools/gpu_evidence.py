@@ -28,6 +28,7 @@ there). Prints one line per measurement and writes them all to --out as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -162,6 +163,33 @@ def encode_benchmark(device: torch.device, repeat: int) -> dict:
     return out
 
 
+def step_ways(native, step) -> dict:
+    """Each way the native step can run on this CPU ({"<loop> loop, <stores> stores": fn}): fn
+    runs `step` with that loop and that kind of store, fixed. Call them inside fixed_ways(native)."""
+    loops = ("avx512", "avx2") if native._isa() == "avx512" else (native._isa(),)
+    ways = {}
+    for loop in loops:
+        for stores in ("stream", "cache"):
+            def way(loop: str = loop, stores: str = stores) -> None:
+                native._isa(loop)
+                native._step_stores(stores)
+                step()
+            ways[f"{loop} loop, {stores} stores"] = way
+    return ways
+
+
+@contextlib.contextmanager
+def fixed_ways(native):
+    """The step's loop timing off while step_ways' functions run; its settings as they were after."""
+    native._step_tuning(False)
+    try:
+        yield
+    finally:
+        native._isa("avx512")
+        native._step_stores("stream")
+        native._step_tuning(True)
+
+
 def thread_table(repeat: int) -> dict:
     """Issue 11's table: the CPU kernels on ResNet-18's weights at 1 .. 16 threads (as the host has)."""
 
@@ -192,9 +220,8 @@ def thread_table(repeat: int) -> dict:
                                           pruned_outs=pruned, norms=norms)
 
     native = _backend.kernels("native")
-    wide = native._isa() == "avx512"
 
-    def step_ways() -> dict:
+    def step_as_it_runs_and_each_way() -> dict:
         # The step as it runs (streaming stores; on AVX-512 CPUs the loop chosen by timing, settled
         # first), then each way it could run, so that a run on a new machine shows which pays there.
         for _ in range(2 + 2 * 4 + 2):  # past the loop timing's untimed call and four calls of each loop
@@ -203,18 +230,9 @@ def thread_table(repeat: int) -> dict:
         tuned = [c for c in native._step_tuning_choices() if c[1] == fk.get_num_threads()]
         if tuned:
             row["loop chosen by timing"] = tuned[-1][2]
-        loops = ("avx512", "avx2") if wide else (native._isa(),)
-        native._step_tuning(False)
-        try:
-            for loop in loops:
-                native._isa(loop)
-                for stores in ("stream", "cache"):
-                    native._step_stores(stores)
-                    row[f"masked_ef_step_many, {loop} loop, {stores} stores"] = timed(ef_steps_many, cpu, repeat)
-        finally:
-            native._isa("avx512")
-            native._step_stores("stream")
-            native._step_tuning(True)
+        with fixed_ways(native):
+            for name, way in step_ways(native, ef_steps_many).items():
+                row[f"masked_ef_step_many, {name}"] = timed(way, cpu, repeat)
         return row
 
     out_masks = [np.ones(a.shape, dtype=bool) for a in arrays]
@@ -235,7 +253,7 @@ def thread_table(repeat: int) -> dict:
             "encode_model": timed(lambda: fk.encode_model(sparse), cpu, repeat),
             "decode_model into buffers": timed(lambda: fk.decode_model(msg, out=bufs), cpu, repeat),
             "masked_ef_step": timed(ef_steps, cpu, repeat),
-            **step_ways(),
+            **step_as_it_runs_and_each_way(),
             "SGD(fused=True)": timed(sgd.step, cpu, repeat),
         }
         out[t] = row
@@ -251,7 +269,6 @@ def step_ways_by_size(repeat: int, fractions: tuple = (0.02, 0.25, 1.0), threads
     native = _backend.kernels("native")
     cpu = torch.device("cpu")
     full = [w.detach().clone().numpy() for w in prunable_parameters(resnet18(cpu)).values()]
-    loops = ("avx512", "avx2") if native._isa() == "avx512" else (native._isa(),)
     out = {}
     for threads in threads_list or sorted({1, os.cpu_count() or 1}):
         fk.set_num_threads(threads)
@@ -271,21 +288,8 @@ def step_ways_by_size(repeat: int, fractions: tuple = (0.02, 0.25, 1.0), threads
             for p, g in zip(params, gs):
                 p.grad = torch.from_numpy(g)
             sgd = torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4, fused=True)
-            fns = {"SGD(fused=True)": sgd.step}
-            for loop in loops:
-                for stores in ("stream", "cache"):
-                    def way(loop: str = loop, stores: str = stores) -> None:
-                        native._isa(loop)
-                        native._step_stores(stores)
-                        step()
-                    fns[f"{loop} loop, {stores} stores"] = way
-            native._step_tuning(False)
-            try:
-                row = interleaved(fns, cpu, repeat, calls=4)  # back to back: what stays in cache does
-            finally:
-                native._isa("avx512")
-                native._step_stores("stream")
-                native._step_tuning(True)
+            with fixed_ways(native):  # each call 4 times back to back: what stays in cache does
+                row = interleaved({"SGD(fused=True)": sgd.step, **step_ways(native, step)}, cpu, repeat, calls=4)
             row = {name: t / row["SGD(fused=True)"] if name != "SGD(fused=True)" else t for name, t in row.items()}
             row["elements"] = sum(w.size for w in ws)
             out[f"{threads} threads, {frac} of ResNet-18"] = row
