@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "bitpack.hpp"
@@ -148,9 +149,10 @@ double ef_step_impl(py::array& w, const py::array& g, const py::object& mask, bo
     return masked_ef_step(L.w, L.g, L.mask, L.buf, L.pruned, L.n, prm, L.norm, n_threads);
 }
 
-// The layers of masked_ef_step_many: each checked as one layer is, and no two arrays of any
-// layers overlapping (the threads would race on the shared bytes).
-template <class T>
+// The layers of masked_ef_step_many, of either float type (each layer's arrays of one): each
+// checked as one layer is, and no two arrays of any layers overlapping (the threads would race on
+// the shared bytes), all before any layer is stepped. float32 and float64 layers step in one
+// parallel pass each; the norms come back in the layers' order.
 std::vector<double> ef_step_many_impl(std::vector<py::array>& ws, const std::vector<py::array>& gs,
                                       const std::vector<py::object>& masks, bool packed,
                                       const std::vector<py::object>& bufs, const std::vector<py::object>& pruned,
@@ -160,26 +162,45 @@ std::vector<double> ef_step_many_impl(std::vector<py::array>& ws, const std::vec
     if (gs.size() != n_layers || masks.size() != n_layers || bufs.size() != n_layers || pruned.size() != n_layers ||
         norms.size() != n_layers)
         throw std::invalid_argument("ws, gs, masks, momentum_buffers, pruned_outs and norms need one entry per layer");
-    std::vector<LayerStep<T>> layers;
+    std::vector<LayerStep<float>> f32;
+    std::vector<LayerStep<double>> f64;
+    std::vector<std::size_t> f32_at, f64_at;  // each group's layers' places in the call
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;
     const auto span = [&](const void* p, std::size_t bytes) {
         if (p && bytes) spans.emplace_back(reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + bytes);
     };
-    for (std::size_t l = 0; l < n_layers; ++l) {
+    const auto add = [&](auto& layers, auto& at, std::size_t l) {
+        using T = std::remove_pointer_t<decltype(layers[0].w)>;
         const LayerStep<T> L = layer_of<T>(ws[l], gs[l], masks[l], packed, bufs[l], pruned[l], norms[l] ? *norms[l] : -1.0);
         layers.push_back(L);
+        at.push_back(l);
         span(L.w, L.n * sizeof(T));
         span(L.g, L.n * sizeof(T));
         span(L.mask.data, L.mask.packed ? (L.n + 7) / 8 : L.n);
         span(L.buf, L.n * sizeof(T));
         span(L.pruned, L.n * sizeof(T));
+    };
+    for (std::size_t l = 0; l < n_layers; ++l) {
+        if (py::isinstance<py::array_t<double>>(ws[l]))
+            add(f64, f64_at, l);
+        else
+            add(f32, f32_at, l);
     }
     std::sort(spans.begin(), spans.end());
     for (std::size_t i = 1; i < spans.size(); ++i)  // sorted by start: an overlap shows between neighbours
         if (spans[i].first < spans[i - 1].second)
             throw std::invalid_argument("arrays of the layers share memory; pass separate arrays");
+    std::vector<double> out(n_layers);
     py::gil_scoped_release release;
-    return masked_ef_step_many(layers, prm, n_threads);
+    if (!f32.empty()) {
+        const std::vector<double> got = masked_ef_step_many(f32, prm, n_threads);
+        for (std::size_t i = 0; i < got.size(); ++i) out[f32_at[i]] = got[i];
+    }
+    if (!f64.empty()) {
+        const std::vector<double> got = masked_ef_step_many(f64, prm, n_threads);
+        for (std::size_t i = 0; i < got.size(); ++i) out[f64_at[i]] = got[i];
+    }
+    return out;
 }
 
 using Bits = py::array_t<std::uint8_t, py::array::c_style>;
@@ -369,10 +390,7 @@ PYBIND11_MODULE(_core, m) {
            double lam, double momentum, int p, const std::vector<std::optional<double>>& norms, bool mask_packed,
            int n_threads) {
             const EFStepParams prm{lr, weight_decay, lam, momentum, p};
-            if (ws.empty()) return std::vector<double>{};
-            return with_float_type(ws, [&](auto t) {
-                return ef_step_many_impl<decltype(t)>(ws, gs, masks, mask_packed, bufs, pruned, norms, prm, n_threads);
-            });
+            return ef_step_many_impl(ws, gs, masks, mask_packed, bufs, pruned, norms, prm, n_threads);
         },
         py::arg("ws"), py::arg("gs"), py::arg("masks"), py::kw_only(), py::arg("momentum_buffers"),
         py::arg("pruned_outs"), py::arg("lr"), py::arg("weight_decay"), py::arg("lam"), py::arg("momentum"),

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ._contract import Kernels
 
 BACKENDS = ("auto", "native", "numba", "numpy")
+MAX_THREADS = 4096  # more than any machine has cores; each thread of a parallel region costs a stack
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,9 +71,9 @@ def kernels(backend: str = "auto") -> "Kernels":
 def set_num_threads(n: int) -> None:
     """Threads every parallel kernel uses from now on, in this process: n >= 1, or 0 for the
     default (OpenMP's: OMP_NUM_THREADS or the number of cores). The native kernels are the
-    parallel ones; the Numba and NumPy backends run on one thread."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    parallel ones; the Numba and NumPy backends run on one thread. At most MAX_THREADS (4096)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be an integer from 0 to {MAX_THREADS}, got {n!r}")
     core = native_module()
     if core is not None:
         core.set_num_threads(n)

@@ -66,7 +66,8 @@ class Kernels(Protocol):
         mask_packed: bool = False,
     ) -> list[float]:
         """masked_ef_step on every layer (lists of one entry per layer); each layer's norm after it.
-        No two arrays of any layers share memory (the public layer checks; the native core too)."""
+        Layers may differ in dtype (each layer's arrays of one). No two arrays of any layers share
+        memory (the public layer checks; the native core too)."""
 
     # Bit-level codec primitives (little-endian packed bits: element i is bit i % 8 of byte i // 8).
     def pack_bits(self, mask: np.ndarray) -> np.ndarray:

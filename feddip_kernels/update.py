@@ -99,7 +99,8 @@ def masked_ef_step_many(
 
     `ws` and `gs` are lists of layers; `masks`, `mask_bits`, `momentum_buffers`, `pruned_outs` and
     `norms` are lists with an entry (None allowed) per layer, or None for none at all. Each layer
-    is checked as masked_ef_step checks it, and no two arrays of any layers may share memory.
+    is checked as masked_ef_step checks it (layers may differ in dtype), and no two arrays of any
+    layers may share memory.
     Returns each layer's ||w * m||_p after the step, the same values that stepping the layers one
     at a time returns. Host arrays only (CUDA tensors: step them with masked_ef_step)."""
     n_layers = len(ws)

@@ -194,3 +194,46 @@ def test_sparsify_and_densify_match_the_reference(backend, n, dtype):
         out = store[1:]  # 4 or 8 bytes off the allocation's alignment
         k.densify(bits, n, vals, out)
         assert out.tobytes() == x.tobytes()
+
+
+def _step_many_variants():
+    """Calls of masked_ef_step_many that differ in what they hand the kernel: dtypes mixed across
+    layers (the native binding once refused them), masks bool or packed, layers empty or absent."""
+    rng = np.random.default_rng(3)
+
+    def layer(n, dtype, masked, packed, momentum):
+        w = rng.standard_normal(n).astype(dtype)
+        m = rng.random(n) < 0.4
+        mask = (np.packbits(m, bitorder="little") if packed else m) if masked else None
+        return w, rng.standard_normal(n).astype(dtype), mask, np.zeros(n, dtype) if momentum else None, np.zeros(n, dtype)
+
+    for dtypes in ([np.float32, np.float64], [np.float64, np.float32, np.float64], [np.float64], []):
+        for packed in (False, True):
+            for sizes in ([37, 0, 1000], [1, 129, 5]):
+                yield dtypes, packed, [layer(n, dt, i % 2 == 0, packed, True) for i, (n, dt) in enumerate(zip(sizes, dtypes))]
+
+
+@pytest.mark.parametrize("variant", range(16))
+def test_what_one_backend_accepts_every_backend_accepts_alike(variant):
+    dtypes, packed, layers = list(_step_many_variants())[variant]
+    results = {}
+    for be in BACKENDS:
+        copies = [[None if a is None else a.copy() for a in L] for L in layers]
+        try:
+            norms = _backend.kernels(be).masked_ef_step_many(
+                [c[0] for c in copies], [c[1] for c in copies], [c[2] for c in copies],
+                momentum_buffers=[c[3] for c in copies], pruned_outs=[c[4] for c in copies], lr=0.1,
+                weight_decay=1e-3, lam=0.01, momentum=0.9, p=2, norms=[None] * len(copies), mask_packed=packed)
+            results[be] = ("ok", norms, copies)
+        except (ValueError, TypeError) as e:
+            results[be] = (type(e).__name__, str(e))
+    kinds = {be: r[0] for be, r in results.items()}
+    assert set(kinds.values()) == {"ok"}, (dtypes, kinds, results)
+    ref = results["numpy"]
+    for be, (_, norms, copies) in results.items():
+        np.testing.assert_allclose(norms, ref[1], rtol=1e-5)
+        for got, want in zip(copies, ref[2]):
+            for a, b in zip(got, want):
+                if a is not None:
+                    assert a.dtype == b.dtype
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -195,7 +195,8 @@ def test_huge_float32_weights_keep_a_finite_norm_and_propagate_nan(backend):
     assert opt.state[w]["norm"] == pytest.approx(3e19 * 5000**0.5, rel=1e-6)
     with torch.no_grad():
         opt.dense(w)[0] = float("nan")
-    opt.state[w]["dense_version"] = opt.dense(w)._version  # keep the stale norm path out of it
+    seen = opt._seen[w]  # keep the stale norm path out of it: the finite norm stays valid
+    seen.norm_of = (seen.norm_of[0], opt.dense(w)._version, *seen.norm_of[2:])
     opt.step()
     assert np.isnan(float(opt.state[w]["norm"]))
     opt.step()  # takes the NaN norm, no "norm must be finite"
@@ -269,3 +270,247 @@ def test_a_deep_copy_or_pickle_steps_as_the_original(backend):
         step(twin_model, twin)
     for a, b in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(a, b) and torch.equal(opt.dense(a), twin.dense(b))
+
+
+# --- Edits of the optimizer's state and of the parameters between steps (second audit) ----------
+#
+# torch.optim.SGD honours every edit of its state and groups between steps: a momentum buffer
+# popped or replaced, hyperparameters changed, load_state_dict, add_param_group. FedDIPSGD must too,
+# on every backend, whatever it keeps prepared between steps; and it must take new weights written
+# into a parameter in any way torch lets a user write one.
+
+
+def _sgd_reference_step(ref, groups):
+    """One step of an independent reference: each parameter's dense weights, mask, momentum buffer
+    and current value (the point its gradient is taken at), stepped by the NumPy reference."""
+    import feddip_kernels as fk
+
+    for r in ref:
+        if not r["has_grad"]:
+            continue
+        hp = groups[r["group"]]
+        g = r["coef"] + r["value"]  # the gradient of sum(coef * x) + 0.5 * sum(x^2) at the current value
+        buf = None
+        if hp["momentum"] != 0:
+            if r["buf"] is None:
+                r["buf"] = np.zeros_like(r["w"])
+            buf = r["buf"]
+        fk.masked_ef_step(r["w"], g, r["mask"], lr=hp["lr"], weight_decay=hp["weight_decay"],
+                          lam=hp["lam"] if r["mask"] is not None else 0.0, p=hp["p"], momentum=hp["momentum"],
+                          momentum_buffer=buf, backend="numpy")
+        r["value"] = r["w"] * r["mask"] if r["mask"] is not None else r["w"].copy()
+
+
+_EDITS = ["step", "pop_buf", "replace_buf", "hyper", "reload_state", "add_group", "set_mask", "remove_mask",
+          "assign_data", "copy_nograd", "data_copy_reload", "write_mask", "no_grad", "vector_to_parameters"]
+
+
+def _run_edits(backend, ops, seed):
+    rng = np.random.default_rng(seed)
+    hyper_choices = dict(lr=[0.0, 0.01, 0.05], momentum=[0.0, 0.5, 0.9], weight_decay=[0.0, 1e-3], lam=[0.0, 0.01, 0.1],
+                         p=[1, 2])
+    prms, ref = [], []
+
+    def new_param(dtype, n, group):
+        x = rng.standard_normal(n).astype(dtype)
+        prms.append(torch.nn.Parameter(torch.from_numpy(x.copy())))
+        ref.append(dict(w=x.copy(), value=x.copy(), mask=None, buf=None, group=group, has_grad=True,
+                        coef=rng.standard_normal(n).astype(dtype)))
+
+    new_param(np.float32, 40, 0)
+    new_param(np.float64, 17, 0)  # a float64 layer beside float32 ones in one group
+    new_param(np.float32, 300, 0)
+    new_param(np.float32, 8, 0)
+    opt = FedDIPSGD(prms, lr=0.05, momentum=0.9, weight_decay=1e-3, lam=0.01, backend=backend)
+    groups = [dict(lr=0.05, momentum=0.9, weight_decay=1e-3, lam=0.01, p=2)]
+
+    def set_mask(i, m):
+        opt.set_masks({prms[i]: None if m is None else torch.from_numpy(m.copy())})
+        r = ref[i]
+        r["mask"] = m
+        r["value"] = r["w"] * m if m is not None else r["w"].copy()
+
+    set_mask(0, rng.random(40) < 0.5)
+    set_mask(2, rng.random(300) < 0.2)
+    for op, at in ops:
+        i = at % len(prms)
+        r, prm = ref[i], prms[i]
+        if op == "step":
+            for x, rr in zip(prms, ref):
+                x.grad = torch.from_numpy(rr["coef"] + x.detach().numpy()) if rr["has_grad"] else None
+            opt.step()
+            _sgd_reference_step(ref, groups)
+            for rr in ref:
+                rr["has_grad"] = True
+        elif op == "pop_buf":
+            opt.state[prm].pop("momentum_buffer", None)
+            r["buf"] = None
+        elif op == "replace_buf":
+            b = rng.standard_normal(r["w"].size).astype(r["w"].dtype)
+            opt.state[prm]["momentum_buffer"] = torch.from_numpy(b.copy())
+            r["buf"] = b
+        elif op == "hyper":
+            gi = at % len(groups)
+            name = list(hyper_choices)[at % len(hyper_choices)]
+            value = hyper_choices[name][int(rng.integers(len(hyper_choices[name])))]
+            opt.param_groups[gi][name] = value
+            groups[gi][name] = value
+        elif op == "reload_state":  # state_dict takes weights written since the last step first
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            for rr in ref:  # and load_state_dict rewrites each masked parameter as its pruned copy
+                if rr["mask"] is not None:
+                    rr["value"] = rr["w"] * rr["mask"]
+        elif op == "add_group":
+            dtype = (np.float32, np.float64)[at % 2]
+            new_param(dtype, int(rng.integers(1, 50)), len(groups))
+            hp = dict(lr=0.02, momentum=(0.0, 0.9)[at % 2], weight_decay=0.0, lam=0.05, p=1)
+            opt.add_param_group(dict(params=[prms[-1]], **hp))
+            groups.append(hp)
+        elif op == "set_mask":
+            set_mask(i, rng.random(r["w"].size) < 0.5)
+        elif op == "remove_mask":
+            set_mask(i, None)
+        elif op in ("assign_data", "copy_nograd", "data_copy_reload", "vector_to_parameters"):
+            new = rng.standard_normal(r["w"].size).astype(r["w"].dtype)
+            if op == "assign_data":
+                prm.data = torch.from_numpy(new.copy())
+            elif op == "copy_nograd":
+                with torch.no_grad():
+                    prm.copy_(torch.from_numpy(new))
+            elif op == "data_copy_reload":  # a write torch does not track, then the documented call
+                prm.data.copy_(torch.from_numpy(new))
+                opt.reload_weights([prm])
+            else:  # torch's own utility, which assigns each parameter's .data a view into the vector
+                if prm.dtype != torch.float32:
+                    continue
+                same = [x for x in prms if x.dtype == torch.float32]
+                vec = torch.nn.utils.parameters_to_vector(same).clone()
+                start = sum(x.numel() for x in same[: [id(x) for x in same].index(id(prm))])
+                vec[start:start + prm.numel()] = torch.from_numpy(new)
+                torch.nn.utils.vector_to_parameters(vec, same)
+            r["w"], r["value"] = new.copy(), new.copy()
+        elif op == "write_mask":
+            if r["mask"] is None:
+                continue
+            j = int(rng.integers(r["w"].size))
+            opt.state[prm]["mask"][j] = not bool(r["mask"][j])
+            r["mask"] = r["mask"].copy()
+            r["mask"][j] = not r["mask"][j]
+        elif op == "no_grad":
+            r["has_grad"] = False
+    tol = dict(rtol=2e-4, atol=2e-5)
+    for prm, r in zip(prms, ref):
+        np.testing.assert_allclose(prm.detach().numpy(), r["value"], **tol)
+        np.testing.assert_allclose(opt.dense(prm).numpy(), r["w"], **tol)
+        state = opt.state[prm]
+        if r["buf"] is not None:
+            np.testing.assert_allclose(state["momentum_buffer"].numpy(), r["buf"], **tol)
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize("be", [*available_backends(), "torch"])
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.sampled_from(_EDITS), st.integers(0, 1000)), max_size=14),
+       seed=st.integers(0, 2**16))
+def test_every_edit_between_steps_is_honoured_as_torch_sgd_honours_it(be, ops, seed):
+    _run_edits(be, ops + [("step", 0), ("step", 1)], seed)
+
+
+@pytest.mark.parametrize("edit", ["pop", "replace"])
+def test_a_popped_or_replaced_momentum_buffer_is_taken_as_torch_sgd_takes_it(backend, edit):
+    """The audit's case: the prepared host tables kept stepping the old buffer (auto: off by 6.5)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(100))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = FedDIPSGD([p], lr=0.01, momentum=0.9, weight_decay=0, backend=backend)
+    ref = torch.optim.SGD([q], lr=0.01, momentum=0.9)
+    for step in range(6):
+        for o, x in ((opt, p), (ref, q)):
+            o.zero_grad()
+            (x * torch.arange(100.0)).sum().backward()
+            o.step()
+            if step == 2:
+                if edit == "pop":
+                    o.state[x].pop("momentum_buffer")
+                else:
+                    o.state[x]["momentum_buffer"] = torch.full((100,), 3.0)
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    assert "momentum_buffer" in opt.state[p]  # a checkpoint now holds it
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("way", ["assign", "copy_reload"])
+def test_weights_written_through_data_become_the_dense_weights(backend, way):
+    """`.data = new` (new storage) is seen at the next step; `.data.copy_(new)`, which torch does not
+    track, is taken with reload_weights. Either way the new weights are the dense weights."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(10, 4)
+    opt = FedDIPSGD(lin.parameters(), lr=0.0, weight_decay=0, backend=backend)
+    opt.set_masks({lin.weight: torch.rand(4, 10) > 0.5})
+    for _ in range(2):
+        opt.zero_grad()
+        lin(torch.randn(3, 10)).sum().backward()
+        opt.step()
+    new = torch.randn(4, 10)
+    if way == "assign":
+        lin.weight.data = new.clone()
+    else:
+        lin.weight.data.copy_(new)
+        opt.reload_weights()
+    opt.zero_grad()
+    lin(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    m = opt.state[lin.weight]["mask"]
+    assert torch.equal(opt.dense(lin.weight), new) and torch.equal(lin.weight.detach(), new * m)
+
+
+def test_a_parameter_reshaped_through_data_is_refused_until_its_mask_is_set_again():
+    lin = torch.nn.Linear(10, 4)
+    opt = FedDIPSGD(lin.parameters(), lr=0.1)
+    opt.set_masks({lin.weight: torch.rand(4, 10) > 0.5})
+    lin.weight.data = torch.randn(40)
+    lin.weight.grad = torch.randn(40)
+    with pytest.raises(ValueError, match="set its mask again"):
+        opt.step()
+    opt.set_masks({lin.weight: torch.ones(40, dtype=torch.bool)})  # taken as the new dense weights
+    opt.step()
+
+
+def test_mixed_float32_and_float64_layers_step_in_one_group(backend):
+    """The native step refused a group of float32 and float64 layers that the constructor took."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
+    ra, rb = (torch.nn.Parameter(x.detach().clone()) for x in (a, b))
+    opt = FedDIPSGD([a, b], lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+    ref = torch.optim.SGD([ra, rb], lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for _ in range(3):
+        for o, (x, y) in ((opt, (a, b)), (ref, (ra, rb))):
+            o.zero_grad()
+            ((x * x).sum() + (y * y).sum() + x.sum()).backward()
+            o.step()
+    torch.testing.assert_close(a, ra, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, rb, rtol=1e-12, atol=1e-12)
+
+
+def test_add_param_group_checks_as_the_constructor_does():
+    opt = FedDIPSGD([torch.nn.Parameter(torch.randn(3))], lr=0.1)
+    with pytest.raises(TypeError, match="float32/float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, dtype=torch.float16))]})
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 4).t())]})
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": -1.0})
+    with pytest.raises(ValueError, match="p must be"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "p": 3})
+    assert len(opt.param_groups) == 1
+
+
+def test_sgd_settings_it_does_not_implement_are_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FedDIPSGD([p], lr=0.1, momentum=0.9)
+    opt.param_groups[0]["nesterov"] = True
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="nesterov"):
+        opt.step()

@@ -339,8 +339,8 @@ def test_set_num_threads_is_honoured_and_validated():
             norm = fk.masked_ef_step(w, g, w0 > 0, lr=0.1, lam=0.01)
             results.append((w.tobytes(), norm, fk.global_magnitude_threshold([w0, g], 999)))
         assert results[0] == results[1]  # the same bits whatever the thread count
-        for bad in (-1, 1.5, True, "2"):
-            with pytest.raises(ValueError, match="integer >= 0"):
+        for bad in (-1, 1.5, True, "2", 2**31, 4097, 2**64):  # 2**31 raised TypeError from the binding
+            with pytest.raises(ValueError, match="integer from 0 to 4096"):
                 fk.set_num_threads(bad)
     finally:
         fk.set_num_threads(0)
@@ -625,3 +625,20 @@ def test_many_layers_sharing_memory_are_rejected(backend):
                                backend=backend)
     fk.masked_ef_step_many([store[:100], store[100:200]], g, pruned_outs=[store[200:], None], lr=0.1,
                            backend=backend)  # adjacent is fine
+
+
+def test_layers_of_both_float_types_step_in_one_call_as_one_at_a_time(backend):
+    """The native step refused float32 and float64 layers in one call, which numba and numpy took."""
+    rng = np.random.default_rng(11)
+    layers = [(n, dt) for n, dt in ((300, np.float32), (41, np.float64), (7, np.float32), (1000, np.float64))]
+    many = [dict(w=rng.standard_normal(n).astype(dt), g=rng.standard_normal(n).astype(dt), m=rng.random(n) < 0.3,
+                 buf=np.zeros(n, dt), out=np.zeros(n, dt)) for n, dt in layers]
+    one = [{k: v.copy() for k, v in L.items()} for L in many]
+    kw = dict(lr=0.1, weight_decay=1e-3, lam=0.01, momentum=0.9, backend=backend)
+    norms = fk.masked_ef_step_many([L["w"] for L in many], [L["g"] for L in many], [L["m"] for L in many],
+                                   momentum_buffers=[L["buf"] for L in many], pruned_outs=[L["out"] for L in many], **kw)
+    want = [fk.masked_ef_step(L["w"], L["g"], L["m"], momentum_buffer=L["buf"], pruned_out=L["out"], **kw) for L in one]
+    assert norms == want
+    for a, b in zip(many, one):
+        for k in ("w", "buf", "out"):
+            assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes()

@@ -11,6 +11,7 @@ on a CUDA device in one Triton kernel (feddip_kernels._triton_kernels).
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
@@ -31,9 +32,13 @@ class FedDIPSGD(torch.optim.Optimizer):
     a mask (biases, norms) get plain SGD with momentum and weight decay. Momentum follows
     torch.optim.SGD (no dampening, no Nesterov).
 
-    Writing new weights into a masked parameter in place (`param.copy_(x)` under no_grad, as
-    `load_state_dict` does) makes them the new dense weights at the next step; call `set_masks`
-    again to change a mask. float32/float64 parameters. On the CPU each step is the native fused
+    New weights written into a masked parameter in a way torch tracks (`param.copy_(x)` under
+    no_grad, as `load_state_dict` does, or `param.data = x`) become its dense weights at the next
+    step (or state_dict()); after writes torch does not track (`param.data.copy_(x)`, a NumPy view)
+    call `reload_weights`. Edits of the state and groups between steps (a momentum buffer popped or
+    replaced, hyperparameters, add_param_group, load_state_dict) are honoured as torch.optim.SGD
+    honours them. Call `set_masks` again to change a mask. float32/float64 parameters, mixed in a
+    group if need be. On the CPU each step is the native fused
     kernel. On a CUDA device, where Triton is installed, a group's layers (one device and dtype)
     step in one Triton kernel launch (_triton_kernels), as torch's fused SGD steps them; without
     Triton, or with `backend="torch"` (which takes that path on the CPU too), each layer steps in
@@ -63,12 +68,24 @@ class FedDIPSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.backend = backend
         self.compile = compile
-        for group in self.param_groups:
-            for prm in group["params"]:
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group (which the constructor calls for each group), with FedDIPSGD's
+        checks of the parameters and hyperparameters."""
+        params = param_group["params"]
+        for prm in [params] if isinstance(params, torch.Tensor) else list(params):
+            if isinstance(prm, torch.Tensor):
                 if prm.dtype not in (torch.float32, torch.float64):
                     raise TypeError(f"FedDIPSGD needs float32/float64 parameters, got {prm.dtype}")
                 if not prm.is_contiguous():
                     raise ValueError("FedDIPSGD needs contiguous parameters")
+        for name in ("lr", "momentum", "weight_decay", "lam"):
+            v = param_group.get(name, 0.0)
+            if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if param_group.get("p", 2) not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {param_group['p']}")
+        super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's optimizers pickle (and deep-copy) their state and groups only: the settings
@@ -90,16 +107,19 @@ class FedDIPSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def set_masks(self, masks: Mapping[torch.Tensor, Any]) -> None:
         """Assign masks (bool tensors or arrays, same shape) to parameters; None removes a mask.
-        The dense weights are kept (or taken from the parameter the first time) and the parameter
-        is rewritten as dense * mask."""
+        The dense weights are kept (or taken from the parameter the first time, or when its shape
+        or dtype changed since) and the parameter is rewritten as dense * mask."""
         self.__dict__["_layout"] = self.__dict__.get("_layout", 0) + 1  # cached layer tables are stale
         for prm, mask in masks.items():
             state = self.state[prm]
-            dense = self._dense(prm) if "dense" in state else prm.detach().clone()
+            kept = state.get("dense")
+            same = kept is not None and (kept.shape, kept.dtype, kept.device) == (prm.shape, prm.dtype, prm.device)
+            dense = self._dense(prm) if same else prm.detach().clone()
             if mask is None:
                 prm.copy_(dense)
-                for key in ("dense", "mask", "norm", "version", "dense_version"):
+                for key in ("dense", "mask", "norm"):
                     state.pop(key, None)
+                self._seen.pop(prm, None)
                 continue
             if isinstance(mask, torch.Tensor):
                 m = mask.detach().to(device=prm.device, dtype=torch.bool)
@@ -117,41 +137,109 @@ class FedDIPSGD(torch.optim.Optimizer):
         """The dense weights behind a parameter (the parameter itself when it has no mask)."""
         return self._dense(prm)
 
+    @torch.no_grad()
+    def reload_weights(self, params: Optional[Iterable[torch.Tensor]] = None) -> None:
+        """Take the masked parameters' current values (of `params`, default all) as their dense
+        weights, as a step does by itself for writes that torch tracks (`param.copy_(x)` under
+        no_grad, `model.load_state_dict`, `param.data = x`). Call it after writing weights in a way
+        torch does not track: `param.data.copy_(x)`, `param.data[...] = x`, or through a NumPy view
+        of the memory; a step cannot see those (finding them would cost a read of every weight)."""
+        chosen = [prm for group in self.param_groups for prm in group["params"]] if params is None else list(params)
+        for prm in chosen:
+            state = self.state.get(prm, {})
+            if "dense" in state:
+                self._take_weights(prm, state, force=True)
+
+    @property
+    def _seen(self) -> dict[torch.Tensor, "_Seen"]:
+        return self.__dict__.setdefault("_seen_", {})
+
     def _dense(self, prm: torch.Tensor) -> torch.Tensor:
         state = self.state[prm]
         if "dense" not in state:
             return prm.detach()
-        # Written from outside since our last step (torch's in-process version counter moved): new
-        # weights become the dense weights, unless what was written is the pruned copy we keep
-        # there anyway (a checkpoint's model state, restored before or after the optimizer's).
-        if prm._version != state["version"]:
-            if not torch.equal(prm.detach(), state["dense"] * state["mask"]):
-                state["dense"].copy_(prm.detach())
-                state["norm"] = None
-            self._stamp(prm)
+        seen = self._seen.get(prm)
+        if seen is None or prm._version != seen.version or prm.data_ptr() != seen.ptr:
+            self._take_weights(prm, state)
         return state["dense"]
+
+    def _take_weights(self, prm: torch.Tensor, state: dict[str, Any], force: bool = False) -> None:
+        """The parameter was written from outside since our last step (torch's version counter moved,
+        `.data` was assigned, or the caller says so): its values become the dense weights, unless
+        they are the pruned copy we keep there anyway (a checkpoint's model state, restored before
+        or after the optimizer's)."""
+        dense, w = state["dense"], prm.detach()
+        if (w.shape, w.dtype, w.device) != (dense.shape, dense.dtype, dense.device):
+            raise ValueError(
+                f"a masked parameter changed from {tuple(dense.shape)} {dense.dtype} on {dense.device} to "
+                f"{tuple(w.shape)} {w.dtype} on {w.device} since its mask was set; set its mask again (set_masks)")
+        if not w.is_contiguous():
+            raise ValueError("FedDIPSGD needs contiguous parameters (one was assigned a non-contiguous .data)")
+        seen = self._seen.get(prm)
+        if seen is not None and seen.ptr != prm.data_ptr() and seen.version == prm._version:
+            # `.data` assigned, the memory we wrote untouched: new weights unless the same values
+            # (torch's vector_to_parameters moves every parameter so)
+            new = not _same_values(w, seen.data)
+        else:  # written: new weights unless it is the pruned copy we keep there anyway
+            new = not _same_values(w, dense * state["mask"])
+        if force or new:
+            dense.copy_(w)  # moves dense's version: the cached norm is stale
+        self._stamp(prm)
+
+    def _stamp(self, prm: torch.Tensor) -> None:
+        """Remember the parameter as we left it (its version and memory), to see writes from outside."""
+        seen = self._seen.get(prm)
+        if seen is None:
+            seen = self._seen[prm] = _Seen()
+        ptr = prm.data_ptr()
+        if ptr != seen.ptr:  # a view of the memory we wrote: what `.data = x` is compared with
+            seen.data = prm.detach()
+        seen.version, seen.ptr = prm._version, ptr
+
+    def _valid_norm(self, prm: torch.Tensor, state: dict[str, Any], p: int) -> Any:
+        """The layer's ||w * m||_p kept from our last step, or None when anything it depends on
+        changed since (dense weights or mask replaced or written, another p)."""
+        seen, norm = self._seen.get(prm), state.get("norm")
+        if norm is None or seen is None or seen.norm_of is None:
+            return None
+        dense, mask = state["dense"], state["mask"]
+        d, dv, m, mv, q = seen.norm_of
+        return norm if d is dense and m is mask and dv == dense._version and mv == mask._version and q == p else None
+
+    def _keep_norm(self, prm: torch.Tensor, state: dict[str, Any], norm: Any, p: int) -> None:
+        """After a step: the layer's new norm, and the parameter as we left it."""
+        state["norm"] = norm
+        self._stamp(prm)
+        dense, mask = state["dense"], state["mask"]
+        self._seen[prm].norm_of = (dense, dense._version, mask, mask._version, p)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, with the dense weights up to date: weights written into a parameter
+        since the last step (which that step would take) are taken first."""
+        for group in self.param_groups:
+            for prm in group["params"]:
+                self._dense(prm)
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by state_dict(), in this or another process: the dense weights
-        (error feedback) come from it, and the parameters are rewritten as their pruned copy. Version
-        counters saved with it are another process's and mean nothing here."""
+        (error feedback) come from it, and the parameters are rewritten as their pruned copy."""
         super().load_state_dict(state_dict)
         self.__dict__["_layout"] = self.__dict__.get("_layout", 0) + 1
+        self._seen.clear()
         with torch.no_grad():
             for group in self.param_groups:
                 for prm in group["params"]:
                     state = self.state[prm]
+                    for key in ("version", "dense_version"):  # written by versions before 0.2: another process's
+                        state.pop(key, None)
                     if "dense" in state:
                         state["mask"] = state["mask"].to(torch.bool).contiguous()
                         state["dense"] = state["dense"].contiguous()
                         state["norm"] = None  # recomputed at the next step, in float64
                         prm.copy_(state["dense"] * state["mask"])
                         self._stamp(prm)
-
-    def _stamp(self, prm: torch.Tensor) -> None:
-        state = self.state[prm]
-        state["version"] = prm._version
-        state["dense_version"] = state["dense"]._version
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None) -> Optional[torch.Tensor]:
@@ -160,6 +248,7 @@ class FedDIPSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
+            _check_group(group)
             if self._triton_group(group):
                 self._triton_steps(gi, group)
                 continue
@@ -181,11 +270,11 @@ class FedDIPSGD(torch.optim.Optimizer):
                                                           group["momentum"], prm.device)
                 if "mask" in state:
                     dense = self._dense(prm)
-                    norm = state["norm"] if state["dense_version"] == dense._version else None
+                    norm = self._valid_norm(prm, state, group["p"])
                     if in_torch:
-                        state["norm"] = self._ef_step(dense, prm.grad, state["mask"], buf, prm.detach(),
-                                                      hp[prm.device], group["p"], norm)
-                        self._stamp(prm)
+                        norm = self._ef_step(dense, prm.grad, state["mask"], buf, prm.detach(), hp[prm.device],
+                                             group["p"], norm)
+                        self._keep_norm(prm, state, norm, group["p"])
                     else:
                         host_masked.append((prm, dense, buf, norm))
                 elif in_torch:  # no mask, no regulariser: SGD as torch.optim.SGD makes it
@@ -204,69 +293,83 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     @staticmethod
     def _momentum_buffer(prm: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """A parameter's momentum buffer, made (zeros) at its first step with momentum."""
+        """A parameter's momentum buffer, made (zeros) at its first step with momentum, or when the
+        state's was removed (as torch.optim.SGD then starts one afresh)."""
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = state["momentum_buffer"] = torch.zeros_like(prm, memory_format=torch.contiguous_format)
         return buf
 
-    def _group_key(self, group: dict[str, Any], prms: list[torch.Tensor]) -> tuple[Any, ...]:
+    def _group_key(self, group: dict[str, Any], prms: list[torch.Tensor]) -> tuple[tuple[Any, ...], list[Any]]:
         """What a group's prepared layers (Triton table, host arrays) stay valid for: no new masks or
-        restored state since, momentum on or off as then, the same parameters at the same addresses."""
-        return (self.__dict__.get("_layout", 0), group["momentum"] != 0, tuple(map(id, prms)),
-                tuple(prm.data_ptr() for prm in prms))
+        restored state since, momentum on or off and p as then, the same parameters at the same
+        addresses, and the same tensors in their state (a momentum buffer, dense weights or mask
+        removed or replaced from outside is taken at the next step, as torch.optim.SGD takes it).
+        Returns the key and the objects whose ids it holds, which the table must keep alive (an id
+        is unique only while its object lives)."""
+        objs: list[Any] = []
+        for prm in prms:
+            st = self.state[prm]
+            objs += (prm, st.get("momentum_buffer"), st.get("dense"), st.get("mask"))
+        key = (self.__dict__.get("_layout", 0), group["momentum"] != 0, group["p"], tuple(map(id, objs)),
+               tuple(prm.data_ptr() for prm in prms))
+        return key, objs
 
     def _prepare_host(self, gi: int, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor,
                       Optional[torch.Tensor], Optional[float]]], plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]]
                       ) -> None:
         """Keep the arrays that a group of host parameters (all with gradients) has just been stepped
         with, checked, so that the next steps hand them to the native kernel as they are: the
-        checks and conversions cost about 20 us a parameter, 1.2 ms a step for ResNet-18's 62."""
+        checks and conversions cost about 20 us a parameter, 1.2 ms a step for ResNet-18's 62.
+        One call of the kernel for the masked layers, one for the others."""
         prms = [prm for prm in group["params"] if prm.grad is not None]
-        self.__dict__.setdefault("_host_tables", {})[gi] = (
-            self._group_key(group, prms),
-            [(prm, self.state[prm], as_array(dense), None if buf is None else as_array(buf), as_array(prm))
-             for prm, dense, buf, _ in masked],
-            [(prm, as_array(prm), None if buf is None else as_array(buf)) for prm, buf in plain],
-        )
+        key, objs = self._group_key(group, prms)
+        ms = [(prm, self.state[prm], as_array(dense), None if buf is None else as_array(buf), as_array(prm))
+              for prm, dense, buf, _ in masked]
+        ps = [(prm, None, as_array(prm), None if buf is None else as_array(buf), None) for prm, buf in plain]
+        calls = [(is_masked, items) for is_masked, items in ((True, ms), (False, ps)) if items]
+        self.__dict__.setdefault("_host_tables", {})[gi] = (key, objs, calls)
 
     def _host_fast(self, gi: int, group: dict[str, Any]) -> bool:
         """Step a group of host parameters with the arrays _prepare_host kept, when nothing they
-        depend on has changed (the same parameters at the same addresses, no new masks, gradients
-        shaped as before); False otherwise, and the checked path runs."""
+        depend on has changed (see _group_key; gradients shaped as before); False otherwise, and
+        the checked path runs."""
         entry = self.__dict__.get("_host_tables", {}).get(gi)
         if entry is None:
             return False
-        key, masked, plain = entry
+        key, _, calls = entry
         prms = [prm for prm in group["params"] if prm.grad is not None]
-        if len(prms) != len(masked) + len(plain) or self._group_key(group, prms) != key:
+        if self._group_key(group, prms)[0] != key:
             return False
         grads = []
-        for prm in [m[0] for m in masked] + [q[0] for q in plain]:
-            g = prm.grad
-            if g.is_sparse or g.dtype != prm.dtype or g.shape != prm.shape or not g.is_contiguous():
-                return False
-            grads.append(g.detach().numpy())
-        _check_hyper(group["lr"], group["weight_decay"], group["lam"], group["momentum"], group["p"])
-        norms = []
-        for prm, st, *_ in masked:
-            if prm._version != st["version"]:
-                self._dense(prm)  # written from outside: the new dense weights (same storage)
-            norms.append(st["norm"] if st["dense_version"] == st["dense"]._version else None)
+        for _, items in calls:
+            gs = []
+            for item in items:
+                prm = item[0]
+                g = prm.grad
+                if g.is_sparse or g.dtype != prm.dtype or g.shape != prm.shape or not g.is_contiguous():
+                    return False
+                gs.append(g.detach().numpy())
+            grads.append(gs)
+        p = group["p"]
+        _check_hyper(group["lr"], group["weight_decay"], group["lam"], group["momentum"], p)
         native = _backend.native_module()
-        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"], p=group["p"])
-        if masked:
+        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"], p=p)
+        for (is_masked, items), gs in zip(calls, grads):
+            bufs = [item[3] for item in items]
+            if not is_masked:
+                native.masked_ef_step_many([item[2] for item in items], gs, [None] * len(items), momentum_buffers=bufs,
+                                           pruned_outs=[None] * len(items), lam=0.0, norms=[0.0] * len(items), **hyper)
+                continue
+            norms = []
+            for prm, st, *_ in items:
+                self._dense(prm)  # weights written from outside become the dense weights (same storage)
+                norms.append(self._valid_norm(prm, st, p))
             new = native.masked_ef_step_many(
-                [m[2] for m in masked], grads[: len(masked)], [self._mask_bits(m[0]) for m in masked],
-                momentum_buffers=[m[3] for m in masked], pruned_outs=[m[4] for m in masked], lam=group["lam"],
-                norms=norms, mask_packed=True, **hyper)
-            for (prm, st, *_), norm in zip(masked, new):
-                st["norm"] = norm
-                self._stamp(prm)
-        if plain:
-            native.masked_ef_step_many([m[1] for m in plain], grads[len(masked):], [None] * len(plain),
-                                       momentum_buffers=[m[2] for m in plain], pruned_outs=[None] * len(plain),
-                                       lam=0.0, norms=[0.0] * len(plain), **hyper)
+                [item[2] for item in items], gs, [self._mask_bits(item[0]) for item in items], momentum_buffers=bufs,
+                pruned_outs=[item[4] for item in items], lam=group["lam"], norms=norms, mask_packed=True, **hyper)
+            for (prm, st, *_), norm in zip(items, new):
+                self._keep_norm(prm, st, norm, p)
         return True
 
     def _triton_group(self, group: dict[str, Any]) -> bool:
@@ -291,14 +394,14 @@ class FedDIPSGD(torch.optim.Optimizer):
     def _triton_steps(self, gi: int, group: dict[str, Any]) -> None:
         """A group's layers in one launch of the Triton step (and a small one that adds up the
         layers' norms), replayed as a CUDA graph from the table's second step. The layer table, with
-        the addresses, the states and the norms, stays between steps while the layers do (the same
-        parameters at the same addresses, no new masks)."""
+        the addresses, the states and the norms, stays between steps while the layers do (see
+        _group_key)."""
         from .. import _triton_kernels
 
         prms = [prm for prm in group["params"] if prm.grad is not None]
         if not prms:
             return
-        key = self._group_key(group, prms)
+        key, objs = self._group_key(group, prms)
         tables = self.__dict__.setdefault("_triton_tables", {})
         entry = tables.get(gi)
         if entry is None or entry[0] != key:
@@ -308,34 +411,33 @@ class FedDIPSGD(torch.optim.Optimizer):
             if group["momentum"] != 0:
                 for prm, st in zip(prms, states):
                     self._momentum_buffer(prm, st)
+                key, objs = self._group_key(group, prms)  # with the buffers just made
             masked = [(prm, st) for prm, st in zip(prms, states) if "mask" in st]
             table = _triton_kernels.LayerTable(
                 [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)],
                 [st.get("mask") for st in states], [st.get("momentum_buffer") for st in states],
                 [prm.detach() if "mask" in st else None for prm, st in zip(prms, states)])
             views = [v for v, st in zip(table.views, states) if "mask" in st]
-            entry = tables[gi] = (key, table, masked, views, states)
-        _, table, masked, views, states = entry
+            entry = tables[gi] = (key, table, masked, views, objs)
+        _, table, masked, views, _ = entry
+        p = group["p"]
         fresh = False  # norms to compute first: a new table, or weights written from outside
         for (prm, st), v in zip(masked, views):
-            if prm._version != st["version"]:
-                self._dense(prm)
-            fresh |= st["norm"] is not v
+            self._dense(prm)
+            fresh |= self._valid_norm(prm, st, p) is not v
         if fresh:
-            table.compute_norms(group["p"])
-            for (_, st), v in zip(masked, views):
-                st["norm"] = v
+            table.compute_norms(p)
         grads = [prm.grad if prm.grad.is_contiguous() else prm.grad.contiguous() for prm in prms]
-        table.step(grads, group["lr"], group["weight_decay"], group["lam"], group["momentum"], group["p"])
+        table.step(grads, group["lr"], group["weight_decay"], group["lam"], group["momentum"], p)
         _bump(prms)  # written in place: autograd sees it as it sees torch's own in-place steps
-        for prm, st in masked:
-            st["version"] = prm._version
+        for (prm, st), v in zip(masked, views):
+            self._keep_norm(prm, st, v, p)
 
     def _host_steps(self, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                                                      Optional[float]]],
                     plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
-        """A group's host layers in at most two calls of the multi-layer kernel (one fork and join
-        each, not one per layer): the masked layers with the regulariser, then the others without."""
+        """A group's host layers in at most two calls of the multi-layer step (one fork and join
+        each, not one per layer): the masked layers with the regulariser, then the others."""
         hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], p=group["p"], momentum=group["momentum"],
                      backend=self.backend)
         if masked:
@@ -345,8 +447,7 @@ class FedDIPSGD(torch.optim.Optimizer):
                 momentum_buffers=[buf for _, _, buf, _ in masked], pruned_outs=[prm.detach() for prm, *_ in masked],
                 norms=[norm for *_, norm in masked], **hyper)
             for (prm, *_), norm in zip(masked, norms):
-                self.state[prm]["norm"] = norm
-                self._stamp(prm)
+                self._keep_norm(prm, self.state[prm], norm, group["p"])
         if plain:
             masked_ef_step_many([prm.detach() for prm, _ in plain], [prm.grad for prm, _ in plain],
                                 momentum_buffers=[buf for _, buf in plain], norms=[0.0] * len(plain), **hyper)
@@ -374,6 +475,34 @@ class FedDIPSGD(torch.optim.Optimizer):
                           "uncompiled torch operations", RuntimeWarning, stacklevel=3)
             self.compile = False
             return _torch_kernels.ef_step(*args)
+
+
+class _Seen:
+    """A masked parameter as the optimizer last left it, to tell edits from outside: its version and
+    memory (new weights written or `.data` assigned), a view of that memory (while `.data` points
+    elsewhere it keeps the old values, to compare with), and what its kept norm was computed from
+    (dense weights and mask, each object and version, and p)."""
+
+    __slots__ = ("version", "ptr", "data", "norm_of")
+
+    def __init__(self) -> None:
+        self.version, self.ptr = -1, -1
+        self.data: Optional[torch.Tensor] = None
+        self.norm_of: Optional[tuple[Any, ...]] = None
+
+
+def _same_values(a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    return b is not None and a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+_UNSUPPORTED = ("nesterov", "dampening", "maximize")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Settings of torch.optim.SGD that FedDIPSGD does not implement are refused, not ignored."""
+    for name in _UNSUPPORTED:
+        if group.get(name):
+            raise ValueError(f"FedDIPSGD does not implement {name} (param_groups has {name}={group[name]!r})")
 
 
 def _bump(tensors: list[torch.Tensor]) -> None:
