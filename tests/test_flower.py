@@ -1,17 +1,23 @@
 """Flower integration, in process: the mod inside a real flwr ClientApp and the FedDIP strategy
 driving it for a few rounds through Flower's Message objects (no network)."""
 
+import copy
+import math
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency  # noqa: E402
 
 import feddip_kernels as fk  # noqa: E402
 from feddip_kernels.integrations.flower import (  # noqa: E402
     MASKS_RECORD,
+    MAX_WEIGHT,
     FedDIP,
     decode_arrayrecord,
     encode_arrayrecord,
@@ -266,3 +272,260 @@ def test_reply_outside_the_global_mask_is_rejected(task_identity):
                        reply_to=m) for m in messages]
     arrays, metrics = strategy.aggregate_train(2, replies)
     assert arrays is None and metrics["feddip-rejected"] == 2
+
+
+# Replies that would poison or abort a round (issue 23, item 4). Round 2 of a strategy with
+# mask_every=5 does not prune: what a reply brings reaches the global model unfiltered.
+
+
+def _past_round_one(nodes=(1, 2), **kwargs):
+    """A strategy after a clean round 1 (t = 0, which makes the global mask), its ClientApp and
+    the nodes' contexts (which hold that mask)."""
+    strategy = FedDIP(num_rounds=10, s0=0.5, sp=0.9, mask_every=5, min_available_nodes=len(nodes),
+                      min_train_nodes=len(nodes), **kwargs)
+    app = _client_app([])
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
+    arrays, _ = strategy.aggregate_train(1, _train_replies(strategy, 1, app, contexts))
+    assert arrays is not None and strategy.server.round == 1
+    return strategy, app, contexts
+
+
+def _train_replies(strategy, rnd, app, contexts):
+    messages = list(strategy.configure_train(rnd, _record(_model()), ConfigRecord({}), _GridOf(sorted(contexts))))
+    return sorted((app(m, contexts[m.metadata.dst_node_id]) for m in messages), key=lambda r: r.metadata.src_node_id)
+
+
+def _server_state(strategy):
+    s = strategy.server
+    return s.round, {k: v.copy() for k, v in s.weights.items()}, {k: m.copy() for k, m in s.masks.items()}
+
+
+def _assert_state_is(strategy, state):
+    rnd, weights, masks = state
+    assert strategy.server.round == rnd
+    assert weights.keys() == strategy.server.weights.keys() and masks.keys() == strategy.masks.keys()
+    for k, v in weights.items():
+        assert strategy.server.weights[k].tobytes() == v.tobytes(), k
+    for k, m in masks.items():
+        np.testing.assert_array_equal(strategy.masks[k], m)
+
+
+def _set_metric(reply, key, value):
+    """Store any value under `key` in the reply's MetricRecord, as a reply from any client could
+    carry (MetricRecord's own type check bypassed)."""
+    next(iter(reply.content.metric_records.values())).__dict__["_data"][key] = value
+
+
+@pytest.mark.parametrize("weight", [math.inf, 10**400], ids=["inf", "int-past-float64"])
+def test_a_weight_that_is_not_a_finite_number_drops_that_reply(task_identity, weight):
+    strategy, app, contexts = _past_round_one()
+    replies = _train_replies(strategy, 2, app, contexts)
+    alone = copy.deepcopy(strategy)  # the same round with node 1's reply alone
+    _set_metric(replies[1], "num-examples", weight)
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert metrics["feddip-rejected"] == 1 and metrics["feddip-aggregated"] == 1 and strategy.rejected == 1
+    assert "'num-examples'" in strategy.reasons[-1][2]
+    expected, _ = alone.aggregate_train(2, replies[:1])
+    for k in expected:
+        assert np.isfinite(arrays[k].numpy()).all()
+        np.testing.assert_array_equal(arrays[k].numpy(), expected[k].numpy())
+    assert strategy.server.round == 2
+
+
+def test_weights_whose_sum_overflows_are_dropped_and_the_state_stays(task_identity):
+    strategy, app, contexts = _past_round_one()
+    replies = _train_replies(strategy, 2, app, contexts)
+    for r in replies:
+        _set_metric(r, "num-examples", 1e308)  # each finite, their sum is not
+    state = _server_state(strategy)
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert arrays is None and metrics["feddip-rejected"] == 2 and metrics["feddip-aggregated"] == 0
+    assert all("(0, 9007199254740992]" in why for why in strategy.reasons[-1].values())
+    _assert_state_is(strategy, state)
+    # The largest weight allowed, from every reply, aggregates.
+    replies = _train_replies(strategy, 2, app, contexts)
+    for r in replies:
+        _set_metric(r, "num-examples", MAX_WEIGHT)
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert metrics["feddip-aggregated"] == 2 and all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+@pytest.mark.parametrize("odd", ["list-for-scalar", "list-length", "missing-key", "extra-key", "record-name"])
+def test_metrics_of_another_shape_drop_that_reply_before_the_round_moves_on(task_identity, odd):
+    strategy, app, contexts = _past_round_one(nodes=(1, 2, 3))
+    replies = _train_replies(strategy, 2, app, contexts)
+    for r in replies:
+        r.content["metrics"]["loss"] = 0.25 * r.metadata.src_node_id
+        r.content["metrics"]["hist"] = [1.0, 2.0]
+    first = replies[0]  # the odd one out is node 1, the first in node order: the majority wins
+    if odd == "list-for-scalar":
+        first.content["metrics"]["loss"] = [0.5, 0.5]
+    elif odd == "list-length":
+        first.content["metrics"]["hist"] = [1.0, 2.0, 3.0]
+    elif odd == "missing-key":
+        del first.content["metrics"]["loss"]
+    elif odd == "extra-key":
+        first.content["metrics"]["accuracy"] = 0.9
+    else:
+        first.content["other"] = first.content.pop("metrics")
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert strategy.rounds[-1]["aggregated"] == [2, 3] and strategy.rounds[-1]["rejected"] == [1]
+    assert "differ from the round's" in strategy.reasons[-1][1]
+    # The metrics and the model are those of nodes 2 and 3 (20 and 30 examples).
+    assert metrics["loss"] == pytest.approx((0.5 * 20 + 0.75 * 30) / 50)
+    assert metrics["hist"] == pytest.approx([1.0, 2.0]) and metrics["feddip-rejected"] == 1
+    assert strategy.server.round == 2 and all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+def test_two_replies_with_different_metrics_keep_the_first_in_node_order(task_identity):
+    strategy, app, contexts = _past_round_one()
+    replies = _train_replies(strategy, 2, app, contexts)
+    replies[1].content["metrics"]["loss"] = [0.1, 0.2]
+    replies[0].content["metrics"]["loss"] = 0.1
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert strategy.rounds[-1]["aggregated"] == [1] and strategy.rounds[-1]["rejected"] == [2]
+    assert metrics["loss"] == pytest.approx(0.1)
+
+
+def test_a_failing_metrics_function_leaves_the_state_as_it_was(task_identity):
+    def fails(contents, key):
+        raise RuntimeError("custom metrics aggregation failed")
+
+    strategy, app, contexts = _past_round_one()
+    strategy.train_metrics_aggr_fn = fails
+    replies = _train_replies(strategy, 2, app, contexts)
+    state, rounds, up = _server_state(strategy), len(strategy.rounds), strategy.bytes_up
+    with pytest.raises(RuntimeError, match="custom metrics"):
+        strategy.aggregate_train(2, replies)
+    _assert_state_is(strategy, state)
+    assert len(strategy.rounds) == rounds and strategy.bytes_up == up
+
+
+def test_a_model_with_non_finite_values_is_dropped(task_identity):
+    strategy, app, contexts = _past_round_one()
+    replies = _train_replies(strategy, 2, app, contexts)
+    poisoned = {k: v.copy() for k, v in strategy.server.weights.items()}
+    poisoned["fc.weight"][np.nonzero(strategy.masks["fc.weight"])[0][0], :] = np.nan  # under the mask: sent
+    replies[1].content["arrays"] = encode_arrayrecord(_record(poisoned), masks=strategy.masks, reference=strategy.masks)
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert metrics["feddip-rejected"] == 1 and "non-finite" in strategy.reasons[-1][2]
+    assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+@pytest.mark.parametrize("signs", [(1, 1), (1, -1)], ids=["inf", "inf-minus-inf"])
+def test_an_average_past_float64s_range_is_not_taken(task_identity, signs):
+    # float64 values near float64's maximum, each finite: their weighted sum is not.
+    big = np.finfo(np.float64).max / 1.5
+    model = {"w": np.ones((4, 4)), "b": np.zeros(4)}
+    strategy = FedDIP(num_rounds=3, s0=0.5, sp=0.9, min_available_nodes=2, min_train_nodes=2)
+    messages = list(strategy.configure_train(1, _record(model), ConfigRecord({}), _Grid()))
+    state = _server_state(strategy)
+    replies = [Message(content=RecordDict({"arrays": encode_arrayrecord(_record({"w": np.full((4, 4), sign * big), "b": np.zeros(4)})),
+                                           "metrics": MetricRecord({"num-examples": 2})}), reply_to=m)
+               for m, sign in zip(messages, signs)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None and metrics["feddip-rejected"] == 2 and metrics["feddip-aggregated"] == 0
+    assert all("float64" in why for why in strategy.reasons[-1].values())
+    _assert_state_is(strategy, state)
+
+
+# Any reply: hypothesis picks, for each of three nodes, what its reply carries (half are left as the
+# client sent them, so that many rounds complete; the rest change any of these, mostly one or two).
+_SCALARS = st.one_of(
+    st.integers(min_value=-(2**1100), max_value=2**1100), st.floats(), st.booleans(), st.none(),
+    st.text(max_size=3), st.binary(max_size=3), st.just(np.float32(1.5)), st.just(np.int64(3)), st.just(1 + 2j),
+)
+_NUMBERS = st.one_of(st.integers(-100, 100), st.floats(-10, 10), st.lists(st.floats(-10, 10), max_size=3))
+_VALUES = st.one_of(_NUMBERS, _SCALARS, st.lists(_SCALARS, max_size=3))
+_UNCHANGED = {"weight": "keep", "metrics": {}, "record": "metrics", "metric_records": 1, "arrays": "keep",
+              "config_record": False, "error": False}
+
+
+def _often(value, *others):
+    """`value` three times in four, else one of `others`."""
+    return st.one_of(st.just(value), st.just(value), st.just(value), st.one_of(*others))
+
+
+_REPLY = st.one_of(st.just(_UNCHANGED), st.fixed_dictionaries({
+    "weight": _often("keep", st.just("delete"), _VALUES),
+    "metrics": _often({}, st.dictionaries(st.sampled_from(["loss", "acc", "hist"]), _VALUES, max_size=3)),
+    "record": _often("metrics", st.just("other")),
+    "metric_records": _often(1, st.sampled_from([0, 2])),  # how many MetricRecords the reply has
+    "arrays": _often("keep", st.sampled_from(["missing", "nan", "extra-record"])),
+    "config_record": st.booleans(),
+    "error": _often(False, st.just(True)),
+}))
+
+
+def _is_number(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _apply(reply, spec, strategy):
+    """The reply as `spec` says; whether the reply on its own (not against the others) is bad."""
+    metrics = reply.content.pop("metrics")
+    data = metrics.__dict__["_data"]
+    if spec["weight"] == "delete":
+        del data["num-examples"]
+    elif spec["weight"] != "keep":
+        data["num-examples"] = spec["weight"]
+    data.update(spec["metrics"])
+    for i in range(spec["metric_records"]):
+        reply.content[spec["record"] if i == 0 else f"more-{i}"] = metrics if i == 0 else MetricRecord({"x": 1.0})
+    if spec["arrays"] == "missing":
+        del reply.content["arrays"]
+    elif spec["arrays"] == "nan":
+        poisoned = {k: v.copy() for k, v in strategy.server.weights.items()}
+        poisoned["fc.bias"][0] = np.nan
+        reply.content["arrays"] = encode_arrayrecord(_record(poisoned), masks=strategy.masks, reference=strategy.masks)
+    elif spec["arrays"] == "extra-record":
+        reply.content["extra"] = _record({"z": np.ones(3, np.float32)})
+    if spec["config_record"]:
+        reply.content["config"] = ConfigRecord({"anything": "goes"})
+    weight = data.get("num-examples")
+    values_ok = all(all(map(_is_number, v)) if isinstance(v, list) else _is_number(v) for v in data.values())
+    bad = (spec["metric_records"] != 1 or spec["arrays"] in ("missing", "nan") or not values_ok
+           or not (_is_number(weight) and 0 < weight <= MAX_WEIGHT))
+    return reply, bad
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(specs=st.lists(_REPLY, min_size=3, max_size=3))
+def test_any_reply_is_aggregated_or_dropped_and_a_round_completes_or_changes_nothing(task_identity, specs):
+    strategy, app, contexts = _past_round_one(nodes=(1, 2, 3))
+    messages = sorted(strategy.configure_train(2, _record(_model()), ConfigRecord({}), _GridOf([1, 2, 3])),
+                      key=lambda m: m.metadata.dst_node_id)
+    replies, bad = [], set()
+    for m, spec in zip(messages, specs):
+        if spec["error"]:
+            replies.append(Message(Error(code=1, reason="client failed"), reply_to=m))
+            continue
+        reply, is_bad = _apply(app(m, contexts[m.metadata.dst_node_id]), spec, strategy)
+        replies.append(reply)
+        if is_bad:
+            bad.add(m.metadata.dst_node_id)
+    state, rejected = _server_state(strategy), strategy.rejected
+    arrays, metrics = strategy.aggregate_train(2, replies)  # never raises
+    seen = strategy.rounds[-1]
+    event(f"{len(seen['aggregated'])} aggregated, {len(seen['rejected'])} rejected")  # --hypothesis-show-statistics
+    assert sorted(seen["aggregated"] + seen["rejected"] + seen["failed"] + seen["missing"]) == [1, 2, 3]
+    assert seen["failed"] == [n for n, spec in zip((1, 2, 3), specs) if spec["error"]]
+    assert bad <= set(seen["rejected"])  # every bad reply is dropped and counted
+    for node in set(seen["rejected"]) - bad:  # a good reply only for metrics unlike the round's others
+        assert "differ from the round's" in strategy.reasons[-1][node]
+    assert strategy.rejected == rejected + len(seen["rejected"]) == rejected + metrics["feddip-rejected"]
+    assert set(strategy.reasons[-1]) == set(seen["rejected"])
+    if arrays is None:  # the round did not happen
+        assert not seen["aggregated"]
+        _assert_state_is(strategy, state)
+    else:
+        assert seen["aggregated"] and strategy.server.round == state[0] + 1
+        assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+        # What was aggregated passes flwr's own FedAvg checks on metrics.
+        kept = [r.content for r in replies if r.metadata.src_node_id in seen["aggregated"]]
+        validate_message_reply_consistency(kept, "num-examples", check_arrayrecord=False)

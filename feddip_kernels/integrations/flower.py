@@ -13,17 +13,23 @@
 - `FedDIP`: a Message-API strategy (a FedAvg) whose server side is feddip_kernels.server, the
   same code `feddip simulate` runs: aggregation, the global mask pruned by magnitude every
   `mask_every` rounds on the cubic schedule, nested masks. Each node gets the model coded relative
-  to the global mask it last received. Replies that do not decode against the global model's
-  schema are dropped and counted. Bytes each way: `bytes_down` / `bytes_up`.
+  to the global mask it last received. Training replies are validated whole (model, weight,
+  metrics) before anything changes; bad ones are dropped and counted. Bytes each way:
+  `bytes_down` / `bytes_up`.
 """
 
 from __future__ import annotations
 
+import math
+import reprlib
+from collections import Counter
+from logging import WARNING
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
 
 from ..codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
 from ..server import FedDIPServer, Schedule, random_erk_masks, seed_for
@@ -40,6 +46,28 @@ S0_KEY, SEED_KEY = "feddip-s0", "feddip-seed"  # for each client's own round-0 E
 MASKS_RECORD = "feddip-masks"  # the ArrayRecord the mod hands the ClientApp: the mask to train under
 
 _FLOATS = ("float32", "float64")
+# The largest weight a reply may carry: a count of examples, exact in float64, and small enough
+# that the weights of any number of replies sum to a finite float (two 1e308 would not).
+MAX_WEIGHT = float(2**53)
+
+# A reply's metrics as flwr's metric aggregation sees them: (MetricRecord name, ((key, -1 for a
+# scalar or the list's length), ...) sorted by key).
+_MetricShape = tuple[str, tuple[tuple[str, int], ...]]
+
+
+class _BadReply(ValueError):
+    """What is wrong with one training reply (it is dropped and counted, the round goes on)."""
+
+
+def _metric_number(value: object) -> bool:
+    """A value flwr's metric aggregation can weight and sum: an int (not a bool) or a float,
+    finite in float64 (an int too large to convert would raise OverflowError there)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def is_encoded(record: ArrayRecord) -> bool:
@@ -186,11 +214,12 @@ class FedDIP(FedAvg):
         self.node_masks: dict[int, dict[str, np.ndarray]] = {}  # the global mask each node last received
         self.bytes_down = 0
         self.bytes_up = 0
-        self.rejected = 0  # replies dropped from aggregation because they did not decode to the model
+        self.rejected = 0  # replies dropped from aggregation: see aggregate_train for the checks
         self.sampled: set[int] = set()  # nodes sent this round's training message
         # One entry a training round: nodes whose replies were aggregated, rejected, failed (error
         # replies) and missing (no reply within the round's timeout: crashed, stalled, cut off).
         self.rounds: list[dict[str, list[int]]] = []
+        self.reasons: list[dict[int, str]] = []  # one entry a training round: rejected node -> why
 
     @property
     def masks(self) -> dict[str, np.ndarray]:
@@ -236,57 +265,136 @@ class FedDIP(FedAvg):
 
     def _decode_reply(self, reply: Message, server: FedDIPServer) -> dict[str, np.ndarray]:
         """The reply's model, checked against the global model's schema (names, shapes, dtypes)
-        before anything is allocated beyond the model's own size; CodecError otherwise."""
+        before anything is allocated beyond the model's own size, inside the global mask, and
+        finite; CodecError or _BadReply otherwise."""
         record = reply.content.array_records.get(self.arrayrecord_key)
         if record is None or not is_encoded(record):
             raise CodecError("reply carries no encoded model")
-        self.bytes_up += encoded_size(record)
         schema = {k: (v.shape, v.dtype) for k, v in server.weights.items()}
         limit = sum(v.nbytes for v in server.weights.values())
         plain, positions = decode_arrayrecord(record, reference=server.masks or None, max_bytes=limit, expect=schema)
         for k, m in server.masks.items():
             if (positions[k] & ~m).any():
                 raise CodecError(f"reply's {k!r} has values outside the global mask it was sent")
-        return {k: a.numpy() for k, a in plain.items()}
+        model = {k: a.numpy() for k, a in plain.items()}
+        for k, a in model.items():
+            if not np.isfinite(a).all():  # one NaN or inf would spread through the average
+                raise _BadReply(f"reply's {k!r} holds non-finite values")
+        return model
 
-    def _num_examples(self, reply: Message) -> float:
-        for record in reply.content.metric_records.values():
-            if self.weighted_by_key in record:
-                n = float(record[self.weighted_by_key])
-                if n > 0:
-                    return n
-        raise KeyError(f"reply has no positive {self.weighted_by_key!r} metric")
+    def _check_metrics(self, reply: Message) -> tuple[_MetricShape, float]:
+        """(shape of the reply's metrics, its weight) after the checks flwr's FedAvg makes (one
+        MetricRecord, holding `weighted_by_key` as a single number) and those its aggregation
+        needs without checking (numbers only, finite in float64); the weight must lie in
+        (0, MAX_WEIGHT]. _BadReply otherwise."""
+        records = reply.content.metric_records
+        if len(records) != 1:
+            raise _BadReply(f"reply has {len(records)} MetricRecords, expected exactly one")
+        ((name, record),) = records.items()
+        shape = []
+        for key, value in record.items():
+            if isinstance(value, list):
+                if not all(_metric_number(v) for v in value):
+                    raise _BadReply(f"metric {key!r} = {reprlib.repr(value)} holds a value that is not a finite int or float")
+                shape.append((key, len(value)))
+            elif _metric_number(value):
+                shape.append((key, -1))
+            else:
+                raise _BadReply(f"metric {key!r} = {reprlib.repr(value)} is not a finite int or float (or a list of them)")
+        weight = record.get(self.weighted_by_key)
+        if weight is None or isinstance(weight, list) or not 0 < weight <= MAX_WEIGHT:
+            raise _BadReply(f"metric {self.weighted_by_key!r} = {reprlib.repr(weight)} is not a number in (0, {MAX_WEIGHT:.0f}]")
+        return (name, tuple(sorted(shape))), float(weight)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Aggregate the replies that pass every check, or leave the state as it was.
+
+        A reply is dropped and counted as rejected (`feddip-rejected`, `rejected`; why, in
+        `reasons`) when its model does not decode to the global model's tensors, shapes and dtypes,
+        has values outside the global mask or non-finite ones, or when its metrics are not what
+        flwr's FedAvg and its metric aggregation require: exactly one MetricRecord of ints, floats
+        and lists of them, all finite, holding `weighted_by_key` as a number in (0, MAX_WEIGHT]
+        (required with either weighting: flwr's metric aggregation weights by it), and of the same
+        record name, keys and list lengths as the round's other replies (the shape most replies
+        share wins, a tie goes to the lowest node id). ArrayRecords other than `arrayrecord_key`
+        and ConfigRecords are ignored. Nothing changes until all replies are checked and the
+        metrics aggregated: a round either aggregates and advances the server, or returns (None,
+        the counts) with the global model, mask and round as they were: when no reply is usable, or
+        when the average leaves float64's range (float64 tensors only; its replies are then counted
+        as rejected). Bad replies never raise; only an exception from a custom
+        `train_metrics_aggr_fn` propagates, with the state unchanged."""
         server = self.server
-        valid, uploads = [], []
-        seen = {"aggregated": [], "rejected": [], "failed": [], "missing": []}
+        seen: dict[str, list[int]] = {"aggregated": [], "rejected": [], "failed": [], "missing": []}
+        reasons: dict[int, str] = {}
+        checked: list[tuple[Message, dict[str, np.ndarray], float, _MetricShape]] = []
+        bytes_up = 0
         # In node order, so that the average is summed in a reproducible order.
         for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
             node = reply.metadata.src_node_id
             if reply.has_error() or not reply.has_content():
-                self.node_masks.pop(node, None)  # its state is unknown now
                 seen["failed"].append(node)
                 continue
+            record = reply.content.array_records.get(self.arrayrecord_key)
+            bytes_up += encoded_size(record) if record is not None else 0
             try:
                 model = self._decode_reply(reply, server)
-                weight = self._num_examples(reply) if self.weighting == "samples" else 1.0
-            except (CodecError, KeyError, TypeError, ValueError):
-                seen["rejected"].append(node)  # one bad reply must not abort the round: drop it, count it
+                shape, weight = self._check_metrics(reply)
+            except (CodecError, KeyError, TypeError, ValueError) as e:  # _BadReply is a ValueError
+                reasons[node] = str(e)  # one bad reply must not abort the round: drop it, count it
+                continue
+            checked.append((reply, model, weight if self.weighting == "samples" else 1.0, shape))
+        # flwr's metric aggregation fails on replies whose metrics differ in keys or shapes (and its
+        # FedAvg refuses them): keep the shape most replies share, drop the rest.
+        shapes = Counter(shape for *_, shape in checked)
+        common = max(shapes, key=shapes.__getitem__) if shapes else None  # the first of equals: node order
+        valid, uploads = [], []
+        for reply, model, weight, shape in checked:
+            node = reply.metadata.src_node_id
+            if shape != common:
+                reasons[node] = f"metrics {_describe(shape)} differ from the round's {_describe(common)}"
                 continue
             valid.append(reply)
             uploads.append((model, weight))
             seen["aggregated"].append(node)
+        seen["rejected"] = sorted(reasons)
+        metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key) if valid else None
+        if uploads:
+            saved = (server.weights, server.masks, server.round)  # aggregate rebinds these, never mutates them
+            # Weights <= MAX_WEIGHT and finite float32 values cannot overflow the float64 sum; float64
+            # values near float64's maximum can (inf, or NaN from inf - inf, which pruning refuses):
+            # then the round is not taken.
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):  # caught here: no warning
+                    finite = all(np.isfinite(v).all() for v in server.aggregate(uploads).values())
+            except ValueError:
+                finite = False
+            if not finite:
+                server.weights, server.masks, server.round = saved
+                for node in seen["aggregated"]:
+                    reasons[node] = "the weighted average overflows float64"
+                seen["aggregated"], seen["rejected"], uploads = [], sorted(reasons), []
+        # Everything checked and aggregated: only now the bookkeeping changes.
         answered = set(seen["aggregated"] + seen["rejected"] + seen["failed"])
         seen["missing"] = sorted(self.sampled - answered)
-        for node in seen["missing"]:
-            self.node_masks.pop(node, None)  # it may or may not have received the last model
+        for node in seen["failed"] + seen["missing"]:
+            self.node_masks.pop(node, None)  # it may or may not hold the last model we sent it
+        for node, why in reasons.items():
+            log(WARNING, "FedDIP: reply from node %d dropped: %s", node, why)
+        self.bytes_up += bytes_up
         self.rounds.append(seen)
+        self.reasons.append(reasons)
         self.rejected += len(seen["rejected"])
         counts = {f"feddip-{k}": len(v) for k, v in seen.items()}
         if not uploads:  # nothing to aggregate: the global model stays, the round is not counted
             return None, MetricRecord(counts)
-        server.aggregate(uploads)
-        metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
         metrics = MetricRecord({**(dict(metrics) if metrics is not None else {}), **counts})
         return ArrayRecord(array_dict={k: Array(v) for k, v in server.weights.items()}), metrics
+
+
+def _describe(shape: Optional[_MetricShape]) -> str:
+    """A metric shape for messages: record 'metrics' {'loss': scalar, 'hist': list of 3}."""
+    if shape is None:
+        return "(none)"
+    name, items = shape
+    fields = ", ".join(f"{k!r}: {'scalar' if n < 0 else f'list of {n}'}" for k, n in items)
+    return f"in record {name!r} {{{fields}}}"
