@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, BinaryIO, Mapping, Optional, Union
@@ -24,6 +25,7 @@ import numpy as np
 from . import _backend, codecs
 from ._arrays import as_array, flat_mask, is_torch
 from .codecs import DEFAULT_MAX_BYTES, POSITIONS, CodecError, decode_model, encode_model
+from .codecs.format import MAX_ARRAY_BYTES
 from .codecs.positions import check_golomb, decode_positions
 
 if TYPE_CHECKING:
@@ -38,6 +40,18 @@ RAW_DTYPES = frozenset(
     ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8", "<c8", "<c16"]
 )
 _MESSAGE_DTYPES = ("<f4", "<f8")
+# How deeply a header's JSON may nest (metadata included). json.loads recurses once a level, so an
+# unbounded depth is a RecursionError (or a crashed interpreter) instead of CodecError.
+MAX_JSON_DEPTH = 100
+# A Golomb parameter is a u32 in the wire format, and the kernels take it as one.
+MAX_GOLOMB_M = (1 << 32) - 1
+# The keys a header, an entry (by store) and a negative-zero record may have: anything else is refused.
+_HEADER_KEYS = frozenset(["container", "entries", "metadata", "torch_metadata"])
+_ENTRY_KEYS = {
+    "message": frozenset(["name", "shape", "dtype", "store", "torch", "negative_zeros"]),
+    "raw": frozenset(["name", "shape", "dtype", "store", "torch", "torch_bytes", "offset", "nbytes"]),
+}
+_NZ_KEYS = frozenset(["count", "positions", "m", "offset", "nbytes"])
 
 PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
 
@@ -123,8 +137,10 @@ def save(
         header["torch_metadata"] = torch_meta  # module versions that load_state_dict consults
     try:
         body = json.dumps(header, allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+    if json_too_deep(body):  # load would refuse the file
+        raise ValueError(f"metadata nests deeper than load accepts ({MAX_JSON_DEPTH} levels in all)")
     if len(body) > 0xFFFFFFFF:
         raise ValueError("the header (entry list and metadata) exceeds 4 GiB")
     parts = [_HEADER.pack(MAGIC, VERSION, bytes(3), len(body), len(message)), body, message, *blobs]
@@ -244,9 +260,16 @@ def _from_numpy(a: np.ndarray, entry: Mapping[str, Any], torch_out: bool) -> Any
     t = torch.from_numpy(a)
     if entry.get("torch_bytes"):
         dt = _torch_dtype(entry)
-        if a.size != math.prod(entry["shape"]) * torch.empty((), dtype=dt).element_size():
+        try:
+            size = torch.empty((), dtype=dt).element_size()
+        except (RuntimeError, TypeError):  # a dtype name that is no tensor element type (torch.qint8 ...)
+            raise CodecError(f"entry {entry['name']!r}: torch.{entry['torch']} is not a tensor dtype") from None
+        if a.size != math.prod(entry["shape"]) * size:
             raise CodecError(f"entry {entry['name']!r}: {a.size} bytes for shape {entry['shape']} of torch.{entry['torch']}")
-        t = t.view(dt).reshape(entry["shape"])
+        try:
+            t = t.view(dt).reshape(entry["shape"])
+        except RuntimeError as e:
+            raise CodecError(f"entry {entry['name']!r}: {a.size} bytes cannot be viewed as torch.{entry['torch']}: {e}") from None
     elif "torch" in entry and t.dtype != _torch_dtype(entry):
         raise CodecError(f"entry {entry['name']!r}: stored as {a.dtype}, labelled torch.{entry['torch']}")
     return t
@@ -255,7 +278,8 @@ def _from_numpy(a: np.ndarray, entry: Mapping[str, Any], torch_out: bool) -> Any
 def _torch_dtype(entry: Mapping[str, Any]) -> Any:
     import torch
 
-    dt = getattr(torch, entry["torch"], None)
+    # The module's own attributes only: getattr would also import submodules (torch.onnx ...) by name.
+    dt = vars(torch).get(entry["torch"])
     if not isinstance(dt, torch.dtype):
         raise CodecError(f"entry {entry['name']!r}: unknown torch dtype {entry['torch']!r}")
     return dt
@@ -276,7 +300,8 @@ def _encode_position_set(k: "Kernels", keep: np.ndarray) -> tuple[int, str, byte
 
 
 def _decode_position_set(k: "Kernels", raw: memoryview, nz: Mapping[str, Any], n: int, name: str) -> np.ndarray:
-    """A negative-zero position set as a bool array, checked as the wire format's positions are."""
+    """A negative-zero position set as a bool array, checked as the wire format's positions are
+    (`nz` as _check_entries passed it: m within the kernels' u32)."""
     count = nz["count"]
     try:
         if nz["positions"] == "golomb":
@@ -313,23 +338,73 @@ def _split(data: memoryview) -> tuple[dict[str, Any], memoryview, memoryview]:
     if codecs.crc32c(data[:body_end]) != stored:
         raise CodecError("checksum mismatch: the file is corrupt")
     start = _HEADER.size + json_len
-    try:
-        header = json.loads(bytes(data[_HEADER.size : start]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CodecError(f"the header is not valid JSON: {e}") from None
+    header = parse_json(bytes(data[_HEADER.size : start]), "the header")
     return header, data[start : start + message_len], data[start + message_len : body_end]
 
 
+# A string's rest after its opening quote. Tried once per string, from its quote, so a scan is
+# linear even when a string never ends (the match then fails once, in one pass).
+_JSON_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_SPECIAL = re.compile(rb'[\[\]{}"]')
+
+
+def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text `raw` (UTF-8) nests arrays and objects deeper than `limit`, found in
+    one linear pass without parsing it. For text that is not JSON the answer covers the depth that
+    json.loads reaches before it meets the error (the scan stops at an unterminated string or a
+    surplus closing bracket, where json.loads stops too; beyond an error it can only overcount)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # the common case: too few brackets to matter
+        return False
+    depth, pos = 0, 0
+    while (m := _JSON_SPECIAL.search(raw, pos)) is not None:
+        c = raw[m.start()]
+        if c == 0x22:  # '"': skip the string, brackets in it included
+            end = _JSON_STRING_REST.match(raw, m.end())
+            if end is None:
+                return False
+            pos = end.end()
+            continue
+        pos = m.end()
+        if c in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+            if depth < 0:
+                return False
+    return False
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """`raw` (UTF-8 JSON) parsed, refusing with CodecError what is not JSON or nests deeper than
+    MAX_JSON_DEPTH levels (checked first: json.loads would exhaust the recursion limit)."""
+    if json_too_deep(raw):
+        raise CodecError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, an int of too many digits
+        raise CodecError(f"{what} is not valid JSON: {e}") from None
+
+
 def _check_entries(header: Any, blob_len: int, max_bytes: int) -> list[dict[str, Any]]:
-    """The header's entry list, with every field's type, every raw entry's size and offset, and the
-    total decoded size checked (raw entries must tile the raw area exactly, in order)."""
+    """The header's entry list, with every field's type and range, every raw entry's size and
+    offset, and the total decoded size checked (raw entries must tile the raw area exactly, in
+    order). Unknown keys are refused: nothing in the header goes unread."""
     if not isinstance(header, dict) or header.get("container") not in ("torch", "numpy"):
         raise CodecError("the header is not a storage header")
     if not isinstance(header.get("entries"), list) or not isinstance(header.get("metadata"), dict):
         raise CodecError("the header lacks its entry list or metadata")
+    unknown = set(header) - _HEADER_KEYS
+    if unknown:
+        raise CodecError(f"the header has unknown fields {sorted(unknown)}")
     tm = header.get("torch_metadata", {})
-    if not isinstance(tm, dict) or not all(isinstance(v, dict) for v in tm.values()):
-        raise CodecError("the header's torch_metadata is not a mapping of module names to mappings")
+    # torch's _metadata: module prefix -> {"version": int, ...}; values that load_state_dict reads
+    # as scalars, so nothing nested is accepted.
+    if not isinstance(tm, dict) or not all(
+            isinstance(v, dict) and all(x is None or isinstance(x, (str, int, float)) for x in v.values())
+            for v in tm.values()):
+        raise CodecError("the header's torch_metadata is not a mapping of module names to mappings of scalars")
     entries: list[dict[str, Any]] = header["entries"]
     names: set[str] = set()
     offset, total = 0, 0
@@ -338,34 +413,48 @@ def _check_entries(header: Any, blob_len: int, max_bytes: int) -> list[dict[str,
             raise CodecError(f"header entry {i} has no name or repeats one")
         name = e["name"]
         names.add(name)
+        store = e.get("store")
+        if store not in ("message", "raw"):
+            raise CodecError(f"entry {name!r}: unknown store {store!r}")
+        unknown = set(e) - _ENTRY_KEYS[store]
+        if unknown:
+            raise CodecError(f"entry {name!r}: unknown fields {sorted(unknown)} for store {store!r}")
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > codecs.MAX_NDIM or not all(_is_count(s) for s in shape):
             raise CodecError(f"entry {name!r}: bad shape {shape!r}")
         if "torch" in e and not isinstance(e["torch"], str):
             raise CodecError(f"entry {name!r}: bad torch dtype")
-        if e.get("store") == "message":
-            if e.get("dtype") not in _MESSAGE_DTYPES or "torch_bytes" in e:
+        dtype = e.get("dtype")
+        if store == "message":
+            if dtype not in _MESSAGE_DTYPES:
                 raise CodecError(f"entry {name!r}: the message holds float32 and float64 entries only")
             nz = e.get("negative_zeros")
             if nz is not None:
                 size = math.prod(shape)
-                if (not isinstance(nz, dict) or nz.get("positions") not in ("golomb", "bitmask")
-                        or not all(_is_count(nz.get(f)) for f in ("count", "m", "offset", "nbytes"))
+                if (not isinstance(nz, dict) or set(nz) != _NZ_KEYS or nz["positions"] not in ("golomb", "bitmask")
+                        or not all(_is_count(nz[f]) for f in _NZ_KEYS - {"positions"})
                         or not 0 < nz["count"] <= size or nz["offset"] != offset):
                     raise CodecError(f"entry {name!r}: bad negative-zero record")
+                if nz["positions"] == "golomb" and not 1 <= nz["m"] <= MAX_GOLOMB_M:
+                    raise CodecError(f"entry {name!r}: negative-zero record: Golomb parameter m = {nz['m']} "
+                                     f"is outside [1, {MAX_GOLOMB_M}]")
+                if nz["positions"] == "bitmask" and nz["m"] != 0:
+                    raise CodecError(f"entry {name!r}: negative-zero record: m = {nz['m']} with bitmask positions (0 expected)")
                 offset += nz["nbytes"]
-        elif e.get("store") == "raw":
-            if not isinstance(e.get("dtype"), str) or e["dtype"] not in RAW_DTYPES or not _is_count(e.get("offset")) or not _is_count(e.get("nbytes")):
+        else:
+            if not isinstance(dtype, str) or dtype not in RAW_DTYPES or not _is_count(e.get("offset")) or not _is_count(e.get("nbytes")):
                 raise CodecError(f"entry {name!r}: bad raw entry")
-            if e.get("torch_bytes") not in (None, True) or (e.get("torch_bytes") and e.get("dtype") != "|u1"):
+            # present only as true, on the |u1 bytes of a named torch dtype
+            if "torch_bytes" in e and (e["torch_bytes"] is not True or dtype != "|u1" or "torch" not in e):
                 raise CodecError(f"entry {name!r}: bad torch byte entry")
-            count = e["nbytes"] if e.get("torch_bytes") else math.prod(shape) * np.dtype(e["dtype"]).itemsize
+            count = e["nbytes"] if e.get("torch_bytes") else math.prod(shape) * np.dtype(dtype).itemsize
             if e["nbytes"] != count or e["offset"] != offset:
                 raise CodecError(f"entry {name!r}: size or offset disagrees with its shape and the entries before it")
             offset += e["nbytes"]
             total += e["nbytes"]
-        else:
-            raise CodecError(f"entry {name!r}: unknown store {e.get('store')!r}")
+        # NumPy refuses shapes over its size limit even when they hold no element, such as (0, 2**62).
+        if math.prod(max(s, 1) for s in shape) * np.dtype(dtype).itemsize > MAX_ARRAY_BYTES:
+            raise CodecError(f"entry {name!r}: shape {shape} is beyond NumPy's array size limit")
         if offset > blob_len:
             raise CodecError(f"entry {name!r} runs past the end of the file")
         if total > max_bytes:

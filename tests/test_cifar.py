@@ -134,3 +134,29 @@ def test_simulation_trains_on_cifar_with_augmentation(tmp_path):
     a = run_simulation(cfg, train, test, iid_partition(len(train), 2))
     b = run_simulation(cfg, train, test, iid_partition(len(train), 2))
     assert a.history[-1]["bytes_up"] > 0 and a.history[-1]["loss"] == b.history[-1]["loss"]  # seeded
+
+
+class _Reshaped:
+    """Pickles as a uint8 (n, 3072) array whose recorded shape is `shape` (a crafted batch)."""
+
+    def __init__(self, shape, n=1):
+        self.shape, self.n = shape, n
+
+    def __reduce__(self):
+        rebuild, args, state = np.zeros((self.n, 3072), np.uint8).__reduce__()
+        return rebuild, args, (state[0], self.shape, *state[2:])
+
+
+@pytest.mark.parametrize("shape", [(1.0, 3072), (1, 3072.0), (True, 3072), ("1", 3072), (None, 3072), [1, 3072],
+                                   (1, 3072, 1), (1,), (-1, 3072), (2**70, 3072), (1, 1024 * 3 + 0.0)])
+def test_pickled_shapes_that_are_not_int_pairs_are_refused(tmp_path, shape):
+    # (1.0, 3072) matches the byte count and reached reshape, which raised TypeError before.
+    d = tmp_path / "cifar-10-batches-py"
+    _write_python(d, [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"], b"labels")
+    with open(d / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _Reshaped(shape), b"labels": [1]}, f, protocol=2)
+    with pytest.raises(ValueError, match="shape"):
+        load_cifar(str(tmp_path))
+    with open(d / "data_batch_2", "wb") as f:  # the same file with the true shape loads
+        pickle.dump({b"data": _Reshaped((1, 3072)), b"labels": [1]}, f, protocol=2)
+    assert len(load_cifar(str(tmp_path))[0]) == 17

@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from feddip_kernels.codecs import CodecError, crc32c  # noqa: E402
 from feddip_kernels.fl.cli import main  # noqa: E402
 from feddip_kernels.fl import (  # noqa: E402
     SimulationConfig,
@@ -329,9 +330,9 @@ def test_checkpoint_is_validated_not_unpickled(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     state = run_simulation(cfg, train, test, parts, checkpoint=str(ckpt))
     good = ckpt.read_bytes()
-    for bad in (b"\x80\x04pickle", good[:20], good[:-5], good[:4] + b"\x02" + good[5:]):
+    for bad in (b"\x80\x04pickle", good[:20], good[:-5], good[:4] + b"\x03" + good[5:]):
         ckpt.write_bytes(bad)
-        with pytest.raises(ValueError):
+        with pytest.raises(CodecError):
             run_simulation(cfg, train, test, parts, checkpoint=str(ckpt), resume=True)
     other = _tiny("feddip", rounds=2, model="alexnet")[0]
     ckpt.write_bytes(good)
@@ -381,3 +382,258 @@ def test_failing_clients_are_dropped_and_counted(monkeypatch):
     monkeypatch.setattr(simulation, "_train_client", lambda *a: (_ for _ in ()).throw(ValueError("broken")))
     with pytest.raises(RuntimeError, match="every client failed"):
         run_simulation(cfg, train, test, parts)
+
+
+# ------------------------------------------------------------------ hostile checkpoints
+
+
+class _Deep:
+    """A JSON value written as `depth` nested lists (json.dumps itself would recurse)."""
+
+    def __init__(self, depth):
+        self.depth = depth
+
+    def __repr__(self):
+        return f"_Deep({self.depth})"
+
+
+def _dumps(obj):
+    deep = {}
+
+    def placeholder(o):
+        if not isinstance(o, _Deep):
+            raise TypeError(type(o))
+        deep[f"@deep{len(deep)}@"] = o.depth
+        return f"@deep{len(deep) - 1}@"
+
+    text = json.dumps(obj, default=placeholder)
+    for key, depth in deep.items():
+        text = text.replace(json.dumps(key), "[" * depth + "]" * depth)
+    return text.encode()
+
+
+def _ckpt_split(data):
+    """(header, JSON, message) of a checkpoint. Format 1 had no checksum: the helpers follow the
+    file's version, so these tests show what the code before the checksum accepted."""
+    from feddip_kernels.fl import checkpoint
+
+    version, json_len = data[4], checkpoint._HEADER.unpack_from(data)[3]
+    start = checkpoint._HEADER.size
+    return data[:start], json.loads(data[start : start + json_len]), data[start + json_len : len(data) - 4 * (version >= 2)]
+
+
+_KEEP = object()
+
+
+def _ckpt_reseal(data, meta=_KEEP, message=None):
+    """The checkpoint with its JSON and message replaced where given, and a fresh checksum, so that
+    the checks behind the checksum are reached."""
+    header, old_meta, old_message = _ckpt_split(data)
+    body = _dumps(old_meta if meta is _KEEP else meta)
+    out = header[:8] + struct.pack("<I", len(body)) + body + (old_message if message is None else message)
+    return out + (struct.pack("<I", crc32c(out)) if data[4] >= 2 else b"")
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    # 4 rounds, 2 of 4 clients a round, a new mask every 2 rounds: clients hold the global mask
+    # (-1) and an older one (set 0), and rows with and without a sparsity target.
+    path = tmp_path_factory.mktemp("ckpt") / "run.ckpt"
+    cfg, train, test, parts = _tiny("feddip", rounds=4, clients_per_round=2, mask_every=2)
+    state = run_simulation(cfg, train, test, parts, checkpoint=str(path))
+    data = path.read_bytes()
+    assert sorted(set(_ckpt_split(data)[1]["client_masks"].values())) == [-1, 0]
+    return cfg, make_model(cfg.model, train.x.shape[1], train.num_classes), data, state
+
+
+def _load_bytes(tmp_path, cfg, model, data):
+    from feddip_kernels.fl.checkpoint import load_checkpoint
+
+    path = tmp_path / "mutated.ckpt"
+    path.write_bytes(data)
+    return load_checkpoint(str(path), cfg, model)
+
+
+def _refusals(tmp_path, cfg, model, files):
+    """The (label, outcome) of each file that load_checkpoint does not refuse with CodecError."""
+    wrong = []
+    for label, data in files:
+        try:
+            _load_bytes(tmp_path, cfg, model, data)
+            wrong.append((label, "loaded"))
+        except CodecError as e:
+            if type(e) is not CodecError:
+                wrong.append((label, repr(e)))
+        except Exception as e:  # noqa: BLE001 - any other exception is what is tested against
+            wrong.append((label, repr(e)))
+    return wrong
+
+
+def test_checkpoint_reseal_round_trips(tmp_path, real_checkpoint):
+    # The helpers rebuild a loadable file (otherwise every mutation test below would pass for nothing).
+    cfg, model, data, state = real_checkpoint
+    assert _ckpt_reseal(data) == data
+    loaded = _load_bytes(tmp_path, cfg, model, _ckpt_reseal(data))
+    assert loaded.round == 4 and loaded.history == state.history
+    assert set(loaded.client_masks) == set(state.client_masks)
+    for k, v in state.weights.items():
+        assert loaded.weights[k].tobytes() == v.tobytes()
+
+
+def test_checkpoint_audit_cases_are_refused(tmp_path, real_checkpoint):
+    # The audit's cases: before, the first three loaded silently (the third with its mask dropped),
+    # the others raised AttributeError, TypeError, KeyError or RecursionError.
+    cfg, model, data, _ = real_checkpoint
+    meta = _ckpt_split(data)[1]
+    cases = [
+        ("round 5", {**meta, "round": 5}), ("round -7", {**meta, "round": -7}),
+        ("has_mask false", {**meta, "has_mask": False}),
+        ("client 99", {**meta, "client_masks": {**meta["client_masks"], "99": -1}}),
+        ("json []", []), ("client_masks list", {**meta, "client_masks": [[1, 0]]}),
+        ("history rows missing", {**meta, "history": []}),
+        ("deep", {**meta, "history": _Deep(100_000)}),
+    ]
+    files = [(label, _ckpt_reseal(data, meta=m)) for label, m in cases]
+    assert _refusals(tmp_path, cfg, model, files) == []
+
+
+_FREE_REALS = {"accuracy", "loss", "sparsity", "sparsity_target", "lr", "lambda", "time_train", "time_prune",
+               "time_encode"}
+_WRONG_TYPES = [None, True, False, "x", [], {}, [[["deep"]]], {"a": {"b": {}}}, _Deep(60), _Deep(100_000)]
+_WRONG_NUMBERS = [0, -7, 2**64, 1.5, float("nan"), 10**30]
+
+
+def _paths(obj, path=()):
+    yield path, obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, path + (i,))
+
+
+def _mutated(meta, path, op, value=None):
+    meta = json.loads(json.dumps(meta))
+    *parent_path, last = path
+    parent = meta
+    for p in parent_path:
+        parent = parent[p]
+    if op == "delete":
+        del parent[last]
+    elif op == "append":
+        parent[last].append(value)
+    else:
+        parent[last] = value
+    return meta
+
+
+def test_every_single_field_mutation_of_a_checkpoint_is_refused(tmp_path, real_checkpoint):
+    # Every field at every level (configuration, round, has_mask, prunable, client_masks, each
+    # history row's fields): deleted, or set to each wrong type, nesting shallow and past the
+    # parser's limit, and out-of-range or inconsistent numbers; unknown fields added at each level;
+    # the whole JSON replaced. Each must raise CodecError, and nothing else.
+    cfg, model, data, _ = real_checkpoint
+    meta = _ckpt_split(data)[1]
+    files = [(f"json = {v!r}", _ckpt_reseal(data, meta=v)) for v in [[], "x", None, 1, _Deep(100_000)]]
+    for path, old in _paths(meta):
+        if path:
+            files.append((f"delete {path}", _ckpt_reseal(data, meta=_mutated(meta, path, "delete"))))
+            free = path[-1] in _FREE_REALS and path[0] == "history"
+            values = _WRONG_TYPES + ([-7.0] if free else _WRONG_NUMBERS)
+            for v in values:
+                if free and v is None and path[-1] == "sparsity_target":
+                    continue  # None is a valid target (rounds that do not prune)
+                if _dumps(v) != _dumps(old):
+                    files.append((f"{path} = {v!r}", _ckpt_reseal(data, meta=_mutated(meta, path, "set", v))))
+        if isinstance(old, dict):
+            extra = ["extra"] + (["99", "4", "01", "-1", " 1"] if path == ("client_masks",) else [])
+            for key in extra:
+                files.append((f"{path} + {key!r}", _ckpt_reseal(data, meta=_mutated(meta, path + (key,), "set", 0))))
+        if isinstance(old, list) and old:
+            files.append((f"{path} + copy of last", _ckpt_reseal(data, meta=_mutated(meta, path, "append", old[-1]))))
+    assert len(files) > 1000
+    assert _refusals(tmp_path, cfg, model, files) == []
+
+
+def test_checkpoint_json_must_agree_with_the_run(tmp_path, real_checkpoint):
+    # Well-typed values that another run, or no run, would write.
+    cfg, model, data, _ = real_checkpoint
+    meta = _ckpt_split(data)[1]
+    clients = meta["client_masks"]
+    holder = next(k for k, j in clients.items() if j == -1)
+    row = meta["history"][1]
+    cases = {
+        "round 3 with 4 rows": {**meta, "round": 3},
+        "a client that holds the global mask said to hold set 0": {**clients, holder: 0},
+        "clients listed in another order": dict(reversed(list(clients.items()))),
+        "a client left out": {k: j for k, j in clients.items() if k != holder},
+        "bytes_total off by one": {**row, "bytes_total": row["bytes_total"] + 1},
+        "one client more than sampled": {**row, "clients": 3},
+        "a failure not counted": {**row, "failures": ["client 1: RuntimeError"]},
+        "bytes_authors beyond the model": {**row, "bytes_authors": 8 * 2 * 10**6},
+        "accuracy above 1": {**row, "accuracy": 1.5},
+    }
+    files = []
+    for label, value in cases.items():
+        if isinstance(value, dict) and "config" in value:
+            m = value
+        elif "round" in value:
+            m = {**meta, "history": [meta["history"][0], value, *meta["history"][2:]]}
+        else:
+            m = {**meta, "client_masks": value}
+        files.append((label, _ckpt_reseal(data, meta=m)))
+    assert _refusals(tmp_path, cfg, model, files) == []
+
+
+def test_checkpoint_message_must_agree_with_the_json(tmp_path, real_checkpoint):
+    from feddip_kernels.codecs import decode_model, encode_model
+
+    cfg, model, data, _ = real_checkpoint
+    decoded = decode_model(_ckpt_split(data)[2])
+    name = "classifier.1.weight"
+
+    def message(edit):
+        tensors, masks = dict(decoded.tensors), dict(decoded.masks)
+        edit(tensors, masks)
+        return encode_model(tensors, masks=masks, values="raw")
+
+    def value_in_set(t, m):
+        t[f"k0/{name}"] = t[f"k0/{name}"].copy()
+        t[f"k0/{name}"][m[f"k0/{name}"]] = 1.0  # a stored mask set carries zeros only
+
+    def set_missing_global(t, m):
+        m[f"k0/{name}"] = m[f"k0/{name}"] & ~m[f"w/{name}"]  # an older mask always contains the current
+
+    def tensor_missing(t, m):
+        del t["w/features.0.bias"]
+
+    def extra_set(t, m):
+        t[f"k1/{name}"], m[f"k1/{name}"] = t[f"k0/{name}"], m[f"k0/{name}"]
+
+    files = [(f.__name__, _ckpt_reseal(data, message=message(f)))
+             for f in (value_in_set, set_missing_global, tensor_missing, extra_set)]
+    assert _refusals(tmp_path, cfg, model, files) == []
+
+
+def test_every_flipped_byte_of_a_checkpoint_is_refused(tmp_path, real_checkpoint):
+    # The checksum covers the whole file: header, JSON, message and itself. Every byte of the
+    # header, the JSON and the checksum, and a sample of the message's; truncations; a byte more.
+    cfg, model, data, _ = real_checkpoint
+    json_end = 12 + struct.unpack_from("<I", data, 8)[0]
+    positions = [*range(json_end), *range(json_end, len(data) - 4, 97), *range(len(data) - 4, len(data))]
+    files = []
+    for i in positions:
+        bad = bytearray(data)
+        bad[i] ^= 1 << (i % 8)
+        files.append((f"flip {i}", bytes(bad)))
+    files += [(f"cut {n}", data[:n]) for n in (0, 11, 12, json_end, len(data) // 2, len(data) - 4, len(data) - 1)]
+    files.append(("one byte more", data + b"\0"))
+    assert _refusals(tmp_path, cfg, model, files) == []
+
+
+def test_checkpoint_of_format_1_is_refused_saying_so(tmp_path, real_checkpoint):
+    cfg, model, data, _ = real_checkpoint
+    old = data[:4] + b"\x01" + data[5:-4]  # format 1: header, JSON, message, no checksum
+    with pytest.raises(CodecError, match="format 1, which has no checksum"):
+        _load_bytes(tmp_path, cfg, model, old)

@@ -1,11 +1,12 @@
 import io
+from collections import OrderedDict
 import json
 import os
 import struct
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import feddip_kernels as fk
@@ -189,6 +190,16 @@ def test_rejects_what_it_cannot_store():
 # ------------------------------------------------------------------------ hostile files
 
 
+class Deep:
+    """A header value that reseal writes as `depth` nested lists (json.dumps itself would recurse)."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+
+    def __repr__(self) -> str:
+        return f"Deep({self.depth})"
+
+
 def reseal(data: bytes, edit) -> bytes:
     """The file with its JSON header replaced by edit(header) and a fresh checksum, so that the
     checks behind the checksum are reached."""
@@ -196,7 +207,18 @@ def reseal(data: bytes, edit) -> bytes:
     start = storage._HEADER.size
     header = json.loads(data[start : start + json_len])
     edit(header)
-    body = json.dumps(header).encode()
+    deep: dict[str, int] = {}
+
+    def placeholder(o):
+        if not isinstance(o, Deep):
+            raise TypeError(type(o))
+        deep[f"@deep{len(deep)}@"] = o.depth
+        return f"@deep{len(deep) - 1}@"
+
+    text = json.dumps(header, default=placeholder)
+    for key, depth in deep.items():
+        text = text.replace(json.dumps(key), "[" * depth + "]" * depth)
+    body = text.encode()
     rest = data[start + json_len : -4]
     out = storage._HEADER.pack(magic, version, reserved, len(body), message_len) + body + rest
     return out + struct.pack("<I", fk.codecs.crc32c(out))
@@ -305,27 +327,70 @@ def test_any_dict_of_arrays_round_trips_bit_for_bit(sd, signed):
             np.testing.assert_array_equal(back[k], sd[k])
 
 
+# Values for any header field: every JSON type, ints at and beyond each bound a field has (u32, u63,
+# u64, negatives), floats that equal ints or are not finite, strings that are valid elsewhere,
+# containers, and nesting from shallow to far past the parser's limit.
+EDGE_INTS = [-(2**63), -(2**31), -1, 0, 1, 2, 3, 7, 8, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64, 10**30]
+json_scalars = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from(EDGE_INTS)
+    | st.floats() | st.sampled_from([0.0, -0.0, 1.0, 3.0, 1e300, float("inf"), float("nan")])
+    | st.text(max_size=8)
+    | st.sampled_from(["golomb", "bitmask", "raw", "message", "torch", "numpy", "<f4", "<f8", "|u1", "<i8", "|O",
+                       "bfloat16", "qint8", "float32", "onnx", "version"])
+)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    json_scalars,
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=6,
-)
-FIELDS = ["name", "shape", "dtype", "store", "torch", "torch_bytes", "offset", "nbytes", "negative_zeros"]
+) | st.integers(1, 300).map(Deep) | st.just(Deep(100_000))
+FIELDS = ["name", "shape", "dtype", "store", "torch", "torch_bytes", "offset", "nbytes", "negative_zeros", "unknown"]
+NZ_FIELDS = ["count", "positions", "m", "offset", "nbytes", "unknown"]
+TOP_FIELDS = ["torch_metadata", "metadata", "container", "entries", "unknown"]
+# Where an edit lands: a top-level field, an entry's field, a negative-zero record's field, or a
+# torch_metadata module's field.
+TARGETS = ([("top", f) for f in TOP_FIELDS] + [("entry", f) for f in FIELDS] + [("nz", f) for f in NZ_FIELDS]
+           + [("tm", "version"), ("tm", "unknown")])
+
+
+def hostile_state_dict():
+    g = np.zeros(400, np.float32)  # negative zeros coded as a Golomb stream (m = 138)
+    g[[5, 300]] = -0.0
+    g[[10, 20, 30]] = [1, 2, 3]
+    sd = OrderedDict(w=sparse((30, 20), 0.1), z=np.array([-0.0, 0.0, 1.0], np.float32), g=g, n=np.arange(4),
+                     e=np.zeros((0, 3), np.int64), b=torch.randn(3).bfloat16())
+    sd._metadata = {"": {"version": 1}, "fc": {"version": 2}}
+    return sd
+
+
+def edit_field(where, field, op, which, value):
+    def edit(h):
+        if where == "top":
+            target = h
+        elif where == "tm":
+            target = list(h["torch_metadata"].values())[which % len(h["torch_metadata"])]
+        else:
+            entries = h["entries"] if where == "entry" else [e for e in h["entries"] if "negative_zeros" in e]
+            target = entries[which % len(entries)]
+            if where == "nz":
+                target = target["negative_zeros"]
+        if op == "delete":
+            target.pop(field, None)
+        else:
+            target[field] = value
+
+    return edit
 
 
 @settings(deadline=None, max_examples=300)
-@given(st.integers(0, 20), st.sampled_from(FIELDS + ["torch_metadata", "metadata", "container"]), json_values)
-def test_any_header_field_value_is_loaded_or_refused_cleanly(which, field, value):
-    sd = {"w": sparse((30, 20), 0.1), "z": np.array([-0.0, 0.0, 1.0], np.float32), "n": np.arange(4),
-          "b": torch.randn(3).bfloat16()}
-
-    def edit(h):
-        if field in ("torch_metadata", "metadata", "container"):
-            h[field] = value
-        else:
-            h["entries"][which % len(h["entries"])][field] = value
-
-    data = reseal(round_trip(sd), edit)
+@given(st.integers(0, 20), st.sampled_from(TARGETS), st.sampled_from(["set", "set", "set", "delete"]), json_values)
+@example(0, ("top", "metadata"), "set", Deep(100_000))  # RecursionError before: json.loads recursed
+@example(1, ("nz", "m"), "set", 2**40)  # TypeError before: the binding takes a u32
+@example(4, ("entry", "shape"), "set", [0, 2**62])  # NumPy's ValueError before
+@example(5, ("entry", "torch"), "delete", None)  # KeyError before
+@example(0, ("tm", "version"), "set", [[[1]]])  # accepted before
+def test_any_header_field_value_is_loaded_or_refused_cleanly(which, target, op, value):
+    where, field = target
+    data = reseal(round_trip(hostile_state_dict()), edit_field(where, field, op, which, value))
     try:
         out = storage.load(data)
     except CodecError:
@@ -334,3 +399,41 @@ def test_any_header_field_value_is_loaded_or_refused_cleanly(which, field, value
         assert "as_torch=True" in str(e)
         return
     assert all(isinstance(k, str) for k in out)
+
+
+def test_deeply_nested_header_is_refused_with_codec_error():
+    data = round_trip({"n": np.arange(3)})
+    for depth in (101, 100_000):
+        with pytest.raises(CodecError, match="nests deeper than 100"):
+            storage.load(reseal(data, lambda h: h.update(metadata={"x": Deep(depth)})))
+    # Depth is nesting, not the number of brackets, and brackets in strings do not count.
+    meta = {"many": [[i] for i in range(500)], "text": "[" * 1000 + '\\"{' * 100, "deep": Deep(90)}
+    _, back = storage.load(reseal(data, lambda h: h.update(metadata=meta)), metadata=True)
+    assert back["many"][499] == [499] and back["text"] == meta["text"]
+    with pytest.raises(ValueError, match="nests deeper"):  # save refuses what load would
+        storage.save({"n": np.arange(3)}, io.BytesIO(), metadata={"x": json.loads("[" * 200 + "]" * 200)})
+
+
+def test_json_depth_scan_is_linear_on_unterminated_strings():
+    # An unterminated string full of escaped quotes: each quote must not restart the string match.
+    text = b'{"a": [' * 40 + b'"' + b'\\"[' * 200_000
+    assert not storage.json_too_deep(text)
+    assert storage.json_too_deep(b"[" * 101)
+    assert not storage.json_too_deep(b'["' + b"[" * 200 + b'"]')
+
+
+def test_golomb_parameter_out_of_range_is_refused_naming_it():
+    data = round_trip(hostile_state_dict())
+    for m in (2**32, 2**40, 2**63 - 1):
+        with pytest.raises(CodecError, match="Golomb parameter m = "):
+            storage.load(reseal(data, edit_field("nz", "m", "set", 1, m)))
+    with pytest.raises(CodecError, match="Golomb parameter m = 0"):
+        storage.load(reseal(data, edit_field("nz", "m", "set", 1, 0)))
+    with pytest.raises(CodecError, match="bitmask"):
+        storage.load(reseal(data, edit_field("nz", "m", "set", 0, 5)))  # z's record is a bitmask
+
+
+def test_shapes_beyond_numpys_limit_are_refused_even_when_empty():
+    data = round_trip(hostile_state_dict())
+    with pytest.raises(CodecError, match="size limit"):
+        storage.load(reseal(data, set_entry("e", shape=[0, 2**62])))

@@ -201,6 +201,57 @@ def test_short_reads_and_writes_and_objects_with_only_read():
         np.testing.assert_array_equal(fk.decode_stream(f).tensors["f64"], w["f64"])
 
 
+class WouldBlock(io.RawIOBase):
+    """A non-blocking raw file: takes at most 5 bytes a call, and every third call would block
+    (None: nothing taken, as io.RawIOBase.write says)."""
+
+    def __init__(self) -> None:
+        self.sink, self.calls = bytearray(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b):
+        self.calls += 1
+        if self.calls % 3 == 0:
+            return None
+        n = min(len(b), 5)
+        self.sink += bytes(b[:n])
+        return n
+
+
+def test_a_raw_write_that_would_block_raises_instead_of_losing_bytes():
+    # Before, None counted as "took it all": the message went on with the bytes missing.
+    w = model(np.random.default_rng(5))
+    msg = stream(w, chunk_elems=64)
+    f = WouldBlock()
+    with pytest.raises(BlockingIOError, match="WouldBlock.write returned None") as e:
+        fk.encode_stream(w, f, chunk_elems=64)
+    assert e.value.characters_written == len(f.sink) == 10  # two short writes, then would block
+    assert msg.startswith(bytes(f.sink))
+
+
+class Claims:
+    """A writer that takes everything and returns `answer`."""
+
+    def __init__(self, answer) -> None:
+        self.answer, self.sink = answer, bytearray()
+
+    def write(self, b):
+        self.sink += bytes(b)
+        return self.answer(len(b)) if callable(self.answer) else self.answer
+
+
+@pytest.mark.parametrize("answer, error", [
+    (lambda n: n + 1, OSError), (0, OSError), (-1, OSError), ("all", TypeError), (True, TypeError), (1.0, TypeError),
+])
+def test_a_write_that_misreports_what_it_took_is_an_error(answer, error):
+    with pytest.raises(error, match="Claims.write"):
+        fk.encode_stream({"a": np.ones(10, np.float32)}, Claims(answer))
+    f = Claims(lambda n: np.int64(n))  # any integer type is a count
+    assert fk.encode_stream({"a": np.ones(10, np.float32)}, f) == len(f.sink)
+
+
 def test_through_a_pipe_that_cannot_seek():
     rng = np.random.default_rng(6)
     w = {"a": rng.standard_normal((300, 301)).astype(np.float32) * (rng.random((300, 301)) < 0.05)}

@@ -5,7 +5,9 @@ window of chunks (about a chunk a thread) besides the caller's tensors and outpu
 
 from __future__ import annotations
 
+import errno
 import math
+import numbers
 from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -49,11 +51,21 @@ class _Writer:
         self.count += len(view)
         while len(view):
             written = self.file.write(view)
-            if not isinstance(written, int):  # objects that return nothing have taken it all
-                break
-            if written <= 0:
-                raise OSError(f"the file object took none of {len(view)} bytes")
-            view = view[written:]
+            if written is None:
+                # io.RawIOBase: a non-blocking file that would block, nothing taken. Waiting here
+                # would be a busy loop (the file need not have a fileno to wait on), and a return
+                # value that cannot be told from "took it all" cannot be trusted with the rest.
+                raise BlockingIOError(
+                    errno.EAGAIN,
+                    f"{type(self.file).__name__}.write returned None (a non-blocking file that would block "
+                    f"takes nothing) after {self.count - len(view)} bytes of the message; encode_stream needs "
+                    "a blocking file object whose write returns the number of bytes it took",
+                    self.count - len(view))
+            if isinstance(written, bool) or not isinstance(written, numbers.Integral):
+                raise TypeError(f"{type(self.file).__name__}.write returned {written!r}, not the number of bytes it took")
+            if not 0 < written <= len(view):
+                raise OSError(f"{type(self.file).__name__}.write took {written} of {len(view)} bytes")
+            view = view[int(written):]
 
 
 def encode_stream(
@@ -77,7 +89,11 @@ def encode_stream(
     chunk whose positions are a subset of its part of the reference mask is coded relative to it.
     `tensors` is read one item at a time (a Mapping that loads each tensor on access keeps one in
     memory), and the working memory is a window of about one chunk a thread
-    (get_num_threads()). Tensors on a CUDA device are sparsified there, chunk by chunk."""
+    (get_num_threads()). Tensors on a CUDA device are sparsified there, chunk by chunk.
+
+    `file.write` may take part of what it is given and must return how much (as io objects do);
+    None, a non-blocking raw file's "would block", raises BlockingIOError (characters_written:
+    the message's bytes written before), as does a non-blocking buffered file."""
     if values not in VALUES:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
     if positions not in STREAM_POSITIONS:

@@ -120,8 +120,11 @@ def _to_array(obj: Any, path: str) -> np.ndarray:
     _, shape, dtype, fortran, raw = obj.state
     if not isinstance(dtype, _DType) or dtype.name != "u1" or fortran or not isinstance(raw, (bytes, bytearray)):
         raise ValueError(f"{path}: 'data' must be a C-ordered uint8 array")
-    if not (isinstance(shape, tuple) and len(shape) == 2 and shape[1] == _PIXELS and shape[0] * _PIXELS == len(raw)):
-        raise ValueError(f"{path}: 'data' has shape {shape} and {len(raw)} bytes, expected (n, {_PIXELS})")
+    # The pickle supplies the shape: its entries must be ints (not bools, floats or anything else
+    # that compares equal to one) before they reach arithmetic and reshape.
+    if not (isinstance(shape, tuple) and len(shape) == 2 and all(type(s) is int for s in shape)
+            and shape[1] == _PIXELS and shape[0] * _PIXELS == len(raw)):
+        raise ValueError(f"{path}: 'data' has shape {shape!r} and {len(raw)} bytes, expected (n, {_PIXELS}) of ints")
     return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
