@@ -22,6 +22,8 @@ from feddip_kernels.fl import (  # noqa: E402
 )
 from feddip_kernels.fl.data import read_idx  # noqa: E402
 from feddip_kernels.fl.simulation import _initial_state, _train_client  # noqa: E402
+from deep_json import Deep  # noqa: E402
+import deep_json  # noqa: E402
 
 MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
@@ -387,29 +389,8 @@ def test_failing_clients_are_dropped_and_counted(monkeypatch):
 # ------------------------------------------------------------------ hostile checkpoints
 
 
-class _Deep:
-    """A JSON value written as `depth` nested lists (json.dumps itself would recurse)."""
-
-    def __init__(self, depth):
-        self.depth = depth
-
-    def __repr__(self):
-        return f"_Deep({self.depth})"
-
-
 def _dumps(obj):
-    deep = {}
-
-    def placeholder(o):
-        if not isinstance(o, _Deep):
-            raise TypeError(type(o))
-        deep[f"@deep{len(deep)}@"] = o.depth
-        return f"@deep{len(deep) - 1}@"
-
-    text = json.dumps(obj, default=placeholder)
-    for key, depth in deep.items():
-        text = text.replace(json.dumps(key), "[" * depth + "]" * depth)
-    return text.encode()
+    return deep_json.dumps(obj).encode()
 
 
 def _ckpt_split(data):
@@ -491,7 +472,7 @@ def test_checkpoint_audit_cases_are_refused(tmp_path, real_checkpoint):
         ("client 99", {**meta, "client_masks": {**meta["client_masks"], "99": -1}}),
         ("json []", []), ("client_masks list", {**meta, "client_masks": [[1, 0]]}),
         ("history rows missing", {**meta, "history": []}),
-        ("deep", {**meta, "history": _Deep(100_000)}),
+        ("deep", {**meta, "history": Deep(100_000)}),
     ]
     files = [(label, _ckpt_reseal(data, meta=m)) for label, m in cases]
     assert _refusals(tmp_path, cfg, model, files) == []
@@ -499,7 +480,7 @@ def test_checkpoint_audit_cases_are_refused(tmp_path, real_checkpoint):
 
 _FREE_REALS = {"accuracy", "loss", "sparsity", "sparsity_target", "lr", "lambda", "time_train", "time_prune",
                "time_encode"}
-_WRONG_TYPES = [None, True, False, "x", [], {}, [[["deep"]]], {"a": {"b": {}}}, _Deep(60), _Deep(100_000)]
+_WRONG_TYPES = [None, True, False, "x", [], {}, [[["deep"]]], {"a": {"b": {}}}, Deep(60), Deep(100_000)]
 _WRONG_NUMBERS = [0, -7, 2**64, 1.5, float("nan"), 10**30]
 
 
@@ -535,7 +516,7 @@ def test_every_single_field_mutation_of_a_checkpoint_is_refused(tmp_path, real_c
     # the whole JSON replaced. Each must raise CodecError, and nothing else.
     cfg, model, data, _ = real_checkpoint
     meta = _ckpt_split(data)[1]
-    files = [(f"json = {v!r}", _ckpt_reseal(data, meta=v)) for v in [[], "x", None, 1, _Deep(100_000)]]
+    files = [(f"json = {v!r}", _ckpt_reseal(data, meta=v)) for v in [[], "x", None, 1, Deep(100_000)]]
     for path, old in _paths(meta):
         if path:
             files.append((f"delete {path}", _ckpt_reseal(data, meta=_mutated(meta, path, "delete"))))

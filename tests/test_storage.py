@@ -12,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 import feddip_kernels as fk
 from feddip_kernels import storage
 from feddip_kernels.codecs import CodecError
+import deep_json
 
 torch = pytest.importorskip("torch")
 
@@ -190,14 +191,7 @@ def test_rejects_what_it_cannot_store():
 # ------------------------------------------------------------------------ hostile files
 
 
-class Deep:
-    """A header value that reseal writes as `depth` nested lists (json.dumps itself would recurse)."""
-
-    def __init__(self, depth: int) -> None:
-        self.depth = depth
-
-    def __repr__(self) -> str:
-        return f"Deep({self.depth})"
+Deep = deep_json.Deep
 
 
 def reseal(data: bytes, edit) -> bytes:
@@ -207,18 +201,7 @@ def reseal(data: bytes, edit) -> bytes:
     start = storage._HEADER.size
     header = json.loads(data[start : start + json_len])
     edit(header)
-    deep: dict[str, int] = {}
-
-    def placeholder(o):
-        if not isinstance(o, Deep):
-            raise TypeError(type(o))
-        deep[f"@deep{len(deep)}@"] = o.depth
-        return f"@deep{len(deep) - 1}@"
-
-    text = json.dumps(header, default=placeholder)
-    for key, depth in deep.items():
-        text = text.replace(json.dumps(key), "[" * depth + "]" * depth)
-    body = text.encode()
+    body = deep_json.dumps(header).encode()
     rest = data[start + json_len : -4]
     out = storage._HEADER.pack(magic, version, reserved, len(body), message_len) + body + rest
     return out + struct.pack("<I", fk.codecs.crc32c(out))

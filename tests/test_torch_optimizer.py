@@ -301,7 +301,7 @@ def _sgd_reference_step(ref, groups):
         r["value"] = r["w"] * r["mask"] if r["mask"] is not None else r["w"].copy()
 
 
-_EDITS = ["step", "pop_buf", "replace_buf", "hyper", "reload_state", "add_group", "set_mask", "remove_mask",
+_EDITS = ["step", "pop_buf", "replace_buf", "buf_data", "reload_weights", "hyper", "reload_state", "add_group", "set_mask", "remove_mask",
           "assign_data", "copy_nograd", "data_copy_reload", "write_mask", "no_grad", "vector_to_parameters"]
 
 
@@ -349,6 +349,15 @@ def _run_edits(backend, ops, seed):
             b = rng.standard_normal(r["w"].size).astype(r["w"].dtype)
             opt.state[prm]["momentum_buffer"] = torch.from_numpy(b.copy())
             r["buf"] = b
+        elif op == "buf_data":  # the buffer's memory replaced under the same tensor object
+            buf = opt.state[prm].get("momentum_buffer")
+            if buf is None:
+                continue
+            b = rng.standard_normal(r["w"].size).astype(r["w"].dtype)
+            buf.data = torch.from_numpy(b.copy())
+            r["buf"] = b
+        elif op == "reload_weights":  # nothing written: the dense weights stay
+            opt.reload_weights()
         elif op == "hyper":
             gi = at % len(groups)
             name = list(hyper_choices)[at % len(hyper_choices)]
@@ -514,3 +523,13 @@ def test_sgd_settings_it_does_not_implement_are_refused():
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match="nesterov"):
         opt.step()
+
+
+def test_groups_given_as_generators_keep_their_parameters():
+    """add_param_group read a generator (model.parameters()) for its checks and left torch an empty one."""
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = FedDIPSGD([{"params": m[0].parameters()}], lr=0.1)
+    opt.add_param_group({"params": m[1].parameters(), "lr": 0.5})
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    with pytest.raises(ValueError, match="lr must be"):
+        FedDIPSGD(m.parameters(), lr=float("nan"))

@@ -250,7 +250,7 @@ def _check_history(history: Any, cfg: "SimulationConfig", n_fixed: int, n_weight
         target = row["sparsity_target"]
         out_of_range = [k for k, ok in (
             ("accuracy", 0 <= row["accuracy"] <= 1), ("sparsity", 0 <= row["sparsity"] <= 1),
-            ("sparsity_target", target is None or 0 <= target <= 1), ("lr", 0 < row["lr"] < math.inf),
+            ("sparsity_target", target is None or 0 <= target <= 1), ("lr", 0 <= row["lr"] < math.inf),
             ("lambda", 0 <= row["lambda"] < math.inf), ("loss", math.isnan(row["loss"]) or row["loss"] >= 0),
             *((k, 0 <= row[k] < math.inf) for k in ("time_train", "time_prune", "time_encode"))) if not ok]
         if out_of_range:

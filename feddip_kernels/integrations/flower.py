@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore import log
+from flwr.common import log
 
 from ..codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
 from ..server import FedDIPServer, Schedule, random_erk_masks, seed_for

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
@@ -73,18 +74,21 @@ class FedDIPSGD(torch.optim.Optimizer):
         """torch's add_param_group (which the constructor calls for each group), with FedDIPSGD's
         checks of the parameters and hyperparameters."""
         params = param_group["params"]
-        for prm in [params] if isinstance(params, torch.Tensor) else list(params):
+        if not isinstance(params, (torch.Tensor, set)):  # a generator (model.parameters()) is read once, here
+            params = param_group["params"] = list(params)
+        for prm in [params] if isinstance(params, torch.Tensor) else params:
             if isinstance(prm, torch.Tensor):
                 if prm.dtype not in (torch.float32, torch.float64):
                     raise TypeError(f"FedDIPSGD needs float32/float64 parameters, got {prm.dtype}")
                 if not prm.is_contiguous():
                     raise ValueError("FedDIPSGD needs contiguous parameters")
         for name in ("lr", "momentum", "weight_decay", "lam"):
-            v = param_group.get(name, 0.0)
-            if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            v = param_group.get(name, self.defaults.get(name, 0.0))
+            if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if param_group.get("p", 2) not in (1, 2):
-            raise ValueError(f"p must be 1 or 2, got {param_group['p']}")
+        p = param_group.get("p", self.defaults.get("p", 2))
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p!r}")
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -140,15 +144,16 @@ class FedDIPSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def reload_weights(self, params: Optional[Iterable[torch.Tensor]] = None) -> None:
         """Take the masked parameters' current values (of `params`, default all) as their dense
-        weights, as a step does by itself for writes that torch tracks (`param.copy_(x)` under
-        no_grad, `model.load_state_dict`, `param.data = x`). Call it after writing weights in a way
-        torch does not track: `param.data.copy_(x)`, `param.data[...] = x`, or through a NumPy view
-        of the memory; a step cannot see those (finding them would cost a read of every weight)."""
+        weights unless they are the pruned copy the parameter holds anyway, as a step does by
+        itself for writes that torch tracks (`param.copy_(x)` under no_grad, `model.load_state_dict`,
+        `param.data = x`). Call it after writing weights in a way torch does not track:
+        `param.data.copy_(x)`, `param.data[...] = x`, or through a NumPy view of the memory; a step
+        cannot see those (finding them would cost a read of every weight)."""
         chosen = [prm for group in self.param_groups for prm in group["params"]] if params is None else list(params)
         for prm in chosen:
             state = self.state.get(prm, {})
             if "dense" in state:
-                self._take_weights(prm, state, force=True)
+                self._take_weights(prm, state)
 
     @property
     def _seen(self) -> dict[torch.Tensor, "_Seen"]:
@@ -163,11 +168,11 @@ class FedDIPSGD(torch.optim.Optimizer):
             self._take_weights(prm, state)
         return state["dense"]
 
-    def _take_weights(self, prm: torch.Tensor, state: dict[str, Any], force: bool = False) -> None:
-        """The parameter was written from outside since our last step (torch's version counter moved,
-        `.data` was assigned, or the caller says so): its values become the dense weights, unless
-        they are the pruned copy we keep there anyway (a checkpoint's model state, restored before
-        or after the optimizer's)."""
+    def _take_weights(self, prm: torch.Tensor, state: dict[str, Any]) -> None:
+        """The parameter may have been written from outside since our last step (torch's version
+        counter moved, `.data` was assigned, or the caller says so): its values become the dense
+        weights, unless they are the pruned copy we keep there anyway (a checkpoint's model state,
+        restored before or after the optimizer's)."""
         dense, w = state["dense"], prm.detach()
         if (w.shape, w.dtype, w.device) != (dense.shape, dense.dtype, dense.device):
             raise ValueError(
@@ -181,13 +186,20 @@ class FedDIPSGD(torch.optim.Optimizer):
             # (torch's vector_to_parameters moves every parameter so)
             new = not _same_values(w, seen.data)
         else:  # written: new weights unless it is the pruned copy we keep there anyway
-            new = not _same_values(w, dense * state["mask"])
-        if force or new:
+            mask = state["mask"]
+            new = not _same_values(w, dense * mask)
+            if new and seen is not None and seen.mask_at is not None and \
+                    (seen.mask_at[0] is not mask or seen.mask_at[1] != mask._version):
+                # The mask changed since we wrote the copy, under the mask as it was: any pruned
+                # copy of the dense weights (each value the dense one or zero) is ours.
+                new = not bool(((w == dense) | (w == 0)).all())
+        if new:
             dense.copy_(w)  # moves dense's version: the cached norm is stale
-        self._stamp(prm)
+        self._stamp(prm, wrote=False)
 
-    def _stamp(self, prm: torch.Tensor) -> None:
-        """Remember the parameter as we left it (its version and memory), to see writes from outside."""
+    def _stamp(self, prm: torch.Tensor, wrote: bool = True) -> None:
+        """Remember the parameter as we left it (its version and memory, and with `wrote`, the mask
+        of the pruned copy we wrote into it), to see writes from outside."""
         seen = self._seen.get(prm)
         if seen is None:
             seen = self._seen[prm] = _Seen()
@@ -195,6 +207,9 @@ class FedDIPSGD(torch.optim.Optimizer):
         if ptr != seen.ptr:  # a view of the memory we wrote: what `.data = x` is compared with
             seen.data = prm.detach()
         seen.version, seen.ptr = prm._version, ptr
+        if wrote:
+            mask = self.state[prm].get("mask")
+            seen.mask_at = None if mask is None else (mask, mask._version)
 
     def _valid_norm(self, prm: torch.Tensor, state: dict[str, Any], p: int) -> Any:
         """The layer's ||w * m||_p kept from our last step, or None when anything it depends on
@@ -302,8 +317,8 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     def _group_key(self, group: dict[str, Any], prms: list[torch.Tensor]) -> tuple[tuple[Any, ...], list[Any]]:
         """What a group's prepared layers (Triton table, host arrays) stay valid for: no new masks or
-        restored state since, momentum on or off and p as then, the same parameters at the same
-        addresses, and the same tensors in their state (a momentum buffer, dense weights or mask
+        restored state since, momentum on or off and p as then, the same parameters and the same
+        tensors in their state, at the same addresses (a momentum buffer, dense weights or mask
         removed or replaced from outside is taken at the next step, as torch.optim.SGD takes it).
         Returns the key and the objects whose ids it holds, which the table must keep alive (an id
         is unique only while its object lives)."""
@@ -312,7 +327,7 @@ class FedDIPSGD(torch.optim.Optimizer):
             st = self.state[prm]
             objs += (prm, st.get("momentum_buffer"), st.get("dense"), st.get("mask"))
         key = (self.__dict__.get("_layout", 0), group["momentum"] != 0, group["p"], tuple(map(id, objs)),
-               tuple(prm.data_ptr() for prm in prms))
+               tuple(0 if t is None else t.data_ptr() for t in objs))  # `.data` of any of them assigned
         return key, objs
 
     def _prepare_host(self, gi: int, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor,
@@ -483,11 +498,12 @@ class _Seen:
     elsewhere it keeps the old values, to compare with), and what its kept norm was computed from
     (dense weights and mask, each object and version, and p)."""
 
-    __slots__ = ("version", "ptr", "data", "norm_of")
+    __slots__ = ("version", "ptr", "data", "mask_at", "norm_of")
 
     def __init__(self) -> None:
         self.version, self.ptr = -1, -1
         self.data: Optional[torch.Tensor] = None
+        self.mask_at: Optional[tuple[torch.Tensor, int]] = None  # the mask (and its version) when we left it
         self.norm_of: Optional[tuple[Any, ...]] = None
 
 
