@@ -229,16 +229,17 @@ void check_bits(const Bits& bits, std::size_t n) {
 }
 
 template <class T>
-py::tuple sparsify_impl(const py::array& x, const py::object& mask) {
+py::tuple sparsify_impl(const py::array& x, const py::object& mask, bool negative_zeros) {
     const std::size_t n = static_cast<std::size_t>(x.size());
     const T* px = data_of<T>(x, "x");
     const std::uint8_t* pm = optional_mask(mask, n);
     Bits bits((n + 7) / 8);
     std::uint8_t* pb = bits.mutable_data();
     std::uint64_t nnz;
+    bool some_negative = pm != nullptr;  // without a mask, found while packing the positions
     {
         py::gil_scoped_release release;
-        pack_positions(px, pm, n, pb);
+        pack_positions(px, pm, n, pb, negative_zeros ? &some_negative : nullptr);
         nnz = count_bits(pb, n);
     }
     py::array_t<T> values(static_cast<py::ssize_t>(nnz));
@@ -247,7 +248,18 @@ py::tuple sparsify_impl(const py::array& x, const py::object& mask) {
         py::gil_scoped_release release;
         gather(px, pb, n, pv);
     }
-    return py::make_tuple(bits, values);
+    if (!negative_zeros) return py::make_tuple(bits, values);
+    py::object negative = py::none();
+    if (some_negative) {  // a second pass only where there are some (or, with a mask, may be)
+        Bits nb((n + 7) / 8);
+        bool any;
+        {
+            py::gil_scoped_release release;
+            any = pack_negative_zeros(px, n, nb.mutable_data());
+        }
+        if (any) negative = nb;
+    }
+    return py::make_tuple(bits, values, negative);
 }
 
 template <class T>
@@ -412,11 +424,12 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "sparsify",
-        [](const py::array& x, const py::object& mask) {
-            return with_float_type(x, [&](auto t) { return sparsify_impl<decltype(t)>(x, mask); });
+        [](const py::array& x, const py::object& mask, bool negative_zeros) {
+            return with_float_type(x, [&](auto t) { return sparsify_impl<decltype(t)>(x, mask, negative_zeros); });
         },
-        py::arg("x"), py::arg("mask"),
-        "(packed positions, values): positions = mask, or x != 0 without a mask.");
+        py::arg("x"), py::arg("mask"), py::kw_only(), py::arg("negative_zeros") = false,
+        "(packed positions, values): positions = mask, or x != 0 without a mask; with negative_zeros, "
+        "also the packed positions of x's -0.0 elements, or None when it has none.");
 
     m.def(
         "densify",

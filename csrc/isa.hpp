@@ -1,6 +1,6 @@
 // Which vector instruction set the loops with hand-written vector code use (top-k's pass and the
-// float32 error-feedback step: AVX-512, AVX2 or generic; the float64 step: AVX2 or generic). Plain
-// C++17, no Python.
+// float32 error-feedback step: AVX-512, AVX2 or generic; the float64 step and sparsify's packing of
+// positions: AVX2 or generic). Plain C++17, no Python.
 #pragma once
 
 namespace feddip {

@@ -11,7 +11,7 @@ tests/test_contract.py checks each backend against this class.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -86,8 +86,14 @@ class Kernels(Protocol):
     def deposit_bits(self, sub: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
         """Inverse of select_bits: n packed bits, sub's bits placed at ref's set positions."""
 
-    def sparsify(self, x: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(packed positions, values at them): the mask's positions, or x's non-zeros."""
+    def sparsify(
+        self, x: np.ndarray, mask: Optional[np.ndarray], *, negative_zeros: bool = False
+    ) -> Union[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+        """(packed positions, values at them): the mask's positions, or x's non-zeros (+0.0 and -0.0
+        are zeros, NaN is not). With negative_zeros a third item: the packed positions of x's -0.0
+        elements (bits the sign bit alone: a NaN or subnormal with the sign set is not one), or
+        None when it has none, found without a mask in the pass that finds the non-zeros, so that
+        an array without -0.0 costs nothing more (with a mask, a pass of its own)."""
 
     def densify(self, bits: np.ndarray, n: int, values: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """n elements: the values at the positions, zero elsewhere; written into `out` when given."""

@@ -403,13 +403,31 @@ def _gather(x, keep, values):
             j += 1
 
 
-def sparsify(x: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray]:
+@nb.njit(cache=True, nogil=True)
+def _holds(ints, value):
+    for i in range(ints.size):
+        if ints[i] == value:
+            return True
+    return False
+
+
+_INTS = {4: np.int32, 8: np.int64}
+
+
+def sparsify(
+    x: np.ndarray, mask, *, negative_zeros: bool = False
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     flat = x.reshape(-1)
     keep = mask.reshape(-1) if mask is not None else flat != 0
     bits = pack_bits(keep)
     values = np.empty(count_bits(bits, flat.size), dtype=x.dtype)
     _gather(flat, keep, values)
-    return bits, values
+    if not negative_zeros:
+        return bits, values
+    # -0.0 is the one float whose bits read as the smallest integer of its width.
+    ints = flat.view(_INTS[flat.itemsize])
+    low = np.iinfo(ints.dtype).min
+    return bits, values, pack_bits(ints == low) if _holds(ints, low) else None
 
 
 @nb.njit(cache=True, nogil=True)

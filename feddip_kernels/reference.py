@@ -207,9 +207,15 @@ def deposit_bits(sub: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
     return pack_bits(out)
 
 
-def sparsify(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    keep = mask.reshape(-1).astype(bool) if mask is not None else x.reshape(-1) != 0
-    return pack_bits(keep), x.reshape(-1)[keep]
+def sparsify(
+    x: np.ndarray, mask: np.ndarray | None, *, negative_zeros: bool = False
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    flat = x.reshape(-1)
+    keep = mask.reshape(-1).astype(bool) if mask is not None else flat != 0
+    if not negative_zeros:
+        return pack_bits(keep), flat[keep]
+    negative = np.signbit(flat) & (flat == 0)  # by value, where the backends compare bits
+    return pack_bits(keep), flat[keep], pack_bits(negative) if negative.any() else None
 
 
 def densify(bits: np.ndarray, n: int, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

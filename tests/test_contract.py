@@ -76,7 +76,11 @@ def calls():
         "pack_bits": lambda k: k.pack_bits(mask),
         "unpack_bits": lambda k: k.unpack_bits(bits, 37),
         "count_bits": lambda k: k.count_bits(bits, 37),
-        "sparsify": lambda k: k.sparsify(w, mask),
+        # The plain call (two items) and with negative_zeros (a third: None, or packed positions),
+        # with and without a mask.
+        "sparsify": lambda k: (k.sparsify(w, mask), k.sparsify(w, None, negative_zeros=True),
+                               k.sparsify(-np.zeros(9, np.float32), None, negative_zeros=True),
+                               k.sparsify(-w, mask, negative_zeros=True)),
         "select_bits": lambda k: k.select_bits(np.packbits(mask & (w > 0), bitorder="little"), bits, 37),
         "deposit_bits": lambda k: k.deposit_bits(np.array([0b1011, 0x5], np.uint8), bits, 37),
         "densify": lambda k: k.densify(bits, 37, w[: int(mask.sum())].copy()),
@@ -113,6 +117,9 @@ def test_return_types_are_the_same_in_every_backend(name):
         assert all(type(r) is float for r in results.values())
     if name == "topk_masks":
         assert all(r is None for r in results.values())
+    if name == "sparsify":  # the plain call's result is what it was before the flag
+        assert [len(r) for r in results["numpy"]] == [2, 3, 3, 3]
+        assert [r[2] is None for r in results["numpy"][1:]] == [True, False, True]
 
 
 CORRUPT_GOLOMB = [

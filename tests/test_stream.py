@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import feddip_kernels as fk
 from feddip_kernels import codecs
-from feddip_kernels.codecs.format import HEADER, STREAM_CHUNK, STREAM_RECORD
+from feddip_kernels.codecs.format import HEADER, SIGNS, STREAM_CHUNK, STREAM_RECORD
 
-from test_codecs import _reseal, mutated_body, sparse_arrays
+from test_codecs import _reseal, bit_patterns, mutated_body, sparse_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 POSITIONS = ["auto", "all", "bitmask", "golomb"]
@@ -252,6 +252,15 @@ def test_a_write_that_misreports_what_it_took_is_an_error(answer, error):
     assert fk.encode_stream({"a": np.ones(10, np.float32)}, f) == len(f.sink)
 
 
+def test_a_writer_that_returns_nothing_has_taken_it_all_unless_it_is_a_raw_file():
+    """codecs.StreamWriter and tarfile's streams return None from write having taken everything;
+    only an io.RawIOBase's None means "would block" (above)."""
+    w = model(np.random.default_rng(7))
+    f = Claims(None)
+    assert fk.encode_stream(w, f, chunk_elems=64) == len(f.sink)
+    assert bytes(f.sink) == stream(w, chunk_elems=64)
+
+
 def test_through_a_pipe_that_cannot_seek():
     rng = np.random.default_rng(6)
     w = {"a": rng.standard_normal((300, 301)).astype(np.float32) * (rng.random((300, 301)) < 0.05)}
@@ -370,11 +379,14 @@ def test_every_flipped_byte_is_refused():
             fk.decode_stream(io.BytesIO(bytes(bad)), reference=reference)
 
 
+_PAYLOAD = b"\x03\x00" + np.ones(2, np.float32).tobytes()  # the hand-built chunk's positions and values
+
+
 def _one_chunk(**fields) -> bytes:
     """A resealed one-tensor stream ("w", 16 float32 elements, one chunk) with its record's and
     chunk's fields set as given; positions and values payloads follow as given."""
     rec = dict(dtype=1, values=0, reserved=0, chunk_elems=16)
-    chunk = dict(domain=0, positions=1, creserved=0, d=16, nnz=2, m=0, scale=0.0, pos_len=2)
+    chunk = dict(domain=0, positions=1, signs=0, creserved=0, d=16, nnz=2, m=0, scale=0.0, pos_len=2)
     payload = fields.pop("payload", b"\x03\x00" + np.ones(2, np.float32).tobytes())
     for key, value in fields.items():
         (rec if key in rec else chunk)[key] = value
@@ -412,6 +424,17 @@ def test_the_hand_built_chunk_is_valid():
     (dict(nnz=3, payload=b"\x03\x00" + np.ones(3, np.float32).tobytes()), "different number of positions"),
     (dict(payload=b"\x03\x80" + np.ones(2, np.float32).tobytes()), "different number"),
     (dict(domain=1), "shared mask"),
+    (dict(signs=2), "signs"),
+    (dict(signs=1), "truncated"),  # no zero-sign block after the values
+    # zero-sign blocks: codec, count, golomb_m, length, then the payload
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(2, 1, 0, 0)), "unknown positions codec 2"),
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(1, 15, 0, 2) + b"\xfc\xff"), "15 negative zeros for 14 zeros"),
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(1, 0, 0, 2) + b"\x00\x00"), "0 negative zeros"),
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(1, 1, 3, 2) + b"\x04\x00"), "Golomb parameter 3"),
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(1, 1, 0, 3) + b"\x04\x00\x00"), "3 bytes of bitmask"),
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(1, 1, 0, 2) + b"\x01\x00"), "positions that hold values"),
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(1, 2, 0, 2) + b"\x04\x00"), "different number of positions"),
+    (dict(signs=1, payload=_PAYLOAD + SIGNS.pack(3, 1, 1, 9) + bytes(9)), "9 bytes of Golomb positions for 1"),
 ])
 def test_every_record_and_chunk_rule_is_enforced(fields, error):
     msg = _one_chunk(**fields)
@@ -425,7 +448,7 @@ def test_a_length_in_the_stream_allocates_only_what_arrives():
     # without a buffer of its claimed size.
     d = 1 << 24
     body = (HEADER.pack(b"FDKW", 3, 0, 0, 1) + struct.pack("<H1sBQ", 1, b"w", 1, d)
-            + STREAM_RECORD.pack(1, 0, 0, d) + STREAM_CHUNK.pack(0, 1, 0, d, 0, 0, 0.0, d // 8) + b"\0" * 1000)
+            + STREAM_RECORD.pack(1, 0, 0, d) + STREAM_CHUNK.pack(0, 1, 0, 0, d, 0, 0, 0.0, d // 8) + b"\0" * 1000)
     tracemalloc.start()
     try:
         with pytest.raises(fk.CodecError, match="truncated"):
@@ -458,3 +481,56 @@ def test_a_message_over_2_gib_moves_through_in_bounded_memory(tmp_path):
     assert "max_bytes" in report["default_limit_error"]
     for stage in ("encode", "decode"):  # a few chunks a thread, not the model
         assert report[stage]["peak_anon_bytes"] < 256 << 20, report
+
+
+def test_a_chunk_with_a_zero_sign_block_decodes_its_negative_zeros():
+    msg = _one_chunk(signs=1, payload=_PAYLOAD + SIGNS.pack(1, 1, 0, 2) + b"\x04\x00")
+    got = _decode_both(msg, None)
+    want = np.array([1, 1, -0.0] + [0] * 13, np.float32)
+    assert got.tensors["w"].tobytes() == want.tobytes()
+
+
+def test_a_model_pruned_by_w_times_mask_comes_back_with_its_negative_zeros():
+    """The audit's case for streams: every -0.0 of a model pruned as w * mask came back +0.0."""
+    rng = np.random.default_rng(5)
+    model = {f"conv{i}": rng.standard_normal(s).astype(np.float32) * (rng.random(s) < 0.05)
+             for i, s in enumerate([(16, 3, 5, 5), (32, 16, 3, 3), (10, 512)])}
+    assert any(np.signbit(v[v == 0]).any() for v in model.values())
+    for be in fk.available_backends():
+        msg = stream(model, chunk_elems=1024, backend=be)
+        for out in (fk.decode_stream(io.BytesIO(msg), backend=be), fk.decode_model(msg, backend=be)):
+            for name, a in model.items():
+                assert out.tensors[name].tobytes() == a.tobytes(), (be, name)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(bit_patterns(), st.sampled_from(["auto", "bitmask", "golomb"]), st.sampled_from([8, 64, 1024, 1 << 20]),
+       st.sampled_from(["values", "reference", "mask+signs"]), st.booleans())
+def test_lossless_stream_settings_give_back_the_same_bytes(a, positions, chunk, mode, into):
+    """Raw values without a mask (and with one, signed_zeros=True, when its outside holds only
+    zeros) give back the same bits: -0.0, NaN payloads, infinities, subnormals; every backend
+    writes the same bytes."""
+    flat = a.reshape(-1)
+    kw = dict(positions=positions, chunk_elems=chunk)
+    if mode == "reference":
+        kw["reference"] = {"w": (flat != 0).reshape(a.shape) | (np.arange(flat.size) % 3 == 0).reshape(a.shape)}
+    if mode == "mask+signs":
+        kw["masks"] = {"w": a != 0}  # NaN included; the -0.0 outside it are sent with signed_zeros=True
+        kw["signed_zeros"] = True
+    msgs = {be: stream({"w": a}, backend=be, **kw) for be in fk.available_backends()}
+    assert len(set(msgs.values())) == 1
+    msg = next(iter(msgs.values()))
+    dec = {k: v for k, v in kw.items() if k == "reference"}
+    for be in fk.available_backends():
+        out = {"w": np.full(a.shape, 7, a.dtype)} if into else None
+        for got in (fk.decode_stream(io.BytesIO(msg), out=out, backend=be, **dec), fk.decode_model(msg, backend=be, **dec)):
+            assert got.tensors["w"].dtype == a.dtype and got.tensors["w"].tobytes() == a.tobytes(), (be, mode)
+
+
+def test_a_stream_without_negative_zeros_keeps_its_bytes():
+    """Chunks without -0.0 are written as before the zero-sign block existed (signs byte 0)."""
+    rng = np.random.default_rng(1)
+    x = {"w": np.where(rng.random(5000) < 0.1, rng.standard_normal(5000), 0.0).astype(np.float32)}
+    assert stream(x, chunk_elems=512) == stream(x, chunk_elems=512, signed_zeros=False)
+    with pytest.raises(TypeError, match="signed_zeros"):
+        stream(x, signed_zeros=1)

@@ -198,7 +198,7 @@ def thread_table(repeat: int) -> dict:
     arrays = [w.numpy() for w in weights]
     k = round(0.05 * sum(a.size for a in arrays))
     masks = fk.global_topk_masks(arrays, k)
-    sparse = {f"w{i}": a * m for i, (a, m) in enumerate(zip(arrays, masks))}
+    sparse = {f"w{i}": np.where(m, a, np.float32(0)) for i, (a, m) in enumerate(zip(arrays, masks))}  # +0.0 off the mask
     msg = fk.encode_model(sparse)
     bufs = {name: np.empty_like(a) for name, a in sparse.items()}
     grads = [np.random.default_rng(i).standard_normal(a.shape).astype(np.float32) * 1e-3 for i, a in enumerate(arrays)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -22,9 +22,15 @@ HEADER = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, n_tensors
 RECORD = struct.Struct("<BBBBBBQQIfQQ")  # after name and shape, see docs/wire-format.md
 CRC = struct.Struct("<I")
 CHUNK = struct.Struct("<QQIQ")  # version 2 chunk table entry: domain_len, nnz, golomb_m, pos_len
+# Header flag of versions 1 and 2: records may carry the signs of their zeros (a record's `signs`
+# byte, then a SIGNS block after its values). Set only when one does, so that messages without
+# -0.0 keep the bytes that readers older than the flag accept; those refuse a flagged message.
+FLAG_ZERO_SIGNS = 0x01
+SIGNS = struct.Struct("<BQIQ")  # zero-sign block: positions codec, count, golomb_m, length; then the payload
 STREAM_RECORD = struct.Struct("<BBHQ")  # version 3, after name and shape: dtype, values, reserved, chunk_elems
-STREAM_CHUNK = struct.Struct("<BBHQQIfQ")  # version 3: domain, positions, reserved, domain_size, nnz, golomb_m,
-#                                             scale, pos_len; then the chunk's positions and values
+STREAM_CHUNK = struct.Struct("<BBBBQQIfQ")  # version 3: domain, positions, signs, reserved, domain_size, nnz, golomb_m,
+#                                               scale, pos_len; then the chunk's positions and values, and with
+#                                               signs = 1 a SIGNS block over the chunk's elements
 
 # Tensors of more elements than this are sparsified, Golomb-coded and decoded in runs of this many
 # elements, independently and in parallel (a Golomb stream is sequential); streams are cut into
@@ -82,17 +88,25 @@ def _struct(fmt: str) -> struct.Struct:
     return struct.Struct(fmt)
 
 
-def read_header(r: Reader) -> tuple[int, int]:
-    """A message's version and tensor count, from its checked header."""
+def read_header_flags(r: Reader) -> tuple[int, int, int]:
+    """A message's version, flags and tensor count, from its checked header (flags: those its
+    version defines, FLAG_ZERO_SIGNS for versions 1 and 2)."""
     magic, version, flags, reserved, count = r.unpack(HEADER, "header")
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version not in VERSIONS:
         raise CodecError(f"unsupported format version {version} (this library reads {', '.join(map(str, VERSIONS))})")
-    if flags != 0:
+    if flags & ~(FLAG_ZERO_SIGNS if version < STREAM_VERSION else 0):
         raise CodecError(f"unknown header flags {flags:#x}")
     if reserved != 0:
         raise CodecError(f"reserved header field is {reserved:#x}, must be 0")
+    return version, flags, count
+
+
+def read_header(r: Reader) -> tuple[int, int]:
+    """A message's version and tensor count, from its checked header: for readers of version 3,
+    which defines no flags (readers of versions 1 and 2 need read_header_flags)."""
+    version, _, count = read_header_flags(r)
     return version, count
 
 
@@ -106,6 +120,16 @@ class Chunk(NamedTuple):
     m: int
     first: int
     pos_raw: memoryview
+
+
+class ZeroSigns(NamedTuple):
+    """A record's zero-sign block, checked, not yet decoded: its elements that decode to -0.0 (all
+    off its positions), as positions over its n elements in C order."""
+
+    codec: int  # POSITIONS: all, bitmask or golomb
+    count: int
+    m: int
+    raw: memoryview
 
 
 class Record(NamedTuple):
@@ -125,3 +149,4 @@ class Record(NamedTuple):
     pos_raw: memoryview
     val_raw: memoryview
     chunks: tuple[Chunk, ...] = ()  # version 2: the positions in independently coded runs
+    signs: Optional[ZeroSigns] = None  # with FLAG_ZERO_SIGNS: the zeros that are -0.0

@@ -14,11 +14,14 @@ import numpy as np
 from .. import _backend
 from .._arrays import block_views, check_disjoint, flat_float, flat_mask, on_device, writable_view
 from .format import (
-    CHUNK, CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
-    POSITION_NAMES, POSITIONS, RECORD, STREAM_VERSION, VALUE_NAMES, VALUES,
-    Chunk, CodecError, Reader, Record, read_header,
+    CHUNK, CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, FLAG_ZERO_SIGNS, HEADER,
+    MAGIC, MAX_NDIM, POSITION_NAMES, POSITIONS, RECORD, SIGNS, STREAM_VERSION, VALUE_NAMES, VALUES,
+    Chunk, CodecError, Reader, Record, ZeroSigns, read_header_flags,
 )
-from .positions import decode_golomb_positions, decode_positions, encode_positions, joined, relative_to
+from .positions import (
+    check_zero_signs, complement, decode_golomb_positions, decode_positions, encode_positions, joined,
+    negative_zeros_on_device, relative_to, set_negative_zeros,
+)
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .stream import decode_records
 from .values import decode_values, encode_values, value_size
@@ -28,14 +31,21 @@ def _runs(n: int) -> range:
     return range(0, n, CHUNK_ELEMS)
 
 
-def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray]) -> tuple[Any, Any]:
+def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray], signs: bool) -> tuple[Any, Any, Optional[np.ndarray]]:
     """k.sparsify, or for a tensor over CHUNK_ELEMS the lists of its runs' positions and values:
     small arrays a run (each sparsified on the library's threads), which the message's one join
-    copies, rather than large new ones that a first write must fault in page by page."""
+    copies, rather than large new ones that a first write must fault in page by page. With
+    `signs`, also the packed positions of a's -0.0 elements (None when it has none), found in the
+    pass that finds the non-zeros: no pass of its own over a tensor without -0.0."""
     if a.size <= CHUNK_ELEMS:
-        return k.sparsify(a, mask)
-    runs = [k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS]) for s in _runs(a.size)]
-    return [b for b, _ in runs], [v for _, v in runs]
+        return k.sparsify(a, mask, negative_zeros=True) if signs else (*k.sparsify(a, mask), None)
+    runs = [k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS], negative_zeros=signs)
+            for s in _runs(a.size)]
+    found = [(s, r[2]) for s, r in zip(_runs(a.size), runs) if signs and r[2] is not None]
+    negative = np.zeros((a.size + 7) // 8, dtype=np.uint8) if found else None  # built only when there are some
+    for s, part in found:  # runs of whole bytes: CHUNK_ELEMS is a multiple of 8
+        negative[s // 8 : s // 8 + part.size] = part
+    return [r[0] for r in runs], [r[1] for r in runs], negative
 
 
 def _pieces(payload: Any) -> list[Any]:
@@ -54,6 +64,7 @@ class _Sparse(NamedTuple):
     pos_bits: Any  # packed bits, or a list of them a run of CHUNK_ELEMS
     csr_shape: Optional[tuple[int, ...]]
     vals: Any  # an array, or a list of them a run
+    signs: Optional[tuple[np.ndarray, int, int]]  # the -0.0 sent: (packed over its n elements, n, count)
 
 
 def encode_model(
@@ -63,49 +74,81 @@ def encode_model(
     reference: Optional[Mapping[str, Any]] = None,
     positions: str = "auto",
     values: str = "raw",
+    signed_zeros: Optional[bool] = None,
     backend: str = "auto",
 ) -> bytes:
     """Encode named float32/float64 tensors as one message.
 
-    Positions kept per tensor: `masks[name]` if given (values there are sent even when zero), else
-    the non-zeros (+0.0 and -0.0 both count as zero). With `reference[name]`, a mask the receiver
-    already has: kept positions equal to it cost nothing (values go in mask order), positions that
-    are a subset of it are coded relative to it (mask delta); otherwise the full tensor is the
-    domain. `positions` is "auto" (smallest per tensor), "bitmask", "csr", "golomb" or "all";
-    `values` is "raw" (lossless) or the lossy "fp16", "bf16", "int8" (per-tensor scale).
+    Positions kept per tensor: `masks[name]` if given (values there are sent even when zero;
+    every element outside the mask decodes to +0.0, whatever it was), else the non-zeros (+0.0
+    and -0.0 both count as zero). With `reference[name]`, a mask the receiver already has: kept
+    positions equal to it cost nothing (values go in mask order), positions that are a subset of
+    it are coded relative to it (mask delta); otherwise the full tensor is the domain.
+    `positions` is "auto" (smallest per tensor), "bitmask", "csr", "golomb" or "all"; `values` is
+    "raw" (lossless) or the lossy "fp16", "bf16", "int8" (per-tensor scale).
+
+    What comes back: the values at the positions (bit for bit with raw values: -0.0, NaN
+    payloads, infinities and subnormals included) and +0.0 elsewhere, except for the -0.0 off the
+    positions that `signed_zeros` sends, as a set of positions of their own (a bitmask or Golomb
+    code over the tensor's elements; a tensor without such -0.0 costs nothing more). By default
+    (None) they are sent for tensors without a mask when values are raw: raw values without
+    masks give back the same bytes. Pruning by `w * mask` leaves -0.0 at about half of the
+    pruned places, which then cost about a bit an element. True sends them for every tensor,
+    with a mask too (raw values then give back the same bytes wherever only zeros lie outside
+    the mask); False never (messages that readers predating signed zeros read).
     Tensors on a CUDA device are sparsified there: only their packed positions and kept values
-    are copied to the host.
+    (and the packed positions of any -0.0) are copied to the host.
     """
     if values not in VALUES:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
     if positions not in ("auto", *POSITIONS):
         raise ValueError(f"unknown positions codec {positions!r}")
+    if signed_zeros is not None and not isinstance(signed_zeros, bool):
+        raise TypeError(f"signed_zeros must be None, True or False, got {signed_zeros!r}")
+
+    def signs_of(masked: bool) -> bool:
+        """Whether a tensor's -0.0 off its positions are sent: by default with raw values, no mask."""
+        return signed_zeros if signed_zeros is not None else values == "raw" and not masked
+
     k = _backend.kernels(backend)
     prepared: list[_Sparse] = []
     where = {name: on_device(t) for name, t in tensors.items()}
     flats = {name: flat_float(t, ("tensors[{!r}]", name), MAX_NDIM, where[name]) for name, t in tensors.items()}
     on_dev = [name for name in flats if where[name]]
+    negative_on_dev: dict[str, np.ndarray] = {}
     if on_dev:  # positions and values are found where the tensors are, all at once; only they cross
         from .. import _torch_kernels
 
         found = _torch_kernels.sparsify_many(
             [(flats[name][0], masks[name] if masks and name in masks else None) for name in on_dev], k.count_bits)
         from_device = dict(zip(on_dev, found))
+        signed_on_dev = {name: flats[name][0] for name in on_dev if signs_of(bool(masks) and name in masks)}
+        if signed_on_dev:
+            negative_on_dev = negative_zeros_on_device(signed_on_dev)
     for name, (flat, shape, dtype) in flats.items():
         n = math.prod(shape)
+        masked = bool(masks) and name in masks
         if name in on_dev:
             bits, vals = from_device[name]
+            negative = negative_on_dev.get(name)
         else:
-            mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks and name in masks else None
-            bits, vals = _sparsify(k, flat, mask)
+            mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masked else None
+            bits, vals, negative = _sparsify(k, flat, mask, signs_of(masked))
         nnz = sum(v.size for v in vals) if isinstance(vals, list) else vals.size
+        signs = None
+        if negative is not None:  # those off the positions (all, when the positions are the non-zeros)
+            if masked:
+                negative &= complement(joined(bits), n)
+            count = k.count_bits(negative, n)
+            signs = (negative, n, count) if count else None
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
             bits = joined(bits)
             sub = relative_to(k, bits, k.pack_bits(flat_mask(reference[name], n, f"reference[{name!r}]")), n)
             if sub is not None:  # a subset of the reference: code relative to it
                 (d, pos_bits), domain, csr_shape = sub, DOMAIN_REFERENCE, None
-        prepared.append(_Sparse(write_head(name, shape), shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals))
+        prepared.append(_Sparse(write_head(name, shape), shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals,
+                                signs))
     # The Golomb streams of all tensors in one call (the native backend encodes them in parallel):
     # one stream a tensor, or one a run of CHUNK_ELEMS for a large tensor in its own index space.
     streams: list[list[tuple[int, int, int, bytes]]] = [[] for _ in prepared]  # (size, nnz, m, stream)
@@ -132,9 +175,21 @@ def encode_model(
         pos_codec, m, pos_payload = encode_positions(sp.pos_bits, sp.d, sp.nnz, positions, sp.csr_shape, g)
         table = runs if pos_codec == POSITIONS["golomb"] and len(runs) > 1 else []
         records.append((sp, pos_codec, m, pos_payload, table))
+    # The sign sets: the smallest of all, bitmask and Golomb, except that a Golomb parameter of 1
+    # (densities from about 0.38) codes the bitmask itself up to its last set bit, as long or a
+    # few bytes shorter, at the cost of a sequential decode: the bitmask is taken then.
+    signed = {i: sp.signs for i, sp in enumerate(prepared) if sp.signs is not None}
+    params = {i: k.golomb_parameter(count, n) for i, (_, n, count) in signed.items()}
+    sparse_signs = [i for i in signed if params[i] > 1]
+    sign_streams = dict(zip(sparse_signs, k.golomb_encode_many([(*signed[i][:2], params[i]) for i in sparse_signs])))
+    sign_blocks: dict[int, list[Any]] = {}
+    for i, (negative, n, count) in signed.items():
+        g = (params[i], sign_streams[i]) if i in sign_streams else None
+        codec, m, payload = encode_positions(negative, n, count, "auto", None, g)
+        sign_blocks[i] = [SIGNS.pack(codec, count, m, len(payload)), payload]
     version = 2 if any(table for *_, table in records) else 1  # version 1 readers read what needs no chunks
-    parts = [HEADER.pack(MAGIC, version, 0, 0, len(tensors))]
-    for sp, pos_codec, m, pos_payload, table in records:
+    parts = [HEADER.pack(MAGIC, version, FLAG_ZERO_SIGNS if signed else 0, 0, len(tensors))]
+    for i, (sp, pos_codec, m, pos_payload, table) in enumerate(records):
         if isinstance(sp.vals, list) and values == "raw":  # the runs' values go in as they are
             val_payload, scale = [encode_values(v, values)[0] for v in sp.vals], 0.0
         else:
@@ -142,13 +197,13 @@ def encode_model(
         pos_payload, val_payload = _pieces(pos_payload), _pieces(val_payload)
         parts += [
             sp.head,
-            RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], 0, 0, sp.d, sp.nnz, m, scale,
-                        sum(map(len, pos_payload)), sum(map(len, val_payload))),
+            RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], int(i in sign_blocks), 0, sp.d,
+                        sp.nnz, m, scale, sum(map(len, pos_payload)), sum(map(len, val_payload))),
         ]
         if version == 2:
             parts.append(struct.pack("<I", len(table)))
             parts += [CHUNK.pack(size, nnz, cm, len(stream)) for size, nnz, cm, stream in table]
-        parts += pos_payload + val_payload
+        parts += pos_payload + val_payload + sign_blocks.get(i, [])
     return k.join_crc32c(parts)  # one pass: each piece copied into the message and checksummed there
 
 
@@ -179,7 +234,7 @@ def decode_model(
     if k.crc32c(body) != stored:
         raise CodecError("checksum mismatch: the message is corrupt")
     r = Reader(body)
-    version, count = read_header(r)
+    version, flags, count = read_header_flags(r)
     if version == STREAM_VERSION:
         result = decode_records(r, k, count, reference=reference, max_bytes=max_bytes, out=out, expect=expect,
                                 masks=True, caller="decode_model", message=view)
@@ -195,7 +250,8 @@ def decode_model(
         dtype = record_dtype(name, dtype_code)
         check_expected(name, shape, dtype, expect)
         n = budget.take(name, shape, dtype)
-        if val_codec not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r0 or r1:
+        if val_codec not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r1 \
+                or r0 not in ((0, 1) if flags & FLAG_ZERO_SIGNS else (0,)):
             raise CodecError(f"{name!r}: unknown codec, domain or reserved field")
         if pos_codec == POSITIONS["csr"] and domain != DOMAIN_FULL:
             raise CodecError(f"{name!r}: CSR positions are defined for the tensor's own index space only")
@@ -210,12 +266,20 @@ def decode_model(
         table = _read_chunk_table(r, name, domain, pos_codec, d, nnz, m, pos_len) if version == 2 else []
         pos_raw = r.take(pos_len, ("{!r} positions", name))
         val_raw = r.take(val_len, ("{!r} values", name))
+        signs = None
+        if r0:  # which of the zeros are -0.0
+            s_codec, s_count, s_m, s_len = r.unpack(SIGNS, ("{!r} zero signs", name))
+            try:
+                check_zero_signs(s_codec, n, n - nnz, s_count, s_m, s_len)
+            except CodecError as e:
+                raise CodecError(f"{name!r}: {e}") from None
+            signs = ZeroSigns(s_codec, s_count, s_m, r.take(s_len, ("{!r} zero signs", name)))
         chunks, start, first, at = [], 0, 0, 0
         for size, c_nnz, c_m, c_len in table:
             chunks.append(Chunk(start, size, c_nnz, c_m, first, pos_raw[at : at + c_len]))
             start, first, at = start + size, first + c_nnz, at + c_len
         records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw,
-                              val_raw, tuple(chunks)))
+                              val_raw, tuple(chunks), signs))
     check_all_expected([rec.name for rec in records], expect)
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
@@ -227,6 +291,7 @@ def decode_model(
     check_disjoint({"the message": np.frombuffer(view, dtype=np.uint8), **{f"out[{k!r}]": a for k, a in dests.items()}})
     targets = _allocate(records, out)
     golomb = decode_golomb_positions(k, records)
+    negative = _decode_zero_signs(k, records)
     result = Decoded()
     for i, (rec, target) in enumerate(zip(records, targets)):
         name, n = rec.name, rec.n
@@ -235,6 +300,8 @@ def decode_model(
             dest = dests[name] if name in dests else target
             for c, bits in zip(rec.chunks, golomb[i]):
                 k.densify(bits, c.size, vals[c.first : c.first + c.nnz], dest[c.start : c.start + c.size])
+            if i in negative:
+                set_negative_zeros(k, name, np.concatenate(golomb[i]), negative[i], dest)
             result.tensors[name] = out[name] if name in dests else target.reshape(rec.shape)
             result.packed_parts[name] = golomb[i]
             continue
@@ -245,14 +312,31 @@ def decode_model(
             if held != rec.d:
                 raise CodecError(f"{name!r}: the reference mask has {held} positions, the sender's had {rec.d}")
             bits = k.deposit_bits(bits, ref_bits, n)
-        if name in dests:
-            k.densify(bits, n, vals, dests[name])
-            result.tensors[name] = out[name]
-        else:
-            k.densify(bits, n, vals, target)
-            result.tensors[name] = target.reshape(rec.shape)
+        dest = dests[name] if name in dests else target
+        k.densify(bits, n, vals, dest)
+        if i in negative:
+            set_negative_zeros(k, name, bits, negative[i], dest)
+        result.tensors[name] = out[name] if name in dests else target.reshape(rec.shape)
         result.packed[name] = bits
     return result
+
+
+def _decode_zero_signs(k: Any, records: list[Record]) -> dict[int, np.ndarray]:
+    """The -0.0 of each record with a zero-sign block, by record index, as packed positions over
+    its elements (the Golomb streams of all records in one parallel call)."""
+    signed = [(i, rec.signs, rec.n) for i, rec in enumerate(records) if rec.signs is not None]
+    golomb = [(i, s, n) for i, s, n in signed if s.codec == POSITIONS["golomb"]]
+    bits, failed, message = k.golomb_decode_many([(s.raw, n, s.count, s.m) for _, s, n in golomb])
+    if failed >= 0:
+        raise CodecError(f"{records[golomb[failed][0]].name!r}: zero signs: {message}")
+    out = {i: b for (i, _, _), b in zip(golomb, bits)}
+    for i, s, n in signed:
+        if s.codec != POSITIONS["golomb"]:
+            try:
+                out[i] = decode_positions(k, s.raw, s.codec, n, s.count, ())
+            except CodecError as e:
+                raise CodecError(f"{records[i].name!r}: zero signs: {e}") from None
+    return out
 
 
 def _read_chunk_table(r: Reader, name: str, domain: int, pos_codec: int, d: int, nnz: int, m: int,

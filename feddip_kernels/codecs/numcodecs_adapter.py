@@ -45,8 +45,9 @@ class SparseCodec:
         return a.reshape(-1, order="A").view(np.uint8).view(self.dtype)
 
     def encode(self, buf: Any) -> bytes:
-        # Positions are the elements whose bits are not all zero: -0.0 is kept, so a lossless
-        # round trip gives back the same bytes (encode_model's default would send it as +0.0).
+        # Positions are the elements whose bits are not all zero: -0.0 is kept as a value, so a
+        # lossless round trip gives back the same bytes, lossy values included (one message
+        # layout, readable by readers that predate zero-sign blocks).
         a = self._array(buf)
         with np.errstate(invalid="ignore"):
             keep = (a != 0) | np.signbit(a)

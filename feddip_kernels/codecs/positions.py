@@ -1,5 +1,6 @@
 """Positions codecs (docs/wire-format.md): all, bitmask, CSR and Golomb-coded gaps, over a domain
-of d indices. Positions travel between the codecs as packed little-endian bits."""
+of d indices. Positions travel between the codecs as packed little-endian bits. Also the set of
+-0.0 elements that a record's zero signs carry: found, checked and set here."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from .format import POSITIONS, CodecError, Record
+from .format import POSITION_NAMES, POSITIONS, CodecError, Record
 
 if TYPE_CHECKING:
     from .._contract import Kernels
@@ -56,6 +57,78 @@ def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np
 def joined(parts: Any) -> np.ndarray:
     """An array, or the concatenation of a list of them (a tensor's runs)."""
     return np.concatenate(parts) if isinstance(parts, list) else parts
+
+
+def complement(bits: np.ndarray, n: int) -> np.ndarray:
+    """The packed positions (padding bits zero) of the n elements that packed `bits` leaves out."""
+    out = np.bitwise_not(bits[: (n + 7) // 8])
+    if n % 8:
+        out[-1] &= (1 << n % 8) - 1
+    return out
+
+
+_BLOCK = 1 << 16  # elements a step when packing or setting signs: the temporaries stay in cache
+# Row b: the sign bits of the 8 elements whose -0.0 flags are the bits of byte b (little-endian).
+_SIGN_WORDS = {
+    size: ((np.arange(256, dtype=u)[:, None] >> np.arange(8, dtype=u)) & 1) << u(8 * size - 1)
+    for size, u in ((4, np.uint32), (8, np.uint64))
+}
+
+
+def negative_zeros_on_device(flats: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The packed positions of the -0.0 elements of tensors on a device (as sparsify finds them
+    on the host), found there: one synchronisation a device says which
+    have any, and only their packed positions cross to the host."""
+    import torch
+
+    from .._torch_kernels import pack_bits
+
+    def hits(t: Any) -> Any:
+        ints = t.view(torch.int32 if t.element_size() == 4 else torch.int64)
+        return ints == torch.iinfo(ints.dtype).min
+
+    by_device: dict[Any, list[str]] = {}
+    for name, t in flats.items():
+        by_device.setdefault(t.device, []).append(name)
+    found = {}
+    for names in by_device.values():
+        anys = torch.stack([hits(flats[name]).any() for name in names]).cpu().tolist()
+        for name, any_ in zip(names, anys):
+            if any_:
+                found[name] = pack_bits(hits(flats[name])).cpu().numpy()
+    return found
+
+
+def set_negative_zeros(k: "Kernels", name: str, bits: np.ndarray, negative: np.ndarray, dest: np.ndarray) -> None:
+    """Sets the sign bit of the elements of flat `dest` at the packed positions `negative`, which
+    must be off the record's positions `bits` (where `dest` holds +0.0)."""
+    n = dest.size
+    if np.any(bits[: (n + 7) // 8] & negative):
+        raise CodecError(f"{name!r}: zero signs at positions that hold values")
+    # OR in the sign bits, looked up a byte of flags (8 elements) at a time: a tenth of the time
+    # of a boolean-indexed assignment of -0.0 (numpy's masked stores branch per element).
+    words = _SIGN_WORDS[dest.itemsize]
+    ints = dest.view(words.dtype)
+    for s in range(0, (n + 7) // 8, _BLOCK // 8):
+        part = ints[8 * s : 8 * s + _BLOCK]
+        np.bitwise_or(part, np.take(words, negative[s : s + _BLOCK // 8], axis=0).reshape(-1)[: part.size], out=part)
+
+
+def check_zero_signs(codec: int, n: int, zeros: int, count: int, m: int, length: int) -> None:
+    """A zero-sign block's fields (count -0.0, at most the record's zeros, as positions over its n
+    elements), before its payload is read: the payload is the length its codec implies, or for
+    Golomb from ceil(count / 8) to golomb_max_len bytes."""
+    if codec not in (POSITIONS["all"], POSITIONS["bitmask"], POSITIONS["golomb"]):
+        raise CodecError(f"zero signs: unknown positions codec {codec}")
+    if not 1 <= count <= zeros or (codec == POSITIONS["all"] and count != n):
+        raise CodecError(f"zero signs: {count} negative zeros for {zeros} zeros of {n} elements")
+    if (m != 0) != (codec == POSITIONS["golomb"]):
+        raise CodecError(f"zero signs: Golomb parameter {m} (>= 1 for Golomb positions, else 0)")
+    if codec == POSITIONS["golomb"]:
+        if length > golomb_max_len(n, count, m) or 8 * length < count:
+            raise CodecError(f"zero signs: {length} bytes of Golomb positions for {count} among {n}")
+    elif length != (0 if codec == POSITIONS["all"] else (n + 7) // 8):
+        raise CodecError(f"zero signs: {length} bytes of {POSITION_NAMES[codec]} positions for {n} elements")
 
 
 def relative_to(k: "Kernels", bits: np.ndarray, ref: np.ndarray, n: int) -> Optional[tuple[int, np.ndarray]]:

@@ -17,9 +17,9 @@ _SHAPES = [struct.Struct(f"<{ndim}Q") for ndim in range(MAX_NDIM + 1)]  # a shap
 
 
 class Decoded:
-    """A decoded model: `tensors`, dense arrays (zeros off the positions), `packed`, the positions
-    as packed little-endian bits, and `masks`, the positions as bool arrays (both made on first
-    access)."""
+    """A decoded model: `tensors`, dense arrays (+0.0 off the positions, but for the -0.0 that
+    the message lists), `packed`, the positions as packed little-endian bits, and `masks`, the
+    positions as bool arrays (both made on first access; -0.0 are zeros, not positions)."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, np.ndarray] = {}

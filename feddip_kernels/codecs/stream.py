@@ -6,6 +6,7 @@ window of chunks (about a chunk a thread) besides the caller's tensors and outpu
 from __future__ import annotations
 
 import errno
+import io
 import math
 import numbers
 from typing import Any, Mapping, NamedTuple, Optional
@@ -16,10 +17,13 @@ from .. import _backend
 from .._arrays import What, check_disjoint, described, flat_float, flat_mask, on_device, writable_view
 from .format import (
     CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
-    MAX_STREAM_CHUNK, POSITIONS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
+    MAX_STREAM_CHUNK, POSITIONS, SIGNS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
     Reader, read_header,
 )
-from .positions import decode_positions, encode_positions, golomb_max_len, relative_to
+from .positions import (
+    check_zero_signs, complement, decode_positions, encode_positions, golomb_max_len, negative_zeros_on_device,
+    relative_to, set_negative_zeros,
+)
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .values import decode_values, encode_values, value_size
 
@@ -37,6 +41,7 @@ class _Source(NamedTuple):
     flat: Any  # NumPy, or torch on the tensor's device
     mask: Any
     ref: Optional[np.ndarray]
+    signs: bool  # whether the -0.0 off its positions are sent
 
 
 class _Writer:
@@ -51,10 +56,11 @@ class _Writer:
         self.count += len(view)
         while len(view):
             written = self.file.write(view)
+            if written is None and not isinstance(self.file, io.RawIOBase):
+                return  # a writer that returns nothing (codecs.StreamWriter, tarfile's) took it all
             if written is None:
                 # io.RawIOBase: a non-blocking file that would block, nothing taken. Waiting here
-                # would be a busy loop (the file need not have a fileno to wait on), and a return
-                # value that cannot be told from "took it all" cannot be trusted with the rest.
+                # would be a busy loop (the file need not have a fileno to wait on).
                 raise BlockingIOError(
                     errno.EAGAIN,
                     f"{type(self.file).__name__}.write returned None (a non-blocking file that would block "
@@ -77,6 +83,7 @@ def encode_stream(
     positions: str = "auto",
     values: str = "raw",
     chunk_elems: int = CHUNK_ELEMS,
+    signed_zeros: Optional[bool] = None,
     backend: str = "auto",
 ) -> int:
     """Write named float32/float64 tensors to `file` (an object with `write`, e.g. an open file,
@@ -90,9 +97,13 @@ def encode_stream(
     `tensors` is read one item at a time (a Mapping that loads each tensor on access keeps one in
     memory), and the working memory is a window of about one chunk a thread
     (get_num_threads()). Tensors on a CUDA device are sparsified there, chunk by chunk.
+    `signed_zeros` means what it means to encode_model: by default the -0.0 of tensors without a
+    mask are sent when values are raw (a chunk with none costs nothing more), so that raw values
+    without masks give back the same bytes.
 
-    `file.write` may take part of what it is given and must return how much (as io objects do);
-    None, a non-blocking raw file's "would block", raises BlockingIOError (characters_written:
+    `file.write` may take part of what it is given and return how much (as io objects do), or
+    return None having taken it all (as codecs.StreamWriter does); from an io.RawIOBase, None
+    means "would block" (a non-blocking raw file) and raises BlockingIOError (characters_written:
     the message's bytes written before), as does a non-blocking buffered file."""
     if values not in VALUES:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
@@ -101,6 +112,8 @@ def encode_stream(
     if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems % 8 \
             or not 8 <= chunk_elems <= MAX_STREAM_CHUNK:
         raise ValueError(f"chunk_elems must be a multiple of 8 from 8 to {MAX_STREAM_CHUNK}, got {chunk_elems!r}")
+    if signed_zeros is not None and not isinstance(signed_zeros, bool):
+        raise TypeError(f"signed_zeros must be None, True or False, got {signed_zeros!r}")
     k = _backend.kernels(backend)
     w = _Writer(file, k)
     w.write(HEADER.pack(MAGIC, STREAM_VERSION, 0, 0, len(tensors)))
@@ -121,7 +134,8 @@ def encode_stream(
                 mask = flat_mask(mask, n, f"masks[{name!r}]")
         ref = flat_mask(reference[name], n, f"reference[{name!r}]") if reference and name in reference else None
         window.append(write_head(name, shape) + STREAM_RECORD.pack(DTYPE_CODES[dtype], VALUES[values], 0, chunk_elems))
-        source = _Source(flat, mask, ref)
+        signs = signed_zeros if signed_zeros is not None else values == "raw" and mask is None
+        source = _Source(flat, mask, ref, signs)
         for start in range(0, n, chunk_elems):
             size = min(chunk_elems, n - start)
             window.append((source, start, size))
@@ -134,21 +148,37 @@ def encode_stream(
     return w.count
 
 
-def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """(domain, domain size, packed positions over it, values) of one chunk."""
+class _SparseChunk(NamedTuple):
+    domain: int
+    d: int  # domain size
+    bits: np.ndarray  # packed positions over the domain
+    vals: np.ndarray
+    negative: Optional[np.ndarray]  # packed -0.0 off the positions, over the chunk's elements, if any are sent
+    n_negative: int
+
+
+def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> _SparseChunk:
+    """One chunk's positions, values and the -0.0 it sends."""
     src, start, size = job
     piece, mask = src.flat[start : start + size], None if src.mask is None else src.mask[start : start + size]
     if on_device(piece):
         from .. import _torch_kernels
 
         bits, vals = _torch_kernels.sparsify(piece, mask)
+        negative = negative_zeros_on_device({"": piece}).get("") if src.signs else None
     else:
-        bits, vals = k.sparsify(piece, mask)
+        bits, vals, negative = k.sparsify(piece, mask, negative_zeros=True) if src.signs else (*k.sparsify(piece, mask), None)
+    count = 0
+    if negative is not None:
+        if mask is not None:  # a -0.0 at a mask's position is a value, sent as one
+            negative &= complement(bits, size)
+        count = k.count_bits(negative, size)
+    negative = negative if count else None
     if src.ref is not None:
         sub = relative_to(k, bits, k.pack_bits(src.ref[start : start + size]), size)
         if sub is not None:  # a subset of the reference: code relative to it
-            return DOMAIN_REFERENCE, *sub, vals
-    return DOMAIN_FULL, size, bits, vals
+            return _SparseChunk(DOMAIN_REFERENCE, *sub, vals, negative, count)
+    return _SparseChunk(DOMAIN_FULL, size, bits, vals, negative, count)
 
 
 def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values: str) -> None:
@@ -158,20 +188,34 @@ def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values:
     sparse = [_sparse_chunk(k, job) for job in window if not isinstance(job, bytes)]
     golomb: list[Optional[tuple[int, bytes]]] = [None] * len(sparse)
     if positions in ("auto", "golomb"):
-        params = [k.golomb_parameter(vals.size, d) for _, d, _, vals in sparse]
-        streams = k.golomb_encode_many([(bits, d, m) for (_, d, bits, _), m in zip(sparse, params)])
+        params = [k.golomb_parameter(c.vals.size, c.d) for c in sparse]
+        streams = k.golomb_encode_many([(c.bits, c.d, m) for c, m in zip(sparse, params)])
         golomb = list(zip(params, streams))
-    coded = iter(zip(sparse, golomb))
+    # The -0.0 sets as encode_model codes them: the smallest of all, bitmask and Golomb, the bitmask
+    # where the Golomb parameter would be 1 (then no shorter, and slower to decode).
+    signed = [i for i, c in enumerate(sparse) if c.negative is not None]
+    sizes = [job[2] for job in window if not isinstance(job, bytes)]  # each chunk's elements
+    sign_golomb: dict[int, tuple[int, bytes]] = {}
+    sign_params = {i: k.golomb_parameter(sparse[i].n_negative, sizes[i]) for i in signed}
+    sparse_signs = [i for i in signed if sign_params[i] > 1]
+    for i, stream in zip(sparse_signs, k.golomb_encode_many([(sparse[i].negative, sizes[i], sign_params[i])
+                                                             for i in sparse_signs])):
+        sign_golomb[i] = (sign_params[i], stream)
+    coded = iter(enumerate(zip(sparse, golomb)))
     for item in window:
         if isinstance(item, bytes):
             w.write(item)
             continue
-        (domain, d, bits, vals), g = next(coded)
-        codec, m, pos = encode_positions(bits, d, vals.size, positions, None, g)
-        val, scale = encode_values(vals, values)
-        w.write(STREAM_CHUNK.pack(domain, codec, 0, d, vals.size, m, scale, len(pos)))
+        i, (c, g) = next(coded)
+        codec, m, pos = encode_positions(c.bits, c.d, c.vals.size, positions, None, g)
+        val, scale = encode_values(c.vals, values)
+        w.write(STREAM_CHUNK.pack(c.domain, codec, int(c.negative is not None), 0, c.d, c.vals.size, m, scale, len(pos)))
         w.write(pos)
         w.write(val)
+        if c.negative is not None:
+            s_codec, s_m, s_pos = encode_positions(c.negative, sizes[i], c.n_negative, "auto", None, sign_golomb.get(i))
+            w.write(SIGNS.pack(s_codec, c.n_negative, s_m, len(s_pos)))
+            w.write(s_pos)
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -261,6 +305,7 @@ class _Chunk(NamedTuple):
     dtype: np.dtype  # the values' (little-endian)
     scale: float
     val_raw: memoryview
+    signs: Optional[tuple[int, int, int, memoryview]]  # the zero-sign block: codec, count, golomb_m, payload
 
 
 def decode_records(
@@ -306,8 +351,8 @@ def decode_records(
         ref = None
         for j, start in enumerate(range(0, n, chunk_elems)):
             size, where = min(chunk_elems, n - start), f"{name!r} chunk {j}"
-            domain, pos_codec, reserved, d, nnz, m, scale, pos_len = r.unpack(STREAM_CHUNK, where)
-            _check_chunk(where, domain, pos_codec, reserved, d, size, nnz, m, scale, pos_len, val_codec)
+            domain, pos_codec, signed, reserved, d, nnz, m, scale, pos_len = r.unpack(STREAM_CHUNK, where)
+            _check_chunk(where, domain, pos_codec, signed, reserved, d, size, nnz, m, scale, pos_len, val_codec)
             ref_bits = None
             if domain == DOMAIN_REFERENCE:
                 if ref is None:
@@ -318,9 +363,17 @@ def decode_records(
                                      f"there, the sender's had {d}")
             pos_raw = r.take(pos_len, f"{where} positions")
             val_raw = r.take(nnz * value_size(val_codec, dtype), f"{where} values")
+            signs = None
+            if signed:  # which of the chunk's zeros are -0.0, checked before its payload is read
+                s_codec, s_count, s_m, s_len = r.unpack(SIGNS, f"{where} zero signs")
+                try:
+                    check_zero_signs(s_codec, size, size - nnz, s_count, s_m, s_len)
+                except CodecError as e:
+                    raise CodecError(f"{where}: {e}") from None
+                signs = (s_codec, s_count, s_m, r.take(s_len, f"{where} zero signs"))
             window.append(_Chunk(where, dest[start : start + size],
                                  None if packed is None else packed[start // 8 : (start + size + 7) // 8],
-                                 ref_bits, pos_codec, d, nnz, m, pos_raw, val_codec, dtype, scale, val_raw))
+                                 ref_bits, pos_codec, d, nnz, m, pos_raw, val_codec, dtype, scale, val_raw, signs))
             elems += size
             if elems >= window_elems:
                 _decode_window(k, window)
@@ -330,11 +383,12 @@ def decode_records(
     return result
 
 
-def _check_chunk(where: str, domain: int, pos_codec: int, reserved: int, d: int, size: int, nnz: int, m: int,
-                 scale: float, pos_len: int, val_codec: int) -> None:
+def _check_chunk(where: str, domain: int, pos_codec: int, signed: int, reserved: int, d: int, size: int, nnz: int,
+                 m: int, scale: float, pos_len: int, val_codec: int) -> None:
     """A chunk header's fields against each other and the chunk's size, before its bytes are read."""
-    if domain not in (DOMAIN_FULL, DOMAIN_REFERENCE) or pos_codec not in POSITIONS.values() or reserved:
-        raise CodecError(f"{where}: unknown domain, positions codec or reserved field")
+    if domain not in (DOMAIN_FULL, DOMAIN_REFERENCE) or pos_codec not in POSITIONS.values() or signed not in (0, 1) \
+            or reserved:
+        raise CodecError(f"{where}: unknown domain, positions codec, signs or reserved field")
     if pos_codec == POSITIONS["csr"]:
         raise CodecError(f"{where}: CSR positions are not used in streams")
     if d > size or (domain == DOMAIN_FULL and d != size):
@@ -377,5 +431,18 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
         if c.ref is not None:
             b = k.deposit_bits(b, c.ref, c.dest.size)
         k.densify(b, c.dest.size, decode_values(c.val_raw, c.val_codec, c.nnz, c.dtype, c.scale), c.dest)
+        if c.signs is not None:
+            s_codec, s_count, s_m, s_raw = c.signs
+            try:
+                if s_codec == _GOLOMB:
+                    negative, failed, message = k.golomb_decode_many([(s_raw, c.dest.size, s_count, s_m)])
+                    if failed >= 0:
+                        raise CodecError(message)
+                    negative = negative[0]
+                else:
+                    negative = decode_positions(k, s_raw, s_codec, c.dest.size, s_count, ())
+                set_negative_zeros(k, c.where, b, negative, c.dest)
+            except CodecError as e:
+                raise CodecError(f"{c.where}: zero signs: {e}") from None
         if c.packed is not None:
             c.packed[:] = b
