@@ -112,12 +112,26 @@ def thread_counts() -> dict[str, int]:
     return counts
 
 
+def _late_regions() -> int:
+    """Parallel regions of the native kernels that started late in this process: threads waiting a
+    scheduler slice for a core, the sign of another process on the cores (csrc/common.hpp)."""
+    from feddip_kernels import _backend
+
+    core = _backend.native_module()
+    return core._contention()[2] if core is not None else 0
+
+
 def pytest_terminal_summary(terminalreporter):
     timed = [r for r in _ROWS if r.median_s]
     if not timed:
         return
     tr = terminalreporter
     tr.section("feddip-kernels: throughput and speed-up vs baseline (same run)")
+    late = _late_regions()
+    if late:
+        tr.write_line(f"WARNING: {late} parallel region(s) of this run started over 1 ms late: another process was "
+                      "using the cores, and the figures below are load-affected. Measure on an idle machine before "
+                      "publishing them.", red=True, bold=True)
     tr.write_line("threads: " + ", ".join(f"{k} {v}" for k, v in thread_counts().items()) + "; zstd encode as native")
     for group in dict.fromkeys(r.group for r in timed):
         rows = [r for r in timed if r.group == group]

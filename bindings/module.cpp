@@ -356,6 +356,22 @@ PYBIND11_MODULE(_core, m) {
         "timing, fastest AVX-512 call in s, fastest AVX2 call in s) for each size and thread count seen. "
         "forget: then start afresh.");
 
+    m.def(
+        "_contention",
+        [](std::optional<bool> adapt) {
+            Contention& c = contention();
+            if (adapt) c.enabled.store(*adapt, std::memory_order_relaxed);
+            const std::int64_t last = c.last_late.load(std::memory_order_relaxed);
+            return py::make_tuple(c.enabled.load(std::memory_order_relaxed), c.serial(),
+                                  c.late_regions.load(std::memory_order_relaxed),
+                                  last ? (steady_ns() - last) * 1e-9 : -1.0);
+        },
+        py::arg("adapt") = py::none(),
+        "(adapting, on one thread now, late regions so far, seconds since the last, or -1): with the default "
+        "thread count, parallel regions "
+        "whose threads start over 1 ms late (another process on the cores) put the kernels on one thread for "
+        "0.1 s, doubling up to 2 s while they stay late. `adapt` turns that on or off.");
+
     m.def("_sample_fallbacks", &sample_fallbacks,
           "How many top-k selections so far fell back from the one-pass fast path to radix passes.");
 

@@ -1,7 +1,9 @@
 // Shared helpers for the feddip-kernels C++ core. Plain C++17, no Python.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -61,12 +63,81 @@ inline std::atomic<int>& default_threads() {
     return n;
 }
 
-// Threads a parallel kernel uses: its own request, else the library-wide setting, else OpenMP's.
+inline std::int64_t steady_ns() noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+// Cores shared with another process. A parallel region's threads then start a scheduler slice
+// late (milliseconds, where idle cores take microseconds), and every fork and join of a call
+// waits that long, spinning, far longer than a region's work: a call of 20 regions took 15x its
+// one-thread time. While recent regions started late, the default thread count is 1; a late
+// start backs off 0.1 s, doubling up to 2 s, and one on time ends it (one slow region a period).
+class Contention {
+public:
+    static constexpr std::int64_t kLate = 1'000'000;  // ns: a hundred times an idle wake-up
+    static constexpr std::int64_t kFirstBackoff = 100'000'000, kMaxBackoff = 2'000'000'000;
+
+    bool serial() const noexcept {
+        return enabled.load(std::memory_order_relaxed) && steady_ns() < until_.load(std::memory_order_relaxed);
+    }
+    void observe(std::int64_t late) noexcept {
+        if (late <= kLate) {
+            backoff_.store(kFirstBackoff, std::memory_order_relaxed);
+            return;
+        }
+        const std::int64_t b = backoff_.load(std::memory_order_relaxed), now = steady_ns();
+        last_late.store(now, std::memory_order_relaxed);
+        until_.store(now + b, std::memory_order_relaxed);
+        backoff_.store(std::min(2 * b, kMaxBackoff), std::memory_order_relaxed);
+        late_regions.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    std::atomic<bool> enabled{true};
+    std::atomic<std::uint64_t> late_regions{0};
+    std::atomic<std::int64_t> last_late{0};  // steady_ns() of the last late start, 0 for none
+
+private:
+    std::atomic<std::int64_t> until_{0}, backoff_{kFirstBackoff};
+};
+
+inline Contention& contention() {
+    static Contention c;
+    return c;
+}
+
+// Times one parallel region's start: made just before it, enter() by each thread first thing in
+// it; its end reports the latest start to contention().
+class RegionProbe {
+public:
+    explicit RegionProbe(int nt) noexcept : on_(nt > 1), fork_(on_ ? steady_ns() : 0) {}
+    RegionProbe(const RegionProbe&) = delete;
+    RegionProbe& operator=(const RegionProbe&) = delete;
+    ~RegionProbe() {
+        if (on_) contention().observe(latest_.load(std::memory_order_relaxed));
+    }
+    void enter() noexcept {
+        if (!on_) return;
+        const std::int64_t late = steady_ns() - fork_;
+        std::int64_t seen = latest_.load(std::memory_order_relaxed);
+        while (late > seen && !latest_.compare_exchange_weak(seen, late, std::memory_order_relaxed)) {
+        }
+    }
+
+private:
+    bool on_;
+    std::int64_t fork_;
+    std::atomic<std::int64_t> latest_{0};
+};
+
+// Threads a parallel kernel uses: its own request, else the library-wide setting, else OpenMP's
+// (1 while the cores are contended, see Contention).
 inline int max_threads(int requested) {
 #ifdef _OPENMP
     if (requested > 0) return requested;
     const int set = default_threads().load(std::memory_order_relaxed);
-    return set > 0 ? set : omp_get_max_threads();
+    if (set > 0) return set;
+    return contention().serial() ? 1 : omp_get_max_threads();
 #else
     (void)requested;
     return 1;

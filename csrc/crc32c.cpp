@@ -165,11 +165,16 @@ std::uint32_t crc_of_pieces(const std::vector<Piece>& pieces, std::size_t total,
     const int nt = total < kPiece ? 1 : max_threads(0);
     std::vector<std::uint32_t> reg(pieces.size(), 0);
     const long long n_pieces = static_cast<long long>(pieces.size());
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-    for (long long i = 0; i < n_pieces; ++i) {
-        const Piece& pc = pieces[static_cast<std::size_t>(i)];
-        if (pc.dst) std::memcpy(pc.dst, pc.src, pc.size);
-        reg[static_cast<std::size_t>(i)] = crc_run(pc.dst ? pc.dst : pc.src, pc.size, 0);
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(dynamic, 4)
+        for (long long i = 0; i < n_pieces; ++i) {
+            const Piece& pc = pieces[static_cast<std::size_t>(i)];
+            if (pc.dst) std::memcpy(pc.dst, pc.src, pc.size);
+            reg[static_cast<std::size_t>(i)] = crc_run(pc.dst ? pc.dst : pc.src, pc.size, 0);
+        }
     }
     std::uint32_t r = ~crc;
     for (std::size_t i = 0; i < pieces.size(); ++i) r = past_zeros(r, pieces[i].size) ^ reg[i];

@@ -249,12 +249,17 @@ template <class Body>
 long long parallel_each(long long count, int n_threads, Body&& body, std::exception_ptr& error) {
     std::vector<std::exception_ptr> errors(static_cast<std::size_t>(count));
     const int nt = static_cast<int>(std::max<long long>(1, std::min<long long>(max_threads(n_threads), count)));
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (long long i = 0; i < count; ++i) {
-        try {
-            body(i);
-        } catch (...) {
-            errors[i] = std::current_exception();
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(dynamic, 1)
+        for (long long i = 0; i < count; ++i) {
+            try {
+                body(i);
+            } catch (...) {
+                errors[i] = std::current_exception();
+            }
         }
     }
     for (long long i = 0; i < count; ++i)

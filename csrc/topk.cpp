@@ -70,8 +70,10 @@ bits_t<T> histogram(const std::vector<Chunk<T>>& chunks, int nt, int shift, bits
     std::vector<std::uint64_t> local(std::size_t(nt) * kBins, 0);
     std::vector<U> maxima(nt, 0);
     const long long n_chunks = static_cast<long long>(chunks.size());
+    RegionProbe probe(nt);
 #pragma omp parallel num_threads(nt)
     {
+        probe.enter();
         std::uint64_t* h = local.data() + std::size_t(thread_id()) * kBins;
         U mx = 0;
 #pragma omp for schedule(static)
@@ -207,8 +209,10 @@ std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_
     using U = bits_t<T>;
     std::vector<std::vector<U>> parts(nt);
     const long long n_chunks = static_cast<long long>(chunks.size());
+    RegionProbe probe(nt);
 #pragma omp parallel num_threads(nt)
     {
+        probe.enter();
         std::vector<U>& out = parts[thread_id()];
 #pragma omp for schedule(static)
         for (long long c = 0; c < n_chunks; ++c) {
@@ -463,13 +467,18 @@ std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uin
     }
     std::vector<U> sample(start.back());
     const long long n_chunks = static_cast<long long>(chunks.size());
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long long c = 0; c < n_chunks; ++c) {
-        const Chunk<T>& ch = chunks[c];
-        U* out = sample.data() + start[c];
-        for (std::size_t r = 0; r < runs[c]; ++r)
-            for (std::size_t j = r * step[c]; j < std::min(ch.size, r * step[c] + kRun); ++j)
-                *out++ = magnitude_key(ch.data[j]);
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(static)
+        for (long long c = 0; c < n_chunks; ++c) {
+            const Chunk<T>& ch = chunks[c];
+            U* out = sample.data() + start[c];
+            for (std::size_t r = 0; r < runs[c]; ++r)
+                for (std::size_t j = r * step[c]; j < std::min(ch.size, r * step[c] + kRun); ++j)
+                    *out++ = magnitude_key(ch.data[j]);
+        }
     }
     return sample;
 }
@@ -514,15 +523,20 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
     const S shi = static_cast<S>(hi), slo = static_cast<S>(lo);
     const long long n_chunks = static_cast<long long>(chunks.size());
     const Isa isa = feddip::isa();
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long long c = 0; c < n_chunks; ++c) {
-        const Chunk<T>& ch = chunks[c];
-        Scan<U>& sc = scans[thread_id()];
-        first[c] = sc.size;
-        owner[c] = thread_id();
-        scan<T>(ch, shi, slo, sc, isa, masks ? (*masks)[ch.segment] + ch.offset : nullptr);
-        count[c] = sc.size - first[c];
-        gathered.fetch_add(count[c], std::memory_order_relaxed);
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(static)
+        for (long long c = 0; c < n_chunks; ++c) {
+            const Chunk<T>& ch = chunks[c];
+            Scan<U>& sc = scans[thread_id()];
+            first[c] = sc.size;
+            owner[c] = thread_id();
+            scan<T>(ch, shi, slo, sc, isa, masks ? (*masks)[ch.segment] + ch.offset : nullptr);
+            count[c] = sc.size - first[c];
+            gathered.fetch_add(count[c], std::memory_order_relaxed);
+        }
     }
     std::uint64_t n_above = 0;
     std::size_t n_keys = 0;
@@ -634,8 +648,13 @@ T max_magnitude(const std::vector<Segment<T>>& segments, int n_threads) {
     const int nt = threads_for(n_threads, chunks.size());
     const long long n_chunks = static_cast<long long>(chunks.size());
     U peak = 0;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : peak)
-    for (long long c = 0; c < n_chunks; ++c) peak = std::max(peak, chunk_peak(chunks[c].data, chunks[c].size));
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(static) reduction(max : peak)
+        for (long long c = 0; c < n_chunks; ++c) peak = std::max(peak, chunk_peak(chunks[c].data, chunks[c].size));
+    }
     if (peak > inf_key<T>()) throw std::invalid_argument("input contains NaN");
     return key_to_value<T>(peak);
 }
@@ -667,14 +686,19 @@ MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
     // All ties fit: take |x| >= value. Otherwise take |x| > value, then the first ties in order.
     const bool take_all_ties = k > 0 && th.n_greater + th.n_equal == k;
     const long long n_chunks = static_cast<long long>(chunks.size());
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long long c = 0; c < n_chunks; ++c) {
-        const Chunk<T>& ch = chunks[c];
-        std::uint8_t* out = masks[ch.segment] + ch.offset;
-        if (k == 0)
-            std::fill(out, out + ch.size, std::uint8_t(0));
-        else
-            write_mask<T>(ch.data, ch.size, static_cast<S>(take_all_ties ? key - 1 : key), out);
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(static)
+        for (long long c = 0; c < n_chunks; ++c) {
+            const Chunk<T>& ch = chunks[c];
+            std::uint8_t* out = masks[ch.segment] + ch.offset;
+            if (k == 0)
+                std::fill(out, out + ch.size, std::uint8_t(0));
+            else
+                write_mask<T>(ch.data, ch.size, static_cast<S>(take_all_ties ? key - 1 : key), out);
+        }
     }
     if (k > 0 && !take_all_ties) {
         std::uint64_t ties = k - th.n_greater;

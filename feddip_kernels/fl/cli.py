@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import _backend, __version__
+from .._backend import MAX_THREADS, set_num_threads
 from ..codecs import VALUES as VALUE_CODECS
 from ..pruning import global_topk_masks
 
@@ -21,6 +22,16 @@ def _info(_: argparse.Namespace) -> int:
     print(f"backends: {', '.join(_backend.available_backends())}")
     print(f"native OpenMP: {bool(core and core.openmp)}")
     return 0
+
+
+def _versions() -> dict[str, str]:
+    """The versions that decide a run's numbers, for results.json."""
+    import platform
+
+    import torch
+
+    return {"feddip-kernels": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -111,6 +122,13 @@ def _simulate(args: argparse.Namespace) -> int:
         data_name = os.path.abspath(args.data)
     settings = _settings(args)
     device = _device(args.device)
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be from 0 to {MAX_THREADS}, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
     clients = settings["clients"]
     if args.partition == "iid":
         parts = iid_partition(len(train), clients, seed=args.seed)
@@ -119,7 +137,8 @@ def _simulate(args: argparse.Namespace) -> int:
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     values = _values_per_algorithm(args.values, algorithms)
     os.makedirs(args.out, exist_ok=True)
-    results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "device": device, "runs": {}}
+    results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "device": device,
+               "threads": args.threads, "command": ["feddip", *args.argv], "versions": _versions(), "runs": {}}
     for alg in algorithms:
         cfg = SimulationConfig(algorithm=alg, model=args.model, values=values[alg], seed=args.seed, **settings)
         bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None
@@ -224,6 +243,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="where clients train: cpu, cuda (or cuda:N), or auto (cuda when available); the server's "
                         "state and the messages stay on the host")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads of torch's training and of the library's kernels (0, the default: torch's and "
+                        "OpenMP's defaults, the cores; the kernels drop to one while another process holds the "
+                        "cores). torch's reductions, and so the results' last bits, depend on its thread count")
     p.add_argument("--out", default="runs/latest", help="directory for results.json, results.png, checkpoints")
     p.add_argument("--checkpoint", action="store_true", help="checkpoint the server state every round")
     p.add_argument("--resume", action="store_true",
@@ -231,6 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_simulate)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # bad settings or data: a message, not a traceback
