@@ -372,6 +372,15 @@ PYBIND11_MODULE(_core, m) {
         "whose threads start over 1 ms late (another process on the cores) put the kernels on one thread for "
         "0.1 s, doubling up to 2 s while they stay late. `adapt` turns that on or off.");
 
+    m.def(
+        "_probe_contention",
+        []() {
+            py::gil_scoped_release release;
+            return static_cast<double>(probe_contention()) * 1e-9;
+        },
+        "Time an empty parallel region's start on OpenMP's default thread count, as every region's is "
+        "(_contention counts it); seconds.");
+
     m.def("_sample_fallbacks", &sample_fallbacks,
           "How many top-k selections so far fell back from the one-pass fast path to radix passes.");
 

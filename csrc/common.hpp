@@ -116,6 +116,7 @@ public:
     ~RegionProbe() {
         if (on_) contention().observe(latest_.load(std::memory_order_relaxed));
     }
+    std::int64_t latest() const noexcept { return latest_.load(std::memory_order_relaxed); }
     void enter() noexcept {
         if (!on_) return;
         const std::int64_t late = steady_ns() - fork_;
@@ -129,6 +130,21 @@ private:
     std::int64_t fork_;
     std::atomic<std::int64_t> latest_{0};
 };
+
+// An empty region on OpenMP's default thread count, timed as every region is (for callers that
+// run no parallel kernel of their own for a while but want to know whether the cores are shared):
+// the latest thread's start in ns, 0 with one thread.
+inline std::int64_t probe_contention() {
+#ifdef _OPENMP
+    const int nt = omp_get_max_threads();
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    probe.enter();
+    return probe.latest();
+#else
+    return 0;
+#endif
+}
 
 // Threads a parallel kernel uses: its own request, else the library-wide setting, else OpenMP's
 // (1 while the cores are contended, see Contention).

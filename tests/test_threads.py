@@ -67,3 +67,43 @@ def test_adapting_can_be_turned_off_and_an_explicit_count_is_kept():
         assert fk.get_num_threads() == 2
     finally:
         fk.set_num_threads(0)
+
+
+def test_the_simulation_trains_on_one_torch_thread_while_the_cores_are_shared(monkeypatch, tmp_path):
+    torch = pytest.importorskip("torch")
+    import json
+
+    from feddip_kernels.fl import simulation
+    from feddip_kernels.fl.cli import main
+
+    seen = []
+    train = simulation._train_client
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(simulation, "_train_client", spy)
+    before = torch.get_num_threads()
+    for shared, threads in ((True, 0), (False, 0), (True, 1)):
+        monkeypatch.setattr(simulation, "_cores_shared", lambda shared=shared: shared)
+        seen.clear()
+        out = tmp_path / f"{shared}-{threads}"
+        argv = ["simulate", "--algorithm", "feddip", "--rounds", "1", "--clients", "2", "--synthetic-train", "200",
+                "--synthetic-test", "50", "--threads", str(threads), "--out", str(out), "--quiet"]
+        try:
+            assert main(argv) == 0
+        finally:
+            torch.set_num_threads(before)
+            fk.set_num_threads(0)
+        want = 1 if shared or threads == 1 else before
+        assert seen == [want, want]
+        results = json.loads((out / "results.json").read_text())
+        assert results["threads"] == threads and results["command"] == ["feddip", *argv]
+        assert results["versions"]["feddip-kernels"] == fk.__version__
+    assert torch.get_num_threads() == before  # given back after the run
+
+
+def test_a_probe_times_an_empty_region():
+    late = core._probe_contention()
+    assert 0 <= late < 60

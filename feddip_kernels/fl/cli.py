@@ -161,7 +161,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
         ckpt = os.path.join(args.out, f"{alg}.ckpt") if args.checkpoint else None
         state = run_simulation(cfg, train, test, parts, checkpoint=ckpt, resume=args.resume, on_round=log,
-                               device=device)
+                               device=device, adapt_threads=args.threads == 0)
         if bar is not None:
             bar.close()
         results["runs"][alg] = {"config": dataclasses.asdict(cfg), "history": state.history}
@@ -244,9 +244,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "state and the messages stay on the host")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
-                   help="threads of torch's training and of the library's kernels (0, the default: torch's and "
-                        "OpenMP's defaults, the cores; the kernels drop to one while another process holds the "
-                        "cores). torch's reductions, and so the results' last bits, depend on its thread count")
+                   help="threads of torch's training and of the library's kernels (0, the default: the cores, "
+                        "and one while another process holds them). torch's reductions, and so a run's last "
+                        "bits, depend on its thread count: give N for bit-reproducible runs")
     p.add_argument("--out", default="runs/latest", help="directory for results.json, results.png, checkpoints")
     p.add_argument("--checkpoint", action="store_true", help="checkpoint the server state every round")
     p.add_argument("--resume", action="store_true",

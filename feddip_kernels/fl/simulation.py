@@ -207,6 +207,7 @@ def run_simulation(
     resume: bool = False,
     on_round: Optional[Callable[[dict], None]] = None,
     device: str = "cpu",
+    adapt_threads: bool = False,
 ) -> ServerState:
     """Run (or resume) a simulation; returns the final server state with one history row a round:
     accuracy, loss, sparsity, bytes up/down (real encoded sizes) and time split.
@@ -219,7 +220,34 @@ def run_simulation(
 
     `device` ("cpu", "cuda", "cuda:1", ...) is where clients train and the model is evaluated; the
     server's state and the messages stay on the host.
+
+    `adapt_threads`: before each client trains, time an empty parallel region (the kernels' own
+    contention signal, csrc/common.hpp); while one started late in the last 10 s (another process
+    holds the cores), torch trains on one thread, else on the threads it had. torch's reductions
+    then follow the load, and so do a run's last bits: leave it off for bit-reproducible runs.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, train, test, partition, checkpoint, resume, on_round, device, adapt_threads, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cores_shared() -> bool:
+    """Whether a parallel region started late in the last 10 s, after timing one now."""
+    from .. import _backend
+
+    core = _backend.native_module()
+    if core is None or not core.openmp:
+        return False
+    core._probe_contention()
+    since = core._contention()[3]
+    return 0 <= since < 10.0
+
+
+def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[np.ndarray], checkpoint: Optional[str],
+         resume: bool, on_round: Optional[Callable[[dict], None]], device: str, adapt_threads: bool,
+         threads: int) -> ServerState:
     if len(partition) != cfg.clients:
         raise ValueError(f"partition has {len(partition)} shards for {cfg.clients} clients")
     torch.manual_seed(seed_for(cfg.seed, 0))
@@ -256,6 +284,8 @@ def run_simulation(
             if shared:
                 state.client_masks[int(c)] = server.masks
             t1 = time.perf_counter()
+            if adapt_threads:
+                torch.set_num_threads(1 if _cores_shared() else threads)
             try:  # a client that fails (its training raises, its upload does not decode) is dropped
                 local = _train_client(cfg, model, received, server.training_masks(int(c)), shards[c], t, int(c))
                 t2 = time.perf_counter()
