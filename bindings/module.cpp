@@ -364,10 +364,12 @@ PYBIND11_MODULE(_core, m) {
             const std::int64_t last = c.last_late.load(std::memory_order_relaxed);
             return py::make_tuple(c.enabled.load(std::memory_order_relaxed), c.serial(),
                                   c.late_regions.load(std::memory_order_relaxed),
-                                  last ? (steady_ns() - last) * 1e-9 : -1.0);
+                                  last ? (steady_ns() - last) * 1e-9 : -1.0,
+                                  c.regions.load(std::memory_order_relaxed));
         },
         py::arg("adapt") = py::none(),
-        "(adapting, on one thread now, late regions so far, seconds since the last, or -1): with the default "
+        "(adapting, on one thread now, late regions so far, seconds since the last or -1, regions timed so far): "
+        "with the default "
         "thread count, parallel regions "
         "whose threads start over 1 ms late (another process on the cores) put the kernels on one thread for "
         "0.1 s, doubling up to 2 s while they stay late. `adapt` turns that on or off.");

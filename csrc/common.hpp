@@ -82,6 +82,7 @@ public:
         return enabled.load(std::memory_order_relaxed) && steady_ns() < until_.load(std::memory_order_relaxed);
     }
     void observe(std::int64_t late) noexcept {
+        regions.fetch_add(1, std::memory_order_relaxed);
         if (late <= kLate) {
             backoff_.store(kFirstBackoff, std::memory_order_relaxed);
             return;
@@ -94,7 +95,7 @@ public:
     }
 
     std::atomic<bool> enabled{true};
-    std::atomic<std::uint64_t> late_regions{0};
+    std::atomic<std::uint64_t> regions{0}, late_regions{0};  // timed (on more than one thread), late
     std::atomic<std::int64_t> last_late{0};  // steady_ns() of the last late start, 0 for none
 
 private:
