@@ -132,6 +132,18 @@ private:
     std::atomic<std::int64_t> latest_{0};
 };
 
+// body(i) for i in [0, count) on nt threads, statically scheduled, the region timed (RegionProbe).
+template <class Body>
+void parallel_for(int nt, long long count, Body&& body) {
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(static)
+        for (long long i = 0; i < count; ++i) body(i);
+    }
+}
+
 // An empty region on OpenMP's default thread count, timed as every region is (for callers that
 // run no parallel kernel of their own for a while but want to know whether the cores are shared):
 // the latest thread's start in ns, 0 with one thread.

@@ -40,16 +40,10 @@ double sum_over_chunks(std::size_t n, int nt, F&& chunk) {
     const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
     if (n_chunks <= 1) return n_chunks ? chunk(std::size_t(0), n) : 0.0;
     std::vector<double> part(static_cast<std::size_t>(n_chunks));
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long c = 0; c < n_chunks; ++c) {
-            const std::size_t b = static_cast<std::size_t>(c) * kChunk;
-            part[static_cast<std::size_t>(c)] = chunk(b, std::min(kChunk, n - b));
-        }
-    }
+    parallel_for(nt, n_chunks, [&](long long c) {
+        const std::size_t b = static_cast<std::size_t>(c) * kChunk;
+        part[static_cast<std::size_t>(c)] = chunk(b, std::min(kChunk, n - b));
+    });
     double total = 0.0;
     for (const double x : part) total += x;
     return total;
@@ -739,17 +733,11 @@ std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers,
     const Isa loop = trial.narrow ? Isa::avx2 : isa();
     const bool stream = g_step_stores.load(std::memory_order_relaxed) == static_cast<int>(StepStores::stream);
     const auto t0 = std::chrono::steady_clock::now();
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long c = 0; c < n_pieces; ++c) {
-            const Piece& pc = pieces[static_cast<std::size_t>(c)];
-            const BoundLayer<T>& s = bound[pc.layer];
-            part[static_cast<std::size_t>(c)] = s.chunk(s, pc.begin, pc.size, loop, stream);
-        }
-    }
+    parallel_for(nt, n_pieces, [&](long long c) {
+        const Piece& pc = pieces[static_cast<std::size_t>(c)];
+        const BoundLayer<T>& s = bound[pc.layer];
+        part[static_cast<std::size_t>(c)] = s.chunk(s, pc.begin, pc.size, loop, stream);
+    });
     if (trial.timed)
         loop_tuner().report(trial, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     std::vector<double> norms(layers.size(), 0.0);

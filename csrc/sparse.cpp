@@ -151,16 +151,10 @@ bool for_each_span(std::size_t n, Pack_&& pack) {
     const long long n_spans = static_cast<long long>((n + kSpan - 1) / kSpan);
     const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
     std::vector<std::uint8_t> found(static_cast<std::size_t>(n_spans), 0);
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long s = 0; s < n_spans; ++s) {
-            const std::size_t lo = static_cast<std::size_t>(s) * kSpan;
-            found[static_cast<std::size_t>(s)] = pack(lo, std::min(kSpan, n - lo));
-        }
-    }
+    parallel_for(nt, n_spans, [&](long long s) {
+        const std::size_t lo = static_cast<std::size_t>(s) * kSpan;
+        found[static_cast<std::size_t>(s)] = pack(lo, std::min(kSpan, n - lo));
+    });
     return std::find(found.begin(), found.end(), std::uint8_t(1)) != found.end();
 }
 
@@ -196,16 +190,10 @@ constexpr std::size_t kWords = 1024;
 
 std::vector<std::size_t> block_offsets(const std::uint8_t* bits, std::size_t n, std::size_t n_blocks, int nt) {
     std::vector<std::size_t> first(n_blocks + 1, 0);
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
-            const std::size_t lo = static_cast<std::size_t>(b) * kWords * 64, hi = std::min(n, lo + kWords * 64);
-            first[static_cast<std::size_t>(b) + 1] = static_cast<std::size_t>(count_bits(bits + lo / 8, hi - lo));
-        }
-    }
+    parallel_for(nt, static_cast<long long>(n_blocks), [&](long long b) {
+        const std::size_t lo = static_cast<std::size_t>(b) * kWords * 64, hi = std::min(n, lo + kWords * 64);
+        first[static_cast<std::size_t>(b) + 1] = static_cast<std::size_t>(count_bits(bits + lo / 8, hi - lo));
+    });
     for (std::size_t b = 0; b < n_blocks; ++b) first[b + 1] += first[b];
     return first;
 }
@@ -218,16 +206,10 @@ void for_each_block(const std::uint8_t* bits, std::size_t n, Block&& block) {
     const std::size_t n_blocks = (n_words + kWords - 1) / kWords;
     const int nt = n < (std::size_t(1) << 18) ? 1 : max_threads(0);
     const std::vector<std::size_t> first = block_offsets(bits, n, n_blocks, nt);
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long b = 0; b < static_cast<long long>(n_blocks); ++b) {
-            const std::size_t w0 = static_cast<std::size_t>(b) * kWords;
-            block(w0, std::min(n_words, w0 + kWords), first[static_cast<std::size_t>(b)]);
-        }
-    }
+    parallel_for(nt, static_cast<long long>(n_blocks), [&](long long b) {
+        const std::size_t w0 = static_cast<std::size_t>(b) * kWords;
+        block(w0, std::min(n_words, w0 + kWords), first[static_cast<std::size_t>(b)]);
+    });
 }
 
 // Calls start(lo, hi) once per block of elements [lo, hi), then visit(j, i) for each set position i

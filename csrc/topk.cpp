@@ -467,19 +467,13 @@ std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uin
     }
     std::vector<U> sample(start.back());
     const long long n_chunks = static_cast<long long>(chunks.size());
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long c = 0; c < n_chunks; ++c) {
-            const Chunk<T>& ch = chunks[c];
-            U* out = sample.data() + start[c];
-            for (std::size_t r = 0; r < runs[c]; ++r)
-                for (std::size_t j = r * step[c]; j < std::min(ch.size, r * step[c] + kRun); ++j)
-                    *out++ = magnitude_key(ch.data[j]);
-        }
-    }
+    parallel_for(nt, n_chunks, [&](long long c) {
+        const Chunk<T>& ch = chunks[c];
+        U* out = sample.data() + start[c];
+        for (std::size_t r = 0; r < runs[c]; ++r)
+            for (std::size_t j = r * step[c]; j < std::min(ch.size, r * step[c] + kRun); ++j)
+                *out++ = magnitude_key(ch.data[j]);
+    });
     return sample;
 }
 
@@ -523,21 +517,15 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
     const S shi = static_cast<S>(hi), slo = static_cast<S>(lo);
     const long long n_chunks = static_cast<long long>(chunks.size());
     const Isa isa = feddip::isa();
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long c = 0; c < n_chunks; ++c) {
-            const Chunk<T>& ch = chunks[c];
-            Scan<U>& sc = scans[thread_id()];
-            first[c] = sc.size;
-            owner[c] = thread_id();
-            scan<T>(ch, shi, slo, sc, isa, masks ? (*masks)[ch.segment] + ch.offset : nullptr);
-            count[c] = sc.size - first[c];
-            gathered.fetch_add(count[c], std::memory_order_relaxed);
-        }
-    }
+    parallel_for(nt, n_chunks, [&](long long c) {
+        const Chunk<T>& ch = chunks[c];
+        Scan<U>& sc = scans[thread_id()];
+        first[c] = sc.size;
+        owner[c] = thread_id();
+        scan<T>(ch, shi, slo, sc, isa, masks ? (*masks)[ch.segment] + ch.offset : nullptr);
+        count[c] = sc.size - first[c];
+        gathered.fetch_add(count[c], std::memory_order_relaxed);
+    });
     std::uint64_t n_above = 0;
     std::size_t n_keys = 0;
     bool overflow = false;
@@ -686,20 +674,14 @@ MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
     // All ties fit: take |x| >= value. Otherwise take |x| > value, then the first ties in order.
     const bool take_all_ties = k > 0 && th.n_greater + th.n_equal == k;
     const long long n_chunks = static_cast<long long>(chunks.size());
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(static)
-        for (long long c = 0; c < n_chunks; ++c) {
-            const Chunk<T>& ch = chunks[c];
-            std::uint8_t* out = masks[ch.segment] + ch.offset;
-            if (k == 0)
-                std::fill(out, out + ch.size, std::uint8_t(0));
-            else
-                write_mask<T>(ch.data, ch.size, static_cast<S>(take_all_ties ? key - 1 : key), out);
-        }
-    }
+    parallel_for(nt, n_chunks, [&](long long c) {
+        const Chunk<T>& ch = chunks[c];
+        std::uint8_t* out = masks[ch.segment] + ch.offset;
+        if (k == 0)
+            std::fill(out, out + ch.size, std::uint8_t(0));
+        else
+            write_mask<T>(ch.data, ch.size, static_cast<S>(take_all_ties ? key - 1 : key), out);
+    });
     if (k > 0 && !take_all_ties) {
         std::uint64_t ties = k - th.n_greater;
         for (std::size_t c = 0; c < chunks.size() && ties > 0; ++c) {
