@@ -19,8 +19,8 @@ from .format import (
     Chunk, CodecError, Reader, Record, ZeroSigns, read_header_flags,
 )
 from .positions import (
-    check_zero_signs, complement, decode_golomb_positions, decode_positions, encode_positions, joined,
-    negative_zeros_on_device, relative_to, set_negative_zeros,
+    check_zero_signs, decode_golomb_positions, decode_positions, decode_zero_signs, encode_positions, joined,
+    negative_zeros_on_device, relative_to, set_negative_zeros, signs_to_send, zero_sign_blocks,
 )
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .stream import decode_records
@@ -135,12 +135,7 @@ def encode_model(
             mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masked else None
             bits, vals, negative = _sparsify(k, flat, mask, signs_of(masked))
         nnz = sum(v.size for v in vals) if isinstance(vals, list) else vals.size
-        signs = None
-        if negative is not None:  # those off the positions (all, when the positions are the non-zeros)
-            if masked:
-                negative &= complement(joined(bits), n)
-            count = k.count_bits(negative, n)
-            signs = (negative, n, count) if count else None
+        signs = signs_to_send(k, negative, joined(bits) if masked and negative is not None else None, n)
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
             bits = joined(bits)
@@ -175,18 +170,8 @@ def encode_model(
         pos_codec, m, pos_payload = encode_positions(sp.pos_bits, sp.d, sp.nnz, positions, sp.csr_shape, g)
         table = runs if pos_codec == POSITIONS["golomb"] and len(runs) > 1 else []
         records.append((sp, pos_codec, m, pos_payload, table))
-    # The sign sets: the smallest of all, bitmask and Golomb, except that a Golomb parameter of 1
-    # (densities from about 0.38) codes the bitmask itself up to its last set bit, as long or a
-    # few bytes shorter, at the cost of a sequential decode: the bitmask is taken then.
-    signed = {i: sp.signs for i, sp in enumerate(prepared) if sp.signs is not None}
-    params = {i: k.golomb_parameter(count, n) for i, (_, n, count) in signed.items()}
-    sparse_signs = [i for i in signed if params[i] > 1]
-    sign_streams = dict(zip(sparse_signs, k.golomb_encode_many([(*signed[i][:2], params[i]) for i in sparse_signs])))
-    sign_blocks: dict[int, list[Any]] = {}
-    for i, (negative, n, count) in signed.items():
-        g = (params[i], sign_streams[i]) if i in sign_streams else None
-        codec, m, payload = encode_positions(negative, n, count, "auto", None, g)
-        sign_blocks[i] = [SIGNS.pack(codec, count, m, len(payload)), payload]
+    signed = [i for i, sp in enumerate(prepared) if sp.signs is not None]
+    sign_blocks = dict(zip(signed, zero_sign_blocks(k, [prepared[i].signs for i in signed])))
     version = 2 if any(table for *_, table in records) else 1  # version 1 readers read what needs no chunks
     parts = [HEADER.pack(MAGIC, version, FLAG_ZERO_SIGNS if signed else 0, 0, len(tensors))]
     for i, (sp, pos_codec, m, pos_payload, table) in enumerate(records):
@@ -323,20 +308,10 @@ def decode_model(
 
 def _decode_zero_signs(k: Any, records: list[Record]) -> dict[int, np.ndarray]:
     """The -0.0 of each record with a zero-sign block, by record index, as packed positions over
-    its elements (the Golomb streams of all records in one parallel call)."""
-    signed = [(i, rec.signs, rec.n) for i, rec in enumerate(records) if rec.signs is not None]
-    golomb = [(i, s, n) for i, s, n in signed if s.codec == POSITIONS["golomb"]]
-    bits, failed, message = k.golomb_decode_many([(s.raw, n, s.count, s.m) for _, s, n in golomb])
-    if failed >= 0:
-        raise CodecError(f"{records[golomb[failed][0]].name!r}: zero signs: {message}")
-    out = {i: b for (i, _, _), b in zip(golomb, bits)}
-    for i, s, n in signed:
-        if s.codec != POSITIONS["golomb"]:
-            try:
-                out[i] = decode_positions(k, s.raw, s.codec, n, s.count, ())
-            except CodecError as e:
-                raise CodecError(f"{records[i].name!r}: zero signs: {e}") from None
-    return out
+    its elements."""
+    signed = [i for i, rec in enumerate(records) if rec.signs is not None]
+    found = decode_zero_signs(k, [(repr(records[i].name), records[i].signs, records[i].n) for i in signed])
+    return dict(zip(signed, found))
 
 
 def _read_chunk_table(r: Reader, name: str, domain: int, pos_codec: int, d: int, nnz: int, m: int,

@@ -4,11 +4,11 @@ of d indices. Positions travel between the codecs as packed little-endian bits. 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from .format import POSITION_NAMES, POSITIONS, CodecError, Record
+from .format import POSITION_NAMES, POSITIONS, SIGNS, CodecError, Record, ZeroSigns
 
 if TYPE_CHECKING:
     from .._contract import Kernels
@@ -112,6 +112,56 @@ def set_negative_zeros(k: "Kernels", name: str, bits: np.ndarray, negative: np.n
     for s in range(0, (n + 7) // 8, _BLOCK // 8):
         part = ints[8 * s : 8 * s + _BLOCK]
         np.bitwise_or(part, np.take(words, negative[s : s + _BLOCK // 8], axis=0).reshape(-1)[: part.size], out=part)
+
+
+def signs_to_send(k: "Kernels", negative: Optional[np.ndarray], positions: Optional[np.ndarray],
+                  n: int) -> Optional[tuple[np.ndarray, int, int]]:
+    """(packed -0.0 off the positions, n, their count) for a zero-sign block, or None when none are
+    left. `positions`: packed positions that may hold -0.0 as values (a mask's), None when the
+    positions are the non-zeros (so no -0.0 is one)."""
+    if negative is None:
+        return None
+    if positions is not None:
+        negative &= complement(positions, n)
+    count = k.count_bits(negative, n)
+    return (negative, n, count) if count else None
+
+
+def zero_sign_blocks(k: "Kernels", sets: Sequence[tuple[np.ndarray, int, int]]) -> list[list[Any]]:
+    """Each (packed -0.0 positions, elements, count) of signs_to_send as a zero-sign block (SIGNS
+    header, payload): the smallest of all, bitmask and Golomb, except that a Golomb parameter of 1
+    (densities from about 0.38) codes the bitmask itself up to its last set bit, as long or a few
+    bytes shorter at the cost of a sequential decode: the bitmask is taken then. The Golomb
+    streams of all sets in one call (the native backend encodes them in parallel)."""
+    params = [k.golomb_parameter(count, n) for _, n, count in sets]
+    golomb = [i for i, m in enumerate(params) if m > 1]
+    streams = dict(zip(golomb, k.golomb_encode_many([(sets[i][0], sets[i][1], params[i]) for i in golomb])))
+    blocks = []
+    for i, (negative, n, count) in enumerate(sets):
+        codec, m, payload = encode_positions(negative, n, count, "auto", None,
+                                             (params[i], streams[i]) if i in streams else None)
+        blocks.append([SIGNS.pack(codec, count, m, len(payload)), payload])
+    return blocks
+
+
+def decode_zero_signs(k: "Kernels", blocks: Sequence[tuple[str, ZeroSigns, int]]) -> list[np.ndarray]:
+    """The packed -0.0 positions of each (label for errors, checked block, elements) (the Golomb
+    streams of all in one parallel call); a CodecError names the label."""
+    golomb = [j for j, (_, s, _) in enumerate(blocks) if s.codec == POSITIONS["golomb"]]
+    bits, failed, message = k.golomb_decode_many([(blocks[j][1].raw, blocks[j][2], blocks[j][1].count,
+                                                   blocks[j][1].m) for j in golomb])
+    if failed >= 0:
+        raise CodecError(f"{blocks[golomb[failed]][0]}: zero signs: {message}")
+    out: list[Any] = [None] * len(blocks)
+    for j, b in zip(golomb, bits):
+        out[j] = b
+    for j, (label, s, n) in enumerate(blocks):
+        if s.codec != POSITIONS["golomb"]:
+            try:
+                out[j] = decode_positions(k, s.raw, s.codec, n, s.count, ())
+            except CodecError as e:
+                raise CodecError(f"{label}: zero signs: {e}") from None
+    return out
 
 
 def check_zero_signs(codec: int, n: int, zeros: int, count: int, m: int, length: int) -> None:

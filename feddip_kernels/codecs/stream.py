@@ -18,11 +18,11 @@ from .._arrays import What, check_disjoint, described, flat_float, flat_mask, on
 from .format import (
     CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
     MAX_STREAM_CHUNK, POSITIONS, SIGNS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
-    Reader, read_header,
+    Reader, ZeroSigns, read_header,
 )
 from .positions import (
-    check_zero_signs, complement, decode_positions, encode_positions, golomb_max_len, negative_zeros_on_device,
-    relative_to, set_negative_zeros,
+    check_zero_signs, decode_positions, decode_zero_signs, encode_positions, golomb_max_len, negative_zeros_on_device,
+    relative_to, set_negative_zeros, signs_to_send, zero_sign_blocks,
 )
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .values import decode_values, encode_values, value_size
@@ -153,8 +153,7 @@ class _SparseChunk(NamedTuple):
     d: int  # domain size
     bits: np.ndarray  # packed positions over the domain
     vals: np.ndarray
-    negative: Optional[np.ndarray]  # packed -0.0 off the positions, over the chunk's elements, if any are sent
-    n_negative: int
+    signs: Optional[tuple[np.ndarray, int, int]]  # the -0.0 sent (signs_to_send), over the chunk's elements
 
 
 def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> _SparseChunk:
@@ -168,17 +167,12 @@ def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> _SparseChunk:
         negative = negative_zeros_on_device({"": piece}).get("") if src.signs else None
     else:
         bits, vals, negative = k.sparsify(piece, mask, negative_zeros=True) if src.signs else (*k.sparsify(piece, mask), None)
-    count = 0
-    if negative is not None:
-        if mask is not None:  # a -0.0 at a mask's position is a value, sent as one
-            negative &= complement(bits, size)
-        count = k.count_bits(negative, size)
-    negative = negative if count else None
+    signs = signs_to_send(k, negative, None if mask is None else bits, size)  # a mask's -0.0 are values
     if src.ref is not None:
         sub = relative_to(k, bits, k.pack_bits(src.ref[start : start + size]), size)
         if sub is not None:  # a subset of the reference: code relative to it
-            return _SparseChunk(DOMAIN_REFERENCE, *sub, vals, negative, count)
-    return _SparseChunk(DOMAIN_FULL, size, bits, vals, negative, count)
+            return _SparseChunk(DOMAIN_REFERENCE, *sub, vals, signs)
+    return _SparseChunk(DOMAIN_FULL, size, bits, vals, signs)
 
 
 def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values: str) -> None:
@@ -191,16 +185,8 @@ def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values:
         params = [k.golomb_parameter(c.vals.size, c.d) for c in sparse]
         streams = k.golomb_encode_many([(c.bits, c.d, m) for c, m in zip(sparse, params)])
         golomb = list(zip(params, streams))
-    # The -0.0 sets as encode_model codes them: the smallest of all, bitmask and Golomb, the bitmask
-    # where the Golomb parameter would be 1 (then no shorter, and slower to decode).
-    signed = [i for i, c in enumerate(sparse) if c.negative is not None]
-    sizes = [job[2] for job in window if not isinstance(job, bytes)]  # each chunk's elements
-    sign_golomb: dict[int, tuple[int, bytes]] = {}
-    sign_params = {i: k.golomb_parameter(sparse[i].n_negative, sizes[i]) for i in signed}
-    sparse_signs = [i for i in signed if sign_params[i] > 1]
-    for i, stream in zip(sparse_signs, k.golomb_encode_many([(sparse[i].negative, sizes[i], sign_params[i])
-                                                             for i in sparse_signs])):
-        sign_golomb[i] = (sign_params[i], stream)
+    signed = [i for i, c in enumerate(sparse) if c.signs is not None]
+    sign_blocks = dict(zip(signed, zero_sign_blocks(k, [sparse[i].signs for i in signed])))
     coded = iter(enumerate(zip(sparse, golomb)))
     for item in window:
         if isinstance(item, bytes):
@@ -209,13 +195,11 @@ def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values:
         i, (c, g) = next(coded)
         codec, m, pos = encode_positions(c.bits, c.d, c.vals.size, positions, None, g)
         val, scale = encode_values(c.vals, values)
-        w.write(STREAM_CHUNK.pack(c.domain, codec, int(c.negative is not None), 0, c.d, c.vals.size, m, scale, len(pos)))
+        w.write(STREAM_CHUNK.pack(c.domain, codec, int(i in sign_blocks), 0, c.d, c.vals.size, m, scale, len(pos)))
         w.write(pos)
         w.write(val)
-        if c.negative is not None:
-            s_codec, s_m, s_pos = encode_positions(c.negative, sizes[i], c.n_negative, "auto", None, sign_golomb.get(i))
-            w.write(SIGNS.pack(s_codec, c.n_negative, s_m, len(s_pos)))
-            w.write(s_pos)
+        for part in sign_blocks.get(i, []):
+            w.write(part)
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -305,7 +289,7 @@ class _Chunk(NamedTuple):
     dtype: np.dtype  # the values' (little-endian)
     scale: float
     val_raw: memoryview
-    signs: Optional[tuple[int, int, int, memoryview]]  # the zero-sign block: codec, count, golomb_m, payload
+    signs: Optional[ZeroSigns]  # the zero-sign block, checked
 
 
 def decode_records(
@@ -370,7 +354,7 @@ def decode_records(
                     check_zero_signs(s_codec, size, size - nnz, s_count, s_m, s_len)
                 except CodecError as e:
                     raise CodecError(f"{where}: {e}") from None
-                signs = (s_codec, s_count, s_m, r.take(s_len, f"{where} zero signs"))
+                signs = ZeroSigns(s_codec, s_count, s_m, r.take(s_len, f"{where} zero signs"))
             window.append(_Chunk(where, dest[start : start + size],
                                  None if packed is None else packed[start // 8 : (start + size + 7) // 8],
                                  ref_bits, pos_codec, d, nnz, m, pos_raw, val_codec, dtype, scale, val_raw, signs))
@@ -421,6 +405,8 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
     if failed >= 0:
         raise CodecError(f"{golomb[failed].where}: {message}")
     decoded = iter(bits)
+    signed = [c for c in window if c.signs is not None]
+    negatives = iter(decode_zero_signs(k, [(c.where, c.signs, c.dest.size) for c in signed]))
     for c in window:
         b = next(decoded) if c.pos_codec == _GOLOMB else None
         try:
@@ -432,17 +418,6 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
             b = k.deposit_bits(b, c.ref, c.dest.size)
         k.densify(b, c.dest.size, decode_values(c.val_raw, c.val_codec, c.nnz, c.dtype, c.scale), c.dest)
         if c.signs is not None:
-            s_codec, s_count, s_m, s_raw = c.signs
-            try:
-                if s_codec == _GOLOMB:
-                    negative, failed, message = k.golomb_decode_many([(s_raw, c.dest.size, s_count, s_m)])
-                    if failed >= 0:
-                        raise CodecError(message)
-                    negative = negative[0]
-                else:
-                    negative = decode_positions(k, s_raw, s_codec, c.dest.size, s_count, ())
-                set_negative_zeros(k, c.where, b, negative, c.dest)
-            except CodecError as e:
-                raise CodecError(f"{c.where}: zero signs: {e}") from None
+            set_negative_zeros(k, c.where, b, next(negatives), c.dest)
         if c.packed is not None:
             c.packed[:] = b
