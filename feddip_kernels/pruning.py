@@ -37,19 +37,43 @@ def _check_k(k: Any, n: int) -> int:
     return k
 
 
+def _radix_select(tensors: list[Any], k: int) -> Any:
+    """The Triton radix select (_triton_topk) where it takes these device tensors and 0 < k < n,
+    else None (torch operations: float64, other devices, no Triton, k = 0 or all)."""
+    global _triton_topk
+    if _triton_topk is None:
+        try:
+            from . import _triton_topk as module
+        except ImportError:
+            module = False
+        _triton_topk = module
+    if not _triton_topk or not 0 < k < sum(t.numel() for t in tensors) or not _triton_topk.usable(tensors):
+        return None
+    return _triton_topk
+
+
+_triton_topk: Any = None  # the module, False where Triton does not import, None until first asked
+
+
 def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str = "auto") -> float:
     """The k-th largest |w| over all elements of `tensors` (float32 or float64, one dtype).
 
     Returns +inf for k = 0. The list is never concatenated: the native backend selects on the bit
     patterns of |w|, from 2^20 elements in one pass over memory (a sample brackets the k-th
     magnitude, the pass counts what lies above the bracket and gathers what lies inside); on
-    heavily tied data, radix passes. Tensors on a CUDA device are handled there (torch operations
-    on one flat copy of |w|, a few launches in all; `backend` does not apply).
+    heavily tied data, radix passes. Tensors on a CUDA device are handled there: float32 by a
+    radix select in Triton over the list (_triton_topk: three counting passes, replayed as one
+    CUDA graph), else torch operations on one flat copy of |w|; `backend` does not apply.
     """
     if on_device(*tensors):
         from . import _torch_kernels
 
-        return _torch_kernels.magnitude_threshold(list(tensors), _check_k(k, sum(t.numel() for t in tensors)))
+        tensors = list(tensors)
+        k = _check_k(k, sum(t.numel() for t in tensors))
+        radix = _radix_select(tensors, k)
+        if radix is not None:
+            return radix.magnitude_threshold(tensors, k)
+        return _torch_kernels.magnitude_threshold(tensors, k)
     arrays = float_tensors(tensors)
     k = _check_k(k, sum(a.size for a in arrays))
     return _backend.kernels(backend).magnitude_threshold(arrays, k)
@@ -78,16 +102,19 @@ def global_topk_masks(
     Give either `k` or `density` (k = round(density * n)). Masks are NumPy bool arrays, or torch
     bool tensors sharing their memory when the inputs are torch tensors, views into one block
     (_arrays.block_views). Masks of tensors on a CUDA device
-    are computed there and stay there (torch operations; `backend` does not apply).
+    are computed there and stay there (as global_magnitude_threshold; `backend` does not apply).
     """
     if (k is None) == (density is None):
         raise ValueError("give exactly one of k and density")
     if on_device(*tensors):
         from . import _torch_kernels
 
+        tensors = list(tensors)
         n = sum(t.numel() for t in tensors)
         k = k_for_density(n, density) if density is not None else _check_k(k, n)
-        return _torch_kernels.topk_masks(list(tensors), k)
+        radix = _radix_select(tensors, k)
+        masks = radix.topk_masks(tensors, k) if radix is not None else None
+        return masks if masks is not None else _torch_kernels.topk_masks(tensors, k)
     arrays = float_tensors(tensors)
     n = sum(a.size for a in arrays)
     k = k_for_density(n, density) if density is not None else _check_k(k, n)

@@ -461,6 +461,16 @@ def test_checkpoint_reseal_round_trips(tmp_path, real_checkpoint):
         assert loaded.weights[k].tobytes() == v.tobytes()
 
 
+def test_checkpoints_written_before_the_evaluate_and_round_times_still_load(tmp_path, real_checkpoint):
+    cfg, model, data, state = real_checkpoint
+    meta = _ckpt_split(data)[1]
+    assert all({"time_evaluate", "time_round"} <= set(row) for row in meta["history"])
+    for row in meta["history"]:
+        del row["time_evaluate"], row["time_round"]
+    loaded = _load_bytes(tmp_path, cfg, model, _ckpt_reseal(data, meta=meta))
+    assert loaded.history == meta["history"]
+
+
 def test_checkpoint_audit_cases_are_refused(tmp_path, real_checkpoint):
     # The audit's cases: before, the first three loaded silently (the third with its mask dropped),
     # the others raised AttributeError, TypeError, KeyError or RecursionError.
@@ -479,7 +489,7 @@ def test_checkpoint_audit_cases_are_refused(tmp_path, real_checkpoint):
 
 
 _FREE_REALS = {"accuracy", "loss", "sparsity", "sparsity_target", "lr", "lambda", "time_train", "time_prune",
-               "time_encode"}
+               "time_encode", "time_evaluate", "time_round"}
 _WRONG_TYPES = [None, True, False, "x", [], {}, [[["deep"]]], {"a": {"b": {}}}, Deep(60), Deep(100_000)]
 _WRONG_NUMBERS = [0, -7, 2**64, 1.5, float("nan"), 10**30]
 

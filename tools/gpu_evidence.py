@@ -1,28 +1,32 @@
-"""The GPU evidence of issue 10, as one script for a machine with a CUDA device (the device tool):
+"""The GPU evidence (issues 10, 11 and 30), as one script for a machine with a CUDA device (the
+device tool):
 
 1. FedDIPSGD's step (the one-launch Triton kernel, and the per-layer eager torch operations it
    replaced) against torch.optim.SGD(fused=True) on ResNet-18's weights (target: at most 1.3x the
    fused SGD time), with momentum 0 and 0.9;
-2. global top-k masks of ResNet-18's weights on the device against torch.topk on the concatenated
-   |w| (target: faster);
+2. global top-k masks of ResNet-18's weights on the device (the Triton radix select, and the torch
+   operations it replaced) against torch.topk on the concatenated |w| (target: 3x faster);
 3. encode_model of a 95%-sparse ResNet-18 from device tensors against a plain .cpu() copy of the
-   dense tensors (target: faster);
-4. rounds of FedDIP and FedAvg on CIFAR-10-shaped synthetic data with AlexNet, on the device;
-5. issue 11's thread table on the host's cores (ResNet-18's weights on the CPU at 1, 2, 4, 8 and
-   16 threads via fk.set_num_threads): global top-k masks (also the threshold alone, and the masks
-   written into arrays already faulted in), encode_model (5% kept), decode_model
+   dense tensors (target: 3x faster);
+4. `feddip simulate` rounds of FedDIP and FedAvg on the built-in CIFAR-shaped synthetic set with
+   AlexNet and ResNet-18 at the paper's client settings (50 clients of 1,000 images, 5 a round,
+   5 local epochs, batch 128) on the device: results.json and the plot of each model under --out's
+   folder, and FedDIP's round time over FedAvg's (medians of the rounds after the first; target at
+   most 1.1x); `profile` adds a cProfile of two rounds of each (AlexNet) to profile.txt;
+5. issue 11's thread table on the host's cores (--thread-table): ResNet-18's weights on the CPU at
+   1, 2, 4, 8 and 16 threads via fk.set_num_threads: global top-k masks (also the threshold alone,
+   and the masks written into arrays already faulted in), encode_model (5% kept), decode_model
    into buffers, masked_ef_step (one call a layer) and masked_ef_step_many (one call; also with
    each loop and each kind of store it could run with) against torch.optim.SGD(fused=True) with as
-   many torch threads; then, on all the host's threads, one
-   large float32 tensor (1e7 and 1e8 elements): the global threshold against max |w| (one streaming
-   read of the same bytes), and encode_model / decode_model at 5% density; and the step with
-   each loop and each kind of store against fused SGD, ResNet-18's layers cut to 2%, 25% and all of
-   their size, on 1 thread and all (ratios to fused SGD; its time in s).
+   many torch threads; then, on all the host's threads, one large float32 tensor (1e7 and 1e8
+   elements): the global threshold against max |w| (one streaming read of the same bytes), and
+   encode_model / decode_model at 5% density; and the step with each loop and each kind of store
+   against fused SGD, ResNet-18's layers cut to 2%, 25% and all of their size, on 1 thread and all.
 
-    python tools/gpu_evidence.py --device cuda --out $OUT/gpu.json [--rounds 3]
+    python tools/gpu_evidence.py --device cuda --out $OUT [--parts step,topk,encode,fl,profile]
 
 It runs on the CPU too (`--device cpu`, for checking the script itself; the figures mean nothing
-there). Prints one line per measurement and writes them all to --out as JSON.
+there). Prints one line per measurement and writes them all to gpu.json in --out.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 
@@ -126,6 +131,11 @@ def step_benchmark(device: torch.device, repeat: int, steps: int = 10) -> dict:
 
 
 def topk_benchmark(device: torch.device, repeat: int) -> dict:
+    """Global top-k masks at 5% of ResNet-18's weights: ours (the Triton radix select where Triton
+    imports, at a few block sizes; and the torch operations it replaced) against torch.topk on
+    the concatenated |w|, in interleaved rounds; the masks checked against the host's first."""
+    from feddip_kernels import _torch_kernels, pruning
+
     weights = [w.detach() for w in prunable_parameters(resnet18(device)).values()]
     n = sum(w.numel() for w in weights)
     k = round(0.05 * n)
@@ -135,13 +145,38 @@ def topk_benchmark(device: torch.device, repeat: int) -> dict:
         tau = torch.topk(flat, k, sorted=False).values.min()
         return [w.abs() >= tau for w in weights]
 
+    host = fk.global_topk_masks([w.cpu().numpy() for w in weights], k)
     ours = fk.global_topk_masks(weights, k)
-    assert sum(int(m.sum()) for m in ours) == k
-    fns = {"torch.topk on the concatenated |w|": baseline, "fk.global_topk_masks": lambda: fk.global_topk_masks(weights, k)}
-    for fn in fns.values():  # warm-up
-        fn()
-    out = {"elements": n, "k": k, **interleaved(fns, device, 3 * repeat)}
-    out["speed-up"] = out["torch.topk on the concatenated |w|"] / out["fk.global_topk_masks"]
+    assert all(np.array_equal(m.cpu().numpy(), h) for m, h in zip(ours, host)), "device masks differ from the host's"
+    fns = {"torch.topk on the concatenated |w|": baseline,
+           "fk.global_topk_masks": lambda: fk.global_topk_masks(weights, k),
+           "torch operations (before)": lambda: _torch_kernels.topk_masks(weights, k)}
+    radix = pruning._radix_select(weights, k)
+    out: dict = {"elements": n, "k": k, "radix select": radix is not None}
+    if radix is not None:
+        for block, digits in ((4096, (8, 8, 8, 7)), (16384, (11, 11, 9)), (1024, (11, 11, 9))):
+            def variant(block: int = block, digits: tuple = digits) -> list[torch.Tensor]:
+                old = radix.BLOCK, radix.DIGIT_BITS
+                radix.BLOCK, radix.DIGIT_BITS = block, digits
+                try:
+                    return radix.topk_masks(weights, k)
+                finally:
+                    radix.BLOCK, radix.DIGIT_BITS = old
+            fns[f"radix select, block {block}, digits {digits}"] = variant
+    for name, fn in fns.items():  # warm-up (compiles, records the graphs), and every way's masks checked
+        for _ in range(3):
+            got = fn()
+        if name != "torch.topk on the concatenated |w|":
+            assert all(np.array_equal(m.cpu().numpy(), h) for m, h in zip(got, host)), f"{name}: masks differ"
+    if radix is not None:
+        out["graphs"] = {f"block {key[0]}, digits {key[1]}": p.graph_error or "replayed"
+                         for key, p in radix._plans.items()}
+    out.update(interleaved(fns, device, 3 * repeat))
+    base = out["torch.topk on the concatenated |w|"]
+    for name in fns:
+        out[f"{name}: speed-up"] = base / out[name]
+    out["speed-up"] = out["fk.global_topk_masks: speed-up"]
+    out["GB/s of |w| read"] = 4 * n / out["fk.global_topk_masks"] / 1e9
     return out
 
 
@@ -321,19 +356,74 @@ def one_tensor(repeat: int) -> dict:
     return out
 
 
-def fl_rounds(device: str, rounds: int, local_epochs: int) -> dict:
-    from feddip_kernels.fl import SimulationConfig, iid_partition, run_simulation, synthetic_dataset
+# The paper's client settings (../shared/feddip-protocol.md): 50 clients of 1,000 images (CIFAR-10's
+# 50,000), 5 a round, 5 local epochs of batch 128; a mask update every second round so that the
+# short run prunes.
+PAPER_CLIENTS = ["--preset", "paper", "--data", "synthetic-cifar10", "--synthetic-train", "50000",
+                 "--synthetic-test", "2000", "--mask-every", "2"]
 
-    train, test = synthetic_dataset(5000, 1000, 10, seed=0, shape=(3, 32, 32))
-    train.augment = True
-    parts = iid_partition(len(train), 10, seed=0)
-    out = {}
-    for alg in ("feddip", "fedavg"):
-        cfg = SimulationConfig(algorithm=alg, model="alexnet", clients=10, clients_per_round=None, rounds=rounds,
-                               local_epochs=local_epochs, batch_size=64, mask_every=1)
+
+def fl_rounds(device: str, rounds: int, out_dir: str, models: tuple = ("alexnet", "resnet18"),
+              extra: tuple = ()) -> dict:
+    """`feddip simulate` of FedDIP and FedAvg per model into out_dir/<model>/ (results.json, the
+    plot), after a one-round warm-up of each (kernels compiled, cuDNN tuned); FedDIP's round time
+    over FedAvg's from the rounds after the first (medians)."""
+    from feddip_kernels.fl.cli import main as feddip
+
+    out: dict = {}
+    for model in models:
+        where = os.path.join(out_dir, model)
+        common = [*PAPER_CLIENTS, "--model", model, "--device", device, "--quiet", *extra]
+        feddip(["simulate", *common, "--algorithm", "feddip,fedavg", "--rounds", "1", "--local-epochs", "1",
+                "--out", os.path.join(out_dir, "warm-up")])
         t0 = time.perf_counter()
-        state = run_simulation(cfg, train, test, parts, device=device)
-        out[alg] = {"seconds": time.perf_counter() - t0, "history": state.history}
+        code = feddip(["simulate", *common, "--algorithm", "feddip,fedavg", "--rounds", str(rounds), "--out", where])
+        row: dict = {"exit": code, "seconds": time.perf_counter() - t0}
+        with open(os.path.join(where, "results.json")) as f:
+            runs = json.load(f)["runs"]
+        for alg, run in runs.items():
+            hist = run["history"]
+            later = hist[1:] or hist
+            row[alg] = {
+                "accuracy": [round(100 * h["accuracy"], 2) for h in hist],
+                "round seconds": [round(h["time_round"], 3) for h in hist],
+                **{f"median {k}": statistics.median(h[f"time_{k}"] for h in later)
+                   for k in ("round", "train", "encode", "prune", "evaluate")},
+                "MB sent": hist[-1]["bytes_total"] / 1e6,
+            }
+        if "feddip" in row and "fedavg" in row:
+            row["feddip / fedavg round"] = row["feddip"]["median round"] / row["fedavg"]["median round"]
+        out[model] = row
+        print("fl", model, json.dumps(row), flush=True)
+    shutil.rmtree(os.path.join(out_dir, "warm-up"), ignore_errors=True)
+    return out
+
+
+def fl_profile(device: str, out_path: str, model: str = "alexnet", rounds: int = 2, extra: tuple = ()) -> dict:
+    """cProfile of `rounds` rounds of FedDIP and of FedAvg (the top functions by own time and by
+    total time) into out_path: where a round's host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from feddip_kernels.fl.cli import main as feddip
+
+    out: dict = {}
+    scratch = os.path.join(os.path.dirname(out_path), "profile-run")
+    with open(out_path, "w") as f:
+        for alg in ("feddip", "fedavg"):
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            feddip(["simulate", *PAPER_CLIENTS, "--model", model, "--device", device, "--quiet", *extra,
+                    "--algorithm", alg, "--rounds", str(rounds), "--out", scratch])
+            prof.disable()
+            out[alg] = time.perf_counter() - t0
+            for order in ("tottime", "cumulative"):
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats(order).print_stats(30)
+                f.write(f"==== {alg}, {model}, {rounds} rounds, by {order}\n{text.getvalue()}\n")
+    shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
@@ -341,39 +431,50 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3, help="FL rounds of each algorithm (0: skip)")
-    ap.add_argument("--local-epochs", type=int, default=5,
-                    help="local epochs a round (each client's 500 images are 8 steps an epoch; AlexNet on this data "
-                         "leaves chance only after several hundred steps)")
-    ap.add_argument("--out", default="gpu_evidence.json")
-    ap.add_argument("--no-thread-table", action="store_true", help="skip the CPU thread table (item 5)")
-    ap.add_argument("--parts", default="step,topk,encode", help="device measurements to run, comma-separated")
+    ap.add_argument("--rounds", type=int, default=5, help="FL rounds of each algorithm and model")
+    ap.add_argument("--models", default="alexnet,resnet18", help="models of the FL rounds, comma-separated")
+    ap.add_argument("--out", default="gpu_evidence", help="folder for gpu.json, the FL results and the profile")
+    ap.add_argument("--fl-args", default="", help="flags appended to the FL runs' (e.g. a smaller run to check the "
+                                                  "script on the CPU: '--synthetic-train 2000 --clients 4')")
+    ap.add_argument("--thread-table", action="store_true", help="also issue 11's CPU thread table (item 5)")
+    ap.add_argument("--parts", default="step,topk,encode,fl,profile", help="measurements to run, comma-separated")
     args = ap.parse_args()
     device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
     facts = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
              "torch": torch.__version__, "feddip_kernels": fk.__version__, "backends": fk.available_backends(),
-             "fk threads": fk.get_num_threads(), "torch threads": torch.get_num_threads()}
+             "fk threads": fk.get_num_threads(), "torch threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    try:
+        import triton
+
+        facts["triton"] = triton.__version__
+    except ImportError:
+        facts["triton"] = None
     print(json.dumps(facts), flush=True)
     results: dict = {"facts": facts}
-    parts = {"step": step_benchmark, "topk": topk_benchmark, "encode": encode_benchmark}
+    out_json = os.path.join(args.out, "gpu.json")
+    extra = tuple(args.fl_args.split())
+    parts = {"step": lambda: step_benchmark(device, args.repeat), "topk": lambda: topk_benchmark(device, args.repeat),
+             "encode": lambda: encode_benchmark(device, args.repeat),
+             "fl": lambda: fl_rounds(args.device, args.rounds, args.out, tuple(args.models.split(",")), extra),
+             "profile": lambda: fl_profile(args.device, os.path.join(args.out, "profile.txt"), extra=extra)}
     for name in filter(None, args.parts.split(",")):
-        fn = parts[name]
-        results[name] = fn(device, args.repeat)
-        print(name, json.dumps(results[name]), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    if not args.no_thread_table:
+        t0 = time.perf_counter()
+        try:
+            results[name] = parts[name]()
+        except Exception as e:  # noqa: BLE001 - recorded; the other parts still run
+            import traceback
+
+            traceback.print_exc()
+            results[name] = f"failed: {type(e).__name__}: {e}"
+        print(name, f"({time.perf_counter() - t0:.0f} s)", json.dumps(results[name], default=float), flush=True)
+        with open(out_json, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    if args.thread_table:
         results["threads"] = thread_table(args.repeat)
         results["one tensor"] = one_tensor(max(3, args.repeat // 4))
         results["step ways by size"] = step_ways_by_size(args.repeat)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.rounds:
-        results["fl"] = fl_rounds(args.device, args.rounds, args.local_epochs)
-        for alg, r in results["fl"].items():
-            accs = [round(100 * h["accuracy"], 2) for h in r["history"]]
-            print(f"fl {alg}: {r['seconds']:.1f} s, accuracy {accs}", flush=True)
-        with open(args.out, "w") as f:
+        with open(out_json, "w") as f:
             json.dump(results, f, indent=1, default=float)
 
 

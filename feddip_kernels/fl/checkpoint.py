@@ -50,6 +50,8 @@ _CLIENT_ID = re.compile(r"(0|[1-9][0-9]{0,9})")  # a client id as str(int) write
 _ROW_COUNTS = ("round", "bytes_up", "bytes_down", "bytes_total", "bytes_authors", "clients", "clients_failed")
 _ROW_REALS = ("accuracy", "loss", "sparsity", "lr", "lambda", "time_train", "time_prune", "time_encode")
 _ROW_KEYS = frozenset(_ROW_COUNTS + _ROW_REALS + ("sparsity_target", "failures"))
+_ROW_LATER = frozenset(("time_evaluate", "time_round"))  # reals that older rows lack (both of them)
+_ROW_TIMES = ("time_train", "time_prune", "time_encode", *sorted(_ROW_LATER))
 
 
 def save_checkpoint(path: str, state: "ServerState") -> None:
@@ -237,10 +239,11 @@ def _check_history(history: Any, cfg: "SimulationConfig", n_fixed: int, n_weight
     themselves, such as accuracy or bytes, cannot be checked without rerunning the round)."""
     total = 0
     for i, row in enumerate(history):
-        if not isinstance(row, dict) or set(row) != _ROW_KEYS:
-            raise fail(f"history row {i} does not have the fields {sorted(_ROW_KEYS)}")
+        if not isinstance(row, dict) or set(row) not in (_ROW_KEYS, _ROW_KEYS | _ROW_LATER):
+            raise fail(f"history row {i} does not have the fields {sorted(_ROW_KEYS)} (and {sorted(_ROW_LATER)} "
+                       "from rows written since)")
         bad = [k for k in _ROW_COUNTS if type(row[k]) is not int or row[k] < 0]
-        bad += [k for k in _ROW_REALS if type(row[k]) not in (int, float)]
+        bad += [k for k in (*_ROW_REALS, *_ROW_LATER) if k in row and type(row[k]) not in (int, float)]
         if row["sparsity_target"] is not None and type(row["sparsity_target"]) not in (int, float):
             bad.append("sparsity_target")
         if not isinstance(row["failures"], list) or not all(isinstance(f, str) for f in row["failures"]):
@@ -252,7 +255,7 @@ def _check_history(history: Any, cfg: "SimulationConfig", n_fixed: int, n_weight
             ("accuracy", 0 <= row["accuracy"] <= 1), ("sparsity", 0 <= row["sparsity"] <= 1),
             ("sparsity_target", target is None or 0 <= target <= 1), ("lr", 0 <= row["lr"] < math.inf),
             ("lambda", 0 <= row["lambda"] < math.inf), ("loss", math.isnan(row["loss"]) or row["loss"] >= 0),
-            *((k, 0 <= row[k] < math.inf) for k in ("time_train", "time_prune", "time_encode"))) if not ok]
+            *((k, 0 <= row[k] < math.inf) for k in _ROW_TIMES if k in row)) if not ok]
         if out_of_range:
             raise fail(f"history row {i}: {', '.join(out_of_range)} out of range")
         total += row["bytes_up"] + row["bytes_down"]

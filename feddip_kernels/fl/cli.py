@@ -147,7 +147,8 @@ def _simulate(args: argparse.Namespace) -> int:
             line = (
                 f"{alg} round {row['round']:3d}  acc {100 * row['accuracy']:6.2f}%  sparsity {row['sparsity']:.3f}  "
                 f"up {row['bytes_up'] / 1e3:9.1f} kB  down {row['bytes_down'] / 1e3:9.1f} kB  "
-                f"train {row['time_train']:.2f}s prune {row['time_prune']:.3f}s encode {row['time_encode']:.3f}s"
+                f"train {row['time_train']:.2f}s prune {row['time_prune']:.3f}s encode {row['time_encode']:.3f}s "
+                f"round {row['time_round']:.2f}s"
                 + (f"  {row['clients_failed']} client(s) failed: {'; '.join(row['failures'])}" if row["clients_failed"] else "")
             )
             if bar is not None:

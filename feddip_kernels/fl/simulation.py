@@ -210,7 +210,8 @@ def run_simulation(
     adapt_threads: bool = False,
 ) -> ServerState:
     """Run (or resume) a simulation; returns the final server state with one history row a round:
-    accuracy, loss, sparsity, bytes up/down (real encoded sizes) and time split.
+    accuracy, loss, sparsity, bytes up/down (real encoded sizes), time split (train, encode, prune,
+    evaluate, in seconds on the host's clock) and the round's wall time (time_round).
 
     Transport: the server sends each sampled client the global model coded relative to the global
     mask that client last received (values only while the mask is unchanged, the delta after a
@@ -264,6 +265,7 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
 
     while server.round < cfg.rounds:
         t = server.round
+        round_start = time.perf_counter()
         rng = np.random.default_rng(seed_for(cfg.seed, 4, t))
         chosen = np.arange(cfg.clients) if cfg.clients_per_round is None else np.sort(
             rng.choice(cfg.clients, cfg.clients_per_round, replace=False))
@@ -303,8 +305,11 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
         t0 = time.perf_counter()
         server.aggregate(uploads)
         times["prune"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         _load(model, server.weights)
         acc, loss = evaluate(model, test)
+        times["evaluate"] = time.perf_counter() - t0
+        times["round"] = time.perf_counter() - round_start  # all of it, on the host's clock
         row = {
             "round": server.round, "accuracy": acc, "loss": loss, "sparsity": server.sparsity(),
             "sparsity_target": schedule.sparsity(t) if server.prune and schedule.updates_mask(t) else None,
