@@ -203,6 +203,33 @@ def sparsify(t: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[np.ndarray,
     return sparsify_many([(t, mask)], _backend.kernels("auto").count_bits)[0]
 
 
+def flat_keep(items: Sequence[tuple[torch.Tensor, Any]], device: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """(flat, keep, sizes, padded sizes) of (tensor, mask) pairs of one device and dtype: the
+    tensors one after another in one buffer, each padded with zeros to whole bytes of positions,
+    and which of its elements are kept (the mask's, non-zero = kept, else the non-zeros; never
+    the padding)."""
+    sizes = [t.numel() for t, _ in items]
+    padded = [(n + 7) // 8 * 8 for n in sizes]
+    zeros = torch.zeros(8, dtype=dtype, device=device)
+    pieces = []
+    for (t, _), n, pn in zip(items, sizes, padded):
+        pieces.append(t.detach().reshape(-1))
+        if pn > n:
+            pieces.append(zeros[: pn - n])
+    flat = torch.cat(pieces) if pieces else zeros[:0]
+    keep = flat != 0  # the padding is zero: never kept
+    offset = 0
+    for (_, mask), n, pn in zip(items, sizes, padded):
+        if mask is not None:
+            m = torch.as_tensor(mask, device=device).reshape(-1)
+            if m.numel() != n:
+                raise ValueError(f"mask has {m.numel()} elements, expected {n}")
+            keep[offset : offset + n] = m if m.dtype == torch.bool else m != 0
+        offset += pn
+    return flat, keep, sizes, padded
+
+
 def sparsify_many(items: Sequence[tuple[torch.Tensor, Any]],
                   count_bits: Callable[[np.ndarray, int], int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(packed positions, kept values) on the host of each (tensor, mask) pair, computed where the
@@ -215,25 +242,7 @@ def sparsify_many(items: Sequence[tuple[torch.Tensor, Any]],
     for i, (t, _) in enumerate(items):
         groups.setdefault((t.device, t.dtype), []).append(i)
     for (device, dtype), idx in groups.items():
-        sizes = [items[i][0].numel() for i in idx]
-        padded = [(n + 7) // 8 * 8 for n in sizes]
-        zeros = torch.zeros(8, dtype=dtype, device=device)
-        pieces = []
-        for i, n, pn in zip(idx, sizes, padded):
-            pieces.append(items[i][0].detach().reshape(-1))
-            if pn > n:
-                pieces.append(zeros[: pn - n])
-        flat = torch.cat(pieces) if pieces else zeros[:0]
-        keep = flat != 0  # the padding is zero: never kept
-        offset = 0
-        for i, n, pn in zip(idx, sizes, padded):
-            mask = items[i][1]
-            if mask is not None:
-                m = torch.as_tensor(mask, device=device).reshape(-1)
-                if m.numel() != n:
-                    raise ValueError(f"mask has {m.numel()} elements, expected {n}")
-                keep[offset : offset + n] = m if m.dtype == torch.bool else m != 0
-            offset += pn
+        flat, keep, sizes, padded = flat_keep([items[i] for i in idx], device, dtype)
         bits = _to_host(pack_bits(keep))
         vals = _to_host(flat[keep])  # waits for the device (the count), then for both copies
         if device.type == "cuda":

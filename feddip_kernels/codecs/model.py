@@ -19,8 +19,8 @@ from .format import (
     Chunk, CodecError, Reader, Record, ZeroSigns, read_header_flags,
 )
 from .positions import (
-    check_zero_signs, decode_golomb_positions, decode_positions, decode_zero_signs, encode_positions, joined,
-    negative_zeros_on_device, relative_to, set_negative_zeros, signs_to_send, zero_sign_blocks,
+    check_zero_signs, decode_golomb_positions, decode_positions, decode_zero_signs, device_plan, encode_positions,
+    joined, relative_to, set_negative_zeros, signs_to_send, zero_sign_blocks,
 )
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .stream import decode_records
@@ -48,6 +48,22 @@ def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray], signs: bool) ->
     return [r[0] for r in runs], [r[1] for r in runs], negative
 
 
+def _sparse_on_device(k: Any, names: list[str], flats: dict[str, Any], masks: Optional[Mapping[str, Any]],
+                      reference: Optional[Mapping[str, Any]], positions: str, signs_of: Any) -> dict[str, Any]:
+    """Device tensors sparsified where they are, with the Golomb streams that the message may take
+    coded there (device_plan), so that only those streams, the values and the packed bits that it
+    may take cross to the host. By name: (Fetched, ([(run size, nnz)], -0.0 sent), Plan)."""
+    from .._torch_golomb import DeviceSparse, Plan
+
+    masked = {name: bool(masks) and name in masks for name in names}
+    dev = DeviceSparse([(flats[name][0], masks[name] if masks and masked[name] else None, signs_of(masked[name]))
+                        for name in names], CHUNK_ELEMS)
+    counts = dev.counts()
+    plans = [Plan(*device_plan(k, runs, negatives, positions, flats[name][1], not (reference and name in reference)))
+             for name, (runs, negatives) in zip(names, counts)]
+    return dict(zip(names, zip(dev.fetch(plans), counts, plans)))
+
+
 def _pieces(payload: Any) -> list[Any]:
     return payload if isinstance(payload, list) else [payload]
 
@@ -61,10 +77,10 @@ class _Sparse(NamedTuple):
     domain: int
     d: int
     nnz: int
-    pos_bits: Any  # packed bits, or a list of them a run of CHUNK_ELEMS
+    pos_bits: Any  # packed bits, or a list of them a run of CHUNK_ELEMS (None: left on the device, not taken)
     csr_shape: Optional[tuple[int, ...]]
     vals: Any  # an array, or a list of them a run
-    signs: Optional[tuple[np.ndarray, int, int]]  # the -0.0 sent: (packed over its n elements, n, count)
+    signs: Optional[tuple[Any, int, int]]  # the -0.0 sent: (packed over its n elements or None if not taken, n, count)
 
 
 def encode_model(
@@ -96,8 +112,8 @@ def encode_model(
     pruned places, which then cost about a bit an element. True sends them for every tensor,
     with a mask too (raw values then give back the same bytes wherever only zeros lie outside
     the mask); False never (messages that readers predating signed zeros read).
-    Tensors on a CUDA device are sparsified there: only their packed positions and kept values
-    (and the packed positions of any -0.0) are copied to the host.
+    Tensors on a CUDA device are sparsified there and their Golomb streams (positions and -0.0)
+    coded there: only what the message takes (streams, values, packed bits) is copied to the host.
     """
     if values not in VALUES:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
@@ -115,27 +131,26 @@ def encode_model(
     where = {name: on_device(t) for name, t in tensors.items()}
     flats = {name: flat_float(t, ("tensors[{!r}]", name), MAX_NDIM, where[name]) for name, t in tensors.items()}
     on_dev = [name for name in flats if where[name]]
-    negative_on_dev: dict[str, np.ndarray] = {}
-    if on_dev:  # positions and values are found where the tensors are, all at once; only they cross
-        from .. import _torch_kernels
-
-        found = _torch_kernels.sparsify_many(
-            [(flats[name][0], masks[name] if masks and name in masks else None) for name in on_dev], k.count_bits)
-        from_device = dict(zip(on_dev, found))
-        signed_on_dev = {name: flats[name][0] for name in on_dev if signs_of(bool(masks) and name in masks)}
-        if signed_on_dev:
-            negative_on_dev = negative_zeros_on_device(signed_on_dev)
+    from_device = _sparse_on_device(k, on_dev, flats, masks, reference, positions, signs_of) if on_dev else {}
+    # Streams coded on the device, by tensor: [(run size, nnz, m, stream)] (empty: Golomb not
+    # offered), and (m, stream) or None for its -0.0.
+    coded: dict[int, list[tuple[int, int, int, Any]]] = {}
+    signs_coded: dict[int, Optional[tuple[int, Any]]] = {}
     for name, (flat, shape, dtype) in flats.items():
         n = math.prod(shape)
         masked = bool(masks) and name in masks
-        if name in on_dev:
-            bits, vals = from_device[name]
-            negative = negative_on_dev.get(name)
+        if name in from_device:
+            got, (runs, negatives), plan = from_device[name]
+            bits, vals, signs = got.bits, got.vals, (got.negative, n, negatives) if negatives else None
+            if reference is None or name not in reference:
+                coded[len(prepared)] = [(size, c, m, s) for (size, c), m, s in zip(runs, plan.ms, got.streams) if m]
+            if negatives:
+                signs_coded[len(prepared)] = (plan.sign_m, got.sign_stream) if plan.sign_m else None
         else:
             mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masked else None
             bits, vals, negative = _sparsify(k, flat, mask, signs_of(masked))
+            signs = signs_to_send(k, negative, joined(bits) if masked and negative is not None else None, n)
         nnz = sum(v.size for v in vals) if isinstance(vals, list) else vals.size
-        signs = signs_to_send(k, negative, joined(bits) if masked and negative is not None else None, n)
         domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
         if reference is not None and name in reference:
             bits = joined(bits)
@@ -146,10 +161,12 @@ def encode_model(
                                 signs))
     # The Golomb streams of all tensors in one call (the native backend encodes them in parallel):
     # one stream a tensor, or one a run of CHUNK_ELEMS for a large tensor in its own index space.
-    streams: list[list[tuple[int, int, int, bytes]]] = [[] for _ in prepared]  # (size, nnz, m, stream)
+    streams: list[list[tuple[int, int, int, Any]]] = [coded.get(i, []) for i in range(len(prepared))]
     if positions in ("auto", "golomb"):
         items, owner = [], []
         for i, sp in enumerate(prepared):
+            if i in coded:
+                continue
             if sp.domain == DOMAIN_FULL and sp.d > CHUNK_ELEMS:
                 runs = [(s, min(CHUNK_ELEMS, sp.d - s)) for s in _runs(sp.d)]
                 if isinstance(sp.pos_bits, list):  # sparsified run by run
@@ -171,7 +188,8 @@ def encode_model(
         table = runs if pos_codec == POSITIONS["golomb"] and len(runs) > 1 else []
         records.append((sp, pos_codec, m, pos_payload, table))
     signed = [i for i, sp in enumerate(prepared) if sp.signs is not None]
-    sign_blocks = dict(zip(signed, zero_sign_blocks(k, [prepared[i].signs for i in signed])))
+    coded_signs = {j: signs_coded[i] for j, i in enumerate(signed) if i in signs_coded}
+    sign_blocks = dict(zip(signed, zero_sign_blocks(k, [prepared[i].signs for i in signed], coded_signs)))
     version = 2 if any(table for *_, table in records) else 1  # version 1 readers read what needs no chunks
     parts = [HEADER.pack(MAGIC, version, FLAG_ZERO_SIGNS if signed else 0, 0, len(tensors))]
     for i, (sp, pos_codec, m, pos_payload, table) in enumerate(records):

@@ -1,6 +1,6 @@
 """Positions codecs (docs/wire-format.md): all, bitmask, CSR and Golomb-coded gaps, over a domain
 of d indices. Positions travel between the codecs as packed little-endian bits. Also the set of
--0.0 elements that a record's zero signs carry: found, checked and set here."""
+-0.0 elements that a record's zero signs carry: coded, checked and set here."""
 
 from __future__ import annotations
 
@@ -75,30 +75,6 @@ _SIGN_WORDS = {
 }
 
 
-def negative_zeros_on_device(flats: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The packed positions of the -0.0 elements of tensors on a device (as sparsify finds them
-    on the host), found there: one synchronisation a device says which
-    have any, and only their packed positions cross to the host."""
-    import torch
-
-    from .._torch_kernels import pack_bits
-
-    def hits(t: Any) -> Any:
-        ints = t.view(torch.int32 if t.element_size() == 4 else torch.int64)
-        return ints == torch.iinfo(ints.dtype).min
-
-    by_device: dict[Any, list[str]] = {}
-    for name, t in flats.items():
-        by_device.setdefault(t.device, []).append(name)
-    found = {}
-    for names in by_device.values():
-        anys = torch.stack([hits(flats[name]).any() for name in names]).cpu().tolist()
-        for name, any_ in zip(names, anys):
-            if any_:
-                found[name] = pack_bits(hits(flats[name])).cpu().numpy()
-    return found
-
-
 def set_negative_zeros(k: "Kernels", name: str, bits: np.ndarray, negative: np.ndarray, dest: np.ndarray) -> None:
     """Sets the sign bit of the elements of flat `dest` at the packed positions `negative`, which
     must be off the record's positions `bits` (where `dest` holds +0.0)."""
@@ -127,19 +103,24 @@ def signs_to_send(k: "Kernels", negative: Optional[np.ndarray], positions: Optio
     return (negative, n, count) if count else None
 
 
-def zero_sign_blocks(k: "Kernels", sets: Sequence[tuple[np.ndarray, int, int]]) -> list[list[Any]]:
+def zero_sign_blocks(k: "Kernels", sets: Sequence[tuple[Optional[np.ndarray], int, int]],
+                     coded: Optional[dict[int, Optional[tuple[int, Any]]]] = None) -> list[list[Any]]:
     """Each (packed -0.0 positions, elements, count) of signs_to_send as a zero-sign block (SIGNS
     header, payload): the smallest of all, bitmask and Golomb, except that a Golomb parameter of 1
     (densities from about 0.38) codes the bitmask itself up to its last set bit, as long or a few
     bytes shorter at the cost of a sequential decode: the bitmask is taken then. The Golomb
-    streams of all sets in one call (the native backend encodes them in parallel)."""
-    params = [k.golomb_parameter(count, n) for _, n, count in sets]
-    golomb = [i for i, m in enumerate(params) if m > 1]
-    streams = dict(zip(golomb, k.golomb_encode_many([(sets[i][0], sets[i][1], params[i]) for i in golomb])))
+    streams of all sets in one call (the native backend encodes them in parallel), except those
+    in `coded` (set index: (parameter, stream), or None when Golomb is not offered: coded on a
+    device, with the packed positions None when payload_needs says that they are not taken)."""
+    golomb = dict(coded or {})
+    params = {i: k.golomb_parameter(count, n) for i, (_, n, count) in enumerate(sets) if i not in golomb}
+    host = [i for i, m in params.items() if m > 1]
+    golomb.update({i: None for i in params})
+    golomb.update(zip(host, zip([params[i] for i in host],
+                                k.golomb_encode_many([(sets[i][0], sets[i][1], params[i]) for i in host]))))
     blocks = []
     for i, (negative, n, count) in enumerate(sets):
-        codec, m, payload = encode_positions(negative, n, count, "auto", None,
-                                             (params[i], streams[i]) if i in streams else None)
+        codec, m, payload = encode_positions(negative, n, count, "auto", None, golomb[i])
         blocks.append([SIGNS.pack(codec, count, m, len(payload)), payload])
     return blocks
 
@@ -189,6 +170,64 @@ def relative_to(k: "Kernels", bits: np.ndarray, ref: np.ndarray, n: int) -> Opti
     return k.count_bits(ref, n), k.select_bits(bits, ref, n)
 
 
+def _sizes(d: int, nnz: int, shape: Optional[tuple[int, ...]]) -> dict[str, int]:
+    """The payload sizes of the codecs other than Golomb that can code nnz positions among d."""
+    sizes = {"bitmask": (d + 7) // 8}
+    if shape is not None and d < 1 << 32 and nnz < 1 << 32:
+        sizes["csr"] = _csr_size(shape, d, nnz)
+    if nnz == d:
+        sizes["all"] = 0
+    return sizes
+
+
+def golomb_bounds(d: int, nnz: int, m: int) -> tuple[int, int]:
+    """The fewest and most bytes of a Golomb stream of nnz positions among d (parameter m): every
+    code takes a stop bit and at least ceil(log2 m) - 1 remainder bits; no position, no byte."""
+    return (nnz * max(1, (m - 1).bit_length()) + 7) // 8, golomb_max_len(d, nnz, m) if nnz else 0
+
+
+def payload_needs(codec: str, d: int, nnz: int, shape: Optional[tuple[int, ...]],
+                  golomb: Optional[tuple[int, int]]) -> tuple[bool, bool]:
+    """For positions coded elsewhere (on a device), before their Golomb stream's length is known:
+    whether encode_positions(bits, d, nnz, codec, shape, ...) may take a Golomb stream of (fewest,
+    most) bytes `golomb` (None: Golomb not offered), and whether it may take the packed bits."""
+    if codec != "auto":
+        return codec == "golomb", codec in ("bitmask", "csr")
+    sizes = _sizes(d, nnz, shape)
+    if "all" in sizes:  # no payload: nothing is smaller, and ties go to it
+        return False, False
+    if golomb is None:
+        return False, True
+    other = min(sizes.values())  # Golomb, last in the order, is taken only when strictly smaller
+    return golomb[0] < other, golomb[1] >= other
+
+
+def device_plan(k: "Kernels", runs: Sequence[tuple[int, int]], negatives: Optional[int], codec: str,
+                shape: Optional[tuple[int, ...]], full: bool) -> tuple[list[int], bool, int, bool]:
+    """What to code and fetch from a device for a tensor (or chunk) sparsified there, from its
+    counts: [(run size, positions in it)] (one run, or the runs of a chunked record) and the -0.0
+    to send. (Each run's Golomb parameter, 0 for no stream; whether the packed positions may be
+    taken; the same two for the -0.0.) Parameters are the host's golomb_parameter of the counts,
+    as for host tensors. `full`: positions in the tensor's own index space; else (a reference
+    mask) the host codes them from the packed positions."""
+    n, nnz = sum(size for size, _ in runs), sum(c for _, c in runs)
+    ms, bits = [0] * len(runs), True
+    if full:
+        params = [k.golomb_parameter(c, size) for size, c in runs]
+        lo, hi = (sum(b) for b in zip(*(golomb_bounds(size, c, m) for (size, c), m in zip(runs, params))))
+        stream, bits = payload_needs(codec, n, nnz, shape, (lo, hi) if codec in ("auto", "golomb") else None)
+        ms = params if stream else ms
+        # Golomb with m = 1 codes the bitmask itself up to its last position: fetched, it gives
+        # the packed positions too (DeviceSparse pads it back).
+        bits = bits and not (stream and all(m == 1 for m in params))
+    sign_m, sign_bits = 0, False
+    if negatives:  # as zero_sign_blocks: Golomb offered for a parameter above 1
+        m = k.golomb_parameter(negatives, n)
+        stream, sign_bits = payload_needs("auto", n, negatives, None, golomb_bounds(n, negatives, m) if m > 1 else None)
+        sign_m = m if stream else 0
+    return ms, bits, sign_m, sign_bits
+
+
 def encode_positions(
     bits: Any, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]], golomb: Optional[tuple[int, Any]]
 ) -> tuple[int, int, Any]:
@@ -196,11 +235,7 @@ def encode_positions(
     (`bits`: one array, or a list of them for runs of whole bytes); `golomb` is the (parameter,
     stream or list of streams) already encoded when codec is "auto" or "golomb". "auto" takes the
     smallest payload (the others are sized by formula and built only when chosen)."""
-    sizes = {"bitmask": (d + 7) // 8}
-    if shape is not None and d < 1 << 32 and nnz < 1 << 32:
-        sizes["csr"] = _csr_size(shape, d, nnz)
-    if nnz == d:
-        sizes["all"] = 0
+    sizes = _sizes(d, nnz, shape)
     if golomb is not None:
         sizes["golomb"] = sum(map(len, golomb[1])) if isinstance(golomb[1], list) else len(golomb[1])
     if codec == "auto":

@@ -21,8 +21,8 @@ from .format import (
     Reader, ZeroSigns, read_header,
 )
 from .positions import (
-    check_zero_signs, decode_positions, decode_zero_signs, encode_positions, golomb_max_len, negative_zeros_on_device,
-    relative_to, set_negative_zeros, signs_to_send, zero_sign_blocks,
+    check_zero_signs, decode_positions, decode_zero_signs, device_plan, encode_positions, golomb_max_len, relative_to,
+    set_negative_zeros, signs_to_send, zero_sign_blocks,
 )
 from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
 from .values import decode_values, encode_values, value_size
@@ -151,49 +151,84 @@ def encode_stream(
 class _SparseChunk(NamedTuple):
     domain: int
     d: int  # domain size
-    bits: np.ndarray  # packed positions over the domain
+    bits: Optional[np.ndarray]  # packed positions over the domain (None: not fetched from a device, not taken)
     vals: np.ndarray
-    signs: Optional[tuple[np.ndarray, int, int]]  # the -0.0 sent (signs_to_send), over the chunk's elements
+    signs: Optional[tuple[Any, int, int]]  # the -0.0 sent (signs_to_send), over the chunk's elements (packed: None if not taken)
 
 
 def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> _SparseChunk:
-    """One chunk's positions, values and the -0.0 it sends."""
+    """One host chunk's positions, values and the -0.0 it sends."""
     src, start, size = job
     piece, mask = src.flat[start : start + size], None if src.mask is None else src.mask[start : start + size]
-    if on_device(piece):
-        from .. import _torch_kernels
-
-        bits, vals = _torch_kernels.sparsify(piece, mask)
-        negative = negative_zeros_on_device({"": piece}).get("") if src.signs else None
-    else:
-        bits, vals, negative = k.sparsify(piece, mask, negative_zeros=True) if src.signs else (*k.sparsify(piece, mask), None)
+    bits, vals, negative = k.sparsify(piece, mask, negative_zeros=True) if src.signs else (*k.sparsify(piece, mask), None)
     signs = signs_to_send(k, negative, None if mask is None else bits, size)  # a mask's -0.0 are values
+    return _relative(k, _SparseChunk(DOMAIN_FULL, size, bits, vals, signs), job)
+
+
+def _relative(k: Any, c: _SparseChunk, job: tuple[_Source, int, int]) -> _SparseChunk:
+    """The chunk coded relative to its part of the reference mask when its positions are a subset of it."""
+    src, start, size = job
     if src.ref is not None:
-        sub = relative_to(k, bits, k.pack_bits(src.ref[start : start + size]), size)
-        if sub is not None:  # a subset of the reference: code relative to it
-            return _SparseChunk(DOMAIN_REFERENCE, *sub, vals, signs)
-    return _SparseChunk(DOMAIN_FULL, size, bits, vals, signs)
+        sub = relative_to(k, c.bits, k.pack_bits(src.ref[start : start + size]), size)
+        if sub is not None:
+            return _SparseChunk(DOMAIN_REFERENCE, *sub, c.vals, c.signs)
+    return c
+
+
+def _device_chunks(k: Any, jobs: list[tuple[_Source, int, int]], positions: str) -> list[tuple[_SparseChunk, Any, Any]]:
+    """Chunks of device tensors sparsified where they are, all at once, with their Golomb streams
+    coded there (as encode_model's): (chunk, (m, stream) or None for Golomb not offered, the same
+    for its -0.0). A chunk with a reference mask gets its packed positions: the host codes them."""
+    from .._torch_golomb import DeviceSparse, Plan
+
+    dev = DeviceSparse([(src.flat[start : start + size], None if src.mask is None else src.mask[start : start + size],
+                         src.signs) for src, start, size in jobs], None)
+    counts = dev.counts()
+    plans = [Plan(*device_plan(k, runs, negatives, positions, None, job[0].ref is None))
+             for job, (runs, negatives) in zip(jobs, counts)]
+    out = []
+    for job, got, (_, negatives), plan in zip(jobs, dev.fetch(plans), counts, plans):
+        c = _SparseChunk(DOMAIN_FULL, job[2], got.bits, got.vals, (got.negative, job[2], negatives) if negatives else None)
+        out.append((_relative(k, c, job), (plan.ms[0], got.streams[0]) if plan.ms[0] else None,
+                    (plan.sign_m, got.sign_stream) if plan.sign_m else None))
+    return out
 
 
 def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values: str) -> None:
     """Code a window's chunks and write them, with the record heads among them, in order. The
     kernels run on the library's threads within a large chunk; the Golomb coder, sequential
-    within a stream, takes all the window's streams in one parallel call."""
-    sparse = [_sparse_chunk(k, job) for job in window if not isinstance(job, bytes)]
-    golomb: list[Optional[tuple[int, bytes]]] = [None] * len(sparse)
+    within a stream, takes all the window's streams in one parallel call. The chunks of device
+    tensors are sparsified and coded on their device, all of the window's at once."""
+    jobs = [job for job in window if not isinstance(job, bytes)]
+    sparse: list[Any] = [None] * len(jobs)
+    golomb: dict[int, Optional[tuple[int, Any]]] = {}  # chunk: (m, stream), or None: Golomb not offered
+    signs_coded: dict[int, Optional[tuple[int, Any]]] = {}
+    on_dev = [i for i, job in enumerate(jobs) if on_device(job[0].flat)]
+    if on_dev:
+        for i, (c, g, s) in zip(on_dev, _device_chunks(k, [jobs[i] for i in on_dev], positions)):
+            sparse[i] = c
+            if jobs[i][0].ref is None:
+                golomb[i] = g
+            if c.signs is not None:
+                signs_coded[i] = s
+    for i, job in enumerate(jobs):
+        if sparse[i] is None:
+            sparse[i] = _sparse_chunk(k, job)
     if positions in ("auto", "golomb"):
-        params = [k.golomb_parameter(c.vals.size, c.d) for c in sparse]
-        streams = k.golomb_encode_many([(c.bits, c.d, m) for c, m in zip(sparse, params)])
-        golomb = list(zip(params, streams))
+        host = [i for i in range(len(sparse)) if i not in golomb]
+        params = [k.golomb_parameter(sparse[i].vals.size, sparse[i].d) for i in host]
+        streams = k.golomb_encode_many([(sparse[i].bits, sparse[i].d, m) for i, m in zip(host, params)])
+        golomb.update(zip(host, zip(params, streams)))
     signed = [i for i, c in enumerate(sparse) if c.signs is not None]
-    sign_blocks = dict(zip(signed, zero_sign_blocks(k, [sparse[i].signs for i in signed])))
-    coded = iter(enumerate(zip(sparse, golomb)))
+    coded_signs = {j: signs_coded[i] for j, i in enumerate(signed) if i in signs_coded}
+    sign_blocks = dict(zip(signed, zero_sign_blocks(k, [sparse[i].signs for i in signed], coded_signs)))
+    coded = iter(enumerate(sparse))
     for item in window:
         if isinstance(item, bytes):
             w.write(item)
             continue
-        i, (c, g) = next(coded)
-        codec, m, pos = encode_positions(c.bits, c.d, c.vals.size, positions, None, g)
+        i, c = next(coded)
+        codec, m, pos = encode_positions(c.bits, c.d, c.vals.size, positions, None, golomb.get(i))
         val, scale = encode_values(c.vals, values)
         w.write(STREAM_CHUNK.pack(c.domain, codec, int(i in sign_blocks), 0, c.d, c.vals.size, m, scale, len(pos)))
         w.write(pos)
