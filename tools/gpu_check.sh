@@ -19,6 +19,6 @@ built=$?
 cat "$out/log.txt"
 if [ $built != 0 ]; then tail -30 "$out/build.txt"; exit 1; fi
 rm "$out/build.txt"  # at most 8 files come back
-timeout 600 python3 tools/gpu_evidence.py --device cuda --out "$out" "$@" 2>&1 | tee -a "$out/log.txt" | cut -c1-400
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_triton_step.py \
+timeout ${EVIDENCE_S:-270} python3 tools/gpu_evidence.py --device cuda --out "$out" "$@" 2>&1 | tee -a "$out/log.txt" | cut -c1-400
+timeout ${TESTS_S:-110} python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_triton_step.py \
     tests/test_triton_topk.py tests/test_torch_kernels.py tests/test_torch_golomb.py 2>&1 | tail -25 | tee "$out/tests.txt"
