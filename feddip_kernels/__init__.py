@@ -1,7 +1,7 @@
 """feddip-kernels: fast kernels and compact codecs for federated learning with extreme sparsity."""
 
 from ._backend import available_backends, get_num_threads, set_num_threads
-from .codecs import CodecError, Decoded, SparseCodec, decode_model, decode_stream, encode_model, encode_stream
+from .codecs import CodecError, Decoded, decode_model, decode_stream, encode_model, encode_stream
 from .pruning import (
     erk_densities,
     global_magnitude_threshold,
@@ -11,7 +11,8 @@ from .pruning import (
     pack_mask,
     unpack_mask,
 )
-from .schedules import lambda_schedule, sparsity_schedule
+from .integrations.numcodecs import SparseCodec
+from .protocol import lambda_schedule, sparsity_schedule
 from .storage import load, save
 from .update import masked_ef_step, masked_ef_step_many, masked_norm
 

@@ -24,9 +24,9 @@ import numpy as np
 
 from . import _backend, codecs
 from ._arrays import as_array, flat_mask, is_torch
-from .codecs import DEFAULT_MAX_BYTES, POSITIONS, CodecError, decode_model, encode_model
+from .codecs import DEFAULT_MAX_BYTES, CodecError, decode_model, encode_model
 from .codecs.format import MAX_ARRAY_BYTES
-from .codecs.positions import check_golomb, decode_positions
+from .codecs.positions import SET_CODECS, check_position_set, decode_position_set, encode_position_set
 
 if TYPE_CHECKING:
     from ._contract import Kernels
@@ -43,8 +43,6 @@ _MESSAGE_DTYPES = ("<f4", "<f8")
 # How deeply a header's JSON may nest (metadata included). json.loads recurses once a level, so an
 # unbounded depth is a RecursionError (or a crashed interpreter) instead of CodecError.
 MAX_JSON_DEPTH = 100
-# A Golomb parameter is a u32 in the wire format, and the kernels take it as one.
-MAX_GOLOMB_M = (1 << 32) - 1
 # The keys a header, an entry (by store) and a negative-zero record may have: anything else is refused.
 _HEADER_KEYS = frozenset(["container", "entries", "metadata", "torch_metadata"])
 _ENTRY_KEYS = {
@@ -112,7 +110,7 @@ def save(
             negative = np.signbit(flat) & ~keep  # only zeros are outside the positions here
             count = int(np.count_nonzero(negative)) if signed_zeros else 0
             if count:
-                m, codec, payload = _encode_position_set(k, negative)
+                codec, m, payload = encode_position_set(k, k.pack_bits(negative), negative.size, count)
                 entry["negative_zeros"] = {"count": count, "positions": codec, "m": m, "offset": offset,
                                            "nbytes": len(payload)}
                 blobs.append(payload)
@@ -288,30 +286,11 @@ def _torch_dtype(entry: Mapping[str, Any]) -> Any:
 # ------------------------------------------------------------------ negative-zero sets
 
 
-def _encode_position_set(k: "Kernels", keep: np.ndarray) -> tuple[int, str, bytes]:
-    """A bool set as the smaller of a Golomb stream and a bitmask (docs/wire-format.md codes)."""
-    bits = k.pack_bits(keep)
-    n, nnz = keep.size, int(np.count_nonzero(keep))
-    m = k.golomb_parameter(nnz, n)
-    stream = bytes(k.golomb_encode(bits, n, m))
-    if len(stream) < len(bits):
-        return m, "golomb", stream
-    return 0, "bitmask", bits.tobytes()
-
-
 def _decode_position_set(k: "Kernels", raw: memoryview, nz: Mapping[str, Any], n: int, name: str) -> np.ndarray:
-    """A negative-zero position set as a bool array, checked as the wire format's positions are
-    (`nz` as _check_entries passed it: m within the kernels' u32)."""
-    count = nz["count"]
+    """A negative-zero position set as a bool array (`nz` as _check_entries passed it: m within
+    the kernels' u32)."""
     try:
-        if nz["positions"] == "golomb":
-            check_golomb(raw, count, nz["m"])
-            try:
-                bits = k.golomb_decode(raw, n, count, nz["m"])
-            except ValueError as e:
-                raise CodecError(str(e)) from None
-        else:
-            bits = decode_positions(k, raw, POSITIONS["bitmask"], n, count, ())
+        bits = decode_position_set(k, nz["positions"], raw, n, nz["count"], nz["m"])
     except CodecError as e:
         raise CodecError(f"entry {name!r}: negative-zero positions: {e}") from None
     return np.unpackbits(np.asarray(bits), count=n, bitorder="little").view(bool)
@@ -431,15 +410,14 @@ def _check_entries(header: Any, blob_len: int, max_bytes: int) -> list[dict[str,
             nz = e.get("negative_zeros")
             if nz is not None:
                 size = math.prod(shape)
-                if (not isinstance(nz, dict) or set(nz) != _NZ_KEYS or nz["positions"] not in ("golomb", "bitmask")
+                if (not isinstance(nz, dict) or set(nz) != _NZ_KEYS or nz["positions"] not in SET_CODECS
                         or not all(_is_count(nz[f]) for f in _NZ_KEYS - {"positions"})
                         or not 0 < nz["count"] <= size or nz["offset"] != offset):
                     raise CodecError(f"entry {name!r}: bad negative-zero record")
-                if nz["positions"] == "golomb" and not 1 <= nz["m"] <= MAX_GOLOMB_M:
-                    raise CodecError(f"entry {name!r}: negative-zero record: Golomb parameter m = {nz['m']} "
-                                     f"is outside [1, {MAX_GOLOMB_M}]")
-                if nz["positions"] == "bitmask" and nz["m"] != 0:
-                    raise CodecError(f"entry {name!r}: negative-zero record: m = {nz['m']} with bitmask positions (0 expected)")
+                try:
+                    check_position_set(nz["positions"], nz["m"])
+                except CodecError as e:
+                    raise CodecError(f"entry {name!r}: negative-zero record: {e}") from None
                 offset += nz["nbytes"]
         else:
             if not isinstance(dtype, str) or dtype not in RAW_DTYPES or not _is_count(e.get("offset")) or not _is_count(e.get("nbytes")):

@@ -21,7 +21,8 @@ from feddip_kernels.fl import (  # noqa: E402
     synthetic_dataset,
 )
 from feddip_kernels.fl.data import read_idx  # noqa: E402
-from feddip_kernels.fl.simulation import _initial_state, _train_client  # noqa: E402
+from feddip_kernels.fl.simulation import _train_client  # noqa: E402
+from feddip_kernels.fl.state import initial_state  # noqa: E402
 from deep_json import Deep  # noqa: E402
 import deep_json  # noqa: E402
 
@@ -113,7 +114,7 @@ def test_error_feedback_ablation(alg):
     # zero. Either way the global masks are nested: pruned weights never return.
     cfg, train, test, parts = _tiny(alg, rounds=3)
     model = make_model(cfg.model, train.x.shape[1], train.num_classes)
-    state = _initial_state(cfg, model)
+    state = initial_state(cfg, model)
     masks = state.server.training_masks(0)
     local = _train_client(cfg, model, state.weights, masks, train, 0, 0)
     outside = sum(int(np.count_nonzero(local[k][~m])) for k, m in masks.items())

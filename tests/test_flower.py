@@ -224,9 +224,10 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
 
     from feddip_kernels.fl import iid_partition, make_model, synthetic_dataset
     from feddip_kernels.fl.data import Dataset
-    from feddip_kernels.fl.simulation import SimulationConfig, _float_state, _train_client, run_simulation
+    from feddip_kernels.fl.simulation import SimulationConfig, _train_client, run_simulation
+    from feddip_kernels.fl.state import float_state
     from feddip_kernels.integrations.flower import LAMBDA_KEY, LR_KEY, ROUND_KEY
-    from feddip_kernels.server import seed_for
+    from feddip_kernels.protocol import seed_for
 
     train, test = synthetic_dataset(300, 60, seed=0)
     parts = iid_partition(len(train), 3, seed=0)
@@ -250,7 +251,7 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
         return Message(content=content, reply_to=msg)
 
     torch.manual_seed(seed_for(cfg.seed, 0))
-    arrays = _record({k: v.numpy().copy() for k, v in _float_state(make_model(cfg.model, 1, 10)).items()})
+    arrays = _record({k: v.numpy().copy() for k, v in float_state(make_model(cfg.model, 1, 10)).items()})
     strategy = FedDIP(num_rounds=3, s0=0.5, sp=0.9, mask_every=1, horizon=3, lr=0.05, seed=5, weighting="samples",
                       min_available_nodes=3, min_train_nodes=3)
     contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1}, state=RecordDict(), run_config={})

@@ -153,7 +153,7 @@ def test_run_survives_crashed_stalled_and_lying_nodes(deployment):
     finally:
         sys.path.remove(str(APP))
     from feddip_kernels import decode_model
-    from feddip_kernels.server import FedDIPServer, Schedule, apply_mask
+    from feddip_kernels.protocol import FedDIPServer, Schedule, apply_mask
 
     deployment.start([f"partition-id={p}" + (f" fault={f}" if f else "") for p, f in enumerate([0, 0, 1, 2, 3, 4])])
     report = deployment.tmp / "report.json"

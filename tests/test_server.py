@@ -1,10 +1,10 @@
-"""FedDIP's server side (feddip_kernels.server) against ../shared/feddip-protocol.md; NumPy only."""
+"""FedDIP's server side (feddip_kernels.protocol) against docs/protocol.md; NumPy only."""
 
 import numpy as np
 import pytest
 
 import feddip_kernels as fk
-from feddip_kernels.server import FedDIPServer, Schedule, apply_mask, random_erk_masks
+from feddip_kernels.protocol import FedDIPServer, Schedule, apply_mask, random_erk_masks
 
 SHAPES = {"conv.weight": (6, 1, 5, 5), "conv.bias": (6,), "fc.weight": (10, 150), "fc.bias": (10,)}
 PRUNABLE = ["conv.weight", "fc.weight"]

@@ -360,7 +360,7 @@ def one_tensor(repeat: int) -> dict:
     return out
 
 
-# The paper's client settings (../shared/feddip-protocol.md): 50 clients of 1,000 images (CIFAR-10's
+# The paper's client settings (docs/protocol.md): 50 clients of 1,000 images (CIFAR-10's
 # 50,000), 5 a round, 5 local epochs of batch 128; a mask update every second round so that the
 # short run prunes.
 PAPER_CLIENTS = ["--preset", "paper", "--data", "synthetic-cifar10", "--synthetic-train", "50000",

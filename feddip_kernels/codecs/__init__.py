@@ -5,8 +5,10 @@ caller-set output limit before allocating, and raises CodecError on any inconsis
 
 One file per part of the format: `format` (structs, codes, reader, checksum), `positions`,
 `values`, `records` (what every version's records share), `model` (messages of named tensors),
-`stream` (version 3: messages written and read through file objects), `numcodecs_adapter`
-(SparseCodec)."""
+`stream` (version 3: messages written and read through file objects). The numcodecs codec
+(SparseCodec) lives with the other frameworks' adapters, in integrations.numcodecs."""
+
+from typing import Any
 
 from .format import (
     DEFAULT_MAX_BYTES,
@@ -28,10 +30,19 @@ from .format import (
 from .model import decode_model, encode_model
 from .records import Decoded
 from .stream import decode_stream, encode_stream
-from .numcodecs_adapter import SparseCodec
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DOMAIN_FULL", "DOMAIN_REFERENCE", "DTYPES", "DTYPE_CODES", "MAGIC", "MAX_NDIM",
-    "POSITIONS", "POSITION_NAMES", "STREAM_VERSION", "VALUES", "VALUE_NAMES", "VERSION", "CodecError", "Decoded", "SparseCodec",
+    "POSITIONS", "POSITION_NAMES", "STREAM_VERSION", "VALUES", "VALUE_NAMES", "VERSION", "CodecError", "Decoded",
     "crc32c", "decode_model", "decode_stream", "encode_model", "encode_stream",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """codecs.SparseCodec, where it lived before integrations.numcodecs (imported on first use:
+    that module imports this package)."""
+    if name == "SparseCodec":
+        from ..integrations.numcodecs import SparseCodec
+
+        return SparseCodec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -281,6 +281,48 @@ def golomb_max_len(d: int, nnz: int, m: int) -> int:
     return ((d - nnz) // m + nnz * (1 + (m - 1).bit_length()) + 7) // 8
 
 
+# The codecs of a set of positions on its own (encode_position_set), by name, and the largest
+# Golomb parameter such a set may carry (the kernels' u32).
+SET_CODECS = (POSITION_NAMES[POSITIONS["bitmask"]], POSITION_NAMES[POSITIONS["golomb"]])
+MAX_SET_GOLOMB_M = (1 << 32) - 1
+
+
+def check_position_set(codec: Any, m: Any) -> None:
+    """A set's codec name and Golomb parameter (ints already checked), before its payload is
+    read: a Golomb set has 1 <= m <= MAX_SET_GOLOMB_M, a bitmask m = 0."""
+    if codec not in SET_CODECS:
+        raise CodecError(f"unknown positions codec {codec!r} for a set of positions")
+    if codec == POSITION_NAMES[POSITIONS["golomb"]] and not 1 <= m <= MAX_SET_GOLOMB_M:
+        raise CodecError(f"Golomb parameter m = {m} is outside [1, {MAX_SET_GOLOMB_M}]")
+    if codec == POSITION_NAMES[POSITIONS["bitmask"]] and m != 0:
+        raise CodecError(f"m = {m} with bitmask positions (0 expected)")
+
+
+def encode_position_set(k: "Kernels", bits: np.ndarray, n: int, count: int) -> tuple[str, int, bytes]:
+    """A set of `count` positions among n (packed bits) on its own, outside a message (fk.save's
+    -0.0 sets): (codec name, Golomb parameter or 0, payload), the Golomb-coded gaps where they are
+    shorter than the bitmask, else the bitmask."""
+    m = k.golomb_parameter(count, n)
+    stream = bytes(k.golomb_encode(bits, n, m))
+    if len(stream) < (n + 7) // 8:
+        return POSITION_NAMES[POSITIONS["golomb"]], m, stream
+    return POSITION_NAMES[POSITIONS["bitmask"]], 0, bits[: (n + 7) // 8].tobytes()
+
+
+def decode_position_set(k: "Kernels", codec: str, raw: memoryview, n: int, count: int, m: int) -> np.ndarray:
+    """The packed bits of a set that encode_position_set wrote, checked as a message's positions
+    are (count among n; CodecError on anything else)."""
+    if codec == POSITION_NAMES[POSITIONS["golomb"]]:
+        check_golomb(raw, count, m)
+        try:
+            return k.golomb_decode(raw, n, count, m)
+        except ValueError as e:
+            raise CodecError(str(e)) from None
+    if codec == POSITION_NAMES[POSITIONS["bitmask"]]:
+        return decode_positions(k, raw, POSITIONS["bitmask"], n, count, ())
+    raise CodecError(f"unknown positions codec {codec!r} for a set of positions")
+
+
 def check_golomb(raw: memoryview, nnz: int, m: int) -> None:
     if m < 1:
         raise CodecError("Golomb parameter must be >= 1")

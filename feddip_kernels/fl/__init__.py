@@ -1,6 +1,6 @@
 """A thin federated-learning simulation (FedDIP as its authors run it, its ablations FedDP and
 FedDIP without error feedback, and FedAvg) that uses the library's kernels and codecs for every
-step and transfer, and counts the real encoded bytes; the server side is feddip_kernels.server.
+step and transfer, and counts the real encoded bytes; the server side is feddip_kernels.protocol.
 Needs torch (the [fl] extra)."""
 
 from .cifar import load_cifar

@@ -25,17 +25,14 @@ import math
 import os
 import re
 import struct
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 from torch import nn
 
 from ..codecs import CodecError, crc32c, decode_model, encode_model
-from ..server import seed_for
 from ..storage import parse_json
-
-if TYPE_CHECKING:
-    from .simulation import ServerState, SimulationConfig
+from .state import ServerState, SimulationConfig, initial_state
 
 MAGIC = b"FDKC"
 VERSION = 2
@@ -54,7 +51,7 @@ _ROW_LATER = frozenset(("time_evaluate", "time_round"))  # reals that older rows
 _ROW_TIMES = ("time_train", "time_prune", "time_encode", *sorted(_ROW_LATER))
 
 
-def save_checkpoint(path: str, state: "ServerState") -> None:
+def save_checkpoint(path: str, state: ServerState) -> None:
     """Write `state` atomically (a temporary file, flushed to disk, then renamed over `path`)."""
     server = state.server
     tensors = {f"w/{k}": v for k, v in server.weights.items()}
@@ -89,14 +86,13 @@ def save_checkpoint(path: str, state: "ServerState") -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, cfg: "SimulationConfig", model: nn.Module) -> "ServerState":
+def load_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module) -> ServerState:
     """The state saved at `path`, for a run of `cfg` with `model`'s architecture. Raises CodecError
     (a ValueError) for a file that is not a valid checkpoint of this run: corrupt (the checksum
     covers every byte), of another format version, or with any JSON field of the wrong type, out of
     range or inconsistent with the configuration, the model, the message or the other fields. Only
     `rounds` may differ from the run's configuration, and only when `cfg.horizon` fixes the
     schedules (then a finished run can be extended)."""
-    from .simulation import _initial_state  # simulation imports this module
 
     with open(path, "rb") as f:
         data = f.read()
@@ -126,7 +122,7 @@ def load_checkpoint(path: str, cfg: "SimulationConfig", model: nn.Module) -> "Se
     if not isinstance(meta, dict) or set(meta) != _META_KEYS:
         raise fail(f"the JSON part is not an object with exactly the fields {sorted(_META_KEYS)}")
 
-    state = _initial_state(cfg, model)
+    state = initial_state(cfg, model)
     server = state.server
     rounds_done = _check_config(meta["config"], cfg, meta["round"], fail)
     # The first round (t = 0) always makes a pruning run's global mask, and checkpoints are written
@@ -172,7 +168,7 @@ def load_checkpoint(path: str, cfg: "SimulationConfig", model: nn.Module) -> "Se
     return state
 
 
-def _check_config(before: Any, cfg: "SimulationConfig", rounds_done: Any, fail: _Fail) -> int:
+def _check_config(before: Any, cfg: SimulationConfig, rounds_done: Any, fail: _Fail) -> int:
     """The number of rounds done, after checking the saved configuration against `cfg` (types
     included: JSON's 1 and true, or 1 and 1.0, are different settings) and the round against both."""
     now = dataclasses.asdict(cfg)
@@ -189,16 +185,7 @@ def _check_config(before: Any, cfg: "SimulationConfig", rounds_done: Any, fail: 
     return rounds_done
 
 
-def _sampled(cfg: "SimulationConfig", t: int) -> list[int]:
-    """The clients that round t trains, as run_simulation samples them (a change there must be made
-    here too: tests/test_fl.py resumes runs that sample clients)."""
-    if cfg.clients_per_round is None:
-        return list(range(cfg.clients))
-    rng = np.random.default_rng(seed_for(cfg.seed, 4, t))
-    return np.sort(rng.choice(cfg.clients, cfg.clients_per_round, replace=False)).tolist()
-
-
-def _expected_client_masks(cfg: "SimulationConfig", rounds_done: int) -> dict[str, int]:
+def _expected_client_masks(cfg: SimulationConfig, rounds_done: int) -> dict[str, int]:
     """client_masks as save_checkpoint writes it after `rounds_done` rounds of a pruning run: the
     clients sampled in rounds 1 .. rounds_done - 1 (round 0 sends no mask), in the order they were
     first sampled, each with the global mask of the last round that sampled it: -1 while that is
@@ -208,7 +195,7 @@ def _expected_client_masks(cfg: "SimulationConfig", rounds_done: int) -> dict[st
     received: dict[int, int] = {}  # client -> the mask it holds, by number; keeps first-seen order
     for t in range(rounds_done):
         if t >= 1:
-            for c in _sampled(cfg, t):
+            for c in cfg.clients_in_round(t):
                 received[c] = made
         made += schedule.updates_mask(t)
     index: dict[int, int] = {}
@@ -233,7 +220,7 @@ def _check_client_masks(clients: Any, expected: dict[str, int], n_clients: int, 
                "client_masks lists the clients in another order than the one they first received masks in")
 
 
-def _check_history(history: Any, cfg: "SimulationConfig", n_fixed: int, n_weights: int, fail: _Fail) -> None:
+def _check_history(history: Any, cfg: SimulationConfig, n_fixed: int, n_weights: int, fail: _Fail) -> None:
     """One row for each round done, each with the fields run_simulation writes, of their types and
     ranges, the byte totals adding up and the client counts those of the round's sample (the results
     themselves, such as accuracy or bytes, cannot be checked without rerunning the round)."""
@@ -259,7 +246,7 @@ def _check_history(history: Any, cfg: "SimulationConfig", n_fixed: int, n_weight
         if out_of_range:
             raise fail(f"history row {i}: {', '.join(out_of_range)} out of range")
         total += row["bytes_up"] + row["bytes_down"]
-        clients = len(_sampled(cfg, i))
+        clients = len(cfg.clients_in_round(i))
         # bytes_authors = 2 directions x clients x 4 bytes x kept weights (at least the unpruned ones)
         kept, rest = divmod(row["bytes_authors"], 8 * clients)
         if (row["round"] != i + 1 or row["bytes_total"] != total or row["clients"] != clients

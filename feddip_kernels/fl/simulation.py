@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -13,109 +12,16 @@ import torch
 from torch import nn
 
 from ..codecs import decode_model, encode_model
-from ..server import FedDIPServer, Schedule, seed_for
 from ..integrations.pytorch import FedDIPSGD
+from ..protocol import seed_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cifar import augment_batch
 from .data import Dataset
-from .models import make_model, prunable_parameters
+from .models import make_model
+from .state import _REGULARISED, ALGORITHMS, PRESETS, ServerState, SimulationConfig, float_state, initial_state
 
-ALGORITHMS = ("feddip", "feddp", "feddip-noef", "fedavg")
-_REGULARISED = ("feddip", "feddip-noef")
-
-# The paper's setup (../shared/feddip-protocol.md) and the README's quick job, which keeps the
-# paper's algorithm and settings and shrinks the run (clients, rounds, epochs) to minutes.
-PRESETS: dict[str, dict] = {
-    "paper": dict(clients=50, clients_per_round=5, rounds=1000, local_epochs=5, batch_size=128, lr=0.1,
-                  lr_decay=0.998, momentum=0.0, weight_decay=5e-4, s0=0.5, sp=0.95, mask_every=5,
-                  lambda_max=1e-3, lambda_segments=20, horizon=None),
-    "quick": dict(clients=10, clients_per_round=None, rounds=20, local_epochs=1, batch_size=64, lr=0.1,
-                  lr_decay=0.998, momentum=0.0, weight_decay=5e-4, s0=0.5, sp=0.95, mask_every=2,
-                  lambda_max=1e-3, lambda_segments=20, horizon=None),
-}
-
-
-@dataclass
-class SimulationConfig:
-    """One run. Defaults: the paper's setup (PRESETS["paper"]). The sparsity and lambda schedules
-    span the whole run unless `horizon` (rounds) is set."""
-
-    # feddip | feddp (no regulariser) | feddip-noef (no error feedback: the gradient only updates
-    # weights under the mask) | fedavg (dense)
-    algorithm: str = "feddip"
-    model: str = "lenet5"
-    clients: int = 50
-    clients_per_round: Optional[int] = 5  # None: all clients every round
-    rounds: int = 1000
-    local_epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
-    lr_decay: float = 0.998  # lr_t = lr * lr_decay^t
-    momentum: float = 0.0
-    weight_decay: float = 5e-4
-    s0: float = 0.5  # sparsity of round 0's ERK masks and of the first global mask
-    sp: float = 0.95  # final sparsity
-    horizon: Optional[int] = None  # T of the schedules; None: rounds
-    mask_every: int = 5  # R: prune every R rounds (t % R == 0)
-    lambda_max: float = 1e-3
-    lambda_segments: int = 20  # Q
-    weighting: str = "samples"  # how uploads are averaged: by sample count, or "equal"
-    values: str = "raw"  # value codec of every transfer: raw | fp16 | bf16 | int8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
-            raise ValueError("clients, rounds, local_epochs and batch_size must be >= 1")
-        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.clients:
-            raise ValueError("clients_per_round must be in [1, clients]")
-        if self.weighting not in ("samples", "equal"):
-            raise ValueError(f"weighting must be 'samples' or 'equal', got {self.weighting!r}")
-        self.schedule  # validates the schedule settings
-
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(rounds=self.rounds, s0=self.s0, sp=self.sp, mask_every=self.mask_every,
-                        lambda_max=self.lambda_max, lambda_segments=self.lambda_segments, lr=self.lr,
-                        lr_decay=self.lr_decay, horizon=self.horizon)
-
-
-@dataclass
-class ServerState:
-    """Everything needed to resume a run (checkpointed after every round)."""
-
-    config: SimulationConfig
-    server: FedDIPServer
-    history: list[dict] = field(default_factory=list)
-    # The global mask each client last received (downlinks are coded relative to it); shared objects.
-    client_masks: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-
-    @property
-    def round(self) -> int:
-        return self.server.round
-
-    @property
-    def weights(self) -> dict[str, np.ndarray]:
-        return self.server.weights
-
-    @property
-    def masks(self) -> dict[str, np.ndarray]:
-        return self.server.masks
-
-
-def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's float tensors (parameters, BatchNorm statistics), where the model is: what the
-    transfers carry. Integer buffers (BatchNorm's num_batches_tracked) stay with each model."""
-    return {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
-def _initial_state(cfg: SimulationConfig, model: nn.Module) -> ServerState:
-    weights = {k: v.cpu().numpy().copy() for k, v in _float_state(model).items()}
-    server = FedDIPServer(weights, list(prunable_parameters(model)), cfg.schedule,
-                          prune=cfg.algorithm != "fedavg", seed=cfg.seed)
-    return ServerState(cfg, server)
-
+# The run's state lives in fl.state; SimulationConfig and the rest are imported from here too.
+__all__ = ["ALGORITHMS", "PRESETS", "ServerState", "SimulationConfig", "dense_model_bytes", "evaluate", "run_simulation"]
 
 def _load(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     missing, unexpected = model.load_state_dict(
@@ -185,7 +91,7 @@ def _train_client(
             opt.step()
             if no_feedback:
                 drop_outside_mask()
-    local = {k: v.clone() for k, v in _float_state(model).items()}
+    local = {k: v.clone() for k, v in float_state(model).items()}
     local.update({k: opt.dense(params[k]).clone() for k in masks})
     return local
 
@@ -256,7 +162,7 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
     if resume and checkpoint and os.path.exists(checkpoint):
         state = load_checkpoint(checkpoint, cfg, model)
     else:
-        state = _initial_state(cfg, model)
+        state = initial_state(cfg, model)
     model.to(device)
     server = state.server
     schedule = server.schedule
@@ -266,9 +172,7 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
     while server.round < cfg.rounds:
         t = server.round
         round_start = time.perf_counter()
-        rng = np.random.default_rng(seed_for(cfg.seed, 4, t))
-        chosen = np.arange(cfg.clients) if cfg.clients_per_round is None else np.sort(
-            rng.choice(cfg.clients, cfg.clients_per_round, replace=False))
+        chosen = cfg.clients_in_round(t)
         times = {"train": 0.0, "prune": 0.0, "encode": 0.0}
         bytes_down = bytes_up = 0
         shared = server.masks or None  # the global mask of this round (None before the first)
@@ -276,7 +180,7 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
         pruned = sum(int(m.size - np.count_nonzero(m)) for m in server.masks.values())
         kept = sum(v.size for v in server.weights.values()) - pruned
         uploads, failures = [], []
-        for c in chosen:
+        for c in chosen:  # ints
             # Downlink: the global model, relative to the global mask this client already has.
             t0 = time.perf_counter()
             known = state.client_masks.get(int(c)) if shared else None

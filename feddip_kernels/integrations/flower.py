@@ -10,7 +10,7 @@
   (seeded by the run's seed and the node's "partition-id"). Replies are encoded relative to the
   global mask: the values under it (as FedDIP clients upload), with the value codec named under
   "feddip-values". Messages without encoded records pass through unchanged.
-- `FedDIP`: a Message-API strategy (a FedAvg) whose server side is feddip_kernels.server, the
+- `FedDIP`: a Message-API strategy (a FedAvg) whose server side is feddip_kernels.protocol, the
   same code `feddip simulate` runs: aggregation, the global mask pruned by magnitude every
   `mask_every` rounds on the cubic schedule, nested masks. Each node gets the model coded relative
   to the global mask it last received. Training replies are validated whole (model, weight,
@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.common import log
 
 from ..codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
-from ..server import FedDIPServer, Schedule, random_erk_masks, seed_for
+from ..protocol import FedDIPServer, Schedule, random_erk_masks, seed_for
 
 STYPE = "feddip/v1"
 ENCODED_KEY = "feddip"
@@ -174,8 +174,8 @@ def _client_index(ctxt: Context) -> int:
 
 
 class FedDIP(FedAvg):
-    """FedAvg with FedDIP's server side (feddip_kernels.server: the protocol of
-    ../shared/feddip-protocol.md): clients train under their own ERK mask in round 1 (t = 0) and
+    """FedAvg with FedDIP's server side (feddip_kernels.protocol: the protocol of
+    docs/protocol.md): clients train under their own ERK mask in round 1 (t = 0) and
     under the global mask after; the server averages (by "num-examples" with weighting="samples",
     equally with "equal"), re-applies the mask, and prunes by global magnitude to s_t when
     t % mask_every == 0; masks are nested. Flower's round r is the protocol's t = r - 1.

@@ -1,4 +1,4 @@
-"""FedDIP's server side as its authors run it (the protocol: ../shared/feddip-protocol.md), in
+"""FedDIP's server side as its authors run it (the protocol: docs/protocol.md), in
 NumPy alone: the schedules, each client's round-0 mask, the aggregation and the global magnitude
 pruning. `feddip simulate` and the Flower strategy both drive this one implementation.
 
@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .pruning import erk_densities, global_topk_masks, k_for_density
+from ..pruning import erk_densities, global_topk_masks, k_for_density
 from .schedules import lambda_schedule, sparsity_schedule
 
 

@@ -8,8 +8,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from .._arrays import as_array
-from .format import DEFAULT_MAX_BYTES, DTYPE_CODES, POSITIONS, VALUES, CodecError
-from .model import decode_model, encode_model
+from ..codecs.format import DEFAULT_MAX_BYTES, DTYPE_CODES, POSITIONS, VALUES, CodecError
+from ..codecs.model import decode_model, encode_model
 
 
 class SparseCodec:
