@@ -20,7 +20,7 @@ import feddip_kernels as fk
 from feddip_kernels import codecs
 from feddip_kernels.codecs.format import HEADER, SIGNS, STREAM_CHUNK, STREAM_RECORD
 
-from test_codecs import _reseal, bit_patterns, mutated_body, sparse_arrays
+from codec_helpers import _reseal, bit_patterns, mutated_body, sparse_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 POSITIONS = ["auto", "all", "bitmask", "golomb"]
