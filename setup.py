@@ -12,10 +12,13 @@ SOURCES = [
     "csrc/bitpack.cpp",
     "csrc/crc32c.cpp",
     "csrc/ef_step.cpp",
+    "csrc/ef_step_simd.cpp",
+    "csrc/ef_step_tuning.cpp",
     "csrc/golomb.cpp",
     "csrc/isa.cpp",
     "csrc/sparse.cpp",
     "csrc/topk.cpp",
+    "csrc/topk_simd.cpp",
 ]
 
 
@@ -36,9 +39,14 @@ class BuildExt(build_ext):
     def build_extensions(self) -> None:
         omp = [] if sys.platform == "win32" else ["-fopenmp"]
         use_omp = os.environ.get("FEDDIP_NO_OPENMP") != "1" and bool(omp) and _compiler_accepts(self.compiler, omp)
+        # GCC and Clang: the build is kept free of warnings; CI (.ci/run) sets FEDDIP_WERROR=1 so that
+        # a new one fails it. MSVC takes neither spelling.
+        warn = []
+        if self.compiler.compiler_type != "msvc":
+            warn = ["-Wall", "-Wextra"] + (["-Werror"] if os.environ.get("FEDDIP_WERROR") == "1" else [])
         for ext in self.extensions:
             # -fopenmp-simd: honour `omp simd` (vectorised reductions) even without the OpenMP runtime.
-            ext.extra_compile_args += ["-O3", "-fopenmp-simd"] + (omp if use_omp else [])
+            ext.extra_compile_args += ["-O3", "-fopenmp-simd"] + warn + (omp if use_omp else [])
             ext.extra_link_args += omp if use_omp else []
         super().build_extensions()
 

@@ -82,8 +82,7 @@ double threshold_impl(const std::vector<py::array>& tensors, std::uint64_t k, in
 }
 
 template <class T>
-void masks_impl(const std::vector<py::array>& tensors, std::vector<py::array>& masks, std::uint64_t k,
-                int n_threads) {
+void masks_impl(const std::vector<py::array>& tensors, std::vector<py::array>& masks, std::uint64_t k, int n_threads) {
     const auto segs = segments_of<T>(tensors);
     if (masks.size() != segs.size()) throw std::invalid_argument("need one mask per tensor");
     std::vector<std::uint8_t*> outs;
@@ -124,7 +123,8 @@ T* optional_out(const py::object& obj, std::size_t n, const char* what) {
     if (!py::isinstance<py::array>(obj)) throw std::invalid_argument(std::string(what) + ": expected a NumPy array");
     auto a = obj.cast<py::array>();
     T* p = mutable_data_of<T>(a, what);
-    if (static_cast<std::size_t>(a.size()) != n) throw std::invalid_argument(std::string(what) + ": size differs from w");
+    if (static_cast<std::size_t>(a.size()) != n)
+        throw std::invalid_argument(std::string(what) + ": size differs from w");
     return p;
 }
 
@@ -137,8 +137,10 @@ LayerStep<T> layer_of(py::array& w, const py::array& g, const py::object& mask, 
     T* pw = mutable_data_of<T>(w, "w");
     const T* pg = data_of<T>(g, "g");
     if (static_cast<std::size_t>(g.size()) != n) throw std::invalid_argument("g: size differs from w");
-    return {pw, pg, mask_ref(mask, n, packed), optional_out<T>(buf, n, "momentum_buffer"),
-            optional_out<T>(pruned, n, "pruned_out"), n, norm};
+    const MaskRef m = mask_ref(mask, n, packed);  // checked in this order: the first bad argument is reported
+    T* pb = optional_out<T>(buf, n, "momentum_buffer");
+    T* pp = optional_out<T>(pruned, n, "pruned_out");
+    return {pw, pg, m, pb, pp, n, norm};
 }
 
 template <class T>
@@ -167,11 +169,13 @@ std::vector<double> ef_step_many_impl(std::vector<py::array>& ws, const std::vec
     std::vector<std::size_t> f32_at, f64_at;  // each group's layers' places in the call
     std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;
     const auto span = [&](const void* p, std::size_t bytes) {
-        if (p && bytes) spans.emplace_back(reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + bytes);
+        if (p && bytes)
+            spans.emplace_back(reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + bytes);
     };
     const auto add = [&](auto& layers, auto& at, std::size_t l) {
         using T = std::remove_pointer_t<decltype(layers[0].w)>;
-        const LayerStep<T> L = layer_of<T>(ws[l], gs[l], masks[l], packed, bufs[l], pruned[l], norms[l] ? *norms[l] : -1.0);
+        const LayerStep<T> L =
+            layer_of<T>(ws[l], gs[l], masks[l], packed, bufs[l], pruned[l], norms[l] ? *norms[l] : -1.0);
         layers.push_back(L);
         at.push_back(l);
         span(L.w, L.n * sizeof(T));
@@ -317,8 +321,9 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("limit") = py::none(),
         "The vector code of the hand-vectorised loops: 'avx512', 'avx2' or 'generic' (top-k's pass and the "
-        "float32 error-feedback step have all three, the float64 step AVX2 and generic). `limit` caps it (tests "
-        "run every path on a wide machine).");
+        "float32 error-feedback step have all three; the float64 step, sparsify's packing of positions and "
+        "densify's float32 scatter AVX2 and generic; CRC-32C takes SSE4.2's crc32 instruction above generic). "
+        "`limit` caps it (tests run every path on a wide machine).");
 
     m.def(
         "_step_stores",
@@ -335,8 +340,7 @@ PYBIND11_MODULE(_core, m) {
         "'cache'. The same bits either way. Returns the setting before (the one in use, without an argument).");
 
     m.def(
-        "_step_tuning",
-        [](std::optional<bool> on) { return on ? set_step_tuning(*on) : step_tuning(); },
+        "_step_tuning", [](std::optional<bool> on) { return on ? set_step_tuning(*on) : step_tuning(); },
         py::arg("on") = py::none(),
         "Whether a float32 step on an AVX-512 CPU times its AVX-512 and AVX2 loops on its first calls of each "
         "size and thread count and keeps the faster (the default), or runs the widest loop _isa allows. The "
@@ -364,8 +368,7 @@ PYBIND11_MODULE(_core, m) {
             const std::int64_t last = c.last_late.load(std::memory_order_relaxed);
             return py::make_tuple(c.enabled.load(std::memory_order_relaxed), c.serial(),
                                   c.late_regions.load(std::memory_order_relaxed),
-                                  last ? (steady_ns() - last) * 1e-9 : -1.0,
-                                  c.regions.load(std::memory_order_relaxed));
+                                  last ? (steady_ns() - last) * 1e-9 : -1.0, c.regions.load(std::memory_order_relaxed));
         },
         py::arg("adapt") = py::none(),
         "(adapting, on one thread now, late regions so far, seconds since the last or -1, regions timed so far): "
@@ -537,7 +540,8 @@ PYBIND11_MODULE(_core, m) {
             return py::make_tuple(out, failed, error);
         },
         py::arg("items"),
-        "golomb_decode on (data, n, nnz, m) items in parallel: (bits list, index of the first failure or -1, its message).");
+        "golomb_decode on (data, n, nnz, m) items in parallel: (bits list, index of the first failure or -1, its "
+        "message).");
 
     m.def(
         "crc32c",
@@ -596,8 +600,8 @@ PYBIND11_MODULE(_core, m) {
         "unpack_bits",
         [](const py::array_t<std::uint8_t, py::array::c_style>& bits, std::size_t n) {
             if (static_cast<std::size_t>(bits.size()) < (n + 7) / 8)
-                throw std::invalid_argument("packed mask holds " + std::to_string(bits.size()) +
-                                            " bytes, " + std::to_string((n + 7) / 8) + " needed");
+                throw std::invalid_argument("packed mask holds " + std::to_string(bits.size()) + " bytes, " +
+                                            std::to_string((n + 7) / 8) + " needed");
             py::array_t<bool> out(static_cast<py::ssize_t>(n));
             auto* dst = reinterpret_cast<std::uint8_t*>(out.mutable_data());
             const auto* src = bits.data();

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "bits.hpp"
 #include "common.hpp"
 
 namespace feddip {
@@ -52,10 +53,10 @@ FEDDIP_VECTOR_CLONES std::uint64_t count_bits(const std::uint8_t* bits, std::siz
     for (; i + 8 <= full; i += 8) {
         std::uint64_t v;
         std::memcpy(&v, bits + i, 8);
-        c += static_cast<std::uint64_t>(__builtin_popcountll(v));
+        c += static_cast<std::uint64_t>(popcount64(v));
     }
-    for (; i < full; ++i) c += static_cast<std::uint64_t>(__builtin_popcount(bits[i]));
-    if (n % 8) c += static_cast<std::uint64_t>(__builtin_popcount(bits[full] & ((1u << (n % 8)) - 1)));
+    for (; i < full; ++i) c += static_cast<std::uint64_t>(popcount64(bits[i]));
+    if (n % 8) c += static_cast<std::uint64_t>(popcount64(bits[full] & ((1u << (n % 8)) - 1)));
     return c;
 }
 
@@ -81,7 +82,7 @@ void select_bits(const std::uint8_t* bits, const std::uint8_t* ref, std::size_t 
         std::uint64_t r = word_at(ref, n, w);
         const std::uint64_t b = word_at(bits, n, w);
         for (; r; r &= r - 1, ++j)
-            if ((b >> __builtin_ctzll(r)) & 1) out[j >> 3] |= std::uint8_t(1u << (j & 7));
+            if ((b >> ctz64(r)) & 1) out[j >> 3] |= std::uint8_t(1u << (j & 7));
     }
 }
 
@@ -91,7 +92,7 @@ void deposit_bits(const std::uint8_t* sub, const std::uint8_t* ref, std::size_t 
     for (std::size_t w = 0; w < words; ++w) {
         std::uint64_t r = word_at(ref, n, w), v = 0;
         for (; r; r &= r - 1, ++j)
-            if ((sub[j >> 3] >> (j & 7)) & 1) v |= std::uint64_t(1) << __builtin_ctzll(r);
+            if ((sub[j >> 3] >> (j & 7)) & 1) v |= std::uint64_t(1) << ctz64(r);
         std::memcpy(out + 8 * w, &v, 8 * w + 8 <= bytes ? 8 : bytes - 8 * w);
     }
 }

@@ -13,9 +13,11 @@
 #include <omp.h>
 #endif
 
+#include "isa.hpp"
+
 // Hot loops are compiled twice on x86-64 (baseline SSE2 and AVX2) and picked at load time, so the
 // package needs no -march flag and still uses the wider vectors where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if defined(FEDDIP_X86) && !defined(__clang__) && defined(__linux__)
 #define FEDDIP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define FEDDIP_VECTOR_CLONES

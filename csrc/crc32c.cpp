@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "isa.hpp"
 
 namespace feddip {
 namespace {
@@ -31,8 +32,8 @@ std::uint32_t crc_software(const std::uint8_t* p, std::size_t n, std::uint32_t c
         std::memcpy(&lo, p, 4);
         std::memcpy(&hi, p + 4, 4);
         lo ^= c;
-        c = t[7][lo & 0xff] ^ t[6][(lo >> 8) & 0xff] ^ t[5][(lo >> 16) & 0xff] ^ t[4][lo >> 24] ^
-            t[3][hi & 0xff] ^ t[2][(hi >> 8) & 0xff] ^ t[1][(hi >> 16) & 0xff] ^ t[0][hi >> 24];
+        c = t[7][lo & 0xff] ^ t[6][(lo >> 8) & 0xff] ^ t[5][(lo >> 16) & 0xff] ^ t[4][lo >> 24] ^ t[3][hi & 0xff] ^
+            t[2][(hi >> 8) & 0xff] ^ t[1][(hi >> 16) & 0xff] ^ t[0][hi >> 24];
         p += 8;
         n -= 8;
     }
@@ -84,7 +85,7 @@ std::uint32_t past_zeros(std::uint32_t r, std::uint64_t n) {
     return r;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef FEDDIP_X86
 // Three lanes of kLane bytes are run side by side: the crc32 instruction has a latency of three
 // cycles and a throughput of one, so one chain of them uses a third of the unit. Carrying a lane's
 // register past the next lane (kLane zero bytes) is a fixed map, kept as four byte tables.
@@ -101,8 +102,7 @@ struct PastLane {
     }
 };
 
-__attribute__((target("sse4.2"))) std::uint32_t crc_hardware(const std::uint8_t* p, std::size_t n,
-                                                             std::uint32_t c) {
+__attribute__((target("sse4.2"))) std::uint32_t crc_hardware(const std::uint8_t* p, std::size_t n, std::uint32_t c) {
     static const PastLane past_lane;
     std::uint64_t c64 = c;
     for (; n >= 3 * kLane; p += 3 * kLane, n -= 3 * kLane) {
@@ -130,17 +130,15 @@ __attribute__((target("sse4.2"))) std::uint32_t crc_hardware(const std::uint8_t*
     while (n--) c = __builtin_ia32_crc32qi(c, *p++);
     return c;
 }
-
-bool has_hardware() {
-    static const bool yes = __builtin_cpu_supports("sse4.2");
-    return yes;
-}
 #endif
 
-// The register run over n bytes from register c, on one thread.
-std::uint32_t crc_run(const std::uint8_t* data, std::size_t size, std::uint32_t c) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (has_hardware()) return crc_hardware(data, size, c);
+// The register run over n bytes from register c, on one thread; `hardware`: crc32_instruction(),
+// asked once a call.
+std::uint32_t crc_run(const std::uint8_t* data, std::size_t size, std::uint32_t c, bool hardware) {
+#ifdef FEDDIP_X86
+    if (hardware) return crc_hardware(data, size, c);
+#else
+    (void)hardware;
 #endif
     return crc_software(data, size, c);
 }
@@ -164,6 +162,7 @@ struct Piece {
 std::uint32_t crc_of_pieces(const std::vector<Piece>& pieces, std::size_t total, std::uint32_t crc) {
     const int nt = total < kPiece ? 1 : max_threads(0);
     std::vector<std::uint32_t> reg(pieces.size(), 0);
+    const bool hardware = crc32_instruction();
     const long long n_pieces = static_cast<long long>(pieces.size());
     RegionProbe probe(nt);
 #pragma omp parallel num_threads(nt)
@@ -173,7 +172,7 @@ std::uint32_t crc_of_pieces(const std::vector<Piece>& pieces, std::size_t total,
         for (long long i = 0; i < n_pieces; ++i) {
             const Piece& pc = pieces[static_cast<std::size_t>(i)];
             if (pc.dst) std::memcpy(pc.dst, pc.src, pc.size);
-            reg[static_cast<std::size_t>(i)] = crc_run(pc.dst ? pc.dst : pc.src, pc.size, 0);
+            reg[static_cast<std::size_t>(i)] = crc_run(pc.dst ? pc.dst : pc.src, pc.size, 0, hardware);
         }
     }
     std::uint32_t r = ~crc;
@@ -189,7 +188,7 @@ void add_pieces(const std::uint8_t* src, std::uint8_t* dst, std::size_t size, st
 }  // namespace
 
 std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t crc) {
-    if (size < kPiece || max_threads(0) <= 1) return ~crc_run(data, size, ~crc);
+    if (size < kPiece || max_threads(0) <= 1) return ~crc_run(data, size, ~crc, crc32_instruction());
     std::vector<Piece> pieces;
     add_pieces(data, nullptr, size, pieces);
     return crc_of_pieces(pieces, size, crc);

@@ -8,8 +8,8 @@
 namespace feddip {
 
 // CRC of `size` bytes continuing from `crc` (0 to start). Uses the SSE4.2 instruction, three
-// streams side by side, where the CPU has it, else slicing-by-8 tables; from 256 KiB, a piece a
-// thread (set_num_threads), joined exactly.
+// streams side by side, where crc32_instruction() allows (isa.hpp), else slicing-by-8 tables; from
+// 256 KiB, a piece a thread (set_num_threads), joined exactly.
 std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t crc = 0);
 
 // Copies the runs one after another into dst (which holds their total size) and returns the

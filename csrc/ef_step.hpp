@@ -34,8 +34,8 @@ struct EFStepParams {
 // negative value to have it computed by an extra read pass. Returns ||w*m||_p after the step,
 // which the caller can feed to the next step to keep it one pass.
 template <class T>
-double masked_ef_step(T* w, const T* g, MaskRef mask, T* buf, T* pruned, std::size_t n,
-                      const EFStepParams& params, double norm, int n_threads = 0);
+double masked_ef_step(T* w, const T* g, MaskRef mask, T* buf, T* pruned, std::size_t n, const EFStepParams& params,
+                      double norm, int n_threads = 0);
 
 // One layer of a multi-layer step: the arguments of masked_ef_step.
 template <class T>

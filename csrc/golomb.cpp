@@ -1,6 +1,7 @@
 #include "golomb.hpp"
 
 #include "bitpack.hpp"
+#include "bits.hpp"
 #include "common.hpp"
 
 #include <algorithm>
@@ -48,7 +49,7 @@ void for_each_gap(const std::uint8_t* bits, std::size_t n, F&& f) {
             if (n % 64) v &= (std::uint64_t(1) << (n % 64)) - 1;
         }
         for (; v; v &= v - 1) {
-            const std::uint64_t pos = 64 * w + static_cast<std::uint64_t>(__builtin_ctzll(v));
+            const std::uint64_t pos = 64 * w + static_cast<std::uint64_t>(ctz64(v));
             f(pos - prev_end);
             prev_end = pos + 1;
         }
@@ -116,7 +117,7 @@ public:
                 if (q > limit) throw std::invalid_argument("Golomb stream: position out of range");
                 continue;
             }
-            const unsigned z = static_cast<unsigned>(__builtin_ctzll(acc_));
+            const unsigned z = static_cast<unsigned>(ctz64(acc_));
             q += z;
             acc_ >>= z;
             acc_ >>= 1;
@@ -133,7 +134,7 @@ public:
     bool code(const Params& p, std::uint64_t& q, std::uint64_t& r) {
         refill();
         if (acc_ == 0) return false;
-        const unsigned z = static_cast<unsigned>(__builtin_ctzll(acc_));
+        const unsigned z = static_cast<unsigned>(ctz64(acc_));
         // A code filling all 64 bits would need shifts by 64 (undefined): the slow path takes it.
         if (z + 1 + p.b > fill_ || z + 1 + p.b >= 64) return false;
         const unsigned b1 = p.b == 0 ? 0 : p.b - 1;
@@ -211,8 +212,8 @@ std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n,
     return w.finish();
 }
 
-void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, std::uint64_t nnz,
-                   std::uint32_t m, std::uint8_t* bits) {
+void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, std::uint64_t nnz, std::uint32_t m,
+                   std::uint8_t* bits) {
     const Params p = params_of(m);
     if (nnz > n) throw std::invalid_argument("Golomb stream: more positions than elements");
     std::memset(bits, 0, (n + 7) / 8);
@@ -275,9 +276,8 @@ long long parallel_each(long long count, int n_threads, Body&& body, std::except
 std::vector<std::vector<std::uint8_t>> golomb_encode_many(const std::vector<GolombInput>& inputs, int n_threads) {
     std::vector<std::vector<std::uint8_t>> out(inputs.size());
     std::exception_ptr error;  // only out of memory: the inputs were checked by the caller
-    if (parallel_each(static_cast<long long>(inputs.size()), n_threads,
-                      [&](long long i) { out[i] = golomb_encode(inputs[i].bits, inputs[i].n, inputs[i].m); },
-                      error) >= 0)
+    const auto encode = [&](long long i) { out[i] = golomb_encode(inputs[i].bits, inputs[i].n, inputs[i].m); };
+    if (parallel_each(static_cast<long long>(inputs.size()), n_threads, encode, error) >= 0)
         std::rethrow_exception(error);
     return out;
 }

@@ -24,8 +24,8 @@ std::vector<std::uint8_t> golomb_encode(const std::uint8_t* bits, std::size_t n,
 // Decodes exactly `nnz` positions into `bits` ((n + 7) / 8 bytes, overwritten). Throws
 // std::invalid_argument when the stream is truncated, a position falls outside [0, n), or bytes
 // remain after the last code (other than zero padding in the final byte).
-void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, std::uint64_t nnz,
-                   std::uint32_t m, std::uint8_t* bits);
+void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, std::uint64_t nnz, std::uint32_t m,
+                   std::uint8_t* bits);
 
 // golomb_encode on independent masks (one per tensor), several at a time.
 struct GolombInput {

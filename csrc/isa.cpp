@@ -6,15 +6,26 @@
 namespace feddip {
 namespace {
 
-Isa detected() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+struct Cpu {
+    Isa widest = Isa::generic;
+    bool crc32 = false;  // SSE4.2
+};
+
+Cpu detect() {
+    Cpu cpu;
+#ifdef FEDDIP_X86
     __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("popcnt");
-    if (avx2 && __builtin_cpu_supports("avx512f")) return Isa::avx512;
-    if (avx2) return Isa::avx2;
+    cpu.crc32 = __builtin_cpu_supports("sse4.2");
+    const bool avx2 =
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    if (avx2) cpu.widest = __builtin_cpu_supports("avx512f") ? Isa::avx512 : Isa::avx2;
 #endif
-    return Isa::generic;
+    return cpu;
+}
+
+const Cpu& cpu() {
+    static const Cpu detected = detect();
+    return detected;
 }
 
 std::atomic<int>& cap() {
@@ -24,14 +35,15 @@ std::atomic<int>& cap() {
 
 }  // namespace
 
-Isa isa() {
-    static const Isa best = detected();
-    return std::min(best, static_cast<Isa>(cap().load(std::memory_order_relaxed)));
-}
+Isa isa() { return std::min(cpu().widest, static_cast<Isa>(cap().load(std::memory_order_relaxed))); }
 
 Isa limit_isa(Isa limit) {
     cap().store(static_cast<int>(limit), std::memory_order_relaxed);
     return isa();
+}
+
+bool crc32_instruction() {
+    return cpu().crc32 && cap().load(std::memory_order_relaxed) != static_cast<int>(Isa::generic);
 }
 
 }  // namespace feddip

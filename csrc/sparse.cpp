@@ -6,15 +6,16 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include "bitpack.hpp"
+#include "bits.hpp"
+#include "common.hpp"
+#include "isa.hpp"
+
+#ifdef FEDDIP_X86
 #include <immintrin.h>
 
 #include "lanes.hpp"
 #endif
-
-#include "bitpack.hpp"
-#include "common.hpp"
-#include "isa.hpp"
 
 namespace feddip {
 namespace {
@@ -65,12 +66,7 @@ FEDDIP_VECTOR_CLONES bool pack_generic(const T* x, std::size_t n, std::uint8_t* 
     return found != 0;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-    return yes;
-}
-
+#ifdef FEDDIP_X86
 // 32 elements as the 4 bytes pack_generic writes for them. A compare and a movemask a vector keep
 // up with memory, where the compiler's code (a byte at a time) took twice as long. For
 // kNonzeroFind, `low` keeps the lanes' minimum of the bits read as signed integers: -0.0's are
@@ -131,7 +127,7 @@ __attribute__((target("avx2"))) bool pack_avx2(const T* x, std::size_t n, std::u
 // `loops` (isa(), which tests cap) picks the loop: the hand-written AVX2 one or the generic one.
 template <Pack kMode, class T>
 bool pack_span(const T* x, std::size_t n, std::uint8_t* bits, Isa loops) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef FEDDIP_X86
     if (loops >= Isa::avx2) {
         const std::size_t head = n / 32 * 32;  // whole bytes: the rest starts at bits + head / 8
         const bool found = pack_avx2<kMode>(x, head, bits);
@@ -220,7 +216,7 @@ void for_each_position(const std::uint8_t* bits, std::size_t n, Start&& start, V
         start(64 * w0, std::min(n, 64 * w1));
         for (std::size_t w = w0; w < w1; ++w)
             for (std::uint64_t v = load_word(bits, n, w); v; v &= v - 1)
-                visit(j++, 64 * w + static_cast<std::size_t>(__builtin_ctzll(v)));
+                visit(j++, 64 * w + static_cast<std::size_t>(ctz64(v)));
     });
 }
 
@@ -232,7 +228,7 @@ void gather(const T* x, const std::uint8_t* bits, std::size_t n, T* values) {
         bits, n, [](std::size_t, std::size_t) {}, [&](std::size_t j, std::size_t i) { values[j] = x[i]; });
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef FEDDIP_X86
 namespace {
 
 // Elements [64 w0, 64 w1) of a float32 densify, all full words, `out` 16-byte aligned: each line
@@ -253,8 +249,10 @@ __attribute__((target("avx2,popcnt"))) const float* expand_words(const std::uint
             const int count = _mm_popcnt_u32(m);
             // Only `count` values are read: the masked load never touches memory past them.
             const __m256 v = _mm256_maskload_ps(values, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane_index));
-            const __m256i from = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandLanes.entry + m)));
-            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), lane_bit), lane_bit);
+            const __m256i from =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandLanes.entry + m)));
+            const __m256i set =
+                _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), lane_bit), lane_bit);
             const __m256 line = _mm256_and_ps(_mm256_permutevar8x32_ps(v, from), _mm256_castsi256_ps(set));
             _mm_stream_ps(o + 8 * q, _mm256_castps256_ps128(line));
             _mm_stream_ps(o + 8 * q + 4, _mm256_extractf128_ps(line, 1));
@@ -270,16 +268,16 @@ __attribute__((target("avx2,popcnt"))) const float* expand_words(const std::uint
 
 template <class T>
 void scatter(const std::uint8_t* bits, std::size_t n, const T* values, T* out) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef FEDDIP_X86
     if constexpr (std::is_same_v<T, float>) {
-        if (has_avx2() && (reinterpret_cast<std::uintptr_t>(out) & 15) == 0 && n >= 64) {
+        if (isa() >= Isa::avx2 && (reinterpret_cast<std::uintptr_t>(out) & 15) == 0 && n >= 64) {
             for_each_block(bits, n, [&](std::size_t w0, std::size_t w1, std::size_t j) {
                 const std::size_t full = std::min(w1, n / 64);  // the last, partial word goes below
                 const float* next = w0 < full ? expand_words(bits, w0, full, values + j, out) : values + j;
                 if (full < w1) {
                     std::memset(out + 64 * full, 0, (n - 64 * full) * sizeof(T));
                     for (std::uint64_t v = load_word(bits, n, full); v; v &= v - 1)
-                        out[64 * full + static_cast<std::size_t>(__builtin_ctzll(v))] = *next++;
+                        out[64 * full + static_cast<std::size_t>(ctz64(v))] = *next++;
                 }
             });
             return;

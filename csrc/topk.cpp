@@ -1,6 +1,7 @@
+// Exact global magnitude top-k (topk.hpp): the radix select over memory, the fast path's sample,
+// bracket and in-cache selection, and the masks. The fast path's pass over a chunk is in
+// topk_simd.cpp, the sizes in topk_tuning.hpp.
 #include "topk.hpp"
-
-#include "isa.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -11,36 +12,16 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-
-#include "lanes.hpp"
-#define FEDDIP_X86_SCAN 1
-#endif
+#include "isa.hpp"
+#include "topk_internal.hpp"
 
 namespace feddip {
 namespace {
 
-constexpr std::size_t kChunk = std::size_t(1) << 15;
-constexpr std::size_t kBins = std::size_t(1) << 16;
-// Below this many candidates, gather them and select in cache instead of another histogram.
-constexpr std::uint64_t kGatherMax = std::uint64_t(1) << 18;
-// The one-pass fast path: used from kSampleMinN elements; its sample holds n / 256 keys, at least
-// kSampleMin and at most kSampleMax, and it may gather up to max(kGatherMax, n / 64) keys.
-constexpr std::uint64_t kSampleMinN = std::uint64_t(1) << 20;
-constexpr std::uint64_t kSampleMin = std::uint64_t(1) << 16;
-constexpr std::uint64_t kSampleMax = std::uint64_t(1) << 20;
-constexpr std::size_t kBlock = 32;
-constexpr std::size_t kRun = 16;  // sample run length (one 64-byte line of float32)
-
-template <class T>
-struct Chunk {
-    const T* data;
-    std::size_t size;
-    std::size_t segment;
-    std::size_t offset;
-};
+using namespace topk;  // the parts shared with topk_simd.cpp, and the tuning
 
 template <class T>
 std::vector<Chunk<T>> make_chunks(const std::vector<Segment<T>>& segments, std::uint64_t* total) {
@@ -64,8 +45,8 @@ inline int threads_for(int requested, std::size_t n_chunks) {
 // One histogram pass over the 16-bit digit at `shift` of the keys whose bits under `prefix_mask`
 // equal `prefix`. Returns the largest key seen by the unfiltered first pass (for the NaN check).
 template <class T>
-bits_t<T> histogram(const std::vector<Chunk<T>>& chunks, int nt, int shift, bits_t<T> prefix,
-                    bits_t<T> prefix_mask, std::vector<std::uint64_t>& hist) {
+bits_t<T> histogram(const std::vector<Chunk<T>>& chunks, int nt, int shift, bits_t<T> prefix, bits_t<T> prefix_mask,
+                    std::vector<std::uint64_t>& hist) {
     using U = bits_t<T>;
     std::vector<std::uint64_t> local(std::size_t(nt) * kBins, 0);
     std::vector<U> maxima(nt, 0);
@@ -108,8 +89,6 @@ struct Rank {
     std::uint64_t n_equal;    // keys == key
 };
 
-constexpr int kDigit = 12;  // bits per radix level of the in-cache selections
-
 // One radix level over keys in [lo, hi]: the histogram of their 12-bit digit (key - lo) >> shift,
 // with the shift that makes the span's top digit the highest. width 0: all keys equal lo.
 template <class U>
@@ -146,9 +125,8 @@ struct Level {
 // which alone would cost a mispredicted branch per compare.
 template <class U>
 Rank<U> kth_largest(U* keys, std::size_t n, std::uint64_t rank, U lo, U hi) {
-    constexpr std::size_t kSmall = 2048;
     std::uint64_t greater = 0;
-    while (n > kSmall) {
+    while (n > kNthElementMax) {
         const Level<U> level(keys, n, lo, hi);
         if (level.width == 0) return {lo, greater, n};
         const auto [b, above] = level.find(rank);
@@ -184,11 +162,9 @@ Rank<U> kth_largest(U* keys, std::size_t n, std::uint64_t rank, U lo, U hi) {
 }
 
 // Keys hi >= the r1-th largest and lo <= the r2-th largest of `keys` (1 <= r1 <= r2 <= size):
-// the edges of their bins in one histogram of the top 16 bits of the keys' span. A bin is 2^-9 of
-// an octave of float32 magnitudes, so the bracket is hardly wider than the exact ranks'.
+// the edges of their bins in one histogram of the top kBracketDigit bits of the keys' span.
 template <class U>
 std::pair<U, U> sample_bracket(const std::vector<U>& keys, std::uint64_t r1, std::uint64_t r2) {
-    constexpr int kBracketDigit = 16;
     const U top = *std::max_element(keys.begin(), keys.end());
     int width = 0;
     while (width < int(8 * sizeof(U)) && (top >> width) != 0) ++width;
@@ -204,8 +180,7 @@ std::pair<U, U> sample_bracket(const std::vector<U>& keys, std::uint64_t r1, std
 }
 
 template <class T>
-std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_t<T> prefix,
-                              bits_t<T> prefix_mask) {
+std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_t<T> prefix, bits_t<T> prefix_mask) {
     using U = bits_t<T>;
     std::vector<std::vector<U>> parts(nt);
     const long long n_chunks = static_cast<long long>(chunks.size());
@@ -228,221 +203,9 @@ std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_
     return all;
 }
 
-// What one thread's share of the fast path's pass found.
-template <class U>
-struct Scan {
-    U* out = nullptr;                // gathered keys in [lo, hi]; `cap` of room
-    std::uint32_t* pos = nullptr;    // and their indices in their chunk, when masks are written
-    std::size_t cap = 0;
-    std::size_t size = 0;
-    std::uint64_t above = 0;         // keys > hi
-    bool nan = false;
-    bool overflow = false;           // more keys in [lo, hi] than all threads' room: the gather gave up
-    std::size_t room = 0;            // all threads' room: more keys than that in all, and the gather fails
-    const std::atomic<std::size_t>* gathered = nullptr;  // keys all threads have gathered, chunk by chunk
-    std::unique_ptr<U[]> keys_held;  // what out and pos point into
-    std::unique_ptr<std::uint32_t[]> pos_held;
-
-    // Room for `more` keys after those gathered, the buffers grown (to twice their size at least)
-    // if need be; false when all threads' keys so far exceed `room`. Threads start with an even
-    // share of the room, but the keys inside a bracket can lie in a few tensors and so in a few
-    // threads' chunks: a fixed share made ResNet-18's masks fall back to the radix passes on 8 and
-    // 16 threads.
-    bool reserve(std::size_t more, bool with_pos) {
-        if (gathered->load(std::memory_order_relaxed) > room) return false;  // counts this thread's keys too
-        if (size + more <= cap) return true;
-        const std::size_t grown = std::max(size + more, std::min(2 * cap, room + more));
-        std::unique_ptr<U[]> keys(new U[grown]);
-        std::copy(out, out + size, keys.get());
-        if (with_pos) {
-            std::unique_ptr<std::uint32_t[]> where(new std::uint32_t[grown]);
-            std::copy(pos, pos + size, where.get());
-            pos_held = std::move(where);
-            pos = pos_held.get();
-        }
-        keys_held = std::move(keys);
-        out = keys_held.get();
-        cap = grown;
-        return true;
-    }
-};
-
-// The pass over one chunk: count keys > hi, append keys in [lo, hi], and where `mask` is given,
-// write mask[i] = key > hi and append the candidates' indices (base + i) too. Blocks of kBlock get
-// a vectorised count first and are compacted (branchless) only when they hold candidates. Keys
-// have the top bit clear, so signed compares, which SSE2/AVX2 have for 32-bit lanes, order them.
-template <class T, class S>
-FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan<bits_t<T>>& scan,
-                                     std::uint8_t* mask, std::uint32_t base) {
-    using U = bits_t<T>;
-    const S inf = static_cast<S>(inf_key<T>());
-    for (std::size_t b0 = 0; b0 < m; b0 += kBlock) {
-        const std::size_t b1 = std::min(m, b0 + kBlock);
-        std::uint32_t above = 0, inside = 0, nan = 0;
-        for (std::size_t i = b0; i < b1; ++i) {
-            const S key = static_cast<S>(magnitude_key(p[i]));
-            above += key > hi;
-            inside += key >= lo;
-            nan += key > inf;
-        }
-        if (mask)
-            for (std::size_t i = b0; i < b1; ++i) mask[i] = static_cast<S>(magnitude_key(p[i])) > hi;
-        scan.above += above;
-        scan.nan |= nan != 0;
-        if (inside == above) continue;
-        if (scan.size + kBlock > scan.cap) {
-            scan.overflow = true;
-            return;
-        }
-        U* out = scan.out + scan.size;
-        std::uint32_t* pos = mask ? scan.pos + scan.size : nullptr;
-        std::size_t j = 0;
-        for (std::size_t i = b0; i < b1; ++i) {
-            const S key = static_cast<S>(magnitude_key(p[i]));
-            out[j] = static_cast<U>(key);
-            if (pos) pos[j] = base + static_cast<std::uint32_t>(i);
-            j += (key >= lo) & (key <= hi);
-        }
-        scan.size += j;
-    }
-}
-
-#ifdef FEDDIP_X86_SCAN
-
-// The float32 pass with AVX2. Branchless: every block's candidates are packed eight lanes at a
-// time by a permute from kCompressLanes and stored, most of the time zero of them. A branch on "this block
-// holds one" mispredicts on about a fifth of the blocks and cost more (GCC does not vectorise a
-// compaction by itself).
-template <bool Masks>
-__attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std::size_t m,
-                                                             std::int32_t hi, std::int32_t lo,
-                                                             Scan<std::uint32_t>& scan, std::uint8_t* mask) {
-    const __m256i sign_clear = _mm256_set1_epi32(0x7fffffff);
-    const __m256i vhi = _mm256_set1_epi32(hi);
-    const __m256i vlo = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo >= 0)
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i above = _mm256_setzero_si256(), peak = _mm256_setzero_si256();
-    std::uint32_t* out = scan.out + scan.size;
-    std::uint32_t* pos = Masks ? scan.pos + scan.size : nullptr;
-    std::uint32_t* const end = scan.out + scan.cap;
-    std::size_t i = 0;
-    for (; i + kBlock <= m; i += kBlock) {
-        if (end - out < std::ptrdiff_t(kBlock)) {
-            scan.overflow = true;
-            return;
-        }
-        for (std::size_t q = 0; q < kBlock; q += 8) {
-            const __m256i key = _mm256_and_si256(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + q)), sign_clear);
-            const __m256i gt = _mm256_cmpgt_epi32(key, vhi);
-            above = _mm256_sub_epi32(above, gt);
-            peak = _mm256_max_epi32(peak, key);
-            const __m256i in = _mm256_andnot_si256(gt, _mm256_cmpgt_epi32(key, vlo));
-            const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(in));
-            const __m256i lanes =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompressLanes.entry + bits)));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(key, lanes));
-            const int count = _mm_popcnt_u32(static_cast<unsigned>(bits));
-            out += count;
-            if constexpr (Masks) {
-                const int kept = _mm256_movemask_ps(_mm256_castsi256_ps(gt));
-                std::memcpy(mask + i + q, kMaskBytes.entry + kept, 8);
-                const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i + q)), iota);
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos), _mm256_permutevar8x32_epi32(index, lanes));
-                pos += count;
-            }
-        }
-    }
-    scan.size = static_cast<std::size_t>(out - scan.out);
-    alignas(32) std::int32_t lane[8];  // lane counts stay below 2^31: a chunk is kChunk elements
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lane), above);
-    for (int q = 0; q < 8; ++q) scan.above += static_cast<std::uint32_t>(lane[q]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lane), peak);
-    for (int q = 0; q < 8; ++q) scan.nan |= lane[q] > std::int32_t(inf_key<float>());
-    if (i < m)
-        scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
-                                        static_cast<std::uint32_t>(i));
-}
-
-// The float32 pass with AVX-512: compares give lane masks, and a register compress packs the
-// candidates (the compress-to-memory form is microcoded and slow on AMD Zen 4).
-template <bool Masks>
-__attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p, std::size_t m,
-                                                                 std::int32_t hi, std::int32_t lo,
-                                                                 Scan<std::uint32_t>& scan, std::uint8_t* mask) {
-    const __m512i sign_clear = _mm512_set1_epi32(0x7fffffff);
-    const __m512i vhi = _mm512_set1_epi32(hi);
-    const __m512i vlo = _mm512_set1_epi32(lo);
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i peak = _mm512_setzero_si512();
-    std::uint64_t above = 0;
-    std::uint32_t* out = scan.out + scan.size;
-    std::uint32_t* pos = Masks ? scan.pos + scan.size : nullptr;
-    std::uint32_t* const end = scan.out + scan.cap;
-    std::size_t i = 0;
-    for (; i + kBlock <= m; i += kBlock) {
-        if (end - out < std::ptrdiff_t(kBlock)) {
-            scan.overflow = true;
-            return;
-        }
-        for (std::size_t q = 0; q < kBlock; q += 16) {
-            const __m512i key = _mm512_and_si512(_mm512_loadu_si512(p + i + q), sign_clear);
-            const __mmask16 gt = _mm512_cmpgt_epi32_mask(key, vhi);
-            const __mmask16 in = _mm512_mask_cmpge_epi32_mask(static_cast<__mmask16>(~gt), key, vlo);
-            above += static_cast<unsigned>(_mm_popcnt_u32(gt));
-            // The masked form: the plain _mm512_max_epi32 trips GCC 12's -Wmaybe-uninitialized.
-            peak = _mm512_mask_max_epi32(peak, __mmask16(0xffff), peak, key);
-            _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(in, key));
-            const int count = _mm_popcnt_u32(in);
-            out += count;
-            if constexpr (Masks) {
-                // The merge form of the narrowing: the plain one trips the same GCC warning.
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(mask + i + q),
-                                 _mm512_mask_cvtepi32_epi8(_mm_setzero_si128(), __mmask16(0xffff),
-                                                           _mm512_maskz_set1_epi32(gt, 1)));
-                const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i + q)), iota);
-                _mm512_storeu_si512(pos, _mm512_maskz_compress_epi32(in, index));
-                pos += count;
-            }
-        }
-    }
-    scan.size = static_cast<std::size_t>(out - scan.out);
-    scan.above += above;
-    scan.nan |= _mm512_cmpgt_epi32_mask(peak, _mm512_set1_epi32(std::int32_t(inf_key<float>()))) != 0;
-    if (i < m)
-        scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
-                                        static_cast<std::uint32_t>(i));
-}
-
-#endif
-
 std::atomic<std::uint64_t>& fallback_count() {
     static std::atomic<std::uint64_t> count{0};
     return count;
-}
-
-// The pass over one chunk, with the widest vectors the CPU has (up to the limit tests may set);
-// `mask` (the chunk's part of its tensor's mask) given: written too, with the candidates' indices.
-template <class T>
-void scan(const Chunk<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed_t<bits_t<T>> lo,
-          Scan<bits_t<T>>& sc, Isa isa, std::uint8_t* mask) {
-    if (sc.overflow) return;  // the fast path has failed already: the caller falls back
-    if (!sc.reserve(ch.size + kBlock, mask != nullptr)) {  // the chunk's keys, all of them if need be
-        sc.overflow = true;
-        return;
-    }
-#ifdef FEDDIP_X86_SCAN
-    if constexpr (sizeof(T) == 4) {
-        if (isa == Isa::avx512)
-            return mask ? scan_chunk_avx512<true>(ch.data, ch.size, hi, lo, sc, mask)
-                        : scan_chunk_avx512<false>(ch.data, ch.size, hi, lo, sc, nullptr);
-        if (isa == Isa::avx2)
-            return mask ? scan_chunk_avx2<true>(ch.data, ch.size, hi, lo, sc, mask)
-                        : scan_chunk_avx2<false>(ch.data, ch.size, hi, lo, sc, nullptr);
-    }
-#endif
-    (void)isa;
-    scan_chunk<T>(ch.data, ch.size, hi, lo, sc, mask, 0);
 }
 
 // A strided sample of the keys: runs of kRun consecutive elements at evenly spaced offsets in each
@@ -450,8 +213,8 @@ void scan(const Chunk<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed
 // miss each without huge pages). Chunks fill their own slots in parallel; the sample does not
 // depend on the thread count.
 template <class T>
-std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uint64_t n,
-                                   std::uint64_t n_sample, int nt) {
+std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t n_sample,
+                                   int nt) {
     using U = bits_t<T>;
     // Chunk c contributes runs[c] runs of kRun keys (the last may be cut short by the chunk's
     // end), step[c] elements apart, about its share of n_sample keys.
@@ -488,11 +251,11 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
                    const std::vector<std::uint8_t*>* masks, MagnitudeThreshold<T>* result) {
     using U = bits_t<T>;
     using S = std::make_signed_t<U>;  // keys have the top bit clear: signed compares vectorise
-    const std::uint64_t n_sample = std::min(n, std::clamp(n / 256, kSampleMin, kSampleMax));
+    const std::uint64_t n_sample = sample_size(n);
     std::vector<U> sample = take_sample(chunks, n, n_sample, nt);
     const double s = static_cast<double>(sample.size());
     const double r = static_cast<double>(k) * s / static_cast<double>(n);  // expected sample rank
-    const double margin = 4.0 * std::sqrt(r * (1.0 - r / s)) + 16.0;
+    const double margin = bracket_margin(r, s);
     const auto hi_rank = static_cast<std::int64_t>(std::floor(r - margin)) + 1;  // 1-based
     const auto lo_rank = static_cast<std::int64_t>(std::ceil(r + margin)) + 1;
     // Clamped to the sample: an end past it leaves that side open (hi above every key, lo at 0).
@@ -501,7 +264,7 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
     auto [hi, lo] = sample_bracket<U>(sample, r1, r2);
     if (hi_rank < 1) hi = std::numeric_limits<S>::max();
     if (lo_rank > static_cast<std::int64_t>(sample.size())) lo = 0;
-    const std::size_t room = static_cast<std::size_t>(std::max(kGatherMax, n / 64));
+    const std::size_t room = gather_room(n);
     // Each thread starts with an even share of the room and grows it as it needs (Scan::reserve).
     // Untouched room costs no memory: only what the pass gathers is ever written.
     std::atomic<std::size_t> gathered{0};
@@ -563,9 +326,8 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
 
 // The k-th largest key. With `masks`, *masks_written says whether the fast path wrote them.
 template <class T>
-MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t k,
-                             int nt, const std::vector<std::uint8_t*>* masks = nullptr,
-                             bool* masks_written = nullptr) {
+MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t k, int nt,
+                             const std::vector<std::uint8_t*>* masks = nullptr, bool* masks_written = nullptr) {
     using U = bits_t<T>;
     constexpr int kBits = 8 * sizeof(U);
     if (k > n)
@@ -621,8 +383,8 @@ FEDDIP_VECTOR_CLONES bits_t<T> chunk_peak(const T* p, std::size_t m) {
 std::uint64_t sample_fallbacks() { return fallback_count().load(std::memory_order_relaxed); }
 
 template <class T>
-MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments,
-                                                 std::uint64_t k, int n_threads) {
+MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments, std::uint64_t k,
+                                                 int n_threads) {
     std::uint64_t n = 0;
     const auto chunks = make_chunks(segments, &n);
     return select(chunks, n, k, threads_for(n_threads, chunks.size()));
@@ -650,20 +412,17 @@ T max_magnitude(const std::vector<Segment<T>>& segments, int n_threads) {
 // out[i] = |p[i]| > the value of `key` (on magnitude keys; NaN never occurs here). Keys have the top
 // bit clear, so the compare is done signed, which vectorises (no unsigned 32-bit compare in AVX2).
 template <class T>
-FEDDIP_VECTOR_CLONES void write_mask(const T* p, std::size_t m, std::make_signed_t<bits_t<T>> key,
-                                     std::uint8_t* out) {
+FEDDIP_VECTOR_CLONES void write_mask(const T* p, std::size_t m, std::make_signed_t<bits_t<T>> key, std::uint8_t* out) {
     using S = std::make_signed_t<bits_t<T>>;
     for (std::size_t i = 0; i < m; ++i) out[i] = static_cast<S>(magnitude_key(p[i])) > key;
 }
 
 template <class T>
 MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
-                                        const std::vector<std::uint8_t*>& masks, std::uint64_t k,
-                                        int n_threads) {
+                                        const std::vector<std::uint8_t*>& masks, std::uint64_t k, int n_threads) {
     using U = bits_t<T>;
     using S = std::make_signed_t<U>;
-    if (masks.size() != segments.size())
-        throw std::invalid_argument("need one mask per tensor");
+    if (masks.size() != segments.size()) throw std::invalid_argument("need one mask per tensor");
     std::uint64_t n = 0;
     const auto chunks = make_chunks(segments, &n);
     const int nt = threads_for(n_threads, chunks.size());
@@ -697,17 +456,13 @@ MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
     return th;
 }
 
-template MagnitudeThreshold<float> global_magnitude_threshold(const std::vector<Segment<float>>&,
-                                                              std::uint64_t, int);
-template MagnitudeThreshold<double> global_magnitude_threshold(const std::vector<Segment<double>>&,
-                                                               std::uint64_t, int);
+template MagnitudeThreshold<float> global_magnitude_threshold(const std::vector<Segment<float>>&, std::uint64_t, int);
+template MagnitudeThreshold<double> global_magnitude_threshold(const std::vector<Segment<double>>&, std::uint64_t, int);
 template float max_magnitude(const std::vector<Segment<float>>&, int);
 template double max_magnitude(const std::vector<Segment<double>>&, int);
 template MagnitudeThreshold<float> global_topk_masks(const std::vector<Segment<float>>&,
-                                                    const std::vector<std::uint8_t*>&, std::uint64_t,
-                                                    int);
+                                                     const std::vector<std::uint8_t*>&, std::uint64_t, int);
 template MagnitudeThreshold<double> global_topk_masks(const std::vector<Segment<double>>&,
-                                                      const std::vector<std::uint8_t*>&,
-                                                      std::uint64_t, int);
+                                                      const std::vector<std::uint8_t*>&, std::uint64_t, int);
 
 }  // namespace feddip

@@ -23,8 +23,8 @@ struct MagnitudeThreshold {
 // histogram pass per 16-bit digit until few enough candidates remain to gather.
 // Throws std::invalid_argument when an element is NaN or k exceeds the element count.
 template <class T>
-MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments,
-                                                 std::uint64_t k, int n_threads = 0);
+MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments, std::uint64_t k,
+                                                 int n_threads = 0);
 
 // How many selections so far tried the one-pass fast path and fell back to the radix passes.
 std::uint64_t sample_fallbacks();
@@ -40,7 +40,6 @@ T max_magnitude(const std::vector<Segment<T>>& segments, int n_threads = 0);
 // then the gathered keys' bytes; elsewhere by a second pass once the threshold is known.
 template <class T>
 MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
-                                        const std::vector<std::uint8_t*>& masks, std::uint64_t k,
-                                        int n_threads = 0);
+                                        const std::vector<std::uint8_t*>& masks, std::uint64_t k, int n_threads = 0);
 
 }  // namespace feddip
