@@ -72,12 +72,12 @@ inline std::int64_t steady_ns() noexcept {
 
 // Cores shared with another process. A parallel region's threads then start a scheduler slice
 // late (milliseconds, where idle cores take microseconds), and every fork and join of a call
-// waits that long, spinning, far longer than a region's work: a call of 20 regions took 15x its
-// one-thread time. While recent regions started late, the default thread count is 1; a late
+// waits that long, spinning, far longer than a region's work (benchmarks/RESULTS.md, "On a busy
+// machine"). While recent regions started late, the default thread count is 1; a late
 // start backs off 0.1 s, doubling up to 2 s, and one on time ends it (one slow region a period).
 class Contention {
 public:
-    static constexpr std::int64_t kLate = 1'000'000;  // ns: a hundred times an idle wake-up
+    static constexpr std::int64_t kLate = 1'000'000;  // ns: far above an idle wake-up (RESULTS.md)
     static constexpr std::int64_t kFirstBackoff = 100'000'000, kMaxBackoff = 2'000'000'000;
 
     bool serial() const noexcept {

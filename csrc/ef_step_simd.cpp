@@ -28,7 +28,7 @@ inline T sign(T x) {
 
 // The step runs a tile of kTile elements at a time. Where the pruned copy is streamed out (see
 // StepStores) and is not aligned for the vector stores, the tile is written to a buffer in cache
-// and then streamed out; that costs 5-10% of the step (measured against fused SGD, issue 11), and
+// and then streamed out; that costs a few percent of the step (benchmarks/RESULTS.md), and
 // NumPy's and torch's allocations are aligned.
 constexpr std::size_t kTile = 512;
 

@@ -24,8 +24,8 @@ std::atomic<int> g_step_stores{static_cast<int>(StepStores::stream)};
 std::atomic<bool> g_step_tuning{true};
 
 // Which loop runs a float32 step on an AVX-512 CPU (StepTuning). The AVX-512 loop runs half the
-// instructions of the AVX2 one, which wins where the step is bound by them (its arrays in cache:
-// 6-29% on this project's Zen 4 machine), and lost 3-8% from memory on one Zen 4 core. Which
+// instructions of the AVX2 one, which wins where the step is bound by them (its arrays in cache)
+// and lost a little from memory on one Zen 4 core (benchmarks/RESULTS.md). Which
 // holds depends on the machine, the model's size and the thread count, so the first calls of each
 // size and thread count time both and the faster is kept. Both give the same bits.
 class LoopTuner {

@@ -68,10 +68,10 @@ FEDDIP_VECTOR_CLONES bool pack_generic(const T* x, std::size_t n, std::uint8_t* 
 
 #ifdef FEDDIP_X86
 // 32 elements as the 4 bytes pack_generic writes for them. A compare and a movemask a vector keep
-// up with memory, where the compiler's code (a byte at a time) took twice as long. For
+// up with memory, where the compiler's code (a byte at a time) did not. For
 // kNonzeroFind, `low` keeps the lanes' minimum of the bits read as signed integers: -0.0's are
 // the smallest of all, so one instruction a vector finds it (a compare and an OR, as float64
-// does, made the pass about 5% slower; this is within noise of the plain pass).
+// does, made the pass slower; benchmarks/RESULTS.md).
 template <Pack kMode>
 __attribute__((target("avx2"))) inline std::uint32_t pack32(const float* x, __m256i& low) {
     std::uint32_t w = 0;

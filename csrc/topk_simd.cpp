@@ -61,7 +61,7 @@ FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan
 
 // The float32 pass with AVX2. Branchless: every block's candidates are packed eight lanes at a
 // time by a permute from kCompressLanes and stored, most of the time zero of them. A branch on "this block
-// holds one" mispredicts on about a fifth of the blocks and cost more (GCC does not vectorise a
+// holds one" mispredicts often and cost more (GCC does not vectorise a
 // compaction by itself).
 template <bool Masks>
 __attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std::size_t m, std::int32_t hi,
