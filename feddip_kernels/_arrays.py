@@ -22,9 +22,18 @@ def is_torch(x: Any) -> bool:
 
 
 def on_device(*xs: Any) -> bool:
-    """Whether any argument is a torch tensor on a device other than the CPU (CUDA): those are
-    handled by the torch kernels (_torch_kernels), where they are."""
-    return any(is_torch(x) and x.device.type != "cpu" for x in xs)
+    """Whether any argument is a torch tensor on a device other than the CPU (CUDA): the question
+    that _backend.kernels_for asks to hand out the device kernels (_torch_kernels)."""
+    for x in xs:
+        if x is not None and type(x) is not np.ndarray and is_torch(x) and x.device.type != "cpu":
+            return True
+    return False
+
+
+def dtype_name(x: Any) -> str:
+    """x's dtype as NumPy names it ("float32"), for a NumPy array or a torch tensor alike: error
+    messages read the same for either."""
+    return str(x.dtype).removeprefix("torch.")
 
 
 # What an argument is, for error messages: a string, or (format, *args) formatted only when there
@@ -80,9 +89,17 @@ def contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous and a.flags.aligned else a.copy(order="C")
 
 
-def flat_mask(x: Any, size: Optional[int] = None, what: str = "mask") -> np.ndarray:
+def flat_mask(x: Any, size: Optional[int] = None, what: str = "mask", device: Any = None) -> Any:
     """A flat, C-contiguous bool view of a mask (any non-zero counts as set), optionally checked to
-    have `size` elements."""
+    have `size` elements; with `device` (a torch device: where the tensor it masks is), a flat bool
+    torch tensor there instead (copied there if need be)."""
+    if device is not None:
+        import torch
+
+        t = torch.as_tensor(x, device=device).reshape(-1)
+        if size is not None and t.numel() != size:
+            raise ValueError(f"{what} has {t.numel()} elements, expected {size}")
+        return t if t.dtype == torch.bool else t != 0
     m = as_array(x, what)
     if size is not None and m.size != size:
         raise ValueError(f"{what} has {m.size} elements, expected {size}")
@@ -102,18 +119,20 @@ def writable_view(x: Any, what: str, dtype: np.dtype, size: int) -> np.ndarray:
     return a
 
 
-def check_disjoint(arrays: dict[str, Optional[np.ndarray]]) -> None:
-    """Raise ValueError naming two of the (C-contiguous) arrays whose memory overlaps: a kernel that
-    writes one while reading another would give a result that depends on its order of work."""
+def check_disjoint(arrays: dict[str, Any]) -> None:
+    """Raise ValueError naming two of the arrays (NumPy arrays, or torch tensors of one device)
+    whose memory overlaps: a kernel that writes one while reading another would give a result that
+    depends on its order of work."""
     named = [(name, a) for name, a in arrays.items() if a is not None and a.nbytes]
-    if len(named) <= 16:  # a few arrays (a step's): each pair's bounds, the cheapest for so few
+    tensors = any(is_torch(a) for _, a in named)
+    if len(named) <= 16 and not tensors:  # a few arrays (a step's): each pair's bounds, the cheapest for so few
         for i, (first, a) in enumerate(named):
             for second, b in named[i + 1:]:
                 if np.may_share_memory(a, b):  # overlapping address ranges (a bounds check, no solving)
                     raise ValueError(f"{first} and {second} share memory; pass separate arrays")
         return
-    # Many (a model's tensors): their address ranges in order, each against the furthest end so far.
-    spans = sorted((*byte_bounds(a), i) for i, (_, a) in enumerate(named))
+    # Many (a model's tensors), or tensors: their address ranges in order, each against the furthest end so far.
+    spans = sorted((*_bounds(a), i) for i, (_, a) in enumerate(named))
     reach, holder = 0, -1
     for lo, hi, i in spans:
         if lo < reach:
@@ -122,18 +141,42 @@ def check_disjoint(arrays: dict[str, Optional[np.ndarray]]) -> None:
             reach, holder = hi, i
 
 
-def float_tensors(tensors: Sequence[Any], what: str = "tensors") -> list[np.ndarray]:
-    """Contiguous float32/float64 NumPy views of a list of tensors that share one dtype."""
+def _bounds(a: Any) -> tuple[int, int]:
+    """The byte addresses [lo, hi) that an array or a (non-empty) torch tensor spans."""
+    if not is_torch(a):
+        return byte_bounds(a)
+    lo = a.data_ptr()  # torch strides are never negative: the first element is the lowest
+    return lo, lo + (sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1) * a.element_size()
+
+
+def float_tensors(tensors: Sequence[Any], what: str = "tensors", device: bool = False) -> list[Any]:
+    """Contiguous float32/float64 NumPy views of a list of tensors that share one dtype; with
+    `device` (the device kernels take them, see _backend.kernels_for), the torch tensors as they
+    are, checked alike and to be on one device."""
     if isinstance(tensors, (np.ndarray, str, bytes)) or is_torch(tensors) or not hasattr(tensors, "__iter__"):
         raise TypeError(f"{what} must be a list of arrays, got {type(tensors).__name__}")
-    arrays = [as_array(t, f"{what}[{i}]") for i, t in enumerate(tensors)]
-    dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+    if device:
+        arrays = list(tensors)
+        for i, t in enumerate(arrays):
+            if not is_torch(t) or t.device != arrays[0].device:
+                raise ValueError(f"{what}[{i}] is on {_place(t)} but {what}[0] on {_place(arrays[0])}; "
+                                 "pass the tensors on one device")
+        floats = ("torch.float32", "torch.float64")
+    else:
+        arrays = [as_array(t, f"{what}[{i}]") for i, t in enumerate(tensors)]
+        floats = FLOAT_DTYPES
+    dtype = arrays[0].dtype if arrays else None
     for i, a in enumerate(arrays):
-        if a.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{what}[{i}] has dtype {a.dtype}; float32 or float64 is required")
+        if (str(a.dtype) if device else a.dtype) not in floats:
+            raise TypeError(f"{what}[{i}] has dtype {dtype_name(a)}; float32 or float64 is required")
         if a.dtype != dtype:
-            raise TypeError(f"{what}[{i}] has dtype {a.dtype} but {what}[0] has {dtype}; use one dtype")
-    return [contiguous(a) for a in arrays]
+            raise TypeError(f"{what}[{i}] has dtype {dtype_name(a)} but {what}[0] has {dtype_name(arrays[0])}; "
+                            "use one dtype")
+    return arrays if device else [contiguous(a) for a in arrays]
+
+
+def _place(x: Any) -> str:
+    return str(x.device) if is_torch(x) else "the host"
 
 
 def like_input(out: np.ndarray, original: Any) -> Any:

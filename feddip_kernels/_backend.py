@@ -1,14 +1,22 @@
-"""Backend selection: "native" (C++ extension), "numba" (JIT twins), "numpy" (reference). Each is a
-module meeting the kernel contract (_contract.Kernels); `kernels(name)` hands one out."""
+"""Backend selection, the one place that decides which kernels a call runs on.
+
+Host backends: "native" (C++ extension), "numba" (JIT twins), "numpy" (reference); each is a module
+meeting the kernel contract (_contract.Kernels), and `kernels(name)` hands one out. Torch tensors on
+a device (CUDA) go to the device kernels (_torch_kernels, meeting _contract.DeviceKernels), which
+use the Triton modules where those import. `kernels_for(*arrays, backend=...)` makes the choice for
+a call's arguments; optional modules (native, numba, torch, Triton) are imported here, when first
+needed."""
 
 from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from ._arrays import on_device
 
 if TYPE_CHECKING:
-    from ._contract import Kernels
+    from ._contract import DeviceKernels, Kernels
 
 BACKENDS = ("auto", "native", "numba", "numpy")
 MAX_THREADS = 4096  # more than any machine has cores; each thread of a parallel region costs a stack
@@ -66,6 +74,63 @@ def kernels(backend: str = "auto") -> "Kernels":
     from . import reference
 
     return reference  # type: ignore[return-value]
+
+
+def kernels_for(*arrays: Any, backend: str = "auto") -> "Union[Kernels, DeviceKernels]":
+    """The kernels for a call on these arguments: the device kernels (device_kernels()) when any is a
+    torch tensor on a device (on_device), else the host backend's (kernels(backend)), for which
+    torch CPU tensors are NumPy arrays. The public functions check the arguments for the kernels
+    handed out (is_device) and make one call; `backend` names a host backend, checked either way."""
+    if on_device(*arrays):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        return device_kernels()
+    return kernels(backend)
+
+
+_device: Optional[ModuleType] = None  # the device kernels, once imported
+
+
+def device_kernels() -> "DeviceKernels":
+    """The kernels for torch tensors on a device (_torch_kernels; imports torch)."""
+    global _device
+    if _device is None:
+        from . import _torch_kernels
+
+        _device = _torch_kernels
+    return _device  # type: ignore[return-value]
+
+
+def is_device(k: Any) -> bool:
+    """Whether kernels handed out by kernels_for are the device kernels (torch tensors in and out)."""
+    return k is not None and k is _device
+
+
+def checks_overlaps(k: Any) -> bool:
+    """Whether the kernels' masked_ef_step_many refuses arrays that share memory itself (the native
+    core, in C++: ValueError "... share memory; pass separate arrays"); for the others the public
+    layer checks (_arrays.check_disjoint)."""
+    return k is native_module()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_step() -> Optional[ModuleType]:
+    """FedDIPSGD's multi-layer step in Triton (_triton_kernels), None where Triton does not import."""
+    try:
+        from . import _triton_kernels
+    except ImportError:
+        return None
+    return _triton_kernels
+
+
+@functools.lru_cache(maxsize=None)
+def triton_topk() -> Optional[ModuleType]:
+    """The global top-k's radix select in Triton (_triton_topk), None where Triton does not import."""
+    try:
+        from . import _triton_topk
+    except ImportError:
+        return None
+    return _triton_topk
 
 
 def set_num_threads(n: int) -> None:

@@ -1,19 +1,26 @@
 """The kernel contract: every kernel with its exact signature and return type, met by each backend
 module alike (native `_core`, `_numba_kernels`, `reference`), so that `_backend.kernels(name)`
-can hand out any of them and the public functions call through it without asking which.
+can hand out any of them and the public functions call through it without asking which; and its
+device part (DeviceKernels), met by the kernels for torch tensors on a device (`_torch_kernels`),
+which `_backend.kernels_for` hands out for such tensors.
 
-Arguments are already validated by the public layer (pruning, update, codecs): arrays are
-C-contiguous NumPy arrays of the right dtype and size. Keyword-only where a call takes several
-numbers, so two of them cannot be swapped unnoticed. Errors on bad data (a corrupt Golomb stream,
-NaN in a top-k input) are ValueError with the same message in every backend.
-tests/test_contract.py checks each backend against this class.
+Arguments are already validated by the public layer (pruning, update, codecs), one validator per
+kernel for host and device alike: arrays are C-contiguous NumPy arrays of the right dtype and size
+(device tensors: torch tensors on one device, checked the same way). Keyword-only where a call
+takes several numbers, so two of them cannot be swapped unnoticed. Errors on bad data (a corrupt
+Golomb stream, NaN in a top-k input) are ValueError with the same message in every backend.
+tests/test_contract.py checks each backend against these classes, and that the device kernels
+accept and refuse what the host kernels do.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Kernels(Protocol):
@@ -67,7 +74,8 @@ class Kernels(Protocol):
     ) -> list[float]:
         """masked_ef_step on every layer (lists of one entry per layer); each layer's norm after it.
         Layers may differ in dtype (each layer's arrays of one). No two arrays of any layers share
-        memory (the public layer checks; the native core too)."""
+        memory: the native core refuses them itself (_backend.checks_overlaps), for the other
+        backends the public layer checks."""
 
     # Bit-level codec primitives (little-endian packed bits: element i is bit i % 8 of byte i // 8).
     def pack_bits(self, mask: np.ndarray) -> np.ndarray:
@@ -125,3 +133,111 @@ class Kernels(Protocol):
 
 
 NAMES = tuple(name for name in Kernels.__dict__ if not name.startswith("_"))
+
+
+class DeviceKernels(Protocol):
+    """The kernels for torch tensors on a device (CUDA), run where the tensors are: `_torch_kernels`.
+
+    The kernels shared with Kernels have its signatures, rules and errors (NaN in a top-k input:
+    ValueError "input contains NaN"), and take the arguments that the same validators pass (torch
+    tensors on one device instead of NumPy arrays; masks as bool tensors, never packed bits), with
+    one difference: topk_masks returns new masks on the device. Numbers come back to the host (a
+    wait for the device). Beyond those, what FedDIPSGD's per-layer step on a device takes (norms
+    kept on the device, no wait) and the codecs' device step. FedDIPSGD's multi-layer step in
+    Triton is `_backend.triton_step()`'s, where Triton imports.
+    """
+
+    # Global magnitude top-k (the Triton radix select where it applies, else torch operations).
+    def magnitude_threshold(self, tensors: Sequence[torch.Tensor], k: int) -> float:
+        """The k-th largest |x| over the tensors, +inf for k = 0."""
+
+    def topk_masks(self, tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+        """New bool masks (views into one flat mask on the device) keeping the k largest |x|."""
+
+    def max_magnitude(self, tensors: Sequence[torch.Tensor]) -> float:
+        """The largest |x| over the tensors, 0.0 for no elements."""
+
+    # The local step.
+    def masked_ef_step(
+        self,
+        w: torch.Tensor,
+        g: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        *,
+        momentum_buffer: Optional[torch.Tensor],
+        pruned_out: Optional[torch.Tensor],
+        lr: float,
+        weight_decay: float,
+        lam: float,
+        momentum: float,
+        p: int,
+        norm: Optional[float],
+        mask_packed: bool = False,
+    ) -> float:
+        """Kernels.masked_ef_step on device tensors."""
+
+    def masked_ef_step_many(
+        self,
+        ws: Sequence[torch.Tensor],
+        gs: Sequence[torch.Tensor],
+        masks: Sequence[Optional[torch.Tensor]],
+        *,
+        momentum_buffers: Sequence[Optional[torch.Tensor]],
+        pruned_outs: Sequence[Optional[torch.Tensor]],
+        lr: float,
+        weight_decay: float,
+        lam: float,
+        momentum: float,
+        p: int,
+        norms: Sequence[Optional[float]],
+        mask_packed: bool = False,
+    ) -> list[float]:
+        """Kernels.masked_ef_step_many on device tensors (of one device); the public layer checks
+        overlaps."""
+
+    # FedDIPSGD's per-layer step on a device: the norms stay there as 0-d float64 tensors.
+    def hyper(self, lr: float, weight_decay: float, lam: float, momentum: float, device: torch.device) -> torch.Tensor:
+        """The step's scalars as one float64 tensor on the device (a new value does not recompile)."""
+
+    def ef_step(
+        self,
+        w: torch.Tensor,
+        g: torch.Tensor,
+        m: Optional[torch.Tensor],
+        buf: Optional[torch.Tensor],
+        wp: Optional[torch.Tensor],
+        hp: torch.Tensor,
+        p: int,
+        prev_norm: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """masked_ef_step of one layer (shaped alike) in torch operations; ||w * m||_p after it,
+        a 0-d float64 tensor on the device."""
+
+    def ef_step_fused(
+        self,
+        w: torch.Tensor,
+        g: torch.Tensor,
+        m: Optional[torch.Tensor],
+        buf: Optional[torch.Tensor],
+        wp: Optional[torch.Tensor],
+        hp: torch.Tensor,
+        p: int,
+        prev_norm: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """ef_step compiled by torch.compile into one kernel per layer shape."""
+
+    def sgd_step(self, w: torch.Tensor, g: torch.Tensor, buf: Optional[torch.Tensor], *, lr: float,
+                 weight_decay: float, momentum: float) -> None:
+        """Plain SGD in place, as torch.optim.SGD (a layer without a mask)."""
+
+    # The codecs' device step (encode_model, encode_stream): classes of _torch_golomb.
+    def DeviceSparse(self, items: Sequence[tuple[torch.Tensor, Any, bool]], run: Optional[int]) -> Any:  # noqa: N802
+        """Sparsify (tensor, mask, send -0.0) items where they are: .counts(), then .fetch(plans)."""
+
+    def Plan(self, ms: Sequence[int], bits: bool, sign_m: int, sign_bits: bool) -> Any:  # noqa: N802
+        """The host's choice for one item from its counts (Golomb parameters, what to fetch)."""
+
+
+DEVICE_NAMES = tuple(name for name in DeviceKernels.__dict__ if not name.startswith("_"))
+SHARED_NAMES = tuple(name for name in DEVICE_NAMES if name in NAMES)
+"""The kernels that host and device kernels both have: the same signatures (but topk_masks)."""

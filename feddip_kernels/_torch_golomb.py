@@ -12,7 +12,9 @@ one output at bit offsets from a cumulative sum: codes own disjoint bits, so the
 
 DeviceSparse is encode_model's and encode_stream's device step: sparsify, count, let the host
 choose the codecs and parameters from the counts (one wait for the device), code and copy (a
-second wait)."""
+second wait). The codecs reach it (and Plan) through the device kernels (_torch_kernels, which
+_backend.device_kernels() hands out); the packing of bits and the flat buffer of the tensors
+(pack_bits, flat_keep) are its own."""
 
 from __future__ import annotations
 
@@ -21,8 +23,60 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from ._torch_kernels import _to_host, flat_keep, pack_bits
 from .codecs.positions import golomb_max_len
+
+
+# Eight bool bytes read as one little-endian int64 (byte j is 0 or 1 at bit 8j), times this, hold
+# byte j's value at bit 56 + j and nothing that carries into bits 56-63: the top byte is the eight
+# packed little-endian (element j is bit j). Tested on every byte pattern.
+_GATHER_BITS = 0x0102040810204080
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor packed little-endian (element i is bit i % 8 of byte i // 8), on its device."""
+    flat = keep.reshape(-1).contiguous()
+    if not flat.numel():
+        return flat.new_zeros(0, dtype=torch.uint8)
+    if flat.numel() % 8 or flat.storage_offset() % 8:  # whole int64 words, aligned
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    words = flat.view(torch.uint8).view(torch.int64) * _GATHER_BITS
+    return (words >> 56).to(torch.uint8)
+
+
+def flat_keep(items: Sequence[tuple[torch.Tensor, Any]], device: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """(flat, keep, sizes, padded sizes) of (tensor, mask) pairs of one device and dtype: the
+    tensors one after another in one buffer, each padded with zeros to whole bytes of positions,
+    and which of its elements are kept (the mask's, non-zero = kept, else the non-zeros; never
+    the padding)."""
+    sizes = [t.numel() for t, _ in items]
+    padded = [(n + 7) // 8 * 8 for n in sizes]
+    zeros = torch.zeros(8, dtype=dtype, device=device)
+    pieces = []
+    for (t, _), n, pn in zip(items, sizes, padded):
+        pieces.append(t.detach().reshape(-1))
+        if pn > n:
+            pieces.append(zeros[: pn - n])
+    flat = torch.cat(pieces) if pieces else zeros[:0]
+    keep = flat != 0  # the padding is zero: never kept
+    offset = 0
+    for (_, mask), n, pn in zip(items, sizes, padded):
+        if mask is not None:
+            m = torch.as_tensor(mask, device=device).reshape(-1)
+            if m.numel() != n:
+                raise ValueError(f"mask has {m.numel()} elements, expected {n}")
+            keep[offset : offset + n] = m if m.dtype == torch.bool else m != 0
+        offset += pn
+    return flat, keep, sizes, padded
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` on the host, without waiting for it (pinned memory) where `t` is on CUDA."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _pinned_table(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

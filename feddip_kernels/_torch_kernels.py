@@ -1,7 +1,12 @@
-"""The kernels for tensors on an accelerator (CUDA), written in torch operations so that they run
-where the tensors are: only compact results (a threshold, packed positions and kept values) cross
-to the host. Same definitions as the NumPy reference (reference.py), tested against it on CPU
-tensors; a tensor on the CPU goes through the native kernels instead.
+"""The device kernels: the kernels for torch tensors on an accelerator (CUDA), in torch operations
+so that they run where the tensors are, and only compact results (a threshold, packed positions
+and kept values) cross to the host. This module meets _contract.DeviceKernels; _backend.kernels_for
+hands it out for device tensors, and the public functions validate the arguments as they do for
+the host kernels. Same definitions as the NumPy reference (reference.py), tested against it on
+CPU tensors (tests/test_torch_kernels.py, tests/test_contract.py).
+
+Where Triton imports, the global top-k of float32 tensors on CUDA runs as a radix select in Triton
+(_triton_topk); the codecs' device step (DeviceSparse, Plan) is _torch_golomb's.
 
 The local step is one elementwise function of (w, g, m, buffer) plus the layer's norm; under
 torch.compile it becomes one fused kernel (Triton on CUDA, C++ on the CPU) that reads w, g, m and
@@ -12,19 +17,17 @@ not recompile it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from types import ModuleType
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from . import _backend
+from ._torch_golomb import DeviceSparse, Plan  # noqa: F401 - the codecs' device step, part of this module's contract
+
 # Candidates per tensor list that the sampled bracket of the k-th magnitude aims to leave.
 _SAMPLE = 1 << 16
-
-
-def on_accelerator(*xs: object) -> bool:
-    """Whether any argument is a torch tensor on a device other than the CPU."""
-    return any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in xs)
 
 
 # ------------------------------------------------------------------------------- local step
@@ -78,12 +81,87 @@ def ef_step(
 _compiled = None
 
 
-def ef_step_fused(*args: object) -> torch.Tensor:
+def ef_step_fused(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    m: Optional[torch.Tensor],
+    buf: Optional[torch.Tensor],
+    wp: Optional[torch.Tensor],
+    hp: torch.Tensor,
+    p: int,
+    prev_norm: Optional[torch.Tensor],
+) -> torch.Tensor:
     """ef_step compiled into one kernel per layer shape (compiled on first use)."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(ef_step, dynamic=True)
-    return _compiled(*args)
+    return _compiled(w, g, m, buf, wp, hp, p, prev_norm)
+
+
+def sgd_step(w: torch.Tensor, g: torch.Tensor, buf: Optional[torch.Tensor], *, lr: float, weight_decay: float,
+             momentum: float) -> None:
+    """Plain SGD in place, as torch.optim.SGD makes it (no dampening, no Nesterov): FedDIPSGD's
+    step of a layer without a mask (no regulariser, no pruned copy)."""
+    d = g.add(w, alpha=weight_decay) if weight_decay else g
+    if buf is not None:
+        buf.mul_(momentum).add_(d)
+        d = buf
+    w.add_(d, alpha=-lr)
+
+
+def masked_ef_step(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    *,
+    momentum_buffer: Optional[torch.Tensor],
+    pruned_out: Optional[torch.Tensor],
+    lr: float,
+    weight_decay: float,
+    lam: float,
+    momentum: float,
+    p: int,
+    norm: Optional[float],
+    mask_packed: bool = False,
+) -> float:
+    """update.masked_ef_step on one layer of device tensors (ef_step); the norm after it."""
+    return masked_ef_step_many([w], [g], [mask], momentum_buffers=[momentum_buffer], pruned_outs=[pruned_out], lr=lr,
+                               weight_decay=weight_decay, lam=lam, momentum=momentum, p=p, norms=[norm],
+                               mask_packed=mask_packed)[0]
+
+
+def masked_ef_step_many(
+    ws: Sequence[torch.Tensor],
+    gs: Sequence[torch.Tensor],
+    masks: Sequence[Optional[torch.Tensor]],
+    *,
+    momentum_buffers: Sequence[Optional[torch.Tensor]],
+    pruned_outs: Sequence[Optional[torch.Tensor]],
+    lr: float,
+    weight_decay: float,
+    lam: float,
+    momentum: float,
+    p: int,
+    norms: Sequence[Optional[float]],
+    mask_packed: bool = False,
+) -> list[float]:
+    """masked_ef_step on every layer, one ef_step each; their norms after it, brought to the host
+    together (one wait for the device). Masks are bool tensors: packed bits are for host arrays."""
+    if mask_packed:
+        raise ValueError("mask_bits is for host arrays; pass the mask as a bool tensor on the device")
+    if not ws:
+        return []
+    device = ws[0].device
+    hp = hyper(lr, weight_decay, lam, momentum, device)
+    out = []
+    with torch.no_grad():
+        for w, g, m, buf, wp, nm in zip(ws, gs, masks, momentum_buffers, pruned_outs, norms):
+            shape = w.shape
+            prev = None if nm is None else torch.tensor(float(nm), dtype=torch.float64, device=device)
+            out.append(ef_step(w.detach(), g.detach().reshape(shape), None if m is None else m.reshape(shape),
+                               None if buf is None else buf.view(shape), None if wp is None else wp.view(shape), hp, p,
+                               prev))
+    return torch.stack(out).tolist()
 
 
 # ---------------------------------------------------------------------------- global top-k
@@ -93,10 +171,6 @@ def _magnitudes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """|w| of all tensors in list order as one flat tensor. On a device one copy costs less than a
     pass per tensor: a few launches over all elements instead of a few per tensor (flattened and
     joined in one C++ call, as torch's distributed code does it)."""
-    if len({t.dtype for t in tensors}) > 1 or any(t.dtype not in (torch.float32, torch.float64) for t in tensors):
-        raise TypeError("tensors must be float32 or float64, one dtype per call")
-    if len({t.device for t in tensors}) > 1:
-        raise ValueError("tensors must be on one device")
     if not tensors:
         return torch.empty(0)
     with torch.no_grad():
@@ -109,11 +183,12 @@ def _no_nan(peak: torch.Tensor) -> float:
     """The largest magnitude (max propagates NaN) as a float; NaN raises as on the host."""
     value = float(peak)
     if value != value:
-        raise ValueError("NaN in tensors: magnitudes of NaN have no order")
+        raise ValueError("input contains NaN")
     return value
 
 
 def max_magnitude(tensors: Sequence[torch.Tensor]) -> float:
+    """The largest |w| over the tensors, 0.0 for no elements (NaN raises)."""
     a = _magnitudes(tensors)
     return _no_nan(a.max()) if a.numel() else 0.0
 
@@ -141,8 +216,8 @@ def _kth_largest(a: torch.Tensor, k: int, peak: torch.Tensor) -> tuple[torch.Ten
     return tau, int((cand >= tau).sum())  # every element >= tau is in cand
 
 
-def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
-    """The k-th largest |w| over all tensors (+inf for k = 0)."""
+def torch_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
+    """The k-th largest |w| over all tensors (+inf for k = 0), in torch operations."""
     a = _magnitudes(tensors)
     if not a.numel():
         return float("inf")
@@ -152,10 +227,10 @@ def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
     return float(_kth_largest(a, k, a.max())[0])
 
 
-def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+def torch_topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Bool masks keeping exactly the k largest |w|, ties at the threshold taken in list order
-    (tensor index, then flat index), as the reference's rule (README): views into one flat mask,
-    as the host's masks are views into one block."""
+    (tensor index, then flat index), as the reference's rule (README), in torch operations: views
+    into one flat mask, as the host's masks are views into one block."""
     a = _magnitudes(tensors)
     keep = torch.empty(a.shape, dtype=torch.bool, device=a.device)
     masks = list(_unflatten_dense_tensors(keep, list(tensors))) if tensors else []  # made while the device copies
@@ -176,91 +251,26 @@ def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     return masks
 
 
-# ------------------------------------------------------------------------------- sparsify
+def radix_select(tensors: Sequence[torch.Tensor], k: int) -> Optional[ModuleType]:
+    """The Triton radix select (_triton_topk) where it takes these tensors and 0 < k < n, else None
+    (torch operations: float64, devices other than CUDA, no Triton, k = 0 or all)."""
+    module = _backend.triton_topk()
+    if module is None or not 0 < k < sum(t.numel() for t in tensors) or not module.usable(tensors):
+        return None
+    return module
 
 
-# Eight bool bytes read as one little-endian int64 (byte j is 0 or 1 at bit 8j), times this, hold
-# byte j's value at bit 56 + j and nothing that carries into bits 56-63: the top byte is the eight
-# packed little-endian (element j is bit j). Tested on every byte pattern.
-_GATHER_BITS = 0x0102040810204080
+def magnitude_threshold(tensors: Sequence[torch.Tensor], k: int) -> float:
+    """The k-th largest |w| over all tensors (+inf for k = 0): the radix select where it applies,
+    else torch operations."""
+    radix = radix_select(tensors, k)
+    return radix.magnitude_threshold(tensors, k) if radix is not None else torch_threshold(tensors, k)
 
 
-def pack_bits(keep: torch.Tensor) -> torch.Tensor:
-    """A flat bool tensor packed little-endian (element i is bit i % 8 of byte i // 8), on its device."""
-    flat = keep.reshape(-1).contiguous()
-    if not flat.numel():
-        return flat.new_zeros(0, dtype=torch.uint8)
-    if flat.numel() % 8 or flat.storage_offset() % 8:  # whole int64 words, aligned
-        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    words = flat.view(torch.uint8).view(torch.int64) * _GATHER_BITS
-    return (words >> 56).to(torch.uint8)
-
-
-def sparsify(t: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """(packed positions, kept values) of `t` on the host (sparsify_many of one tensor)."""
-    from . import _backend
-
-    return sparsify_many([(t, mask)], _backend.kernels("auto").count_bits)[0]
-
-
-def flat_keep(items: Sequence[tuple[torch.Tensor, Any]], device: torch.device,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-    """(flat, keep, sizes, padded sizes) of (tensor, mask) pairs of one device and dtype: the
-    tensors one after another in one buffer, each padded with zeros to whole bytes of positions,
-    and which of its elements are kept (the mask's, non-zero = kept, else the non-zeros; never
-    the padding)."""
-    sizes = [t.numel() for t, _ in items]
-    padded = [(n + 7) // 8 * 8 for n in sizes]
-    zeros = torch.zeros(8, dtype=dtype, device=device)
-    pieces = []
-    for (t, _), n, pn in zip(items, sizes, padded):
-        pieces.append(t.detach().reshape(-1))
-        if pn > n:
-            pieces.append(zeros[: pn - n])
-    flat = torch.cat(pieces) if pieces else zeros[:0]
-    keep = flat != 0  # the padding is zero: never kept
-    offset = 0
-    for (_, mask), n, pn in zip(items, sizes, padded):
-        if mask is not None:
-            m = torch.as_tensor(mask, device=device).reshape(-1)
-            if m.numel() != n:
-                raise ValueError(f"mask has {m.numel()} elements, expected {n}")
-            keep[offset : offset + n] = m if m.dtype == torch.bool else m != 0
-        offset += pn
-    return flat, keep, sizes, padded
-
-
-def sparsify_many(items: Sequence[tuple[torch.Tensor, Any]],
-                  count_bits: Callable[[np.ndarray, int], int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(packed positions, kept values) on the host of each (tensor, mask) pair, computed where the
-    tensors are: the positions of the mask (any tensor or array, non-zero = kept), else the
-    non-zeros. The tensors of one device and dtype go as one: one copy into a flat buffer (each
-    padded to whole bytes of positions), one pass for the positions, one gather of the values,
-    and two copies to the host of only the packed bits and the values, through pinned memory."""
-    out: list[Any] = [None] * len(items)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, (t, _) in enumerate(items):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for (device, dtype), idx in groups.items():
-        flat, keep, sizes, padded = flat_keep([items[i] for i in idx], device, dtype)
-        bits = _to_host(pack_bits(keep))
-        vals = _to_host(flat[keep])  # waits for the device (the count), then for both copies
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-        bits_np, vals_np = bits.numpy(), vals.numpy()
-        byte, start = 0, 0
-        for i, n, pn in zip(idx, sizes, padded):
-            b = bits_np[byte : byte + pn // 8]
-            nnz = count_bits(b, n)
-            out[i] = (b, vals_np[start : start + nnz])
-            byte, start = byte + pn // 8, start + nnz
-    return out
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A copy of `t` on the host, without waiting for it (pinned memory) where `t` is on CUDA."""
-    if t.device.type != "cuda":
-        return t.cpu()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
+def topk_masks(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """New bool masks on the tensors' device keeping exactly the k largest |w| (the host's rule):
+    the radix select where it applies and the threshold has no ties beyond the k-th, else torch
+    operations."""
+    radix = radix_select(tensors, k)
+    masks = radix.topk_masks(tensors, k) if radix is not None else None
+    return masks if masks is not None else torch_topk_masks(tensors, k)

@@ -7,11 +7,13 @@ Layers travel as tables of raw addresses on the device; a program updates BLOCK 
 layer (w, g and m read once; w, the momentum buffer and the pruned copy w * m written once) and
 leaves the block's share of ||w * m||_p^p, which the second launch adds up per layer in a fixed
 order, so the norms do not depend on scheduling. Same arithmetic as _torch_kernels.ef_step (the
-regulariser in float64); layers without a mask get plain SGD. Importing this module needs Triton;
-TRITON_INTERPRET=1 runs it on CPU tensors (the tests)."""
+regulariser in float64); layers without a mask get plain SGD. Importing this module needs Triton
+(_backend.triton_step() imports it where it can); TRITON_INTERPRET=1 runs it on CPU tensors (the
+tests)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -90,6 +92,9 @@ class LayerTable:
         self.device, dtype = ws[0].device, ws[0].dtype
         if any(w.device != self.device or w.dtype != dtype for w in ws):
             raise ValueError("a layer table holds layers of one device and dtype")
+        if self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the Triton step takes CPU tensors only under TRITON_INTERPRET=1 (its interpreter); "
+                             'step them with device_kernels="auto" or "torch"')
         self.f64 = dtype == torch.float64
         self.has_buf = bufs[0] is not None
         # The kernel reads the layers through their addresses: the table holds the tensors too.

@@ -9,8 +9,10 @@ Launches: a pass and a one-program selection per digit, then the masks, recorded
 list of tensors (their addresses and sizes) as a CUDA graph and replayed afterwards; one small
 copy to the host (the largest key, for NaN, and the ties at the threshold) is the only wait.
 Ties at the threshold beyond the k-th (rare on trained weights) go to the exact torch path
-(_torch_kernels.topk_masks: list order), so results equal the host's. Importing this module needs
-Triton; TRITON_INTERPRET=1 runs it on CPU tensors (the tests)."""
+(_torch_kernels.torch_topk_masks: list order), so results equal the host's. The device kernels
+(_torch_kernels.topk_masks, magnitude_threshold) take this path where it applies (radix_select).
+Importing this module needs Triton (_backend.triton_topk() imports it where it can);
+TRITON_INTERPRET=1 runs it on CPU tensors (the tests)."""
 
 from __future__ import annotations
 
@@ -204,7 +206,7 @@ def _plan(tensors: Sequence[torch.Tensor]) -> _Plan:
 
 def _no_nan(peak: int) -> None:
     if peak > _INF_KEY:
-        raise ValueError("NaN in tensors: magnitudes of NaN have no order")
+        raise ValueError("input contains NaN")  # as every backend says it
 
 
 def _float(key: int) -> float:

@@ -11,12 +11,12 @@ meaningful then).
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Optional, Sequence
+from typing import Any, Collection, Iterator, Optional, Sequence
 
 import numpy as np
 
 from . import _backend
-from ._arrays import as_array, block_views, contiguous, flat_mask, float_tensors, like_input, on_device
+from ._arrays import as_array, block_views, contiguous, flat_mask, float_tensors, like_input
 
 
 def k_for_density(n: int, density: float) -> int:
@@ -37,57 +37,27 @@ def _check_k(k: Any, n: int) -> int:
     return k
 
 
-def _radix_select(tensors: list[Any], k: int) -> Any:
-    """The Triton radix select (_triton_topk) where it takes these device tensors and 0 < k < n,
-    else None (torch operations: float64, other devices, no Triton, k = 0 or all)."""
-    global _triton_topk
-    if _triton_topk is None:
-        try:
-            from . import _triton_topk as module
-        except ImportError:
-            module = False
-        _triton_topk = module
-    if not _triton_topk or not 0 < k < sum(t.numel() for t in tensors) or not _triton_topk.usable(tensors):
-        return None
-    return _triton_topk
-
-
-_triton_topk: Any = None  # the module, False where Triton does not import, None until first asked
-
-
 def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str = "auto") -> float:
     """The k-th largest |w| over all elements of `tensors` (float32 or float64, one dtype).
 
     Returns +inf for k = 0. The list is never concatenated: the native backend selects on the bit
     patterns of |w|, from 2^20 elements in one pass over memory (a sample brackets the k-th
     magnitude, the pass counts what lies above the bracket and gathers what lies inside); on
-    heavily tied data, radix passes. Tensors on a CUDA device are handled there: float32 by a
-    radix select in Triton over the list (_triton_topk: three counting passes, replayed as one
-    CUDA graph), else torch operations on one flat copy of |w|; `backend` does not apply.
+    heavily tied data, radix passes. Tensors on a CUDA device are handled there (the device
+    kernels): float32 by a radix select in Triton over the list (_triton_topk: three counting
+    passes, replayed as one CUDA graph), else torch operations on one flat copy of |w|; `backend`
+    does not apply.
     """
-    if on_device(*tensors):
-        from . import _torch_kernels
-
-        tensors = list(tensors)
-        k = _check_k(k, sum(t.numel() for t in tensors))
-        radix = _radix_select(tensors, k)
-        if radix is not None:
-            return radix.magnitude_threshold(tensors, k)
-        return _torch_kernels.magnitude_threshold(tensors, k)
-    arrays = float_tensors(tensors)
-    k = _check_k(k, sum(a.size for a in arrays))
-    return _backend.kernels(backend).magnitude_threshold(arrays, k)
+    kernels, arrays = _kernels_and_tensors(tensors, backend)
+    return kernels.magnitude_threshold(arrays, _check_k(k, _size(arrays)))
 
 
 def max_magnitude(tensors: Sequence[Any], *, backend: str = "auto") -> float:
     """The largest |w| over all elements of `tensors` (float32 or float64, one dtype); 0.0 for no
     elements, and NaN raises ValueError as in the top-k functions. One streaming read of the
     tensors: the memory roofline the benchmarks hold the top-k threshold against."""
-    if on_device(*tensors):
-        from . import _torch_kernels
-
-        return _torch_kernels.max_magnitude(list(tensors))
-    return _backend.kernels(backend).max_magnitude(float_tensors(tensors))
+    kernels, arrays = _kernels_and_tensors(tensors, backend)
+    return kernels.max_magnitude(arrays)
 
 
 def global_topk_masks(
@@ -106,21 +76,29 @@ def global_topk_masks(
     """
     if (k is None) == (density is None):
         raise ValueError("give exactly one of k and density")
-    if on_device(*tensors):
-        from . import _torch_kernels
-
-        tensors = list(tensors)
-        n = sum(t.numel() for t in tensors)
-        k = k_for_density(n, density) if density is not None else _check_k(k, n)
-        radix = _radix_select(tensors, k)
-        masks = radix.topk_masks(tensors, k) if radix is not None else None
-        return masks if masks is not None else _torch_kernels.topk_masks(tensors, k)
-    arrays = float_tensors(tensors)
-    n = sum(a.size for a in arrays)
+    tensors = list(tensors) if isinstance(tensors, Iterator) else tensors  # read once, here
+    kernels, arrays = _kernels_and_tensors(tensors, backend)
+    n = _size(arrays)
     k = k_for_density(n, density) if density is not None else _check_k(k, n)
+    if _backend.is_device(kernels):
+        return kernels.topk_masks(arrays, k)  # new masks on the device
     masks = block_views([(a.shape, np.dtype(bool)) for a in arrays])
-    _backend.kernels(backend).topk_masks(arrays, masks, k)
+    kernels.topk_masks(arrays, masks, k)
     return [like_input(m, t) for m, t in zip(masks, tensors)]
+
+
+def _kernels_and_tensors(tensors: Sequence[Any], backend: str) -> tuple[Any, list[Any]]:
+    """The kernels for these tensors (_backend.kernels_for) and the tensors checked for them: the
+    top-k functions' one validator (float_tensors)."""
+    if isinstance(tensors, Iterator):  # read once, here
+        tensors = list(tensors)
+    iterable = hasattr(tensors, "__iter__")  # else float_tensors says what it needs
+    kernels = _backend.kernels_for(*tensors, backend=backend) if iterable else _backend.kernels(backend)
+    return kernels, float_tensors(tensors, device=_backend.is_device(kernels))
+
+
+def _size(arrays: Sequence[Any]) -> int:
+    return sum(a.size if isinstance(a, np.ndarray) else a.numel() for a in arrays)
 
 
 def pack_mask(mask: Any, *, backend: str = "auto") -> np.ndarray:

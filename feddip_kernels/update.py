@@ -4,12 +4,13 @@ fused in-place pass over memory (native and numba), with a step-by-step NumPy re
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from . import _backend
-from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, flat_mask, is_torch, on_device, writable_view
+from ._arrays import FLOAT_DTYPES, as_array, check_disjoint, contiguous, dtype_name, flat_mask, is_torch, writable_view
 
 
 def masked_ef_step(
@@ -56,25 +57,15 @@ def masked_ef_step(
     directly; the numba and numpy backends unpack them first.
 
     torch tensors on a CUDA device are stepped there, by the same arithmetic in torch operations
-    (_torch_kernels.ef_step; `backend` and `mask_bits` do not apply). All of them must be on the
-    one device.
+    (the device kernels, _torch_kernels; `backend` and `mask_bits` do not apply), checked as host
+    arrays are. All of them must be on the one device.
     """
-    if on_device(w, g, mask, momentum_buffer, pruned_out, mask_bits):
-        return _step_on_device(w, g, mask, lr=lr, weight_decay=weight_decay, lam=lam, p=p, momentum=momentum,
-                               momentum_buffer=momentum_buffer, pruned_out=pruned_out, norm=norm, mask_bits=mask_bits)
-    _check_hyper(lr, weight_decay, lam, momentum, p)
-    if _backend.resolve(backend) == "native":  # plain arrays: straight to the binding (see _native_many_as_given)
-        hyper = dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p)
-        fast = _native_many_as_given([w], [g], None if mask is None else [mask],
-                                     None if mask_bits is None else [mask_bits], [momentum_buffer], [pruned_out],
-                                     [norm], hyper)
-        if fast is not None:
-            return fast[0]
-    wa, ga, ma, packed, buf, out = _host_layer(w, g, mask, mask_bits, momentum_buffer, pruned_out, momentum, norm)
-    check_disjoint({"w": wa, "g": ga, "mask": ma, "momentum_buffer": buf, "pruned_out": out})
-    return _backend.kernels(backend).masked_ef_step(
-        wa, ga, ma, momentum_buffer=buf, pruned_out=out, lr=float(lr), weight_decay=float(weight_decay),
-        lam=float(lam), momentum=float(momentum), p=p, norm=None if norm is None else float(norm), mask_packed=packed)
+    kernels = _backend.kernels_for(w, g, mask, momentum_buffer, pruned_out, mask_bits, backend=backend)
+    hyper = _hyper(lr, weight_decay, lam, momentum, p)
+    layers, packed = _check_layers(kernels, [w], [g], None if mask is None else [mask],
+                                   None if mask_bits is None else [mask_bits], [momentum_buffer], [pruned_out], [norm],
+                                   momentum)
+    return _run(kernels, layers, packed, hyper, single=True)[0]
 
 
 def masked_ef_step_many(
@@ -102,155 +93,282 @@ def masked_ef_step_many(
     is checked as masked_ef_step checks it (layers may differ in dtype), and no two arrays of any
     layers may share memory.
     Returns each layer's ||w * m||_p after the step, the same values that stepping the layers one
-    at a time returns. Host arrays only (CUDA tensors: step them with masked_ef_step)."""
-    n_layers = len(ws)
+    at a time returns. torch tensors on a CUDA device (all layers on the one device) are stepped
+    there, one layer after another, as masked_ef_step steps them."""
+    hyper = _hyper(lr, weight_decay, lam, momentum, p)
+    kernels = _backend.kernels_for(*ws, *gs, backend=backend)
+    layers, packed = _check_layers(kernels, ws, gs, masks, mask_bits, momentum_buffers, pruned_outs, norms, momentum)
+    return _run(kernels, layers, packed, hyper, single=False)
 
-    def entries(xs: Optional[Sequence[Any]], name: str) -> Sequence[Any]:
-        if xs is None:
-            return [None] * n_layers
-        if isinstance(xs, np.ndarray) or is_torch(xs) or len(xs) != n_layers:
-            raise ValueError(f"{name} must be a list with one entry per layer ({n_layers})")
+
+class StepLayers:
+    """masked_ef_step_many's layers checked once, for a caller that steps the same arrays again
+    and again with new gradients (FedDIPSGD): what stays (weights, masks, buffers, pruned copies)
+    is checked by the step's validator when made, with a first set of gradients; each `step` checks
+    what changes (gradients, norms, hyperparameters) and makes masked_ef_step_many's one call of
+    the kernels, with the same results."""
+
+    def __init__(self, ws: Sequence[Any], gs: Sequence[Any], masks: Optional[Sequence[Any]] = None, *,
+                 momentum_buffers: Optional[Sequence[Any]] = None, pruned_outs: Optional[Sequence[Any]] = None,
+                 mask_bits: Optional[Sequence[Any]] = None, momentum: float = 0.0, backend: str = "auto") -> None:
+        self.kernels = _backend.kernels_for(*ws, *gs, backend=backend)
+        self.layers, self.packed = _check_layers(self.kernels, ws, gs, masks, mask_bits, momentum_buffers,
+                                                 pruned_outs, None, momentum)
+        self.buffered = all(b is not None for b in self.layers[3])
+        self.device = _backend.is_device(self.kernels)
+        self.overlaps = _backend.checks_overlaps(self.kernels)
+
+    def step(self, gs: Sequence[Any], *, lr: float, weight_decay: float = 0.0, lam: float = 0.0, p: int = 2,
+             momentum: float = 0.0, norms: Optional[Sequence[Optional[float]]] = None) -> list[float]:
+        """masked_ef_step_many of the layers with these gradients (one per layer) and norms."""
+        hyper = _hyper(lr, weight_decay, lam, momentum, p)
+        if momentum != 0.0 and not self.buffered:
+            raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
+        ws, _, ms, bufs, outs, _ = self.layers
+        n = len(ws)
+        if type(gs) is not list or len(gs) != n:
+            gs = _entries(gs, "gs", n)
+        if self.device:
+            gs = [_device_grad(g, w) for g, w in zip(gs, ws)]
+        else:
+            ndarray = np.ndarray
+            for g, w in zip(gs, ws):  # as _host_grad passes them, without a call each
+                if type(g) is not ndarray or g.dtype is not w.dtype or g.size != w.size or not g.flags.carray:
+                    gs = [_host_grad(g, w) for g, w in zip(gs, ws)]
+                    break
+        if norms is None:
+            norms = [None] * n
+        else:
+            if type(norms) is not list or len(norms) != n:
+                norms = _entries(norms, "norms", n)
+            for nm in norms:  # as _checked_norm passes them
+                if nm is not None and (type(nm) is not float or not (nm >= 0 or nm != nm)):
+                    norms = [_checked_norm(nm) for nm in norms]
+                    break
+        return _run(self.kernels, (ws, gs, ms, bufs, outs, norms), self.packed, hyper, False, self.overlaps)
+
+
+# Checked layers, as columns: (ws, gs, masks, momentum buffers, pruned copies, norms), entries None
+# where a layer has none.
+Layers = tuple
+
+
+def _check_layers(kernels: Any, ws: Sequence[Any], gs: Sequence[Any], masks: Optional[Sequence[Any]],
+                  mask_bits: Optional[Sequence[Any]], bufs: Optional[Sequence[Any]], outs: Optional[Sequence[Any]],
+                  norms: Optional[Sequence[Optional[float]]], momentum: float) -> tuple[Layers, bool]:
+    """The step's validator: masked_ef_step_many's arguments (masked_ef_step's, as one layer)
+    checked for the kernels and converted to what they take: (the checked layers, whether the
+    masks are packed bits). NumPy arrays that the host kernels take as they are pass after a few
+    checks (a small model's step makes many calls); anything else goes layer by layer through
+    _host_layer or _device_layer, which convert it or name the problem."""
+    n = len(ws)
+    listed = (list, tuple)  # the usual kinds, checked here without a call
+    ws = ws if type(ws) in listed else _entries(ws, "ws", n)
+    gs = gs if type(gs) in listed and len(gs) == n else _entries(gs, "gs", n)
+    masks = masks if masks is None or type(masks) in listed and len(masks) == n else _entries(masks, "masks", n)
+    mask_bits = mask_bits if mask_bits is None or type(mask_bits) in listed and len(mask_bits) == n else \
+        _entries(mask_bits, "mask_bits", n)
+    bufs = bufs if bufs is None or type(bufs) in listed and len(bufs) == n else _entries(bufs, "momentum_buffers", n)
+    outs = outs if outs is None or type(outs) in listed and len(outs) == n else _entries(outs, "pruned_outs", n)
+    norms = norms if norms is None or type(norms) in listed and len(norms) == n else _entries(norms, "norms", n)
+    device = _backend.is_device(kernels)
+    if not device and (masks is None or mask_bits is None):
+        packed = mask_bits is not None
+        given = mask_bits if packed else masks
+        if _as_they_are(ws, gs, given, packed, bufs, outs, norms, momentum):
+            none = [None] * n
+            return (ws, gs, none if given is None else given, none if bufs is None else bufs,
+                    none if outs is None else outs, none if norms is None else norms), packed
+    layer = _device_layer if device else _host_layer
+    checked = [layer(w, g, m, mb, b, o, momentum, nm)
+               for w, g, m, mb, b, o, nm in zip(ws, gs, repeat(None) if masks is None else masks,
+                                                repeat(None) if mask_bits is None else mask_bits,
+                                                repeat(None) if bufs is None else bufs,
+                                                repeat(None) if outs is None else outs,
+                                                repeat(None) if norms is None else norms)]
+    packed = None  # how the layers give their masks: all alike
+    for layer_checked in checked:
+        kind = layer_checked[6]
+        if kind is not None and kind is not packed:
+            if packed is not None:
+                raise ValueError("give every layer's mask the same way: all as masks or all as mask_bits")
+            packed = kind
+    if not checked:
+        return ([],) * 6, False
+    return tuple(zip(*checked))[:6], packed is True
+
+
+def _as_they_are(ws: Sequence[Any], gs: Sequence[Any], given: Optional[Sequence[Any]], packed: bool,
+                 bufs: Optional[Sequence[Any]], outs: Optional[Sequence[Any]], norms: Optional[Sequence[Any]],
+                 momentum: float) -> bool:
+    """Whether the host kernels take every layer as it is, which _host_layer would pass unchanged:
+    NumPy arrays of one float dtype a layer, C-contiguous, aligned, writeable (the gradient too:
+    a read-only one takes the longer way), of w's size; masks (`given`) bool arrays, or uint8
+    packed bits; a buffer wherever momentum is on; norms floats >= 0 or NaN."""
+    ndarray, f32, f64 = np.ndarray, _F32, _F64
+    kind = _UINT8 if packed else _BOOL
+    if bufs is None and momentum != 0.0:
+        return False
+    for i, w in enumerate(ws):
+        g = gs[i]
+        if type(w) is not ndarray or type(g) is not ndarray:
+            return False
+        dt, size = w.dtype, w.size
+        if dt is not f32 and dt is not f64 or g.dtype is not dt or g.size != size or not w.flags.carray \
+                or not g.flags.carray:
+            return False
+        if given is not None:
+            m = given[i]
+            if m is not None and (type(m) is not ndarray or m.dtype is not kind
+                                  or m.size != ((size + 7) >> 3 if packed else size) or not m.flags.c_contiguous):
+                return False
+        if bufs is not None:
+            b = bufs[i]
+            if b is None:
+                if momentum != 0.0:
+                    return False
+            elif type(b) is not ndarray or b.dtype is not dt or b.size != size or not b.flags.carray:
+                return False
+        if outs is not None:
+            o = outs[i]
+            if o is not None and (type(o) is not ndarray or o.dtype is not dt or o.size != size or not o.flags.carray):
+                return False
+        if norms is not None:
+            nm = norms[i]
+            if nm is not None and (type(nm) is not float or not (nm >= 0 or nm != nm)):
+                return False
+    return True
+
+
+def _entries(xs: Sequence[Any], name: str, n: int) -> Sequence[Any]:
+    """A per-layer argument of masked_ef_step_many: a list (or tuple, or sequence) of n entries."""
+    if (type(xs) is list or type(xs) is tuple or not (isinstance(xs, np.ndarray) or is_torch(xs))) and len(xs) == n:
         return xs
-
-    _check_hyper(lr, weight_decay, lam, momentum, p)
-    if _backend.resolve(backend) == "native":
-        hyper = dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p)
-        fast = _native_many_as_given(ws, gs, masks, mask_bits, momentum_buffers, pruned_outs, norms, hyper)
-        if fast is not None:
-            return fast
-    if on_device(*ws, *gs):
-        raise ValueError("masked_ef_step_many steps host arrays; step CUDA tensors with masked_ef_step")
-    layers = [
-        _host_layer(w, g, m, mb, b, o, momentum, nm)
-        for w, g, m, mb, b, o, nm in zip(entries(ws, "ws"), entries(gs, "gs"), entries(masks, "masks"),
-                                         entries(mask_bits, "mask_bits"), entries(momentum_buffers, "momentum_buffers"),
-                                         entries(pruned_outs, "pruned_outs"), entries(norms, "norms"))
-    ]
-    packed = {layer[3] for layer in layers if layer[2] is not None}
-    if len(packed) > 1:
-        raise ValueError("give every layer's mask the same way: all as masks or all as mask_bits")
-    kernels = _backend.kernels(backend)
-    if _backend.resolve(backend) != "native":  # the native binding checks overlaps itself, in C++
-        check_disjoint({f"{name} of layer {i}": a for i, layer in enumerate(layers)
-                        for name, a in zip(("w", "g", "mask", "", "momentum_buffer", "pruned_out"), layer) if name})
-    return kernels.masked_ef_step_many(
-        [layer[0] for layer in layers], [layer[1] for layer in layers], [layer[2] for layer in layers],
-        momentum_buffers=[layer[4] for layer in layers], pruned_outs=[layer[5] for layer in layers], lr=float(lr),
-        weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p,
-        norms=[None if nm is None else float(nm) for nm in entries(norms, "norms")], mask_packed=packed == {True})
+    raise ValueError(f"{name} must be a list with one entry per layer ({n})")
 
 
+_NAMES = ("w", "g", "mask", "momentum_buffer", "pruned_out")
+_F32, _F64 = FLOAT_DTYPES
 _BOOL, _UINT8 = np.dtype(np.bool_), np.dtype(np.uint8)
 
 
-def _native_many_as_given(ws: Sequence[Any], gs: Sequence[Any], masks: Optional[Sequence[Any]],
-                          mask_bits: Optional[Sequence[Any]], bufs: Optional[Sequence[Any]],
-                          outs: Optional[Sequence[Any]], norms: Optional[Sequence[Optional[float]]],
-                          hyper: dict) -> Optional[list[float]]:
-    """The native step (of masked_ef_step_many, and of masked_ef_step as one layer) on the caller's
-    arrays as they are, where every one is a NumPy array of a kind the binding takes without
-    conversion (bool masks, uint8 bits): the binding checks sizes, dtypes, order, alignment,
-    writability and overlaps itself, in C++ (ResNet-18's 21 small layers: about 20 us a call, against
-    50 checked here). None where the arguments need the checked path: other kinds of arrays or lists,
-    arguments only that path checks, or any that the binding refuses (the checked path then names
-    the problem, or converts what it can)."""
-    if masks is not None and mask_bits is not None:
-        return None
-    given, packed, kind = (mask_bits, True, _UINT8) if mask_bits is not None else (masks, False, _BOOL)
-    n = len(ws) if isinstance(ws, (list, tuple)) else -1
-    for xs, required, dtype in ((ws, True, None), (gs, True, None), (bufs, hyper["momentum"] != 0.0, None),
-                                (outs, False, None), (given, False, kind)):
-        if xs is None:
-            if required:
-                return None
-            continue
-        if not isinstance(xs, (list, tuple)) or len(xs) != n:
-            return None
-        for a in xs:
-            if a is None:
-                if required:
-                    return None
-            elif type(a) is not np.ndarray or (dtype is not None and a.dtype != dtype):
-                return None
-    if norms is not None:
-        if not isinstance(norms, (list, tuple)) or len(norms) != n:
-            return None
-        for nm in norms:
-            if nm is not None and not (isinstance(nm, float) and (nm >= 0 or math.isnan(nm))):
-                return None
-    none = [None] * n
-    try:
-        return _backend.native_module().masked_ef_step_many(
-            ws, gs, none if given is None else given, momentum_buffers=none if bufs is None else bufs,
-            pruned_outs=none if outs is None else outs, norms=none if norms is None else norms, mask_packed=packed,
-            **hyper)
-    except (ValueError, TypeError):
-        return None
+def _run(kernels: Any, layers: Layers, packed: bool, hyper: dict, single: bool,
+         overlaps: Optional[bool] = None) -> list[float]:
+    """The one call of the kernels' multi-layer step on checked layers (one layer: masked_ef_step),
+    after the overlap check where the kernels do not make it themselves (`overlaps`: whether they
+    do, _backend.checks_overlaps; naming the arrays "w", "g", ... of a `single` layer, else "w of
+    layer i" and so on)."""
+    ws, gs, ms, bufs, outs, norms = layers
+    if not ws:
+        return []
+    if not (_backend.checks_overlaps(kernels) if overlaps is None else overlaps):
+        if single:
+            check_disjoint(dict(zip(_NAMES, (ws[0], gs[0], ms[0], bufs[0], outs[0]))))
+        else:
+            check_disjoint({f"{name} of layer {i}": a for name, xs in zip(_NAMES, layers) for i, a in enumerate(xs)})
+    return kernels.masked_ef_step_many(ws, gs, ms, momentum_buffers=bufs, pruned_outs=outs, norms=norms,
+                                       mask_packed=packed, **hyper)
+
+
+def _hyper(lr: float, weight_decay: float, lam: float, momentum: float, p: int) -> dict:
+    """The step's hyperparameters, checked, as the kernels take them."""
+    _check_hyper(lr, weight_decay, lam, momentum, p)
+    return dict(lr=float(lr), weight_decay=float(weight_decay), lam=float(lam), momentum=float(momentum), p=p)
 
 
 def _check_hyper(lr: float, weight_decay: float, lam: float, momentum: float, p: int) -> None:
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
+    inf = math.inf
+    if 0.0 <= lr < inf and 0.0 <= weight_decay < inf and 0.0 <= lam < inf and 0.0 <= momentum < inf:
+        return  # the common case, in one expression (NaN fails it)
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("lam", lam), ("momentum", momentum)):
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
 
 
 def _host_layer(w: Any, g: Any, mask: Any, mask_bits: Any, momentum_buffer: Any, pruned_out: Any, momentum: float,
-                norm: Optional[float]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], bool,
-                                                Optional[np.ndarray], Optional[np.ndarray]]:
-    """One layer's arrays for the kernels, checked: (w, g, mask, mask is packed bits, buffer, pruned)."""
+                norm: Optional[float]) -> tuple:
+    """The step's validator for the host kernels, layer by layer: one layer's arguments checked and
+    converted to what the kernels take (NumPy views, a flat bool mask or packed bits), as a tuple
+    (w, g, mask or None, buffer or None, pruned copy or None, norm or None, whether the mask is
+    packed bits: True, False or None without a mask)."""
     wa = as_array(w, "w")
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")
     wa = writable_view(wa, "w", wa.dtype, wa.size)
-    ga = as_array(g, "g")
-    if ga.dtype != wa.dtype or ga.size != wa.size:
-        raise ValueError(f"g must match w ({wa.size} x {wa.dtype}), got {ga.size} x {ga.dtype}")
-    ga = contiguous(ga)
+    ga = _host_grad(g, wa)
     ma, packed = _layer_mask(mask, mask_bits, wa.size)
     buf = None if momentum_buffer is None else writable_view(momentum_buffer, "momentum_buffer", wa.dtype, wa.size)
     if momentum != 0.0 and buf is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
     out = None if pruned_out is None else writable_view(pruned_out, "pruned_out", wa.dtype, wa.size)
-    if norm is not None and not (norm >= 0 or math.isnan(norm)):
-        raise ValueError(f"norm must be >= 0 (or NaN), got {norm}")
-    return wa, ga, ma, packed, buf, out
+    return wa, ga, ma, buf, out, _checked_norm(norm), None if ma is None else packed
 
 
-def _step_on_device(w: Any, g: Any, mask: Any, *, lr: float, weight_decay: float, lam: float, p: int,
-                    momentum: float, momentum_buffer: Any, pruned_out: Any, norm: Optional[float],
-                    mask_bits: Any) -> float:
-    import torch
-
-    from . import _torch_kernels
-
+def _device_layer(w: Any, g: Any, mask: Any, mask_bits: Any, momentum_buffer: Any, pruned_out: Any, momentum: float,
+                  norm: Optional[float]) -> tuple:
+    """The step's validator for the device kernels: the host's checks (the same errors) on torch
+    tensors of one device, which stay as they are (the mask as a bool tensor)."""
     if mask_bits is not None:
         raise ValueError("mask_bits is for host arrays; pass the mask as a bool tensor on the device")
-    args = {"w": w, "g": g, "mask": mask, "momentum_buffer": momentum_buffer, "pruned_out": pruned_out}
+    args = dict(zip(_NAMES, (w, g, mask, momentum_buffer, pruned_out)))
+    where = w.device if is_torch(w) else next(t.device for t in args.values() if is_torch(t))
     for name, t in args.items():
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device != w.device):
-            raise ValueError(f"{name} must be a torch tensor on {w.device} like w")
-    if w.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"w has dtype {w.dtype}; float32 or float64 is required")
-    for name, t in (("g", g), ("momentum_buffer", momentum_buffer), ("pruned_out", pruned_out)):
-        if t is not None and (t.dtype != w.dtype or t.numel() != w.numel()):
-            raise ValueError(f"{name} must match w ({w.numel()} x {w.dtype}), got {t.numel()} x {t.dtype}")
-    if mask is not None and mask.numel() != w.numel():
-        raise ValueError(f"mask has {mask.numel()} elements, expected {w.numel()}")
-    _check_hyper(lr, weight_decay, lam, momentum, p)
-    if momentum != 0.0 and momentum_buffer is None:
-        raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
-    for name, t in (("w", w), ("momentum_buffer", momentum_buffer), ("pruned_out", pruned_out)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (it is written in place)")
-    m = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).reshape(w.shape)
-    prev = None if norm is None else torch.tensor(float(norm), dtype=torch.float64, device=w.device)
-    hp = _torch_kernels.hyper(lr, weight_decay, lam, momentum, w.device)
-    buf = None if momentum_buffer is None else momentum_buffer.view(w.shape)
-    out = None if pruned_out is None else pruned_out.view(w.shape)
-    with torch.no_grad():
-        return float(_torch_kernels.ef_step(w.detach(), g.detach().reshape(w.shape), m, buf, out, hp, p, prev))
+        if t is not None and (not is_torch(t) or t.device != where):
+            raise ValueError(f"{name} must be a torch tensor on {where} like w" if name != "w" else
+                             f"w must be a torch tensor on {where}, where the other arguments are")
+    if str(w.dtype) not in ("torch.float32", "torch.float64"):
+        raise TypeError(f"w has dtype {dtype_name(w)}; float32 or float64 is required")
+    _written_in_place(w, "w")
+    n = w.numel()
+    _device_grad(g, w)
+    if mask is not None:
+        mask = flat_mask(mask, n, "mask", where)
+    for name, t in (("momentum_buffer", momentum_buffer), ("pruned_out", pruned_out)):
+        if t is not None:
+            if t.dtype != w.dtype:
+                raise TypeError(f"{name} has dtype {dtype_name(t)}, expected {dtype_name(w)}")
+            if t.numel() != n:
+                raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
+            _written_in_place(t, name)
+        if name == "momentum_buffer" and momentum != 0.0 and t is None:
+            raise ValueError("momentum != 0 needs a momentum_buffer (zero-initialised, same shape as w)")
+    return w, g, mask, momentum_buffer, pruned_out, _checked_norm(norm), None if mask is None else False
+
+
+def _host_grad(g: Any, w: np.ndarray) -> np.ndarray:
+    """The gradient checked against a checked layer's weights: a C-contiguous NumPy array of w's
+    dtype and size (a view of g where it can be)."""
+    if type(g) is np.ndarray and g.dtype is w.dtype and g.size == w.size and g.flags.carray:
+        return g
+    ga = as_array(g, "g")
+    if ga.dtype != w.dtype or ga.size != w.size:
+        raise ValueError(f"g must match w ({w.size} x {w.dtype}), got {ga.size} x {ga.dtype}")
+    return contiguous(ga)
+
+
+def _device_grad(g: Any, w: Any) -> Any:
+    """The gradient checked against a checked layer's weights on a device: a tensor there of w's
+    dtype and size."""
+    if not is_torch(g) or g.device != w.device:
+        raise ValueError(f"g must be a torch tensor on {w.device} like w")
+    if g.dtype != w.dtype or g.numel() != w.numel():
+        raise ValueError(f"g must match w ({w.numel()} x {dtype_name(w)}), got {g.numel()} x {dtype_name(g)}")
+    return g
+
+
+def _written_in_place(t: Any, what: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be a writeable, aligned, C-contiguous array (it is written in place)")
+
+
+def _checked_norm(norm: Optional[float]) -> Optional[float]:
+    if norm is None or type(norm) is float and (norm >= 0 or norm != norm):
+        return norm
+    if not (norm >= 0 or math.isnan(norm)):
+        raise ValueError(f"norm must be >= 0 (or NaN), got {norm}")
+    return float(norm)
 
 
 def masked_norm(w: Any, mask: Any = None, *, p: int = 2, mask_bits: Any = None, backend: str = "auto") -> float:

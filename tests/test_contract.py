@@ -1,6 +1,7 @@
 """Every backend module meets the kernel contract (_contract.Kernels): the same functions, the same
 parameter names and kinds (keyword-only where the contract says so), the same return types and
-the same error messages for the same bad data."""
+the same error messages for the same bad data; and the device kernels (_torch_kernels) meet its
+device part (_contract.DeviceKernels) and accept and refuse what the host kernels do."""
 
 import inspect
 import re
@@ -8,8 +9,9 @@ import re
 import numpy as np
 import pytest
 
+import feddip_kernels as fk
 from feddip_kernels import _backend
-from feddip_kernels._contract import NAMES, Kernels
+from feddip_kernels._contract import DEVICE_NAMES, NAMES, SHARED_NAMES, DeviceKernels, Kernels
 
 BACKENDS = _backend.available_backends()
 
@@ -244,3 +246,190 @@ def test_what_one_backend_accepts_every_backend_accepts_alike(variant):
                 if a is not None:
                     assert a.dtype == b.dtype
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- The device part of the contract (_contract.DeviceKernels, met by _torch_kernels) -----------------
+# Run on CPU tensors: `on_device` is patched so that torch tensors count as device tensors, and the
+# public functions hand them to the device kernels (as tests/test_torch_kernels.py routes them).
+
+
+def _device_kernels():
+    pytest.importorskip("torch")
+    return _backend.device_kernels()
+
+
+def _params_of(fn):
+    sig = inspect.signature(fn)
+    return [(p.name, p.kind) for p in sig.parameters.values() if p.name != "self"]
+
+
+@pytest.mark.parametrize("name", DEVICE_NAMES)
+def test_the_device_kernels_meet_their_contract(name):
+    dk = _device_kernels()
+    assert hasattr(dk, name), f"the device kernels lack {name}"
+    assert _params_of(getattr(dk, name)) == _params_of(getattr(DeviceKernels, name)), name
+
+
+@pytest.mark.parametrize("name", [n for n in SHARED_NAMES if n != "topk_masks"])  # device masks are new tensors
+def test_kernels_on_both_sides_have_one_signature(name):
+    assert _params_of(getattr(DeviceKernels, name)) == contract_params(name)
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(_backend, "on_device", lambda *xs: any(isinstance(x, torch.Tensor) for x in xs))
+    return torch
+
+
+def test_kernels_for_is_the_one_decision(routed):
+    torch = routed
+    dk = _backend.device_kernels()
+    assert _backend.kernels_for(np.zeros(3), None, backend="numpy") is _backend.kernels("numpy")
+    assert _backend.kernels_for(np.zeros(3), torch.zeros(3), backend="numpy") is dk
+    assert _backend.is_device(dk) and not any(_backend.is_device(_backend.kernels(be)) for be in BACKENDS)
+    with pytest.raises(ValueError, match="backend must be one of"):  # named wrong for device tensors too
+        _backend.kernels_for(torch.zeros(3), backend="cuda")
+
+
+def _outcome(call):
+    """("ok", result) or (error type, message)."""
+    try:
+        return "ok", call()
+    except (ValueError, TypeError) as e:
+        return type(e).__name__, str(e)
+
+
+def _same(host, device, what):
+    """The device outcome is the host's: the same error, or results equal to float tolerance."""
+    (hk, hv), (dk, dv) = host, device
+    assert hk == dk, (what, host, device)
+    if hk != "ok":
+        assert hv == dv, what
+        return
+    if isinstance(hv, list) and hv and not isinstance(hv[0], float):  # masks
+        assert all(np.array_equal(np.asarray(a), d.numpy()) for a, d in zip(hv, dv)), what
+    else:
+        assert dv == pytest.approx(hv, rel=1e-6), what
+
+
+def _step_cases():
+    """Calls of masked_ef_step and masked_ef_step_many on arrays made by `t` (host: a NumPy array
+    as it is; device: a torch tensor sharing its memory), valid and not."""
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal(100).astype(np.float32)
+    g0 = rng.standard_normal(100).astype(np.float32)
+    m0 = rng.random(100) < 0.3
+
+    def w(dtype=np.float32):
+        return w0.astype(dtype)
+
+    kw = dict(lr=0.1, weight_decay=1e-3, lam=0.01)
+    store = np.zeros(300, np.float32)
+    return {
+        "valid": lambda t: fk.masked_ef_step(t(w()), t(g0), t(m0), momentum=0.9, norm=2.5,
+                                             momentum_buffer=t(np.zeros(100, np.float32)),
+                                             pruned_out=t(np.zeros(100, np.float32)), **kw),
+        "valid, p = 1, no mask": lambda t: fk.masked_ef_step(t(w(np.float64)), t(g0.astype(np.float64)), p=1, **kw),
+        "a strided gradient": lambda t: fk.masked_ef_step(t(w()), t(np.repeat(g0, 2)[::2]), t(m0), **kw),
+        "float16 w": lambda t: fk.masked_ef_step(t(w(np.float16)), t(g0.astype(np.float16)), **kw),
+        "g of another size": lambda t: fk.masked_ef_step(t(w()), t(g0[:99].copy()), **kw),
+        "g of another dtype": lambda t: fk.masked_ef_step(t(w()), t(g0.astype(np.float64)), **kw),
+        "a mask of another size": lambda t: fk.masked_ef_step(t(w()), t(g0), t(m0[:99].copy()), **kw),
+        "momentum without a buffer": lambda t: fk.masked_ef_step(t(w()), t(g0), momentum=0.9, **kw),
+        "a float64 buffer": lambda t: fk.masked_ef_step(t(w()), t(g0), momentum=0.9, momentum_buffer=t(np.zeros(100)),
+                                                        **kw),
+        "a short buffer": lambda t: fk.masked_ef_step(t(w()), t(g0), momentum=0.9,
+                                                      momentum_buffer=t(np.zeros(99, np.float32)), **kw),
+        "a strided pruned copy": lambda t: fk.masked_ef_step(t(w()), t(g0),
+                                                             pruned_out=t(np.zeros(200, np.float32)[::2]), **kw),
+        "a strided w": lambda t: fk.masked_ef_step(t(np.repeat(w0, 2)[::2]), t(g0), **kw),
+        "p = 3": lambda t: fk.masked_ef_step(t(w()), t(g0), p=3, **kw),
+        "lr NaN": lambda t: fk.masked_ef_step(t(w()), t(g0), lr=float("nan")),
+        "a negative norm": lambda t: fk.masked_ef_step(t(w()), t(g0), norm=-1.0, **kw),
+        "w and g overlapping": lambda t: fk.masked_ef_step(t(store[:100]), t(store[50:150]), **kw),
+        "the pruned copy is g": lambda t: (lambda g: fk.masked_ef_step(t(w()), g, pruned_out=g, **kw))(t(g0.copy())),
+        "many: valid": lambda t: fk.masked_ef_step_many(
+            [t(w()), t(w(np.float64)[:7].copy())], [t(g0), t(g0[:7].astype(np.float64))], [t(m0), None], momentum=0.9,
+            momentum_buffers=[t(np.zeros(100, np.float32)), t(np.zeros(7))], norms=[None, 1.0], **kw),
+        "many: a list too short": lambda t: fk.masked_ef_step_many([t(w())], [t(g0)], [None, None], **kw),
+        "many: layers overlapping": lambda t: fk.masked_ef_step_many(
+            [t(store[:100]), t(store[50:150])], [t(g0), t(g0.copy())], **kw),
+        "many: a bad second layer": lambda t: fk.masked_ef_step_many([t(w()), t(w())], [t(g0), t(g0[:5].copy())],
+                                                                     **kw),
+        "many: none": lambda t: fk.masked_ef_step_many([], [], **kw),
+    }
+
+
+def _topk_cases():
+    rng = np.random.default_rng(6)
+    ws = [rng.standard_normal(s).astype(np.float32) for s in ((5, 7), (0,), (40,))]
+    tied = [np.array([1.0, -1.0, 0.5, -0.0, 1.0, np.inf], np.float32)]
+    nan = [np.array([1.0, np.nan], np.float32)]
+    return {
+        "masks": lambda t: fk.global_topk_masks([t(a) for a in ws], 9),
+        "masks by density": lambda t: fk.global_topk_masks([t(a) for a in ws], density=0.3),
+        "masks, ties and inf": lambda t: fk.global_topk_masks([t(a) for a in tied], 3),
+        "masks, k = 0 and k = n": lambda t: fk.global_topk_masks([t(a) for a in ws], 0) + fk.global_topk_masks(
+            [t(a) for a in ws], 75),
+        "threshold": lambda t: fk.global_magnitude_threshold([t(a) for a in ws], 9),
+        "threshold, k = 0": lambda t: fk.global_magnitude_threshold([t(a) for a in tied], 0),
+        "max magnitude": lambda t: fk.max_magnitude([t(a) for a in tied]),
+        "NaN": lambda t: fk.global_topk_masks([t(a) for a in nan], 1),
+        "NaN, threshold": lambda t: fk.global_magnitude_threshold([t(a) for a in nan], 1),
+        "NaN, max": lambda t: fk.max_magnitude([t(a) for a in nan]),
+        "k too large": lambda t: fk.global_topk_masks([t(a) for a in ws], 76),
+        "k negative": lambda t: fk.global_magnitude_threshold([t(a) for a in ws], -1),
+        "k a bool": lambda t: fk.global_magnitude_threshold([t(a) for a in ws], True),
+        "density 1.5": lambda t: fk.global_topk_masks([t(a) for a in ws], density=1.5),
+        "mixed dtypes": lambda t: fk.global_topk_masks([t(ws[0]), t(ws[2].astype(np.float64))], 3),
+        "float16": lambda t: fk.max_magnitude([t(ws[0].astype(np.float16))]),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_step_cases()) + list(_topk_cases()))
+def test_the_device_kernels_accept_and_refuse_what_the_host_kernels_do(routed, backend, case):
+    """The same public call on host arrays (each host backend) and on device tensors (the device
+    kernels, through the same validators): the same results, or the same error and message. The
+    native core refuses overlapping arrays itself, in words of its own."""
+    torch = routed
+    cases = {**_step_cases(), **_topk_cases()}
+    call = cases[case]
+    with _BackendAs(backend):
+        host = _outcome(lambda: call(lambda a: a))
+    device = _outcome(lambda: call(lambda a: torch.from_numpy(a)))
+    if backend == "native" and "share memory" in str(host[1]):  # the native core's words: no array named
+        assert host[0] == device[0] == "ValueError" and "share memory; pass separate arrays" in device[1]
+        return
+    _same(host, device, case)
+
+
+class _BackendAs:
+    """The public functions' default backend ("auto") made `backend` for a while."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __enter__(self):
+        self.real = _backend.kernels
+        _backend.kernels = lambda name="auto": self.real(self.backend if name == "auto" else name)
+
+    def __exit__(self, *exc):
+        _backend.kernels = self.real
+
+
+def test_the_device_kernels_refuse_packed_masks(routed):
+    """mask_bits is for the host kernels (the one thing the device kernels refuse that they take)."""
+    torch = routed
+    w = torch.zeros(16)
+    with pytest.raises(ValueError, match="mask_bits is for host arrays"):
+        fk.masked_ef_step(w, torch.ones(16), lr=0.1, mask_bits=fk.pack_mask(np.ones(16, bool)))
+    with pytest.raises(ValueError, match="mask_bits is for host arrays"):
+        _backend.device_kernels().masked_ef_step_many([w], [w + 1], [None], momentum_buffers=[None], pruned_outs=[None],
+                                                       lr=0.1, weight_decay=0.0, lam=0.0, momentum=0.0, p=2,
+                                                       norms=[None], mask_packed=True)
+    with pytest.raises(ValueError, match="must be a torch tensor on cpu like w"):
+        fk.masked_ef_step(w, np.ones(16, np.float32), lr=0.1)
+    with pytest.raises(ValueError, match="pass the tensors on one device"):
+        fk.global_topk_masks([w, np.ones(3, np.float32)], 1)

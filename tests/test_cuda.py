@@ -87,8 +87,8 @@ def _train(device: torch.device, backend: str) -> list[torch.Tensor]:
     x = torch.randn(16, 3, 8, 8, dtype=torch.float64).to(device)
     y = torch.randint(0, 10, (16,)).to(device)
     weights = [model[0].weight, model[3].weight]
-    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=1e-3, backend=backend,
-                    compile=False)
+    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=1e-3,
+                    device_kernels=backend, compile=False)
     for t in range(5):
         masks = fk.global_topk_masks([opt.dense(w) for w in weights], density=0.3)  # masks found where w lives
         opt.set_masks(dict(zip(weights, masks)))

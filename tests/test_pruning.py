@@ -323,3 +323,15 @@ def test_every_isa_finds_nan(isa, where):
     w[where] = np.nan  # in a vector block, in a block's tail, at a chunk's end, in the last chunk
     with pytest.raises(ValueError, match="NaN"):
         fk.global_magnitude_threshold([w], 1000, backend="native")
+
+
+def test_a_generator_of_tensors_is_read_once(backend):
+    """The top-k functions ask which kernels take the tensors (_backend.kernels_for) before checking
+    them: a generator is read once, into a list, for both (it used to be read empty)."""
+    rng = np.random.default_rng(8)
+    ws = [rng.standard_normal(s).astype(np.float32) for s in (30, 7)]
+    want = reference.topk_mask_list(ws, 5)
+    got = fk.global_topk_masks((w for w in ws), 5, backend=backend)
+    assert len(got) == 2 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert fk.global_magnitude_threshold((w for w in ws), 5, backend=backend) == reference.magnitude_threshold(ws, 5)
+    assert fk.max_magnitude((w for w in ws), backend=backend) == max(np.abs(w).max() for w in ws)

@@ -1,7 +1,8 @@
-"""The torch kernels that run where CUDA tensors are (_torch_kernels), checked on CPU tensors
-against the NumPy reference: the same torch operations run on either device. The public entry
-points route to them for tensors on a device; `on_device` is patched here so that the routing
-itself is exercised on the CPU."""
+"""The torch kernels that run where CUDA tensors are (_torch_kernels, the device kernels), checked
+on CPU tensors against the NumPy reference: the same torch operations run on either device. The
+public entry points route to them for tensors on a device (_backend.kernels_for, and the codecs'
+per-tensor `on_device`); `on_device` is patched here so that the routing itself is exercised on
+the CPU."""
 
 import numpy as np
 import pytest
@@ -9,9 +10,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import feddip_kernels as fk
-from feddip_kernels import codecs, pruning, reference, update
+from feddip_kernels import _backend, codecs, reference
 
 torch = pytest.importorskip("torch")
+from feddip_kernels import _torch_golomb as tg  # noqa: E402
 from feddip_kernels import _torch_kernels as tk  # noqa: E402
 
 
@@ -52,22 +54,24 @@ def test_topk_on_large_inputs_takes_the_sampled_bracket_and_its_fallback():
                 np.testing.assert_array_equal(got.numpy(), want)
 
 
-def test_topk_rejects_nan_and_mixed_dtypes():
-    with pytest.raises(ValueError, match="NaN"):
+def test_topk_rejects_nan_and_mixed_dtypes(routed):
+    with pytest.raises(ValueError, match="input contains NaN"):  # the host kernels' message
         tk.topk_masks([torch.tensor([1.0, float("nan")])], 1)
-    with pytest.raises(TypeError, match="one dtype"):
-        tk.topk_masks([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], 1)
+    with pytest.raises(TypeError, match="one dtype"):  # the public layer's validator, as for host arrays
+        fk.global_topk_masks([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], 1)
 
 
 @given(hnp.arrays(st.sampled_from([np.float32, np.float64]), hnp.array_shapes(min_dims=0, max_dims=3, max_side=9),
                   elements=st.sampled_from([0.0, -0.0, 1.5, -2.0, np.inf, np.nan])),
        st.booleans(), st.integers(0, 2**32 - 1))
 def test_sparsify_matches_the_reference(a, with_mask, seed):
+    """The codecs' device step (DeviceSparse) finds the positions and values that the host does."""
     mask = np.asarray(np.random.default_rng(seed).random(a.shape) < 0.5) if with_mask else None
-    bits, vals = tk.sparsify(torch.from_numpy(a), None if mask is None else torch.from_numpy(mask))
+    sparse = tk.DeviceSparse([(torch.from_numpy(a), None if mask is None else torch.from_numpy(mask), False)], None)
+    (got,) = sparse.fetch([tk.Plan([0], True, 0, False)])
     want_bits, want_vals = reference.sparsify(a, mask)
-    np.testing.assert_array_equal(bits, want_bits)
-    assert vals.dtype == a.dtype and vals.tobytes() == np.ascontiguousarray(want_vals).tobytes()
+    np.testing.assert_array_equal(got.bits, want_bits)
+    assert got.vals.dtype == a.dtype and got.vals.tobytes() == np.ascontiguousarray(want_vals).tobytes()
 
 
 @settings(deadline=None)
@@ -96,9 +100,10 @@ def test_ef_step_matches_the_reference(dtype, n, p, momentum, masked, given_norm
 
 @pytest.fixture
 def routed(monkeypatch):
-    """CPU torch tensors take the device paths of the public functions."""
+    """CPU torch tensors take the device paths of the public functions: the one decision point
+    (_backend.kernels_for) and the codecs' per-tensor split."""
     on = lambda *xs: any(isinstance(x, torch.Tensor) for x in xs)  # noqa: E731
-    for mod in (codecs.model, codecs.stream, pruning, update):
+    for mod in (_backend, codecs.model, codecs.stream):
         monkeypatch.setattr(mod, "on_device", on)
 
 
@@ -124,6 +129,18 @@ def test_public_functions_route_device_tensors_to_the_torch_kernels(routed):
     want = fk.masked_ef_step(w, g, m, lr=0.1, lam=0.01, weight_decay=1e-4, backend="numpy")
     np.testing.assert_allclose(tw.numpy(), w, rtol=1e-6, atol=1e-7)
     assert got == pytest.approx(want, rel=1e-6)
+    assert _backend.kernels_for(tw) is tk and _backend.is_device(tk)
+    ws = [torch.from_numpy(w.copy()), torch.from_numpy(ws[1].copy())]
+    hosts = [w.copy(), ws[1].numpy().copy()]
+    kw = dict(lr=0.1, lam=0.01, weight_decay=1e-4, momentum=0.9)
+    got = fk.masked_ef_step_many(ws, [torch.from_numpy(g), torch.ones(500)], [torch.from_numpy(m), None],
+                                 momentum_buffers=[torch.zeros(1200), torch.zeros(500)], **kw)
+    want = fk.masked_ef_step_many(hosts, [g, np.ones(500, np.float32)], [m, None],
+                                  momentum_buffers=[np.zeros(1200, np.float32), np.zeros(500, np.float32)],
+                                  backend="numpy", **kw)
+    assert got == pytest.approx(want, rel=1e-6)
+    for a, b in zip(ws, hosts):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="mask_bits"):
         fk.masked_ef_step(tw, torch.from_numpy(g), lr=0.1, mask_bits=fk.pack_mask(m))
     with pytest.raises(ValueError, match="must match w"):
@@ -140,8 +157,8 @@ def test_compiled_step_matches_the_uncompiled_one():
     for compile in (False, True):
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-        opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01, backend="torch",
-                        compile=compile)
+        opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01,
+                        device_kernels="torch", compile=compile)
         opt.set_masks({model[0].weight: torch.rand(16, 12) < 0.3, model[2].weight: torch.rand(4, 16) < 0.5})
         for t in range(4):
             opt.set_lambda(0.01 * (t + 1))  # new scalars do not recompile (they travel as a tensor)
@@ -161,7 +178,7 @@ def test_pack_bits_of_every_byte_pattern_offset_and_stride():
     import itertools
 
     patterns = np.array(list(itertools.product([0, 1], repeat=8)), dtype=bool).reshape(-1)
-    np.testing.assert_array_equal(tk.pack_bits(torch.from_numpy(patterns)).numpy(),
+    np.testing.assert_array_equal(tg.pack_bits(torch.from_numpy(patterns)).numpy(),
                                   np.packbits(patterns, bitorder="little"))
     rng = np.random.default_rng(1)
     for n in (0, 1, 7, 8, 9, 63, 64, 65, 1001):
@@ -169,5 +186,5 @@ def test_pack_bits_of_every_byte_pattern_offset_and_stride():
         want = np.packbits(b, bitorder="little")
         for offset in (0, 1, 3, 8):  # views at any byte of a word
             base = torch.from_numpy(np.concatenate([np.zeros(offset, bool), b]))
-            np.testing.assert_array_equal(tk.pack_bits(base[offset:]).numpy(), want)
-        np.testing.assert_array_equal(tk.pack_bits(torch.from_numpy(np.repeat(b, 2))[::2]).numpy(), want)
+            np.testing.assert_array_equal(tg.pack_bits(base[offset:]).numpy(), want)
+        np.testing.assert_array_equal(tg.pack_bits(torch.from_numpy(np.repeat(b, 2))[::2]).numpy(), want)

@@ -11,10 +11,15 @@ from feddip_kernels import available_backends  # noqa: E402
 
 
 # Every kernel backend, and "torch": the torch operations that step tensors on a CUDA device, here
-# run on CPU tensors (the same operations on either device).
+# run on CPU tensors (the same operations on either device), as device_kernels="torch" asks.
 @pytest.fixture(params=[*available_backends(), "torch"])
 def backend(request):
     return request.param
+
+
+def _kernels(backend):
+    """FedDIPSGD's arguments for a `backend` fixture value: a host backend, or the device kernels."""
+    return {"device_kernels": "torch"} if backend == "torch" else {"backend": backend}
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32; the fused kernel rounds differently from torch's eager ops
 
@@ -45,7 +50,7 @@ def test_matches_straightforward_torch(backend, p, momentum, dtype):
     # Ours: parameters hold w*m, the optimizer keeps dense w.
     model = _model().to(dtype)
     ref_dense = [t.detach().clone() for t in model.parameters()]
-    opt = FedDIPSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd, lam=lam, p=p, backend=backend)
+    opt = FedDIPSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd, lam=lam, p=p, **_kernels(backend))
     masks = _masks(model)
     opt.set_masks(masks)
     mask_list = [masks.get(t) for t in model.parameters()]
@@ -81,7 +86,7 @@ def test_matches_straightforward_torch(backend, p, momentum, dtype):
 def test_without_masks_equals_sgd(backend):
     x, y = _data()
     a, b = _model(), _model()
-    opt_a = FedDIPSGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, backend=backend)
+    opt_a = FedDIPSGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, **_kernels(backend))
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for _ in range(4):
         for m, o in ((a, opt_a), (b, opt_b)):
@@ -94,7 +99,7 @@ def test_without_masks_equals_sgd(backend):
 
 def test_loading_weights_resets_dense(backend):
     model = _model()
-    opt = FedDIPSGD(model.parameters(), lr=0.1, lam=0.01, backend=backend)
+    opt = FedDIPSGD(model.parameters(), lr=0.1, lam=0.01, **_kernels(backend))
     masks = _masks(model)
     opt.set_masks(masks)
     new = copy.deepcopy(_model(seed=5).state_dict())
@@ -129,11 +134,11 @@ _RESTORE_SCRIPT = r"""
 import sys, torch
 from feddip_kernels.integrations.pytorch import FedDIPSGD
 sys.path.insert(0, sys.argv[1])
-from test_torch_optimizer import _data, _masks, _model, _train
+from test_torch_optimizer import _data, _kernels, _masks, _model, _train
 
 ckpt, order, out = sys.argv[2], sys.argv[3], sys.argv[4]
 model = _model()
-opt = FedDIPSGD(model.parameters(), lr=0.1, momentum=0.9, lam=0.01, backend=sys.argv[5])
+opt = FedDIPSGD(model.parameters(), lr=0.1, momentum=0.9, lam=0.01, **_kernels(sys.argv[5]))
 opt.set_masks(_masks(model))
 saved = torch.load(ckpt, weights_only=True)
 if order == "model-twice-first":  # bumps the parameters' version counters by two before the optimizer's load
@@ -163,7 +168,7 @@ def test_state_restored_in_a_new_process_continues_the_run(backend, order, tmp_p
 
     def fresh():
         model = _model()
-        opt = FedDIPSGD(model.parameters(), lr=0.1, momentum=0.9, lam=0.01, backend=backend)
+        opt = FedDIPSGD(model.parameters(), lr=0.1, momentum=0.9, lam=0.01, **_kernels(backend))
         opt.set_masks(_masks(model))
         return model, opt
 
@@ -188,7 +193,7 @@ def test_huge_float32_weights_keep_a_finite_norm_and_propagate_nan(backend):
     # A norm of float32 weights of 3e19 is finite (accumulated in double); a layer holding NaN
     # has a NaN norm, which the next step takes (the regulariser drops out) instead of raising.
     w = torch.nn.Parameter(torch.full((5000,), 3e19))
-    opt = FedDIPSGD([w], lr=0.0, lam=0.01, weight_decay=0.0, backend=backend)
+    opt = FedDIPSGD([w], lr=0.0, lam=0.01, weight_decay=0.0, **_kernels(backend))
     opt.set_masks({w: torch.ones(5000, dtype=torch.bool)})
     w.grad = torch.zeros(5000)
     opt.step()
@@ -203,17 +208,16 @@ def test_huge_float32_weights_keep_a_finite_norm_and_propagate_nan(backend):
     assert np.isnan(float(opt.state[w]["norm"]))
 
 
-def test_prepared_host_arrays_step_as_the_checked_path(monkeypatch):
-    """From its second step a host group reuses the arrays it was checked with; every event that
+@pytest.mark.parametrize("backend", available_backends())  # the host kernels: the device kernels keep no arrays
+def test_prepared_host_arrays_step_as_fresh_ones(backend):
+    """From its second step a host group reuses the NumPy views it prepared; every event that
     invalidates them (new masks, weights or masks written from outside, a parameter without a
-    gradient, new hyperparameters, a restored state) must give the bits of the checked path."""
-    pytest.importorskip("feddip_kernels._core")
+    gradient, new hyperparameters, a restored state) must give the bits of views prepared anew
+    for every step."""
 
     def run(fast):
-        if not fast:
-            monkeypatch.setattr(FedDIPSGD, "_host_fast", lambda self, gi, group: False)
         model = _model()
-        opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01)
+        opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01, backend=backend)
         x, y = _data()
         taken = 0
         for t in range(10):
@@ -234,10 +238,11 @@ def test_prepared_host_arrays_step_as_the_checked_path(monkeypatch):
             loss.backward()
             if t == 6:
                 model[0].bias.grad = None  # this step without one parameter
+            if not fast:
+                opt.__dict__.pop("_host_tables", None)
             before = getattr(opt, "_host_tables", {}).get(0)
             opt.step()
             taken += before is not None and opt._host_tables.get(0) is before  # not prepared again
-        monkeypatch.undo()
         return [p.detach().clone() for p in model.parameters()] + [opt.dense(p).clone() for p in model.parameters()], taken
 
     got, taken = run(True)
@@ -247,13 +252,72 @@ def test_prepared_host_arrays_step_as_the_checked_path(monkeypatch):
     assert taken >= 4  # the prepared arrays did step most steps
 
 
+def test_host_steps_go_through_the_public_steps_validator_and_call(monkeypatch):
+    """FedDIPSGD steps host parameters through update.StepLayers, masked_ef_step_many's validator
+    and its one call of the kernels (update._run), with the host backend it was given: no kernel
+    call of its own."""
+    from feddip_kernels import _backend, update
+
+    calls = []
+    real = update._run
+    monkeypatch.setattr(update, "_run", lambda kernels, *a, **kw: calls.append(kernels) or real(kernels, *a, **kw))
+    model = _model()
+    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, lam=0.01, backend="numpy")
+    opt.set_masks(_masks(model))
+    _train(model, opt, 2)
+    assert calls == [_backend.kernels("numpy")] * 4  # masked layers, then the others, each step
+
+
+def test_device_kernels_and_the_deprecated_backend_spellings():
+    model = _model()
+    assert FedDIPSGD(model.parameters(), lr=0.1).device_kernels == "auto"
+    for name in ("torch", "triton"):
+        if name == "triton":
+            from feddip_kernels import _backend
+
+            if _backend.triton_step() is None:
+                with pytest.raises(RuntimeError, match="needs Triton"), pytest.warns(DeprecationWarning):
+                    FedDIPSGD(model.parameters(), lr=0.1, backend=name)
+                continue
+        with pytest.warns(DeprecationWarning, match=f'device_kernels="{name}"'):
+            opt = FedDIPSGD(model.parameters(), lr=0.1, backend=name)
+        assert (opt.backend, opt.device_kernels) == ("auto", name)
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        FedDIPSGD(model.parameters(), lr=0.1, backend="torch", device_kernels="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FedDIPSGD(model.parameters(), lr=0.1, backend="cuda")
+    with pytest.raises(ValueError, match="device_kernels must be one of"):
+        FedDIPSGD(model.parameters(), lr=0.1, device_kernels="native")
+    # A pickle made before device_kernels existed, with backend="torch", steps in torch operations.
+    opt = FedDIPSGD(model.parameters(), lr=0.1, device_kernels="torch")
+    state = opt.__getstate__()
+    state.pop("device_kernels")
+    state["backend"] = "torch"
+    old = FedDIPSGD.__new__(FedDIPSGD)
+    old.__setstate__(state)
+    assert (old.backend, old.device_kernels) == ("auto", "torch")
+
+
+def test_triton_requested_without_triton_says_so(monkeypatch):
+    """device_kernels="triton" where Triton does not import fails with a message that says so (it
+    listed the host backends when "triton" was a backend)."""
+    from feddip_kernels import _backend
+
+    monkeypatch.setattr(_backend, "triton_step", lambda: None)
+    model = _model()
+    with pytest.raises(RuntimeError, match='device_kernels="triton"\\) needs Triton'):
+        FedDIPSGD(model.parameters(), lr=0.1, device_kernels="triton")
+    opt = FedDIPSGD(model.parameters(), lr=0.1)  # "auto": torch operations on a device, the host here
+    _train(model, opt, 1)
+
+
 def test_a_deep_copy_or_pickle_steps_as_the_original(backend):
     """copy.deepcopy and pickle keep the optimizer's settings (torch's optimizers keep only their
     state and groups), and the copy steps as the original does."""
     import pickle
 
     model = _model()
-    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01, backend=backend)
+    opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, lam=0.01, **_kernels(backend))
     opt.set_masks(_masks(model))
     x, y = _data()
 
@@ -264,7 +328,10 @@ def test_a_deep_copy_or_pickle_steps_as_the_original(backend):
 
     step(model, opt)
     twin_model, twin = copy.deepcopy((model, opt))
-    assert twin.backend == backend and pickle.loads(pickle.dumps(opt)).backend == backend
+    settings = (opt.backend, opt.device_kernels)
+    assert settings == (("auto", "torch") if backend == "torch" else (backend, "auto"))
+    for other in (twin, pickle.loads(pickle.dumps(opt))):
+        assert (other.backend, other.device_kernels) == settings
     for _ in range(2):
         step(model, opt)
         step(twin_model, twin)
@@ -321,7 +388,7 @@ def _run_edits(backend, ops, seed):
     new_param(np.float64, 17, 0)  # a float64 layer beside float32 ones in one group
     new_param(np.float32, 300, 0)
     new_param(np.float32, 8, 0)
-    opt = FedDIPSGD(prms, lr=0.05, momentum=0.9, weight_decay=1e-3, lam=0.01, backend=backend)
+    opt = FedDIPSGD(prms, lr=0.05, momentum=0.9, weight_decay=1e-3, lam=0.01, **_kernels(backend))
     groups = [dict(lr=0.05, momentum=0.9, weight_decay=1e-3, lam=0.01, p=2)]
 
     def set_mask(i, m):
@@ -433,7 +500,7 @@ def test_a_popped_or_replaced_momentum_buffer_is_taken_as_torch_sgd_takes_it(bac
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(100))
     q = torch.nn.Parameter(p.detach().clone())
-    opt = FedDIPSGD([p], lr=0.01, momentum=0.9, weight_decay=0, backend=backend)
+    opt = FedDIPSGD([p], lr=0.01, momentum=0.9, weight_decay=0, **_kernels(backend))
     ref = torch.optim.SGD([q], lr=0.01, momentum=0.9)
     for step in range(6):
         for o, x in ((opt, p), (ref, q)):
@@ -456,7 +523,7 @@ def test_weights_written_through_data_become_the_dense_weights(backend, way):
     track, is taken with reload_weights. Either way the new weights are the dense weights."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(10, 4)
-    opt = FedDIPSGD(lin.parameters(), lr=0.0, weight_decay=0, backend=backend)
+    opt = FedDIPSGD(lin.parameters(), lr=0.0, weight_decay=0, **_kernels(backend))
     opt.set_masks({lin.weight: torch.rand(4, 10) > 0.5})
     for _ in range(2):
         opt.zero_grad()
@@ -492,7 +559,7 @@ def test_mixed_float32_and_float64_layers_step_in_one_group(backend):
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
     ra, rb = (torch.nn.Parameter(x.detach().clone()) for x in (a, b))
-    opt = FedDIPSGD([a, b], lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+    opt = FedDIPSGD([a, b], lr=0.1, momentum=0.9, weight_decay=1e-3, **_kernels(backend))
     ref = torch.optim.SGD([ra, rb], lr=0.1, momentum=0.9, weight_decay=1e-3)
     for _ in range(3):
         for o, (x, y) in ((opt, (a, b)), (ref, (ra, rb))):
@@ -533,3 +600,25 @@ def test_groups_given_as_generators_keep_their_parameters():
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
     with pytest.raises(ValueError, match="lr must be"):
         FedDIPSGD(m.parameters(), lr=float("nan"))
+
+
+def test_triton_on_cpu_tensors_says_when_it_cannot_run():
+    """device_kernels="triton" on CPU parameters: an error where Triton does not import (at
+    construction) or runs without its interpreter (at the step: no device to launch on), else
+    (TRITON_INTERPRET=1) the Triton step."""
+    import os
+
+    from feddip_kernels import _backend
+
+    model = _model()
+    if _backend.triton_step() is None:
+        with pytest.raises(RuntimeError, match="needs Triton"):
+            FedDIPSGD(model.parameters(), lr=0.1, device_kernels="triton")
+        return
+    opt = FedDIPSGD(model.parameters(), lr=0.1, device_kernels="triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _train(model, opt, 1)
+        assert opt._triton_tables
+        return
+    with pytest.raises(ValueError, match="only under TRITON_INTERPRET=1"):
+        _train(model, opt, 1)

@@ -25,7 +25,7 @@ def _model(dtype):
 def _run(backend, dtype, p, momentum, steps=6):
     model = _model(dtype)
     opt = FedDIPSGD(model.parameters(), lr=0.05, momentum=momentum, weight_decay=5e-4, lam=1e-2, p=p,
-                    backend=backend)
+                    device_kernels=backend)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(32, 3, 8, 8, generator=g, dtype=dtype).to(DEV)
     y = torch.randint(0, 5, (32,), generator=g).to(DEV)

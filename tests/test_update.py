@@ -559,12 +559,13 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def test_many_layers_of_plain_arrays_skip_the_python_checks():
-    """NumPy arrays the binding takes as they are go straight to it (it checks them in C++), with the
-    same results as the checked path; anything else, or anything the binding refuses, is declined
-    (None) and takes the checked path, which names the problem."""
-    pytest.importorskip("feddip_kernels._core")
-    from feddip_kernels import update
+def test_the_validator_passes_plain_arrays_as_they_are_and_checks_or_converts_the_rest(backend):
+    """The step's one validator (update._check_layers): NumPy arrays that the host kernels take as
+    they are pass through unchanged after a few checks (a small model's step makes many calls);
+    anything else goes layer by layer through _host_layer, which converts it (torch CPU tensors to
+    views of their memory, masks to bool, norms to float) or refuses it with the error that names
+    the problem, before any kernel runs. Either way the public step gives the same bits."""
+    from feddip_kernels import _backend, update
 
     rng = np.random.default_rng(3)
     sizes = [70_000, 5, 4096]
@@ -578,41 +579,41 @@ def test_many_layers_of_plain_arrays_skip_the_python_checks():
     gs = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     bits = [fk.pack_mask(rng.random(n) < 0.2) for n in sizes]
     (ws, bufs, outs), (ws2, bufs2, outs2) = layers(), layers()
-    fast = update._native_many_as_given(ws, gs, None, bits, bufs, outs, [None, 1.0, None], kw)
-    torch = pytest.importorskip("torch")  # torch tensors take the checked path
+    k = _backend.kernels(backend)
+    checked, packed = update._check_layers(k, ws, gs, None, bits, bufs, outs, [None, 1.0, None], 0.9)
+    assert packed and all(a is b for a, b in zip(checked, (ws, gs, bits, bufs, outs)))  # the very lists
+    masks = [rng.random(n) < 0.5 for n in sizes]
+    checked, packed = update._check_layers(k, ws, gs, masks, None, None, None, None, 0.0)
+    assert not packed and checked[2] is masks and checked[3] == [None] * 3
+    fast = fk.masked_ef_step_many(ws, gs, mask_bits=bits, momentum_buffers=bufs, pruned_outs=outs,
+                                  norms=[None, 1.0, None], backend=backend, **kw)
+    torch = pytest.importorskip("torch")  # torch tensors are converted to views of their memory
     as_t = [torch.from_numpy(a) for a in ws2]
-    checked = fk.masked_ef_step_many(as_t, gs, mask_bits=bits, momentum_buffers=bufs2, pruned_outs=outs2,
-                                     norms=[None, 1.0, None], backend="native", **kw)
-    assert fast == checked
+    converted = fk.masked_ef_step_many(as_t, gs, mask_bits=bits, momentum_buffers=bufs2, pruned_outs=outs2,
+                                       norms=[None, 1, None], backend=backend, **kw)
+    assert fast == converted
     assert all(a.tobytes() == b.tobytes() for a, b in zip(ws + bufs + outs, ws2 + bufs2 + outs2))
-    declined = {
-        "a torch tensor": dict(ws=as_t),
-        "uint8 masks": dict(masks=[np.ones(n, np.uint8) for n in sizes], mask_bits=None),
-        "int8 bits": dict(mask_bits=[b.view(np.int8) for b in bits]),
-        "momentum without buffers": dict(bufs=None),
-        "a negative norm": dict(norms=[-1.0, None, None]),
-        "an int norm": dict(norms=[1, None, None]),
-        "a strided w": dict(ws=[np.zeros(n, np.float32) for n in sizes][:2] + [np.zeros(4096, np.float32)[::-1]]),
-        "a read-only w": dict(ws=[np.zeros(n, np.float32) for n in sizes[:2]] + [_read_only(np.zeros(4096, np.float32))]),
-        "a float16 gradient": dict(gs=[g.astype(np.float16) for g in gs]),
-        "a tuple of the wrong length": dict(gs=tuple(gs[:2])),
+    w, g, buf = np.zeros(8, np.float32), np.ones(8, np.float32), np.zeros(8, np.float32)
+    (tw,), _, (tm,), _, _, (tn,) = update._check_layers(k, [torch.from_numpy(w)], [g], [np.ones(8, np.uint8)], None,
+                                                         [buf], None, [1], 0.9)[0]
+    assert np.shares_memory(tw, w) and tm.dtype == bool and type(tn) is float
+    refused = {
+        "int8 bits": (dict(mask_bits=fk.pack_mask(np.ones(8, bool)).view(np.int8)), TypeError, "mask_bits has dtype"),
+        "momentum without a buffer": (dict(momentum_buffer=None), ValueError, "needs a momentum_buffer"),
+        "a negative norm": (dict(norm=-1.0), ValueError, "norm must be"),
+        "a strided w": (dict(w=np.zeros(16, np.float32)[::2]), ValueError, "C-contiguous"),
+        "a read-only w": (dict(w=_read_only(np.zeros(8, np.float32))), ValueError, "C-contiguous"),
+        "a float16 gradient": (dict(g=g.astype(np.float16)), ValueError, "g must match w"),
+        "a float64 buffer": (dict(momentum_buffer=np.zeros(8)), TypeError, "momentum_buffer has dtype float64"),
+        "both masks": (dict(mask=np.ones(8, bool), mask_bits=fk.pack_mask(np.ones(8, bool))), ValueError, "not both"),
     }
-    for what, change in declined.items():
-        args = dict(ws=layers()[0], gs=gs, masks=None, mask_bits=bits, bufs=layers()[1], outs=None, norms=None)
+    for what, (change, error, message) in refused.items():
+        args = dict(w=w, g=g, mask=None, mask_bits=None, momentum_buffer=buf, pruned_out=None, momentum=0.9, norm=None)
         args.update(change)
-        assert update._native_many_as_given(hyper=kw, **args) is None, what
-    taken = {  # None entries, no lists at all, tuples, masks as bools: the binding takes them as they are
-        "None entries": dict(outs=[None, np.empty(5, np.float32), None], mask_bits=[None, bits[1], bits[2]]),
-        "no masks, copies or norms": dict(mask_bits=None),
-        "tuples": dict(ws=tuple(layers()[0]), gs=tuple(gs)),
-        "bool masks": dict(masks=[np.ones(n, bool) for n in sizes], mask_bits=None),
-        "no buffers without momentum": dict(bufs=None, hyper=dict(kw, momentum=0.0)),
-    }
-    for what, change in taken.items():
-        args = dict(ws=layers()[0], gs=gs, masks=None, mask_bits=bits, bufs=layers()[1], outs=None, norms=None,
-                    hyper=kw)
-        args.update(change)
-        assert isinstance(update._native_many_as_given(**args), list), what
+        with pytest.raises(error, match=message):
+            update._host_layer(**args)
+        with pytest.raises(error, match=message):
+            fk.masked_ef_step(args.pop("w"), args.pop("g"), lr=0.1, backend=backend, **args)
 
 
 def test_many_layers_sharing_memory_are_rejected(backend):

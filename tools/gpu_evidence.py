@@ -98,8 +98,8 @@ def step_benchmark(device: torch.device, repeat: int, steps: int = 10) -> dict:
             "torch.optim.SGD(fused=True)": lambda ps: torch.optim.SGD(ps, **hyper, fused=True),
             "torch.optim.SGD(foreach=True)": lambda ps: torch.optim.SGD(ps, **hyper, foreach=True),
             "FedDIPSGD (Triton, one launch a step)": lambda ps: FedDIPSGD(ps, **hyper, lam=1e-3),
-            "FedDIPSGD per layer, eager torch": lambda ps: FedDIPSGD(ps, **hyper, lam=1e-3, backend="torch",
-                                                                     compile=False),
+            "FedDIPSGD per layer, eager torch": lambda ps: FedDIPSGD(ps, **hyper, lam=1e-3,
+                                                                     device_kernels="torch", compile=False),
         }
         opts = {}
         for name, make in makers.items():
@@ -134,7 +134,7 @@ def topk_benchmark(device: torch.device, repeat: int) -> dict:
     """Global top-k masks at 5% of ResNet-18's weights: ours (the Triton radix select where Triton
     imports, at a few block sizes; and the torch operations it replaced) against torch.topk on
     the concatenated |w|, in interleaved rounds; the masks checked against the host's first."""
-    from feddip_kernels import _torch_kernels, pruning
+    from feddip_kernels import _torch_kernels
 
     weights = [w.detach() for w in prunable_parameters(resnet18(device)).values()]
     n = sum(w.numel() for w in weights)
@@ -150,8 +150,8 @@ def topk_benchmark(device: torch.device, repeat: int) -> dict:
     assert all(np.array_equal(m.cpu().numpy(), h) for m, h in zip(ours, host)), "device masks differ from the host's"
     fns = {"torch.topk on the concatenated |w|": baseline,
            "fk.global_topk_masks": lambda: fk.global_topk_masks(weights, k),
-           "torch operations (before)": lambda: _torch_kernels.topk_masks(weights, k)}
-    radix = pruning._radix_select(weights, k)
+           "torch operations (before)": lambda: _torch_kernels.torch_topk_masks(weights, k)}
+    radix = _torch_kernels.radix_select(weights, k)
     out: dict = {"elements": n, "k": k, "radix select": radix is not None}
     if radix is not None:
         for block, digits in ((4096, (8, 8, 8, 7)), (16384, (11, 11, 9)), (1024, (11, 11, 9))):

@@ -53,13 +53,12 @@ def _sparse_on_device(k: Any, names: list[str], flats: dict[str, Any], masks: Op
     """Device tensors sparsified where they are, with the Golomb streams that the message may take
     coded there (device_plan), so that only those streams, the values and the packed bits that it
     may take cross to the host. By name: (Fetched, ([(run size, nnz)], -0.0 sent), Plan)."""
-    from .._torch_golomb import DeviceSparse, Plan
-
+    dk = _backend.device_kernels()
     masked = {name: bool(masks) and name in masks for name in names}
-    dev = DeviceSparse([(flats[name][0], masks[name] if masks and masked[name] else None, signs_of(masked[name]))
-                        for name in names], CHUNK_ELEMS)
+    dev = dk.DeviceSparse([(flats[name][0], masks[name] if masks and masked[name] else None, signs_of(masked[name]))
+                           for name in names], CHUNK_ELEMS)
     counts = dev.counts()
-    plans = [Plan(*device_plan(k, runs, negatives, positions, flats[name][1], not (reference and name in reference)))
+    plans = [dk.Plan(*device_plan(k, runs, negatives, positions, flats[name][1], not (reference and name in reference)))
              for name, (runs, negatives) in zip(names, counts)]
     return dict(zip(names, zip(dev.fetch(plans), counts, plans)))
 

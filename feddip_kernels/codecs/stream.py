@@ -124,14 +124,7 @@ def encode_stream(
         n = math.prod(shape)
         mask = masks[name] if masks and name in masks else None
         if mask is not None:
-            if on_device(flat):
-                import torch
-
-                mask = torch.as_tensor(mask, device=flat.device).reshape(-1)
-                if mask.numel() != n:
-                    raise ValueError(f"masks[{name!r}] has {mask.numel()} elements, expected {n}")
-            else:
-                mask = flat_mask(mask, n, f"masks[{name!r}]")
+            mask = flat_mask(mask, n, f"masks[{name!r}]", flat.device if on_device(flat) else None)
         ref = flat_mask(reference[name], n, f"reference[{name!r}]") if reference and name in reference else None
         window.append(write_head(name, shape) + STREAM_RECORD.pack(DTYPE_CODES[dtype], VALUES[values], 0, chunk_elems))
         signs = signed_zeros if signed_zeros is not None else values == "raw" and mask is None
@@ -179,12 +172,12 @@ def _device_chunks(k: Any, jobs: list[tuple[_Source, int, int]], positions: str)
     """Chunks of device tensors sparsified where they are, all at once, with their Golomb streams
     coded there (as encode_model's): (chunk, (m, stream) or None for Golomb not offered, the same
     for its -0.0). A chunk with a reference mask gets its packed positions: the host codes them."""
-    from .._torch_golomb import DeviceSparse, Plan
-
-    dev = DeviceSparse([(src.flat[start : start + size], None if src.mask is None else src.mask[start : start + size],
-                         src.signs) for src, start, size in jobs], None)
+    dk = _backend.device_kernels()
+    dev = dk.DeviceSparse([(src.flat[start : start + size],
+                            None if src.mask is None else src.mask[start : start + size], src.signs)
+                           for src, start, size in jobs], None)
     counts = dev.counts()
-    plans = [Plan(*device_plan(k, runs, negatives, positions, None, job[0].ref is None))
+    plans = [dk.Plan(*device_plan(k, runs, negatives, positions, None, job[0].ref is None))
              for job, (runs, negatives) in zip(jobs, counts)]
     out = []
     for job, got, (_, negatives), plan in zip(jobs, dev.fetch(plans), counts, plans):

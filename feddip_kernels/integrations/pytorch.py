@@ -3,26 +3,30 @@
 The model's parameters hold the *pruned* weights w * m, so forward and backward run at the pruned
 point with no copy of the model; the optimizer keeps the dense weights w in its state and updates
 them with the gradient taken at the pruned point (error feedback), then rewrites the pruned copy,
-all in one fused pass: on the CPU all layers of a parameter group in one call of the native kernel
-(feddip_kernels.masked_ef_step_many, with the arrays checked once and kept while they stay valid),
-on a CUDA device in one Triton kernel (feddip_kernels._triton_kernels).
+all in one fused pass: on the CPU all layers of a parameter group in one call of the public step
+(masked_ef_step_many's validator and kernel call, through update.StepLayers, on NumPy views of the
+tensors checked once and kept while they stay valid), on a CUDA device in one Triton kernel
+(feddip_kernels._triton_kernels) or in the device kernels' torch operations
+(feddip_kernels._torch_kernels), as _backend hands them out.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import warnings
+from types import ModuleType
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 
-from .. import _backend, _torch_kernels
+from .. import _backend
 from .._arrays import as_array
 from ..pruning import pack_mask
-from ..update import _check_hyper, masked_ef_step_many
+from ..update import StepLayers
+
+DEVICE_KERNELS = ("auto", "triton", "torch")
 
 
 class FedDIPSGD(torch.optim.Optimizer):
@@ -39,15 +43,23 @@ class FedDIPSGD(torch.optim.Optimizer):
     call `reload_weights`. Edits of the state and groups between steps (a momentum buffer popped or
     replaced, hyperparameters, add_param_group, load_state_dict) are honoured as torch.optim.SGD
     honours them. Call `set_masks` again to change a mask. float32/float64 parameters, mixed in a
-    group if need be. On the CPU each step is the native fused
-    kernel. On a CUDA device, where Triton is installed, a group's layers (one device and dtype)
-    step in one Triton kernel launch (_triton_kernels), as torch's fused SGD steps them; without
-    Triton, or with `backend="torch"` (which takes that path on the CPU too), each layer steps in
-    torch operations (_torch_kernels.ef_step), compiled by torch.compile into one kernel per
-    layer shape when `compile` is True, or None (the default) on a CUDA device where compiling
-    works (else, with a warning, the uncompiled operations). `backend="triton"` asks for the
-    Triton kernel everywhere (CPU tensors only under TRITON_INTERPRET=1). No step waits for the
-    device.
+    group if need be.
+
+    On the CPU a group's layers step as masked_ef_step_many steps them (update.StepLayers: its
+    checks and its one call), in the fused kernel of `backend` ("auto", "native", "numba" or
+    "numpy", as every kernel takes it). Parameters on a device step where they
+    are, in the kernels that `device_kernels` names: "auto" (the default) steps a group's layers
+    (one CUDA device and dtype) in one Triton kernel launch (_triton_kernels), as torch's fused
+    SGD steps them, where Triton imports, else each layer in torch operations (the device
+    kernels' ef_step); "torch" each layer in torch operations; "triton" the Triton kernel (an
+    error where Triton does not import). "torch" and "triton" take every parameter, CPU ones too
+    (Triton on CPU tensors only under TRITON_INTERPRET=1): the way to run those paths on a host.
+    The torch operations are compiled by torch.compile into one kernel per layer shape when
+    `compile` is True, or None (the default) on a CUDA device where compiling works (else, with
+    a warning, the uncompiled operations). No step waits for the device.
+
+    `backend="torch"` and `backend="triton"` are the spellings of `device_kernels` before it
+    existed: deprecated (DeprecationWarning), they set device_kernels and leave backend "auto".
     """
 
     def __init__(
@@ -60,15 +72,31 @@ class FedDIPSGD(torch.optim.Optimizer):
         p: int = 2,
         backend: str = "auto",
         compile: Optional[bool] = None,
+        device_kernels: str = "auto",
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or lam < 0:
             raise ValueError("lr, momentum, weight_decay and lam must be >= 0")
         if p not in (1, 2):
             raise ValueError(f"p must be 1 or 2, got {p}")
+        if backend in DEVICE_KERNELS[1:]:
+            warnings.warn(f'FedDIPSGD(backend="{backend}") is deprecated: pass device_kernels="{backend}" '
+                          f"(backend names the host kernels, one of {_backend.BACKENDS})", DeprecationWarning,
+                          stacklevel=2)
+            if device_kernels not in ("auto", backend):
+                raise ValueError(f"backend={backend!r} and device_kernels={device_kernels!r} disagree; "
+                                 "pass device_kernels only")
+            backend, device_kernels = "auto", backend
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        if device_kernels not in DEVICE_KERNELS:
+            raise ValueError(f"device_kernels must be one of {DEVICE_KERNELS}, got {device_kernels!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lam=lam, p=p)
         super().__init__(params, defaults)
         self.backend = backend
+        self.device_kernels = device_kernels
         self.compile = compile
+        if device_kernels == "triton":
+            self._triton()  # not installed: say so now
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group (which the constructor calls for each group), with FedDIPSGD's
@@ -94,12 +122,16 @@ class FedDIPSGD(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch's optimizers pickle (and deep-copy) their state and groups only: the settings
         # travel too; the prepared tables (derived, with device addresses) do not.
-        return {**super().__getstate__(), "backend": self.backend, "compile": self.compile}
+        return {**super().__getstate__(), "backend": self.backend, "device_kernels": self.device_kernels,
+                "compile": self.compile}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also load_state_dict's way in, with state and groups only
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("device_kernels", "auto")
         self.__dict__.setdefault("compile", None)
+        if self.backend in DEVICE_KERNELS[1:]:  # pickled before device_kernels existed
+            self.__dict__.update(backend="auto", device_kernels=self.backend)
 
     def set_lambda(self, lam: float) -> None:
         """Set the regularisation strength lambda_t of every parameter group."""
@@ -264,46 +296,18 @@ class FedDIPSGD(torch.optim.Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             _check_group(group)
-            if self._triton_group(group):
-                self._triton_steps(gi, group)
-                continue
-            if self._host_fast(gi, group):
-                continue
-            hp: dict[torch.device, torch.Tensor] = {}  # the group's scalars, per device (torch path)
-            host_masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]]] = []
-            host_plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
-            for prm in group["params"]:
-                if prm.grad is None:
-                    continue
+            prms = [prm for prm in group["params"] if prm.grad is not None]
+            for prm in prms:
                 if prm.grad.is_sparse:
                     raise TypeError("FedDIPSGD does not support sparse gradients")
-                state = self.state[prm]
-                buf = self._momentum_buffer(prm, state) if group["momentum"] != 0 else None
-                in_torch = prm.device.type != "cpu" or self.backend == "torch"
-                if in_torch and prm.device not in hp:
-                    hp[prm.device] = _torch_kernels.hyper(group["lr"], group["weight_decay"], group["lam"],
-                                                          group["momentum"], prm.device)
-                if "mask" in state:
-                    dense = self._dense(prm)
-                    norm = self._valid_norm(prm, state, group["p"])
-                    if in_torch:
-                        norm = self._ef_step(dense, prm.grad, state["mask"], buf, prm.detach(), hp[prm.device],
-                                             group["p"], norm)
-                        self._keep_norm(prm, state, norm, group["p"])
-                    else:
-                        host_masked.append((prm, dense, buf, norm))
-                elif in_torch:  # no mask, no regulariser: SGD as torch.optim.SGD makes it
-                    w = prm.detach()
-                    d = prm.grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else prm.grad
-                    if buf is not None:
-                        buf.mul_(group["momentum"]).add_(d)
-                        d = buf
-                    w.add_(d, alpha=-group["lr"])
-                else:
-                    host_plain.append((prm, buf))
-            self._host_steps(group, host_masked, host_plain)
-            if len(host_masked) + len(host_plain) == len(group["params"]) and _backend.resolve(self.backend) == "native":
-                self._prepare_host(gi, group, host_masked, host_plain)
+            if not prms:
+                continue
+            if self._triton_group(group):
+                self._triton_steps(gi, group, prms)
+            elif self.device_kernels != "auto":  # every parameter in torch operations, CPU ones too
+                self._device_steps(group, prms)
+            else:
+                self._host_steps(gi, group, prms)
         return loss
 
     @staticmethod
@@ -323,118 +327,122 @@ class FedDIPSGD(torch.optim.Optimizer):
         Returns the key and the objects whose ids it holds, which the table must keep alive (an id
         is unique only while its object lives)."""
         objs: list[Any] = []
+        versions = []  # of the masks: one written in place is packed again (host)
         for prm in prms:
             st = self.state[prm]
-            objs += (prm, st.get("momentum_buffer"), st.get("dense"), st.get("mask"))
+            mask = st.get("mask")
+            objs += (prm, st.get("momentum_buffer"), st.get("dense"), mask)
+            if mask is not None:
+                versions.append(mask._version)
         key = (self.__dict__.get("_layout", 0), group["momentum"] != 0, group["p"], tuple(map(id, objs)),
-               tuple(0 if t is None else t.data_ptr() for t in objs))  # `.data` of any of them assigned
+               tuple(0 if t is None else t.data_ptr() for t in objs), tuple(versions))  # `.data` of any assigned
         return key, objs
 
-    def _prepare_host(self, gi: int, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor,
-                      Optional[torch.Tensor], Optional[float]]], plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]]
-                      ) -> None:
-        """Keep the arrays that a group of host parameters (all with gradients) has just been stepped
-        with, checked, so that the next steps hand them to the native kernel as they are: the
-        checks and conversions cost about 20 us a parameter, 1.2 ms a step for ResNet-18's 62.
-        One call of the kernel for the masked layers, one for the others."""
-        prms = [prm for prm in group["params"] if prm.grad is not None]
-        key, objs = self._group_key(group, prms)
-        ms = [(prm, self.state[prm], as_array(dense), None if buf is None else as_array(buf), as_array(prm))
-              for prm, dense, buf, _ in masked]
-        ps = [(prm, None, as_array(prm), None if buf is None else as_array(buf), None) for prm, buf in plain]
-        calls = [(is_masked, items) for is_masked, items in ((True, ms), (False, ps)) if items]
-        self.__dict__.setdefault("_host_tables", {})[gi] = (key, objs, calls)
+    def _buffered(self, group: dict[str, Any], prms: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """The parameters' states, each with a momentum buffer where the group has momentum."""
+        states = [self.state[prm] for prm in prms]
+        if group["momentum"] != 0:
+            for prm, st in zip(prms, states):
+                self._momentum_buffer(prm, st)
+        return states
 
-    def _host_fast(self, gi: int, group: dict[str, Any]) -> bool:
-        """Step a group of host parameters with the arrays _prepare_host kept, when nothing they
-        depend on has changed (see _group_key; gradients shaped as before); False otherwise, and
-        the checked path runs."""
-        entry = self.__dict__.get("_host_tables", {}).get(gi)
-        if entry is None:
-            return False
-        key, _, calls = entry
-        prms = [prm for prm in group["params"] if prm.grad is not None]
-        if self._group_key(group, prms)[0] != key:
-            return False
-        grads = []
-        for _, items in calls:
-            gs = []
-            for item in items:
-                prm = item[0]
-                g = prm.grad
-                if g.is_sparse or g.dtype != prm.dtype or g.shape != prm.shape or not g.is_contiguous():
-                    return False
-                gs.append(g.detach().numpy())
-            grads.append(gs)
+    def _host_steps(self, gi: int, group: dict[str, Any], prms: list[torch.Tensor]) -> None:
+        """A group's host layers in at most two calls of the public multi-layer step (one fork and
+        join each, not one per layer): the masked layers with the regulariser, then the others.
+        The step's layers (update.StepLayers: NumPy views of the dense weights, buffers, pruned
+        copies and packed masks, checked by the step's validator) are made once and kept while
+        they stay valid (converting and checking them each step would cost more than the step of a
+        small layer; benchmarks/RESULTS.md); each step checks the new gradients, norms and hyperparameters. A
+        group with layers on a device too steps those in torch operations (_device_steps)."""
+        kept = self.__dict__.setdefault("_host_tables", {})
+        key, _ = self._group_key(group, prms)
+        entry = kept.get(gi)
+        if entry is None or entry[0] != key:
+            on_device = [_backend.on_device(prm) for prm in prms]
+            if any(on_device):
+                self._device_steps(group, [prm for prm, dev in zip(prms, on_device) if dev])
+                prms = [prm for prm, dev in zip(prms, on_device) if not dev]
+                if prms:  # not kept: they are not the whole group
+                    self._host_call(group, self._host_layers(group, prms, self._buffered(group, prms)))
+                return
+            states = self._buffered(group, prms)
+            key, objs = self._group_key(group, prms)  # with the buffers just made
+            entry = kept[gi] = (key, self._host_layers(group, prms, states), objs)
+        self._host_call(group, entry[1])
+
+    def _host_call(self, group: dict[str, Any], prepared: tuple[Any, Any]) -> None:
+        masked, plain = prepared
         p = group["p"]
-        _check_hyper(group["lr"], group["weight_decay"], group["lam"], group["momentum"], p)
-        native = _backend.native_module()
-        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"], p=p)
-        for (is_masked, items), gs in zip(calls, grads):
-            bufs = [item[3] for item in items]
-            if not is_masked:
-                native.masked_ef_step_many([item[2] for item in items], gs, [None] * len(items), momentum_buffers=bufs,
-                                           pruned_outs=[None] * len(items), lam=0.0, norms=[0.0] * len(items), **hyper)
-                continue
+        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], p=p, momentum=group["momentum"])
+        if masked is not None:
+            items, layers = masked
             norms = []
-            for prm, st, *_ in items:
+            for prm, st in items:
                 self._dense(prm)  # weights written from outside become the dense weights (same storage)
                 norms.append(self._valid_norm(prm, st, p))
-            new = native.masked_ef_step_many(
-                [item[2] for item in items], gs, [self._mask_bits(item[0]) for item in items], momentum_buffers=bufs,
-                pruned_outs=[item[4] for item in items], lam=group["lam"], norms=norms, mask_packed=True, **hyper)
-            for (prm, st, *_), norm in zip(items, new):
+            new = layers.step([prm.grad.detach().numpy() for prm, _ in items], lam=group["lam"], norms=norms,
+                              **hyper)
+            for (prm, st), norm in zip(items, new):
                 self._keep_norm(prm, st, norm, p)
-        return True
+        if plain is not None:
+            items, layers, zeros = plain
+            layers.step([prm.grad.detach().numpy() for prm in items], norms=zeros, **hyper)
+
+    def _host_layers(self, group: dict[str, Any], prms: list[torch.Tensor],
+                     states: list[dict[str, Any]]) -> tuple[Any, Any]:
+        """What _host_call steps: ((masked (prm, state) pairs, their StepLayers) or None, (the
+        other parameters, their StepLayers, zero norms) or None)."""
+        momentum = group["momentum"]
+
+        def step_layers(items: list[tuple[torch.Tensor, dict[str, Any]]], masked: bool) -> StepLayers:
+            bufs = [as_array(st["momentum_buffer"]) for _, st in items] if momentum != 0 else None
+            grads = [prm.grad.detach().numpy() for prm, _ in items]
+            if not masked:
+                return StepLayers([as_array(prm) for prm, _ in items], grads, momentum_buffers=bufs, momentum=momentum,
+                                  backend=self.backend)
+            return StepLayers([as_array(st["dense"]) for _, st in items], grads,
+                              mask_bits=[self._mask_bits(prm) for prm, _ in items], momentum_buffers=bufs,
+                              pruned_outs=[as_array(prm) for prm, _ in items], momentum=momentum, backend=self.backend)
+
+        masked = [(prm, st) for prm, st in zip(prms, states) if "mask" in st]
+        plain = [(prm, st) for prm, st in zip(prms, states) if "mask" not in st]
+        return ((masked, step_layers(masked, True)) if masked else None,
+                ([prm for prm, _ in plain], step_layers(plain, False), [0.0] * len(plain)) if plain else None)
+
+    def _triton(self) -> Optional[ModuleType]:
+        """The Triton step (_triton_kernels) where Triton imports; where it does not, None, or with
+        device_kernels="triton" an error that says so."""
+        module = _backend.triton_step()
+        if module is None and self.device_kernels == "triton":
+            raise RuntimeError('FedDIPSGD(device_kernels="triton") needs Triton, which does not import here '
+                               '(pip install triton); "auto" steps in torch operations without it')
+        return module
 
     def _triton_group(self, group: dict[str, Any]) -> bool:
         """Whether a group steps in the multi-layer Triton kernel: all its parameters on one CUDA
-        device with one dtype where Triton imports (backend "auto"), or any with backend="triton"
-        (CPU tensors under TRITON_INTERPRET). Otherwise its CUDA layers step one by one."""
+        device with one dtype where Triton imports (device_kernels "auto"), or on any one device
+        with device_kernels="triton" (CPU tensors under TRITON_INTERPRET). Otherwise its device
+        layers step one by one."""
         params = group["params"]
-        if not params or (self.backend != "triton" and not (self.backend == "auto" and params[0].is_cuda)):
+        if not params or self.device_kernels == "torch" or (self.device_kernels == "auto" and not params[0].is_cuda):
             return False
         if len({(prm.device, prm.dtype) for prm in params}) > 1:
             return False
-        have = self.__dict__.get("_have_triton")
-        if have is None:
-            try:
-                importlib.import_module("._triton_kernels", "feddip_kernels")
-                have = True
-            except ImportError:
-                have = False
-            self.__dict__["_have_triton"] = have
-        return have
+        return self._triton() is not None
 
-    def _triton_steps(self, gi: int, group: dict[str, Any]) -> None:
+    def _triton_steps(self, gi: int, group: dict[str, Any], prms: list[torch.Tensor]) -> None:
         """A group's layers in one launch of the Triton step (and a small one that adds up the
         layers' norms), replayed as a CUDA graph from the table's second step. The layer table, with
         the addresses, the states and the norms, stays between steps while the layers do (see
         _group_key)."""
-        from .. import _triton_kernels
-
-        prms = [prm for prm in group["params"] if prm.grad is not None]
-        if not prms:
-            return
-        key, objs = self._group_key(group, prms)
-        tables = self.__dict__.setdefault("_triton_tables", {})
-        entry = tables.get(gi)
+        kept = self.__dict__.setdefault("_triton_tables", {})
+        key, _ = self._group_key(group, prms)
+        entry = kept.get(gi)
         if entry is None or entry[0] != key:
-            if any(prm.grad.is_sparse for prm in prms):
-                raise TypeError("FedDIPSGD does not support sparse gradients")
-            states = [self.state[prm] for prm in prms]
-            if group["momentum"] != 0:
-                for prm, st in zip(prms, states):
-                    self._momentum_buffer(prm, st)
-                key, objs = self._group_key(group, prms)  # with the buffers just made
-            masked = [(prm, st) for prm, st in zip(prms, states) if "mask" in st]
-            table = _triton_kernels.LayerTable(
-                [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)],
-                [st.get("mask") for st in states], [st.get("momentum_buffer") for st in states],
-                [prm.detach() if "mask" in st else None for prm, st in zip(prms, states)])
-            views = [v for v, st in zip(table.views, states) if "mask" in st]
-            entry = tables[gi] = (key, table, masked, views, objs)
-        _, table, masked, views, _ = entry
+            states = self._buffered(group, prms)
+            key, objs = self._group_key(group, prms)  # with the buffers just made
+            entry = kept[gi] = (key, self._triton_table(prms, states), objs)
+        table, masked, views = entry[1]
         p = group["p"]
         fresh = False  # norms to compute first: a new table, or weights written from outside
         for (prm, st), v in zip(masked, views):
@@ -448,24 +456,36 @@ class FedDIPSGD(torch.optim.Optimizer):
         for (prm, st), v in zip(masked, views):
             self._keep_norm(prm, st, v, p)
 
-    def _host_steps(self, group: dict[str, Any], masked: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
-                                                                     Optional[float]]],
-                    plain: list[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
-        """A group's host layers in at most two calls of the multi-layer step (one fork and join
-        each, not one per layer): the masked layers with the regulariser, then the others."""
-        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], p=group["p"], momentum=group["momentum"],
-                     backend=self.backend)
-        if masked:
-            norms = masked_ef_step_many(
-                [dense for _, dense, _, _ in masked], [prm.grad for prm, *_ in masked],
-                mask_bits=[self._mask_bits(prm) for prm, *_ in masked], lam=group["lam"],
-                momentum_buffers=[buf for _, _, buf, _ in masked], pruned_outs=[prm.detach() for prm, *_ in masked],
-                norms=[norm for *_, norm in masked], **hyper)
-            for (prm, *_), norm in zip(masked, norms):
-                self._keep_norm(prm, self.state[prm], norm, group["p"])
-        if plain:
-            masked_ef_step_many([prm.detach() for prm, _ in plain], [prm.grad for prm, _ in plain],
-                                momentum_buffers=[buf for _, buf in plain], norms=[0.0] * len(plain), **hyper)
+    def _triton_table(self, prms: list[torch.Tensor], states: list[dict[str, Any]]) -> tuple[Any, list[Any], list[Any]]:
+        """(the Triton step's layer table, the masked (prm, state) pairs, their norms' views in it)."""
+        table = self._triton().LayerTable(
+            [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)],
+            [st.get("mask") for st in states], [st.get("momentum_buffer") for st in states],
+            [prm.detach() if "mask" in st else None for prm, st in zip(prms, states)])
+        masked = [(prm, st) for prm, st in zip(prms, states) if "mask" in st]
+        return table, masked, [v for v, st in zip(table.views, states) if "mask" in st]
+
+    def _device_steps(self, group: dict[str, Any], prms: list[torch.Tensor]) -> None:
+        """Layers stepped one by one in the device kernels' torch operations, where they are: the
+        masked ones in ef_step (its norm kept on the device as a 0-d tensor: no wait), the others
+        in plain SGD, as torch.optim.SGD makes it."""
+        dk = _backend.device_kernels()
+        hp: dict[torch.device, torch.Tensor] = {}  # the group's scalars, per device
+        p = group["p"]
+        for prm in prms:
+            state = self.state[prm]
+            buf = self._momentum_buffer(prm, state) if group["momentum"] != 0 else None
+            if "mask" not in state:
+                dk.sgd_step(prm.detach(), prm.grad, buf, lr=group["lr"], weight_decay=group["weight_decay"],
+                            momentum=group["momentum"])
+                continue
+            if prm.device not in hp:
+                hp[prm.device] = dk.hyper(group["lr"], group["weight_decay"], group["lam"], group["momentum"],
+                                          prm.device)
+            dense = self._dense(prm)
+            norm = self._valid_norm(prm, state, p)
+            norm = self._ef_step(dk, dense, prm.grad, state["mask"], buf, prm.detach(), hp[prm.device], p, norm)
+            self._keep_norm(prm, state, norm, p)
 
     def _mask_bits(self, prm: torch.Tensor) -> np.ndarray:
         """A host parameter's mask as packed bits (an eighth of the bool mask's traffic in every
@@ -478,18 +498,19 @@ class FedDIPSGD(torch.optim.Optimizer):
             hit = cache[prm] = (mask, mask._version, pack_mask(mask))
         return hit[2]
 
-    def _ef_step(self, *args: Any) -> torch.Tensor:
+    def _ef_step(self, dk: Any, *args: Any) -> torch.Tensor:
+        """The device kernels' ef_step, compiled (ef_step_fused) as `compile` says."""
         if not (self.compile or (self.compile is None and args[0].device.type == "cuda")):
-            return _torch_kernels.ef_step(*args)
+            return dk.ef_step(*args)
         try:
-            return _torch_kernels.ef_step_fused(*args)
+            return dk.ef_step_fused(*args)
         except Exception as e:  # noqa: BLE001 - no compiler here (no Triton, no C++ toolchain)
             if self.compile:
                 raise
             warnings.warn(f"FedDIPSGD: torch.compile failed ({type(e).__name__}: {e}); stepping with "
-                          "uncompiled torch operations", RuntimeWarning, stacklevel=3)
+                          "uncompiled torch operations", RuntimeWarning, stacklevel=4)
             self.compile = False
-            return _torch_kernels.ef_step(*args)
+            return dk.ef_step(*args)
 
 
 class _Seen:
