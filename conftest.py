@@ -20,7 +20,9 @@ def pytest_configure(config):
     if not config.getoption("--benchmark") and hasattr(config.option, "benchmark_disable"):
         config.option.benchmark_disable = True
     config.addinivalue_line("markers", "cuda: needs a CUDA device (or FEDDIP_TEST_DEVICE=cpu); left out elsewhere")
-    config.addinivalue_line("markers", "triton: needs Triton and a CUDA device (or TRITON_INTERPRET=1); left out elsewhere")
+    config.addinivalue_line(
+        "markers", "triton: needs Triton and a CUDA device (or TRITON_INTERPRET=1); left out elsewhere"
+    )
 
 
 # Tests of the GPU paths need hardware that no install provides (CI has no GPU): where it is
@@ -43,7 +45,9 @@ def pytest_collection_modifyitems(config, items):
     drop = []
     if config.getoption("--benchmark"):
         drop = [it for it in items if "benchmarks" not in it.path.parts]
-    needs = [it for it in items if it not in drop and (it.get_closest_marker("cuda") or it.get_closest_marker("triton"))]
+    needs = [
+        it for it in items if it not in drop and (it.get_closest_marker("cuda") or it.get_closest_marker("triton"))
+    ]
     if needs:
         have = _hardware()
         for it in needs:

@@ -66,7 +66,9 @@ def record(benchmark):
         benchmark.name = name
         # `rounds`: exactly that many (after one warm-up), where a median of ratios needs more
         # rounds than the time-based calibration gives slow calls.
-        result = benchmark(fn, *args) if rounds is None else benchmark.pedantic(fn, args, rounds=rounds, warmup_rounds=1)
+        result = (
+            benchmark(fn, *args) if rounds is None else benchmark.pedantic(fn, args, rounds=rounds, warmup_rounds=1)
+        )
         if ratios_of is not None:  # metrics computed from the timed calls themselves
             extra.update(ratios_of())
         benchmark.extra_info.update(extra, dense_bytes=dense_bytes, baseline=baseline, roofline=roofline)

@@ -148,8 +148,14 @@ def test_encode_one_large_tensor(record, big, threads):
         model.CHUNK_ELEMS = chunk
     fk.set_num_threads(threads)
     try:
-        msg = record(lambda: fk.encode_model({"w": big}), group=GROUP_BIG_ENC, name=f"feddip encode, {threads} thread(s)",
-                     dense_bytes=4 * BIG, baseline=threads == 1, size_vs_v1=len(fk.encode_model({"w": big})) / v1)
+        msg = record(
+            lambda: fk.encode_model({"w": big}),
+            group=GROUP_BIG_ENC,
+            name=f"feddip encode, {threads} thread(s)",
+            dense_bytes=4 * BIG,
+            baseline=threads == 1,
+            size_vs_v1=len(fk.encode_model({"w": big})) / v1,
+        )
     finally:
         fk.set_num_threads(0)
     assert msg[4] == 2 and len(msg) <= 1.005 * v1

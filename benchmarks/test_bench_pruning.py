@@ -33,12 +33,19 @@ def weights():
 def test_threshold(record, weights, backend):
     ws, n, k = weights
     fk.global_magnitude_threshold(ws, k, backend=backend)  # JIT warm-up for numba
-    record(lambda: fk.global_magnitude_threshold(ws, k, backend=backend), group=GROUP, name=f"threshold[{backend}]", dense_bytes=4 * n)
+    record(
+        lambda: fk.global_magnitude_threshold(ws, k, backend=backend),
+        group=GROUP,
+        name=f"threshold[{backend}]",
+        dense_bytes=4 * n,
+    )
 
 
 def test_masks_native(record, weights):
     ws, n, k = weights
-    masks = record(lambda: fk.global_topk_masks(ws, k, backend="native"), group=GROUP, name="masks[native]", dense_bytes=4 * n)
+    masks = record(
+        lambda: fk.global_topk_masks(ws, k, backend="native"), group=GROUP, name="masks[native]", dense_bytes=4 * n
+    )
     assert sum(int(m.sum()) for m in masks) == k
 
 
@@ -62,7 +69,9 @@ def test_torch_topk_sorted(record, weights):
     torch = pytest.importorskip("torch")
     ws, n, k = weights
     flat = torch.cat([torch.from_numpy(w).abs().flatten() for w in ws])
-    record(lambda: flat.topk(k).values[-1].item(), group=GROUP, name="torch.topk sorted (concat |w|)", dense_bytes=4 * n)
+    record(
+        lambda: flat.topk(k).values[-1].item(), group=GROUP, name="torch.topk sorted (concat |w|)", dense_bytes=4 * n
+    )
 
 
 def test_streaming_read(record, weights):
@@ -107,9 +116,19 @@ def test_torch_cat_topk(record, weights):
     torch = pytest.importorskip("torch")
     ws, n, k = weights
     tw = [torch.from_numpy(w) for w in ws]
-    record(lambda: torch.cat([t.abs().flatten() for t in tw]).topk(k).values[-1].item(), group=GROUP, name="torch cat+abs+topk", dense_bytes=4 * n)
+    record(
+        lambda: torch.cat([t.abs().flatten() for t in tw]).topk(k).values[-1].item(),
+        group=GROUP,
+        name="torch cat+abs+topk",
+        dense_bytes=4 * n,
+    )
 
 
 def test_numpy_partition(record, weights):
     ws, n, k = weights
-    record(lambda: np.partition(np.abs(np.concatenate([w.ravel() for w in ws])), n - k)[n - k], group=GROUP, name="np.partition (concat |w|)", dense_bytes=4 * n)
+    record(
+        lambda: np.partition(np.abs(np.concatenate([w.ravel() for w in ws])), n - k)[n - k],
+        group=GROUP,
+        name="np.partition (concat |w|)",
+        dense_bytes=4 * n,
+    )

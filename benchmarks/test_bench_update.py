@@ -140,8 +140,13 @@ def test_interleaved_ratios(record, setup):
         }
 
     # Pass the ratios through extra_info (and so --benchmark-json) and the summary table.
-    record(round_, group=GROUP + " interleaved", name="native + fused SGD + eager, one round", dense_bytes=12 * setup[3],
-           ratios_of=ratios)
+    record(
+        round_,
+        group=GROUP + " interleaved",
+        name="native + fused SGD + eager, one round",
+        dense_bytes=12 * setup[3],
+        ratios_of=ratios,
+    )
 
 
 @pytest.mark.parametrize("momentum", [0.0, MOM])  # 0: the protocol's plain SGD
@@ -201,5 +206,10 @@ def test_feddipsgd_over_fused_sgd(record):
                 "fused_ms": float(np.median(fused_t)) * 1e3, "feddipsgd_over_fused": float(np.median(ours_t / fused_t))}
 
     n = sum(p.numel() for p in ours.parameters())
-    record(round_, group="FedDIPSGD ResNet-18 CIFAR-100: FedDIPSGD / fused SGD", name="FedDIPSGD + fused SGD, one round",
-           dense_bytes=8 * n, ratios_of=ratios)
+    record(
+        round_,
+        group="FedDIPSGD ResNet-18 CIFAR-100: FedDIPSGD / fused SGD",
+        name="FedDIPSGD + fused SGD, one round",
+        dense_bytes=8 * n,
+        ratios_of=ratios,
+    )

@@ -2,6 +2,8 @@
 
 from ._backend import available_backends, get_num_threads, set_num_threads
 from .codecs import CodecError, Decoded, decode_model, decode_stream, encode_model, encode_stream
+from .integrations.numcodecs import SparseCodec
+from .protocol import lambda_schedule, sparsity_schedule
 from .pruning import (
     erk_densities,
     global_magnitude_threshold,
@@ -11,8 +13,6 @@ from .pruning import (
     pack_mask,
     unpack_mask,
 )
-from .integrations.numcodecs import SparseCodec
-from .protocol import lambda_schedule, sparsity_schedule
 from .storage import load, save
 from .update import masked_ef_step, masked_ef_step_many, masked_norm
 

@@ -12,7 +12,7 @@ try:
 except ImportError:  # NumPy before 2.0
     from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_DTYPES: tuple[np.dtype, np.dtype] = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def is_torch(x: Any) -> bool:
@@ -161,7 +161,7 @@ def float_tensors(tensors: Sequence[Any], what: str = "tensors", device: bool = 
             if not is_torch(t) or t.device != arrays[0].device:
                 raise ValueError(f"{what}[{i}] is on {_place(t)} but {what}[0] on {_place(arrays[0])}; "
                                  "pass the tensors on one device")
-        floats = ("torch.float32", "torch.float64")
+        floats: tuple[Any, ...] = ("torch.float32", "torch.float64")
     else:
         arrays = [as_array(t, f"{what}[{i}]") for i, t in enumerate(tensors)]
         floats = FLOAT_DTYPES

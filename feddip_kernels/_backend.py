@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 from ._arrays import on_device
 
 if TYPE_CHECKING:
+    from . import _core, _numba_kernels, _torch_kernels, reference
     from ._contract import DeviceKernels, Kernels
+
+    # What mypy checks (never run): each backend module meets its contract, structurally, so a
+    # kernel whose signature or return type drifts from _contract is a type error.
+    _native_meets_the_contract: Kernels = _core
+    _numba_meets_the_contract: Kernels = _numba_kernels
+    _numpy_meets_the_contract: Kernels = reference
+    _device_meets_the_contract: DeviceKernels = _torch_kernels
 
 BACKENDS = ("auto", "native", "numba", "numpy")
 MAX_THREADS = 4096  # more than any machine has cores; each thread of a parallel region costs a stack
@@ -68,12 +76,12 @@ def kernels(backend: str = "auto") -> "Kernels":
     contract with the same signature whichever it is."""
     be = resolve(backend)
     if be == "native":
-        return native_module()  # type: ignore[return-value]
+        return cast("Kernels", native_module())  # resolve() made sure it imports
     if be == "numba":
-        return numba_module()  # type: ignore[return-value]
+        return cast("Kernels", numba_module())
     from . import reference
 
-    return reference  # type: ignore[return-value]
+    return reference
 
 
 def kernels_for(*arrays: Any, backend: str = "auto") -> "Union[Kernels, DeviceKernels]":
@@ -98,7 +106,7 @@ def device_kernels() -> "DeviceKernels":
         from . import _torch_kernels
 
         _device = _torch_kernels
-    return _device  # type: ignore[return-value]
+    return _device
 
 
 def is_device(k: Any) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Buffer  # bytes, bytearray, memoryview, C-contiguous NumPy arrays
 
 
 class Kernels(Protocol):
@@ -112,22 +113,22 @@ class Kernels(Protocol):
     def golomb_encode(self, bits: np.ndarray, n: int, m: int) -> bytes:
         """The positions' gaps, Golomb-coded with parameter m."""
 
-    def golomb_decode(self, data: object, n: int, nnz: int, m: int) -> np.ndarray:
+    def golomb_decode(self, data: Buffer, n: int, nnz: int, m: int) -> np.ndarray:
         """Packed positions from a Golomb stream of exactly nnz codes (ValueError otherwise)."""
 
     def golomb_encode_many(self, items: Sequence[tuple[np.ndarray, int, int]]) -> list[bytes]:
         """golomb_encode over (bits, n, m) items (in parallel where the backend can)."""
 
     def golomb_decode_many(
-        self, items: Sequence[tuple[object, int, int, int]]
+        self, items: Sequence[tuple[Buffer, int, int, int]]
     ) -> tuple[list[np.ndarray], int, str]:
         """golomb_decode over (data, n, nnz, m) items: (bits list, index of the first failed item
         or -1, its message)."""
 
-    def crc32c(self, data: object, crc: int = 0) -> int:
+    def crc32c(self, data: Buffer, crc: int = 0) -> int:
         """CRC-32C (Castagnoli) of a C-contiguous buffer, continuing from `crc`."""
 
-    def join_crc32c(self, parts: Sequence[object]) -> bytes:
+    def join_crc32c(self, parts: Sequence[Buffer]) -> bytes:
         """The C-contiguous buffers joined, then the CRC-32C of all of them, 4 bytes little-endian:
         a message's last step (encode_model)."""
 

@@ -1,6 +1,6 @@
 # The native core (bindings/module.cpp): the kernel contract of _contract.Kernels, plus the
 # keyword-only n_threads (0: OpenMP's default) of the parallel kernels.
-from typing import Literal, Optional, Sequence, overload
+from typing import Literal, Optional, Sequence, Union, overload
 
 import numpy as np
 from typing_extensions import Buffer
@@ -68,6 +68,10 @@ def sparsify(
 def sparsify(
     x: np.ndarray, mask: Optional[np.ndarray], *, negative_zeros: Literal[True]
 ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]: ...
+@overload
+def sparsify(
+    x: np.ndarray, mask: Optional[np.ndarray], *, negative_zeros: bool = False
+) -> Union[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]: ...
 def densify(bits: np.ndarray, n: int, values: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray: ...
 def golomb_parameter(nnz: int, n: int) -> int: ...
 def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes: ...

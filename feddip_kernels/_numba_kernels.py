@@ -97,7 +97,7 @@ def _select(keys_list: list[np.ndarray], bits: int, k: int) -> tuple[int, int, i
     raise AssertionError("unreachable")
 
 
-def magnitude_threshold(tensors: list[np.ndarray], k: int) -> float:
+def magnitude_threshold(tensors: Sequence[np.ndarray], k: int) -> float:
     dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
     bits = 8 * dtype.itemsize
     key, greater, equal = _select([_keys(t) for t in tensors], bits, k)
@@ -114,7 +114,7 @@ def _peak(keys, sign_clear):
     return mx
 
 
-def max_magnitude(tensors: list[np.ndarray]) -> float:
+def max_magnitude(tensors: Sequence[np.ndarray]) -> float:
     dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
     utype = np.uint32 if dtype.itemsize == 4 else np.uint64
     sign_clear = utype(np.iinfo(utype).max >> 1)
@@ -124,7 +124,7 @@ def max_magnitude(tensors: list[np.ndarray]) -> float:
     return float(np.array([peak], dtype=utype).view(dtype)[0])
 
 
-def topk_masks(tensors: list[np.ndarray], masks: list[np.ndarray], k: int) -> None:
+def topk_masks(tensors: Sequence[np.ndarray], masks: Sequence[np.ndarray], k: int) -> None:
     dtype = tensors[0].dtype if tensors else np.dtype(np.float32)
     bits = 8 * dtype.itemsize
     utype = np.uint32 if bits == 32 else np.uint64

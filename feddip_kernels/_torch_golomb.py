@@ -18,13 +18,12 @@ _backend.device_kernels() hands out); the packing of bits and the flat buffer of
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, cast
 
 import numpy as np
 import torch
 
 from .codecs.positions import golomb_max_len
-
 
 # Eight bool bytes read as one little-endian int64 (byte j is 0 or 1 at bit 8j), times this, hold
 # byte j's value at bit 56 + j and nothing that carries into bits 56-63: the top byte is the eight
@@ -108,9 +107,9 @@ def encode_segments(pos: torch.Tensor, starts: Sequence[int], sizes: Sequence[in
     (golomb_max_len: known on the host before coding, so no wait), zero after the stream."""
     device, n_seg, n_pos = pos.device, len(ms), pos.numel()
     slots, total = [], 0
-    for size, count, m in zip(sizes, counts, ms):
+    for size, count, seg_m in zip(sizes, counts, ms):
         slots.append(total)
-        total += golomb_max_len(size, count, m) if m and count else 0  # no position, no byte
+        total += golomb_max_len(size, count, seg_m) if seg_m and count else 0  # no position, no byte
     # Words past every slot: the one that the last code may spill into, then the trash that the
     # codes of the segments not coded go to (their bit offsets start there; clamped below).
     trash = total // 8 + 1
@@ -244,16 +243,23 @@ class _Group:
         starts, sizes, seg_counts, ms = [], [], [], []
         for item, (runs, _), plan in zip(self.runs, counts, plans):
             for (start, size), (_, c), m in zip(item, runs, plan.ms):
-                starts.append(start), sizes.append(size), seg_counts.append(c), ms.append(m)
+                starts.append(start)
+                sizes.append(size)
+                seg_counts.append(c)
+                ms.append(m)
         coded = [j for j, ((_, negatives), plan) in enumerate(zip(counts, plans)) if negatives and plan.sign_m]
+        # An item with -0.0 counted has its sign segment, and self.negative is there.
+        sign_counts = {j: cast(int, counts[j][1]) for j in coded}
         for j in coded:
-            starts.append(self.signs[j][0]), sizes.append(self.sizes[j]), seg_counts.append(counts[j][1])
+            starts.append(cast("tuple[int, int]", self.signs[j])[0])
+            sizes.append(self.sizes[j])
+            seg_counts.append(sign_counts[j])
             ms.append(plans[j].sign_m)
         if coded:  # the -0.0 of the sets coded only: others (bitmasks) would cost time for nothing
-            wanted = self.negative
+            wanted = cast(torch.Tensor, self.negative)
             if len(coded) < sum(1 for _, negatives in counts if negatives):
                 wanted = wanted & self.per_element([j in coded for j in range(len(plans))])
-            pos = torch.cat([pos, _nonzero(wanted, sum(counts[j][1] for j in coded)) + self.n])
+            pos = torch.cat([pos, _nonzero(wanted, sum(sign_counts.values())) + self.n])
         job["coded_signs"] = coded
         if any(ms):
             streams, lengths, job["slots"] = encode_segments(pos, starts, sizes, seg_counts, ms)
@@ -262,7 +268,7 @@ class _Group:
                                  ("negative", self.negative, [p.sign_bits for p in plans])):
             ranges = [(o // 8, (n + 7) // 8) for o, n, w in zip(self.offsets, self.sizes, want) if w]
             if ranges:
-                packed, at = _take_ranges(pack_bits(space), ranges)
+                packed, at = _take_ranges(pack_bits(cast(torch.Tensor, space)), ranges)  # asked for: there
                 job[key], job[key + "_at"] = _to_host(packed), iter(at)
         return job
 
@@ -286,7 +292,9 @@ class _Group:
             streams = [stream(m > 0) for m in plan.ms]
             bits = packed("bits", self.sizes[j]) if plan.bits else None
             if bits is None and all(m == 1 for m in plan.ms):  # each stream is its run's bitmask, cut short
-                bits = np.concatenate([np.pad(s, (0, (size + 7) // 8 - s.size)) for s, (size, _) in zip(streams, runs)])
+                coded_runs = cast("list[np.ndarray]", streams)  # m = 1 > 0: every run coded
+                bits = np.concatenate([np.pad(s, (0, (size + 7) // 8 - s.size))
+                                       for s, (size, _) in zip(coded_runs, runs)])
             out.append(Fetched(vals[start : start + nnz], bits, streams,
                                packed("negative", self.sizes[j]) if plan.sign_bits else None, None))
             start += nnz

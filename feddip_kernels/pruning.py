@@ -11,7 +11,7 @@ meaningful then).
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Iterator, Optional, Sequence
+from typing import Any, Collection, Iterator, Optional, Sequence, cast
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def global_topk_masks(
     k = k_for_density(n, density) if density is not None else _check_k(k, n)
     if _backend.is_device(kernels):
         return kernels.topk_masks(arrays, k)  # new masks on the device
-    masks = block_views([(a.shape, np.dtype(bool)) for a in arrays])
+    masks = cast("list[np.ndarray]", block_views([(a.shape, np.dtype(bool)) for a in arrays]))  # no None spec
     kernels.topk_masks(arrays, masks, k)
     return [like_input(m, t) for m, t in zip(masks, tensors)]
 

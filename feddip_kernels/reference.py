@@ -4,17 +4,20 @@ backend is tested against. They concatenate and sort, so they are slow and memor
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, cast
 
 import numpy as np
 
 from . import _formulas
 from ._formulas import crc32c_table
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 golomb_parameter = _formulas.golomb_parameter  # a kernel of the contract, shared with the other Python backend
 
 
-def _magnitudes(tensors: list[np.ndarray]) -> np.ndarray:
+def _magnitudes(tensors: Sequence[np.ndarray]) -> np.ndarray:
     if not tensors:
         return np.zeros(0)
     flat = np.concatenate([np.abs(t).ravel() for t in tensors])
@@ -35,7 +38,7 @@ def topk_order(tensors: list[np.ndarray], k: int) -> np.ndarray:
     return np.argsort(-mags, kind="stable")[:k]
 
 
-def magnitude_threshold(tensors: list[np.ndarray], k: int) -> float:
+def magnitude_threshold(tensors: Sequence[np.ndarray], k: int) -> float:
     mags = _magnitudes(tensors)
     _check_k(k, mags.size)
     if k == 0:
@@ -43,7 +46,7 @@ def magnitude_threshold(tensors: list[np.ndarray], k: int) -> float:
     return float(-np.sort(-mags)[k - 1])
 
 
-def max_magnitude(tensors: list[np.ndarray]) -> float:
+def max_magnitude(tensors: Sequence[np.ndarray]) -> float:
     mags = _magnitudes(tensors)
     return float(mags.max()) if mags.size else 0.0
 
@@ -73,8 +76,8 @@ def unpack_bits(bits: np.ndarray, n: int) -> np.ndarray:
 
 
 def masked_norm(w: np.ndarray, mask: Optional[np.ndarray], *, p: int, mask_packed: bool = False) -> float:
-    if mask_packed:
-        mask = unpack_bits(mask, w.size)
+    if mask_packed:  # the public layer passes packed bits only with a mask
+        mask = unpack_bits(cast(np.ndarray, mask), w.size)
     v = w.astype(np.float64).ravel()
     if mask is not None:
         with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as w * m in the kernels (and torch)
@@ -104,8 +107,8 @@ def masked_ef_step(
 ) -> float:
     """Step by step, in w's dtype: the same update the fused kernels make in one pass. NaN and inf
     propagate by IEEE arithmetic, as in the kernels, without floating-point warnings."""
-    if mask_packed:
-        mask = unpack_bits(mask, w.size)
+    if mask_packed:  # the public layer passes packed bits only with a mask
+        mask = unpack_bits(cast(np.ndarray, mask), w.size)
     with np.errstate(invalid="ignore", over="ignore"):
         dt = w.dtype.type
         m = np.ones_like(w) if mask is None else mask.reshape(w.shape).astype(w.dtype)
@@ -154,7 +157,7 @@ def golomb_encode(bits: np.ndarray, n: int, m: int) -> bytes:
     return np.packbits(np.array(out_bits, dtype=np.uint8), bitorder="little").tobytes()
 
 
-def golomb_decode(data: bytes, n: int, nnz: int, m: int) -> np.ndarray:
+def golomb_decode(data: Buffer, n: int, nnz: int, m: int) -> np.ndarray:
     """Bit-by-bit decoder with the same checks as the native one; returns packed positions."""
     if m < 1:
         raise ValueError("Golomb parameter must be >= 1")
@@ -191,7 +194,7 @@ def golomb_decode(data: bytes, n: int, nnz: int, m: int) -> np.ndarray:
             raise ValueError("Golomb stream: position out of range")
         mask[pos] = True
         nxt = pos + 1
-    if (at + 7) // 8 != len(data) or stream[at:].any():
+    if (at + 7) // 8 != stream.size // 8 or stream[at:].any():
         raise ValueError("Golomb stream: bytes or bits left after the last code")
     return pack_bits(mask)
 
@@ -233,7 +236,7 @@ def densify(bits: np.ndarray, n: int, values: np.ndarray, out: np.ndarray | None
 _CRC_TABLE = crc32c_table()
 
 
-def crc32c(data: bytes, crc: int = 0) -> int:
+def crc32c(data: Buffer, crc: int = 0) -> int:
     c = crc ^ 0xFFFFFFFF
     for byte in bytes(data):
         c = (c >> 8) ^ _CRC_TABLE[(c ^ byte) & 0xFF]

@@ -263,11 +263,15 @@ def _from_numpy(a: np.ndarray, entry: Mapping[str, Any], torch_out: bool) -> Any
         except (RuntimeError, TypeError):  # a dtype name that is no tensor element type (torch.qint8 ...)
             raise CodecError(f"entry {entry['name']!r}: torch.{entry['torch']} is not a tensor dtype") from None
         if a.size != math.prod(entry["shape"]) * size:
-            raise CodecError(f"entry {entry['name']!r}: {a.size} bytes for shape {entry['shape']} of torch.{entry['torch']}")
+            raise CodecError(
+                f"entry {entry['name']!r}: {a.size} bytes for shape {entry['shape']} of torch.{entry['torch']}"
+            )
         try:
             t = t.view(dt).reshape(entry["shape"])
         except RuntimeError as e:
-            raise CodecError(f"entry {entry['name']!r}: {a.size} bytes cannot be viewed as torch.{entry['torch']}: {e}") from None
+            raise CodecError(
+                f"entry {entry['name']!r}: {a.size} bytes cannot be viewed as torch.{entry['torch']}: {e}"
+            ) from None
     elif "torch" in entry and t.dtype != _torch_dtype(entry):
         raise CodecError(f"entry {entry['name']!r}: stored as {a.dtype}, labelled torch.{entry['torch']}")
     return t
@@ -416,11 +420,16 @@ def _check_entries(header: Any, blob_len: int, max_bytes: int) -> list[dict[str,
                     raise CodecError(f"entry {name!r}: bad negative-zero record")
                 try:
                     check_position_set(nz["positions"], nz["m"])
-                except CodecError as e:
-                    raise CodecError(f"entry {name!r}: negative-zero record: {e}") from None
+                except CodecError as err:  # not `e`: that is the entry, read below
+                    raise CodecError(f"entry {name!r}: negative-zero record: {err}") from None
                 offset += nz["nbytes"]
         else:
-            if not isinstance(dtype, str) or dtype not in RAW_DTYPES or not _is_count(e.get("offset")) or not _is_count(e.get("nbytes")):
+            if (
+                not isinstance(dtype, str)
+                or dtype not in RAW_DTYPES
+                or not _is_count(e.get("offset"))
+                or not _is_count(e.get("nbytes"))
+            ):
                 raise CodecError(f"entry {name!r}: bad raw entry")
             # present only as true, on the |u1 bytes of a named torch dtype
             if "torch_bytes" in e and (e["torch_bytes"] is not True or dtype != "|u1" or "torch" not in e):

@@ -186,16 +186,16 @@ def _check_layers(kernels: Any, ws: Sequence[Any], gs: Sequence[Any], masks: Opt
                                                 repeat(None) if bufs is None else bufs,
                                                 repeat(None) if outs is None else outs,
                                                 repeat(None) if norms is None else norms)]
-    packed = None  # how the layers give their masks: all alike
+    all_packed: Optional[bool] = None  # how the layers give their masks: all alike
     for layer_checked in checked:
         kind = layer_checked[6]
-        if kind is not None and kind is not packed:
-            if packed is not None:
+        if kind is not None and kind is not all_packed:
+            if all_packed is not None:
                 raise ValueError("give every layer's mask the same way: all as masks or all as mask_bits")
-            packed = kind
+            all_packed = kind
     if not checked:
         return ([],) * 6, False
-    return tuple(zip(*checked))[:6], packed is True
+    return tuple(zip(*checked))[:6], all_packed is True
 
 
 def _as_they_are(ws: Sequence[Any], gs: Sequence[Any], given: Optional[Sequence[Any]], packed: bool,

@@ -10,7 +10,6 @@ from hypothesis.extra import numpy as hnp
 
 from feddip_kernels import codecs
 
-
 POSITIONS = ["auto", "bitmask", "csr", "golomb"]
 
 

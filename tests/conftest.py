@@ -24,8 +24,8 @@ def backend(request):
 
 
 # The native loops with hand-written vector code have AVX-512, AVX2 and generic versions (top-k's
-# pass and the float32 error-feedback step; the float64 step AVX2 and generic). `_isa` caps the one in use, so one machine runs
-# every path its CPU has.
+# pass and the float32 error-feedback step; the float64 step AVX2 and generic). `_isa` caps the one in
+# use, so one machine runs every path its CPU has.
 @pytest.fixture(params=["avx512", "avx2", "generic"])
 def isa(request):
     native = pytest.importorskip("feddip_kernels._core")

@@ -49,7 +49,9 @@ def test_every_distribution_loads(tmp_path, kind):
         _write_cifar100_bin(root / "cifar-100-binary")
         n_train, n_test, labels0 = 6, 6, [0, 17, 34, 51]
     elif kind == "10-py":
-        _write_python(root / "cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"], b"labels")
+        _write_python(
+            root / "cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"], b"labels"
+        )
         n_train, n_test, labels0 = 20, 4, [0, 7, 4, 1]
     else:
         _write_python(root / "cifar-100-python", ["train", "test"], b"fine_labels")

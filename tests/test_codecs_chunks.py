@@ -5,12 +5,11 @@ import struct
 
 import numpy as np
 import pytest
+from codec_helpers import _reseal, sparse_arrays
 from hypothesis import given, strategies as st
 
 import feddip_kernels as fk
 from feddip_kernels import codecs
-
-from codec_helpers import _reseal, sparse_arrays
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ import struct
 
 import numpy as np
 import pytest
+from codec_helpers import _reseal, mutated_body
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import feddip_kernels as fk
 from feddip_kernels import codecs, reference
-
-from codec_helpers import _reseal, mutated_body
 
 
 def _sample_messages() -> list[tuple[bytes, dict | None]]:
@@ -23,7 +22,9 @@ def _sample_messages() -> list[tuple[bytes, dict | None]]:
     w["d"] = rng.standard_normal((6, 7))
     shared = {k: rng.random(v.shape) < 0.3 for k, v in w.items()}
     subset = {k: m & (rng.random(m.shape) < 0.5) for k, m in shared.items()}
-    out: list[tuple[bytes, dict | None]] = [(fk.encode_model(w, positions=p), None) for p in ["bitmask", "csr", "golomb", "auto"]]
+    out: list[tuple[bytes, dict | None]] = [
+        (fk.encode_model(w, positions=p), None) for p in ["bitmask", "csr", "golomb", "auto"]
+    ]
     for values in ["raw", "fp16", "bf16", "int8"]:
         out.append((fk.encode_model(w, masks=shared, reference=shared, values=values), shared))
         out.append((fk.encode_model(w, masks=subset, reference=shared, values=values), shared))
@@ -165,8 +166,12 @@ def test_expected_schema_is_checked_before_allocating():
     schema = {"a": ((3, 4), np.float32), "b": ((5,), np.float64)}
     out = fk.decode_model(msg, expect=schema)
     assert set(out.tensors) == {"a", "b"}
-    bad = [({"a": ((3, 4), np.float32)}, "other tensors"), ({**schema, "c": ((1,), np.float32)}, "missing \\['c'\\]"),
-           ({**schema, "a": ((4, 3), np.float32)}, "expected \\(4, 3\\)"), ({**schema, "b": ((5,), np.float32)}, "float32")]
+    bad = [
+        ({"a": ((3, 4), np.float32)}, "other tensors"),
+        ({**schema, "c": ((1,), np.float32)}, "missing \\['c'\\]"),
+        ({**schema, "a": ((4, 3), np.float32)}, "expected \\(4, 3\\)"),
+        ({**schema, "b": ((5,), np.float32)}, "float32"),
+    ]
     for expect, match in bad:
         with pytest.raises(fk.CodecError, match=match):
             fk.decode_model(msg, expect=expect, max_bytes=100)  # refused by the schema, not the limit
@@ -194,20 +199,38 @@ def test_native_bindings_never_read_outside_a_strided_view(kind):
     bits = np.frombuffer(logical, np.uint8)
     calls = {
         "crc32c": (lambda v: _core.crc32c(v), lambda: reference.crc32c(logical)),
-        "golomb_decode": (lambda v: bytes(_core.golomb_decode(v, 8 * len(logical), 3, 1)),
-                          lambda: bytes(_core.golomb_decode(logical, 8 * len(logical), 3, 1))),
-        "golomb_decode_many": (lambda v: bytes(_core.golomb_decode_many([(v, 8 * len(logical), 3, 1)])[0][0]),
-                               lambda: bytes(_core.golomb_decode_many([(logical, 8 * len(logical), 3, 1)])[0][0])),
-        "pack_bits": (lambda v: bytes(_core.pack_bits(np.asarray(v).view(bool))),
-                      lambda: bytes(_core.pack_bits(bits.astype(bool)))),
-        "unpack_bits": (lambda v: _core.unpack_bits(np.asarray(v), 8 * len(logical)).tobytes(),
-                        lambda: _core.unpack_bits(bits, 8 * len(logical)).tobytes()),
-        "count_bits": (lambda v: _core.count_bits(np.asarray(v), 8 * len(logical)),
-                       lambda: _core.count_bits(bits, 8 * len(logical))),
-        "golomb_encode": (lambda v: _core.golomb_encode(np.asarray(v), 8 * len(logical), 4),
-                          lambda: _core.golomb_encode(bits, 8 * len(logical), 4)),
-        "densify": (lambda v: _core.densify(np.asarray(v), 8 * len(logical), np.ones(int(np.unpackbits(bits).sum()), np.float32)).tobytes(),
-                    lambda: _core.densify(bits, 8 * len(logical), np.ones(int(np.unpackbits(bits).sum()), np.float32)).tobytes()),
+        "golomb_decode": (
+            lambda v: bytes(_core.golomb_decode(v, 8 * len(logical), 3, 1)),
+            lambda: bytes(_core.golomb_decode(logical, 8 * len(logical), 3, 1)),
+        ),
+        "golomb_decode_many": (
+            lambda v: bytes(_core.golomb_decode_many([(v, 8 * len(logical), 3, 1)])[0][0]),
+            lambda: bytes(_core.golomb_decode_many([(logical, 8 * len(logical), 3, 1)])[0][0]),
+        ),
+        "pack_bits": (
+            lambda v: bytes(_core.pack_bits(np.asarray(v).view(bool))),
+            lambda: bytes(_core.pack_bits(bits.astype(bool))),
+        ),
+        "unpack_bits": (
+            lambda v: _core.unpack_bits(np.asarray(v), 8 * len(logical)).tobytes(),
+            lambda: _core.unpack_bits(bits, 8 * len(logical)).tobytes(),
+        ),
+        "count_bits": (
+            lambda v: _core.count_bits(np.asarray(v), 8 * len(logical)),
+            lambda: _core.count_bits(bits, 8 * len(logical)),
+        ),
+        "golomb_encode": (
+            lambda v: _core.golomb_encode(np.asarray(v), 8 * len(logical), 4),
+            lambda: _core.golomb_encode(bits, 8 * len(logical), 4),
+        ),
+        "densify": (
+            lambda v: _core.densify(
+                np.asarray(v), 8 * len(logical), np.ones(int(np.unpackbits(bits).sum()), np.float32)
+            ).tobytes(),
+            lambda: _core.densify(
+                bits, 8 * len(logical), np.ones(int(np.unpackbits(bits).sum()), np.float32)
+            ).tobytes(),
+        ),
     }
     def outcome(f, *args):
         try:

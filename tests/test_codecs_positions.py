@@ -6,14 +6,13 @@ import struct
 
 import numpy as np
 import pytest
+from codec_helpers import _reseal
 from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import feddip_kernels as fk
 from feddip_kernels import _backend, codecs, reference
 from feddip_kernels._core import golomb_decode, golomb_encode, golomb_parameter
-
-from codec_helpers import _reseal
 
 
 def test_auto_picks_smallest():

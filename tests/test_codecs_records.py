@@ -4,11 +4,10 @@ decode_model returns and writes into."""
 
 import numpy as np
 import pytest
+from codec_helpers import POSITIONS, sparse_arrays
 from hypothesis import given, strategies as st
 
 import feddip_kernels as fk
-
-from codec_helpers import POSITIONS, sparse_arrays
 
 
 @given(sparse_arrays(), st.sampled_from(POSITIONS))
@@ -132,7 +131,7 @@ def test_out_arrays_of_many_tensors_must_not_overlap(count):
     out = {f"t{i}": block[8 * i : 8 * i + 8] for i in range(count)}  # adjacent, disjoint: fine
     fk.decode_model(msg, out=out)
     np.testing.assert_array_equal(block[: 8 * count], np.repeat(np.arange(count, dtype=np.float32), 8))
-    for a, b, start in ((0, count - 1, 4), (count // 2, 1, 8 * (count // 2) - 1)):  # a partial overlap, anywhere
+    for _a, b, start in ((0, count - 1, 4), (count // 2, 1, 8 * (count // 2) - 1)):  # a partial overlap, anywhere
         bad = dict(out, **{f"t{b}": block[start : start + 8]})
         with pytest.raises(ValueError, match="share memory"):
             fk.decode_model(msg, out=bad)

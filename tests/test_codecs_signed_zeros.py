@@ -7,13 +7,12 @@ import struct
 
 import numpy as np
 import pytest
+from codec_helpers import _UINT, POSITIONS, _reseal, bit_patterns
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import feddip_kernels as fk
 from feddip_kernels import _backend, codecs, reference
 from feddip_kernels._core import golomb_parameter
-
-from codec_helpers import POSITIONS, _UINT, _reseal, bit_patterns
 
 
 def _bits(a) -> bytes:
@@ -25,8 +24,14 @@ def _negative_zeros(a: np.ndarray) -> np.ndarray:
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(bit_patterns(), st.sampled_from([*POSITIONS, "all"]), st.sampled_from(["values", "reference", "mask", "mask+signs"]),
-       st.booleans(), st.booleans(), st.data())
+@given(
+    bit_patterns(),
+    st.sampled_from([*POSITIONS, "all"]),
+    st.sampled_from(["values", "reference", "mask", "mask+signs"]),
+    st.booleans(),
+    st.booleans(),
+    st.data(),
+)
 def test_lossless_settings_give_back_the_same_bytes(a, positions, mode, chunked, into, data):
     """Every lossless setting (raw values) in every backend, every positions codec, chunked
     (version 2) or not, decoded fresh or into buffers: without a mask the same bytes come back;

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from codec_helpers import sparse_arrays
 from hypothesis import given, strategies as st
 
 import feddip_kernels as fk
-
-from codec_helpers import sparse_arrays
 
 
 @given(sparse_arrays(allow_nan=False), st.sampled_from(["fp16", "bf16", "int8"]))

@@ -53,8 +53,9 @@ def test_signature_meets_the_contract(backend, name):
 def test_the_contract_lists_every_kernel_the_public_layer_calls():
     assert set(NAMES) == {
         "magnitude_threshold", "topk_masks", "max_magnitude", "masked_norm", "masked_ef_step", "masked_ef_step_many",
-        "pack_bits", "unpack_bits", "count_bits", "select_bits", "deposit_bits", "sparsify", "densify", "golomb_parameter", "golomb_encode", "golomb_decode",
-        "golomb_encode_many", "golomb_decode_many", "crc32c", "join_crc32c",
+        "pack_bits", "unpack_bits", "count_bits", "select_bits", "deposit_bits", "sparsify", "densify",
+        "golomb_parameter", "golomb_encode", "golomb_decode", "golomb_encode_many", "golomb_decode_many",
+        "crc32c", "join_crc32c",
     }
 
 
@@ -157,7 +158,9 @@ def test_the_native_stub_lists_exactly_the_native_functions():
     native = pytest.importorskip("feddip_kernels._core")
     stub = pathlib.Path(_backend.__file__).with_name("_core.pyi")
     tree = ast.parse(stub.read_text())
-    stubbed = {n.name: [a.arg for a in n.args.args + n.args.kwonlyargs] for n in tree.body if isinstance(n, ast.FunctionDef)}
+    stubbed = {
+        n.name: [a.arg for a in n.args.args + n.args.kwonlyargs] for n in tree.body if isinstance(n, ast.FunctionDef)
+    }
     functions = {k for k in dir(native) if callable(getattr(native, k)) and not k.startswith("__")}
     assert set(stubbed) == functions
     for name, args in stubbed.items():
@@ -214,12 +217,22 @@ def _step_many_variants():
         w = rng.standard_normal(n).astype(dtype)
         m = rng.random(n) < 0.4
         mask = (np.packbits(m, bitorder="little") if packed else m) if masked else None
-        return w, rng.standard_normal(n).astype(dtype), mask, np.zeros(n, dtype) if momentum else None, np.zeros(n, dtype)
+        return (
+            w,
+            rng.standard_normal(n).astype(dtype),
+            mask,
+            np.zeros(n, dtype) if momentum else None,
+            np.zeros(n, dtype),
+        )
 
     for dtypes in ([np.float32, np.float64], [np.float64, np.float32, np.float64], [np.float64], []):
         for packed in (False, True):
             for sizes in ([37, 0, 1000], [1, 129, 5]):
-                yield dtypes, packed, [layer(n, dt, i % 2 == 0, packed, True) for i, (n, dt) in enumerate(zip(sizes, dtypes))]
+                yield (
+                    dtypes,
+                    packed,
+                    [layer(n, dt, i % 2 == 0, packed, True) for i, (n, dt) in enumerate(zip(sizes, dtypes))],
+                )
 
 
 @pytest.mark.parametrize("variant", range(16))
@@ -239,7 +252,7 @@ def test_what_one_backend_accepts_every_backend_accepts_alike(variant):
     kinds = {be: r[0] for be, r in results.items()}
     assert set(kinds.values()) == {"ok"}, (dtypes, kinds, results)
     ref = results["numpy"]
-    for be, (_, norms, copies) in results.items():
+    for _be, (_, norms, copies) in results.items():
         np.testing.assert_allclose(norms, ref[1], rtol=1e-5)
         for got, want in zip(copies, ref[2]):
             for a, b in zip(got, want):

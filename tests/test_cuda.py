@@ -110,8 +110,12 @@ def test_feddipsgd_trains_as_on_the_cpu(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_encoded_messages_are_the_cpus_byte_for_byte(dtype):
     g = torch.Generator().manual_seed(2)
-    host = {"conv": torch.randn(64, 3, 3, 3, generator=g, dtype=dtype), "fc": torch.randn(500_000, generator=g, dtype=dtype),
-            "bias": torch.randn(10, generator=g, dtype=dtype), "empty": torch.zeros(0, dtype=dtype)}
+    host = {
+        "conv": torch.randn(64, 3, 3, 3, generator=g, dtype=dtype),
+        "fc": torch.randn(500_000, generator=g, dtype=dtype),
+        "bias": torch.randn(10, generator=g, dtype=dtype),
+        "empty": torch.zeros(0, dtype=dtype),
+    }
     masks = fk.global_topk_masks([host["conv"], host["fc"]], density=0.05)
     host["conv"] *= masks[0]
     host["fc"] *= masks[1]

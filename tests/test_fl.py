@@ -8,8 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import deep_json  # noqa: E402
+from deep_json import Deep  # noqa: E402
+
 from feddip_kernels.codecs import CodecError, crc32c  # noqa: E402
-from feddip_kernels.fl.cli import main  # noqa: E402
 from feddip_kernels.fl import (  # noqa: E402
     SimulationConfig,
     dirichlet_partition,
@@ -20,11 +22,10 @@ from feddip_kernels.fl import (  # noqa: E402
     run_simulation,
     synthetic_dataset,
 )
+from feddip_kernels.fl.cli import main  # noqa: E402
 from feddip_kernels.fl.data import read_idx  # noqa: E402
 from feddip_kernels.fl.simulation import _train_client  # noqa: E402
 from feddip_kernels.fl.state import initial_state  # noqa: E402
-from deep_json import Deep  # noqa: E402
-import deep_json  # noqa: E402
 
 MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
@@ -218,7 +219,7 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys):
 def test_cli_cifar_shaped_pairs_run_the_three_algorithms(tmp_path):
     # The short reproduction commands of the README, at a few samples: synthetic CIFAR-10/100
     # shapes with AlexNet and ResNet-18, FedDIP, FedDP and FedAvg in one results.json and plot.
-    for model, data, classes in (("alexnet", "synthetic-cifar10", 10), ("resnet18", "synthetic-cifar100", 100)):
+    for model, data, _classes in (("alexnet", "synthetic-cifar10", 10), ("resnet18", "synthetic-cifar100", 100)):
         out = tmp_path / model
         assert main(["simulate", "--model", model, "--data", data, "--synthetic-train", "48",
                      "--synthetic-test", "16", "--clients", "2", "--rounds", "1", "--batch-size", "16",
@@ -268,8 +269,20 @@ def test_feddip_does_not_blow_up_where_fedavg_does_not(lr, momentum):
     parts = iid_partition(len(train), 3, seed=1)
     peak = {}
     for alg in ("feddip", "fedavg"):
-        cfg = SimulationConfig(algorithm=alg, clients=3, clients_per_round=None, rounds=5, local_epochs=1, batch_size=32,
-                               lr=lr, momentum=momentum, s0=0.5, sp=0.95, mask_every=1, seed=2)
+        cfg = SimulationConfig(
+            algorithm=alg,
+            clients=3,
+            clients_per_round=None,
+            rounds=5,
+            local_epochs=1,
+            batch_size=32,
+            lr=lr,
+            momentum=momentum,
+            s0=0.5,
+            sp=0.95,
+            mask_every=1,
+            seed=2,
+        )
         losses = [r["loss"] for r in run_simulation(cfg, train, test, parts).history]
         assert all(np.isfinite(losses)), (alg, losses)
         peak[alg] = max(losses) / losses[0]
@@ -401,7 +414,11 @@ def _ckpt_split(data):
 
     version, json_len = data[4], checkpoint._HEADER.unpack_from(data)[3]
     start = checkpoint._HEADER.size
-    return data[:start], json.loads(data[start : start + json_len]), data[start + json_len : len(data) - 4 * (version >= 2)]
+    return (
+        data[:start],
+        json.loads(data[start : start + json_len]),
+        data[start + json_len : len(data) - 4 * (version >= 2)],
+    )
 
 
 _KEEP = object()

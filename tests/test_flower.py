@@ -63,7 +63,9 @@ def _client_app(seen):
                      "masks": {k: a.numpy().astype(bool) for k, a in msg.content[MASKS_RECORD].items()}})
         rng = np.random.default_rng(context.node_id)
         trained = {k: a.numpy() + 0.01 * rng.standard_normal(a.shape).astype(np.float32) for k, a in arrays.items()}
-        content = RecordDict({"arrays": _record(trained), "metrics": MetricRecord({"num-examples": 10 * context.node_id})})
+        content = RecordDict(
+            {"arrays": _record(trained), "metrics": MetricRecord({"num-examples": 10 * context.node_id})}
+        )
         return Message(content=content, reply_to=msg)
 
     return app
@@ -247,7 +249,12 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
         weights = {k: a.numpy() for k, a in msg.content["arrays"].items()}
         masks = {k: a.numpy().astype(bool) for k, a in msg.content[MASKS_RECORD].items()}
         local = _train_client(cfg, make_model(cfg.model, 1, 10), weights, masks, shards[c], t, c)
-        content = RecordDict({"arrays": _record({k: v.numpy() for k, v in local.items()}), "metrics": MetricRecord({"num-examples": len(shards[c])})})
+        content = RecordDict(
+            {
+                "arrays": _record({k: v.numpy() for k, v in local.items()}),
+                "metrics": MetricRecord({"num-examples": len(shards[c])}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     torch.manual_seed(seed_for(cfg.seed, 0))
@@ -421,9 +428,18 @@ def test_an_average_past_float64s_range_is_not_taken(task_identity, signs):
     strategy = FedDIP(num_rounds=3, s0=0.5, sp=0.9, min_available_nodes=2, min_train_nodes=2)
     messages = list(strategy.configure_train(1, _record(model), ConfigRecord({}), _Grid()))
     state = _server_state(strategy)
-    replies = [Message(content=RecordDict({"arrays": encode_arrayrecord(_record({"w": np.full((4, 4), sign * big), "b": np.zeros(4)})),
-                                           "metrics": MetricRecord({"num-examples": 2})}), reply_to=m)
-               for m, sign in zip(messages, signs)]
+    replies = [
+        Message(
+            content=RecordDict(
+                {
+                    "arrays": encode_arrayrecord(_record({"w": np.full((4, 4), sign * big), "b": np.zeros(4)})),
+                    "metrics": MetricRecord({"num-examples": 2}),
+                }
+            ),
+            reply_to=m,
+        )
+        for m, sign in zip(messages, signs)
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is None and metrics["feddip-rejected"] == 2 and metrics["feddip-aggregated"] == 0
     assert all("float64" in why for why in strategy.reasons[-1].values())

@@ -172,12 +172,16 @@ def test_run_survives_crashed_stalled_and_lying_nodes(deployment):
     assert [len(x["missing"]) + len(x["failed"]) for x in rounds][1] >= 2  # the stalled and the killed node
     assert all(len(x["missing"]) + len(x["failed"]) >= 1 for x in rounds)
     # The final model, recomputed from the valid nodes' updates alone.
-    server = FedDIPServer(initial_model(), ["conv.weight", "fc.weight"], Schedule(rounds=3, s0=0.5, sp=0.9, mask_every=1))
+    server = FedDIPServer(
+        initial_model(), ["conv.weight", "fc.weight"], Schedule(rounds=3, s0=0.5, sp=0.9, mask_every=1)
+    )
     for t, valid in enumerate([[0, 1, 5], [0, 1], [0, 1]]):
         uploads = []
         for p in valid:
             local = update(server.weights, p, t)
-            uploads.append(({k: apply_mask(v, server.masks[k]) if k in server.masks else v for k, v in local.items()}, 10.0))
+            uploads.append(
+                ({k: apply_mask(v, server.masks[k]) if k in server.masks else v for k, v in local.items()}, 10.0)
+            )
         server.aggregate(uploads)
     final = decode_model(Path(str(report) + ".model").read_bytes()).tensors
     for k, v in server.weights.items():

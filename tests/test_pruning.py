@@ -58,7 +58,10 @@ def test_threshold_matches_reference(backend, case):
 
 def _big_cases():
     rng = np.random.default_rng(7)
-    layered = [rng.standard_normal(s).astype(np.float32) * scale for s, scale in [((300, 1000), 0.1), ((700_000,), 3.0), ((1000, 300), 1.0)]]
+    layered = [
+        rng.standard_normal(s).astype(np.float32) * scale
+        for s, scale in [((300, 1000), 0.1), ((700_000,), 3.0), ((1000, 300), 1.0)]
+    ]
     ties = [np.round(rng.standard_normal(600_000)).astype(np.float32), np.ones(700_000, np.float32)]
     constant = [np.full(1_100_000, -0.5)]  # float64, all tied: the sample bracket cannot help
     skewed = [np.concatenate([np.zeros(1_000_000), rng.standard_normal(200_000)]).astype(np.float32)]
@@ -189,7 +192,11 @@ def test_chunk_and_sampling_boundaries_match_reference(backend, total, tied):
     rng = np.random.default_rng(total)
     sizes = [(1 << 15) - 1, 1 << 15, (1 << 15) + 1, 3]
     sizes.append(total - sum(sizes))
-    draw = (lambda s: rng.integers(-3, 4, s).astype(np.float32)) if tied else (lambda s: rng.standard_normal(s).astype(np.float32))
+    draw = (
+        (lambda s: rng.integers(-3, 4, s).astype(np.float32))
+        if tied
+        else (lambda s: rng.standard_normal(s).astype(np.float32))
+    )
     tensors = [draw(s) for s in sizes]
     for k in (1, (1 << 15) + 1, total // 20, total - 1):
         expected = reference.topk_mask_list(tensors, k)
@@ -244,7 +251,11 @@ def _expected_threshold_and_masks(tensors, k):
     ties = np.flatnonzero(mags == th)[: k - int(keep.sum())]
     keep[ties] = True
     bounds = np.cumsum([0] + [t.size for t in tensors])
-    return th, [keep[a:b].reshape(t.shape) for a, b, t in zip(bounds[:-1], bounds[1:], tensors)], int((mags == th).sum())
+    return (
+        th,
+        [keep[a:b].reshape(t.shape) for a, b, t in zip(bounds[:-1], bounds[1:], tensors)],
+        int((mags == th).sum()),
+    )
 
 
 def _fast_path_cases():

@@ -16,7 +16,9 @@ def _model(seed=0):
 
 
 def _server(rounds=12, mask_every=3, **kw):
-    return FedDIPServer(_model(), PRUNABLE, Schedule(rounds=rounds, s0=0.5, sp=0.9, mask_every=mask_every, **kw), seed=4)
+    return FedDIPServer(
+        _model(), PRUNABLE, Schedule(rounds=rounds, s0=0.5, sp=0.9, mask_every=mask_every, **kw), seed=4
+    )
 
 
 def _uploads(server, t, clients=3):

@@ -1,9 +1,10 @@
 import io
-from collections import OrderedDict
 import json
 import os
 import struct
+from collections import OrderedDict
 
+import deep_json
 import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
@@ -12,7 +13,6 @@ from hypothesis.extra import numpy as hnp
 import feddip_kernels as fk
 from feddip_kernels import storage
 from feddip_kernels.codecs import CodecError
-import deep_json
 
 torch = pytest.importorskip("torch")
 
@@ -25,7 +25,9 @@ def same_bits(a, b) -> bool:
 def same_tensor(a, b) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return a.contiguous().reshape(-1).view(torch.uint8).tolist() == b.contiguous().reshape(-1).view(torch.uint8).tolist()
+    return (
+        a.contiguous().reshape(-1).view(torch.uint8).tolist() == b.contiguous().reshape(-1).view(torch.uint8).tolist()
+    )
 
 
 def sparse(shape, density, dtype=np.float32, seed=0):
@@ -313,7 +315,26 @@ def test_any_dict_of_arrays_round_trips_bit_for_bit(sd, signed):
 # Values for any header field: every JSON type, ints at and beyond each bound a field has (u32, u63,
 # u64, negatives), floats that equal ints or are not finite, strings that are valid elsewhere,
 # containers, and nesting from shallow to far past the parser's limit.
-EDGE_INTS = [-(2**63), -(2**31), -1, 0, 1, 2, 3, 7, 8, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64, 10**30]
+EDGE_INTS = [
+    -(2**63),
+    -(2**31),
+    -1,
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**40,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64,
+    10**30,
+]
 json_scalars = (
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from(EDGE_INTS)
     | st.floats() | st.sampled_from([0.0, -0.0, 1.0, 3.0, 1e300, float("inf"), float("nan")])
@@ -388,7 +409,7 @@ def test_deeply_nested_header_is_refused_with_codec_error():
     data = round_trip({"n": np.arange(3)})
     for depth in (101, 100_000):
         with pytest.raises(CodecError, match="nests deeper than 100"):
-            storage.load(reseal(data, lambda h: h.update(metadata={"x": Deep(depth)})))
+            storage.load(reseal(data, lambda h, depth=depth: h.update(metadata={"x": Deep(depth)})))
     # Depth is nesting, not the number of brackets, and brackets in strings do not count.
     meta = {"many": [[i] for i in range(500)], "text": "[" * 1000 + '\\"{' * 100, "deep": Deep(90)}
     _, back = storage.load(reseal(data, lambda h: h.update(metadata=meta)), metadata=True)

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from codec_helpers import _reseal, bit_patterns, mutated_body, sparse_arrays
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import feddip_kernels as fk
 from feddip_kernels import codecs
 from feddip_kernels.codecs.format import HEADER, SIGNS, STREAM_CHUNK, STREAM_RECORD
-
-from codec_helpers import _reseal, bit_patterns, mutated_body, sparse_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 POSITIONS = ["auto", "all", "bitmask", "golomb"]
@@ -523,7 +522,10 @@ def test_lossless_stream_settings_give_back_the_same_bytes(a, positions, chunk, 
     dec = {k: v for k, v in kw.items() if k == "reference"}
     for be in fk.available_backends():
         out = {"w": np.full(a.shape, 7, a.dtype)} if into else None
-        for got in (fk.decode_stream(io.BytesIO(msg), out=out, backend=be, **dec), fk.decode_model(msg, backend=be, **dec)):
+        for got in (
+            fk.decode_stream(io.BytesIO(msg), out=out, backend=be, **dec),
+            fk.decode_model(msg, backend=be, **dec),
+        ):
             assert got.tensors["w"].dtype == a.dtype and got.tensors["w"].tobytes() == a.tobytes(), (be, mode)
 
 

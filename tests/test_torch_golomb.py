@@ -128,7 +128,10 @@ def _model(rng, dtype=np.float32):
 def _same(host, kw, **options):
     """The device path's message is the host's (or it raises what the host raises)."""
     dev = {k: torch.from_numpy(np.asarray(v)) for k, v in host.items()}
-    dkw = {key: {k: torch.from_numpy(np.asarray(v)) for k, v in val.items()} if key == "masks" else val for key, val in kw.items()}
+    dkw = {
+        key: {k: torch.from_numpy(np.asarray(v)) for k, v in val.items()} if key == "masks" else val
+        for key, val in kw.items()
+    }
     try:
         want = fk.encode_model(host, **kw, **options)
     except ValueError as e:  # CSR relative to a reference mask

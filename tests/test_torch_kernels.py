@@ -13,8 +13,7 @@ import feddip_kernels as fk
 from feddip_kernels import _backend, codecs, reference
 
 torch = pytest.importorskip("torch")
-from feddip_kernels import _torch_golomb as tg  # noqa: E402
-from feddip_kernels import _torch_kernels as tk  # noqa: E402
+from feddip_kernels import _torch_golomb as tg, _torch_kernels as tk  # noqa: E402
 
 
 @st.composite
@@ -84,7 +83,11 @@ def test_ef_step_matches_the_reference(dtype, n, p, momentum, masked, given_norm
     m = rng.random(n) < 0.4 if masked else None
     norm = reference.masked_norm(w, m, p=p) if given_norm else None
     kw = dict(lr=0.1, weight_decay=5e-4, lam=0.01, p=p, momentum=momentum)
-    tw, tbuf, tout = torch.from_numpy(w.copy()), None if buf is None else torch.from_numpy(buf.copy()), torch.empty(n, dtype=torch.from_numpy(w).dtype)
+    tw, tbuf, tout = (
+        torch.from_numpy(w.copy()),
+        None if buf is None else torch.from_numpy(buf.copy()),
+        torch.empty(n, dtype=torch.from_numpy(w).dtype),
+    )
     hp = tk.hyper(kw["lr"], kw["weight_decay"], kw["lam"], momentum, tw.device)
     prev = None if norm is None else torch.tensor(norm, dtype=torch.float64)
     got = tk.ef_step(tw, torch.from_numpy(g), None if m is None else torch.from_numpy(m), tbuf, tout, hp, p, prev)
@@ -165,7 +168,9 @@ def test_compiled_step_matches_the_uncompiled_one():
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-        runs.append([opt.dense(p).clone() for p in model.parameters()] + [p.detach().clone() for p in model.parameters()])
+        runs.append(
+            [opt.dense(p).clone() for p in model.parameters()] + [p.detach().clone() for p in model.parameters()]
+        )
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

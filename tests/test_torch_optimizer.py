@@ -5,9 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from feddip_kernels.integrations.pytorch import FedDIPSGD  # noqa: E402
-
 from feddip_kernels import available_backends  # noqa: E402
+from feddip_kernels.integrations.pytorch import FedDIPSGD  # noqa: E402
 
 
 # Every kernel backend, and "torch": the torch operations that step tensors on a CUDA device, here
@@ -67,7 +66,9 @@ def test_matches_straightforward_torch(backend, p, momentum, dtype):
 
         ref_opt.zero_grad()
         pruned = [(d * m if m is not None else d).detach().requires_grad_() for d, m in zip(dense, mask_list)]
-        out = torch.func.functional_call(ref_model, dict(zip([n for n, _ in ref_model.named_parameters()], pruned)), (x,))
+        out = torch.func.functional_call(
+            ref_model, dict(zip([n for n, _ in ref_model.named_parameters()], pruned)), (x,)
+        )
         ref_loss = torch.nn.functional.cross_entropy(out, y)
         reg = sum(t.norm(p=p) for t, m in zip(pruned, mask_list) if m is not None)
         (ref_loss + lam * reg).backward()
@@ -243,7 +244,9 @@ def test_prepared_host_arrays_step_as_fresh_ones(backend):
             before = getattr(opt, "_host_tables", {}).get(0)
             opt.step()
             taken += before is not None and opt._host_tables.get(0) is before  # not prepared again
-        return [p.detach().clone() for p in model.parameters()] + [opt.dense(p).clone() for p in model.parameters()], taken
+        return [p.detach().clone() for p in model.parameters()] + [
+            opt.dense(p).clone() for p in model.parameters()
+        ], taken
 
     got, taken = run(True)
     want, _ = run(False)
@@ -368,8 +371,24 @@ def _sgd_reference_step(ref, groups):
         r["value"] = r["w"] * r["mask"] if r["mask"] is not None else r["w"].copy()
 
 
-_EDITS = ["step", "pop_buf", "replace_buf", "buf_data", "reload_weights", "hyper", "reload_state", "add_group", "set_mask", "remove_mask",
-          "assign_data", "copy_nograd", "data_copy_reload", "write_mask", "no_grad", "vector_to_parameters"]
+_EDITS = [
+    "step",
+    "pop_buf",
+    "replace_buf",
+    "buf_data",
+    "reload_weights",
+    "hyper",
+    "reload_state",
+    "add_group",
+    "set_mask",
+    "remove_mask",
+    "assign_data",
+    "copy_nograd",
+    "data_copy_reload",
+    "write_mask",
+    "no_grad",
+    "vector_to_parameters",
+]
 
 
 def _run_edits(backend, ops, seed):

@@ -265,7 +265,9 @@ def test_boundary_sizes_match_reference(backend, n, dtype, packed):
         np.testing.assert_allclose(pr_b, pr_ref, **tol)
         rel = 1e-5 if dtype == np.float32 else 1e-12
         assert out == pytest.approx(out_ref, rel=rel, abs=0)
-        assert fk.masked_norm(w_b, p=p, backend=backend, **m) == pytest.approx(reference.masked_norm(w_ref, mask, p=p), rel=rel, abs=0)
+        assert fk.masked_norm(w_b, p=p, backend=backend, **m) == pytest.approx(
+            reference.masked_norm(w_ref, mask, p=p), rel=rel, abs=0
+        )
 
 
 @pytest.mark.parametrize("dtype, big", [(np.float32, 3e19), (np.float32, 3e38), (np.float64, 1e200)])
@@ -297,7 +299,7 @@ def test_overlapping_arrays_are_rejected(backend):
         "pruned_out": dict(pruned_out=store[50:150]),
         "momentum_buffer": dict(momentum_buffer=store[99:199], momentum=0.9),
     }
-    for name, kw in cases.items():
+    for _name, kw in cases.items():
         with pytest.raises(ValueError, match="share memory"):
             fk.masked_ef_step(w, g, mask, lr=0.1, backend=backend, **kw)
     with pytest.raises(ValueError, match="share memory"):
@@ -607,7 +609,7 @@ def test_the_validator_passes_plain_arrays_as_they_are_and_checks_or_converts_th
         "a float64 buffer": (dict(momentum_buffer=np.zeros(8)), TypeError, "momentum_buffer has dtype float64"),
         "both masks": (dict(mask=np.ones(8, bool), mask_bits=fk.pack_mask(np.ones(8, bool))), ValueError, "not both"),
     }
-    for what, (change, error, message) in refused.items():
+    for _what, (change, error, message) in refused.items():
         args = dict(w=w, g=g, mask=None, mask_bits=None, momentum_buffer=buf, pruned_out=None, momentum=0.9, norm=None)
         args.update(change)
         with pytest.raises(error, match=message):
@@ -636,8 +638,14 @@ def test_layers_of_both_float_types_step_in_one_call_as_one_at_a_time(backend):
                  buf=np.zeros(n, dt), out=np.zeros(n, dt)) for n, dt in layers]
     one = [{k: v.copy() for k, v in L.items()} for L in many]
     kw = dict(lr=0.1, weight_decay=1e-3, lam=0.01, momentum=0.9, backend=backend)
-    norms = fk.masked_ef_step_many([L["w"] for L in many], [L["g"] for L in many], [L["m"] for L in many],
-                                   momentum_buffers=[L["buf"] for L in many], pruned_outs=[L["out"] for L in many], **kw)
+    norms = fk.masked_ef_step_many(
+        [L["w"] for L in many],
+        [L["g"] for L in many],
+        [L["m"] for L in many],
+        momentum_buffers=[L["buf"] for L in many],
+        pruned_outs=[L["out"] for L in many],
+        **kw,
+    )
     want = [fk.masked_ef_step(L["w"], L["g"], L["m"], momentum_buffer=L["buf"], pruned_out=L["out"], **kw) for L in one]
     assert norms == want
     for a, b in zip(many, one):

@@ -3,9 +3,9 @@
     python tools/fuzz_codecs.py --seconds 600 --seed 1
 
 Valid messages of every kind (positions in the tensor or relative to a shared mask, every position
-and value codec, chunked versions 2 and 3, empty and 0-d tensors, float32 and float64) are mutated (bytes overwritten, bits
-flipped, truncated, bytes inserted), resealed with a correct CRC so that the parser goes past the
-checksum, and decoded with every backend, with and without the reference mask; version 3 messages
+and value codec, chunked versions 2 and 3, empty and 0-d tensors, float32 and float64) are mutated
+(bytes overwritten, bits flipped, truncated, bytes inserted), resealed with a correct CRC so that the
+parser goes past the checksum, and decoded with every backend, with and without the reference mask; version 3 messages
 (streams) also by decode_stream from a file object. Anything but a CodecError, or an output above
 the size limit, is reported; the exit status is 1 if there was one.
 """
@@ -44,12 +44,20 @@ def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
                 finally:
                     codecs.model.CHUNK_ELEMS = chunk
             if positions != "csr":  # CSR codes positions in the tensor only
-                out.append((fk.encode_model(w, masks=shared, reference=shared, positions=positions, values=values), shared))
-                out.append((fk.encode_model(w, masks=subset, reference=shared, positions=positions, values=values), shared))
+                out.append(
+                    (fk.encode_model(w, masks=shared, reference=shared, positions=positions, values=values), shared)
+                )
+                out.append(
+                    (fk.encode_model(w, masks=subset, reference=shared, positions=positions, values=values), shared)
+                )
                 # Version 3 (streams), in chunks of 16 elements.
                 out.append((stream(w, positions=positions, values=values, chunk_elems=16), None))
-                out.append((stream(w, masks=subset, reference=shared, positions=positions, values=values, chunk_elems=16),
-                            shared))
+                out.append(
+                    (
+                        stream(w, masks=subset, reference=shared, positions=positions, values=values, chunk_elems=16),
+                        shared,
+                    )
+                )
     return out + invalid_seeds(w, shared)
 
 

@@ -95,11 +95,12 @@ def step_benchmark(device: torch.device, repeat: int, steps: int = 10) -> dict:
     for momentum in (0.0, 0.9):
         hyper = dict(lr=1e-3, weight_decay=5e-4, momentum=momentum)
         makers = {
-            "torch.optim.SGD(fused=True)": lambda ps: torch.optim.SGD(ps, **hyper, fused=True),
-            "torch.optim.SGD(foreach=True)": lambda ps: torch.optim.SGD(ps, **hyper, foreach=True),
-            "FedDIPSGD (Triton, one launch a step)": lambda ps: FedDIPSGD(ps, **hyper, lam=1e-3),
-            "FedDIPSGD per layer, eager torch": lambda ps: FedDIPSGD(ps, **hyper, lam=1e-3,
-                                                                     device_kernels="torch", compile=False),
+            "torch.optim.SGD(fused=True)": lambda ps, hyper=hyper: torch.optim.SGD(ps, **hyper, fused=True),
+            "torch.optim.SGD(foreach=True)": lambda ps, hyper=hyper: torch.optim.SGD(ps, **hyper, foreach=True),
+            "FedDIPSGD (Triton, one launch a step)": lambda ps, hyper=hyper: FedDIPSGD(ps, **hyper, lam=1e-3),
+            "FedDIPSGD per layer, eager torch": lambda ps, hyper=hyper: FedDIPSGD(
+                ps, **hyper, lam=1e-3, device_kernels="torch", compile=False
+            ),
         }
         opts = {}
         for name, make in makers.items():
@@ -237,7 +238,9 @@ def thread_table(repeat: int) -> dict:
     arrays = [w.numpy() for w in weights]
     k = round(0.05 * sum(a.size for a in arrays))
     masks = fk.global_topk_masks(arrays, k)
-    sparse = {f"w{i}": np.where(m, a, np.float32(0)) for i, (a, m) in enumerate(zip(arrays, masks))}  # +0.0 off the mask
+    sparse = {
+        f"w{i}": np.where(m, a, np.float32(0)) for i, (a, m) in enumerate(zip(arrays, masks))
+    }  # +0.0 off the mask
     msg = fk.encode_model(sparse)
     bufs = {name: np.empty_like(a) for name, a in sparse.items()}
     grads = [np.random.default_rng(i).standard_normal(a.shape).astype(np.float32) * 1e-3 for i, a in enumerate(arrays)]
@@ -319,7 +322,7 @@ def step_ways_by_size(repeat: int, fractions: tuple = (0.02, 0.25, 1.0), threads
             pruned = [np.empty_like(w) for w in ws]
             norms: list = [None] * len(ws)
 
-            def step() -> None:
+            def step(ws=ws, gs=gs, bits=bits, pruned=pruned, norms=norms) -> None:
                 norms[:] = fk.masked_ef_step_many(ws, gs, mask_bits=bits, lr=1e-3, weight_decay=5e-4, lam=1e-3,
                                                   pruned_outs=pruned, norms=norms)
 
@@ -345,15 +348,15 @@ def one_tensor(repeat: int) -> dict:
     for n in (10**7, 10**8):
         a = rng.standard_normal(n, dtype=np.float32)
         k = n // 20
-        row = {"max |w| (read roofline)": timed(lambda: fk.max_magnitude([a]), cpu, repeat),
-               "global threshold, k = 5%": timed(lambda: fk.global_magnitude_threshold([a], k), cpu, repeat)}
+        row = {"max |w| (read roofline)": timed(lambda a=a: fk.max_magnitude([a]), cpu, repeat),
+               "global threshold, k = 5%": timed(lambda a=a, k=k: fk.global_magnitude_threshold([a], k), cpu, repeat)}
         row["threshold GB/s of |w|"] = a.nbytes / row["global threshold, k = 5%"] / 1e9
         row["threshold / read rate"] = row["max |w| (read roofline)"] / row["global threshold, k = 5%"]
         sparse = {"w": a * fk.global_topk_masks([a], k)[0]}
         msg = fk.encode_model(sparse)
         buf = {"w": np.empty_like(a)}
-        row["encode_model"] = timed(lambda: fk.encode_model(sparse), cpu, repeat)
-        row["decode_model into a buffer"] = timed(lambda: fk.decode_model(msg, out=buf), cpu, repeat)
+        row["encode_model"] = timed(lambda sparse=sparse: fk.encode_model(sparse), cpu, repeat)
+        row["decode_model into a buffer"] = timed(lambda msg=msg, buf=buf: fk.decode_model(msg, out=buf), cpu, repeat)
         row["encode G elements/s"] = n / row["encode_model"] / 1e9
         out[n] = row
         print("one tensor", n, json.dumps(row), flush=True)

@@ -32,10 +32,12 @@ STREAM_CHUNK = struct.Struct("<BBBBQQIfQ")  # version 3: domain, positions, sign
 #                                               scale, pos_len; then the chunk's positions and values, and with
 #                                               signs = 1 a SIGNS block over the chunk's elements
 
-# Tensors of more elements than this are sparsified, Golomb-coded and decoded in runs of this many
-# elements, independently and in parallel (a Golomb stream is sequential); streams are cut into
-# chunks of this many by default. A multiple of 8, so runs of packed bits start on byte
-# boundaries. 4 Mi elements: 16 MiB of float32 a run.
+# The elements of a chunk. encode_model sparsifies and Golomb-codes a tensor of more elements than
+# this in runs of this many, independently and in parallel (a Golomb stream is sequential): each
+# run is a chunk of its version 2 record when that record is chunked, and decode_model decodes the
+# chunks in parallel. encode_stream cuts tensors into version 3 chunks of this many by default. A
+# multiple of 8, so runs of packed bits start on byte boundaries. 4 Mi elements: 16 MiB of float32
+# a run. ("Chunk" is the wire format's word; the encoder's pieces of a tensor are "runs".)
 CHUNK_ELEMS = 1 << 22
 MAX_STREAM_CHUNK = 1 << 24  # the most elements a version 3 chunk may cover (bounds a reader's buffers)
 
@@ -111,8 +113,9 @@ def read_header(r: Reader) -> tuple[int, int]:
 
 
 class Chunk(NamedTuple):
-    """A run of a chunked record's domain: [start, start + size), its nnz positions Golomb-coded
-    with parameter m in `pos_raw`, and its values from value index `first` on."""
+    """A chunk of a version 2 record (an entry of its chunk table): the run [start, start + size)
+    of the record's domain, its nnz positions Golomb-coded with parameter m in `pos_raw`, and its
+    values from value index `first` on."""
 
     start: int
     size: int
@@ -127,7 +130,7 @@ class ZeroSigns(NamedTuple):
     off its positions), as positions over its n elements in C order."""
 
     codec: int  # POSITIONS: all, bitmask or golomb
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count
     m: int
     raw: memoryview
 
@@ -141,7 +144,7 @@ class Record(NamedTuple):
     dtype: np.dtype
     domain: int
     pos_codec: int
-    val_codec: int
+    val_codec: str  # the values codec's name (VALUE_NAMES of the record's id)
     d: int
     nnz: int
     m: int

@@ -1,85 +1,206 @@
 """Model messages: encode_model and decode_model over the format, positions and values codecs.
 Decoding validates every record and length of the whole message before allocating (and before
 decoding any payload), then decodes the Golomb streams of several tensors in parallel. Version 3
-messages (streams, written by encode_stream) are read by the stream decoder over the bytes."""
+messages (streams, written by encode_stream) are read by the stream decoder over the bytes.
+
+Words: a *chunk* is what the wire format calls one (an entry of a version 2 record's chunk table,
+a piece of a version 3 stream); the encoder cuts a tensor of more than CHUNK_ELEMS elements into
+*runs* of CHUNK_ELEMS, which it sparsifies and Golomb-codes independently and which become the
+chunks of its record when that record is chunked (Golomb positions in two or more runs)."""
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Mapping, NamedTuple, Optional
+from operator import attrgetter
+from typing import Any, Callable, Mapping, NamedTuple, Optional, cast
 
 import numpy as np
 
 from .. import _backend
 from .._arrays import block_views, check_disjoint, flat_float, flat_mask, on_device, writable_view
 from .format import (
-    CHUNK, CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, FLAG_ZERO_SIGNS, HEADER,
-    MAGIC, MAX_NDIM, POSITION_NAMES, POSITIONS, RECORD, SIGNS, STREAM_VERSION, VALUE_NAMES, VALUES,
-    Chunk, CodecError, Reader, Record, ZeroSigns, read_header_flags,
+    CHUNK,
+    CHUNK_ELEMS,
+    CRC,
+    DEFAULT_MAX_BYTES,
+    DOMAIN_FULL,
+    DOMAIN_REFERENCE,
+    DTYPE_CODES,
+    FLAG_ZERO_SIGNS,
+    HEADER,
+    MAGIC,
+    MAX_NDIM,
+    POSITION_NAMES,
+    POSITIONS,
+    RECORD,
+    SIGNS,
+    STREAM_VERSION,
+    VALUE_NAMES,
+    VALUES,
+    Chunk,
+    CodecError,
+    Reader,
+    Record,
+    ZeroSigns,
+    read_header_flags,
 )
 from .positions import (
-    check_zero_signs, decode_golomb_positions, decode_positions, decode_zero_signs, device_plan, encode_positions,
-    joined, relative_to, set_negative_zeros, signs_to_send, zero_sign_blocks,
+    check_zero_signs,
+    decode_golomb_positions,
+    decode_positions,
+    decode_zero_signs,
+    device_plan,
+    encode_run_positions,
+    joined,
+    relative_to,
+    set_negative_zeros,
+    signs_to_send,
+    zero_sign_blocks,
 )
-from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
+from .records import (
+    Budget,
+    Decoded,
+    check_all_expected,
+    check_expected,
+    read_head,
+    record_dtype,
+    reference_mask,
+    write_head,
+)
 from .stream import decode_records
-from .values import decode_values, encode_values, value_size
+from .values import decode_values, encode_value_pieces, value_size
+
+# The -0.0 that a record sends (signs_to_send): (packed over its n elements, None when left on the
+# device; n; how many).
+Signs = tuple[Optional[np.ndarray], int, int]
 
 
-def _runs(n: int) -> range:
-    return range(0, n, CHUNK_ELEMS)
+class _Run(NamedTuple):
+    """A run of a record's domain, as sparsified: its size, how many positions it holds, and their
+    packed bits (None: left on the device, not taken)."""
+
+    size: int
+    nnz: int
+    bits: Optional[np.ndarray]
 
 
-def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray], signs: bool) -> tuple[Any, Any, Optional[np.ndarray]]:
-    """k.sparsify, or for a tensor over CHUNK_ELEMS the lists of its runs' positions and values:
-    small arrays a run (each sparsified on the library's threads), which the message's one join
-    copies, rather than large new ones that a first write must fault in page by page. With
-    `signs`, also the packed positions of a's -0.0 elements (None when it has none), found in the
-    pass that finds the non-zeros: no pass of its own over a tensor without -0.0."""
-    if a.size <= CHUNK_ELEMS:
-        return k.sparsify(a, mask, negative_zeros=True) if signs else (*k.sparsify(a, mask), None)
-    runs = [k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS], negative_zeros=signs)
-            for s in _runs(a.size)]
-    found = [(s, r[2]) for s, r in zip(_runs(a.size), runs) if signs and r[2] is not None]
-    negative = np.zeros((a.size + 7) // 8, dtype=np.uint8) if found else None  # built only when there are some
-    for s, part in found:  # runs of whole bytes: CHUNK_ELEMS is a multiple of 8
-        negative[s // 8 : s // 8 + part.size] = part
-    return [r[0] for r in runs], [r[1] for r in runs], negative
+class _GolombRun(NamedTuple):
+    """A run's positions Golomb-coded with parameter m: in a record of two or more runs, a chunk of
+    its chunk table (CHUNK) and the chunk's stream."""
+
+    size: int
+    nnz: int
+    m: int
+    stream: Any  # bytes or a uint8 array
 
 
-def _sparse_on_device(k: Any, names: list[str], flats: dict[str, Any], masks: Optional[Mapping[str, Any]],
-                      reference: Optional[Mapping[str, Any]], positions: str, signs_of: Any) -> dict[str, Any]:
-    """Device tensors sparsified where they are, with the Golomb streams that the message may take
-    coded there (device_plan), so that only those streams, the values and the packed bits that it
-    may take cross to the host. By name: (Fetched, ([(run size, nnz)], -0.0 sent), Plan)."""
-    dk = _backend.device_kernels()
-    masked = {name: bool(masks) and name in masks for name in names}
-    dev = dk.DeviceSparse([(flats[name][0], masks[name] if masks and masked[name] else None, signs_of(masked[name]))
-                           for name in names], CHUNK_ELEMS)
-    counts = dev.counts()
-    plans = [dk.Plan(*device_plan(k, runs, negatives, positions, flats[name][1], not (reference and name in reference)))
-             for name, (runs, negatives) in zip(names, counts)]
-    return dict(zip(names, zip(dev.fetch(plans), counts, plans)))
+class _Found(NamedTuple):
+    """A tensor sparsified, on the host or on its device: its runs (one for a tensor of at most
+    CHUNK_ELEMS elements), its values in pieces (back to back, in position order) and the -0.0 it
+    sends. From a device also the streams coded there."""
 
-
-def _pieces(payload: Any) -> list[Any]:
-    return payload if isinstance(payload, list) else [payload]
+    runs: list[_Run]
+    vals: list[np.ndarray]
+    signs: Optional[Signs]
+    golomb: Optional[list[_GolombRun]] = None  # coded on the device (empty: Golomb not offered); None: on the host
+    signs_on_device: bool = False  # the -0.0's Golomb stream was coded on the device: sign_golomb
+    sign_golomb: Optional[tuple[int, Any]] = None  # its (parameter, stream); None: Golomb not offered
 
 
 class _Sparse(NamedTuple):
-    """One tensor on its way into a message: its positions (over the domain) and values."""
+    """One tensor on its way into a message: its record's fields and its positions over the domain
+    (runs of the tensor's own elements, or one run of a reference mask's) and values."""
 
     head: bytes  # the record's name and shape
-    shape: tuple[int, ...]
     dtype: np.dtype
     domain: int
     d: int
     nnz: int
-    pos_bits: Any  # packed bits, or a list of them a run of CHUNK_ELEMS (None: left on the device, not taken)
-    csr_shape: Optional[tuple[int, ...]]
-    vals: Any  # an array, or a list of them a run
-    signs: Optional[tuple[Any, int, int]]  # the -0.0 sent: (packed over its n elements or None if not taken, n, count)
+    csr_shape: Optional[tuple[int, ...]]  # None: CSR not offered (a reference domain)
+    found: _Found
+
+
+class _Coded(NamedTuple):
+    """One tensor's record, coded: the fields and payloads (lists of pieces) that _write lays out."""
+
+    head: bytes
+    dtype: np.dtype
+    domain: int
+    d: int
+    nnz: int
+    pos_codec: int
+    m: int
+    pos_payload: list[Any]
+    chunks: list[_GolombRun]  # its chunk table (version 2): the runs' streams of a chunked record, else empty
+    values: str  # the values codec's name
+    scale: float
+    val_payload: list[Any]
+    signs: list[Any]  # its zero-sign block (SIGNS, payload); empty: none
+
+
+_NNZ, _BITS, _STREAM = attrgetter("nnz"), attrgetter("bits"), attrgetter("stream")  # (map: no frame an item)
+
+
+def _run_starts(n: int) -> range:
+    """Where the runs of n elements start (one run, at 0, for n of at most CHUNK_ELEMS; n = 0 too)."""
+    return range(0, n, CHUNK_ELEMS) if n else range(1)
+
+
+def _sparsify(k: Any, a: np.ndarray, mask: Optional[np.ndarray],
+              signs: bool) -> tuple[list[_Run], list[np.ndarray], Optional[np.ndarray]]:
+    """(a's runs, its values a piece a run, and with `signs` the packed positions of a's -0.0
+    elements over its n elements, None when it has none), each run sparsified on the library's
+    threads. Small arrays a run, which the message's one join copies, rather than large new ones
+    that a first write must fault in page by page. The -0.0 are found in the pass that finds the
+    non-zeros: no pass of their own over a tensor without -0.0."""
+    if a.size <= CHUNK_ELEMS:  # one run: the array itself
+        got = k.sparsify(a, mask, negative_zeros=signs)
+        return [_Run(a.size, got[1].size, got[0])], [got[1]], got[2] if signs else None
+    runs: list[_Run] = []
+    vals: list[np.ndarray] = []
+    found: list[tuple[int, np.ndarray]] = []  # (start, packed -0.0) of the runs with some
+    for s in _run_starts(a.size):
+        got = k.sparsify(a[s : s + CHUNK_ELEMS], None if mask is None else mask[s : s + CHUNK_ELEMS],
+                         negative_zeros=signs)
+        runs.append(_Run(min(CHUNK_ELEMS, a.size - s), got[1].size, got[0]))
+        vals.append(got[1])
+        if signs and got[2] is not None:
+            found.append((s, got[2]))
+    if not found:
+        return runs, vals, None
+    negative = np.zeros((a.size + 7) // 8, dtype=np.uint8)  # built only when there are some
+    for s, part in found:  # runs of whole bytes: CHUNK_ELEMS is a multiple of 8
+        negative[s // 8 : s // 8 + part.size] = part
+    return runs, vals, negative
+
+
+def _sparse_on_device(k: Any, names: list[str], flats: dict[str, Any], masks: Optional[Mapping[str, Any]],
+                      reference: Optional[Mapping[str, Any]], positions: str,
+                      signs_of: Callable[[bool], bool]) -> dict[str, _Found]:
+    """Device tensors sparsified where they are, with the Golomb streams that the message may take
+    coded there (device_plan), so that only those streams, the values and the packed bits that it
+    may take cross to the host. Positions over a reference mask are coded on the host."""
+    dk = _backend.device_kernels()
+    masked = {name: masks is not None and name in masks for name in names}
+    full = {name: reference is None or name not in reference for name in names}
+    dev = dk.DeviceSparse([(flats[name][0], masks[name] if masks is not None and masked[name] else None,
+                            signs_of(masked[name])) for name in names], CHUNK_ELEMS)
+    counts = dev.counts()
+    plans = [dk.Plan(*device_plan(k, sizes, negatives, positions, flats[name][1], full[name]))
+             for name, (sizes, negatives) in zip(names, counts)]
+    out = {}
+    for name, got, (sizes, negatives), plan in zip(names, dev.fetch(plans), counts, plans):
+        runs, start = [], 0
+        for size, nnz in sizes:  # runs of whole bytes: views of the packed positions
+            runs.append(_Run(size, nnz, None if got.bits is None else got.bits[start // 8 : (start + size + 7) // 8]))
+            start += size
+        golomb = [_GolombRun(size, nnz, m, s) for (size, nnz), m, s in zip(sizes, plan.ms, got.streams) if m]
+        n = math.prod(flats[name][1])
+        out[name] = _Found(runs, [got.vals], (got.negative, n, negatives) if negatives else None,
+                           golomb if full[name] else None, bool(negatives),
+                           (plan.sign_m, got.sign_stream) if plan.sign_m else None)
+    return out
 
 
 def encode_model(
@@ -126,88 +247,100 @@ def encode_model(
         return signed_zeros if signed_zeros is not None else values == "raw" and not masked
 
     k = _backend.kernels(backend)
-    prepared: list[_Sparse] = []
+    prepared = _prepare(k, tensors, masks, reference, positions, signs_of)
+    return _write(k, _code(k, prepared, positions, values))
+
+
+def _prepare(k: Any, tensors: Mapping[str, Any], masks: Optional[Mapping[str, Any]],
+             reference: Optional[Mapping[str, Any]], positions: str,
+             signs_of: Callable[[bool], bool]) -> list[_Sparse]:
+    """Each tensor sparsified (device tensors on their device, with their Golomb streams) and, with
+    a reference mask that its positions are a subset of, moved into the reference's domain."""
     where = {name: on_device(t) for name, t in tensors.items()}
     flats = {name: flat_float(t, ("tensors[{!r}]", name), MAX_NDIM, where[name]) for name, t in tensors.items()}
     on_dev = [name for name in flats if where[name]]
     from_device = _sparse_on_device(k, on_dev, flats, masks, reference, positions, signs_of) if on_dev else {}
-    # Streams coded on the device, by tensor: [(run size, nnz, m, stream)] (empty: Golomb not
-    # offered), and (m, stream) or None for its -0.0.
-    coded: dict[int, list[tuple[int, int, int, Any]]] = {}
-    signs_coded: dict[int, Optional[tuple[int, Any]]] = {}
+    prepared = []
     for name, (flat, shape, dtype) in flats.items():
         n = math.prod(shape)
-        masked = bool(masks) and name in masks
         if name in from_device:
-            got, (runs, negatives), plan = from_device[name]
-            bits, vals, signs = got.bits, got.vals, (got.negative, n, negatives) if negatives else None
-            if reference is None or name not in reference:
-                coded[len(prepared)] = [(size, c, m, s) for (size, c), m, s in zip(runs, plan.ms, got.streams) if m]
-            if negatives:
-                signs_coded[len(prepared)] = (plan.sign_m, got.sign_stream) if plan.sign_m else None
+            found = from_device[name]
         else:
-            mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masked else None
-            bits, vals, negative = _sparsify(k, flat, mask, signs_of(masked))
-            signs = signs_to_send(k, negative, joined(bits) if masked and negative is not None else None, n)
-        nnz = sum(v.size for v in vals) if isinstance(vals, list) else vals.size
-        domain, d, pos_bits, csr_shape = DOMAIN_FULL, n, bits, shape
+            masked = masks is not None and name in masks
+            mask = flat_mask(masks[name], n, f"masks[{name!r}]") if masks is not None and masked else None
+            runs, vals, negative = _sparsify(k, flat, mask, signs_of(masked))
+            # a mask's -0.0 are values: only those off its positions are sent
+            kept = joined(list(map(_BITS, runs))) if masked and negative is not None else None
+            found = _Found(runs, vals, signs_to_send(k, negative, kept, n))
+        nnz = sum(map(_NNZ, found.runs))
+        domain, d = DOMAIN_FULL, n
+        csr_shape: Optional[tuple[int, ...]] = shape
         if reference is not None and name in reference:
-            bits = joined(bits)
+            bits = joined(list(map(_BITS, found.runs)))
             sub = relative_to(k, bits, k.pack_bits(flat_mask(reference[name], n, f"reference[{name!r}]")), n)
-            if sub is not None:  # a subset of the reference: code relative to it
-                (d, pos_bits), domain, csr_shape = sub, DOMAIN_REFERENCE, None
-        prepared.append(_Sparse(write_head(name, shape), shape, dtype, domain, d, nnz, pos_bits, csr_shape, vals,
-                                signs))
-    # The Golomb streams of all tensors in one call (the native backend encodes them in parallel):
-    # one stream a tensor, or one a run of CHUNK_ELEMS for a large tensor in its own index space.
-    streams: list[list[tuple[int, int, int, Any]]] = [coded.get(i, []) for i in range(len(prepared))]
-    if positions in ("auto", "golomb"):
-        items, owner = [], []
-        for i, sp in enumerate(prepared):
-            if i in coded:
-                continue
-            if sp.domain == DOMAIN_FULL and sp.d > CHUNK_ELEMS:
-                runs = [(s, min(CHUNK_ELEMS, sp.d - s)) for s in _runs(sp.d)]
-                if isinstance(sp.pos_bits, list):  # sparsified run by run
-                    parts, counts = sp.pos_bits, [v.size for v in sp.vals]
-                else:
-                    parts = [sp.pos_bits[s // 8 : (s + size + 7) // 8] for s, size in runs]
-                    counts = [k.count_bits(b, size) for b, (_, size) in zip(parts, runs)]
-            else:
-                runs, parts, counts = [(0, sp.d)], [sp.pos_bits], [sp.nnz]
-            for b, (_, size), nnz in zip(parts, runs, counts):
-                items.append((b, size, k.golomb_parameter(nnz, size)))
-                owner.append((i, nnz))
-        for (b, size, m), (i, nnz), stream in zip(items, owner, k.golomb_encode_many(items)):
-            streams[i].append((size, nnz, m, stream))
-    records = []
-    for sp, runs in zip(prepared, streams):
-        g = None if not runs else (runs[0][2] if len(runs) == 1 else 0, [r[3] for r in runs])
-        pos_codec, m, pos_payload = encode_positions(sp.pos_bits, sp.d, sp.nnz, positions, sp.csr_shape, g)
-        table = runs if pos_codec == POSITIONS["golomb"] and len(runs) > 1 else []
-        records.append((sp, pos_codec, m, pos_payload, table))
-    signed = [i for i, sp in enumerate(prepared) if sp.signs is not None]
-    coded_signs = {j: signs_coded[i] for j, i in enumerate(signed) if i in signs_coded}
-    sign_blocks = dict(zip(signed, zero_sign_blocks(k, [prepared[i].signs for i in signed], coded_signs)))
-    version = 2 if any(table for *_, table in records) else 1  # version 1 readers read what needs no chunks
-    parts = [HEADER.pack(MAGIC, version, FLAG_ZERO_SIGNS if signed else 0, 0, len(tensors))]
-    for i, (sp, pos_codec, m, pos_payload, table) in enumerate(records):
-        if isinstance(sp.vals, list) and values == "raw":  # the runs' values go in as they are
-            val_payload, scale = [encode_values(v, values)[0] for v in sp.vals], 0.0
-        else:
-            val_payload, scale = encode_values(joined(sp.vals), values)
-        pos_payload, val_payload = _pieces(pos_payload), _pieces(val_payload)
+            if sub is not None:  # a subset of the reference: code relative to it, as one run
+                (d, sub_bits), domain, csr_shape = sub, DOMAIN_REFERENCE, None
+                found = found._replace(runs=[_Run(d, nnz, sub_bits)])
+        prepared.append(_Sparse(write_head(name, shape), dtype, domain, d, nnz, csr_shape, found))
+    return prepared
+
+
+def _golomb_streams(k: Any, prepared: list[_Sparse], positions: str) -> list[list[_GolombRun]]:
+    """Each tensor's Golomb streams, one a run (empty: Golomb not offered): those coded on a
+    device, and the others' in one call (the native backend encodes them in parallel)."""
+    streams = [[] if sp.found.golomb is None else sp.found.golomb for sp in prepared]
+    if positions not in ("auto", "golomb"):
+        return streams
+    owners = [(i, run) for i, sp in enumerate(prepared) if sp.found.golomb is None for run in sp.found.runs]
+    items = [(run.bits, run.size, k.golomb_parameter(run.nnz, run.size)) for _, run in owners]
+    for (i, run), (_, _, m), stream in zip(owners, items, k.golomb_encode_many(items)):
+        streams[i].append(_GolombRun(run.size, run.nnz, m, stream))
+    return streams
+
+
+def _code(k: Any, prepared: list[_Sparse], positions: str, values: str) -> list[_Coded]:
+    """Each tensor's record coded: positions (the smallest payload for "auto"), values and -0.0."""
+    signed: list[int] = []
+    sets: list[Signs] = []
+    coded_signs: dict[int, Optional[tuple[int, Any]]] = {}  # by set: coded on a device
+    for i, sp in enumerate(prepared):
+        if sp.found.signs is not None:
+            if sp.found.signs_on_device:
+                coded_signs[len(sets)] = sp.found.sign_golomb
+            signed.append(i)
+            sets.append(sp.found.signs)
+    sign_blocks = dict(zip(signed, zero_sign_blocks(k, sets, coded_signs)))
+    out = []
+    for i, (sp, golomb) in enumerate(zip(prepared, _golomb_streams(k, prepared, positions))):
+        g = (golomb[0].m if len(golomb) == 1 else 0, list(map(_STREAM, golomb))) if golomb else None
+        pos_codec, m, pos_payload = encode_run_positions(list(map(_BITS, sp.found.runs)), sp.d, sp.nnz, positions,
+                                                         sp.csr_shape, g)
+        chunks = golomb if pos_codec == POSITIONS["golomb"] and len(golomb) > 1 else []
+        val_payload, scale = encode_value_pieces(sp.found.vals, values)
+        out.append(_Coded(sp.head, sp.dtype, sp.domain, sp.d, sp.nnz, pos_codec, m, pos_payload, chunks, values, scale,
+                          val_payload, sign_blocks.get(i, [])))
+    return out
+
+
+def _write(k: Any, records: list[_Coded]) -> bytes:
+    """The message: header, then each record (head, fields, version 2's chunk table, payloads),
+    joined and checksummed in one pass (each piece copied into the message and checksummed there).
+    Version 1 unless a record is chunked: version 1 readers read what needs no chunks."""
+    version = 2 if any(rec.chunks for rec in records) else 1
+    flags = FLAG_ZERO_SIGNS if any(rec.signs for rec in records) else 0
+    parts: list[Any] = [HEADER.pack(MAGIC, version, flags, 0, len(records))]
+    for rec in records:
         parts += [
-            sp.head,
-            RECORD.pack(DTYPE_CODES[sp.dtype], sp.domain, pos_codec, VALUES[values], int(i in sign_blocks), 0, sp.d,
-                        sp.nnz, m, scale, sum(map(len, pos_payload)), sum(map(len, val_payload))),
+            rec.head,
+            RECORD.pack(DTYPE_CODES[rec.dtype], rec.domain, rec.pos_codec, VALUES[rec.values], int(bool(rec.signs)), 0,
+                        rec.d, rec.nnz, rec.m, rec.scale, sum(map(len, rec.pos_payload)),
+                        sum(map(len, rec.val_payload))),
         ]
         if version == 2:
-            parts.append(struct.pack("<I", len(table)))
-            parts += [CHUNK.pack(size, nnz, cm, len(stream)) for size, nnz, cm, stream in table]
-        parts += pos_payload + val_payload + sign_blocks.get(i, [])
-    return k.join_crc32c(parts)  # one pass: each piece copied into the message and checksummed there
-
+            parts.append(struct.pack("<I", len(rec.chunks)))
+            parts += [CHUNK.pack(c.size, c.nnz, c.m, len(c.stream)) for c in rec.chunks]
+        parts += rec.pos_payload + rec.val_payload + rec.signs
+    return k.join_crc32c(parts)
 
 def decode_model(
     data: Any,
@@ -248,11 +381,13 @@ def decode_model(
     budget = Budget(max_bytes, "decode_model")
     for i in range(count):
         name, shape = read_head(r, i, seen)
-        (dtype_code, domain, pos_codec, val_codec, r0, r1, d, nnz, m, scale, pos_len, val_len) = r.unpack(RECORD, ("{!r} record", name))
+        dtype_code, domain, pos_codec, val_id, r0, r1, d, nnz, m, scale, pos_len, val_len = r.unpack(
+            RECORD, ("{!r} record", name)
+        )
         dtype = record_dtype(name, dtype_code)
         check_expected(name, shape, dtype, expect)
         n = budget.take(name, shape, dtype)
-        if val_codec not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r1 \
+        if val_id not in VALUE_NAMES or pos_codec not in POSITION_NAMES or domain not in (0, 1) or r1 \
                 or r0 not in ((0, 1) if flags & FLAG_ZERO_SIGNS else (0,)):
             raise CodecError(f"{name!r}: unknown codec, domain or reserved field")
         if pos_codec == POSITIONS["csr"] and domain != DOMAIN_FULL:
@@ -263,8 +398,10 @@ def decode_model(
             raise CodecError(f"{name!r}: reference domain larger than the tensor")
         if nnz > d:
             raise CodecError(f"{name!r}: {nnz} values for a domain of {d}")
-        if val_len != nnz * value_size(val_codec, dtype):
-            raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need {nnz * value_size(val_codec, dtype)}")
+        values = VALUE_NAMES[val_id]
+        if val_len != nnz * value_size(values, dtype):
+            raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need "
+                             f"{nnz * value_size(values, dtype)}")
         table = _read_chunk_table(r, name, domain, pos_codec, d, nnz, m, pos_len) if version == 2 else []
         pos_raw = r.take(pos_len, ("{!r} positions", name))
         val_raw = r.take(val_len, ("{!r} values", name))
@@ -280,7 +417,7 @@ def decode_model(
         for size, c_nnz, c_m, c_len in table:
             chunks.append(Chunk(start, size, c_nnz, c_m, first, pos_raw[at : at + c_len]))
             start, first, at = start + size, first + c_nnz, at + c_len
-        records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, val_codec, d, nnz, m, scale, pos_raw,
+        records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, values, d, nnz, m, scale, pos_raw,
                               val_raw, tuple(chunks), signs))
     check_all_expected([rec.name for rec in records], expect)
     if r.pos != len(body):
@@ -298,37 +435,36 @@ def decode_model(
     for i, (rec, target) in enumerate(zip(records, targets)):
         name, n = rec.name, rec.n
         vals = decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
-        if rec.chunks:  # each run into its slice of the output (densify runs on the library's threads)
-            dest = dests[name] if name in dests else target
+        dest = dests[name] if name in dests else cast(np.ndarray, target)  # _allocate's for each record not in out
+        if rec.chunks:  # each chunk into its slice of the output (densify runs on the library's threads)
             for c, bits in zip(rec.chunks, golomb[i]):
                 k.densify(bits, c.size, vals[c.first : c.first + c.nnz], dest[c.start : c.start + c.size])
             if i in negative:
                 set_negative_zeros(k, name, np.concatenate(golomb[i]), negative[i], dest)
-            result.tensors[name] = out[name] if name in dests else target.reshape(rec.shape)
             result.packed_parts[name] = golomb[i]
-            continue
-        bits = golomb[i][0] if i in golomb else decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz, rec.shape)
-        if rec.domain == DOMAIN_REFERENCE:
-            ref_bits = k.pack_bits(reference_mask(reference, name, n))
-            held = k.count_bits(ref_bits, n)
-            if held != rec.d:
-                raise CodecError(f"{name!r}: the reference mask has {held} positions, the sender's had {rec.d}")
-            bits = k.deposit_bits(bits, ref_bits, n)
-        dest = dests[name] if name in dests else target
-        k.densify(bits, n, vals, dest)
-        if i in negative:
-            set_negative_zeros(k, name, bits, negative[i], dest)
-        result.tensors[name] = out[name] if name in dests else target.reshape(rec.shape)
-        result.packed[name] = bits
+        else:
+            bits = golomb[i][0] if i in golomb else decode_positions(k, rec.pos_raw, rec.pos_codec, rec.d, rec.nnz,
+                                                                     rec.shape)
+            if rec.domain == DOMAIN_REFERENCE:
+                ref_bits = k.pack_bits(reference_mask(reference, name, n))
+                held = k.count_bits(ref_bits, n)
+                if held != rec.d:
+                    raise CodecError(f"{name!r}: the reference mask has {held} positions, the sender's had {rec.d}")
+                bits = k.deposit_bits(bits, ref_bits, n)
+            k.densify(bits, n, vals, dest)
+            if i in negative:
+                set_negative_zeros(k, name, bits, negative[i], dest)
+            result.packed[name] = bits
+        result.tensors[name] = out[name] if out is not None and name in dests else dest.reshape(rec.shape)
     return result
 
 
 def _decode_zero_signs(k: Any, records: list[Record]) -> dict[int, np.ndarray]:
     """The -0.0 of each record with a zero-sign block, by record index, as packed positions over
     its elements."""
-    signed = [i for i, rec in enumerate(records) if rec.signs is not None]
-    found = decode_zero_signs(k, [(repr(records[i].name), records[i].signs, records[i].n) for i in signed])
-    return dict(zip(signed, found))
+    signed = [(i, rec.name, rec.signs, rec.n) for i, rec in enumerate(records) if rec.signs is not None]
+    found = decode_zero_signs(k, [(repr(name), signs, n) for _, name, signs, n in signed])
+    return {i: bits for (i, *_), bits in zip(signed, found)}
 
 
 def _read_chunk_table(r: Reader, name: str, domain: int, pos_codec: int, d: int, nnz: int, m: int,
@@ -344,7 +480,7 @@ def _read_chunk_table(r: Reader, name: str, domain: int, pos_codec: int, d: int,
                          "two or more, with the record's Golomb parameter 0")
     raw = r.take(CHUNK.size * count, f"{name!r} chunk table")
     table = [CHUNK.unpack_from(raw, CHUNK.size * j) for j in range(count)]
-    for j, (size, c_nnz, c_m, c_len) in enumerate(table):
+    for j, (size, c_nnz, c_m, _) in enumerate(table):
         if size == 0 or (j < count - 1 and size % 8) or c_nnz > size or c_m < 1:
             raise CodecError(f"{name!r}: chunk {j} has size {size}, {c_nnz} positions, parameter {c_m}")
     if [sum(col) for col in zip(*table)][0:2] != [d, nnz] or sum(row[3] for row in table) != pos_len:

@@ -4,7 +4,7 @@ of d indices. Positions travel between the codecs as packed little-endian bits. 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, cast
 
 import numpy as np
 
@@ -40,7 +40,9 @@ def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np
     if len(raw) != _csr_size(shape, n, nnz):
         raise CodecError("CSR positions have the wrong length")
     indptr = np.frombuffer(raw, dtype="<u4", count=rows + 1).astype(np.int64)
-    col = np.frombuffer(raw, dtype={1: "<u1", 2: "<u2", 4: "<u4"}[width], offset=4 * (rows + 1), count=nnz).astype(np.int64)
+    col = np.frombuffer(raw, dtype={1: "<u1", 2: "<u2", 4: "<u4"}[width], offset=4 * (rows + 1), count=nnz).astype(
+        np.int64
+    )
     if indptr[0] != 0 or indptr[-1] != nnz or (np.diff(indptr) < 0).any():
         raise CodecError("CSR row pointers are not a valid partition of the values")
     if nnz and (col >= cols).any():
@@ -54,9 +56,10 @@ def _csr_decode(raw: memoryview, n: int, nnz: int, shape: tuple[int, ...]) -> np
     return np.packbits(mask, bitorder="little")
 
 
-def joined(parts: Any) -> np.ndarray:
-    """An array, or the concatenation of a list of them (a tensor's runs)."""
-    return np.concatenate(parts) if isinstance(parts, list) else parts
+def joined(parts: Sequence[Any]) -> np.ndarray:
+    """The concatenation of packed bits in runs of whole bytes (a tensor's runs): the one run
+    itself, not a copy, for one."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def complement(bits: np.ndarray, n: int) -> np.ndarray:
@@ -69,9 +72,10 @@ def complement(bits: np.ndarray, n: int) -> np.ndarray:
 
 _BLOCK = 1 << 16  # elements a step when packing or setting signs: the temporaries stay in cache
 # Row b: the sign bits of the 8 elements whose -0.0 flags are the bits of byte b (little-endian).
+_UNSIGNED: tuple[tuple[int, type[np.unsignedinteger[Any]]], ...] = ((4, np.uint32), (8, np.uint64))
 _SIGN_WORDS = {
     size: ((np.arange(256, dtype=u)[:, None] >> np.arange(8, dtype=u)) & 1) << u(8 * size - 1)
-    for size, u in ((4, np.uint32), (8, np.uint64))
+    for size, u in _UNSIGNED
 }
 
 
@@ -116,8 +120,9 @@ def zero_sign_blocks(k: "Kernels", sets: Sequence[tuple[Optional[np.ndarray], in
     params = {i: k.golomb_parameter(count, n) for i, (_, n, count) in enumerate(sets) if i not in golomb}
     host = [i for i, m in params.items() if m > 1]
     golomb.update({i: None for i in params})
-    golomb.update(zip(host, zip([params[i] for i in host],
-                                k.golomb_encode_many([(sets[i][0], sets[i][1], params[i]) for i in host]))))
+    # the sets not in `coded` have their packed positions (None only for those coded on a device)
+    items = [(cast(np.ndarray, sets[i][0]), sets[i][1], params[i]) for i in host]
+    golomb.update(zip(host, zip([params[i] for i in host], k.golomb_encode_many(items))))
     blocks = []
     for i, (negative, n, count) in enumerate(sets):
         codec, m, payload = encode_positions(negative, n, count, "auto", None, golomb[i])
@@ -229,25 +234,39 @@ def device_plan(k: "Kernels", runs: Sequence[tuple[int, int]], negatives: Option
 
 
 def encode_positions(
-    bits: Any, d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]], golomb: Optional[tuple[int, Any]]
+    bits: Optional[np.ndarray], d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]],
+    golomb: Optional[tuple[int, Any]],
 ) -> tuple[int, int, Any]:
-    """(codec id, Golomb parameter, payload) for packed positions over a domain of d elements
-    (`bits`: one array, or a list of them for runs of whole bytes); `golomb` is the (parameter,
-    stream or list of streams) already encoded when codec is "auto" or "golomb". "auto" takes the
-    smallest payload (the others are sized by formula and built only when chosen)."""
+    """encode_run_positions of positions in one run: `bits` its packed bits, `golomb` (parameter,
+    stream); the payload in one piece (b"" for none)."""
+    pos_codec, m, pieces = encode_run_positions([bits], d, nnz, codec, shape,
+                                                None if golomb is None else (golomb[0], [golomb[1]]))
+    return pos_codec, m, pieces[0] if pieces else b""
+
+
+def encode_run_positions(
+    bits: Sequence[Optional[np.ndarray]], d: int, nnz: int, codec: str, shape: Optional[tuple[int, ...]],
+    golomb: Optional[tuple[int, list[Any]]],
+) -> tuple[int, int, list[Any]]:
+    """(codec id, Golomb parameter, payload pieces) for packed positions over a domain of d
+    elements in runs of whole bytes (`bits`, a packed array a run; None where they are not at
+    hand, for codecs that cannot be chosen); `golomb` is the (parameter, a stream a run) already
+    encoded when codec is "auto" or "golomb". "auto" takes the smallest payload (the others are
+    sized by formula and built only when chosen)."""
     sizes = _sizes(d, nnz, shape)
     if golomb is not None:
-        sizes["golomb"] = sum(map(len, golomb[1])) if isinstance(golomb[1], list) else len(golomb[1])
+        sizes["golomb"] = sum(map(len, golomb[1]))
     if codec == "auto":
         codec = min(sizes, key=lambda k: (sizes[k], k != "all"))
     if codec not in sizes:
         raise ValueError(f"positions codec {codec!r} is not available here (choose from {sorted(sizes)})")
     if codec == "all":
-        return POSITIONS["all"], 0, b""
+        return POSITIONS["all"], 0, []
     if codec == "bitmask":
-        return POSITIONS["bitmask"], 0, joined(bits).tobytes()
+        return POSITIONS["bitmask"], 0, [joined(bits).tobytes()]
     if codec == "csr":
-        return POSITIONS["csr"], 0, _csr_encode(joined(bits), d, shape)
+        assert shape is not None  # CSR is offered with a shape only
+        return POSITIONS["csr"], 0, [_csr_encode(joined(bits), d, shape)]
     assert golomb is not None
     return POSITIONS["golomb"], golomb[0], golomb[1]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def read_head(r: Any, i: int, seen: set[str]) -> tuple[str, tuple[int, ...]]:
 def record_dtype(name: str, code: int) -> np.dtype:
     if code not in DTYPES:
         raise CodecError(f"{name!r}: unknown dtype code {code}")
-    return DTYPES[code]
+    return cast(np.dtype, DTYPES[code])  # format.DTYPES holds only dtypes
 
 
 class Budget:

@@ -9,22 +9,57 @@ import errno
 import io
 import math
 import numbers
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, cast
 
 import numpy as np
 
 from .. import _backend
 from .._arrays import What, check_disjoint, described, flat_float, flat_mask, on_device, writable_view
 from .format import (
-    CHUNK_ELEMS, CRC, DEFAULT_MAX_BYTES, DOMAIN_FULL, DOMAIN_REFERENCE, DTYPE_CODES, HEADER, MAGIC, MAX_NDIM,
-    MAX_STREAM_CHUNK, POSITIONS, SIGNS, STREAM_CHUNK, STREAM_RECORD, STREAM_VERSION, VALUE_NAMES, VALUES, CodecError,
-    Reader, ZeroSigns, read_header,
+    CHUNK_ELEMS,
+    CRC,
+    DEFAULT_MAX_BYTES,
+    DOMAIN_FULL,
+    DOMAIN_REFERENCE,
+    DTYPE_CODES,
+    HEADER,
+    MAGIC,
+    MAX_NDIM,
+    MAX_STREAM_CHUNK,
+    POSITIONS,
+    SIGNS,
+    STREAM_CHUNK,
+    STREAM_RECORD,
+    STREAM_VERSION,
+    VALUE_NAMES,
+    VALUES,
+    CodecError,
+    Reader,
+    ZeroSigns,
+    read_header,
 )
 from .positions import (
-    check_zero_signs, decode_positions, decode_zero_signs, device_plan, encode_positions, golomb_max_len, relative_to,
-    set_negative_zeros, signs_to_send, zero_sign_blocks,
+    check_zero_signs,
+    decode_positions,
+    decode_zero_signs,
+    device_plan,
+    encode_positions,
+    golomb_max_len,
+    relative_to,
+    set_negative_zeros,
+    signs_to_send,
+    zero_sign_blocks,
 )
-from .records import Budget, Decoded, check_all_expected, check_expected, read_head, record_dtype, reference_mask, write_head
+from .records import (
+    Budget,
+    Decoded,
+    check_all_expected,
+    check_expected,
+    read_head,
+    record_dtype,
+    reference_mask,
+    write_head,
+)
 from .values import decode_values, encode_values, value_size
 
 STREAM_POSITIONS = ("auto", "all", "bitmask", "golomb")  # not CSR: it codes rows, which chunks cut
@@ -68,8 +103,9 @@ class _Writer:
                     "a blocking file object whose write returns the number of bytes it took",
                     self.count - len(view))
             if isinstance(written, bool) or not isinstance(written, numbers.Integral):
-                raise TypeError(f"{type(self.file).__name__}.write returned {written!r}, not the number of bytes it took")
-            if not 0 < written <= len(view):
+                raise TypeError(f"{type(self.file).__name__}.write returned {written!r}, "
+                                "not the number of bytes it took")
+            if not 0 < int(written) <= len(view):
                 raise OSError(f"{type(self.file).__name__}.write took {written} of {len(view)} bytes")
             view = view[int(written):]
 
@@ -146,14 +182,16 @@ class _SparseChunk(NamedTuple):
     d: int  # domain size
     bits: Optional[np.ndarray]  # packed positions over the domain (None: not fetched from a device, not taken)
     vals: np.ndarray
-    signs: Optional[tuple[Any, int, int]]  # the -0.0 sent (signs_to_send), over the chunk's elements (packed: None if not taken)
+    # the -0.0 sent (signs_to_send), over the chunk's elements (packed: None if not taken)
+    signs: Optional[tuple[Any, int, int]]
 
 
 def _sparse_chunk(k: Any, job: tuple[_Source, int, int]) -> _SparseChunk:
     """One host chunk's positions, values and the -0.0 it sends."""
     src, start, size = job
     piece, mask = src.flat[start : start + size], None if src.mask is None else src.mask[start : start + size]
-    bits, vals, negative = k.sparsify(piece, mask, negative_zeros=True) if src.signs else (*k.sparsify(piece, mask), None)
+    bits, vals, negative = (k.sparsify(piece, mask, negative_zeros=True) if src.signs
+                            else (*k.sparsify(piece, mask), None))
     signs = signs_to_send(k, negative, None if mask is None else bits, size)  # a mask's -0.0 are values
     return _relative(k, _SparseChunk(DOMAIN_FULL, size, bits, vals, signs), job)
 
@@ -162,7 +200,8 @@ def _relative(k: Any, c: _SparseChunk, job: tuple[_Source, int, int]) -> _Sparse
     """The chunk coded relative to its part of the reference mask when its positions are a subset of it."""
     src, start, size = job
     if src.ref is not None:
-        sub = relative_to(k, c.bits, k.pack_bits(src.ref[start : start + size]), size)
+        # a chunk with a reference mask has its packed positions (from a device too)
+        sub = relative_to(k, cast(np.ndarray, c.bits), k.pack_bits(src.ref[start : start + size]), size)
         if sub is not None:
             return _SparseChunk(DOMAIN_REFERENCE, *sub, c.vals, c.signs)
     return c
@@ -181,7 +220,8 @@ def _device_chunks(k: Any, jobs: list[tuple[_Source, int, int]], positions: str)
              for job, (runs, negatives) in zip(jobs, counts)]
     out = []
     for job, got, (_, negatives), plan in zip(jobs, dev.fetch(plans), counts, plans):
-        c = _SparseChunk(DOMAIN_FULL, job[2], got.bits, got.vals, (got.negative, job[2], negatives) if negatives else None)
+        c = _SparseChunk(DOMAIN_FULL, job[2], got.bits, got.vals,
+                         (got.negative, job[2], negatives) if negatives else None)
         out.append((_relative(k, c, job), (plan.ms[0], got.streams[0]) if plan.ms[0] else None,
                     (plan.sign_m, got.sign_stream) if plan.sign_m else None))
     return out
@@ -313,7 +353,7 @@ class _Chunk(NamedTuple):
     nnz: int
     m: int
     pos_raw: memoryview
-    val_codec: int
+    val_codec: str  # the values codec's name
     dtype: np.dtype  # the values' (little-endian)
     scale: float
     val_raw: memoryview
@@ -335,7 +375,8 @@ def decode_records(
 ) -> Decoded:
     """The `count` version 3 records that follow the header in `r` (a file or, from decode_model,
     the message in memory), decoded a window of chunks at a time."""
-    result, seen, budget = Decoded(), set(), Budget(max_bytes, caller)
+    seen: set[str] = set()
+    result, budget = Decoded(), Budget(max_bytes, caller)
     spans = {} if message is None else {"the message": np.frombuffer(message, dtype=np.uint8)}
     window: list[_Chunk] = []
     elems, window_elems = 0, max(1, _backend.get_num_threads()) * CHUNK_ELEMS
@@ -347,6 +388,7 @@ def decode_records(
         n = budget.take(name, shape, dtype)
         if val_codec not in VALUE_NAMES or reserved:
             raise CodecError(f"{name!r}: unknown values codec or reserved field")
+        values = VALUE_NAMES[val_codec]
         if chunk_elems % 8 or not 8 <= chunk_elems <= MAX_STREAM_CHUNK:
             raise CodecError(f"{name!r}: chunks of {chunk_elems} elements (a multiple of 8 up to {MAX_STREAM_CHUNK})")
         if out is not None and name in out:
@@ -364,7 +406,7 @@ def decode_records(
         for j, start in enumerate(range(0, n, chunk_elems)):
             size, where = min(chunk_elems, n - start), f"{name!r} chunk {j}"
             domain, pos_codec, signed, reserved, d, nnz, m, scale, pos_len = r.unpack(STREAM_CHUNK, where)
-            _check_chunk(where, domain, pos_codec, signed, reserved, d, size, nnz, m, scale, pos_len, val_codec)
+            _check_chunk(where, domain, pos_codec, signed, reserved, d, size, nnz, m, scale, pos_len, values)
             ref_bits = None
             if domain == DOMAIN_REFERENCE:
                 if ref is None:
@@ -374,7 +416,7 @@ def decode_records(
                     raise CodecError(f"{where}: the reference mask has {k.count_bits(ref_bits, size)} positions "
                                      f"there, the sender's had {d}")
             pos_raw = r.take(pos_len, f"{where} positions")
-            val_raw = r.take(nnz * value_size(val_codec, dtype), f"{where} values")
+            val_raw = r.take(nnz * value_size(values, dtype), f"{where} values")
             signs = None
             if signed:  # which of the chunk's zeros are -0.0, checked before its payload is read
                 s_codec, s_count, s_m, s_len = r.unpack(SIGNS, f"{where} zero signs")
@@ -385,7 +427,7 @@ def decode_records(
                 signs = ZeroSigns(s_codec, s_count, s_m, r.take(s_len, f"{where} zero signs"))
             window.append(_Chunk(where, dest[start : start + size],
                                  None if packed is None else packed[start // 8 : (start + size + 7) // 8],
-                                 ref_bits, pos_codec, d, nnz, m, pos_raw, val_codec, dtype, scale, val_raw, signs))
+                                 ref_bits, pos_codec, d, nnz, m, pos_raw, values, dtype, scale, val_raw, signs))
             elems += size
             if elems >= window_elems:
                 _decode_window(k, window)
@@ -396,7 +438,7 @@ def decode_records(
 
 
 def _check_chunk(where: str, domain: int, pos_codec: int, signed: int, reserved: int, d: int, size: int, nnz: int,
-                 m: int, scale: float, pos_len: int, val_codec: int) -> None:
+                 m: int, scale: float, pos_len: int, values: str) -> None:
     """A chunk header's fields against each other and the chunk's size, before its bytes are read."""
     if domain not in (DOMAIN_FULL, DOMAIN_REFERENCE) or pos_codec not in POSITIONS.values() or signed not in (0, 1) \
             or reserved:
@@ -409,7 +451,7 @@ def _check_chunk(where: str, domain: int, pos_codec: int, signed: int, reserved:
         raise CodecError(f"{where}: {nnz} values for a domain of {d}")
     if (m != 0) != (pos_codec == _GOLOMB):
         raise CodecError(f"{where}: Golomb parameter {m} (>= 1 for Golomb positions, else 0)")
-    if scale != 0 and val_codec != VALUES["int8"]:
+    if scale != 0 and values != "int8":
         raise CodecError(f"{where}: scale {scale} for values that have none")
     if pos_codec == _GOLOMB:
         if pos_len > golomb_max_len(d, nnz, m):
@@ -433,8 +475,7 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
     if failed >= 0:
         raise CodecError(f"{golomb[failed].where}: {message}")
     decoded = iter(bits)
-    signed = [c for c in window if c.signs is not None]
-    negatives = iter(decode_zero_signs(k, [(c.where, c.signs, c.dest.size) for c in signed]))
+    negatives = iter(decode_zero_signs(k, [(c.where, c.signs, c.dest.size) for c in window if c.signs is not None]))
     for c in window:
         b = next(decoded) if c.pos_codec == _GOLOMB else None
         try:

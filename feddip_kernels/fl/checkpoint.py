@@ -141,7 +141,7 @@ def load_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module) -> Serve
     _check_history(meta["history"], cfg, n_fixed, sum(v.size for v in server.weights.values()), fail)
 
     # The message must hold exactly these tensors (checked before anything is allocated).
-    expect = {f"w/{k}": (v.shape, v.dtype) for k, v in server.weights.items()}
+    expect: dict[str, tuple[tuple[int, ...], Any]] = {f"w/{k}": (v.shape, v.dtype) for k, v in server.weights.items()}
     for j in sorted(set(holders.values()) - {_CURRENT}):
         expect.update({f"k{j}/{k}": (server.weights[k].shape, np.float32) for k in server.prunable})
     size = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in expect.values())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -52,10 +52,15 @@ def load_cifar(directory: str) -> tuple[Dataset, Dataset]:
         raise FileNotFoundError(f"no CIFAR-10/100 files (binary or python version) in {directory}")
     name, d = found
     train_files, test_files, labels = _LAYOUTS[name]
-    read = _read_binary if name.endswith("bin") else _read_python
+    def read(path: str) -> tuple[np.ndarray, np.ndarray]:
+        # labels is the label bytes per record (binary) or the label key (python): _LAYOUTS
+        if name.endswith("bin"):
+            return _read_binary(path, cast(int, labels))
+        return _read_python(path, cast(bytes, labels))
+
     parts = []
     for files in (train_files, test_files):
-        xs, ys = zip(*(read(os.path.join(d, f), labels) for f in files))
+        xs, ys = zip(*(read(os.path.join(d, f)) for f in files))
         parts.append((np.concatenate(xs), np.concatenate(ys)))
     (xtr, ytr), (xte, yte) = ((xs.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, ys) for xs, ys in parts)
     mean, std = xtr.mean(axis=(0, 2, 3), keepdims=True), xtr.std(axis=(0, 2, 3), keepdims=True)
@@ -111,7 +116,8 @@ class _Unpickler(pickle.Unpickler):
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds only arrays and lists") from None
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: a CIFAR batch holds only arrays and lists") from None
 
 
 def _to_array(obj: Any, path: str) -> np.ndarray:
@@ -148,9 +154,11 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.n
     then a horizontal flip with probability 1/2; the whole batch at once."""
     n, c, h, w = x.shape
     padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    dy, dx = rng.integers(0, 2 * pad + 1, (2, n))
+    shifts: np.ndarray = rng.integers(0, 2 * pad + 1, (2, n))
+    dy, dx = shifts[0], shifts[1]
     rows = dy[:, None] + np.arange(h)
-    cols = dx[:, None] + np.arange(w)
-    cols = np.where(rng.random(n)[:, None] < 0.5, cols[:, ::-1], cols)
+    cols: np.ndarray = dx[:, None] + np.arange(w)
+    flip = rng.random((n, 1)) < 0.5
+    cols = np.where(flip, cols[:, ::-1], cols)
     return padded[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]

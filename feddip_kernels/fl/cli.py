@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .. import _backend, __version__
+from .. import __version__, _backend
 from .._backend import MAX_THREADS, set_num_threads
 from ..codecs import VALUES as VALUE_CODECS
 from ..pruning import global_topk_masks
@@ -102,10 +102,10 @@ def _simulate(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from .data import SYNTHETIC
-    from .simulation import ALGORITHMS
     from . import SimulationConfig, dirichlet_partition, iid_partition, load_dataset, run_simulation, synthetic_dataset
+    from .data import SYNTHETIC
     from .report import plot_histories
+    from .simulation import ALGORITHMS
 
     try:
         from tqdm import tqdm
@@ -149,7 +149,11 @@ def _simulate(args: argparse.Namespace) -> int:
                 f"up {row['bytes_up'] / 1e3:9.1f} kB  down {row['bytes_down'] / 1e3:9.1f} kB  "
                 f"train {row['time_train']:.2f}s prune {row['time_prune']:.3f}s encode {row['time_encode']:.3f}s "
                 f"round {row['time_round']:.2f}s"
-                + (f"  {row['clients_failed']} client(s) failed: {'; '.join(row['failures'])}" if row["clients_failed"] else "")
+                + (
+                    f"  {row['clients_failed']} client(s) failed: {'; '.join(row['failures'])}"
+                    if row["clients_failed"]
+                    else ""
+                )
             )
             if bar is not None:
                 bar.update(1)
@@ -210,10 +214,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--synthetic-train", type=int, default=20000)
     p.add_argument("--synthetic-test", type=int, default=1000)
     p.add_argument("--model", default="lenet5", choices=["lenet5", "alexnet", "resnet18"])
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                   help="settings to start from: paper = the FedDIP paper's setup (50 clients, 5 a round, 1000 rounds, "
-                        "5 epochs, batch 128, lr 0.1*0.998^t, no momentum, s0 0.5 -> sp 0.95, R 5); quick = the same "
-                        "algorithm on 10 clients, all every round, 20 rounds, 1 epoch, batch 64, R 2. Flags override it")
+    p.add_argument(
+        "--preset",
+        default="quick",
+        choices=["quick", "paper"],
+        help="settings to start from: paper = the FedDIP paper's setup (50 clients, 5 a round, 1000 rounds, "
+        "5 epochs, batch 128, lr 0.1*0.998^t, no momentum, s0 0.5 -> sp 0.95, R 5); quick = the same "
+        "algorithm on 10 clients, all every round, 20 rounds, 1 epoch, batch 64, R 2. Flags override it",
+    )
     p.add_argument("--clients", type=int)
     p.add_argument("--clients-per-round", type=int)
     p.add_argument("--all-clients", action="store_true", help="every client trains every round")

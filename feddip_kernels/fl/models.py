@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,12 @@ class LeNet5(nn.Module):
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +70,8 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-    """ResNet-18 for 3x32x32 inputs (3x3 stem, no max-pool): 11.17M parameters, 11.16M of them in conv/linear weights."""
+    """ResNet-18 for 3x32x32 inputs (3x3 stem, no max-pool): 11.17M parameters, 11.16M of them in conv/linear
+    weights."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
         super().__init__()
@@ -94,8 +100,8 @@ def make_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Weights of conv and linear layers (biases and normalisation layers are never pruned)."""
-    out = {}
+    out: dict[str, nn.Parameter] = {}
     for mod_name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            out[f"{mod_name}.weight" if mod_name else "weight"] = mod.weight
+            out[f"{mod_name}.weight" if mod_name else "weight"] = cast(nn.Parameter, mod.weight)  # stubs: Tensor
     return out

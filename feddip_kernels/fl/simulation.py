@@ -21,7 +21,16 @@ from .models import make_model
 from .state import _REGULARISED, ALGORITHMS, PRESETS, ServerState, SimulationConfig, float_state, initial_state
 
 # The run's state lives in fl.state; SimulationConfig and the rest are imported from here too.
-__all__ = ["ALGORITHMS", "PRESETS", "ServerState", "SimulationConfig", "dense_model_bytes", "evaluate", "run_simulation"]
+__all__ = [
+    "ALGORITHMS",
+    "PRESETS",
+    "ServerState",
+    "SimulationConfig",
+    "dense_model_bytes",
+    "evaluate",
+    "run_simulation",
+]
+
 
 def _load(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     missing, unexpected = model.load_state_dict(
@@ -66,7 +75,9 @@ def _train_client(
                     weight_decay=cfg.weight_decay, lam=lam)
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
-    mask_tensors = {params[k]: torch.from_numpy(np.ascontiguousarray(m)).to(device) for k, m in masks.items()}
+    mask_tensors: dict[torch.Tensor, torch.Tensor] = {
+        params[k]: torch.from_numpy(np.ascontiguousarray(m)).to(device) for k, m in masks.items()
+    }
     if masks:
         opt.set_masks(mask_tensors)
     no_feedback = cfg.algorithm == "feddip-noef"
@@ -198,7 +209,9 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
                 # Uplink: the values under the shared mask (the server zeroes the rest of a dense upload).
                 msg = _upload(local, shared, cfg.values, int(c))
                 bytes_up += len(msg)
-                uploads.append((decode_model(msg, reference=shared).tensors, sizes[c] if cfg.weighting == "samples" else 1.0))
+                uploads.append(
+                    (decode_model(msg, reference=shared).tensors, sizes[c] if cfg.weighting == "samples" else 1.0)
+                )
             except Exception as e:  # noqa: BLE001 - any failure of one client; recorded in the row
                 failures.append(f"client {int(c)}: {type(e).__name__}: {e}")
                 t2 = time.perf_counter()

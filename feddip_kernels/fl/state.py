@@ -66,7 +66,7 @@ class SimulationConfig:
             raise ValueError("clients_per_round must be in [1, clients]")
         if self.weighting not in ("samples", "equal"):
             raise ValueError(f"weighting must be 'samples' or 'equal', got {self.weighting!r}")
-        self.schedule  # validates the schedule settings
+        _ = self.schedule  # validates the schedule settings
 
     @property
     def schedule(self) -> Schedule:

@@ -24,12 +24,12 @@ import math
 import reprlib
 from collections import Counter
 from logging import WARNING
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
 from flwr.common import log
+from flwr.serverapp.strategy import FedAvg
 
 from ..codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
 from ..protocol import FedDIPServer, Schedule, random_erk_masks, seed_for
@@ -88,7 +88,8 @@ def encode_arrayrecord(
 ) -> ArrayRecord:
     """One Array of stype feddip/v1 carrying every float32/float64 array of `record` (zeros off
     the positions cost nothing); other arrays are passed along as they are."""
-    floats, others = {}, {}
+    floats: dict[str, Array] = {}
+    others: dict[str, Array] = {}
     for name, arr in record.items():
         (floats if arr.dtype in _FLOATS else others)[name] = arr
     if ENCODED_KEY in floats or ENCODED_KEY in others:
@@ -128,8 +129,8 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
     values = "raw"
     if msg.has_content() and any(is_encoded(r) for r in msg.content.array_records.values()):
         config: dict[str, Any] = {}
-        for record in msg.content.config_records.values():
-            config.update(record)
+        for config_record in msg.content.config_records.values():
+            config.update(config_record)
         values = str(config.get(VALUES_KEY, values))
         masked, prunable = list(config.get(MASKED_KEY, [])), list(config.get(PRUNABLE_KEY, []))
         held = _held_masks(ctxt)
@@ -165,7 +166,8 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
 
 def _held_masks(ctxt: Context) -> dict[str, np.ndarray]:
     """The global mask this node last received (kept in its context state), or {}."""
-    return _record_to_masks(ctxt.state[_STATE_KEY]) if _STATE_KEY in ctxt.state else {}
+    # an ArrayRecord: this module alone writes the key (_masks_to_record)
+    return _record_to_masks(cast(ArrayRecord, ctxt.state[_STATE_KEY])) if _STATE_KEY in ctxt.state else {}
 
 
 def _client_index(ctxt: Context) -> int:
@@ -238,7 +240,12 @@ class FedDIP(FedAvg):
         t = server.round
         config[MASKED_KEY] = list(server.masks)
         config[PRUNABLE_KEY] = server.prunable
-        config[VALUES_KEY], config[ROUND_KEY], config[S0_KEY], config[SEED_KEY] = self.values, t, server.schedule.s0, self.seed
+        config[VALUES_KEY], config[ROUND_KEY], config[S0_KEY], config[SEED_KEY] = (
+            self.values,
+            t,
+            server.schedule.s0,
+            self.seed,
+        )
         config[LR_KEY], config[LAMBDA_KEY] = server.schedule.learning_rate(t), server.schedule.lam(t)
         model = ArrayRecord(array_dict={k: Array(v) for k, v in server.weights.items()})
         out = []
@@ -253,13 +260,17 @@ class FedDIP(FedAvg):
             out.append(Message(content=content, message_type=m.metadata.message_type, dst_node_id=node))
         return out
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
         server = self._start(arrays)
         messages = self._messages(super().configure_train(server_round, arrays, config, grid), server, config)
         self.sampled = {m.metadata.dst_node_id for m in messages}
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
         server = self._start(arrays)
         return self._messages(super().configure_evaluate(server_round, arrays, config, grid), server, config)
 
@@ -295,18 +306,26 @@ class FedDIP(FedAvg):
         for key, value in record.items():
             if isinstance(value, list):
                 if not all(_metric_number(v) for v in value):
-                    raise _BadReply(f"metric {key!r} = {reprlib.repr(value)} holds a value that is not a finite int or float")
+                    raise _BadReply(
+                        f"metric {key!r} = {reprlib.repr(value)} holds a value that is not a finite int or float"
+                    )
                 shape.append((key, len(value)))
             elif _metric_number(value):
                 shape.append((key, -1))
             else:
-                raise _BadReply(f"metric {key!r} = {reprlib.repr(value)} is not a finite int or float (or a list of them)")
+                raise _BadReply(
+                    f"metric {key!r} = {reprlib.repr(value)} is not a finite int or float (or a list of them)"
+                )
         weight = record.get(self.weighted_by_key)
         if weight is None or isinstance(weight, list) or not 0 < weight <= MAX_WEIGHT:
-            raise _BadReply(f"metric {self.weighted_by_key!r} = {reprlib.repr(weight)} is not a number in (0, {MAX_WEIGHT:.0f}]")
+            raise _BadReply(
+                f"metric {self.weighted_by_key!r} = {reprlib.repr(weight)} is not a number in (0, {MAX_WEIGHT:.0f}]"
+            )
         return (name, tuple(sorted(shape))), float(weight)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         """Aggregate the replies that pass every check, or leave the state as it was.
 
         A reply is dropped and counted as rejected (`feddip-rejected`, `rejected`; why, in
@@ -323,7 +342,7 @@ class FedDIP(FedAvg):
         when the average leaves float64's range (float64 tensors only; its replies are then counted
         as rejected). Bad replies never raise; only an exception from a custom
         `train_metrics_aggr_fn` propagates, with the state unchanged."""
-        server = self.server
+        server = cast(FedDIPServer, self.server)  # configure_train, which flwr calls first, set it up
         seen: dict[str, list[int]] = {"aggregated": [], "rejected": [], "failed": [], "missing": []}
         reasons: dict[int, str] = {}
         checked: list[tuple[Message, dict[str, np.ndarray], float, _MetricShape]] = []
@@ -384,7 +403,7 @@ class FedDIP(FedAvg):
         self.rounds.append(seen)
         self.reasons.append(reasons)
         self.rejected += len(seen["rejected"])
-        counts = {f"feddip-{k}": len(v) for k, v in seen.items()}
+        counts: dict[str, Any] = {f"feddip-{k}": len(v) for k, v in seen.items()}
         if not uploads:  # nothing to aggregate: the global model stays, the round is not counted
             return None, MetricRecord(counts)
         metrics = MetricRecord({**(dict(metrics) if metrics is not None else {}), **counts})

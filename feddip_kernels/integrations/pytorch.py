@@ -16,7 +16,7 @@ import math
 import numbers
 import warnings
 from types import ModuleType
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, cast, overload
 
 import numpy as np
 import torch
@@ -27,6 +27,11 @@ from ..pruning import pack_mask
 from ..update import StepLayers
 
 DEVICE_KERNELS = ("auto", "triton", "torch")
+
+
+def _grad(prm: torch.Tensor) -> torch.Tensor:
+    """A stepped parameter's gradient: the step takes only the parameters that have one."""
+    return cast(torch.Tensor, prm.grad)
 
 
 class FedDIPSGD(torch.optim.Optimizer):
@@ -288,8 +293,14 @@ class FedDIPSGD(torch.optim.Optimizer):
                         prm.copy_(state["dense"] * state["mask"])
                         self._stamp(prm)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Optional[Any] = None) -> Optional[torch.Tensor]:
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -396,7 +407,7 @@ class FedDIPSGD(torch.optim.Optimizer):
 
         def step_layers(items: list[tuple[torch.Tensor, dict[str, Any]]], masked: bool) -> StepLayers:
             bufs = [as_array(st["momentum_buffer"]) for _, st in items] if momentum != 0 else None
-            grads = [prm.grad.detach().numpy() for prm, _ in items]
+            grads = [_grad(prm).detach().numpy() for prm, _ in items]
             if not masked:
                 return StepLayers([as_array(prm) for prm, _ in items], grads, momentum_buffers=bufs, momentum=momentum,
                                   backend=self.backend)
@@ -450,7 +461,7 @@ class FedDIPSGD(torch.optim.Optimizer):
             fresh |= self._valid_norm(prm, st, p) is not v
         if fresh:
             table.compute_norms(p)
-        grads = [prm.grad if prm.grad.is_contiguous() else prm.grad.contiguous() for prm in prms]
+        grads = [g if g.is_contiguous() else g.contiguous() for g in map(_grad, prms)]
         table.step(grads, group["lr"], group["weight_decay"], group["lam"], group["momentum"], p)
         _bump(prms)  # written in place: autograd sees it as it sees torch's own in-place steps
         for (prm, st), v in zip(masked, views):
@@ -458,7 +469,8 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     def _triton_table(self, prms: list[torch.Tensor], states: list[dict[str, Any]]) -> tuple[Any, list[Any], list[Any]]:
         """(the Triton step's layer table, the masked (prm, state) pairs, their norms' views in it)."""
-        table = self._triton().LayerTable(
+        triton = cast(ModuleType, self._triton())  # a Triton group: Triton imports
+        table = triton.LayerTable(
             [self._dense(prm) if "mask" in st else prm.detach() for prm, st in zip(prms, states)],
             [st.get("mask") for st in states], [st.get("momentum_buffer") for st in states],
             [prm.detach() if "mask" in st else None for prm, st in zip(prms, states)])
@@ -476,7 +488,7 @@ class FedDIPSGD(torch.optim.Optimizer):
             state = self.state[prm]
             buf = self._momentum_buffer(prm, state) if group["momentum"] != 0 else None
             if "mask" not in state:
-                dk.sgd_step(prm.detach(), prm.grad, buf, lr=group["lr"], weight_decay=group["weight_decay"],
+                dk.sgd_step(prm.detach(), _grad(prm), buf, lr=group["lr"], weight_decay=group["weight_decay"],
                             momentum=group["momentum"])
                 continue
             if prm.device not in hp:

@@ -44,11 +44,11 @@ class SparseZarrCodec(ArrayBytesCodec):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparseZarrCodec":
         _, config = parse_named_configuration(data, NAME, require_configuration=False)
-        config = dict(config or {})
-        unknown = sorted(set(config) - {"positions", "values"})
+        options: dict[str, Any] = dict(config or {})  # JSON values: __init__ checks them
+        unknown = sorted(set(options) - {"positions", "values"})
         if unknown:
             raise ValueError(f"unknown {NAME} configuration keys {unknown}")
-        return cls(**config)
+        return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": NAME, "configuration": {"positions": self.positions, "values": self.values}}

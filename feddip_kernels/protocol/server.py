@@ -71,7 +71,9 @@ class Schedule:
         return t % self.mask_every == 0
 
 
-def random_erk_masks(shapes: Mapping[str, Sequence[int]], density: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_erk_masks(
+    shapes: Mapping[str, Sequence[int]], density: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Random masks with ERK layer densities (overall `density`): each layer keeps
     round(density_l * size) positions drawn uniformly without replacement."""
     names = list(shapes)

@@ -30,10 +30,14 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
     record = ArrayRecord(array_dict={k: Array(v) for k, v in update(arrays, partition, t).items()})
     if fault == 1:  # bytes that are not a message: already "encoded", so the mod passes them on
-        record = ArrayRecord(array_dict={"feddip": Array(dtype="uint8", shape=(12,), stype="feddip/v1", data=b"FDKW" + bytes(8))})
+        record = ArrayRecord(
+            array_dict={"feddip": Array(dtype="uint8", shape=(12,), stype="feddip/v1", data=b"FDKW" + bytes(8))}
+        )
     elif fault == 2:  # a valid message, for a model with other shapes
         other = encode_model({k: np.zeros(v.size + 1, v.dtype) for k, v in arrays.items()})
-        record = ArrayRecord(array_dict={"feddip": Array(dtype="uint8", shape=(len(other),), stype="feddip/v1", data=other)})
+        record = ArrayRecord(
+            array_dict={"feddip": Array(dtype="uint8", shape=(len(other),), stype="feddip/v1", data=other)}
+        )
     elif fault == 3:
         time.sleep(float(context.run_config["stall"]))
     elif fault == 4 and t == 1:
