@@ -20,7 +20,21 @@ from ._arrays import as_array, block_views, contiguous, flat_mask, float_tensors
 
 
 def k_for_density(n: int, density: float) -> int:
-    """Number of kept elements for a density in [0, 1]: round half up of density * n."""
+    """Number of kept elements for a density in [0, 1]: round half up of density * n.
+
+    Parameters
+    ----------
+    n : number of elements.
+    density : fraction kept, in [0, 1].
+
+    Returns
+    -------
+    int : min(n, floor(density * n + 0.5)).
+
+    Raises
+    ------
+    ValueError : density outside [0, 1] or NaN.
+    """
     if not 0.0 <= density <= 1.0 or math.isnan(density):
         raise ValueError(f"density must be in [0, 1], got {density}")
     return min(n, int(math.floor(density * n + 0.5)))
@@ -47,6 +61,21 @@ def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str =
     kernels): float32 by a radix select in Triton over the list (_triton_topk: three counting
     passes, replayed as one CUDA graph), else torch operations on one flat copy of |w|; `backend`
     does not apply.
+
+    Parameters
+    ----------
+    tensors : NumPy arrays or torch tensors (any shapes), float32 or float64, one dtype.
+    k : rank of the magnitude returned, 0 <= k <= the number of elements.
+    backend : "auto", "native", "numba" or "numpy" (host arrays).
+
+    Returns
+    -------
+    float : the k-th largest |w| (+inf for k = 0).
+
+    Raises
+    ------
+    TypeError : k not an integer, or tensors of another or mixed dtypes.
+    ValueError : k out of range, NaN in the tensors, or an unknown backend.
     """
     kernels, arrays = _kernels_and_tensors(tensors, backend)
     return kernels.magnitude_threshold(arrays, _check_k(k, _size(arrays)))
@@ -55,7 +84,22 @@ def global_magnitude_threshold(tensors: Sequence[Any], k: int, *, backend: str =
 def max_magnitude(tensors: Sequence[Any], *, backend: str = "auto") -> float:
     """The largest |w| over all elements of `tensors` (float32 or float64, one dtype); 0.0 for no
     elements, and NaN raises ValueError as in the top-k functions. One streaming read of the
-    tensors: the memory roofline the benchmarks hold the top-k threshold against."""
+    tensors: the memory roofline the benchmarks hold the top-k threshold against.
+
+    Parameters
+    ----------
+    tensors : NumPy arrays or torch tensors, float32 or float64, one dtype.
+    backend : "auto", "native", "numba" or "numpy" (host arrays).
+
+    Returns
+    -------
+    float : max |w| (0.0 for no elements).
+
+    Raises
+    ------
+    TypeError : tensors of another or mixed dtypes.
+    ValueError : NaN in the tensors, or an unknown backend.
+    """
     kernels, arrays = _kernels_and_tensors(tensors, backend)
     return kernels.max_magnitude(arrays)
 
@@ -73,6 +117,24 @@ def global_topk_masks(
     bool tensors sharing their memory when the inputs are torch tensors, views into one block
     (_arrays.block_views). Masks of tensors on a CUDA device
     are computed there and stay there (as global_magnitude_threshold; `backend` does not apply).
+    Ties at the threshold are kept in list order (tensor index, then flat index).
+
+    Parameters
+    ----------
+    tensors : NumPy arrays or torch tensors, float32 or float64, one dtype.
+    k : elements kept, 0 <= k <= n (or `density`).
+    density : fraction kept, in [0, 1] (or `k`).
+    backend : "auto", "native", "numba" or "numpy" (host arrays).
+
+    Returns
+    -------
+    list : one bool mask a tensor, of its shape, with exactly k set in all.
+
+    Raises
+    ------
+    TypeError : k not an integer, or tensors of another or mixed dtypes.
+    ValueError : neither or both of k and density, either out of range, NaN in the tensors, or an
+        unknown backend.
     """
     if (k is None) == (density is None):
         raise ValueError("give exactly one of k and density")
@@ -103,12 +165,37 @@ def _size(arrays: Sequence[Any]) -> int:
 
 def pack_mask(mask: Any, *, backend: str = "auto") -> np.ndarray:
     """Pack a mask (any shape, flattened in C order) into bits, little-endian bit order: element i
-    is bit i % 8 of byte i // 8, as np.packbits(..., bitorder="little"). Unused bits are zero."""
+    is bit i % 8 of byte i // 8, as np.packbits(..., bitorder="little"). Unused bits are zero.
+
+    Parameters
+    ----------
+    mask : bool array or tensor (non-zero = set), any shape.
+    backend : "auto", "native", "numba" or "numpy".
+
+    Returns
+    -------
+    numpy.ndarray : uint8, ceil(n / 8) bytes.
+    """
     return _backend.kernels(backend).pack_bits(flat_mask(mask))
 
 
 def unpack_mask(bits: Any, shape: Sequence[int] | int, *, backend: str = "auto") -> np.ndarray:
-    """Inverse of pack_mask: a bool array of `shape` from its packed bits."""
+    """Inverse of pack_mask: a bool array of `shape` from its packed bits.
+
+    Parameters
+    ----------
+    bits : packed bits (uint8 array or buffer), at least ceil(n / 8) bytes.
+    shape : shape of the mask (or its length).
+    backend : "auto", "native", "numba" or "numpy".
+
+    Returns
+    -------
+    numpy.ndarray : bool, of `shape`.
+
+    Raises
+    ------
+    ValueError : a negative dimension, or too few bytes for the shape.
+    """
     shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must be non-negative, got {shape}")

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_CODES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_TYPES: dict[int, np.dtype] = {code: np.dtype(t) for code, t in _IDX_CODES.items()}
 
 
 @dataclass
@@ -41,7 +42,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) < 4 + 4 * ndim:
         raise ValueError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    dtype = _IDX_TYPES[raw[2]]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     body = raw[4 + 4 * ndim :]
     if len(body) != expected:
@@ -131,7 +132,8 @@ def iid_partition(n: int, clients: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(s) for s in np.array_split(np.random.default_rng(seed).permutation(n), clients)]
 
 
-def dirichlet_partition(labels: np.ndarray, clients: int, alpha: float, seed: int = 0, min_size: int = 10) -> list[np.ndarray]:
+def dirichlet_partition(labels: np.ndarray, clients: int, alpha: float, seed: int = 0,
+                        min_size: int = 10) -> list[np.ndarray]:
     """Non-IID split: each class spread over clients by proportions ~ Dirichlet(alpha); redrawn
     until every client holds at least `min_size` samples (smaller alpha, more skew)."""
     if alpha <= 0:
