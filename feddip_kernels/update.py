@@ -59,6 +59,29 @@ def masked_ef_step(
     torch tensors on a CUDA device are stepped there, by the same arithmetic in torch operations
     (the device kernels, _torch_kernels; `backend` and `mask_bits` do not apply), checked as host
     arrays are. All of them must be on the one device.
+
+    Parameters
+    ----------
+    w : the dense weights (float32 or float64), written in place.
+    g : the gradient at w * m, w's number of elements and dtype.
+    mask : bool mask (non-zero = kept) of w's number of elements, or None (dense).
+    lr, weight_decay, lam, momentum : finite and >= 0.
+    p : 1 or 2, the regulariser's norm.
+    momentum_buffer : w's shape and dtype, written in place (with momentum).
+    pruned_out : receives w * m after the step.
+    norm : ||w * m||_p before the step, or None.
+    mask_bits : the mask packed (pack_mask), in place of `mask`.
+    backend : "auto", "native", "numba" or "numpy" (host arrays).
+
+    Returns
+    -------
+    float : ||w * m||_p after the step.
+
+    Raises
+    ------
+    TypeError : an argument of the wrong type or dtype.
+    ValueError : sizes that differ, arrays that share memory or are not writable where written,
+        a hyperparameter out of range, both mask and mask_bits, or an unknown backend.
     """
     kernels = _backend.kernels_for(w, g, mask, momentum_buffer, pruned_out, mask_bits, backend=backend)
     hyper = _hyper(lr, weight_decay, lam, momentum, p)
@@ -94,7 +117,24 @@ def masked_ef_step_many(
     layers may share memory.
     Returns each layer's ||w * m||_p after the step, the same values that stepping the layers one
     at a time returns. torch tensors on a CUDA device (all layers on the one device) are stepped
-    there, one layer after another, as masked_ef_step steps them."""
+    there, one layer after another, as masked_ef_step steps them.
+
+    Parameters
+    ----------
+    ws, gs : the layers' dense weights and gradients (as masked_ef_step's w and g).
+    masks, mask_bits, momentum_buffers, pruned_outs, norms : a list with an entry per layer (None
+        allowed), or None for none at all.
+    lr, weight_decay, lam, p, momentum, backend : as masked_ef_step's, for all layers.
+
+    Returns
+    -------
+    list[float] : each layer's ||w * m||_p after the step.
+
+    Raises
+    ------
+    TypeError, ValueError : as masked_ef_step, for any layer (nothing is written then), or lists
+        of another length than ws.
+    """
     hyper = _hyper(lr, weight_decay, lam, momentum, p)
     kernels = _backend.kernels_for(*ws, *gs, backend=backend)
     layers, packed = _check_layers(kernels, ws, gs, masks, mask_bits, momentum_buffers, pruned_outs, norms, momentum)
@@ -374,7 +414,24 @@ def _checked_norm(norm: Optional[float]) -> Optional[float]:
 def masked_norm(w: Any, mask: Any = None, *, p: int = 2, mask_bits: Any = None, backend: str = "auto") -> float:
     """||w * m||_p (p = 1 or 2), accumulated in double; for p = 2 values are rescaled by a power of
     two when their squares would underflow, so subnormal layers get their exact norm, not 0. The
-    mask is given as `mask` or packed as `mask_bits`, as in masked_ef_step."""
+    mask is given as `mask` or packed as `mask_bits`, as in masked_ef_step.
+
+    Parameters
+    ----------
+    w : float32 or float64 array or tensor.
+    mask, mask_bits : the mask (non-zero = kept) or the mask packed; None for none.
+    p : 1 or 2.
+    backend : "auto", "native", "numba" or "numpy".
+
+    Returns
+    -------
+    float : the norm.
+
+    Raises
+    ------
+    TypeError : w not float32 or float64.
+    ValueError : p not 1 or 2, or a mask of another size.
+    """
     wa = contiguous(as_array(w, "w"))
     if wa.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w has dtype {wa.dtype}; float32 or float64 is required")

@@ -38,7 +38,8 @@ def test_schedules_follow_the_protocol():
     assert s.sparsity(500) == pytest.approx(0.95 - 0.45 * 0.5**3)
     assert [t for t in range(12) if s.updates_mask(t)] == [0, 5, 10]
     assert s.learning_rate(10) == pytest.approx(0.1 * 0.998**10)
-    assert s.lam(0) == 0 and s.lam(49) == 0 and s.lam(50) == pytest.approx(5e-4) and s.lam(999) == pytest.approx(1e-3)
+    assert s.lam(0) == 0 and s.lam(49) == 0 and s.lam(50) == pytest.approx(5e-4) \
+        and s.lam(999) == pytest.approx(5e-4 + 5e-4 * 18 / 19)  # (i - 1) / 19, as the protocol says
     assert Schedule(rounds=1000, horizon=100).sparsity(100) == 0.95  # a horizon shortens the ramp
     for bad in (dict(mask_every=0), dict(s0=0.9, sp=0.5), dict(horizon=0), dict(lr=0.0)):
         with pytest.raises(ValueError):
