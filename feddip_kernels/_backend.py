@@ -144,7 +144,16 @@ def triton_topk() -> Optional[ModuleType]:
 def set_num_threads(n: int) -> None:
     """Threads every parallel kernel uses from now on, in this process: n >= 1, or 0 for the
     default (OpenMP's: OMP_NUM_THREADS or the number of cores). The native kernels are the
-    parallel ones; the Numba and NumPy backends run on one thread. At most MAX_THREADS (4096)."""
+    parallel ones; the Numba and NumPy backends run on one thread. At most MAX_THREADS (4096).
+
+    Parameters
+    ----------
+    n : threads, 0 <= n <= MAX_THREADS (0: the default).
+
+    Raises
+    ------
+    ValueError : n not an integer in that range.
+    """
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_THREADS:
         raise ValueError(f"n must be an integer from 0 to {MAX_THREADS}, got {n!r}")
     core = native_module()

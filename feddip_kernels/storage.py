@@ -74,7 +74,28 @@ def save(
     stores them as +0.0 instead (equal as numbers, not as bits). `values="raw"` is lossless; "fp16", "bf16" and
     "int8" store the float entries' values lossily (docs/wire-format.md). `metadata` is any
     JSON-serialisable mapping, given back by `load(..., metadata=True)`. Tensors that share
-    storage are stored once each (as copies)."""
+    storage are stored once each (as copies).
+
+    Parameters
+    ----------
+    state_dict : names (str) to torch tensors or NumPy arrays.
+    file : a path or a binary file object.
+    masks : names to bool masks of float entries (the positions stored), optional.
+    values : "raw", "fp16", "bf16" or "int8".
+    metadata : JSON-serialisable mapping, optional.
+    signed_zeros : keep -0.0 off the positions (True) or store +0.0 there (False).
+
+    Returns
+    -------
+    int : the bytes written.
+
+    Raises
+    ------
+    TypeError : a state dict that is not a mapping, a key that is not a string, or an entry of a
+        dtype the format does not store.
+    KeyError : masks naming entries that are not in the state dict.
+    ValueError : a mask that leaves out non-zero values, or is given for a non-float entry.
+    """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     masks = dict(masks or {})
@@ -176,6 +197,22 @@ def load(
     metadata: `sd`, or a tuple `(sd, masks?, metadata?)` in that order. Raises CodecError for a
     corrupt, truncated or inconsistent file, or one whose entries would take more than `max_bytes`
     (checked before anything is allocated). Nothing returned shares memory with the file's bytes.
+
+    Parameters
+    ----------
+    file : a path, a binary file object, or the bytes.
+    as_torch : return torch tensors (True), NumPy arrays (False), or as saved (None).
+    masks : also return the float entries' positions as bool masks.
+    metadata : also return the metadata saved.
+    max_bytes : the most bytes the entries may decode to.
+
+    Returns
+    -------
+    dict, or tuple : the state dict, or (state dict, masks?, metadata?).
+
+    Raises
+    ------
+    CodecError : a corrupt, truncated or inconsistent file, or one over max_bytes.
     """
     if isinstance(file, (str, os.PathLike)):
         with open(file, "rb") as f:

@@ -234,6 +234,26 @@ def encode_model(
     the mask); False never (messages that readers predating signed zeros read).
     Tensors on a CUDA device are sparsified there and their Golomb streams (positions and -0.0)
     coded there: only what the message takes (streams, values, packed bits) is copied to the host.
+
+    Parameters
+    ----------
+    tensors : names (str) to float32/float64 arrays or torch tensors (host or CUDA).
+    masks : names to masks of the positions sent (non-zero = kept), optional.
+    reference : names to masks the receiver already holds, optional.
+    positions : "auto", "bitmask", "csr", "golomb" or "all".
+    values : "raw", "fp16", "bf16" or "int8".
+    signed_zeros : None (the default above), True or False.
+    backend : "auto", "native", "numba" or "numpy" (host tensors).
+
+    Returns
+    -------
+    bytes : the message (docs/wire-format.md).
+
+    Raises
+    ------
+    TypeError : a tensor that is not float32/float64, or a signed_zeros that is not a bool.
+    ValueError : an unknown codec or backend, a mask of another size, or a positions codec that
+        cannot code a tensor's positions.
     """
     if values not in VALUES:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
@@ -358,8 +378,28 @@ def decode_model(
     replying for another model is refused at no cost). `out` maps names to existing arrays (or
     torch CPU tensors) of the right dtype and size to decode into, skipping the allocation; they
     are returned in `tensors` and must not overlap each other or the message. Nothing else returned
-    shares memory with `data`, which the caller may reuse. Raises CodecError on any corruption
-    (`out` may then be partly written)."""
+    shares memory with `data`, which the caller may reuse.
+
+    Parameters
+    ----------
+    data : the message (bytes or any buffer).
+    reference : names to the shared masks of tensors coded relative to one.
+    max_bytes : the most bytes the decoded arrays may take.
+    out : names to arrays to decode into, optional.
+    expect : names to (shape, dtype) the message must hold exactly, optional.
+    backend : "auto", "native", "numba" or "numpy".
+
+    Returns
+    -------
+    Decoded : `tensors` (names to arrays) and `masks` (names to the positions).
+
+    Raises
+    ------
+    CodecError : any corruption or inconsistency, a message over max_bytes, another set of
+        tensors than `expect`, or a missing reference mask (`out` may then be partly written).
+    ValueError : `out` arrays of the wrong size, or overlapping.
+    TypeError : `out` arrays of the wrong dtype.
+    """
     k = _backend.kernels(backend)
     view = memoryview(data).cast("B")
     if len(view) < HEADER.size + CRC.size:
