@@ -140,7 +140,25 @@ def encode_stream(
     `file.write` may take part of what it is given and return how much (as io objects do), or
     return None having taken it all (as codecs.StreamWriter does); from an io.RawIOBase, None
     means "would block" (a non-blocking raw file) and raises BlockingIOError (characters_written:
-    the message's bytes written before), as does a non-blocking buffered file."""
+    the message's bytes written before), as does a non-blocking buffered file.
+
+    Parameters
+    ----------
+    tensors : names (str) to float32/float64 arrays or torch tensors.
+    file : an object with `write`.
+    masks, reference, values, signed_zeros, backend : as encode_model's.
+    positions : "auto", "all", "bitmask" or "golomb".
+    chunk_elems : elements a chunk, a multiple of 8 from 8 to 2**24.
+
+    Returns
+    -------
+    int : the message's length in bytes.
+
+    Raises
+    ------
+    TypeError, ValueError : as encode_model, or a chunk_elems out of range.
+    BlockingIOError : a non-blocking file that would block.
+    """
     if values not in VALUES:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
     if positions not in STREAM_POSITIONS:
@@ -326,7 +344,22 @@ def decode_stream(
 
     A stream is checked as it arrives: each record and chunk before its bytes are read or decoded,
     the CRC-32C at the end. On a CodecError (corrupt, truncated, over a limit, other tensors than
-    expected) the tensors decoded so far, and `out`, must not be used."""
+    expected) the tensors decoded so far, and `out`, must not be used.
+
+    Parameters
+    ----------
+    file : an object with `readinto` or `read`.
+    reference, max_bytes, out, expect, backend : as decode_model's.
+    masks : also keep the positions.
+
+    Returns
+    -------
+    Decoded : as decode_model's.
+
+    Raises
+    ------
+    CodecError : as decode_model, or a stream that ends early.
+    """
     k = _backend.kernels(backend)
     r = _FileReader(file, k)
     version, count = read_header(r)
