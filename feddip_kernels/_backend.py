@@ -49,7 +49,12 @@ def numba_module() -> Optional[ModuleType]:
 
 
 def available_backends() -> list[str]:
-    """Backends usable in this installation, fastest first; "numpy" is always there."""
+    """Backends usable in this installation, fastest first; "numpy" is always there.
+
+    Returns
+    -------
+    list[str] : from "native", "numba" and "numpy", in that order.
+    """
     found = []
     if native_module() is not None:
         found.append("native")

@@ -214,6 +214,21 @@ def erk_densities(
     Layer l gets density eps * raw_l with raw_l = sum(shape_l) / prod(shape_l), one eps for all
     layers, chosen so that sum(density_l * size_l) = density * sum(size_l). Layers where that
     exceeds 1, and the layer indices in `dense`, are kept dense and eps is solved again for the rest.
+
+    Parameters
+    ----------
+    shapes : each layer's shape.
+    density : the overall density, in [0, 1].
+    dense : indices of layers kept dense.
+
+    Returns
+    -------
+    list[float] : each layer's density, in [0, 1].
+
+    Raises
+    ------
+    ValueError : density out of range, an index in `dense` out of range, or dense layers that alone
+        exceed the density.
     """
     if not 0.0 <= density <= 1.0 or math.isnan(density):
         raise ValueError(f"density must be in [0, 1], got {density}")
