@@ -65,6 +65,21 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     `backend="torch"` and `backend="triton"` are the spellings of `device_kernels` before it
     existed: deprecated (DeprecationWarning), they set device_kernels and leave backend "auto".
+
+    Parameters
+    ----------
+    params : parameters or parameter groups, as torch.optim.SGD takes them.
+    lr, momentum, weight_decay, lam : >= 0 (lam: the regulariser's strength; set_lambda changes it).
+    p : 1 or 2, the regulariser's norm.
+    backend : the host kernels: "auto", "native", "numba" or "numpy".
+    compile : compile the per-layer torch operations (None: on CUDA where it works).
+    device_kernels : "auto", "triton" or "torch".
+
+    Raises
+    ------
+    ValueError : a hyperparameter out of range, an unknown backend or device_kernels, or backend
+        and device_kernels that disagree.
+    RuntimeError : (at a step) device_kernels="triton" where Triton does not import.
     """
 
     def __init__(
