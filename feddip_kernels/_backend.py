@@ -167,7 +167,12 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """Threads a parallel kernel uses now (1 without the native extension or OpenMP)."""
+    """Threads a parallel kernel uses now (1 without the native extension or OpenMP).
+
+    Returns
+    -------
+    int : the threads (the count set, else the default: 1 while another process holds the cores).
+    """
     core = native_module()
     return core.get_num_threads() if core is not None else 1
 
