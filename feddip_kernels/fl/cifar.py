@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from .data import Dataset
+from .dataset import Dataset
 
 _PIXELS = 3 * 32 * 32
 _LAYOUTS = {

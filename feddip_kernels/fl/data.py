@@ -6,29 +6,14 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 
+from .cifar import find_cifar, load_cifar
+from .dataset import Dataset
+
 _IDX_CODES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IDX_TYPES: dict[int, np.dtype] = {code: np.dtype(t) for code, t in _IDX_CODES.items()}
-
-
-@dataclass
-class Dataset:
-    """Images (N, C, H, W) float32, labels (N,) int64; `augment`: training batches get random
-    crops and flips (cifar.augment_batch), as the paper does for CIFAR."""
-
-    x: np.ndarray
-    y: np.ndarray
-    augment: bool = False
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.y.max()) + 1 if len(self.y) else 0
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -61,8 +46,6 @@ def _find(directory: str, stem: str) -> str:
 def load_dataset(directory: str) -> tuple[Dataset, Dataset]:
     """(train, test) from `directory`: CIFAR-10/100 (binary or python version, see fl.cifar) when
     it holds one, else MNIST-style IDX files."""
-    from .cifar import find_cifar, load_cifar
-
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"data directory {directory} not found")
     return load_cifar(directory) if find_cifar(directory) else load_idx_dataset(directory)

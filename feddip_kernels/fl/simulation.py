@@ -16,7 +16,7 @@ from ..integrations.pytorch import FedDIPSGD
 from ..protocol import seed_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cifar import augment_batch
-from .data import Dataset
+from .dataset import Dataset
 from .models import make_model
 from .state import _REGULARISED, ALGORITHMS, PRESETS, ServerState, SimulationConfig, float_state, initial_state
 
