@@ -16,6 +16,7 @@ TRITON_INTERPRET=1 runs it on CPU tensors (the tests)."""
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
@@ -93,14 +94,25 @@ def _mask_kernel(ptrs, sizes, block_tensor, block_start, out_start, keep, sel, B
 
 def usable(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the radix select takes this list: contiguous float32 tensors on one CUDA device (CPU
-    tensors under TRITON_INTERPRET=1), some elements, and fewer than 2^31 in all."""
-    if not tensors:
+    tensors under TRITON_INTERPRET=1), some elements, and fewer than 2^31 in all, with a Triton
+    that has what the kernels use (a masked tl.histogram, from 3.4; older ones: torch operations)."""
+    if not tensors or not TRITON_OK:
         return False
     device = tensors[0].device
     interpreted = device.type == "cpu" and _interpreted()
     return ((device.type == "cuda" or interpreted)
             and all(t.dtype == torch.float32 and t.device == device and t.is_contiguous() for t in tensors)
             and 0 < sum(t.numel() for t in tensors) < 1 << 31)
+
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    """Whether Triton's version (e.g. "3.6.0", "3.4.0+git1234") is at least major.minor."""
+    digits = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return digits is not None and (int(digits[1]), int(digits[2])) >= (major, minor)
+
+
+# tl.histogram's mask argument came with Triton 3.4 (torch 2.8); torch 2.1-2.7 ship older ones.
+TRITON_OK = _triton_at_least(3, 4)
 
 
 def _interpreted() -> bool:

@@ -641,3 +641,13 @@ def test_triton_on_cpu_tensors_says_when_it_cannot_run():
         return
     with pytest.raises(ValueError, match="only under TRITON_INTERPRET=1"):
         _train(model, opt, 1)
+
+
+def test_device_kernels_triton_refuses_a_group_the_kernel_cannot_take():
+    # One Triton launch steps one device and dtype: "triton" says so instead of quietly stepping
+    # such a group in torch operations (as "auto" does).
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    a.grad, b.grad = torch.ones(4), torch.ones(4, dtype=torch.float64)
+    opt = FedDIPSGD([a, b], lr=0.1, device_kernels="triton")
+    with pytest.raises(ValueError, match="share one device"):
+        opt.step()

@@ -92,3 +92,14 @@ def test_only_lists_it_can_read_are_taken():
     assert not tt.usable([x.double()])
     assert not tt.usable([torch.ones(4, 4, device=DEV).t()])  # not contiguous
     assert not tt.usable([torch.empty(0, device=DEV)])
+
+
+def test_a_triton_without_the_masked_histogram_leaves_the_list_to_torch(monkeypatch):
+    tt = _tt()
+    x = [torch.ones(8, device=DEV)]
+    monkeypatch.setattr(tt, "TRITON_OK", False)  # Triton before 3.4 (torch 2.1-2.7)
+    assert not tt.usable(x)
+    monkeypatch.setattr(tt.triton, "__version__", "3.3.1")
+    assert not tt._triton_at_least(3, 4)
+    monkeypatch.setattr(tt.triton, "__version__", "3.4.0+git1a2b")
+    assert tt._triton_at_least(3, 4)

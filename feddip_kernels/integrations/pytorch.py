@@ -448,11 +448,15 @@ class FedDIPSGD(torch.optim.Optimizer):
         """Whether a group steps in the multi-layer Triton kernel: all its parameters on one CUDA
         device with one dtype where Triton imports (device_kernels "auto"), or on any one device
         with device_kernels="triton" (CPU tensors under TRITON_INTERPRET). Otherwise its device
-        layers step one by one."""
+        layers step one by one; with device_kernels="triton" a group that the kernel cannot take
+        is an error, not a quiet fallback."""
         params = group["params"]
         if not params or self.device_kernels == "torch" or (self.device_kernels == "auto" and not params[0].is_cuda):
             return False
         if len({(prm.device, prm.dtype) for prm in params}) > 1:
+            if self.device_kernels == "triton":
+                raise ValueError('FedDIPSGD(device_kernels="triton") steps a group whose parameters share one device '
+                                 'and dtype; put the others in groups of their own, or use device_kernels="auto"')
             return False
         return self._triton() is not None
 
