@@ -1,5 +1,5 @@
 // FedDIP's local step (ef_step.hpp): the norms, the regulariser and one parallel pass over all
-// layers' chunks. The loops over a chunk are in ef_step_simd.cpp, the choice of loop and stores in
+// layers' blocks. The loops over a block are in ef_step_simd.cpp, the choice of loop and stores in
 // ef_step_tuning.cpp.
 #include "ef_step.hpp"
 
@@ -23,24 +23,24 @@ using step::Layout;
 using step::mask_at;
 using step::mask_from;
 
-// Chunk: the unit of parallel work. Norm terms (squares or |v|) are summed in double throughout:
-// in float, a chunk of weights of 3e19 would overflow (3e19^2 > FLT_MAX) where the norm is finite.
-constexpr std::size_t kChunk = 4096;
+// Block: the unit of parallel work. Norm terms (squares or |v|) are summed in double throughout:
+// in float, a block of weights of 3e19 would overflow (3e19^2 > FLT_MAX) where the norm is finite.
+constexpr std::size_t kBlock = 4096;
 // Below this, threads cost more than they save.
 constexpr std::size_t kParallelMin = std::size_t(1) << 16;
 
 inline int threads_for(int requested, std::size_t n) { return n < kParallelMin ? 1 : max_threads(requested); }
 
-// Sum of chunk(b, m) over the chunks [b, b + m) of n elements, in parallel, added in chunk order
+// Sum of block(b, m) over the blocks [b, b + m) of n elements, in parallel, added in block order
 // whatever the thread count: results are the same bits with 1, 2 or 16 threads.
 template <class F>
-double sum_over_chunks(std::size_t n, int nt, F&& chunk) {
-    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
-    if (n_chunks <= 1) return n_chunks ? chunk(std::size_t(0), n) : 0.0;
-    std::vector<double> part(static_cast<std::size_t>(n_chunks));
-    parallel_for(nt, n_chunks, [&](long long c) {
-        const std::size_t b = static_cast<std::size_t>(c) * kChunk;
-        part[static_cast<std::size_t>(c)] = chunk(b, std::min(kChunk, n - b));
+double sum_over_blocks(std::size_t n, int nt, F&& block) {
+    const long long n_blocks = static_cast<long long>((n + kBlock - 1) / kBlock);
+    if (n_blocks <= 1) return n_blocks ? block(std::size_t(0), n) : 0.0;
+    std::vector<double> part(static_cast<std::size_t>(n_blocks));
+    parallel_for(nt, n_blocks, [&](long long c) {
+        const std::size_t b = static_cast<std::size_t>(c) * kBlock;
+        part[static_cast<std::size_t>(c)] = block(b, std::min(kBlock, n - b));
     });
     double total = 0.0;
     for (const double x : part) total += x;
@@ -48,7 +48,7 @@ double sum_over_chunks(std::size_t n, int nt, F&& chunk) {
 }
 
 template <class T, Layout Mask, int P>
-FEDDIP_VECTOR_CLONES double norm_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
+FEDDIP_VECTOR_CLONES double norm_block(const T* w, const std::uint8_t* mask, std::size_t n) {
     double acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
@@ -62,7 +62,7 @@ FEDDIP_VECTOR_CLONES double norm_chunk(const T* w, const std::uint8_t* mask, std
 // order is the numeric order: Clang vectorises a max of integers, not one of floats that skips
 // NaN (it needs -ffast-math for that). Keys have the top bit clear, so signed lanes hold them.
 template <class T, Layout Mask>
-FEDDIP_VECTOR_CLONES T max_abs_chunk(const T* w, const std::uint8_t* mask, std::size_t n) {
+FEDDIP_VECTOR_CLONES T max_abs_block(const T* w, const std::uint8_t* mask, std::size_t n) {
     using S = std::make_signed_t<bits_t<T>>;
     constexpr S kInf = static_cast<S>(inf_key<T>());
     S acc = 0;
@@ -76,7 +76,7 @@ FEDDIP_VECTOR_CLONES T max_abs_chunk(const T* w, const std::uint8_t* mask, std::
 }
 
 template <class T, Layout Mask>
-FEDDIP_VECTOR_CLONES double scaled_sq_chunk(const T* w, const std::uint8_t* mask, std::size_t n, double s) {
+FEDDIP_VECTOR_CLONES double scaled_sq_block(const T* w, const std::uint8_t* mask, std::size_t n, double s) {
     double acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (std::size_t i = 0; i < n; ++i) {
@@ -97,16 +97,16 @@ inline bool sum_sq_unreliable(double sum_sq, std::size_t n) {
 
 template <class T, Layout Mask>
 double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
-    const long long n_chunks = static_cast<long long>((n + kChunk - 1) / kChunk);
+    const long long n_blocks = static_cast<long long>((n + kBlock - 1) / kBlock);
     T mx = 0;
     RegionProbe probe(nt);
 #pragma omp parallel num_threads(nt)
     {
         probe.enter();
 #pragma omp for schedule(static) reduction(max : mx)
-        for (long long c = 0; c < n_chunks; ++c) {
-            const std::size_t b = static_cast<std::size_t>(c) * kChunk, m = std::min(kChunk, n - b);
-            const T v = max_abs_chunk<T, Mask>(w + b, mask_from<Mask>(mask, b), m);
+        for (long long c = 0; c < n_blocks; ++c) {
+            const std::size_t b = static_cast<std::size_t>(c) * kBlock, m = std::min(kBlock, n - b);
+            const T v = max_abs_block<T, Mask>(w + b, mask_from<Mask>(mask, b), m);
             mx = v > mx ? v : mx;
         }
     }
@@ -114,8 +114,8 @@ double norm2_scaled(const T* w, const std::uint8_t* mask, std::size_t n, int nt)
     using D = std::numeric_limits<double>;
     const int e = std::min(std::max(std::ilogb(static_cast<double>(mx)), 2 - D::max_exponent), -D::min_exponent);
     const double s = std::ldexp(1.0, -e);
-    const double total = sum_over_chunks(n, nt, [&](std::size_t b, std::size_t m) {
-        return scaled_sq_chunk<T, Mask>(w + b, mask_from<Mask>(mask, b), m, s);
+    const double total = sum_over_blocks(n, nt, [&](std::size_t b, std::size_t m) {
+        return scaled_sq_block<T, Mask>(w + b, mask_from<Mask>(mask, b), m, s);
     });
     return std::ldexp(std::sqrt(total), e);
 }
@@ -133,8 +133,8 @@ double finish_norm(double total, const T* w, const std::uint8_t* mask, std::size
 
 template <class T, Layout Mask, int P>
 double norm_impl(const T* w, const std::uint8_t* mask, std::size_t n, int nt) {
-    const double total = sum_over_chunks(n, nt, [&](std::size_t b, std::size_t m) {
-        return norm_chunk<T, Mask, P>(w + b, mask_from<Mask>(mask, b), m);
+    const double total = sum_over_blocks(n, nt, [&](std::size_t b, std::size_t m) {
+        return norm_block<T, Mask, P>(w + b, mask_from<Mask>(mask, b), m);
     });
     return finish_norm<T, Mask, P>(total, w, mask, n, nt);
 }
@@ -155,22 +155,22 @@ std::pair<double, double> regulariser(double lam, int p, double norm) {
 }
 
 // One layer of a step, bound to the kernel instantiation its mask layout, momentum, pruned copy
-// and p select: chunk(b, m) steps elements [b, b + m) and returns their norm terms; finish turns
+// and p select: block(b, m) steps elements [b, b + m) and returns their norm terms; finish turns
 // the layer's summed terms into ||w*m||_p.
 template <class T>
 struct BoundLayer {
     const LayerStep<T>* layer;
     T lr, wd, reg, scale, mom;
-    double (*chunk)(const BoundLayer&, std::size_t b, std::size_t m, Isa isa, bool stream);
+    double (*block)(const BoundLayer&, std::size_t b, std::size_t m, Isa isa, bool stream);
     double (*finish)(const BoundLayer&, double total, int nt);
     double (*norm)(const LayerStep<T>&, int nt);
 };
 
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
 struct Kernel {
-    static double chunk(const BoundLayer<T>& s, std::size_t b, std::size_t m, Isa isa, bool stream) {
+    static double block(const BoundLayer<T>& s, std::size_t b, std::size_t m, Isa isa, bool stream) {
         const LayerStep<T>& L = *s.layer;
-        return step::step_chunk<T, Mask, Mom, Pruned, P>(L.w + b, L.g + b, mask_from<Mask>(L.mask.data, b),
+        return step::step_block<T, Mask, Mom, Pruned, P>(L.w + b, L.g + b, mask_from<Mask>(L.mask.data, b),
                                                          Mom ? L.buf + b : nullptr, Pruned ? L.pruned + b : nullptr, m,
                                                          s.lr, s.wd, s.reg, s.scale, s.mom, isa, stream);
     }
@@ -184,11 +184,11 @@ template <class T, Layout Mask, bool Mom, bool Pruned>
 BoundLayer<T> bind_p(int p) {
     BoundLayer<T> s{};
     if (p == 1) {
-        s.chunk = &Kernel<T, Mask, Mom, Pruned, 1>::chunk;
+        s.block = &Kernel<T, Mask, Mom, Pruned, 1>::block;
         s.finish = &Kernel<T, Mask, Mom, Pruned, 1>::finish;
         s.norm = &Kernel<T, Mask, Mom, Pruned, 1>::norm;
     } else {
-        s.chunk = &Kernel<T, Mask, Mom, Pruned, 2>::chunk;
+        s.block = &Kernel<T, Mask, Mom, Pruned, 2>::block;
         s.finish = &Kernel<T, Mask, Mom, Pruned, 2>::finish;
         s.norm = &Kernel<T, Mask, Mom, Pruned, 2>::norm;
     }
@@ -232,17 +232,17 @@ std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers,
         s.lr = T(prm.lr), s.wd = T(prm.weight_decay), s.reg = T(reg), s.scale = T(scale), s.mom = T(prm.momentum);
         bound.push_back(s);
     }
-    // Every layer's chunks in one parallel loop: one fork and join for the whole model, and small
-    // layers share the threads. Each layer's terms are added in chunk order, so the norms are the
+    // Every layer's blocks in one parallel loop: one fork and join for the whole model, and small
+    // layers share the threads. Each layer's terms are added in block order, so the norms are the
     // same bits whatever the thread count and whether layers are stepped together or alone.
     struct Piece {
         std::size_t layer, begin, size;
     };
     std::vector<Piece> pieces;
-    pieces.reserve(total / kChunk + layers.size());
+    pieces.reserve(total / kBlock + layers.size());
     for (std::size_t l = 0; l < layers.size(); ++l)
-        for (std::size_t b = 0; b < layers[l].n; b += kChunk)
-            pieces.push_back({l, b, std::min(kChunk, layers[l].n - b)});
+        for (std::size_t b = 0; b < layers[l].n; b += kBlock)
+            pieces.push_back({l, b, std::min(kBlock, layers[l].n - b)});
     std::vector<double> part(pieces.size());
     const long long n_pieces = static_cast<long long>(pieces.size());
     // The loop (StepTuning), by the size of what the step reads and writes (w, g and the buffer, the
@@ -262,7 +262,7 @@ std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers,
     parallel_for(nt, n_pieces, [&](long long c) {
         const Piece& pc = pieces[static_cast<std::size_t>(c)];
         const BoundLayer<T>& s = bound[pc.layer];
-        part[static_cast<std::size_t>(c)] = s.chunk(s, pc.begin, pc.size, loop, stream);
+        part[static_cast<std::size_t>(c)] = s.block(s, pc.begin, pc.size, loop, stream);
     });
     if (trial.timed)
         step::report_loop(trial, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

@@ -50,7 +50,7 @@ struct LayerStep {
 };
 
 // masked_ef_step on every layer, with one set of hyperparameters, in one parallel pass over all
-// layers' chunks. Returns each layer's ||w*m||_p after the step: the same values as stepping the
+// layers' blocks. Returns each layer's ||w*m||_p after the step: the same values as stepping the
 // layers one at a time. No two arrays of any layers may overlap.
 template <class T>
 std::vector<double> masked_ef_step_many(const std::vector<LayerStep<T>>& layers, const EFStepParams& params,

@@ -1,6 +1,6 @@
 // What the error-feedback step's three files share (ef_step.hpp is the interface): ef_step.cpp is
-// the algorithm (norms, the regulariser, one parallel pass over all layers' chunks),
-// ef_step_simd.cpp the step's loops over a chunk (generic, AVX2, AVX-512) and ef_step_tuning.cpp
+// the algorithm (norms, the regulariser, one parallel pass over all layers' blocks),
+// ef_step_simd.cpp the step's loops over a block (generic, AVX2, AVX-512) and ef_step_tuning.cpp
 // the choice of loop and of stores. Plain C++17, no Python.
 #pragma once
 
@@ -21,7 +21,7 @@ inline T mask_value(std::uint8_t byte) {
 }
 
 // A mask is absent (all kept), one byte an element (non-zero = kept), or packed bits (element i
-// is bit i % 8 of byte i / 8). Chunks and tiles start at multiples of 8 elements, so a packed mask
+// is bit i % 8 of byte i / 8). Blocks and tiles start at multiples of 8 elements, so a packed mask
 // can be offset by whole bytes.
 enum class Layout { none, bytes, bits };
 
@@ -45,12 +45,12 @@ inline const std::uint8_t* mask_from(const std::uint8_t* mask, std::size_t first
         return mask + first / 8;
 }
 
-// ef_step_simd.cpp. The step on elements [0, n) of a layer (a chunk) with the loops of `isa`;
-// returns the chunk's norm terms (squares or |v| of the pruned values, summed in double). Every
+// ef_step_simd.cpp. The step on elements [0, n) of a layer (a block) with the loops of `isa`;
+// returns the block's norm terms (squares or |v| of the pruned values, summed in double). Every
 // loop and store path gives the same bits. stream: the pruned copy goes out with streaming stores
 // (StepStores). Instantiated there for every mask layout, momentum, copy and p of both types.
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
-double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd, T reg,
+double step_block(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd, T reg,
                   T scale, T mom, Isa isa, bool stream);
 
 // ef_step_tuning.cpp. One float32 step on an AVX-512 CPU, planned by the loop timing (StepTuning):

@@ -1,7 +1,7 @@
-// The error-feedback step's loops over a chunk of a layer: the generic loop (which the compiler
+// The error-feedback step's loops over a block of a layer: the generic loop (which the compiler
 // vectorises; the vector loops match it bit for bit and run their tails with it), the AVX2 + FMA
 // loop and the float32 AVX-512 loop, and the tiles that carry the pruned copy out through the cache
-// or with streaming stores. ef_step.cpp binds a layer to one instantiation of step_chunk.
+// or with streaming stores. ef_step.cpp binds a layer to one instantiation of step_block.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -366,7 +366,7 @@ TileLoop<T> tile_loop(Isa isa, int stream_align) {
 // goes out with streaming stores (see StepStores), straight from the registers where it is aligned
 // for them, else through a tile in cache; else through the cache.
 template <class T, Layout Mask, bool Mom, bool Pruned, int P>
-double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd, T reg,
+double step_block(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned, std::size_t n, T lr, T wd, T reg,
                   T scale, T mom, Isa isa, bool stream) {
     int align = 0;
     if (Pruned && stream) {
@@ -394,20 +394,20 @@ double step_chunk(T* w, const T* g, const std::uint8_t* mask, T* buf, T* pruned,
 
 // Every instantiation ef_step.cpp binds: both types, each mask layout, with and without momentum
 // and a pruned copy, p = 1 and 2.
-#define FEDDIP_STEP_CHUNK(T, M, MOM, PR, P)                                                                            \
-    template double step_chunk<T, Layout::M, MOM, PR, P>(T*, const T*, const std::uint8_t*, T*, T*, std::size_t, T, T, \
+#define FEDDIP_STEP_BLOCK(T, M, MOM, PR, P)                                                                            \
+    template double step_block<T, Layout::M, MOM, PR, P>(T*, const T*, const std::uint8_t*, T*, T*, std::size_t, T, T, \
                                                          T, T, T, Isa, bool);
-#define FEDDIP_STEP_CHUNK_P(T, M, MOM, PR) FEDDIP_STEP_CHUNK(T, M, MOM, PR, 1) FEDDIP_STEP_CHUNK(T, M, MOM, PR, 2)
-#define FEDDIP_STEP_CHUNK_PR(T, M, MOM) FEDDIP_STEP_CHUNK_P(T, M, MOM, false) FEDDIP_STEP_CHUNK_P(T, M, MOM, true)
-#define FEDDIP_STEP_CHUNK_MOM(T, M) FEDDIP_STEP_CHUNK_PR(T, M, false) FEDDIP_STEP_CHUNK_PR(T, M, true)
-#define FEDDIP_STEP_CHUNK_T(T) \
-    FEDDIP_STEP_CHUNK_MOM(T, none) FEDDIP_STEP_CHUNK_MOM(T, bytes) FEDDIP_STEP_CHUNK_MOM(T, bits)
-FEDDIP_STEP_CHUNK_T(float)
-FEDDIP_STEP_CHUNK_T(double)
-#undef FEDDIP_STEP_CHUNK_T
-#undef FEDDIP_STEP_CHUNK_MOM
-#undef FEDDIP_STEP_CHUNK_PR
-#undef FEDDIP_STEP_CHUNK_P
-#undef FEDDIP_STEP_CHUNK
+#define FEDDIP_STEP_BLOCK_P(T, M, MOM, PR) FEDDIP_STEP_BLOCK(T, M, MOM, PR, 1) FEDDIP_STEP_BLOCK(T, M, MOM, PR, 2)
+#define FEDDIP_STEP_BLOCK_PR(T, M, MOM) FEDDIP_STEP_BLOCK_P(T, M, MOM, false) FEDDIP_STEP_BLOCK_P(T, M, MOM, true)
+#define FEDDIP_STEP_BLOCK_MOM(T, M) FEDDIP_STEP_BLOCK_PR(T, M, false) FEDDIP_STEP_BLOCK_PR(T, M, true)
+#define FEDDIP_STEP_BLOCK_T(T) \
+    FEDDIP_STEP_BLOCK_MOM(T, none) FEDDIP_STEP_BLOCK_MOM(T, bytes) FEDDIP_STEP_BLOCK_MOM(T, bits)
+FEDDIP_STEP_BLOCK_T(float)
+FEDDIP_STEP_BLOCK_T(double)
+#undef FEDDIP_STEP_BLOCK_T
+#undef FEDDIP_STEP_BLOCK_MOM
+#undef FEDDIP_STEP_BLOCK_PR
+#undef FEDDIP_STEP_BLOCK_P
+#undef FEDDIP_STEP_BLOCK
 
 }  // namespace feddip::step

@@ -1,5 +1,5 @@
 // Exact global magnitude top-k (topk.hpp): the radix select over memory, the fast path's sample,
-// bracket and in-cache selection, and the masks. The fast path's pass over a chunk is in
+// bracket and in-cache selection, and the masks. The fast path's pass over a slice is in
 // topk_simd.cpp, the sizes in topk_tuning.hpp.
 #include "topk.hpp"
 
@@ -24,33 +24,33 @@ namespace {
 using namespace topk;  // the parts shared with topk_simd.cpp, and the tuning
 
 template <class T>
-std::vector<Chunk<T>> make_chunks(const std::vector<Segment<T>>& segments, std::uint64_t* total) {
-    std::vector<Chunk<T>> chunks;
+std::vector<Slice<T>> make_slices(const std::vector<Segment<T>>& segments, std::uint64_t* total) {
+    std::vector<Slice<T>> slices;
     std::uint64_t n = 0;
     for (std::size_t s = 0; s < segments.size(); ++s) {
         const Segment<T>& seg = segments[s];
-        for (std::size_t off = 0; off < seg.size; off += kChunk)
-            chunks.push_back({seg.data + off, std::min(kChunk, seg.size - off), s, off});
+        for (std::size_t off = 0; off < seg.size; off += kSlice)
+            slices.push_back({seg.data + off, std::min(kSlice, seg.size - off), s, off});
         n += seg.size;
     }
     *total = n;
-    return chunks;
+    return slices;
 }
 
-inline int threads_for(int requested, std::size_t n_chunks) {
+inline int threads_for(int requested, std::size_t n_slices) {
     int nt = max_threads(requested);
-    return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(nt, n_chunks)));
+    return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(nt, n_slices)));
 }
 
 // One histogram pass over the 16-bit digit at `shift` of the keys whose bits under `prefix_mask`
 // equal `prefix`. Returns the largest key seen by the unfiltered first pass (for the NaN check).
 template <class T>
-bits_t<T> histogram(const std::vector<Chunk<T>>& chunks, int nt, int shift, bits_t<T> prefix, bits_t<T> prefix_mask,
+bits_t<T> histogram(const std::vector<Slice<T>>& slices, int nt, int shift, bits_t<T> prefix, bits_t<T> prefix_mask,
                     std::vector<std::uint64_t>& hist) {
     using U = bits_t<T>;
     std::vector<std::uint64_t> local(std::size_t(nt) * kBins, 0);
     std::vector<U> maxima(nt, 0);
-    const long long n_chunks = static_cast<long long>(chunks.size());
+    const long long n_slices = static_cast<long long>(slices.size());
     RegionProbe probe(nt);
 #pragma omp parallel num_threads(nt)
     {
@@ -58,9 +58,9 @@ bits_t<T> histogram(const std::vector<Chunk<T>>& chunks, int nt, int shift, bits
         std::uint64_t* h = local.data() + std::size_t(thread_id()) * kBins;
         U mx = 0;
 #pragma omp for schedule(static)
-        for (long long c = 0; c < n_chunks; ++c) {
-            const T* p = chunks[c].data;
-            const std::size_t m = chunks[c].size;
+        for (long long c = 0; c < n_slices; ++c) {
+            const T* p = slices[c].data;
+            const std::size_t m = slices[c].size;
             if (prefix_mask == 0) {
                 for (std::size_t i = 0; i < m; ++i) {
                     const U key = magnitude_key(p[i]);
@@ -180,19 +180,19 @@ std::pair<U, U> sample_bracket(const std::vector<U>& keys, std::uint64_t r1, std
 }
 
 template <class T>
-std::vector<bits_t<T>> gather(const std::vector<Chunk<T>>& chunks, int nt, bits_t<T> prefix, bits_t<T> prefix_mask) {
+std::vector<bits_t<T>> gather(const std::vector<Slice<T>>& slices, int nt, bits_t<T> prefix, bits_t<T> prefix_mask) {
     using U = bits_t<T>;
     std::vector<std::vector<U>> parts(nt);
-    const long long n_chunks = static_cast<long long>(chunks.size());
+    const long long n_slices = static_cast<long long>(slices.size());
     RegionProbe probe(nt);
 #pragma omp parallel num_threads(nt)
     {
         probe.enter();
         std::vector<U>& out = parts[thread_id()];
 #pragma omp for schedule(static)
-        for (long long c = 0; c < n_chunks; ++c) {
-            const T* p = chunks[c].data;
-            for (std::size_t i = 0; i < chunks[c].size; ++i) {
+        for (long long c = 0; c < n_slices; ++c) {
+            const T* p = slices[c].data;
+            for (std::size_t i = 0; i < slices[c].size; ++i) {
                 const U key = magnitude_key(p[i]);
                 if ((key & prefix_mask) == prefix) out.push_back(key);
             }
@@ -209,18 +209,18 @@ std::atomic<std::uint64_t>& fallback_count() {
 }
 
 // A strided sample of the keys: runs of kRun consecutive elements at evenly spaced offsets in each
-// chunk (one cache line and one page per run instead of per key: single strided reads cost a TLB
-// miss each without huge pages). Chunks fill their own slots in parallel; the sample does not
+// slice (one cache line and one page per run instead of per key: single strided reads cost a TLB
+// miss each without huge pages). Slices fill their own slots in parallel; the sample does not
 // depend on the thread count.
 template <class T>
-std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t n_sample,
+std::vector<bits_t<T>> take_sample(const std::vector<Slice<T>>& slices, std::uint64_t n, std::uint64_t n_sample,
                                    int nt) {
     using U = bits_t<T>;
-    // Chunk c contributes runs[c] runs of kRun keys (the last may be cut short by the chunk's
+    // Slice c contributes runs[c] runs of kRun keys (the last may be cut short by the slice's
     // end), step[c] elements apart, about its share of n_sample keys.
-    std::vector<std::size_t> runs(chunks.size()), step(chunks.size()), start(chunks.size() + 1, 0);
-    for (std::size_t c = 0; c < chunks.size(); ++c) {
-        const std::size_t m = chunks[c].size;
+    std::vector<std::size_t> runs(slices.size()), step(slices.size()), start(slices.size() + 1, 0);
+    for (std::size_t c = 0; c < slices.size(); ++c) {
+        const std::size_t m = slices[c].size;
         const std::size_t take = static_cast<std::size_t>((m * n_sample + n - 1) / n);
         runs[c] = (take + kRun - 1) / kRun;
         step[c] = m / std::max<std::size_t>(runs[c], 1);
@@ -229,9 +229,9 @@ std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uin
         start[c + 1] += start[c];
     }
     std::vector<U> sample(start.back());
-    const long long n_chunks = static_cast<long long>(chunks.size());
-    parallel_for(nt, n_chunks, [&](long long c) {
-        const Chunk<T>& ch = chunks[c];
+    const long long n_slices = static_cast<long long>(slices.size());
+    parallel_for(nt, n_slices, [&](long long c) {
+        const Slice<T>& ch = slices[c];
         U* out = sample.data() + start[c];
         for (std::size_t r = 0; r < runs[c]; ++r)
             for (std::size_t j = r * step[c]; j < std::min(ch.size, r * step[c] + kRun); ++j)
@@ -247,12 +247,12 @@ std::vector<bits_t<T>> take_sample(const std::vector<Chunk<T>>& chunks, std::uin
 // Returns false (and the caller falls back to the radix passes, which write the masks anew) when
 // the bracket missed the k-th key or held more keys than the gather's room.
 template <class T>
-bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t k, int nt,
+bool sample_select(const std::vector<Slice<T>>& slices, std::uint64_t n, std::uint64_t k, int nt,
                    const std::vector<std::uint8_t*>* masks, MagnitudeThreshold<T>* result) {
     using U = bits_t<T>;
     using S = std::make_signed_t<U>;  // keys have the top bit clear: signed compares vectorise
     const std::uint64_t n_sample = sample_size(n);
-    std::vector<U> sample = take_sample(chunks, n, n_sample, nt);
+    std::vector<U> sample = take_sample(slices, n, n_sample, nt);
     const double s = static_cast<double>(sample.size());
     const double r = static_cast<double>(k) * s / static_cast<double>(n);  // expected sample rank
     const double margin = bracket_margin(r, s);
@@ -274,14 +274,14 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
         sc.gathered = &gathered;
         sc.reserve(room / static_cast<std::size_t>(nt) + kBlock, masks != nullptr);
     }
-    // Each chunk's gathered keys: [first[c], first[c] + count[c]) of its thread's part.
-    std::vector<std::size_t> first(chunks.size()), count(chunks.size());
-    std::vector<int> owner(chunks.size());
+    // Each slice's gathered keys: [first[c], first[c] + count[c]) of its thread's part.
+    std::vector<std::size_t> first(slices.size()), count(slices.size());
+    std::vector<int> owner(slices.size());
     const S shi = static_cast<S>(hi), slo = static_cast<S>(lo);
-    const long long n_chunks = static_cast<long long>(chunks.size());
+    const long long n_slices = static_cast<long long>(slices.size());
     const Isa isa = feddip::isa();
-    parallel_for(nt, n_chunks, [&](long long c) {
-        const Chunk<T>& ch = chunks[c];
+    parallel_for(nt, n_slices, [&](long long c) {
+        const Slice<T>& ch = slices[c];
         Scan<U>& sc = scans[thread_id()];
         first[c] = sc.size;
         owner[c] = thread_id();
@@ -306,13 +306,13 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
     const Rank<U> kth = kth_largest<U>(keys.data(), n_keys, k - n_above, lo, hi);
     *result = {key_to_value<T>(kth.key), n_above + kth.n_greater, kth.n_equal};
     if (masks) {
-        // Above the k-th key: kept; equal: kept while ties are wanted, in list order (chunks in
-        // order, a chunk's keys in order); below: not (the pass wrote 0 for all of them).
+        // Above the k-th key: kept; equal: kept while ties are wanted, in list order (slices in
+        // order, a slice's keys in order); below: not (the pass wrote 0 for all of them).
         const bool all_ties = result->n_greater + result->n_equal == k;
         std::uint64_t ties = k - result->n_greater;
-        for (std::size_t c = 0; c < chunks.size(); ++c) {
+        for (std::size_t c = 0; c < slices.size(); ++c) {
             const Scan<U>& sc = scans[owner[c]];
-            std::uint8_t* mask = (*masks)[chunks[c].segment] + chunks[c].offset;
+            std::uint8_t* mask = (*masks)[slices[c].segment] + slices[c].offset;
             for (std::size_t j = first[c]; j < first[c] + count[c]; ++j) {
                 const U key = sc.out[j];
                 const bool take = key > kth.key || (key == kth.key && (all_ties || ties > 0));
@@ -326,7 +326,7 @@ bool sample_select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::ui
 
 // The k-th largest key. With `masks`, *masks_written says whether the fast path wrote them.
 template <class T>
-MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t n, std::uint64_t k, int nt,
+MagnitudeThreshold<T> select(const std::vector<Slice<T>>& slices, std::uint64_t n, std::uint64_t k, int nt,
                              const std::vector<std::uint8_t*>* masks = nullptr, bool* masks_written = nullptr) {
     using U = bits_t<T>;
     constexpr int kBits = 8 * sizeof(U);
@@ -335,7 +335,7 @@ MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t 
                                     std::to_string(n) + ")");
     if (k > 0 && n >= kSampleMinN) {
         MagnitudeThreshold<T> result;
-        if (sample_select(chunks, n, k, nt, masks, &result)) {
+        if (sample_select(slices, n, k, nt, masks, &result)) {
             if (masks_written) *masks_written = masks != nullptr;
             return result;
         }
@@ -346,7 +346,7 @@ MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t 
     std::uint64_t rank = k;  // rank-th largest among the remaining candidates
     std::uint64_t above = 0;
     for (int shift = kBits - 16; shift >= 0; shift -= 16) {
-        const U mx = histogram(chunks, nt, shift, prefix, prefix_mask, hist);
+        const U mx = histogram(slices, nt, shift, prefix, prefix_mask, hist);
         if (prefix_mask == 0) {
             if (mx > inf_key<T>()) throw std::invalid_argument("input contains NaN");
             if (k == 0) return {std::numeric_limits<T>::infinity(), 0, 0};
@@ -362,7 +362,7 @@ MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t 
         const std::uint64_t candidates = hist[b];
         if (shift == 0) return {key_to_value<T>(prefix), above, candidates};
         if (candidates <= kGatherMax) {
-            std::vector<U> keys = gather(chunks, nt, prefix, prefix_mask);
+            std::vector<U> keys = gather(slices, nt, prefix, prefix_mask);
             const U lo = prefix, hi = prefix | U(~prefix_mask);
             const Rank<U> kth = kth_largest<U>(keys.data(), keys.size(), rank, lo, hi);
             return {key_to_value<T>(kth.key), above + kth.n_greater, kth.n_equal};
@@ -372,7 +372,7 @@ MagnitudeThreshold<T> select(const std::vector<Chunk<T>>& chunks, std::uint64_t 
 }
 
 template <class T>
-FEDDIP_VECTOR_CLONES bits_t<T> chunk_peak(const T* p, std::size_t m) {
+FEDDIP_VECTOR_CLONES bits_t<T> slice_peak(const T* p, std::size_t m) {
     bits_t<T> peak = 0;
     for (std::size_t i = 0; i < m; ++i) peak = std::max(peak, magnitude_key(p[i]));
     return peak;
@@ -386,24 +386,24 @@ template <class T>
 MagnitudeThreshold<T> global_magnitude_threshold(const std::vector<Segment<T>>& segments, std::uint64_t k,
                                                  int n_threads) {
     std::uint64_t n = 0;
-    const auto chunks = make_chunks(segments, &n);
-    return select(chunks, n, k, threads_for(n_threads, chunks.size()));
+    const auto slices = make_slices(segments, &n);
+    return select(slices, n, k, threads_for(n_threads, slices.size()));
 }
 
 template <class T>
 T max_magnitude(const std::vector<Segment<T>>& segments, int n_threads) {
     using U = bits_t<T>;
     std::uint64_t n = 0;
-    const auto chunks = make_chunks(segments, &n);
-    const int nt = threads_for(n_threads, chunks.size());
-    const long long n_chunks = static_cast<long long>(chunks.size());
+    const auto slices = make_slices(segments, &n);
+    const int nt = threads_for(n_threads, slices.size());
+    const long long n_slices = static_cast<long long>(slices.size());
     U peak = 0;
     RegionProbe probe(nt);
 #pragma omp parallel num_threads(nt)
     {
         probe.enter();
 #pragma omp for schedule(static) reduction(max : peak)
-        for (long long c = 0; c < n_chunks; ++c) peak = std::max(peak, chunk_peak(chunks[c].data, chunks[c].size));
+        for (long long c = 0; c < n_slices; ++c) peak = std::max(peak, slice_peak(slices[c].data, slices[c].size));
     }
     if (peak > inf_key<T>()) throw std::invalid_argument("input contains NaN");
     return key_to_value<T>(peak);
@@ -424,17 +424,17 @@ MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
     using S = std::make_signed_t<U>;
     if (masks.size() != segments.size()) throw std::invalid_argument("need one mask per tensor");
     std::uint64_t n = 0;
-    const auto chunks = make_chunks(segments, &n);
-    const int nt = threads_for(n_threads, chunks.size());
+    const auto slices = make_slices(segments, &n);
+    const int nt = threads_for(n_threads, slices.size());
     bool written = false;  // by the fast path's one pass; else by the pass below
-    const MagnitudeThreshold<T> th = select(chunks, n, k, nt, &masks, &written);
+    const MagnitudeThreshold<T> th = select(slices, n, k, nt, &masks, &written);
     if (written) return th;
     const U key = magnitude_key(th.value);
     // All ties fit: take |x| >= value. Otherwise take |x| > value, then the first ties in order.
     const bool take_all_ties = k > 0 && th.n_greater + th.n_equal == k;
-    const long long n_chunks = static_cast<long long>(chunks.size());
-    parallel_for(nt, n_chunks, [&](long long c) {
-        const Chunk<T>& ch = chunks[c];
+    const long long n_slices = static_cast<long long>(slices.size());
+    parallel_for(nt, n_slices, [&](long long c) {
+        const Slice<T>& ch = slices[c];
         std::uint8_t* out = masks[ch.segment] + ch.offset;
         if (k == 0)
             std::fill(out, out + ch.size, std::uint8_t(0));
@@ -443,8 +443,8 @@ MagnitudeThreshold<T> global_topk_masks(const std::vector<Segment<T>>& segments,
     });
     if (k > 0 && !take_all_ties) {
         std::uint64_t ties = k - th.n_greater;
-        for (std::size_t c = 0; c < chunks.size() && ties > 0; ++c) {
-            const Chunk<T>& ch = chunks[c];
+        for (std::size_t c = 0; c < slices.size() && ties > 0; ++c) {
+            const Slice<T>& ch = slices[c];
             std::uint8_t* out = masks[ch.segment] + ch.offset;
             for (std::size_t i = 0; i < ch.size && ties > 0; ++i)
                 if (magnitude_key(ch.data[i]) == key) {

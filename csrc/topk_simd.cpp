@@ -1,4 +1,4 @@
-// The global top-k's fast path: the pass over one chunk that counts the keys above the sample's
+// The global top-k's fast path: the pass over one slice that counts the keys above the sample's
 // bracket and gathers those inside it, in the generic loop (which the compiler vectorises) and the
 // float32 AVX2 and AVX-512 loops, which compact with a permute or a compress.
 #include <algorithm>
@@ -17,12 +17,12 @@
 namespace feddip::topk {
 namespace {
 
-// The pass over one chunk: count keys > hi, append keys in [lo, hi], and where `mask` is given,
+// The pass over one slice: count keys > hi, append keys in [lo, hi], and where `mask` is given,
 // write mask[i] = key > hi and append the candidates' indices (base + i) too. Blocks of kBlock get
 // a vectorised count first and are compacted (branchless) only when they hold candidates. Keys
 // have the top bit clear, so signed compares, which SSE2/AVX2 have for 32-bit lanes, order them.
 template <class T, class S>
-FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan<bits_t<T>>& scan, std::uint8_t* mask,
+FEDDIP_VECTOR_CLONES void scan_slice(const T* p, std::size_t m, S hi, S lo, Scan<bits_t<T>>& scan, std::uint8_t* mask,
                                      std::uint32_t base) {
     using U = bits_t<T>;
     const S inf = static_cast<S>(inf_key<T>());
@@ -64,7 +64,7 @@ FEDDIP_VECTOR_CLONES void scan_chunk(const T* p, std::size_t m, S hi, S lo, Scan
 // holds one" mispredicts often and cost more (GCC does not vectorise a
 // compaction by itself).
 template <bool Masks>
-__attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std::size_t m, std::int32_t hi,
+__attribute__((target("avx2,popcnt"))) void scan_slice_avx2(const float* p, std::size_t m, std::int32_t hi,
                                                             std::int32_t lo, Scan<std::uint32_t>& scan,
                                                             std::uint8_t* mask) {
     const __m256i sign_clear = _mm256_set1_epi32(0x7fffffff);
@@ -104,20 +104,20 @@ __attribute__((target("avx2,popcnt"))) void scan_chunk_avx2(const float* p, std:
         }
     }
     scan.size = static_cast<std::size_t>(out - scan.out);
-    alignas(32) std::int32_t lane[8];  // lane counts stay below 2^31: a chunk is kChunk elements
+    alignas(32) std::int32_t lane[8];  // lane counts stay below 2^31: a slice is kSlice elements
     _mm256_store_si256(reinterpret_cast<__m256i*>(lane), above);
     for (int q = 0; q < 8; ++q) scan.above += static_cast<std::uint32_t>(lane[q]);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lane), peak);
     for (int q = 0; q < 8; ++q) scan.nan |= lane[q] > std::int32_t(inf_key<float>());
     if (i < m)
-        scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
+        scan_slice<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
                                         static_cast<std::uint32_t>(i));
 }
 
 // The float32 pass with AVX-512: compares give lane masks, and a register compress packs the
 // candidates (the compress-to-memory form is microcoded and slow on AMD Zen 4).
 template <bool Masks>
-__attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p, std::size_t m, std::int32_t hi,
+__attribute__((target("avx512f,popcnt"))) void scan_slice_avx512(const float* p, std::size_t m, std::int32_t hi,
                                                                  std::int32_t lo, Scan<std::uint32_t>& scan,
                                                                  std::uint8_t* mask) {
     const __m512i sign_clear = _mm512_set1_epi32(0x7fffffff);
@@ -160,7 +160,7 @@ __attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p,
     scan.above += above;
     scan.nan |= _mm512_cmpgt_epi32_mask(peak, _mm512_set1_epi32(std::int32_t(inf_key<float>()))) != 0;
     if (i < m)
-        scan_chunk<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
+        scan_slice<float, std::int32_t>(p + i, m - i, hi, lo, scan, Masks ? mask + i : nullptr,
                                         static_cast<std::uint32_t>(i));
 }
 
@@ -170,28 +170,28 @@ __attribute__((target("avx512f,popcnt"))) void scan_chunk_avx512(const float* p,
 
 // The widest loop `isa` (isa() at the call, which tests cap) allows.
 template <class T>
-void scan(const Chunk<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed_t<bits_t<T>> lo, Scan<bits_t<T>>& sc,
+void scan(const Slice<T>& ch, std::make_signed_t<bits_t<T>> hi, std::make_signed_t<bits_t<T>> lo, Scan<bits_t<T>>& sc,
           Isa isa, std::uint8_t* mask) {
     if (sc.overflow) return;  // the fast path has failed already: the caller falls back
-    if (!sc.reserve(ch.size + kBlock, mask != nullptr)) {  // the chunk's keys, all of them if need be
+    if (!sc.reserve(ch.size + kBlock, mask != nullptr)) {  // the slice's keys, all of them if need be
         sc.overflow = true;
         return;
     }
 #ifdef FEDDIP_X86
     if constexpr (sizeof(T) == 4) {
         if (isa == Isa::avx512)
-            return mask ? scan_chunk_avx512<true>(ch.data, ch.size, hi, lo, sc, mask)
-                        : scan_chunk_avx512<false>(ch.data, ch.size, hi, lo, sc, nullptr);
+            return mask ? scan_slice_avx512<true>(ch.data, ch.size, hi, lo, sc, mask)
+                        : scan_slice_avx512<false>(ch.data, ch.size, hi, lo, sc, nullptr);
         if (isa == Isa::avx2)
-            return mask ? scan_chunk_avx2<true>(ch.data, ch.size, hi, lo, sc, mask)
-                        : scan_chunk_avx2<false>(ch.data, ch.size, hi, lo, sc, nullptr);
+            return mask ? scan_slice_avx2<true>(ch.data, ch.size, hi, lo, sc, mask)
+                        : scan_slice_avx2<false>(ch.data, ch.size, hi, lo, sc, nullptr);
     }
 #endif
     (void)isa;
-    scan_chunk<T>(ch.data, ch.size, hi, lo, sc, mask, 0);
+    scan_slice<T>(ch.data, ch.size, hi, lo, sc, mask, 0);
 }
 
-template void scan(const Chunk<float>&, std::int32_t, std::int32_t, Scan<std::uint32_t>&, Isa, std::uint8_t*);
-template void scan(const Chunk<double>&, std::int64_t, std::int64_t, Scan<std::uint64_t>&, Isa, std::uint8_t*);
+template void scan(const Slice<float>&, std::int32_t, std::int32_t, Scan<std::uint32_t>&, Isa, std::uint8_t*);
+template void scan(const Slice<double>&, std::int64_t, std::int64_t, Scan<std::uint64_t>&, Isa, std::uint8_t*);
 
 }  // namespace feddip::topk

@@ -10,8 +10,8 @@
 
 namespace feddip::topk {
 
-// Elements a parallel task takes (a chunk, within one tensor).
-constexpr std::size_t kChunk = std::size_t(1) << 15;
+// Elements a parallel task takes (a slice, within one tensor).
+constexpr std::size_t kSlice = std::size_t(1) << 15;
 // Bins of a radix pass over memory: a 16-bit digit a pass, a histogram a thread.
 constexpr std::size_t kBins = std::size_t(1) << 16;
 // Below this many candidates, gather them and select in cache instead of another histogram.
