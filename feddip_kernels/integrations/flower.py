@@ -71,11 +71,30 @@ def _metric_number(value: object) -> bool:
 
 
 def is_encoded(record: ArrayRecord) -> bool:
+    """Whether `record` is one encode_arrayrecord made.
+
+    Parameters
+    ----------
+    record : any ArrayRecord.
+
+    Returns
+    -------
+    bool : True when it holds an Array named "feddip" (ENCODED_KEY) of stype "feddip/v1" (STYPE).
+    """
     return ENCODED_KEY in record and record[ENCODED_KEY].stype == STYPE
 
 
 def encoded_size(record: ArrayRecord) -> int:
-    """Bytes of the encoded payload (0 when the record is not encoded)."""
+    """Bytes of the encoded payload (0 when the record is not encoded).
+
+    Parameters
+    ----------
+    record : any ArrayRecord.
+
+    Returns
+    -------
+    int : the length of the feddip message it carries, 0 when `is_encoded` is False.
+    """
     return len(record[ENCODED_KEY].data) if is_encoded(record) else 0
 
 
@@ -87,7 +106,27 @@ def encode_arrayrecord(
     values: str = "raw",
 ) -> ArrayRecord:
     """One Array of stype feddip/v1 carrying every float32/float64 array of `record` (zeros off
-    the positions cost nothing); other arrays are passed along as they are."""
+    the positions cost nothing); other arrays are passed along as they are.
+
+    Parameters
+    ----------
+    record : the arrays to send.
+    masks : names to masks of the positions sent (non-zero = kept), optional; the float arrays
+        without one send their non-zeros.
+    reference : names to masks the receiver already holds, optional (positions equal to, or a
+        subset of, such a mask are coded relative to it).
+    values : the value codec: "raw" (lossless), "fp16", "bf16" or "int8".
+
+    Returns
+    -------
+    ArrayRecord : an Array "feddip" (uint8, stype "feddip/v1") holding the message of the float
+        arrays, followed by the other arrays of `record`.
+
+    Raises
+    ------
+    ValueError : an array of `record` named "feddip", an unknown value codec, or a mask of another
+        size than its array.
+    """
     floats: dict[str, Array] = {}
     others: dict[str, Array] = {}
     for name, arr in record.items():
@@ -108,7 +147,27 @@ def decode_arrayrecord(
     expect: Optional[dict[str, tuple[tuple[int, ...], Any]]] = None,
 ) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
     """(plain ArrayRecord, positions as bool masks) of an encoded record; raises CodecError on bad
-    bytes, or (with `expect`, name -> (shape, dtype)) on a message for another model."""
+    bytes, or (with `expect`, name -> (shape, dtype)) on a message for another model.
+
+    Parameters
+    ----------
+    record : an encoded record (encode_arrayrecord's).
+    reference : names to the masks the sender coded positions relative to, optional.
+    max_bytes : the most bytes the decoded arrays may take; a larger message is refused before
+        anything is allocated.
+    expect : names to (shape, dtype) the message must hold exactly, optional.
+
+    Returns
+    -------
+    tuple[ArrayRecord, dict[str, numpy.ndarray]] : the decoded arrays with the record's other
+        arrays, and each decoded tensor's positions as a bool mask.
+
+    Raises
+    ------
+    KeyError : a record without the "feddip" Array.
+    CodecError : bytes that are not a valid message, a message over max_bytes, other tensors than
+        `expect` names, or a tensor coded relative to a mask `reference` lacks.
+    """
     decoded = decode_model(record[ENCODED_KEY].data, reference=reference, max_bytes=max_bytes, expect=expect)
     arrays = {k: Array(v) for k, v in decoded.tensors.items()}
     arrays.update({k: a for k, a in record.items() if k != ENCODED_KEY})
@@ -125,7 +184,29 @@ def _record_to_masks(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """ClientApp mod: decode incoming feddip records (relative to the global mask this node holds),
-    give the ClientApp its training mask, encode the reply's ArrayRecords relative to the global mask."""
+    give the ClientApp its training mask, encode the reply's ArrayRecords relative to the global mask.
+
+    Parameters
+    ----------
+    msg : the incoming message; one without encoded ArrayRecords goes to `call_next` unchanged.
+    ctxt : the node's context; its state keeps the global mask between rounds.
+    call_next : the next mod, or the ClientApp.
+
+    Returns
+    -------
+    Message : the reply of `call_next`, its ArrayRecords (other than "feddip-masks" and those
+        already encoded) encoded with the value codec the strategy named ("raw" when the incoming
+        message carried no encoded record); replies with an error or without content unchanged.
+
+    Raises
+    ------
+    CodecError : an incoming encoded record that does not decode (bad bytes, or coded relative to
+        a mask this node does not hold).
+    KeyError : a config that names prunable tensors in round 0 without "feddip-s0" and
+        "feddip-seed", or tensors the message does not hold.
+    ValueError : a reply that cannot be encoded: an array named "feddip", an unknown value codec,
+        or a tensor of another size than the global mask's.
+    """
     values = "raw"
     if msg.has_content() and any(is_encoded(r) for r in msg.content.array_records.values()):
         config: dict[str, Any] = {}
@@ -183,7 +264,39 @@ class FedDIP(FedAvg):
     t % mask_every == 0; masks are nested. Flower's round r is the protocol's t = r - 1.
     `prunable(name, array)` selects the pruned tensors (default: two or more dimensions, i.e. conv
     and linear weights). `values` is the value codec both ways. The config sent with each model
-    carries lr_t and lambda_t (LR_KEY, LAMBDA_KEY) for the clients' optimiser."""
+    carries lr_t and lambda_t (LR_KEY, LAMBDA_KEY) for the clients' optimiser.
+
+    Parameters
+    ----------
+    num_rounds : the rounds of the run (integer >= 1), and the T of the schedules unless
+        `horizon` is set.
+    s0 : the initial sparsity: the clients' round-0 ERK masks have density 1 - s0, and the
+        sparsity schedule s_t = sp + (s0 - sp) (1 - t/T)^3 starts there.
+    sp : the final sparsity, reached at t >= T; 0 <= s0 <= sp < 1.
+    mask_every : R, integer >= 1: the global mask is pruned in the rounds with t % R == 0.
+    horizon : the T of the sparsity and lambda schedules, integer >= 1 (None: num_rounds).
+    lr : the clients' learning rate in round 0, > 0 and finite: lr_t = lr * lr_decay^t.
+    lr_decay : the learning rate's decay a round, in (0, 1].
+    lambda_max : the regulariser's largest strength, >= 0: rounds [0, T) fall in lambda_segments
+        equal segments, segment 0 with lambda_t = 0, segment i >= 1 with lambda_min + (lambda_max -
+        lambda_min) (i - 1) / (lambda_segments - 1), lambda_min = 5e-4; later rounds stay in the
+        last segment.
+    lambda_segments : the number of those segments, >= 2.
+    values : the value codec both ways: "raw" (lossless), "fp16", "bf16" or "int8".
+    weighting : "samples" (replies weighted by their `weighted_by_key` metric, "num-examples" by
+        default) or "equal".
+    prunable : (name, array) -> whether the tensor is pruned, optional (default: two or more
+        dimensions).
+    seed : the run's seed, sent to the clients (SEED_KEY) to seed their round-0 ERK masks.
+    **fedavg_kwargs : passed to flwr's FedAvg (fraction_train, min_available_nodes,
+        weighted_by_key, arrayrecord_key, train_metrics_aggr_fn, ...).
+
+    Raises
+    ------
+    ValueError : a schedule setting out of range (num_rounds, s0, sp, mask_every, horizon, lr,
+        lr_decay), an unknown value codec or weighting. lambda_max < 0 or lambda_segments < 2 is
+        refused (ValueError) when the first model is configured, as lambda_t is computed then.
+    """
 
     def __init__(
         self,
@@ -225,7 +338,12 @@ class FedDIP(FedAvg):
 
     @property
     def masks(self) -> dict[str, np.ndarray]:
-        """The global mask (empty before round 1's aggregation)."""
+        """The global mask (empty before round 1's aggregation).
+
+        Returns
+        -------
+        dict[str, numpy.ndarray] : the pruned tensors' names to their bool masks.
+        """
         return self.server.masks if self.server is not None else {}
 
     def _start(self, arrays: ArrayRecord) -> FedDIPServer:
@@ -263,6 +381,27 @@ class FedDIP(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
+        """FedAvg's sampling of the training nodes, each sent the global model coded relative to the
+        global mask it last received, with the FedDIP entries added to `config`.
+
+        Parameters
+        ----------
+        server_round : flwr's round r (the protocol's t = r - 1).
+        arrays : the initial model: its float arrays start the protocol's server at the first call;
+            later calls (and the messages) use the server's global model instead.
+        config : the config sent with the model; the round's FedDIP entries (MASKED_KEY,
+            PRUNABLE_KEY, VALUES_KEY, ROUND_KEY, S0_KEY, SEED_KEY, LR_KEY, LAMBDA_KEY) are written
+            into it.
+        grid : flwr's Grid, whose nodes FedAvg samples.
+
+        Returns
+        -------
+        Iterable[Message] : one training message per sampled node (none when FedAvg samples none).
+
+        Raises
+        ------
+        ValueError : lambda_max < 0 or lambda_segments < 2 (lambda_t is computed here).
+        """
         server = self._start(arrays)
         messages = self._messages(super().configure_train(server_round, arrays, config, grid), server, config)
         self.sampled = {m.metadata.dst_node_id for m in messages}
@@ -271,6 +410,24 @@ class FedDIP(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
+        """FedAvg's sampling of the evaluation nodes, each sent the global model as configure_train
+        sends it.
+
+        Parameters
+        ----------
+        server_round : flwr's round.
+        arrays : the initial model, used only when no training round has started the server.
+        config : the config sent with the model; the FedDIP entries are written into it.
+        grid : flwr's Grid, whose nodes FedAvg samples.
+
+        Returns
+        -------
+        Iterable[Message] : one evaluation message per sampled node.
+
+        Raises
+        ------
+        ValueError : lambda_max < 0 or lambda_segments < 2.
+        """
         server = self._start(arrays)
         return self._messages(super().configure_evaluate(server_round, arrays, config, grid), server, config)
 
@@ -341,7 +498,24 @@ class FedDIP(FedAvg):
         the counts) with the global model, mask and round as they were: when no reply is usable, or
         when the average leaves float64's range (float64 tensors only; its replies are then counted
         as rejected). Bad replies never raise; only an exception from a custom
-        `train_metrics_aggr_fn` propagates, with the state unchanged."""
+        `train_metrics_aggr_fn` propagates, with the state unchanged.
+
+        Parameters
+        ----------
+        server_round : flwr's round (not used: the server counts its own rounds).
+        replies : the training replies, with or without errors.
+
+        Returns
+        -------
+        tuple[Optional[ArrayRecord], Optional[MetricRecord]] : the new global model, or None when
+            the round is not taken; the aggregated metrics with the counts "feddip-aggregated",
+            "feddip-rejected", "feddip-failed" and "feddip-missing" (the counts alone when the
+            round is not taken).
+
+        Raises
+        ------
+        Exception : whatever a custom `train_metrics_aggr_fn` raises (the state is left unchanged).
+        """
         server = cast(FedDIPServer, self.server)  # configure_train, which flwr calls first, set it up
         seen: dict[str, list[int]] = {"aggregated": [], "rejected": [], "failed": [], "missing": []}
         reasons: dict[int, str] = {}

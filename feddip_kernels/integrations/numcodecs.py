@@ -23,6 +23,20 @@ class SparseCodec:
     is read as `dtype`, which must then be set. `out` may be any writable buffer of the decoded
     size: an array of the decoded shape gets the elements by index, anything else the bytes in
     order.
+
+    Parameters
+    ----------
+    positions : the positions codec: "auto" (the smallest per message), "bitmask", "csr", "golomb"
+        or "all".
+    values : the values codec: "raw" (lossless) or the lossy "fp16", "bf16", "int8".
+    max_bytes : the most bytes a decoded array may take (decode refuses larger messages).
+    dtype : "float32" or "float64" (any spelling NumPy reads, in native byte order), the dtype that
+        buffers without a float dtype are read as; None (the default): such buffers are refused.
+
+    Raises
+    ------
+    ValueError : an unknown positions or values codec, or a dtype other than float32/float64.
+    TypeError : a dtype that NumPy does not understand.
     """
 
     codec_id = "feddip_sparse"
@@ -45,6 +59,23 @@ class SparseCodec:
         return a.reshape(-1, order="A").view(np.uint8).view(self.dtype)
 
     def encode(self, buf: Any) -> bytes:
+        """Encode one array as a message: its elements whose bits are not all zero, -0.0 included.
+
+        Parameters
+        ----------
+        buf : a float32/float64 array or torch CPU tensor, or any buffer (bytes, bytearray,
+            array.array, ...) to read as `dtype`.
+
+        Returns
+        -------
+        bytes : the message (docs/wire-format.md), holding one unnamed tensor.
+
+        Raises
+        ------
+        TypeError : a buffer without a float32/float64 dtype while `dtype` is None.
+        ValueError : a buffer whose size is not a multiple of `dtype`'s, a torch tensor on a
+            device, or an array of more dimensions than the format holds.
+        """
         # Positions are the elements whose bits are not all zero: -0.0 is kept as a value, so a
         # lossless round trip gives back the same bytes, lossy values included (one message
         # layout, readable by readers that predate zero-sign blocks).
@@ -54,6 +85,28 @@ class SparseCodec:
         return encode_model({"": a}, masks={"": keep}, positions=self.positions, values=self.values)
 
     def decode(self, buf: Any, out: Any = None) -> Any:
+        """Decode a message from `encode`, into `out` when given.
+
+        Parameters
+        ----------
+        buf : the message (bytes or any buffer).
+        out : None, or a writable buffer of the decoded size: an array of the decoded shape and
+            dtype gets the elements by index, anything else (contiguous) the decoded bytes in order.
+
+        Returns
+        -------
+        numpy.ndarray or the type of out : the decoded array (of the encoded shape, or flat for an
+            array encoded in Fortran memory order), or `out` itself, filled.
+
+        Raises
+        ------
+        CodecError : bytes that are not a valid message (corrupt, truncated, inconsistent), a
+            message whose decoded array exceeds `max_bytes`, or one that does not hold exactly one
+            unnamed tensor.
+        ValueError : an `out` that is read-only, or (unless of the decoded shape and dtype) one that
+            is not contiguous or not of the decoded size in bytes.
+        TypeError : a `buf` or `out` that is not a buffer.
+        """
         decoded = decode_model(buf, max_bytes=self.max_bytes)
         if set(decoded.tensors) != {""}:
             raise CodecError("message holds no single unnamed tensor")
@@ -73,6 +126,13 @@ class SparseCodec:
         return out
 
     def get_config(self) -> dict:
+        """The codec's configuration, as numcodecs stores it.
+
+        Returns
+        -------
+        dict : "id" ("feddip_sparse"), "positions", "values", "max_bytes", and "dtype" where set;
+            `from_config` takes it back.
+        """
         config = {"id": self.codec_id, "positions": self.positions, "values": self.values, "max_bytes": self.max_bytes}
         if self.dtype is not None:
             config["dtype"] = self.dtype
@@ -80,6 +140,21 @@ class SparseCodec:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "SparseCodec":
+        """The codec of a configuration from `get_config`.
+
+        Parameters
+        ----------
+        config : the configuration: the constructor's keyword arguments, and optionally "id".
+
+        Returns
+        -------
+        SparseCodec : the codec.
+
+        Raises
+        ------
+        ValueError : an "id" other than "feddip_sparse", or a setting the constructor refuses.
+        TypeError : a key the constructor does not take, or a dtype NumPy does not understand.
+        """
         cfg = dict(config)
         if cfg.pop("id", cls.codec_id) != cls.codec_id:
             raise ValueError(f"config is not for {cls.codec_id}")

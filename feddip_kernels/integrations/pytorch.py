@@ -154,7 +154,16 @@ class FedDIPSGD(torch.optim.Optimizer):
             self.__dict__.update(backend="auto", device_kernels=self.backend)
 
     def set_lambda(self, lam: float) -> None:
-        """Set the regularisation strength lambda_t of every parameter group."""
+        """Set the regularisation strength lambda_t of every parameter group.
+
+        Parameters
+        ----------
+        lam : the new strength, >= 0 (the groups' "lam").
+
+        Raises
+        ------
+        ValueError : a negative lam.
+        """
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         for group in self.param_groups:
@@ -164,7 +173,19 @@ class FedDIPSGD(torch.optim.Optimizer):
     def set_masks(self, masks: Mapping[torch.Tensor, Any]) -> None:
         """Assign masks (bool tensors or arrays, same shape) to parameters; None removes a mask.
         The dense weights are kept (or taken from the parameter the first time, or when its shape
-        or dtype changed since) and the parameter is rewritten as dense * mask."""
+        or dtype changed since) and the parameter is rewritten as dense * mask.
+
+        Parameters
+        ----------
+        masks : parameters to their masks, of the parameter's shape: tensors (taken as bool, on the
+            parameter's device) or anything NumPy reads as an array (non-zero = kept); None
+            removes the parameter's mask (it is rewritten with its dense weights).
+
+        Raises
+        ------
+        ValueError : a mask of another shape than its parameter, or a parameter that was assigned a
+            non-contiguous `.data` since its mask was set.
+        """
         self.__dict__["_layout"] = self.__dict__.get("_layout", 0) + 1  # cached layer tables are stale
         for prm, mask in masks.items():
             state = self.state[prm]
@@ -190,7 +211,25 @@ class FedDIPSGD(torch.optim.Optimizer):
             self._stamp(prm)
 
     def dense(self, prm: torch.Tensor) -> torch.Tensor:
-        """The dense weights behind a parameter (the parameter itself when it has no mask)."""
+        """The dense weights behind a parameter (the parameter itself when it has no mask).
+
+        Weights written into a masked parameter since the last step, in a way torch tracks, are
+        taken as its dense weights first (as the next step would take them).
+
+        Parameters
+        ----------
+        prm : a parameter of this optimizer.
+
+        Returns
+        -------
+        torch.Tensor : the dense weights w (the optimizer's state["dense"], not a copy), or the
+            parameter detached (same memory) when it has no mask.
+
+        Raises
+        ------
+        ValueError : a masked parameter whose shape, dtype or device changed since its mask was set,
+            or that was assigned a non-contiguous `.data`.
+        """
         return self._dense(prm)
 
     @torch.no_grad()
@@ -200,7 +239,18 @@ class FedDIPSGD(torch.optim.Optimizer):
         itself for writes that torch tracks (`param.copy_(x)` under no_grad, `model.load_state_dict`,
         `param.data = x`). Call it after writing weights in a way torch does not track:
         `param.data.copy_(x)`, `param.data[...] = x`, or through a NumPy view of the memory; a step
-        cannot see those (finding them would cost a read of every weight)."""
+        cannot see those (finding them would cost a read of every weight).
+
+        Parameters
+        ----------
+        params : the parameters to reload, optional (default: every parameter of every group);
+            those without a mask are skipped.
+
+        Raises
+        ------
+        ValueError : a masked parameter whose shape, dtype or device changed since its mask was set,
+            or that was assigned a non-contiguous `.data`.
+        """
         chosen = [prm for group in self.param_groups for prm in group["params"]] if params is None else list(params)
         for prm in chosen:
             state = self.state.get(prm, {})
@@ -283,7 +333,18 @@ class FedDIPSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict, with the dense weights up to date: weights written into a parameter
-        since the last step (which that step would take) are taken first."""
+        since the last step (which that step would take) are taken first.
+
+        Returns
+        -------
+        dict : torch's optimizer state dict ("state" and "param_groups"); a masked parameter's
+            state holds its dense weights ("dense") and its mask ("mask") too.
+
+        Raises
+        ------
+        ValueError : a masked parameter whose shape, dtype or device changed since its mask was set,
+            or that was assigned a non-contiguous `.data`.
+        """
         for group in self.param_groups:
             for prm in group["params"]:
                 self._dense(prm)
@@ -291,7 +352,18 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by state_dict(), in this or another process: the dense weights
-        (error feedback) come from it, and the parameters are rewritten as their pruned copy."""
+        (error feedback) come from it, and the parameters are rewritten as their pruned copy.
+
+        Parameters
+        ----------
+        state_dict : a state from state_dict() of a FedDIPSGD over parameters of the same groups
+            and sizes.
+
+        Raises
+        ------
+        ValueError : (from torch) a state whose parameter groups differ in number or size from the
+            optimizer's.
+        """
         super().load_state_dict(state_dict)
         self.__dict__["_layout"] = self.__dict__.get("_layout", 0) + 1
         self._seen.clear()
@@ -316,6 +388,29 @@ class FedDIPSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """One step of every parameter group: each parameter that has a gradient is stepped (the
+        others are left as they are), a masked one with error feedback and the regulariser, the
+        others in SGD with momentum and weight decay, in the kernels the class docstring describes.
+
+        Parameters
+        ----------
+        closure : optional; called first, under torch.enable_grad(), to recompute the loss (and
+            the gradients), as torch's optimizers call it.
+
+        Returns
+        -------
+        float or None : the closure's loss, or None without a closure.
+
+        Raises
+        ------
+        TypeError : a sparse gradient.
+        ValueError : a group with nesterov, dampening or maximize set; on the host kernels,
+            hyperparameters edited into a group out of range; a masked parameter whose shape, dtype
+            or device changed since its mask was set (or that was assigned a non-contiguous
+            `.data`); with device_kernels="triton", a group whose parameters do not share one
+            device and dtype.
+        RuntimeError : device_kernels="triton" where Triton does not import.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

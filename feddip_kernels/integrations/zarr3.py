@@ -29,7 +29,18 @@ NAME = "feddip_sparse"
 
 @dataclass(frozen=True)
 class SparseZarrCodec(ArrayBytesCodec):
-    """Chunks as feddip sparse messages (see the module docstring for the configuration)."""
+    """Chunks as feddip sparse messages (see the module docstring for the configuration).
+
+    Parameters
+    ----------
+    positions : the positions codec: "auto" (the smallest per chunk), "bitmask", "csr", "golomb"
+        or "all".
+    values : the values codec: "raw" (lossless, -0.0 kept) or the lossy "fp16", "bf16", "int8".
+
+    Raises
+    ------
+    ValueError : an unknown positions or values codec.
+    """
 
     positions: str = "auto"
     values: str = "raw"
@@ -43,6 +54,23 @@ class SparseZarrCodec(ArrayBytesCodec):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparseZarrCodec":
+        """The codec of its zarr metadata, as `to_dict` writes it.
+
+        Parameters
+        ----------
+        data : {"name": "feddip_sparse", "configuration": {...}}; the configuration (optional, and
+            empty by default) holds "positions" and "values", each optional.
+
+        Returns
+        -------
+        SparseZarrCodec : the codec.
+
+        Raises
+        ------
+        ValueError : another name, no "name" key, configuration keys other than "positions" and
+            "values", or a codec the constructor refuses.
+        TypeError : `data` or its configuration not a dict, or a name that is not a string.
+        """
         _, config = parse_named_configuration(data, NAME, require_configuration=False)
         options: dict[str, Any] = dict(config or {})  # JSON values: __init__ checks them
         unknown = sorted(set(options) - {"positions", "values"})
@@ -51,9 +79,30 @@ class SparseZarrCodec(ArrayBytesCodec):
         return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
+        """The codec's zarr metadata.
+
+        Returns
+        -------
+        dict : {"name": "feddip_sparse", "configuration": {"positions": ..., "values": ...}}, which
+            `from_dict` takes back.
+        """
         return {"name": NAME, "configuration": {"positions": self.positions, "values": self.values}}
 
     def validate(self, *, shape: Any, dtype: Any, chunk_grid: Any) -> None:
+        """Check that the array is one this codec stores (zarr calls it as it builds an array's
+        metadata, on creating or opening it): float32 or float64, either byte order; any shape and
+        chunk grid.
+
+        Parameters
+        ----------
+        shape : the array's shape (not checked).
+        dtype : the array's zarr data type.
+        chunk_grid : the array's chunk grid (not checked).
+
+        Raises
+        ------
+        ValueError : a data type other than float32/float64.
+        """
         native = dtype.to_native_dtype()
         if native.kind != "f" or native.itemsize not in (4, 8):
             raise ValueError(f"{NAME} stores float32 and float64 arrays, not {native}")
