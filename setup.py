@@ -9,6 +9,7 @@ from setuptools import setup
 
 SOURCES = [
     "bindings/module.cpp",
+    "csrc/ans.cpp",
     "csrc/bitpack.cpp",
     "csrc/crc32c.cpp",
     "csrc/ef_step.cpp",

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ans.hpp"
 #include "bitpack.hpp"
 #include "common.hpp"
 #include "crc32c.hpp"
@@ -280,6 +281,42 @@ py::array densify_impl(const Bits& bits, std::size_t n, const py::array& values,
     return result;
 }
 
+// Entropy-coded values: words are C-contiguous unsigned integer arrays; a model is the tuple
+// (word_bits, shift, base, freqs, prob_bits, lanes) of _contract.AnsModel, its freqs a uint32 array
+// (kept alive by the tuple while the GIL is released).
+using Model = std::tuple<unsigned, unsigned, std::uint64_t, py::array, unsigned, unsigned>;
+
+unsigned word_bytes(const py::array& words) {
+    if (words.dtype().kind() != 'u' || !(words.flags() & py::array::c_style))
+        throw std::invalid_argument("words: expected a C-contiguous unsigned integer array");
+    if (words.size() > 0 && reinterpret_cast<std::uintptr_t>(words.data()) % words.itemsize() != 0)
+        throw std::invalid_argument("words: array is not aligned for its dtype");
+    return static_cast<unsigned>(words.itemsize());
+}
+
+unsigned bytes_for(unsigned word_bits) { return word_bits <= 8 ? 1 : word_bits <= 16 ? 2 : word_bits <= 32 ? 4 : 8; }
+
+AnsModel model_of(const Model& t) {
+    const auto& [word_bits, shift, base, freqs, prob_bits, lanes] = t;
+    if (freqs.dtype().kind() != 'u' || freqs.itemsize() != 4 || !(freqs.flags() & py::array::c_style))
+        throw std::invalid_argument("freqs: expected a C-contiguous uint32 array");
+    return {word_bits, shift, base, static_cast<const std::uint32_t*>(freqs.data()),
+            static_cast<std::size_t>(freqs.size()), prob_bits, lanes};
+}
+
+py::array new_words(unsigned elem_bytes, std::size_t n) {
+    switch (elem_bytes) {
+        case 1: return py::array_t<std::uint8_t>(static_cast<py::ssize_t>(n));
+        case 2: return py::array_t<std::uint16_t>(static_cast<py::ssize_t>(n));
+        case 4: return py::array_t<std::uint32_t>(static_cast<py::ssize_t>(n));
+        default: return py::array_t<std::uint64_t>(static_cast<py::ssize_t>(n));
+    }
+}
+
+py::bytes bytes_of(const std::vector<std::uint8_t>& v) {
+    return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
+}
+
 }  // namespace
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -542,6 +579,109 @@ PYBIND11_MODULE(_core, m) {
         py::arg("items"),
         "golomb_decode on (data, n, nnz, m) items in parallel: (bits list, index of the first failure or -1, its "
         "message).");
+
+    m.def(
+        "ans_histogram",
+        [](const py::array& words, unsigned word_bits, std::size_t max_symbols) {
+            const unsigned eb = word_bytes(words);
+            unsigned shift;
+            std::uint64_t base;
+            std::vector<std::uint64_t> counts;
+            {
+                py::gil_scoped_release release;
+                ans_histogram(words.data(), static_cast<std::size_t>(words.size()), eb, word_bits, max_symbols, shift,
+                              base, counts);
+            }
+            py::array_t<std::uint64_t> c(static_cast<py::ssize_t>(counts.size()));
+            std::copy(counts.begin(), counts.end(), c.mutable_data());
+            return py::make_tuple(shift, base, c);
+        },
+        py::arg("words"), py::kw_only(), py::arg("word_bits"), py::arg("max_symbols"),
+        "(shift, base, counts) of the words' magnitudes, at most max_symbols symbols.");
+
+    m.def(
+        "ans_encode",
+        [](const py::array& words, unsigned word_bits, unsigned shift, std::uint64_t base, const py::array& freqs,
+           unsigned prob_bits, unsigned lanes) {
+            const unsigned eb = word_bytes(words);
+            const AnsModel model = model_of({word_bits, shift, base, freqs, prob_bits, lanes});
+            if (word_bits > 8 * eb) throw std::invalid_argument("words: narrower than word_bits");
+            AnsCoded coded;
+            {
+                py::gil_scoped_release release;
+                coded = ans_encode(words.data(), static_cast<std::size_t>(words.size()), eb, model);
+            }
+            return py::make_tuple(bytes_of(coded.stream), bytes_of(coded.raw));
+        },
+        py::arg("words"), py::kw_only(), py::arg("word_bits"), py::arg("shift"), py::arg("base"), py::arg("freqs"),
+        py::arg("prob_bits"), py::arg("lanes"), "(rANS stream, raw bits) of the words under the model.");
+
+    m.def(
+        "ans_decode",
+        [](const py::buffer& stream, const py::buffer& raw, std::size_t n, unsigned word_bits, unsigned shift,
+           std::uint64_t base, const py::array& freqs, unsigned prob_bits, unsigned lanes) {
+            const py::buffer_info si = stream.request(), ri = raw.request();
+            const ByteSpan s = contiguous_bytes(si, "stream"), r = contiguous_bytes(ri, "raw");
+            const AnsModel model = model_of({word_bits, shift, base, freqs, prob_bits, lanes});
+            const unsigned eb = bytes_for(word_bits);
+            py::array out = new_words(eb, n);
+            void* po = out.mutable_data();
+            py::gil_scoped_release release;
+            ans_decode(s.data, s.size, r.data, r.size, n, eb, model, po);
+            return out;
+        },
+        py::arg("stream"), py::arg("raw"), py::arg("n"), py::kw_only(), py::arg("word_bits"), py::arg("shift"),
+        py::arg("base"), py::arg("freqs"), py::arg("prob_bits"), py::arg("lanes"),
+        "The n words of an rANS stream and its raw bits; the caller bounds n before calling.");
+
+    m.def(
+        "ans_encode_many",
+        [](const std::vector<std::tuple<py::array, Model>>& items) {
+            std::vector<AnsInput> inputs;
+            for (const auto& [words, model] : items) {
+                const unsigned eb = word_bytes(words);
+                if (std::get<0>(model) > 8 * eb) throw std::invalid_argument("words: narrower than word_bits");
+                inputs.push_back({words.data(), static_cast<std::size_t>(words.size()), eb, model_of(model)});
+            }
+            std::vector<AnsCoded> coded;
+            {
+                py::gil_scoped_release release;
+                coded = ans_encode_many(inputs, 0);
+            }
+            py::list out;
+            for (const auto& c : coded) out.append(py::make_tuple(bytes_of(c.stream), bytes_of(c.raw)));
+            return out;
+        },
+        py::arg("items"), "ans_encode on (words, model) items, in parallel: a list of (stream, raw).");
+
+    m.def(
+        "ans_decode_many",
+        [](const std::vector<std::tuple<py::buffer, py::buffer, std::size_t, Model>>& items) {
+            std::vector<py::buffer_info> infos;
+            infos.reserve(2 * items.size());
+            std::vector<AnsStream> streams;
+            py::list out;
+            for (const auto& [stream, raw, n, model] : items) {
+                infos.push_back(stream.request());
+                const ByteSpan s = contiguous_bytes(infos.back(), "stream");
+                infos.push_back(raw.request());
+                const ByteSpan r = contiguous_bytes(infos.back(), "raw");
+                const unsigned eb = bytes_for(std::get<0>(model));
+                py::array words = new_words(eb, n);
+                streams.push_back({s.data, s.size, r.data, r.size, n, eb, model_of(model), words.mutable_data()});
+                out.append(words);
+            }
+            std::string error;
+            long long failed;
+            {
+                py::gil_scoped_release release;
+                failed = ans_decode_many(streams, 0, error);
+            }
+            return py::make_tuple(out, failed, error);
+        },
+        py::arg("items"),
+        "ans_decode on (stream, raw, n, model) items in parallel: (words list, index of the first failure or -1, "
+        "its message).");
 
     m.def(
         "crc32c",

@@ -7,7 +7,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -181,6 +183,33 @@ inline int thread_id() {
 #else
     return 0;
 #endif
+}
+
+// body(i) for i < count, several at a time. Exceptions must not leave the parallel region: each is
+// kept, and the lowest index that threw is returned with its exception in `error` (or -1).
+template <class Body>
+long long parallel_each(long long count, int n_threads, Body&& body, std::exception_ptr& error) {
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(count));
+    const int nt = static_cast<int>(std::max<long long>(1, std::min<long long>(max_threads(n_threads), count)));
+    RegionProbe probe(nt);
+#pragma omp parallel num_threads(nt)
+    {
+        probe.enter();
+#pragma omp for schedule(dynamic, 1)
+        for (long long i = 0; i < count; ++i) {
+            try {
+                body(i);
+            } catch (...) {
+                errors[i] = std::current_exception();
+            }
+        }
+    }
+    for (long long i = 0; i < count; ++i)
+        if (errors[i]) {
+            error = errors[i];
+            return i;
+        }
+    return -1;
 }
 
 }  // namespace feddip

@@ -242,37 +242,6 @@ void golomb_decode(const std::uint8_t* data, std::size_t size, std::size_t n, st
         throw std::invalid_argument("Golomb stream: bytes or bits left after the last code");
 }
 
-namespace {
-
-// body(i) for i < count, several at a time. Exceptions must not leave the parallel region: each is
-// kept, and the lowest index that threw is returned with its exception in `error` (or -1).
-template <class Body>
-long long parallel_each(long long count, int n_threads, Body&& body, std::exception_ptr& error) {
-    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(count));
-    const int nt = static_cast<int>(std::max<long long>(1, std::min<long long>(max_threads(n_threads), count)));
-    RegionProbe probe(nt);
-#pragma omp parallel num_threads(nt)
-    {
-        probe.enter();
-#pragma omp for schedule(dynamic, 1)
-        for (long long i = 0; i < count; ++i) {
-            try {
-                body(i);
-            } catch (...) {
-                errors[i] = std::current_exception();
-            }
-        }
-    }
-    for (long long i = 0; i < count; ++i)
-        if (errors[i]) {
-            error = errors[i];
-            return i;
-        }
-    return -1;
-}
-
-}  // namespace
-
 std::vector<std::vector<std::uint8_t>> golomb_encode_many(const std::vector<GolombInput>& inputs, int n_threads) {
     std::vector<std::vector<std::uint8_t>> out(inputs.size());
     std::exception_ptr error;  // only out of memory: the inputs were checked by the caller

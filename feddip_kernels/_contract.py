@@ -15,13 +15,26 @@ accept and refuse what the host kernels do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Buffer  # bytes, bytearray, memoryview, C-contiguous NumPy arrays
+
+
+class AnsModel(NamedTuple):
+    """How a tensor's words are entropy-coded (docs/wire-format.md, "Entropy-coded values"): the
+    symbol of a word w is (|w| >> shift) - base, |w| its low word_bits - 1 bits; freqs[j] is symbol
+    j's share of 2^prob_bits (they add up to it); `lanes` states take the words in turn."""
+
+    word_bits: int
+    shift: int
+    base: int
+    freqs: np.ndarray  # uint32
+    prob_bits: int
+    lanes: int
 
 
 class Kernels(Protocol):
@@ -124,6 +137,31 @@ class Kernels(Protocol):
     ) -> tuple[list[np.ndarray], int, str]:
         """golomb_decode over (data, n, nnz, m) items: (bits list, index of the first failed item
         or -1, its message)."""
+
+    # Entropy-coded values: words (the narrowest unsigned dtype of word_bits, _formulas.word_dtype).
+    def ans_histogram(self, words: np.ndarray, *, word_bits: int, max_symbols: int) -> tuple[int, int, np.ndarray]:
+        """(shift, base, counts) of the words' magnitudes: the smallest shift at which the symbols
+        |w| >> shift span at most max_symbols values, the smallest of them, and each one's count
+        (uint64: counts[j] of symbol base + j). (0, 0, no counts) for no words."""
+
+    def ans_encode(self, words: np.ndarray, *, word_bits: int, shift: int, base: int, freqs: np.ndarray,
+                   prob_bits: int, lanes: int) -> tuple[bytes, bytes]:
+        """(the rANS stream: the lanes' final states then the 16-bit words; the raw bits: each
+        word's sign and low `shift` magnitude bits) of words whose symbols the freqs cover."""
+
+    def ans_decode(self, stream: Buffer, raw: Buffer, n: int, *, word_bits: int, shift: int, base: int,
+                   freqs: np.ndarray, prob_bits: int, lanes: int) -> np.ndarray:
+        """The n words from ans_encode's output (the model checked by the caller, raw of the exact
+        length); ValueError when the stream is corrupt: a length, a state or padding out of place."""
+
+    def ans_encode_many(self, items: Sequence[tuple[np.ndarray, AnsModel]]) -> list[tuple[bytes, bytes]]:
+        """ans_encode over (words, model) items (in parallel where the backend can)."""
+
+    def ans_decode_many(
+        self, items: Sequence[tuple[Buffer, Buffer, int, AnsModel]]
+    ) -> tuple[list[np.ndarray], int, str]:
+        """ans_decode over (stream, raw, n, model) items: (words list, index of the first failed
+        item or -1, its message)."""
 
     def crc32c(self, data: Buffer, crc: int = 0) -> int:
         """CRC-32C (Castagnoli) of a C-contiguous buffer, continuing from `crc`."""

@@ -1,11 +1,13 @@
-"""What the two Python backends (reference, Numba) share: the CRC-32C table and the Golomb
-parameter (the C++ core's formulas too), and the sequential forms of the *_many kernels.
-Plain Python, no backend of its own."""
+"""What the two Python backends (reference, Numba) share: the CRC-32C table, the Golomb
+parameter and rANS's constants (the C++ core's formulas too), and the sequential forms of the
+*_many kernels. No backend of its own."""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 
 def crc32c_table() -> list[int]:
@@ -64,3 +66,41 @@ def join_with_crc32c(crc32c: Callable[..., int]) -> Callable[[Sequence[Any]], by
         return body + crc32c(body).to_bytes(4, "little")
 
     return join_crc32c
+
+
+# rANS of values (docs/wire-format.md, "Entropy-coded values"): states live in [ANS_LOW, 2^31)
+# and move 16 bits at a time, so one word in or out a symbol suffices, and the encoder's
+# division by a frequency may be a multiplication by its reciprocal (exact below 2^31).
+ANS_LOW = 1 << 15
+ANS_MAX_PROB_BITS = 15
+ANS_MAX_LANES = 32
+
+
+def word_dtype(word_bits: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds words of word_bits bits (1..64)."""
+    return np.dtype(np.uint8 if word_bits <= 8 else np.uint16 if word_bits <= 16 else
+                    np.uint32 if word_bits <= 32 else np.uint64)
+
+
+def ans_cumulative(freqs: np.ndarray) -> np.ndarray:
+    """The symbols' starts in [0, 2^prob_bits): cum[j] = freqs[0] + ... + freqs[j - 1]."""
+    cum = np.zeros(freqs.size + 1, dtype=np.int64)
+    np.cumsum(freqs, out=cum[1:])
+    return cum[:-1]
+
+
+def ans_each(encode: Callable[..., Any], items: Sequence[tuple[Any, Any]]) -> list[Any]:
+    """ans_encode_many, one item after another."""
+    return [encode(words, **model._asdict()) for words, model in items]
+
+
+def ans_decode_each(decode: Callable[..., Any],
+                    items: Sequence[tuple[Any, Any, int, Any]]) -> tuple[list[Any], int, str]:
+    """ans_decode_many, one item after another, stopping at the first failure."""
+    out = []
+    for i, (stream, raw, n, model) in enumerate(items):
+        try:
+            out.append(decode(stream, raw, n, **model._asdict()))
+        except ValueError as e:
+            return out, i, str(e)
+    return out, -1, ""

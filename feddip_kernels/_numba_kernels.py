@@ -6,13 +6,18 @@ on speed and checked against the NumPy reference in the same tests."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numba as nb
 import numpy as np
 
 from . import _formulas
 from ._formulas import crc32c_table
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from ._contract import AnsModel
 
 golomb_parameter = _formulas.golomb_parameter  # a kernel of the contract, shared with the other Python backend
 
@@ -506,3 +511,178 @@ def deposit_bits(sub: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros((n + 7) // 8, dtype=np.uint8)
     _deposit_bits(sub, ref, n, out)
     return out
+
+
+# Entropy-coded values: the algorithm of csrc/ans.cpp (its division by a frequency a division here).
+_ANS_ERRORS = {
+    1: "entropy-coded values: stream of a bad length",
+    2: "entropy-coded values: initial state out of range",
+    3: "entropy-coded values: stream ends early",
+    4: "entropy-coded values: stream does not end where its symbols do",
+    5: "entropy-coded values: non-zero padding bits",
+    6: "entropy-coded values: a symbol has no frequency",
+    7: "entropy-coded values: raw bits of a bad length",
+}
+
+
+def _split(words: np.ndarray, word_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(magnitudes as int64, signs as int64) of the words."""
+    w = words.astype(np.uint64)
+    mag = (w & np.uint64((1 << (word_bits - 1)) - 1)).astype(np.int64)
+    return mag, (w >> np.uint64(word_bits - 1)).astype(np.int64)
+
+
+@nb.njit(cache=True, nogil=True)
+def _ans_counts(mag, shift, base, size):
+    counts = np.zeros(size, dtype=np.uint64)
+    for i in range(mag.size):
+        counts[(mag[i] >> shift) - base] += 1
+    return counts
+
+
+def ans_histogram(words: np.ndarray, *, word_bits: int, max_symbols: int) -> tuple[int, int, np.ndarray]:
+    if words.size == 0:
+        return 0, 0, np.zeros(0, dtype=np.uint64)
+    mag, _ = _split(words, word_bits)
+    lo, hi = int(mag.min()), int(mag.max())
+    shift = 0
+    while (hi >> shift) - (lo >> shift) >= max_symbols:
+        shift += 1
+    return shift, lo >> shift, _ans_counts(mag, shift, lo >> shift, (hi >> shift) - (lo >> shift) + 1)
+
+
+@nb.njit(cache=True, nogil=True)
+def _ans_encode(sym, freqs, prob_bits, lanes, out):
+    """The states and the words (from `at` to the end of out); an error code when a symbol has no
+    frequency."""
+    cum = np.zeros(freqs.size, dtype=np.int64)
+    for j in range(1, freqs.size):
+        cum[j] = cum[j - 1] + freqs[j - 1]
+    x = np.full(lanes, 1 << 15, dtype=np.int64)
+    at = out.size
+    n = sym.size
+    lane = (n - 1) % lanes if n else 0
+    for i in range(n - 1, -1, -1):
+        s = sym[i]
+        if s < 0 or s >= freqs.size or freqs[s] == 0:
+            return x, at, 6
+        f = np.int64(freqs[s])
+        xv = x[lane]
+        if xv >= f << (31 - prob_bits):
+            at -= 1
+            out[at] = xv & 0xFFFF
+            xv >>= 16
+        x[lane] = ((xv // f) << prob_bits) + xv % f + cum[s]
+        lane = lane - 1 if lane else lanes - 1
+    return x, at, 0
+
+
+@nb.njit(cache=True, nogil=True)
+def _pack_fields(mag, sign, shift, out):
+    """Each word's sign above its low `shift` magnitude bits, (shift + 1) bits a word."""
+    width = shift + 1
+    low = (np.uint64(1) << np.uint64(shift)) - np.uint64(1) if shift < 64 else ~np.uint64(0)
+    acc = np.uint64(0)
+    used = 0
+    at = 0
+    for i in range(mag.size):
+        v = (np.uint64(sign[i]) << np.uint64(shift)) | (np.uint64(mag[i]) & low)
+        acc |= v << np.uint64(used)
+        total = used + width
+        if total >= 64:
+            for b in range(8):
+                out[at + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
+            at += 8
+            acc = v >> np.uint64(64 - used) if used else np.uint64(0)
+            used = total - 64
+        else:
+            used = total
+    for b in range((used + 7) // 8):
+        out[at + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
+
+
+def ans_encode(words: np.ndarray, *, word_bits: int, shift: int, base: int, freqs: np.ndarray, prob_bits: int,
+               lanes: int) -> tuple[bytes, bytes]:
+    mag, sign = _split(words, word_bits)
+    out = np.empty(words.size, dtype="<u2")
+    x, at, err = _ans_encode((mag >> shift) - base, freqs.astype(np.int64), prob_bits, lanes, out)
+    if err:
+        raise ValueError(_ANS_ERRORS[err])
+    raw = np.zeros((words.size * (shift + 1) + 7) // 8 + 8, dtype=np.uint8)
+    _pack_fields(mag, sign, shift, raw)
+    return x.astype("<u4").tobytes() + out[at:].tobytes(), raw[: raw.size - 8].tobytes()
+
+
+@nb.njit(cache=True, nogil=True)
+def _ans_decode(states, feed, raw, n, word_bits, shift, base, freqs, prob_bits, out):
+    lanes = states.size
+    x = states.astype(np.int64)
+    for j in range(lanes):
+        if x[j] < (1 << 15) or x[j] >= (1 << 31):
+            return 2
+    total = 1 << prob_bits
+    slot_symbol = np.empty(total, dtype=np.int64)
+    cum = np.zeros(freqs.size, dtype=np.int64)
+    c = 0
+    for s in range(freqs.size):
+        cum[s] = c
+        for t in range(freqs[s]):
+            slot_symbol[c + t] = s
+        c += freqs[s]
+    width = shift + 1
+    low = (np.uint64(1) << np.uint64(shift)) - np.uint64(1)
+    at = 0
+    lane = 0
+    for i in range(n):
+        xv = x[lane]
+        slot = xv & (total - 1)
+        s = slot_symbol[slot]
+        xv = freqs[s] * (xv >> prob_bits) + slot - cum[s]
+        if xv < (1 << 15):
+            if at == feed.size:
+                return 3
+            xv = (xv << 16) | np.int64(feed[at])
+            at += 1
+        x[lane] = xv
+        lane = lane + 1 if lane + 1 < lanes else 0
+        bit = i * width
+        field = np.uint64(0)
+        for b in range(width):  # bit by bit: a field may straddle 9 bytes
+            p = bit + b
+            field |= np.uint64((raw[p >> 3] >> (p & 7)) & 1) << np.uint64(b)
+        mag = (np.uint64(base + s) << np.uint64(shift)) | (field & low)
+        out[i] = mag | (((field >> np.uint64(shift)) & np.uint64(1)) << np.uint64(word_bits - 1))
+    if at != feed.size:
+        return 4
+    for j in range(lanes):
+        if x[j] != (1 << 15):
+            return 4
+    return 0
+
+
+def ans_decode(stream: Buffer, raw: Buffer, n: int, *, word_bits: int, shift: int, base: int, freqs: np.ndarray,
+               prob_bits: int, lanes: int) -> np.ndarray:
+    data = np.frombuffer(memoryview(stream), dtype=np.uint8)
+    r = np.frombuffer(memoryview(raw), dtype=np.uint8)
+    if data.size < 4 * lanes or (data.size - 4 * lanes) % 2:
+        raise ValueError(_ANS_ERRORS[1])
+    if r.size != (n * (shift + 1) + 7) // 8:
+        raise ValueError(_ANS_ERRORS[7])
+    if (n * (shift + 1)) % 8 and r[-1] >> ((n * (shift + 1)) % 8):
+        raise ValueError(_ANS_ERRORS[5])
+    out = np.empty(n, dtype=np.uint64)
+    states = data[: 4 * lanes].view("<u4").astype(np.int64)  # copies: the views may be unaligned
+    feed = data[4 * lanes :].view("<u2").astype(np.int64)
+    err = _ans_decode(states, feed, r, n, word_bits, shift, base,
+                      freqs.astype(np.int64), prob_bits, out)
+    if err:
+        raise ValueError(_ANS_ERRORS[err])
+    return out.astype(_formulas.word_dtype(word_bits))
+
+
+def ans_encode_many(items: Sequence[tuple[np.ndarray, AnsModel]]) -> list[tuple[bytes, bytes]]:
+    return _formulas.ans_each(ans_encode, items)
+
+
+def ans_decode_many(items: Sequence[tuple[Buffer, Buffer, int, AnsModel]]) -> tuple[list[np.ndarray], int, str]:
+    return _formulas.ans_decode_each(ans_decode, items)

@@ -14,6 +14,8 @@ from ._formulas import crc32c_table
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+    from ._contract import AnsModel
+
 golomb_parameter = _formulas.golomb_parameter  # a kernel of the contract, shared with the other Python backend
 
 
@@ -256,3 +258,105 @@ def golomb_encode_many(items: Sequence[tuple[np.ndarray, int, int]]) -> list[byt
 
 def golomb_decode_many(items: Sequence[tuple[object, int, int, int]]) -> tuple[list[np.ndarray], int, str]:
     return _formulas.decode_each(golomb_decode, items)
+
+
+# Entropy-coded values (docs/wire-format.md): a word's magnitude (its low word_bits - 1 bits)
+# splits into a symbol, |w| >> shift, rANS-coded over `lanes` interleaved states, and raw bits,
+# the sign above the low `shift` bits of the magnitude.
+def _magnitude(words: np.ndarray, word_bits: int) -> np.ndarray:
+    return words.astype(np.uint64) & np.uint64((1 << (word_bits - 1)) - 1)
+
+
+def ans_histogram(words: np.ndarray, *, word_bits: int, max_symbols: int) -> tuple[int, int, np.ndarray]:
+    if words.size == 0:
+        return 0, 0, np.zeros(0, dtype=np.uint64)
+    mag = _magnitude(words, word_bits)
+    lo, hi = int(mag.min()), int(mag.max())
+    shift = 0
+    while (hi >> shift) - (lo >> shift) >= max_symbols:
+        shift += 1
+    sym = mag >> np.uint64(shift)
+    base = lo >> shift
+    return shift, base, np.bincount((sym - np.uint64(base)).astype(np.int64)).astype(np.uint64)
+
+
+def ans_encode(words: np.ndarray, *, word_bits: int, shift: int, base: int, freqs: np.ndarray, prob_bits: int,
+               lanes: int) -> tuple[bytes, bytes]:
+    mag = _magnitude(words, word_bits)
+    sym = ((mag >> np.uint64(shift)) - np.uint64(base)).astype(np.int64)
+    f = freqs.astype(np.int64)
+    if words.size and ((sym < 0) | (sym >= f.size)).any() or (f[sym[(sym >= 0) & (sym < f.size)]] == 0).any():
+        raise ValueError("entropy-coded values: a symbol has no frequency")
+    cum = _formulas.ans_cumulative(f)
+    x = np.full(lanes, _formulas.ANS_LOW, dtype=np.int64)
+    out: list[np.ndarray] = []  # each group's words in lane order, last group first
+    for g in range((words.size + lanes - 1) // lanes - 1, -1, -1):
+        s = sym[g * lanes : (g + 1) * lanes]
+        xs, fs = x[: s.size], f[s]
+        need = xs >= fs << (31 - prob_bits)
+        out.append((xs[need] & 0xFFFF).astype("<u2"))
+        xs[need] >>= 16
+        xs[:] = ((xs // fs) << prob_bits) + xs % fs + cum[s]
+    stream = x.astype("<u4").tobytes() + b"".join(w.tobytes() for w in reversed(out))
+    sign = (words.astype(np.uint64) >> np.uint64(word_bits - 1)) & np.uint64(1)
+    low = mag & np.uint64((1 << shift) - 1)
+    return stream, _pack_fixed((sign << np.uint64(shift)) | low, shift + 1)
+
+
+def _pack_fixed(v: np.ndarray, width: int) -> bytes:
+    """Each value's low `width` bits, back to back, least significant first."""
+    bits = ((v[:, None] >> np.arange(width, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_fixed(raw: np.ndarray, n: int, width: int) -> np.ndarray:
+    bits = np.unpackbits(raw, bitorder="little")
+    if bits[n * width :].any():
+        raise ValueError("entropy-coded values: non-zero padding bits")
+    b = bits[: n * width].reshape(n, width).astype(np.uint64)
+    return (b << np.arange(width, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+
+
+def ans_decode(stream: Buffer, raw: Buffer, n: int, *, word_bits: int, shift: int, base: int, freqs: np.ndarray,
+               prob_bits: int, lanes: int) -> np.ndarray:
+    data = np.frombuffer(bytes(stream), dtype=np.uint8)
+    if data.size < 4 * lanes or (data.size - 4 * lanes) % 2:
+        raise ValueError("entropy-coded values: stream of a bad length")
+    r = np.frombuffer(bytes(raw), dtype=np.uint8)
+    if r.size != (n * (shift + 1) + 7) // 8:
+        raise ValueError("entropy-coded values: raw bits of a bad length")
+    rest = _unpack_fixed(r, n, shift + 1)
+    x = data[: 4 * lanes].view("<u4").astype(np.int64)
+    if ((x < _formulas.ANS_LOW) | (x >= 1 << 31)).any():
+        raise ValueError("entropy-coded values: initial state out of range")
+    feed = data[4 * lanes :].view("<u2").astype(np.int64)
+    f = freqs.astype(np.int64)
+    cum = _formulas.ans_cumulative(f)
+    slot_symbol = np.repeat(np.arange(f.size), f)
+    sym = np.empty(n, dtype=np.int64)
+    at = 0
+    for g in range((n + lanes - 1) // lanes):
+        xs = x[: min(lanes, n - g * lanes)]
+        slot = xs & ((1 << prob_bits) - 1)
+        s = slot_symbol[slot]
+        sym[g * lanes : g * lanes + s.size] = s
+        xs[:] = f[s] * (xs >> prob_bits) + slot - cum[s]
+        need = xs < _formulas.ANS_LOW
+        take = int(need.sum())
+        if at + take > feed.size:
+            raise ValueError("entropy-coded values: stream ends early")
+        xs[need] = (xs[need] << 16) | feed[at : at + take]
+        at += take
+    if at != feed.size or (x != _formulas.ANS_LOW).any():
+        raise ValueError("entropy-coded values: stream does not end where its symbols do")
+    mag = ((sym.astype(np.uint64) + np.uint64(base)) << np.uint64(shift)) | (rest & np.uint64((1 << shift) - 1))
+    sign = (rest >> np.uint64(shift)) << np.uint64(word_bits - 1)
+    return (mag | sign).astype(_formulas.word_dtype(word_bits))
+
+
+def ans_encode_many(items: Sequence[tuple[np.ndarray, AnsModel]]) -> list[tuple[bytes, bytes]]:
+    return _formulas.ans_each(ans_encode, items)
+
+
+def ans_decode_many(items: Sequence[tuple[Buffer, Buffer, int, AnsModel]]) -> tuple[list[np.ndarray], int, str]:
+    return _formulas.ans_decode_each(ans_decode, items)

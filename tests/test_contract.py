@@ -4,14 +4,14 @@ the same error messages for the same bad data; and the device kernels (_torch_ke
 device part (_contract.DeviceKernels) and accept and refuse what the host kernels do."""
 
 import inspect
-import re
 
 import numpy as np
 import pytest
 
 import feddip_kernels as fk
-from feddip_kernels import _backend
+from feddip_kernels import _backend, reference
 from feddip_kernels._contract import DEVICE_NAMES, NAMES, SHARED_NAMES, DeviceKernels, Kernels
+from feddip_kernels.codecs.entropy import plan
 
 BACKENDS = _backend.available_backends()
 
@@ -19,6 +19,17 @@ BACKENDS = _backend.available_backends()
 def contract_params(name):
     sig = inspect.signature(getattr(Kernels, name))
     return [(p.name, p.kind) for p in list(sig.parameters.values())[1:]]  # without self
+
+
+def _top_level(text):
+    """The comma-separated parts of a parameter list, commas inside brackets (nested types) kept."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def backend_params(fn):
@@ -29,7 +40,7 @@ def backend_params(fn):
         head = fn.__doc__.splitlines()[0]
         inner = head[head.index("(") + 1 : head.rindex(") ->")]
         params, kind = [], inspect.Parameter.POSITIONAL_OR_KEYWORD
-        for part in re.split(r",\s*(?![^\[]*\])", inner):
+        for part in _top_level(inner):
             part = part.strip()
             if part == "*":
                 kind = inspect.Parameter.KEYWORD_ONLY
@@ -55,6 +66,7 @@ def test_the_contract_lists_every_kernel_the_public_layer_calls():
         "magnitude_threshold", "topk_masks", "max_magnitude", "masked_norm", "masked_ef_step", "masked_ef_step_many",
         "pack_bits", "unpack_bits", "count_bits", "select_bits", "deposit_bits", "sparsify", "densify",
         "golomb_parameter", "golomb_encode", "golomb_decode", "golomb_encode_many", "golomb_decode_many",
+        "ans_histogram", "ans_encode", "ans_decode", "ans_encode_many", "ans_decode_many",
         "crc32c", "join_crc32c",
     }
 
@@ -64,6 +76,9 @@ def calls():
     w = rng.standard_normal(37).astype(np.float32)
     mask = rng.random(37) < 0.3
     bits = np.packbits(mask, bitorder="little")
+    words = w.view(np.uint32)
+    model = plan(reference, words, 32)
+    coded = reference.ans_encode(words, **model._asdict())
     return {
         "magnitude_threshold": lambda k: k.magnitude_threshold([w, w[:5].copy()], 4),
         "topk_masks": lambda k: k.topk_masks([w], [np.zeros(37, bool)], 4),
@@ -92,6 +107,11 @@ def calls():
         "golomb_decode": lambda k: k.golomb_decode(bytes(k.golomb_encode(bits, 37, 3)), 37, int(mask.sum()), 3),
         "golomb_encode_many": lambda k: k.golomb_encode_many([(bits, 37, 3)]),
         "golomb_decode_many": lambda k: k.golomb_decode_many([(b"\x01", 8, 1, 1)]),
+        "ans_histogram": lambda k: k.ans_histogram(words, word_bits=32, max_symbols=16),
+        "ans_encode": lambda k: k.ans_encode(words, **model._asdict()),
+        "ans_decode": lambda k: k.ans_decode(*coded, 37, **model._asdict()),
+        "ans_encode_many": lambda k: k.ans_encode_many([(words, model)]),
+        "ans_decode_many": lambda k: k.ans_decode_many([(*coded, 37, model)]),
         "crc32c": lambda k: k.crc32c(b"123456789"),
         "join_crc32c": lambda k: k.join_crc32c([b"1234", np.frombuffer(b"56789", np.uint8)]),
     }

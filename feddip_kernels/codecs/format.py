@@ -47,7 +47,9 @@ DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
 DOMAIN_FULL, DOMAIN_REFERENCE = 0, 1
 POSITIONS = {"all": 0, "bitmask": 1, "csr": 2, "golomb": 3}
 POSITION_NAMES = {v: k for k, v in POSITIONS.items()}
-VALUES = {"raw": 0, "fp16": 1, "bf16": 2, "int8": 3}
+# Values codecs by id: fixed-width words, then entropy-coded blocks ("int-ans": the quantised
+# codecs int2-ans .. int8-ans, whose width is the block's word_bits).
+VALUES = {"raw": 0, "fp16": 1, "bf16": 2, "int8": 3, "ans": 4, "fp16-ans": 5, "bf16-ans": 6, "int-ans": 7}
 VALUE_NAMES = {v: k for k, v in VALUES.items()}
 MAX_NDIM = 32
 # NumPy's bound on an array's size in bytes, zero-length dimensions counted as 1 (it refuses shapes
@@ -153,3 +155,4 @@ class Record(NamedTuple):
     val_raw: memoryview
     chunks: tuple[Chunk, ...] = ()  # version 2: the positions in independently coded runs
     signs: Optional[ZeroSigns] = None  # with FLAG_ZERO_SIGNS: the zeros that are -0.0
+    block: Any = None  # entropy-coded values: their block (entropy.Block), head and table checked

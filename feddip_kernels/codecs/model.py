@@ -37,7 +37,6 @@ from .format import (
     SIGNS,
     STREAM_VERSION,
     VALUE_NAMES,
-    VALUES,
     Chunk,
     CodecError,
     Reader,
@@ -69,7 +68,16 @@ from .records import (
     write_head,
 )
 from .stream import decode_records
-from .values import decode_values, encode_value_pieces, value_size
+from .values import (
+    LOSSLESS,
+    Payload,
+    check_codec,
+    check_scale,
+    decode_many,
+    encode_many,
+    read_payload,
+    record_id,
+)
 
 # The -0.0 that a record sends (signs_to_send): (packed over its n elements, None when left on the
 # device; n; how many).
@@ -212,6 +220,8 @@ def encode_model(
     values: str = "raw",
     signed_zeros: Optional[bool] = None,
     backend: str = "auto",
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
 ) -> bytes:
     """Encode named float32/float64 tensors as one message.
 
@@ -220,14 +230,19 @@ def encode_model(
     and -0.0 both count as zero). With `reference[name]`, a mask the receiver already has: kept
     positions equal to it cost nothing (values go in mask order), positions that are a subset of
     it are coded relative to it (mask delta); otherwise the full tensor is the domain.
-    `positions` is "auto" (smallest per tensor), "bitmask", "csr", "golomb" or "all"; `values` is
-    "raw" (lossless) or the lossy "fp16", "bf16", "int8" (per-tensor scale).
+    `positions` is "auto" (smallest per tensor), "bitmask", "csr", "golomb" or "all". `values`:
+    lossless "raw" (the words as they are) or "ans" (the words entropy-coded: about 24 bits a
+    float32 value of a pruned model), or "auto" (per tensor the smaller of the two); lossy "fp16",
+    "bf16", "int8" (per-tensor scale), the same values entropy-coded as "fp16-ans", "bf16-ans",
+    "int8-ans", and "int2-ans" .. "int7-ans" (b-bit uniform quantisation with a per-tensor scale,
+    |error| <= scale / 2 with `rounding` "nearest", < scale with "stochastic", which draws from
+    numpy's default_rng(seed); scale = max |value| / (2^(b-1) - 1)).
 
     What comes back: the values at the positions (bit for bit with raw values: -0.0, NaN
     payloads, infinities and subnormals included) and +0.0 elsewhere, except for the -0.0 off the
     positions that `signed_zeros` sends, as a set of positions of their own (a bitmask or Golomb
     code over the tensor's elements; a tensor without such -0.0 costs nothing more). By default
-    (None) they are sent for tensors without a mask when values are raw: raw values without
+    (None) they are sent for tensors without a mask when values are lossless: lossless values without
     masks give back the same bytes. Pruning by `w * mask` leaves -0.0 at about half of the
     pruned places, which then cost about a bit an element. True sends them for every tensor,
     with a mask too (raw values then give back the same bytes wherever only zeros lie outside
@@ -241,9 +256,12 @@ def encode_model(
     masks : names to masks of the positions sent (non-zero = kept), optional.
     reference : names to masks the receiver already holds, optional.
     positions : "auto", "bitmask", "csr", "golomb" or "all".
-    values : "raw", "fp16", "bf16" or "int8".
+    values : "raw", "ans", "auto", "fp16", "bf16", "int8", "fp16-ans", "bf16-ans" or "int2-ans" ..
+        "int8-ans".
     signed_zeros : None (the default above), True or False.
     backend : "auto", "native", "numba" or "numpy" (host tensors).
+    rounding : "nearest" or "stochastic" (the int*-ans codecs).
+    seed : the stochastic rounding's seed (None: fresh entropy).
 
     Returns
     -------
@@ -255,8 +273,7 @@ def encode_model(
     ValueError : an unknown codec or backend, a mask of another size, or a positions codec that
         cannot code a tensor's positions.
     """
-    if values not in VALUES:
-        raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
+    check_codec(values, rounding)
     if positions not in ("auto", *POSITIONS):
         raise ValueError(f"unknown positions codec {positions!r}")
     if signed_zeros is not None and not isinstance(signed_zeros, bool):
@@ -264,11 +281,12 @@ def encode_model(
 
     def signs_of(masked: bool) -> bool:
         """Whether a tensor's -0.0 off its positions are sent: by default with raw values, no mask."""
-        return signed_zeros if signed_zeros is not None else values == "raw" and not masked
+        return signed_zeros if signed_zeros is not None else values in LOSSLESS and not masked
 
     k = _backend.kernels(backend)
     prepared = _prepare(k, tensors, masks, reference, positions, signs_of)
-    return _write(k, _code(k, prepared, positions, values))
+    rng = np.random.default_rng(seed) if rounding == "stochastic" else None
+    return _write(k, _code(k, prepared, positions, values, rounding, rng))
 
 
 def _prepare(k: Any, tensors: Mapping[str, Any], masks: Optional[Mapping[str, Any]],
@@ -318,8 +336,10 @@ def _golomb_streams(k: Any, prepared: list[_Sparse], positions: str) -> list[lis
     return streams
 
 
-def _code(k: Any, prepared: list[_Sparse], positions: str, values: str) -> list[_Coded]:
-    """Each tensor's record coded: positions (the smallest payload for "auto"), values and -0.0."""
+def _code(k: Any, prepared: list[_Sparse], positions: str, values: str, rounding: str,
+          rng: Optional[np.random.Generator]) -> list[_Coded]:
+    """Each tensor's record coded: positions (the smallest payload for "auto"), values (all
+    tensors' in one call) and -0.0."""
     signed: list[int] = []
     sets: list[Signs] = []
     coded_signs: dict[int, Optional[tuple[int, Any]]] = {}  # by set: coded on a device
@@ -330,15 +350,15 @@ def _code(k: Any, prepared: list[_Sparse], positions: str, values: str) -> list[
             signed.append(i)
             sets.append(sp.found.signs)
     sign_blocks = dict(zip(signed, zero_sign_blocks(k, sets, coded_signs)))
+    coded_values = encode_many(k, [sp.found.vals for sp in prepared], values, rounding, rng)
     out = []
-    for i, (sp, golomb) in enumerate(zip(prepared, _golomb_streams(k, prepared, positions))):
+    for i, (sp, golomb, val) in enumerate(zip(prepared, _golomb_streams(k, prepared, positions), coded_values)):
         g = (golomb[0].m if len(golomb) == 1 else 0, list(map(_STREAM, golomb))) if golomb else None
         pos_codec, m, pos_payload = encode_run_positions(list(map(_BITS, sp.found.runs)), sp.d, sp.nnz, positions,
                                                          sp.csr_shape, g)
         chunks = golomb if pos_codec == POSITIONS["golomb"] and len(golomb) > 1 else []
-        val_payload, scale = encode_value_pieces(sp.found.vals, values)
-        out.append(_Coded(sp.head, sp.dtype, sp.domain, sp.d, sp.nnz, pos_codec, m, pos_payload, chunks, values, scale,
-                          val_payload, sign_blocks.get(i, [])))
+        out.append(_Coded(sp.head, sp.dtype, sp.domain, sp.d, sp.nnz, pos_codec, m, pos_payload, chunks, val.codec,
+                          val.scale, val.payload, sign_blocks.get(i, [])))
     return out
 
 
@@ -352,8 +372,8 @@ def _write(k: Any, records: list[_Coded]) -> bytes:
     for rec in records:
         parts += [
             rec.head,
-            RECORD.pack(DTYPE_CODES[rec.dtype], rec.domain, rec.pos_codec, VALUES[rec.values], int(bool(rec.signs)), 0,
-                        rec.d, rec.nnz, rec.m, rec.scale, sum(map(len, rec.pos_payload)),
+            RECORD.pack(DTYPE_CODES[rec.dtype], rec.domain, rec.pos_codec, record_id(rec.values),
+                        int(bool(rec.signs)), 0, rec.d, rec.nnz, rec.m, rec.scale, sum(map(len, rec.pos_payload)),
                         sum(map(len, rec.val_payload))),
         ]
         if version == 2:
@@ -439,12 +459,12 @@ def decode_model(
         if nnz > d:
             raise CodecError(f"{name!r}: {nnz} values for a domain of {d}")
         values = VALUE_NAMES[val_id]
-        if val_len != nnz * value_size(values, dtype):
-            raise CodecError(f"{name!r}: values take {val_len} bytes, {nnz} values need "
-                             f"{nnz * value_size(values, dtype)}")
+        if values == "int-ans":
+            check_scale(values, scale, repr(name))
         table = _read_chunk_table(r, name, domain, pos_codec, d, nnz, m, pos_len) if version == 2 else []
         pos_raw = r.take(pos_len, ("{!r} positions", name))
         val_raw = r.take(val_len, ("{!r} values", name))
+        payload = read_payload(val_raw, values, nnz, dtype, scale, repr(name))
         signs = None
         if r0:  # which of the zeros are -0.0
             s_codec, s_count, s_m, s_len = r.unpack(SIGNS, ("{!r} zero signs", name))
@@ -458,7 +478,7 @@ def decode_model(
             chunks.append(Chunk(start, size, c_nnz, c_m, first, pos_raw[at : at + c_len]))
             start, first, at = start + size, first + c_nnz, at + c_len
         records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, values, d, nnz, m, scale, pos_raw,
-                              val_raw, tuple(chunks), signs))
+                              val_raw, tuple(chunks), signs, payload.block))
     check_all_expected([rec.name for rec in records], expect)
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
@@ -471,10 +491,11 @@ def decode_model(
     targets = _allocate(records, out)
     golomb = decode_golomb_positions(k, records)
     negative = _decode_zero_signs(k, records)
+    all_vals = decode_many(k, [Payload(rec.val_codec, rec.nnz, rec.dtype, rec.scale, rec.val_raw, rec.block)
+                               for rec in records], [repr(rec.name) for rec in records])
     result = Decoded()
-    for i, (rec, target) in enumerate(zip(records, targets)):
+    for i, (rec, target, vals) in enumerate(zip(records, targets, all_vals)):
         name, n = rec.name, rec.n
-        vals = decode_values(rec.val_raw, rec.val_codec, rec.nnz, rec.dtype, rec.scale)
         dest = dests[name] if name in dests else cast(np.ndarray, target)  # _allocate's for each record not in out
         if rec.chunks:  # each chunk into its slice of the output (densify runs on the library's threads)
             for c, bits in zip(rec.chunks, golomb[i]):

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import _backend
 from .._arrays import What, check_disjoint, described, flat_float, flat_mask, on_device, writable_view
+from . import entropy
 from .format import (
     CHUNK_ELEMS,
     CRC,
@@ -32,7 +33,6 @@ from .format import (
     STREAM_RECORD,
     STREAM_VERSION,
     VALUE_NAMES,
-    VALUES,
     CodecError,
     Reader,
     ZeroSigns,
@@ -60,7 +60,18 @@ from .records import (
     reference_mask,
     write_head,
 )
-from .values import decode_values, encode_values, value_size
+from .values import (
+    LOSSLESS,
+    Payload,
+    check_codec,
+    check_scale,
+    decode_many,
+    encode_many,
+    read_payload,
+    record_id,
+    value_size,
+    word_bits,
+)
 
 STREAM_POSITIONS = ("auto", "all", "bitmask", "golomb")  # not CSR: it codes rows, which chunks cut
 _GOLOMB = POSITIONS["golomb"]
@@ -121,6 +132,8 @@ def encode_stream(
     chunk_elems: int = CHUNK_ELEMS,
     signed_zeros: Optional[bool] = None,
     backend: str = "auto",
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
 ) -> int:
     """Write named float32/float64 tensors to `file` (an object with `write`, e.g. an open file,
     a socket's makefile("wb"), io.BytesIO) as one version 3 message; returns its length in bytes.
@@ -146,7 +159,8 @@ def encode_stream(
     ----------
     tensors : names (str) to float32/float64 arrays or torch tensors.
     file : an object with `write`.
-    masks, reference, values, signed_zeros, backend : as encode_model's.
+    masks, reference, values, signed_zeros, backend, rounding, seed : as encode_model's ("auto"
+        values: "ans", as a record has one values codec for all its chunks).
     positions : "auto", "all", "bitmask" or "golomb".
     chunk_elems : elements a chunk, a multiple of 8 from 8 to 2**24.
 
@@ -159,8 +173,7 @@ def encode_stream(
     TypeError, ValueError : as encode_model, or a chunk_elems out of range.
     BlockingIOError : a non-blocking file that would block.
     """
-    if values not in VALUES:
-        raise ValueError(f"unknown values codec {values!r}; one of {sorted(VALUES)}")
+    check_codec(values, rounding)
     if positions not in STREAM_POSITIONS:
         raise ValueError(f"positions codec {positions!r} is not offered in streams; one of {STREAM_POSITIONS}")
     if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems % 8 \
@@ -169,6 +182,9 @@ def encode_stream(
     if signed_zeros is not None and not isinstance(signed_zeros, bool):
         raise TypeError(f"signed_zeros must be None, True or False, got {signed_zeros!r}")
     k = _backend.kernels(backend)
+    lossless = values in LOSSLESS
+    values = "ans" if values == "auto" else values
+    rng = np.random.default_rng(seed) if rounding == "stochastic" else None
     w = _Writer(file, k)
     w.write(HEADER.pack(MAGIC, STREAM_VERSION, 0, 0, len(tensors)))
     window: list[Any] = []  # record heads (bytes) and chunks (source, start, size), in stream order
@@ -180,17 +196,18 @@ def encode_stream(
         if mask is not None:
             mask = flat_mask(mask, n, f"masks[{name!r}]", flat.device if on_device(flat) else None)
         ref = flat_mask(reference[name], n, f"reference[{name!r}]") if reference and name in reference else None
-        window.append(write_head(name, shape) + STREAM_RECORD.pack(DTYPE_CODES[dtype], VALUES[values], 0, chunk_elems))
-        signs = signed_zeros if signed_zeros is not None else values == "raw" and mask is None
+        record = STREAM_RECORD.pack(DTYPE_CODES[dtype], record_id(values), 0, chunk_elems)
+        window.append(write_head(name, shape) + record)
+        signs = signed_zeros if signed_zeros is not None else lossless and mask is None
         source = _Source(flat, mask, ref, signs)
         for start in range(0, n, chunk_elems):
             size = min(chunk_elems, n - start)
             window.append((source, start, size))
             elems += size
             if elems >= window_elems:
-                _write_window(w, k, window, positions, values)
+                _write_window(w, k, window, positions, values, rounding, rng)
                 window, elems = [], 0
-    _write_window(w, k, window, positions, values)
+    _write_window(w, k, window, positions, values, rounding, rng)
     w.write(CRC.pack(w.crc))
     return w.count
 
@@ -245,7 +262,8 @@ def _device_chunks(k: Any, jobs: list[tuple[_Source, int, int]], positions: str)
     return out
 
 
-def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values: str) -> None:
+def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values: str, rounding: str,
+                  rng: Optional[np.random.Generator]) -> None:
     """Code a window's chunks and write them, with the record heads among them, in order. The
     kernels run on the library's threads within a large chunk; the Golomb coder, sequential
     within a stream, takes all the window's streams in one parallel call. The chunks of device
@@ -274,16 +292,18 @@ def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values:
     coded_signs = {j: signs_coded[i] for j, i in enumerate(signed) if i in signs_coded}
     sign_blocks = dict(zip(signed, zero_sign_blocks(k, [sparse[i].signs for i in signed], coded_signs)))
     coded = iter(enumerate(sparse))
+    coded_values = encode_many(k, [[c.vals] for c in sparse], values, rounding, rng)
     for item in window:
         if isinstance(item, bytes):
             w.write(item)
             continue
         i, c = next(coded)
         codec, m, pos = encode_positions(c.bits, c.d, c.vals.size, positions, None, golomb.get(i))
-        val, scale = encode_values(c.vals, values)
-        w.write(STREAM_CHUNK.pack(c.domain, codec, int(i in sign_blocks), 0, c.d, c.vals.size, m, scale, len(pos)))
+        val = coded_values[i]
+        w.write(STREAM_CHUNK.pack(c.domain, codec, int(i in sign_blocks), 0, c.d, c.vals.size, m, val.scale, len(pos)))
         w.write(pos)
-        w.write(val)
+        for part in val.payload:
+            w.write(part)
         for part in sign_blocks.get(i, []):
             w.write(part)
 
@@ -386,10 +406,7 @@ class _Chunk(NamedTuple):
     nnz: int
     m: int
     pos_raw: memoryview
-    val_codec: str  # the values codec's name
-    dtype: np.dtype  # the values' (little-endian)
-    scale: float
-    val_raw: memoryview
+    values: Payload  # checked
     signs: Optional[ZeroSigns]  # the zero-sign block, checked
 
 
@@ -449,7 +466,15 @@ def decode_records(
                     raise CodecError(f"{where}: the reference mask has {k.count_bits(ref_bits, size)} positions "
                                      f"there, the sender's had {d}")
             pos_raw = r.take(pos_len, f"{where} positions")
-            val_raw = r.take(nnz * value_size(values, dtype), f"{where} values")
+            if values in ("raw", "fp16", "bf16", "int8"):
+                val_raw = r.take(nnz * value_size(values, dtype), f"{where} values")
+            elif nnz:  # an entropy-coded block: its head says how long it is
+                head = bytes(r.take(entropy.HEAD.size, f"{where} values"))
+                rest = entropy.read_head(head, nnz, word_bits(values, dtype), where)[-1]
+                val_raw = memoryview(head + bytes(r.take(rest, f"{where} values")))
+            else:
+                val_raw = memoryview(b"")
+            payload = read_payload(val_raw, values, nnz, dtype, scale, where)
             signs = None
             if signed:  # which of the chunk's zeros are -0.0, checked before its payload is read
                 s_codec, s_count, s_m, s_len = r.unpack(SIGNS, f"{where} zero signs")
@@ -460,7 +485,7 @@ def decode_records(
                 signs = ZeroSigns(s_codec, s_count, s_m, r.take(s_len, f"{where} zero signs"))
             window.append(_Chunk(where, dest[start : start + size],
                                  None if packed is None else packed[start // 8 : (start + size + 7) // 8],
-                                 ref_bits, pos_codec, d, nnz, m, pos_raw, values, dtype, scale, val_raw, signs))
+                                 ref_bits, pos_codec, d, nnz, m, pos_raw, payload, signs))
             elems += size
             if elems >= window_elems:
                 _decode_window(k, window)
@@ -484,8 +509,8 @@ def _check_chunk(where: str, domain: int, pos_codec: int, signed: int, reserved:
         raise CodecError(f"{where}: {nnz} values for a domain of {d}")
     if (m != 0) != (pos_codec == _GOLOMB):
         raise CodecError(f"{where}: Golomb parameter {m} (>= 1 for Golomb positions, else 0)")
-    if scale != 0 and values != "int8":
-        raise CodecError(f"{where}: scale {scale} for values that have none")
+    if values == "int-ans" or scale != 0 and values != "int8":
+        check_scale(values, scale, where)
     if pos_codec == _GOLOMB:
         if pos_len > golomb_max_len(d, nnz, m):
             raise CodecError(f"{where}: {pos_len} bytes of Golomb positions, at most {golomb_max_len(d, nnz, m)} "
@@ -509,6 +534,7 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
         raise CodecError(f"{golomb[failed].where}: {message}")
     decoded = iter(bits)
     negatives = iter(decode_zero_signs(k, [(c.where, c.signs, c.dest.size) for c in window if c.signs is not None]))
+    vals = iter(decode_many(k, [c.values for c in window], [c.where for c in window]))
     for c in window:
         b = next(decoded) if c.pos_codec == _GOLOMB else None
         try:
@@ -518,7 +544,7 @@ def _decode_window(k: Any, window: list[_Chunk]) -> None:
             raise CodecError(f"{c.where}: {e}") from None
         if c.ref is not None:
             b = k.deposit_bits(b, c.ref, c.dest.size)
-        k.densify(b, c.dest.size, decode_values(c.val_raw, c.val_codec, c.nnz, c.dtype, c.scale), c.dest)
+        k.densify(b, c.dest.size, next(vals), c.dest)
         if c.signs is not None:
             set_negative_zeros(k, c.where, b, next(negatives), c.dest)
         if c.packed is not None:

@@ -1,19 +1,42 @@
-"""Values codecs (docs/wire-format.md): raw (lossless), fp16, bf16 (rounded to nearest even) and
-int8 with a per-tensor scale. Codecs go by name ("raw", "fp16", "bf16", "int8"); their ids
+"""Values codecs (docs/wire-format.md). Fixed-width words: raw (lossless), fp16, bf16 (rounded to
+nearest even) and int8 with a per-tensor scale. Entropy-coded (codecs/entropy.py): "ans" (the raw
+words, lossless), "fp16-ans", "bf16-ans" (those words, the same values as fp16 and bf16), and
+"int2-ans" .. "int8-ans", b-bit uniform quantisation with a per-tensor scale ("int8-ans": int8's
+values). "auto" takes, per tensor, the smaller of "raw" and "ans". Codecs go by name; their ids
 (format.VALUES) are for the records' bytes only, turned into names where a record is read."""
 
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from .._arrays import contiguous
+from . import entropy
 from .format import VALUES, CodecError
 
 _LITTLE = sys.byteorder == "little"
+
+# Entropy-coded codecs: name -> id; "int{b}-ans" share one id, b being the block's word_bits.
+QUANTISED = {f"int{b}-ans": b for b in range(2, 9)}
+ENTROPY_CODED = ("ans", "fp16-ans", "bf16-ans", *QUANTISED)
+LOSSLESS = ("raw", "ans", "auto")
+NAMES = (*(v for v in VALUES if v != "int-ans"), *QUANTISED, "auto")  # what encoders take
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def record_id(codec: str) -> int:
+    """The id a record carries for a codec."""
+    return VALUES["int-ans"] if codec in QUANTISED else VALUES[codec]
+
+
+def check_codec(values: str, rounding: str = "nearest") -> None:
+    if values not in NAMES:
+        raise ValueError(f"unknown values codec {values!r}; one of {sorted(NAMES)}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
 def _bf16_encode(v: np.ndarray) -> np.ndarray:
@@ -25,9 +48,53 @@ def _bf16_encode(v: np.ndarray) -> np.ndarray:
     return rounded
 
 
+def quantise(v: np.ndarray, bits: int, rounding: str = "nearest",
+             rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, float]:
+    """(q, scale): integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] with q * scale close to v,
+    scale = max|v| / (2^(bits-1) - 1) rounded to float32 (1 for no or only zero values). Nearest
+    rounding (ties to even) errs by at most scale / 2, stochastic rounding (up with probability the
+    fraction, so unbiased) by less than scale; the clip to the range adds at most float32's
+    rounding of the scale. ValueError on a non-finite value."""
+    if v.size and not np.isfinite(v).all():
+        raise ValueError(f"int{bits} values need finite inputs; use raw, fp16 or bf16")
+    top = (1 << (bits - 1)) - 1
+    peak = float(np.max(np.abs(v))) if v.size else 0.0
+    with np.errstate(over="ignore"):
+        scale = np.float32(peak / top) if peak > 0 else np.float32(1.0)
+    if not np.isfinite(scale):
+        raise ValueError(f"int{bits} values: a peak of {peak} is beyond float32's range for the scale")
+    if scale == 0:  # a peak among float32's smallest subnormals
+        scale = np.nextafter(np.float32(0), np.float32(1))
+    x = v / scale  # in v's precision, as int8 values have always been rounded
+    if rounding == "stochastic":
+        x = np.floor(x + (rng if rng is not None else np.random.default_rng()).random(x.shape))
+    else:
+        x = np.rint(x)
+    return np.clip(x, -top, top).astype(np.int8), float(scale)
+
+
+def _to_words(v: np.ndarray, codec: str, rounding: str, rng: Optional[np.random.Generator]
+              ) -> tuple[np.ndarray, int, float]:
+    """(words, word_bits, scale) of an entropy-coded codec's values."""
+    if codec == "ans":
+        return v.view(np.uint32 if v.dtype.itemsize == 4 else np.uint64), 8 * v.dtype.itemsize, 0.0
+    if codec == "fp16-ans":
+        return v.astype(np.float16).view(np.uint16), 16, 0.0
+    if codec == "bf16-ans":
+        return _bf16_encode(v.astype(np.float32)), 16, 0.0
+    bits = QUANTISED[codec]
+    q, scale = quantise(v, bits, rounding, rng)
+    words = (np.abs(q.astype(np.int16)) | ((q < 0).astype(np.int16) << (bits - 1))).astype(np.uint8)
+    return words, bits, scale
+
+
+def _native(v: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(v if v.dtype.isnative else v.astype(v.dtype.newbyteorder("=")))
+
+
 def encode_values(v: np.ndarray, codec: str) -> tuple[Union[bytes, memoryview], float]:
-    """(the payload's bytes, int8 scale or 0). Raw values come back as a view of the array: the
-    message's one join copies them, no second copy first."""
+    """(the payload's bytes, int8 scale or 0) of a fixed-width codec. Raw values come back as a
+    view of the array: the message's one join copies them, no second copy first."""
     if codec == "raw":
         if not (_LITTLE and v.dtype.isnative):  # the wire is little-endian
             v = v.astype(v.dtype.newbyteorder("<"))
@@ -38,32 +105,132 @@ def encode_values(v: np.ndarray, codec: str) -> tuple[Union[bytes, memoryview], 
     if codec == "bf16":
         return _bf16_encode(v.astype(np.float32)).astype("<u2").tobytes(), 0.0
     if codec == "int8":
-        if v.size and not np.isfinite(v).all():
-            raise ValueError("int8 values need finite inputs; use raw, fp16 or bf16")
-        peak = float(np.max(np.abs(v))) if v.size else 0.0
-        scale = np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)
-        q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
-        return q.tobytes(), float(scale)
-    raise ValueError(f"unknown values codec {codec!r}; one of {sorted(VALUES)}")
+        q, scale = quantise(v, 8)
+        return q.tobytes(), scale
+    raise ValueError(f"unknown values codec {codec!r}; one of {sorted(NAMES)}")
 
 
-def encode_value_pieces(pieces: Sequence[np.ndarray], codec: str) -> tuple[list[Any], float]:
-    """encode_values of values in pieces (back to back): (the payload's pieces, int8 scale or 0).
-    A piece at a time, nothing joined, except for int8, whose one scale is over all of them."""
-    if len(pieces) == 1 or codec == "int8":
-        payload, scale = encode_values(pieces[0] if len(pieces) == 1 else np.concatenate(pieces), codec)
-        return [payload], scale
-    return [encode_values(v, codec)[0] for v in pieces], 0.0
+class Coded(NamedTuple):
+    """A tensor's values coded: the codec used (what `auto` chose), payload pieces and scale."""
+
+    codec: str
+    payload: list[Any]
+    scale: float
+
+
+def encode_many(k: Any, items: Sequence[Sequence[np.ndarray]], codec: str, rounding: str = "nearest",
+                rng: Optional[np.random.Generator] = None) -> list[Coded]:
+    """Each tensor's values (in pieces, back to back, in position order) coded. Fixed-width codecs
+    a piece at a time, nothing joined (except int8, whose one scale is over all of them); the
+    entropy-coded ones joined and coded in one call for all tensors (in parallel with the native
+    backend); "auto" codes "ans" and keeps it where it is smaller than "raw"."""
+    if codec not in ENTROPY_CODED and codec != "auto":
+        out = []
+        for pieces in items:
+            if len(pieces) == 1 or codec == "int8":
+                payload, scale = encode_values(pieces[0] if len(pieces) == 1 else np.concatenate(pieces), codec)
+                out.append(Coded(codec, [payload], scale))
+            else:
+                out.append(Coded(codec, [encode_values(v, codec)[0] for v in pieces], 0.0))
+        return out
+    coder = "ans" if codec == "auto" else codec
+    joined = [_native(pieces[0] if len(pieces) == 1 else np.concatenate(pieces)) for pieces in items]
+    words = [_to_words(v, coder, rounding, rng) for v in joined]
+    blocks = entropy.encode_blocks(k, [(w, bits) for w, bits, _ in words])
+    out = []
+    for v, (_, _, scale), block in zip(joined, words, blocks):
+        if codec == "auto" and sum(map(len, block)) >= v.nbytes:
+            out.append(Coded("raw", [encode_values(v, "raw")[0]], 0.0))
+        else:
+            out.append(Coded(coder, block, scale))
+    return out
 
 
 _SIZES = {"fp16": 2, "bf16": 2, "int8": 1}  # bytes a value; raw: the dtype's
 
 
 def value_size(codec: str, dtype: np.dtype) -> int:
+    """Bytes a value of a fixed-width codec."""
     return dtype.itemsize if codec == "raw" else _SIZES[codec]
 
 
+def word_bits(codec: str, dtype: np.dtype) -> Union[int, range]:
+    """The word width an entropy-coded codec's block must have (a range for the quantised ones)."""
+    if codec == "ans":
+        return 8 * dtype.itemsize
+    return 16 if codec in ("fp16-ans", "bf16-ans") else range(2, 9)
+
+
+class Payload(NamedTuple):
+    """A tensor's (or chunk's) values, checked, not yet decoded: a fixed-width payload, or an
+    entropy-coded block."""
+
+    codec: str  # the record's codec: a fixed-width one, "ans", "fp16-ans", "bf16-ans" or "int-ans"
+    nnz: int
+    dtype: np.dtype
+    scale: float
+    raw: memoryview
+    block: Optional[entropy.Block] = None
+
+
+def check_scale(codec: str, scale: float, where: str) -> None:
+    """Only the quantised codecs carry a scale."""
+    if codec in ("int8", "int-ans"):
+        if not math.isfinite(scale) or scale <= 0:
+            raise CodecError(f"{where}: scale {scale} is not a positive finite number")
+    elif scale != 0:
+        raise CodecError(f"{where}: scale {scale} for values that have none")
+
+
+def read_payload(raw: memoryview, codec: str, nnz: int, dtype: np.dtype, scale: float, where: str) -> Payload:
+    """A record's values payload (exactly `raw`), its lengths and an entropy-coded block's head and
+    table checked; CodecError otherwise."""
+    if codec in ("raw", "fp16", "bf16", "int8"):
+        if len(raw) != nnz * value_size(codec, dtype):
+            raise CodecError(f"{where}: values take {len(raw)} bytes, {nnz} values need "
+                             f"{nnz * value_size(codec, dtype)}")
+        return Payload(codec, nnz, dtype, scale, raw)
+    return Payload(codec, nnz, dtype, scale, raw, entropy.read_block(raw, nnz, word_bits(codec, dtype), where))
+
+
+def payload_length(r: Any, codec: str, nnz: int, dtype: np.dtype, where: str) -> int:
+    """The length of a values payload at a reader's position, from what its head says (an
+    entropy-coded block's head is read and checked; a fixed-width payload's follows from nnz):
+    for readers that must know a length before reading the bytes (streams)."""
+    if codec in ("raw", "fp16", "bf16", "int8"):
+        return nnz * value_size(codec, dtype)
+    if nnz == 0:
+        return 0
+    head = r.take(entropy.HEAD.size, f"{where} values")
+    rest = entropy.read_head(head, nnz, word_bits(codec, dtype), where)[-1]
+    return entropy.HEAD.size + rest
+
+
+def decode_many(k: Any, payloads: Sequence[Payload], names: Sequence[str]) -> list[np.ndarray]:
+    """Each payload's values in its dtype (native order): the entropy-coded blocks in one call (in
+    parallel with the native backend); CodecError naming the first corrupt one."""
+    coded = [(p.block, p.nnz) for p in payloads if p.block is not None]
+    words = iter(entropy.decode_blocks(k, coded, [nm for p, nm in zip(payloads, names) if p.block is not None]))
+    return [decode_values(p.raw, p.codec, p.nnz, p.dtype, p.scale) if p.block is None else
+            _from_words(next(words), p.codec, p.dtype, p.scale, p.block.model.word_bits) for p in payloads]
+
+
+def _from_words(words: np.ndarray, codec: str, dtype: np.dtype, scale: float, bits: int) -> np.ndarray:
+    dtype = dtype.newbyteorder("=")
+    if codec == "ans":
+        return words.view(dtype)
+    if codec == "fp16-ans":
+        return words.view(np.float16).astype(dtype)
+    if codec == "bf16-ans":
+        return (words.astype(np.uint32) << 16).view(np.float32).astype(dtype, copy=False)
+    mag = (words & ((1 << (bits - 1)) - 1)).astype(np.float32)
+    with np.errstate(over="ignore"):  # a hostile scale times a large q: inf, as int8's decoder gives
+        v = np.where(words >> (bits - 1), -mag, mag) * np.float32(scale)
+    return v.astype(dtype, copy=False)
+
+
 def decode_values(raw: memoryview, codec: str, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:
+    """A fixed-width codec's values."""
     if codec == "raw":  # raw: no arithmetic, so nothing to warn of (and no errstate to enter per tensor)
         return _decode_values_as_sent(raw, codec, nnz, dtype, scale)
     # Whatever the bytes say is decoded as such: signalling NaNs and int8 products beyond the

@@ -1,0 +1,215 @@
+"""Entropy-coded values (docs/wire-format.md, "Entropy-coded values"): a block per tensor (or
+chunk) holding its words' model and their rANS stream. The model is chosen here, the same for
+every backend, so that every backend writes the same bytes; the kernels count and code.
+
+A word's magnitude (its low word_bits - 1 bits) splits at `shift`: the part above is a symbol,
+coded with the tensor's own frequencies; the sign and the bits below travel raw. The kept values
+of a pruned model are the tails of a bell: their exponents take a few values and the top of their
+mantissas is skewed, which the symbols catch, while the low mantissa bits are close to uniform.
+The encoder takes the shift that makes the block smallest, counting the table it carries."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, NamedTuple, Sequence, Union
+
+import numpy as np
+
+from .._contract import AnsModel
+from .._formulas import ANS_MAX_LANES, ANS_MAX_PROB_BITS, word_dtype
+from .format import CodecError
+
+__all__ = ["HEAD", "MAX_SYMBOLS", "AnsModel", "Block", "block_bound", "decode_blocks", "encode_blocks",
+           "read_block", "read_head", "word_dtype"]
+
+# word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len
+HEAD = struct.Struct("<BBBBQHHQ")
+MAX_SYMBOLS = 4096  # a table's most entries (the decoder's tables: 2^prob_bits slots, these symbols)
+_ENCODER_PROB_BITS = 14  # the finest precision the encoder uses: a 16 KiB slot table, in L1
+_LANE_WORDS = 64  # words a lane at least, below 32 lanes: a small tensor pays 4 bytes a state
+
+
+class Block(NamedTuple):
+    """One entropy-coded block, read and checked, not yet decoded."""
+
+    model: AnsModel
+    stream: memoryview
+    raw: memoryview
+
+
+def _varint_len(f: np.ndarray) -> np.ndarray:
+    return 1 + (f >= 1 << 7) + (f >= 1 << 14)
+
+
+def _normalise(counts: np.ndarray, prob_bits: int) -> np.ndarray:
+    """Frequencies adding up to 2^prob_bits, 1 or more for every counted symbol: 1 plus the
+    symbol's share of what is left, rounded down, then 1 more for the largest remainders (ties to
+    the smaller symbol). Integer arithmetic throughout: the same table from any backend."""
+    total = int(counts.sum())
+    present = counts > 0
+    spare = (1 << prob_bits) - int(present.sum())
+    c = counts.astype(np.int64 if total < 1 << 47 else object)
+    share, rem = np.divmod(c * spare, total)
+    freqs = np.where(present, share + 1, 0).astype(np.int64)
+    left = (1 << prob_bits) - int(freqs.sum())
+    if left:
+        order = np.lexsort((np.arange(counts.size), -rem.astype(np.float64) if c.dtype == object else -rem,
+                            ~present))
+        freqs[order[:left]] += 1
+    return freqs.astype(np.uint32)
+
+
+def _prob_bits(present: int, n: int) -> int:
+    """The precision for `present` symbols among n words: about n (a finer one only makes the
+    table longer), enough for every symbol, at most _ENCODER_PROB_BITS."""
+    return max(present.bit_length(), min(_ENCODER_PROB_BITS, max(n - 1, 1).bit_length()))
+
+
+def _cost_bits(counts: np.ndarray, n: int, shift: int) -> float:
+    """The block's size in bits with this histogram: the symbols at their entropy, the raw bits
+    and the table at its frequencies' varint lengths."""
+    c = counts[counts > 0].astype(np.float64)
+    entropy = n * math.log2(n) - float(np.dot(c, np.log2(c)))
+    scaled = c * ((1 << _prob_bits(c.size, n)) / n)
+    table = counts.size + int(np.count_nonzero(scaled >= 1 << 7)) + int(np.count_nonzero(scaled >= 1 << 14))
+    return entropy + n * (shift + 1) + 8 * table
+
+
+def _coarser(counts: np.ndarray, base: int) -> tuple[np.ndarray, int]:
+    """The histogram one shift up: symbols s and s ^ 1 merged."""
+    if base & 1:
+        counts = np.concatenate(([0], counts))
+    if counts.size & 1:
+        counts = np.concatenate((counts, [0]))
+    return counts[0::2] + counts[1::2], base >> 1
+
+
+def plan(k: Any, words: np.ndarray, word_bits: int) -> AnsModel:
+    """The model that codes these words smallest: the finest shift with at most MAX_SYMBOLS
+    symbols, or n / 64 for n words (finer tables cost more than they save), then coarser ones
+    while the block shrinks."""
+    n = words.size
+    shift, base, counts = k.ans_histogram(words, word_bits=word_bits, max_symbols=min(MAX_SYMBOLS, max(n // 64, 2)))
+    best = (_cost_bits(counts, n, shift), shift, base, counts)
+    while counts.size > 1 and shift < word_bits - 1:
+        counts, base = _coarser(counts, base)
+        shift += 1
+        cost = _cost_bits(counts, n, shift)
+        if cost >= best[0]:
+            break
+        best = (cost, shift, base, counts)
+    _, shift, base, counts = best
+    prob_bits = _prob_bits(int((counts > 0).sum()), n)
+    lanes = max(1, min(ANS_MAX_LANES, n // _LANE_WORDS))
+    return AnsModel(word_bits, shift, base, _normalise(counts, prob_bits), prob_bits, lanes)
+
+
+def _write_table(freqs: np.ndarray) -> bytes:
+    """The frequencies as LEB128 varints (7 bits a byte, low first, the high bit: more follows)."""
+    f = freqs.astype(np.uint32)
+    size = _varint_len(f)
+    out = np.empty(int(size.sum()), dtype=np.uint8)
+    at = np.concatenate(([0], np.cumsum(size)[:-1]))
+    for j in range(3):
+        has = size > j
+        out[at[has] + j] = ((f[has] >> (7 * j)) & 0x7F) | np.where(size[has] > j + 1, 0x80, 0)
+    return out.tobytes()
+
+
+def _read_table(raw: memoryview, n_symbols: int, prob_bits: int, where: str) -> np.ndarray:
+    b = np.frombuffer(raw, dtype=np.uint8)
+    ends = np.flatnonzero(b < 0x80)
+    if ends.size != n_symbols or (ends.size and ends[-1] != b.size - 1):
+        raise CodecError(f"{where}: the frequency table does not hold exactly {n_symbols} entries")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    size = ends - starts + 1
+    if (size > 3).any():
+        raise CodecError(f"{where}: a frequency of more than 3 bytes")
+    f = (b[starts] & 0x7F).astype(np.int64)
+    for j in (1, 2):
+        has = size > j
+        f[has] |= (b[starts[has] + j] & 0x7F).astype(np.int64) << (7 * j)
+    if int(f.sum()) != 1 << prob_bits or (f > 1 << prob_bits).any():
+        raise CodecError(f"{where}: frequencies add up to {int(f.sum())}, not 2^{prob_bits}")
+    return f.astype(np.uint32)
+
+
+def raw_len(n: int, shift: int) -> int:
+    """Bytes of the raw bits of n words: sign and `shift` low bits each."""
+    return (n * (shift + 1) + 7) // 8
+
+
+def block_bound(n: int, word_bits: int) -> int:
+    """The most bytes a block of n words may take (the longest table, states and words, raw bits)."""
+    return HEAD.size + 3 * MAX_SYMBOLS + 4 * ANS_MAX_LANES + 2 * n + (n * word_bits + 7) // 8
+
+
+def encode_blocks(k: Any, items: Sequence[tuple[np.ndarray, int]]) -> list[list[Any]]:
+    """Each (words, word_bits) item's block, as pieces: the blocks coded in one call (in parallel
+    with the native backend). An item of no words codes to no bytes."""
+    models = [plan(k, words, word_bits) if words.size else None for words, word_bits in items]
+    coded = iter(k.ans_encode_many([(words, m) for (words, _), m in zip(items, models) if m is not None]))
+    out: list[list[Any]] = []
+    for m in models:
+        if m is None:
+            out.append([])
+            continue
+        stream, raw = next(coded)
+        table = _write_table(m.freqs)
+        out.append([HEAD.pack(m.word_bits, m.shift, m.prob_bits, m.lanes, m.base, m.freqs.size, len(table),
+                              len(stream)), table, stream, raw])
+    return out
+
+
+def read_head(raw: Any, n: int, widths: Union[int, range], where: str
+              ) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """A block's head, checked against n words of a width in `widths`: (word_bits, shift,
+    prob_bits, lanes, base, n_symbols, table_len, stream_len, the bytes after the head)."""
+    word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len = HEAD.unpack(raw)
+    if word_bits not in (widths if isinstance(widths, range) else (widths,)):
+        raise CodecError(f"{where}: words of {word_bits} bits, the values codec has {widths}")
+    if shift >= word_bits:
+        raise CodecError(f"{where}: shift {shift} for words of {word_bits} bits")
+    if not 1 <= prob_bits <= ANS_MAX_PROB_BITS or not 1 <= lanes <= ANS_MAX_LANES:
+        raise CodecError(f"{where}: precision {prob_bits} or {lanes} lanes out of range")
+    if not 1 <= n_symbols <= MAX_SYMBOLS or base + n_symbols - 1 > ((1 << (word_bits - 1)) - 1) >> shift:
+        raise CodecError(f"{where}: {n_symbols} symbols from {base} do not fit words of {word_bits} bits")
+    if not n_symbols <= table_len <= 3 * n_symbols:
+        raise CodecError(f"{where}: a table of {table_len} bytes for {n_symbols} symbols")
+    if stream_len < 4 * lanes or (stream_len - 4 * lanes) % 2 or (stream_len - 4 * lanes) // 2 > n:
+        raise CodecError(f"{where}: a stream of {stream_len} bytes for {n} values in {lanes} lanes")
+    return (word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len,
+            table_len + stream_len + raw_len(n, shift))
+
+
+def read_block(raw: memoryview, n: int, widths: Union[int, range], where: str) -> Block:
+    """A block of n words of a width in `widths`, its head and table checked: exactly `raw`'s
+    bytes (CodecError otherwise)."""
+    if n == 0:
+        if len(raw):
+            raise CodecError(f"{where}: {len(raw)} bytes of values for no values")
+        width = widths if isinstance(widths, int) else widths[-1]
+        return Block(AnsModel(width, 0, 0, np.zeros(0, np.uint32), 1, 1), raw, raw)
+    if len(raw) < HEAD.size:
+        raise CodecError(f"{where}: {len(raw)} bytes of entropy-coded values, shorter than their head")
+    word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len, rest = read_head(
+        raw[: HEAD.size], n, widths, where)
+    if len(raw) != HEAD.size + rest:
+        raise CodecError(f"{where}: entropy-coded values take {len(raw)} bytes, their head says {HEAD.size + rest}")
+    at = HEAD.size + table_len
+    freqs = _read_table(raw[HEAD.size : at], n_symbols, prob_bits, where)
+    model = AnsModel(word_bits, shift, base, freqs, prob_bits, lanes)
+    return Block(model, raw[at : at + stream_len], raw[at + stream_len :])
+
+
+def decode_blocks(k: Any, blocks: Sequence[tuple[Block, int]], names: Sequence[str]) -> list[np.ndarray]:
+    """The words of each (block, n) in one call (in parallel with the native backend); CodecError
+    naming the first corrupt one."""
+    empty = [i for i, (_, n) in enumerate(blocks) if n == 0]
+    todo = [(b.stream, b.raw, n, b.model) for b, n in blocks if n]
+    words, failed, message = k.ans_decode_many(todo)
+    if failed >= 0:
+        raise CodecError(f"{[nm for (_, n), nm in zip(blocks, names) if n][failed]}: {message}")
+    it = iter(words)
+    return [np.zeros(0, word_dtype(b.model.word_bits)) if i in empty else next(it) for i, (b, _) in enumerate(blocks)]
