@@ -1,11 +1,23 @@
 #include "ans.hpp"
 
 #include "common.hpp"
+#include "isa.hpp"
 
 #include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
+#include <type_traits>
+
+#ifdef FEDDIP_X86
+// GCC 12's AVX-512 intrinsics pass an undefined source vector to their masked builtins, which
+// -Wmaybe-uninitialized reports at the header's lines wherever they are inlined; in this file,
+// whose vector loops use many of them, the warning is off (every other file keeps it).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#endif
 
 namespace feddip {
 
@@ -128,17 +140,6 @@ private:
     unsigned used_ = 0;
 };
 
-// 8 bytes from `at` (fewer at the end of the buffer, the rest zero), little-endian.
-std::uint64_t load64(const std::uint8_t* p, std::size_t len, std::size_t at) {
-    std::uint64_t v = 0;
-    if (at + 8 <= len) {
-        for (int b = 0; b < 8; ++b) v |= std::uint64_t(p[at + b]) << (8 * b);
-        return v;
-    }
-    for (std::size_t b = 0; at + b < len; ++b) v |= std::uint64_t(p[at + b]) << (8 * b);
-    return v;
-}
-
 std::size_t raw_bytes(std::size_t n, unsigned shift) { return (n * (shift + 1) + 7) / 8; }
 
 template <class W>
@@ -186,6 +187,129 @@ AnsCoded encode(const W* w, std::size_t n, const AnsModel& m) {
     return out;
 }
 
+// The decoder's symbol loop: Lanes states and ProbBits (0: m's, known at run time only) write each
+// word's symbol bits, (base + symbol) << shift, from its slot. The 16-bit words come from `p`, padded with 2 * kMaxLanes
+// bytes so that a renormalisation need not branch: the read is taken or not by a select, and a
+// stream that ends early shows as p past `end` after its group. Returns where the words ended, or
+// nullptr for a stream that ends early.
+template <class W, unsigned Lanes, unsigned ProbBits, class Value>
+const std::uint8_t* decode_symbols(std::uint32_t* x, const std::uint8_t* p, const std::uint8_t* end, std::size_t n,
+                                   const AnsModel& m, const Value* slot_value, const std::uint32_t* slot_step, W* out) {
+    const unsigned lanes = Lanes ? Lanes : m.lanes, prob_bits = ProbBits ? ProbBits : m.prob_bits;
+    const std::uint32_t slot_mask = (1u << prob_bits) - 1;
+    for (std::size_t g = 0; g < n; g += lanes) {
+        const unsigned todo = static_cast<unsigned>(std::min<std::size_t>(lanes, n - g));
+        for (unsigned j = 0; j < todo; ++j) {
+            std::uint32_t xv = x[j];
+            const std::uint32_t slot = xv & slot_mask, step = slot_step[slot];
+            out[g + j] = static_cast<W>(slot_value[slot]);
+            xv = (step & 0xFFFF) * (xv >> prob_bits) + (step >> 16);
+            const bool more = xv < kLow;
+            const std::uint32_t word = std::uint32_t(p[0]) | std::uint32_t(p[1]) << 8;
+            x[j] = more ? xv << 16 | word : xv;
+            p += 2 * more;
+        }
+        if (p > end) return nullptr;
+    }
+    return p;
+}
+
+// Adds each word's raw field (bit i * width of `raw`, padded with 16 zero bytes so that a field is
+// one unaligned 8-byte load, and one more byte for fields of 58 bits or more): low bits and sign.
+template <class W>
+void add_raw(const std::uint8_t* raw, std::size_t from, std::size_t n, const AnsModel& m, W* out) {
+    const unsigned shift = m.shift, width = shift + 1, sign_at = m.word_bits - 1;
+    const std::uint64_t low = low_mask(shift);
+    std::size_t bit = from * width;
+    if (width <= 57) {
+        for (std::size_t i = from; i < n; ++i, bit += width) {
+            std::uint64_t field;
+            std::memcpy(&field, raw + (bit >> 3), 8);
+            field >>= bit & 7;
+            out[i] = static_cast<W>(out[i] | (field & low) | ((field >> shift) & 1) << sign_at);
+        }
+        return;
+    }
+    for (std::size_t i = from; i < n; ++i, bit += width) {
+        std::uint64_t field;
+        std::memcpy(&field, raw + (bit >> 3), 8);
+        field >>= bit & 7;
+        if ((bit & 7) + width > 64) field |= std::uint64_t(raw[(bit >> 3) + 8]) << (64 - (bit & 7));
+        out[i] = static_cast<W>(out[i] | (field & low) | ((field >> shift) & 1) << sign_at);
+    }
+}
+
+#ifdef FEDDIP_X86
+// AVX-512 forms of the decoder's loops for words of up to 32 bits. The symbol loop takes 32 lanes as
+// two registers of 16: the slots' steps and values by gathers, and the renormalising words by an
+// expand, which gives the k lanes below kLow the next k words in lane order, as the scalar loop
+// reads them. Returns as decode_symbols does, after `groups` groups of 32 words.
+template <class W>
+__attribute__((target("avx512f,popcnt"))) const std::uint8_t* decode_symbols_avx512(
+    std::uint32_t* x, const std::uint8_t* p, const std::uint8_t* end, std::size_t groups, unsigned prob_bits,
+    const std::uint32_t* slot_value, const std::uint32_t* slot_step, W* out) {
+    const __m512i slot_mask = _mm512_set1_epi32(static_cast<int>((1u << prob_bits) - 1));
+    const __m512i low16 = _mm512_set1_epi32(0xFFFF), low_state = _mm512_set1_epi32(static_cast<int>(kLow));
+    const __m128i by = _mm_cvtsi32_si128(static_cast<int>(prob_bits));
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i xs[2] = {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 16)};
+    for (std::size_t g = 0; g < groups; ++g) {
+        for (int h = 0; h < 2; ++h) {
+            __m512i xv = xs[h];
+            const __m512i slot = _mm512_and_si512(xv, slot_mask);
+            const __m512i step = _mm512_mask_i32gather_epi32(zero, 0xFFFF, slot, slot_step, 4);
+            const __m512i value = _mm512_mask_i32gather_epi32(zero, 0xFFFF, slot, slot_value, 4);
+            W* dst = out + 32 * g + 16 * h;
+            if constexpr (sizeof(W) == 4)
+                _mm512_storeu_si512(dst, value);
+            else if constexpr (sizeof(W) == 2)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                                    _mm512_mask_cvtepi32_epi16(_mm256_setzero_si256(), 0xFFFF, value));
+            else
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                                 _mm512_mask_cvtepi32_epi8(_mm_setzero_si128(), 0xFFFF, value));
+            xv = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_and_si512(step, low16), _mm512_srl_epi32(xv, by)),
+                                  _mm512_srli_epi32(step, 16));
+            const __mmask16 more = _mm512_cmplt_epu32_mask(xv, low_state);
+            const __m512i words =
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+            xs[h] = _mm512_mask_mov_epi32(xv, more, _mm512_or_si512(_mm512_slli_epi32(xv, 16),
+                                                                      _mm512_maskz_expand_epi32(more, words)));
+            p += 2 * _mm_popcnt_u32(more);
+        }
+        if (p > end) return nullptr;
+    }
+    _mm512_storeu_si512(x, xs[0]);
+    _mm512_storeu_si512(x + 16, xs[1]);
+    return p;
+}
+
+// add_raw for 32-bit words with fields of up to 25 bits (each within the 4 bytes from its first
+// byte): 16 fields at a time by a gather of those bytes and a shift per lane.
+__attribute__((target("avx512f"))) std::size_t add_raw_avx512(const std::uint8_t* raw, std::size_t n,
+                                                             unsigned shift, std::uint32_t* out) {
+    const unsigned width = shift + 1;
+    const __m512i lane_bits = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(width)));
+    const __m512i low = _mm512_set1_epi32(static_cast<int>(low_mask(shift))), seven = _mm512_set1_epi32(7);
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m128i by = _mm_cvtsi32_si128(static_cast<int>(shift));
+    std::size_t i = 0;
+    // Bit offsets as 32-bit lanes: blocks start below 2^31 bits (and a field's bytes are padded).
+    for (; i + 16 <= n && (i + 16) * width < (std::size_t(1) << 31); i += 16) {
+        const __m512i bits = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i * width)), lane_bits);
+        const __m512i field = _mm512_srlv_epi32(
+            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, _mm512_srli_epi32(bits, 3), raw, 1),
+                                                _mm512_and_si512(bits, seven));
+        const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(field, by), one), 31);
+        const __m512i v = _mm512_or_si512(_mm512_loadu_si512(out + i),
+                                          _mm512_or_si512(_mm512_and_si512(field, low), sign));
+        _mm512_storeu_si512(out + i, v);
+    }
+    return i;
+}
+#endif
+
 template <class W>
 void decode(const std::uint8_t* stream, std::size_t stream_len, const std::uint8_t* raw, std::size_t raw_len,
             std::size_t n, const AnsModel& m, W* out) {
@@ -197,16 +321,21 @@ void decode(const std::uint8_t* stream, std::size_t stream_len, const std::uint8
     if ((n * width) % 8 && raw[raw_len - 1] >> ((n * width) % 8))
         throw std::invalid_argument("entropy-coded values: non-zero padding bits");
 
-    // Slot -> symbol, and each symbol's frequency and start.
-    const std::uint32_t total = 1u << m.prob_bits, slot_mask = total - 1;
-    std::vector<std::uint16_t> slot_symbol(total);
-    std::vector<std::uint32_t> freq(m.n_symbols), start(m.n_symbols);
+    // Per slot: its symbol's bits in the word, and the decoder's step: the symbol's frequency, and
+    // above it the slot's offset in the symbol's range (both below 2^16: prob_bits <= 15).
+    const std::uint32_t total = 1u << m.prob_bits;
+    using Value = std::conditional_t<sizeof(W) <= 4, std::uint32_t, W>;  // 32-bit entries for the gathers
+    std::vector<Value> slot_value(total);
+    std::vector<std::uint32_t> slot_step(total);
     std::uint32_t cum = 0;
     for (std::size_t s = 0; s < m.n_symbols; ++s) {
-        freq[s] = m.freqs[s];
-        start[s] = cum;
-        std::fill(slot_symbol.begin() + cum, slot_symbol.begin() + cum + m.freqs[s], static_cast<std::uint16_t>(s));
-        cum += m.freqs[s];
+        const std::uint32_t f = m.freqs[s];
+        const Value value = static_cast<Value>((m.base + s) << m.shift);
+        for (std::uint32_t t = 0; t < f; ++t) {
+            slot_value[cum + t] = value;
+            slot_step[cum + t] = (f & 0xFFFF) | t << 16;
+        }
+        cum += f;
     }
 
     std::uint32_t x[kMaxLanes];
@@ -214,35 +343,43 @@ void decode(const std::uint8_t* stream, std::size_t stream_len, const std::uint8
         x[j] = get_le32(stream + 4 * j);
         if (x[j] < kLow || x[j] >= (1u << 31)) throw std::invalid_argument("entropy-coded values: initial state out of range");
     }
-    const std::uint8_t* p = stream + 4 * m.lanes;
-    const std::uint8_t* const end = stream + stream_len;
-    const std::uint64_t low = low_mask(m.shift);
-    unsigned lane = 0;
-    std::size_t bit = 0;
-    for (std::size_t i = 0; i < n; ++i, bit += width) {
-        std::uint32_t xv = x[lane];
-        const std::uint32_t slot = xv & slot_mask;
-        const std::uint32_t s = slot_symbol[slot];
-        xv = freq[s] * (xv >> m.prob_bits) + slot - start[s];
-        if (xv < kLow) {
-            if (p == end) throw std::invalid_argument("entropy-coded values: stream ends early");
-            xv = xv << 16 | std::uint32_t(p[0]) | std::uint32_t(p[1]) << 8;
-            p += 2;
+    std::vector<std::uint8_t> padded(raw_len + 16, 0);
+    std::memcpy(padded.data(), raw, raw_len);
+    const std::size_t words_len = stream_len - 4 * m.lanes;
+    std::vector<std::uint8_t> words(words_len + 2 * kMaxLanes, 0);
+    std::memcpy(words.data(), stream + 4 * m.lanes, words_len);
+    const std::uint8_t* const begin = words.data();
+    const std::uint8_t* const end = begin + words_len;
+    // The widest loop for the lanes' full groups, then the scalar loop: the encoder's usual model
+    // (32 lanes, 2^12 slots) with constants, any other at run time.
+    const std::uint8_t* p = begin;
+    std::size_t done = 0;
+    const bool avx512 = isa() == Isa::avx512;
+#ifdef FEDDIP_X86
+    if constexpr (sizeof(W) <= 4) {
+        if (avx512 && m.lanes == kMaxLanes) {
+            p = decode_symbols_avx512<W>(x, p, end, n / kMaxLanes, m.prob_bits, slot_value.data(), slot_step.data(),
+                                         out);
+            done = n / kMaxLanes * kMaxLanes;
         }
-        x[lane] = xv;
-        lane = lane + 1 == m.lanes ? 0 : lane + 1;
-
-        const std::size_t at = bit >> 3;
-        const unsigned off = bit & 7;
-        std::uint64_t field = load64(raw, raw_len, at) >> off;
-        if (off + width > 64) field |= std::uint64_t(raw[at + 8]) << (64 - off);
-        const std::uint64_t mag = (m.base + s) << m.shift | (field & low);
-        const std::uint64_t sign = (field >> m.shift) & 1;
-        out[i] = static_cast<W>(mag | sign << (m.word_bits - 1));
     }
+#endif
+    if (p)
+        p = m.lanes == kMaxLanes && m.prob_bits == 12
+                ? decode_symbols<W, kMaxLanes, 12>(x, p, end, n - done, m, slot_value.data(), slot_step.data(),
+                                                   out + done)
+                : decode_symbols<W, 0, 0>(x, p, end, n - done, m, slot_value.data(), slot_step.data(), out + done);
+    if (!p) throw std::invalid_argument("entropy-coded values: stream ends early");
     if (p != end) throw std::invalid_argument("entropy-coded values: stream does not end where its symbols do");
     for (unsigned j = 0; j < m.lanes; ++j)
         if (x[j] != kLow) throw std::invalid_argument("entropy-coded values: stream does not end where its symbols do");
+    std::size_t from = 0;
+#ifdef FEDDIP_X86
+    if constexpr (sizeof(W) == 4) {
+        if (avx512 && m.word_bits == 32 && m.shift < 25) from = add_raw_avx512(padded.data(), n, m.shift, out);
+    }
+#endif
+    add_raw(padded.data(), from, n, m, out);
 }
 
 template <class F>

@@ -26,7 +26,7 @@ __all__ = ["HEAD", "MAX_SYMBOLS", "AnsModel", "Block", "block_bound", "decode_bl
 # word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len
 HEAD = struct.Struct("<BBBBQHHQ")
 MAX_SYMBOLS = 4096  # a table's most entries (the decoder's tables: 2^prob_bits slots, these symbols)
-_ENCODER_PROB_BITS = 14  # the finest precision the encoder uses: a 16 KiB slot table, in L1
+_ENCODER_PROB_BITS = 12  # the finest precision the encoder uses: 4096 slots, whose tables stay in L1
 _LANE_WORDS = 64  # words a lane at least, below 32 lanes: a small tensor pays 4 bytes a state
 
 
@@ -106,33 +106,35 @@ def plan(k: Any, words: np.ndarray, word_bits: int) -> AnsModel:
 
 
 def _write_table(freqs: np.ndarray) -> bytes:
-    """The frequencies as LEB128 varints (7 bits a byte, low first, the high bit: more follows)."""
-    f = freqs.astype(np.uint32)
-    size = _varint_len(f)
-    out = np.empty(int(size.sum()), dtype=np.uint8)
-    at = np.concatenate(([0], np.cumsum(size)[:-1]))
-    for j in range(3):
-        has = size > j
-        out[at[has] + j] = ((f[has] >> (7 * j)) & 0x7F) | np.where(size[has] > j + 1, 0x80, 0)
-    return out.tobytes()
+    """The frequencies as LEB128 varints (7 bits a byte, low first, the high bit: more follows).
+    A Python loop: tables are short (tens to hundreds of entries), where NumPy's calls cost more."""
+    out = bytearray()
+    for f in freqs.tolist():
+        while f >= 0x80:
+            out.append(f & 0x7F | 0x80)
+            f >>= 7
+        out.append(f)
+    return bytes(out)
 
 
 def _read_table(raw: memoryview, n_symbols: int, prob_bits: int, where: str) -> np.ndarray:
-    b = np.frombuffer(raw, dtype=np.uint8)
-    ends = np.flatnonzero(b < 0x80)
-    if ends.size != n_symbols or (ends.size and ends[-1] != b.size - 1):
+    freqs: list[int] = []
+    value = at = 0
+    for byte in bytes(raw):
+        value |= (byte & 0x7F) << at
+        if byte < 0x80:
+            freqs.append(value)
+            value = at = 0
+        elif at == 14:
+            raise CodecError(f"{where}: a frequency of more than 3 bytes")
+        else:
+            at += 7
+    if at or len(freqs) != n_symbols:
         raise CodecError(f"{where}: the frequency table does not hold exactly {n_symbols} entries")
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    size = ends - starts + 1
-    if (size > 3).any():
-        raise CodecError(f"{where}: a frequency of more than 3 bytes")
-    f = (b[starts] & 0x7F).astype(np.int64)
-    for j in (1, 2):
-        has = size > j
-        f[has] |= (b[starts[has] + j] & 0x7F).astype(np.int64) << (7 * j)
-    if int(f.sum()) != 1 << prob_bits or (f > 1 << prob_bits).any():
-        raise CodecError(f"{where}: frequencies add up to {int(f.sum())}, not 2^{prob_bits}")
-    return f.astype(np.uint32)
+    total = sum(freqs)
+    if total != 1 << prob_bits:
+        raise CodecError(f"{where}: frequencies add up to {total}, not 2^{prob_bits}")
+    return np.array(freqs, dtype=np.uint32)
 
 
 def raw_len(n: int, shift: int) -> int:
