@@ -70,10 +70,19 @@ def test_save_safetensors(record, state):
 
 
 def test_save_feddip(record, state):
+    # The default, values="auto": each entry's values entropy-coded where that is smaller.
     sd, ref, dense = state
     size = len(_feddip_save(sd))
     out = record(lambda: _feddip_save(sd), group=GROUP_SAVE, name="feddip_kernels.save", dense_bytes=dense,
                  bytes=size, ratio=ref / size)
+    assert ref >= 20 * len(out)
+
+
+def test_save_feddip_raw_values(record, state):
+    sd, ref, dense = state
+    size = len(_feddip_save(sd, values="raw"))
+    out = record(lambda: _feddip_save(sd, values="raw"), group=GROUP_SAVE, name="feddip_kernels.save values=raw",
+                 dense_bytes=dense, bytes=size, ratio=ref / size)
     assert ref >= 15 * len(out)
 
 

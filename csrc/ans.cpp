@@ -157,8 +157,8 @@ AnsCoded encode(const W* w, std::size_t n, const AnsModel& m) {
     out.raw.resize(raw_bytes(n, m.shift));
 
     const std::vector<EncSymbol> table = encoder_table(m);
-    std::vector<std::uint16_t> words(n);  // at most one a symbol, filled from the end
-    std::uint16_t* const end = words.data() + n;
+    std::vector<std::uint16_t> words(n + 1);  // at most one a symbol, filled from the end (and one spare)
+    std::uint16_t* const end = words.data() + n + 1;
     std::uint16_t* p = end;
     std::uint32_t x[kMaxLanes];
     std::fill(x, x + m.lanes, kLow);
@@ -168,10 +168,11 @@ AnsCoded encode(const W* w, std::size_t n, const AnsModel& m) {
         if (s >= m.n_symbols || !m.freqs[s]) throw std::invalid_argument("entropy-coded values: a symbol has no frequency");
         const EncSymbol& e = table[static_cast<std::size_t>(s)];
         std::uint32_t xv = x[lane];
-        if (xv >= e.x_max) {
-            *--p = static_cast<std::uint16_t>(xv);
-            xv >>= 16;
-        }
+        // Branchless: the low word is written below p either way and kept only when p moves.
+        const bool emit = xv >= e.x_max;
+        p[-1] = static_cast<std::uint16_t>(xv);
+        p -= emit;
+        xv >>= 16 * emit;
         const std::uint32_t q = static_cast<std::uint32_t>((std::uint64_t(xv) * e.rcp) >> 32) >> e.rcp_shift;
         x[lane] = xv + e.bias + q * e.cmpl;
         lane = lane ? lane - 1 : m.lanes - 1;

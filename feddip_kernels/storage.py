@@ -59,7 +59,7 @@ def save(
     file: PathOrFile,
     *,
     masks: Optional[Mapping[str, Any]] = None,
-    values: str = "raw",
+    values: str = "auto",
     metadata: Optional[Mapping[str, Any]] = None,
     signed_zeros: bool = True,
 ) -> int:
@@ -71,8 +71,10 @@ def save(
     as it would be lost). Zeros come back bit for bit: the -0.0 elements outside the positions are
     recorded as a position set of their own. Pruning by multiplying with a mask leaves -0.0 at
     about half the pruned places, and their signs cost about a bit each; `signed_zeros=False`
-    stores them as +0.0 instead (equal as numbers, not as bits). `values="raw"` is lossless; "fp16", "bf16" and
-    "int8" store the float entries' values lossily (docs/wire-format.md). `metadata` is any
+    stores them as +0.0 instead (equal as numbers, not as bits). `values="auto"` (the default) is lossless, each entry's
+    values the smaller of raw words and entropy-coded ones ("raw" and "ans" force one); "fp16",
+    "bf16", "int8", their "-ans" forms and "int2-ans" .. "int7-ans" store the float entries' values
+    lossily (docs/wire-format.md). `metadata` is any
     JSON-serialisable mapping, given back by `load(..., metadata=True)`. Tensors that share
     storage are stored once each (as copies).
 
@@ -81,7 +83,7 @@ def save(
     state_dict : names (str) to torch tensors or NumPy arrays.
     file : a path or a binary file object.
     masks : names to bool masks of float entries (the positions stored), optional.
-    values : "raw", "fp16", "bf16" or "int8".
+    values : "auto", "raw", "ans", or a lossy codec of encode_model.
     metadata : JSON-serialisable mapping, optional.
     signed_zeros : keep -0.0 off the positions (True) or store +0.0 there (False).
 

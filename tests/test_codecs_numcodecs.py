@@ -70,5 +70,7 @@ def test_numcodecs_backwards_compatibility(monkeypatch):
     from numcodecs.tests.common import check_backwards_compatibility
 
     monkeypatch.chdir(Path(__file__).parent)
-    codecs_ = [fk.SparseCodec(), fk.SparseCodec(positions="bitmask"), fk.SparseCodec(positions="golomb", dtype="<f8")]
+    # The first three were written when "raw" was the default; the fourth with entropy-coded values.
+    codecs_ = [fk.SparseCodec(values="raw"), fk.SparseCodec(positions="bitmask", values="raw"),
+               fk.SparseCodec(positions="golomb", dtype="<f8", values="raw"), fk.SparseCodec(values="ans")]
     check_backwards_compatibility(fk.SparseCodec.codec_id, _conformance_arrays()[:4], codecs_)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import __version__, _backend
 from .._backend import MAX_THREADS, set_num_threads
-from ..codecs import VALUES as VALUE_CODECS
+from ..codecs import VALUE_CODECS
 from ..pruning import global_topk_masks
 
 

@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
-from ..codecs import DEFAULT_MAX_BYTES, VALUES, CodecError, decode_model, encode_model
+from ..codecs import DEFAULT_MAX_BYTES, VALUE_CODECS, CodecError, decode_model, encode_model
 from ..protocol import FedDIPServer, Schedule, random_erk_masks, seed_for
 
 STYPE = "feddip/v1"
@@ -318,8 +318,8 @@ class FedDIP(FedAvg):
     ) -> None:
         self.schedule = Schedule(rounds=num_rounds, s0=s0, sp=sp, mask_every=mask_every, horizon=horizon, lr=lr,
                                  lr_decay=lr_decay, lambda_max=lambda_max, lambda_segments=lambda_segments)
-        if values not in VALUES:
-            raise ValueError(f"values must be one of {sorted(VALUES)}, got {values!r}")
+        if values not in VALUE_CODECS:
+            raise ValueError(f"values must be one of {sorted(VALUE_CODECS)}, got {values!r}")
         if weighting not in ("samples", "equal"):
             raise ValueError(f"weighting must be 'samples' or 'equal', got {weighting!r}")
         super().__init__(**fedavg_kwargs)

@@ -8,8 +8,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from .._arrays import as_array
-from ..codecs.format import DEFAULT_MAX_BYTES, DTYPE_CODES, POSITIONS, VALUES, CodecError
+from ..codecs.format import DEFAULT_MAX_BYTES, DTYPE_CODES, POSITIONS, CodecError
 from ..codecs.model import decode_model, encode_model
+from ..codecs.values import NAMES as VALUE_CODECS
 
 
 class SparseCodec:
@@ -28,7 +29,9 @@ class SparseCodec:
     ----------
     positions : the positions codec: "auto" (the smallest per message), "bitmask", "csr", "golomb"
         or "all".
-    values : the values codec: "raw" (lossless) or the lossy "fp16", "bf16", "int8".
+    values : the values codec: lossless "auto" (the default: per message the smaller of "raw" and
+        "ans", the words entropy-coded), "raw" or "ans"; lossy "fp16", "bf16", "int8", their
+        entropy-coded forms "fp16-ans", "bf16-ans", "int8-ans", or "int2-ans" .. "int7-ans".
     max_bytes : the most bytes a decoded array may take (decode refuses larger messages).
     dtype : "float32" or "float64" (any spelling NumPy reads, in native byte order), the dtype that
         buffers without a float dtype are read as; None (the default): such buffers are refused.
@@ -41,9 +44,9 @@ class SparseCodec:
 
     codec_id = "feddip_sparse"
 
-    def __init__(self, positions: str = "auto", values: str = "raw", max_bytes: int = DEFAULT_MAX_BYTES,
+    def __init__(self, positions: str = "auto", values: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
                  dtype: Optional[str] = None) -> None:
-        if positions not in ("auto", *POSITIONS) or values not in VALUES:
+        if positions not in ("auto", *POSITIONS) or values not in VALUE_CODECS:
             raise ValueError(f"bad codec configuration positions={positions!r} values={values!r}")
         if dtype is not None and np.dtype(dtype) not in DTYPE_CODES:
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")

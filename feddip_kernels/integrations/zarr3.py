@@ -2,10 +2,12 @@
 a sparse chunk stores its non-zero values and their coded positions. Needs zarr >= 3 (the `zarr`
 extra); zarr finds it through the "zarr.codecs" entry point under the name "feddip_sparse":
 
-    {"name": "feddip_sparse", "configuration": {"positions": "auto", "values": "raw"}}
+    {"name": "feddip_sparse", "configuration": {"positions": "auto", "values": "auto"}}
 
-`positions` is "auto", "bitmask", "csr", "golomb" or "all"; `values` is "raw" (lossless, -0.0
-kept) or the lossy "fp16", "bf16", "int8". Arrays of float32 or float64 (either byte order).
+`positions` is "auto", "bitmask", "csr", "golomb" or "all"; `values` is "auto" (lossless, -0.0
+kept, the smaller of raw and entropy-coded words), "raw" or "ans", or a lossy codec ("fp16",
+"bf16", "int8", "fp16-ans", "bf16-ans", "int2-ans" .. "int8-ans"). Arrays of float32 or float64
+(either byte order).
 Further codecs (e.g. zstd) may follow it in the pipeline as bytes-to-bytes codecs.
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 
-from ..codecs import POSITIONS, VALUES, CodecError, decode_model, encode_model
+from ..codecs import POSITIONS, VALUE_CODECS, CodecError, decode_model, encode_model
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
@@ -35,7 +37,9 @@ class SparseZarrCodec(ArrayBytesCodec):
     ----------
     positions : the positions codec: "auto" (the smallest per chunk), "bitmask", "csr", "golomb"
         or "all".
-    values : the values codec: "raw" (lossless, -0.0 kept) or the lossy "fp16", "bf16", "int8".
+    values : the values codec: lossless (-0.0 kept) "auto" (the default: per chunk the smaller of
+        "raw" and "ans", the words entropy-coded), "raw" or "ans"; lossy "fp16", "bf16", "int8",
+        "fp16-ans", "bf16-ans", "int8-ans" or "int2-ans" .. "int7-ans".
 
     Raises
     ------
@@ -43,14 +47,14 @@ class SparseZarrCodec(ArrayBytesCodec):
     """
 
     positions: str = "auto"
-    values: str = "raw"
+    values: str = "auto"
     is_fixed_size = False
 
     def __post_init__(self) -> None:
         if self.positions not in ("auto", *POSITIONS):
             raise ValueError(f"positions must be 'auto' or one of {sorted(POSITIONS)}, got {self.positions!r}")
-        if self.values not in VALUES:
-            raise ValueError(f"values must be one of {sorted(VALUES)}, got {self.values!r}")
+        if self.values not in VALUE_CODECS:
+            raise ValueError(f"values must be one of {sorted(VALUE_CODECS)}, got {self.values!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparseZarrCodec":
