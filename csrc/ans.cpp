@@ -285,6 +285,80 @@ __attribute__((target("avx512f,popcnt"))) const std::uint8_t* decode_symbols_avx
     return p;
 }
 
+// For the AVX2 loop: for each 8-bit mask of lanes that take a word, each lane's index among the
+// words they take (the set lanes below it), as vpermd indices.
+struct ExpandTable {
+    alignas(8) std::uint8_t index[256][8];
+    constexpr ExpandTable() : index{} {
+        for (int m = 0; m < 256; ++m) {
+            int k = 0;
+            for (int j = 0; j < 8; ++j) {
+                index[m][j] = static_cast<std::uint8_t>(k);
+                k += (m >> j) & 1;
+            }
+        }
+    }
+};
+constexpr ExpandTable kExpand{};
+
+// The symbol loop in AVX2 for 32-bit words: 32 lanes as four registers of 8, the renormalising
+// words placed by a permutation from kExpand (AVX2 has no expand).
+__attribute__((target("avx2,popcnt"))) const std::uint8_t* decode_symbols_avx2(
+    std::uint32_t* x, const std::uint8_t* p, const std::uint8_t* end, std::size_t groups, unsigned prob_bits,
+    const std::uint32_t* slot_value, const std::uint32_t* slot_step, std::uint32_t* out) {
+    const __m256i slot_mask = _mm256_set1_epi32(static_cast<int>((1u << prob_bits) - 1));
+    const __m256i low16 = _mm256_set1_epi32(0xFFFF), low_state = _mm256_set1_epi32(static_cast<int>(kLow));
+    const __m128i by = _mm_cvtsi32_si128(static_cast<int>(prob_bits));
+    __m256i xs[4];
+    for (int h = 0; h < 4; ++h) xs[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8 * h));
+    for (std::size_t g = 0; g < groups; ++g) {
+        for (int h = 0; h < 4; ++h) {
+            __m256i xv = xs[h];
+            const __m256i slot = _mm256_and_si256(xv, slot_mask);
+            const __m256i step = _mm256_i32gather_epi32(reinterpret_cast<const int*>(slot_step), slot, 4);
+            const __m256i value = _mm256_i32gather_epi32(reinterpret_cast<const int*>(slot_value), slot, 4);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * g + 8 * h), value);
+            xv = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(step, low16), _mm256_srl_epi32(xv, by)),
+                                  _mm256_srli_epi32(step, 16));
+            const __m256i more = _mm256_cmpgt_epi32(low_state, xv);  // states are below 2^31: signed works
+            const unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(more)));
+            std::uint64_t idx;
+            std::memcpy(&idx, kExpand.index[bits], 8);
+            const __m256i words = _mm256_permutevar8x32_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(idx))));
+            xs[h] = _mm256_blendv_epi8(xv, _mm256_or_si256(_mm256_slli_epi32(xv, 16), words), more);
+            p += 2 * _mm_popcnt_u32(bits);
+        }
+        if (p > end) return nullptr;
+    }
+    for (int h = 0; h < 4; ++h) _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 8 * h), xs[h]);
+    return p;
+}
+
+// add_raw_avx512's AVX2 form: 8 fields at a time.
+__attribute__((target("avx2"))) std::size_t add_raw_avx2(const std::uint8_t* raw, std::size_t n, unsigned shift,
+                                                         std::uint32_t* out) {
+    const unsigned width = shift + 1;
+    const __m256i lane_bits =
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(width)));
+    const __m256i low = _mm256_set1_epi32(static_cast<int>(low_mask(shift))), seven = _mm256_set1_epi32(7);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m128i by = _mm_cvtsi32_si128(static_cast<int>(shift));
+    std::size_t i = 0;
+    for (; i + 8 <= n && (i + 8) * width < (std::size_t(1) << 31); i += 8) {
+        const __m256i bits = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i * width)), lane_bits);
+        const __m256i field = _mm256_srlv_epi32(
+            _mm256_i32gather_epi32(reinterpret_cast<const int*>(raw), _mm256_srli_epi32(bits, 3), 1),
+            _mm256_and_si256(bits, seven));
+        const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(_mm256_srl_epi32(field, by), one), 31);
+        const __m256i v = _mm256_or_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i)),
+                                          _mm256_or_si256(_mm256_and_si256(field, low), sign));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), v);
+    }
+    return i;
+}
+
 // add_raw for 32-bit words with fields of up to 25 bits (each within the 4 bytes from its first
 // byte): 16 fields at a time by a gather of those bytes and a shift per lane.
 __attribute__((target("avx512f"))) std::size_t add_raw_avx512(const std::uint8_t* raw, std::size_t n,
@@ -355,12 +429,19 @@ void decode(const std::uint8_t* stream, std::size_t stream_len, const std::uint8
     // (32 lanes, 2^12 slots) with constants, any other at run time.
     const std::uint8_t* p = begin;
     std::size_t done = 0;
-    const bool avx512 = isa() == Isa::avx512;
+    const Isa loops = isa();
+    const bool avx512 = loops == Isa::avx512, avx2 = loops == Isa::avx2;
 #ifdef FEDDIP_X86
     if constexpr (sizeof(W) <= 4) {
         if (avx512 && m.lanes == kMaxLanes) {
             p = decode_symbols_avx512<W>(x, p, end, n / kMaxLanes, m.prob_bits, slot_value.data(), slot_step.data(),
                                          out);
+            done = n / kMaxLanes * kMaxLanes;
+        }
+    }
+    if constexpr (sizeof(W) == 4) {
+        if (avx2 && m.lanes == kMaxLanes) {
+            p = decode_symbols_avx2(x, p, end, n / kMaxLanes, m.prob_bits, slot_value.data(), slot_step.data(), out);
             done = n / kMaxLanes * kMaxLanes;
         }
     }
@@ -377,7 +458,8 @@ void decode(const std::uint8_t* stream, std::size_t stream_len, const std::uint8
     std::size_t from = 0;
 #ifdef FEDDIP_X86
     if constexpr (sizeof(W) == 4) {
-        if (avx512 && m.word_bits == 32 && m.shift < 25) from = add_raw_avx512(padded.data(), n, m.shift, out);
+        if (m.word_bits == 32 && m.shift < 25 && avx512) from = add_raw_avx512(padded.data(), n, m.shift, out);
+        if (m.word_bits == 32 && m.shift < 25 && avx2) from = add_raw_avx2(padded.data(), n, m.shift, out);
     }
 #endif
     add_raw(padded.data(), from, n, m, out);

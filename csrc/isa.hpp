@@ -3,6 +3,8 @@
 //   top-k's pass, the float32 error-feedback step   AVX-512, AVX2 or generic
 //   the float64 step, sparsify's packing of positions, densify's float32 scatter   AVX2 or generic
 //   CRC-32C   SSE4.2's crc32 instruction above generic, else slicing-by-8 tables
+//   the entropy decoder (32 lanes, raw fields)   AVX-512 (words of 8, 16, 32 bits), AVX2 (32 bits)
+//                                                 or generic
 // Plain C++17, no Python.
 #pragma once
 

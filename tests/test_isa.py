@@ -1,7 +1,7 @@
 """Capping the native ISA (`_core._isa`, the `isa` fixture) reaches every loop with hand-written
 vector code, not only top-k's and the step's (tests/test_pruning.py, tests/test_update.py): CRC-32C
 with and without SSE4.2's crc32 instruction, sparsify's packing of positions and densify's float32
-scatter with and without AVX2. Each gives the reference's bytes at every level the CPU has."""
+scatter with and without AVX2, and the entropy decoder's loops. Each gives the reference's bytes at every level the CPU has."""
 
 import functools
 
@@ -90,3 +90,42 @@ def test_densify_at_every_isa_matches_the_reference(isa, threads, dtype, offset,
     assert native.densify(bits, n, values, out) is out
     assert out.tobytes() == want.tobytes()
     assert native.densify(bits, n, values).tobytes() == want.tobytes()
+
+
+# The entropy decoder's loops: 32 lanes at a time (AVX-512: words of 8, 16 and 32 bits; AVX2: 32
+# bits), the raw fields 16 or 8 at a time (32-bit words with fields of up to 25 bits), and the
+# scalar loop for the rest; lengths around a group of 32 and a vector of fields. (The encoder has
+# no vector loop: its bytes are compared with the reference's once, in tests/test_entropy.py.)
+ANS_SIZES = [1, 31, 32, 33, 97, 1000]
+
+
+@functools.lru_cache(maxsize=None)
+def _ans_cases(n: int, word_bits: int) -> list:
+    """(words, model, stream, raw) for the planned model, the finest model the histogram allows,
+    and 7 lanes: the reference's encoding of words like those each codec sends."""
+    from feddip_kernels._contract import AnsModel
+    from feddip_kernels._formulas import word_dtype
+    from feddip_kernels.codecs.entropy import _normalise, plan
+
+    rng = np.random.default_rng(n * 101 + word_bits)
+    if word_bits == 32:  # float32 bits, as "ans" codes them: a bell's tail, raw fields up to 25 bits
+        words = (rng.standard_normal(n).astype(np.float32) * 3).view(np.uint32)
+    else:
+        top = np.uint64((1 << (word_bits - 1)) - 1)
+        words = (rng.integers(0, 1 << 62, n, dtype=np.uint64) & top).astype(word_dtype(word_bits))
+        words[rng.random(n) < 0.5] |= word_dtype(word_bits).type(1 << (word_bits - 1))
+    planned = plan(reference, words, word_bits)
+    shift, base, counts = reference.ans_histogram(words, word_bits=word_bits, max_symbols=4096)
+    finest = AnsModel(word_bits, shift, base, _normalise(counts, 13), 13, 32)
+    cases = []
+    for m in (planned._replace(lanes=32), finest, planned._replace(lanes=7)):
+        cases.append((words, m, *reference.ans_encode(words, **m._asdict())))
+    return cases
+
+
+@pytest.mark.parametrize("word_bits", [8, 16, 32, 64])
+@pytest.mark.parametrize("n", ANS_SIZES)
+def test_ans_decode_at_every_isa_matches_the_reference(isa, word_bits, n):
+    for words, m, stream, raw in _ans_cases(n, word_bits):
+        got = native.ans_decode(stream, raw, n, **m._asdict())
+        assert got.dtype == words.dtype and np.array_equal(got, words), (isa, m.lanes, m.shift)
