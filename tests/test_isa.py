@@ -1,7 +1,8 @@
 """Capping the native ISA (`_core._isa`, the `isa` fixture) reaches every loop with hand-written
 vector code, not only top-k's and the step's (tests/test_pruning.py, tests/test_update.py): CRC-32C
 with and without SSE4.2's crc32 instruction, sparsify's packing of positions and densify's float32
-scatter with and without AVX2, and the entropy decoder's loops. Each gives the reference's bytes at every level the CPU has."""
+scatter with and without AVX2, and the entropy decoder's loops. Each gives the reference's bytes at
+every level the CPU has."""
 
 import functools
 

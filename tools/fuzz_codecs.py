@@ -3,11 +3,15 @@
     python tools/fuzz_codecs.py --seconds 600 --seed 1
 
 Valid messages of every kind (positions in the tensor or relative to a shared mask, every position
-and value codec, chunked versions 2 and 3, empty and 0-d tensors, float32 and float64) are mutated
-(bytes overwritten, bits flipped, truncated, bytes inserted), resealed with a correct CRC so that the
-parser goes past the checksum, and decoded with every backend, with and without the reference mask; version 3 messages
-(streams) also by decode_stream from a file object. Anything but a CodecError, or an output above
-the size limit, is reported; the exit status is 1 if there was one.
+and value codec, the entropy-coded ones included, chunked versions 2 and 3, empty and 0-d tensors,
+float32 and float64) are mutated (bytes overwritten, bits flipped, truncated, bytes inserted),
+resealed with a correct CRC so that the parser goes past the checksum, and decoded with every
+backend (the native one under every instruction set its CPU has), with and without the reference
+mask; version 3 messages (streams) also by decode_stream from a file object. Entropy-coded values
+also come as one dense tensor of 2500 values: a block of 32 lanes at 2^12 slots (the encoder's
+usual model, and the native decoder's vector loop) that most mutations land in. Anything but a
+CodecError, an output above the size limit, or backends that disagree (other tensors, or another
+error message) is reported; the exit status is 1 if there was one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import feddip_kernels as fk
 from feddip_kernels import codecs
 
 LIMIT = 1 << 22
+FIXED_WIDTH = ("raw", "fp16", "bf16", "int8")
+ENTROPY_CODED = ("ans", "auto", "fp16-ans", "bf16-ans", "int4-ans", "int8-ans")
 
 
 def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
@@ -34,7 +40,7 @@ def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
     shared = {k: rng.random(v.shape) < 0.3 for k, v in w.items()}
     subset = {k: m & (rng.random(m.shape) < 0.5) for k, m in shared.items()}
     out: list[tuple[bytes, dict | None]] = []
-    for values in ("raw", "fp16", "bf16", "int8"):
+    for values in FIXED_WIDTH + ENTROPY_CODED:
         for positions in ("bitmask", "csr", "golomb", "auto"):
             out.append((fk.encode_model(w, positions=positions, values=values), None))
             if positions in ("golomb", "auto"):  # version 2: the same tensors in runs of 16 elements
@@ -58,6 +64,10 @@ def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
                         shared,
                     )
                 )
+    dense = {"v": rng.standard_normal(2500).astype(np.float32) + np.float32(0.05)}  # no zeros: 2500 values
+    for values in ENTROPY_CODED:
+        out.append((fk.encode_model(dense, positions="bitmask", values=values), None))
+        out.append((stream(dense, positions="bitmask", values=values, chunk_elems=4096), None))
     return out + invalid_seeds(w, shared)
 
 
@@ -99,6 +109,30 @@ def mutate(rng: np.random.Generator, body: bytearray) -> bytearray:
     return body
 
 
+def isas() -> list:
+    """The instruction sets the native backend may be capped to on this CPU (its `_isa`)."""
+    from feddip_kernels import _backend
+
+    native = _backend.native_module()
+    if native is None:
+        return []
+    before = native._isa()
+    found = [isa for isa in ("avx512", "avx2", "generic") if native._isa(isa) == isa]
+    native._isa(before)
+    return found
+
+
+def outcome(decode, data: bytes, reference, backend: str):
+    """What a decoder makes of the bytes: the tensors' bytes, or the CodecError's message."""
+    try:
+        out = decode(data, reference=reference, max_bytes=LIMIT, backend=backend)
+    except fk.CodecError as e:
+        return f"CodecError: {e}"
+    if any(t.size * t.itemsize > LIMIT for t in out.tensors.values()):
+        raise AssertionError("decoded tensors above the size limit")
+    return [(k, t.dtype.str, t.shape, t.tobytes()) for k, t in out.tensors.items()]
+
+
 def decoders(data: bytes) -> list:
     """decode_model, and for what claims to be a stream (version 3) decode_stream too."""
     if data[4:5] != bytes([codecs.STREAM_VERSION]):
@@ -113,26 +147,37 @@ def main() -> int:
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     cases = messages(rng)
-    backends = fk.available_backends()
+    from feddip_kernels import _backend
+
+    native = _backend.native_module()
+    runs = [(be, isa) for be in fk.available_backends() for isa in (isas() if be == "native" else [None])]
     decodes = failures = 0
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
         msg, shared = cases[rng.integers(len(cases))]
         data = reseal(bytes(mutate(rng, bytearray(msg[:-4]))))
-        for backend in backends:
-            for reference in (shared, None) if shared is not None else (None,):
-                for decode in decoders(data):
+        for reference in (shared, None) if shared is not None else (None,):
+            for decode in decoders(data):
+                seen = {}
+                for backend, isa in runs:
                     decodes += 1
+                    before = native._isa() if isa else None
+                    if isa:
+                        native._isa(isa)
                     try:
-                        out = decode(data, reference=reference, max_bytes=LIMIT, backend=backend)
-                        if any(t.size * t.itemsize > LIMIT for t in out.tensors.values()):
-                            raise AssertionError("decoded tensors above the size limit")
-                    except fk.CodecError:
-                        pass
+                        seen[backend if isa is None else f"{backend}/{isa}"] = outcome(decode, data, reference, backend)
                     except Exception:
                         failures += 1
-                        print(f"backend {backend}, reference {reference is not None}, message {data.hex()}")
+                        print(f"backend {backend} {isa or ''}, reference {reference is not None}, "
+                              f"message {data.hex()}")
                         traceback.print_exc()
+                    finally:
+                        if isa:
+                            native._isa(before)
+                if len({repr(o) for o in seen.values()}) > 1:
+                    failures += 1
+                    print(f"backends disagree, reference {reference is not None}, message {data.hex()}: "
+                          + "; ".join(f"{be}: {o if isinstance(o, str) else 'decoded'}" for be, o in seen.items()))
     print(f"{decodes} decodes, {failures} failures")
     return 1 if failures else 0
 
