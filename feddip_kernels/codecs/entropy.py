@@ -170,7 +170,8 @@ def read_head(raw: Any, n: int, widths: Union[int, range], where: str
     prob_bits, lanes, base, n_symbols, table_len, stream_len, the bytes after the head)."""
     word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len = HEAD.unpack(raw)
     if word_bits not in (widths if isinstance(widths, range) else (widths,)):
-        raise CodecError(f"{where}: words of {word_bits} bits, the values codec has {widths}")
+        allowed = f"{widths[0]} to {widths[-1]}" if isinstance(widths, range) else str(widths)
+        raise CodecError(f"{where}: words of {word_bits} bits, the values codec has {allowed}")
     if shift >= word_bits:
         raise CodecError(f"{where}: shift {shift} for words of {word_bits} bits")
     if not 1 <= prob_bits <= ANS_MAX_PROB_BITS or not 1 <= lanes <= ANS_MAX_LANES:
