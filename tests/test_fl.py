@@ -646,3 +646,80 @@ def test_checkpoint_of_format_1_is_refused_saying_so(tmp_path, real_checkpoint):
     old = data[:4] + b"\x01" + data[5:-4]  # format 1: header, JSON, message, no checksum
     with pytest.raises(CodecError, match="format 1, which has no checksum"):
         _load_bytes(tmp_path, cfg, model, old)
+
+
+# ------------------------------------------------------------------ the compact coding
+
+
+def test_compact_coding_runs_and_moves_fewer_bytes():
+    # Deltas against what each end holds, int8 and entropy-coded, against the plain coding with the
+    # same values: round 0's downlink is an init frame a client (21 bytes), and the run sends less.
+    cfg, train, test, parts = _tiny("feddip", coding="compact", values="int8-ans")
+    assert cfg.compact
+    compact = run_simulation(cfg, train, test, parts)
+    plain = run_simulation(*_tiny("feddip", values="int8-ans"))
+    rows = compact.history
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[0]["bytes_down"] == 4 * 21
+    assert all(r["bytes_up"] > 0 and r["clients_failed"] == 0 and np.isfinite(r["loss"]) for r in rows)
+    assert [r["bytes_total"] for r in rows] == np.cumsum([r["bytes_up"] + r["bytes_down"] for r in rows]).tolist()
+    assert [r["bytes_authors"] for r in rows] == [r["bytes_authors"] for r in plain.history]
+    assert rows[-1]["bytes_total"] < 0.8 * plain.history[-1]["bytes_total"]
+    for k, m in compact.masks.items():
+        assert not compact.weights[k][~m].any()
+    with pytest.raises(ValueError, match="checkpoints"):
+        run_simulation(cfg, train, test, parts, checkpoint="unused.ckpt")
+    with pytest.raises(ValueError, match="stochastic rounding"):
+        _tiny("feddip", rounding="stochastic")
+    with pytest.raises(ValueError, match="coding"):
+        _tiny("feddip", coding="sparse")
+
+
+def test_compact_coding_leaves_lossless_runs_alone_and_drops_bad_replies(monkeypatch):
+    # With raw values the compact coding sends what the plain one does (FedAvg's baseline bytes);
+    # with lossy values a reply that does not decode drops its client, and the ends stay in sync.
+    from feddip_kernels.fl import simulation
+
+    plain = run_simulation(*_tiny("fedavg", rounds=2))
+    same = run_simulation(*_tiny("fedavg", rounds=2, coding="compact"))
+    assert _strip_times(same.history) == _strip_times(plain.history)
+    reply = simulation._reply
+
+    def flaky_reply(end, local, t):
+        msg = reply(end, local, t)
+        return msg[:-1] + bytes([msg[-1] ^ 1]) if (t, end.client) == (0, 2) else msg
+
+    monkeypatch.setattr(simulation, "_reply", flaky_reply)
+    state = run_simulation(*_tiny("fedavg", rounds=2, coding="compact", values="int8-ans"))
+    assert [r["clients_failed"] for r in state.history] == [1, 0]
+    assert "checksum" in state.history[0]["failures"][0]
+    assert state.history[0]["bytes_down"] == 4 * 21 and state.history[1]["bytes_down"] < plain.history[1]["bytes_down"]
+
+
+def test_cli_preset_compact(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["simulate", "--preset", "compact", "--algorithm", "feddip,fedavg", "--rounds", "1", "--clients", "3",
+            "--clients-per-round", "2", "--local-epochs", "1", "--synthetic-train", "120", "--synthetic-test", "30",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    cfg = runs["feddip"]["config"]
+    assert (cfg["coding"], cfg["values"], cfg["rounding"], cfg["horizon"]) == ("compact", "int8-ans", "nearest", 15)
+    assert runs["fedavg"]["config"]["values"] == "raw" and runs["feddip"]["history"][0]["bytes_down"] == 2 * 21
+    assert main(args + ["--values", "feddip=int4-ans", "--rounding", "stochastic"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert (runs["feddip"]["config"]["values"], runs["feddip"]["config"]["rounding"]) == ("int4-ans", "stochastic")
+    assert (runs["fedavg"]["config"]["values"], runs["fedavg"]["config"]["rounding"]) == ("raw", "nearest")
+    assert main(args + ["--algorithm", "feddip", "--checkpoint"]) == 2
+    assert "checkpoints do not hold the compact coding" in capsys.readouterr().err
+
+
+def test_checkpoints_written_before_the_coding_settings_still_load(tmp_path, real_checkpoint):
+    cfg, model, data, state = real_checkpoint
+    meta = _ckpt_split(data)[1]
+    for key in ("coding", "rounding", "residual_feedback"):
+        del meta["config"][key]
+    loaded = _load_bytes(tmp_path, cfg, model, _ckpt_reseal(data, meta=meta))
+    assert loaded.round == 4 and loaded.history == state.history
+    compact = SimulationConfig(**{**cfg.__dict__, "coding": "compact"})  # lossless: not the compact transport
+    with pytest.raises(CodecError, match="different configuration"):
+        _load_bytes(tmp_path, compact, model, _ckpt_reseal(data, meta=meta))

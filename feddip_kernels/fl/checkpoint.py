@@ -14,7 +14,10 @@ that some client last received, over the prunable tensors (positions only, zero 
 "history": one row per round done}.
 
 Version 1 files (no checksum) are refused with a message saying so: such a run is started again
-rather than resumed from a file that nothing vouches for.
+rather than resumed from a file that nothing vouches for. Configurations written before the
+coding, rounding and residual_feedback settings read as the plain coding's (what those runs used).
+Runs with the compact coding (protocol.transport) are not checkpointed: what each client holds and
+its residual are not in the file.
 """
 
 from __future__ import annotations
@@ -49,10 +52,15 @@ _ROW_REALS = ("accuracy", "loss", "sparsity", "lr", "lambda", "time_train", "tim
 _ROW_KEYS = frozenset(_ROW_COUNTS + _ROW_REALS + ("sparsity_target", "failures"))
 _ROW_LATER = frozenset(("time_evaluate", "time_round"))  # reals that older rows lack (both of them)
 _ROW_TIMES = ("time_train", "time_prune", "time_encode", *sorted(_ROW_LATER))
+# Settings that configurations written by earlier versions lack (all of them), with the values
+# those runs had. A configuration that lacks only some of them is no version's, and is refused.
+_LATER_CONFIG = {"coding": "plain", "rounding": "nearest", "residual_feedback": True}
 
 
 def save_checkpoint(path: str, state: ServerState) -> None:
     """Write `state` atomically (a temporary file, flushed to disk, then renamed over `path`)."""
+    if state.config.compact:
+        raise ValueError("a run with the compact coding is not checkpointed (its clients' state is not in the file)")
     server = state.server
     tensors = {f"w/{k}": v for k, v in server.weights.items()}
     masks = {f"w/{k}": m for k, m in server.masks.items()}
@@ -172,6 +180,8 @@ def _check_config(before: Any, cfg: SimulationConfig, rounds_done: Any, fail: _F
     """The number of rounds done, after checking the saved configuration against `cfg` (types
     included: JSON's 1 and true, or 1 and 1.0, are different settings) and the round against both."""
     now = dataclasses.asdict(cfg)
+    if isinstance(before, dict) and set(now) - set(before) == _LATER_CONFIG.keys() and set(before) <= set(now):
+        before = {**before, **_LATER_CONFIG}  # written before these settings: the runs they describe
     if not isinstance(before, dict) or set(before) != set(now) or type(before["rounds"]) is not int:
         raise fail("was written with a different configuration (its config is not a SimulationConfig)")
     if json.dumps({**before, "rounds": 0}, sort_keys=True) != json.dumps({**now, "rounds": 0}, sort_keys=True):

@@ -49,13 +49,17 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _values_per_algorithm(spec: str, algorithms: list[str]) -> dict[str, str]:
-    """'fp16' for every algorithm, or 'feddip=fp16,fedavg=raw' (unnamed algorithms: raw)."""
+def _values_per_algorithm(spec: Optional[str], algorithms: list[str],
+                          defaults: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """'fp16' for every algorithm, or 'feddip=fp16,fedavg=raw' (unnamed algorithms: their
+    default), over the defaults (the preset's; raw where it names none). None: the defaults."""
+    out = {alg: (defaults or {}).get(alg, "raw") for alg in algorithms}
+    if spec is None:
+        return out
     if "=" not in spec:
         if spec not in VALUE_CODECS:
             raise SystemExit(f"--values: {spec!r} is not one of {', '.join(VALUE_CODECS)}")
         return {alg: spec for alg in algorithms}
-    out = {alg: "raw" for alg in algorithms}
     for item in spec.split(","):
         alg, _, codec = item.partition("=")
         if alg not in algorithms:
@@ -68,7 +72,7 @@ def _values_per_algorithm(spec: str, algorithms: list[str]) -> dict[str, str]:
 
 # Settings a preset provides; a flag given on the command line overrides its preset's value.
 _PRESET_KEYS = ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "lr", "lr_decay", "momentum",
-                "weight_decay", "s0", "sp", "horizon", "mask_every", "lambda_max", "lambda_segments")
+                "weight_decay", "s0", "sp", "horizon", "mask_every", "lambda_max", "lambda_segments", "coding")
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -79,6 +83,7 @@ def _settings(args: argparse.Namespace) -> dict:
         out["clients_per_round"] = None
     # The paper averages with equal weights on IID splits and by sample count on non-IID ones.
     out["weighting"] = args.weighting or ("equal" if args.partition == "iid" else "samples")
+    out["residual_feedback"] = not args.no_residual_feedback
     return out
 
 
@@ -105,7 +110,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from . import SimulationConfig, dirichlet_partition, iid_partition, load_dataset, run_simulation, synthetic_dataset
     from .data import SYNTHETIC
     from .report import plot_histories
-    from .simulation import ALGORITHMS
+    from .simulation import ALGORITHMS, PRESETS
 
     try:
         from tqdm import tqdm
@@ -135,12 +140,14 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         parts = dirichlet_partition(train.y, clients, args.alpha, seed=args.seed)
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
-    values = _values_per_algorithm(args.values, algorithms)
+    values = _values_per_algorithm(args.values, algorithms, PRESETS[args.preset]["values"])
     os.makedirs(args.out, exist_ok=True)
     results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "device": device,
                "threads": args.threads, "command": ["feddip", *args.argv], "versions": _versions(), "runs": {}}
     for alg in algorithms:
         cfg = SimulationConfig(algorithm=alg, model=args.model, values=values[alg], seed=args.seed, **settings)
+        if cfg.compact:  # stochastic rounding: for the runs it applies to (compact coding, lossy values)
+            cfg = dataclasses.replace(cfg, rounding=args.rounding)
         bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None
 
         def log(row: dict, alg: str = alg, bar=bar) -> None:
@@ -217,10 +224,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument(
         "--preset",
         default="quick",
-        choices=["quick", "paper"],
+        choices=["quick", "paper", "compact"],
         help="settings to start from: paper = the FedDIP paper's setup (50 clients, 5 a round, 1000 rounds, "
         "5 epochs, batch 128, lr 0.1*0.998^t, no momentum, s0 0.5 -> sp 0.95, R 5); quick = the same "
-        "algorithm on 10 clients, all every round, 20 rounds, 1 epoch, batch 64, R 2. Flags override it",
+        "algorithm on 10 clients, all every round, 20 rounds, 1 epoch, batch 64, R 2; compact = paper's over "
+        "150 rounds with the schedules over 15 (--horizon 15) and --coding compact, values int8-ans for the "
+        "FedDIP family (raw for fedavg). Flags override it",
     )
     p.add_argument("--clients", type=int)
     p.add_argument("--clients-per-round", type=int)
@@ -244,10 +253,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lambda-max", type=float)
     p.add_argument("--lambda-segments", type=int, help="Q: segments of the lambda schedule")
     p.add_argument(
-        "--values", default="raw",
-        help="value codec of every transfer: raw (lossless fp32), fp16, bf16 or int8; or per algorithm, "
-             "e.g. feddip=fp16,fedavg=raw (algorithms not named send raw)",
+        "--values", default=None,
+        help="value codec of every transfer: raw (lossless fp32), ans (lossless, entropy-coded), auto, fp16, "
+             "bf16, int8, or entropy-coded fp16-ans, bf16-ans, int2-ans .. int8-ans; or per algorithm, e.g. "
+             "feddip=int4-ans,fedavg=raw (algorithms not named keep the preset's: raw, but for compact's)",
     )
+    p.add_argument("--coding", choices=["plain", "compact"],
+                   help="plain: transfers carry the model; compact (with lossy --values): the difference from "
+                        "what the other end holds, quantised, its error carried to the next contact "
+                        "(default: the preset's)")
+    p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"],
+                   help="rounding of the quantised values of the compact coding (runs without it round to nearest)")
+    p.add_argument("--no-residual-feedback", action="store_true",
+                   help="compact coding: drop each upload's quantisation error rather than carry it")
     p.add_argument("--device", default="cpu",
                    help="where clients train: cpu, cuda (or cuda:N), or auto (cuda when available); the server's "
                         "state and the messages stay on the host")

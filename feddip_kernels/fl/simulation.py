@@ -13,7 +13,7 @@ from torch import nn
 
 from ..codecs import decode_model, encode_model
 from ..integrations.pytorch import FedDIPSGD
-from ..protocol import seed_for
+from ..protocol import ClientEnd, ServerEnd, seed_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cifar import augment_batch
 from .dataset import Dataset
@@ -114,6 +114,54 @@ def _upload(local: dict[str, torch.Tensor], shared: Optional[dict[str, np.ndarra
     return encode_model(local, masks=shared, reference=shared, values=values)
 
 
+def _reply(end: ClientEnd, local: dict[str, torch.Tensor], t: int) -> bytes:
+    """The compact coding's upload: the client's model as a quantised delta from the one it holds
+    (protocol.transport). A seam for tests, as _upload."""
+    return end.reply({k: v.detach().cpu().numpy() for k, v in local.items()}, t)
+
+
+def _same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+        and np.array_equal(a[k].view(f"u{a[k].itemsize}"), b[k].view(f"u{b[k].itemsize}")) for k in a)
+
+
+class _Compact:
+    """The compact coding's two ends for a run: the server's and each contacted client's."""
+
+    def __init__(self, cfg: SimulationConfig, init: dict[str, np.ndarray]) -> None:
+        self.cfg = cfg
+        self.init_seed = seed_for(cfg.seed, 0)  # what the clients build the initial model from
+        self.server = ServerEnd(init, values=cfg.values, rounding=cfg.rounding, seed=cfg.seed, init_seed=self.init_seed)
+        self.clients: dict[int, ClientEnd] = {}
+
+    def _build(self, seed: int) -> dict[str, np.ndarray]:
+        # A client would run torch.manual_seed(seed) and make_model; in the simulation it is the
+        # server's initial model, which the frame's CRC checks all the same.
+        if seed != self.init_seed:
+            raise ValueError(f"init frame seed {seed}, the run's is {self.init_seed}")
+        return self.server.init
+
+    def client(self, c: int) -> ClientEnd:
+        if c not in self.clients:
+            cfg = self.cfg
+            self.clients[c] = ClientEnd(c, values=cfg.values, rounding=cfg.rounding, seed=cfg.seed, build=self._build,
+                                        residual_feedback=cfg.residual_feedback)
+        return self.clients[c]
+
+    def downlink(self, c: int, weights: dict[str, np.ndarray], shared: Optional[dict[str, np.ndarray]],
+                 known: Optional[dict[str, np.ndarray]], t: int) -> tuple[bytes, dict[str, np.ndarray]]:
+        """(the message, the model the client trains from): the client decodes the bytes itself,
+        and must hold the model the server believes it holds, bit for bit."""
+        msg, held = self.server.downlink(c, weights, shared, known, t)
+        end = self.client(c)
+        received = end.receive(msg, masked=list(shared) if shared else ())
+        if not _same_bits(received, held):
+            raise RuntimeError(f"round {t}: client {c} decoded another model than the server holds for it")
+        end.held = held  # one copy of each client's model (the server's, the same bits)
+        return msg, held
+
+
 def run_simulation(
     cfg: SimulationConfig,
     train: Dataset,
@@ -135,6 +183,9 @@ def run_simulation(
     pruning round, all positions for a client that never received one; dense in round 0); the
     client sends back the values of its model under the global mask it trained with (in round 0,
     before there is one, its whole model). The server decodes and aggregates what arrived.
+    With cfg.coding "compact" and lossy values both directions carry instead the difference from
+    the model the other end holds, quantised, the error carried to the next contact
+    (protocol.transport; a 21-byte init frame on a client's first contact, counted in bytes_down).
 
     `device` ("cpu", "cuda", "cuda:1", ...) is where clients train and the model is evaluated; the
     server's state and the messages stay on the host.
@@ -168,12 +219,16 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
          threads: int) -> ServerState:
     if len(partition) != cfg.clients:
         raise ValueError(f"partition has {len(partition)} shards for {cfg.clients} clients")
+    if cfg.compact and checkpoint:
+        raise ValueError("checkpoints do not hold the compact coding's state (what each client holds, its "
+                         "residual): run coding='compact' without --checkpoint and --resume")
     torch.manual_seed(seed_for(cfg.seed, 0))
     model = make_model(cfg.model, train.x.shape[1], max(train.num_classes, test.num_classes))
     if resume and checkpoint and os.path.exists(checkpoint):
         state = load_checkpoint(checkpoint, cfg, model)
     else:
         state = initial_state(cfg, model)
+    compact = _Compact(cfg, state.server.weights) if cfg.compact else None
     model.to(device)
     server = state.server
     schedule = server.schedule
@@ -195,8 +250,11 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
             # Downlink: the global model, relative to the global mask this client already has.
             t0 = time.perf_counter()
             known = state.client_masks.get(int(c)) if shared else None
-            msg = encode_model(server.weights, masks=shared, reference=known, values=cfg.values)
-            received = decode_model(msg, reference=known).tensors
+            if compact:  # the difference from what the client holds (an init frame on first contact)
+                msg, received = compact.downlink(int(c), server.weights, shared, known, t)
+            else:
+                msg = encode_model(server.weights, masks=shared, reference=known, values=cfg.values)
+                received = decode_model(msg, reference=known).tensors
             bytes_down += len(msg)
             if shared:
                 state.client_masks[int(c)] = server.masks
@@ -207,11 +265,15 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
                 local = _train_client(cfg, model, received, server.training_masks(int(c)), shards[c], t, int(c))
                 t2 = time.perf_counter()
                 # Uplink: the values under the shared mask (the server zeroes the rest of a dense upload).
-                msg = _upload(local, shared, cfg.values, int(c))
-                bytes_up += len(msg)
-                uploads.append(
-                    (decode_model(msg, reference=shared).tensors, sizes[c] if cfg.weighting == "samples" else 1.0)
-                )
+                weight = sizes[c] if cfg.weighting == "samples" else 1.0
+                if compact:  # the server rebuilds the upload from what it knows the client holds
+                    msg = _reply(compact.client(int(c)), local, t)
+                    bytes_up += len(msg)
+                    uploads.append((compact.server.uplink(int(c), msg, shared), weight))
+                else:
+                    msg = _upload(local, shared, cfg.values, int(c))
+                    bytes_up += len(msg)
+                    uploads.append((decode_model(msg, reference=shared).tensors, weight))
             except Exception as e:  # noqa: BLE001 - any failure of one client; recorded in the row
                 failures.append(f"client {int(c)}: {type(e).__name__}: {e}")
                 t2 = time.perf_counter()

@@ -5,27 +5,36 @@ derive from them, such as the clients a round trains."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..codecs import VALUE_CODECS
+from ..codecs.values import LOSSLESS, ROUNDINGS
 from ..protocol import FedDIPServer, Schedule, seed_for
 from .models import prunable_parameters
 
 ALGORITHMS = ("feddip", "feddp", "feddip-noef", "fedavg")
 _REGULARISED = ("feddip", "feddip-noef")
 
-# The paper's setup (docs/protocol.md) and the README's quick job, which keeps the
-# paper's algorithm and settings and shrinks the run (clients, rounds, epochs) to minutes.
+CODINGS = ("plain", "compact")
+_PAPER: dict[str, Any] = dict(clients=50, clients_per_round=5, rounds=1000, local_epochs=5, batch_size=128,
+                              lr=0.1, lr_decay=0.998, momentum=0.0, weight_decay=5e-4, s0=0.5, sp=0.95,
+                              mask_every=5, lambda_max=1e-3, lambda_segments=20, horizon=None, coding="plain",
+                              values={})
+
+# The paper's setup (docs/protocol.md); the README's quick job, which keeps the paper's algorithm
+# and settings and shrinks the run (clients, rounds, epochs) to minutes; and compact, the paper's
+# setup over 150 rounds (schedules over 15) with the compact coding: quantised, entropy-coded
+# deltas (protocol.transport). "values": the value codec per algorithm (others: raw).
 PRESETS: dict[str, dict] = {
-    "paper": dict(clients=50, clients_per_round=5, rounds=1000, local_epochs=5, batch_size=128, lr=0.1,
-                  lr_decay=0.998, momentum=0.0, weight_decay=5e-4, s0=0.5, sp=0.95, mask_every=5,
-                  lambda_max=1e-3, lambda_segments=20, horizon=None),
-    "quick": dict(clients=10, clients_per_round=None, rounds=20, local_epochs=1, batch_size=64, lr=0.1,
-                  lr_decay=0.998, momentum=0.0, weight_decay=5e-4, s0=0.5, sp=0.95, mask_every=2,
-                  lambda_max=1e-3, lambda_segments=20, horizon=None),
+    "paper": _PAPER,
+    "quick": dict(_PAPER, clients=10, clients_per_round=None, rounds=20, local_epochs=1, batch_size=64,
+                  mask_every=2),
+    "compact": dict(_PAPER, rounds=150, horizon=15, coding="compact",
+                    values={"feddip": "int8-ans", "feddp": "int8-ans", "feddip-noef": "int8-ans"}),
 }
 
 
@@ -54,8 +63,14 @@ class SimulationConfig:
     lambda_max: float = 1e-3
     lambda_segments: int = 20  # Q
     weighting: str = "samples"  # how uploads are averaged: by sample count, or "equal"
-    values: str = "raw"  # value codec of every transfer: raw | fp16 | bf16 | int8
+    values: str = "raw"  # value codec of every transfer: raw | fp16 | bf16 | int8 | ans | int4-ans | ...
     seed: int = 0
+    # plain: each transfer carries the model itself; compact (with lossy values): the difference
+    # from what the other end holds, quantised, its error carried to the next contact
+    # (protocol.transport). With lossless values compact sends what plain does.
+    coding: str = "plain"
+    rounding: str = "nearest"  # of the quantised values: nearest | stochastic (compact coding only)
+    residual_feedback: bool = True  # compact: carry each upload's quantisation error to the next
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -66,7 +81,22 @@ class SimulationConfig:
             raise ValueError("clients_per_round must be in [1, clients]")
         if self.weighting not in ("samples", "equal"):
             raise ValueError(f"weighting must be 'samples' or 'equal', got {self.weighting!r}")
+        if self.values not in VALUE_CODECS:
+            raise ValueError(f"values must be one of {', '.join(VALUE_CODECS)}, got {self.values!r}")
+        if self.coding not in CODINGS:
+            raise ValueError(f"coding must be one of {CODINGS}, got {self.coding!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding != "nearest" and not self.compact:
+            raise ValueError("stochastic rounding needs the compact coding with lossy values")
+        if not isinstance(self.residual_feedback, bool):
+            raise ValueError(f"residual_feedback must be a bool, got {self.residual_feedback!r}")
         _ = self.schedule  # validates the schedule settings
+
+    @property
+    def compact(self) -> bool:
+        """Whether transfers go through the compact transport (compact coding, lossy values)."""
+        return self.coding == "compact" and self.values not in LOSSLESS
 
     @property
     def schedule(self) -> Schedule:
