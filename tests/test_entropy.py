@@ -741,9 +741,11 @@ def splice(loc: Located, block: bytes, *, val_len: Optional[int] = None, scale: 
     return _reseal(bytes(body))
 
 
-# Odd sizes, so that the raw bits end within a byte and padding bits exist: 301 values (4 lanes),
-# and 4097 (32 lanes at 2^12 slots: the encoder's usual model, the native decoder's vector loop).
-SIZES = (301, 4097)
+# Odd sizes, so that the raw bits end within a byte and padding bits exist: 1617 values (25 lanes;
+# large enough that every codec's block is smaller than its fixed-width words, which the encoder
+# would send instead), and 4097 (32 lanes at 2^12 slots: the encoder's usual model, the native
+# decoder's vector loop).
+SIZES = (1617, 4097)
 
 
 def _hostile_base(values: str, dtype: Any, fmt: str, n: int) -> Located:
@@ -958,7 +960,7 @@ def test_hostile_bases_decode_before_corruption():
                 want_bits = (8 * np.dtype(dtype).itemsize if values == "ans" else 16 if values == "fp16-ans"
                              else int(values[3:-4]))
                 assert f["word_bits"] == want_bits, (values, f["word_bits"])
-                assert f["lanes"] == (32 if n > 2048 else 4) and (n < 2048 or f["prob_bits"] == 12), f
+                assert f["lanes"] == (32 if n > 2048 else n // 64) and (n < 2048 or f["prob_bits"] == 12), f
                 msg = splice(loc, build_block(f))
                 assert msg == loc.body + struct.pack("<I", codecs.crc32c(loc.body))
                 for be in BACKENDS:

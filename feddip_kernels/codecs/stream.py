@@ -292,7 +292,7 @@ def _write_window(w: _Writer, k: Any, window: list[Any], positions: str, values:
     coded_signs = {j: signs_coded[i] for j, i in enumerate(signed) if i in signs_coded}
     sign_blocks = dict(zip(signed, zero_sign_blocks(k, [sparse[i].signs for i in signed], coded_signs)))
     coded = iter(enumerate(sparse))
-    coded_values = encode_many(k, [[c.vals] for c in sparse], values, rounding, rng)
+    coded_values = encode_many(k, [[c.vals] for c in sparse], values, rounding, rng, fixed_width=False)
     for item in window:
         if isinstance(item, bytes):
             w.write(item)

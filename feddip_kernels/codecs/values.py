@@ -119,11 +119,15 @@ class Coded(NamedTuple):
 
 
 def encode_many(k: Any, items: Sequence[Sequence[np.ndarray]], codec: str, rounding: str = "nearest",
-                rng: Optional[np.random.Generator] = None) -> list[Coded]:
+                rng: Optional[np.random.Generator] = None, fixed_width: bool = True) -> list[Coded]:
     """Each tensor's values (in pieces, back to back, in position order) coded. Fixed-width codecs
     a piece at a time, nothing joined (except int8, whose one scale is over all of them); the
     entropy-coded ones joined and coded in one call for all tensors (in parallel with the native
-    backend); "auto" codes "ans" and keeps it where it is smaller than "raw"."""
+    backend). A tensor whose block would be larger than fixed-width words of the same values is
+    sent as those: "auto" as "raw", "fp16-ans" and "bf16-ans" as "fp16" and "bf16", the
+    quantised codecs as "int8" (their q and scale, which int8 decodes to the same values): a
+    block's head and table outweigh a few values (a bias, a small layer). Not with
+    `fixed_width=False` (a version 3 record has one codec for all its chunks)."""
     if codec not in ENTROPY_CODED and codec != "auto":
         out = []
         for pieces in items:
@@ -138,12 +142,24 @@ def encode_many(k: Any, items: Sequence[Sequence[np.ndarray]], codec: str, round
     words = [_to_words(v, coder, rounding, rng) for v in joined]
     blocks = entropy.encode_blocks(k, [(w, bits) for w, bits, _ in words])
     out = []
-    for v, (_, _, scale), block in zip(joined, words, blocks):
-        if codec == "auto" and sum(map(len, block)) >= v.nbytes:
-            out.append(Coded("raw", [encode_values(v, "raw")[0]], 0.0))
+    for v, (w, bits, scale), block in zip(joined, words, blocks):
+        fixed = _fixed_width(v, w, bits, coder) if fixed_width else None
+        if fixed is not None and sum(map(len, block)) > len(fixed.payload[0]):
+            out.append(fixed._replace(scale=scale if fixed.codec == "int8" else 0.0))
         else:
             out.append(Coded(coder, block, scale))
     return out
+
+
+def _fixed_width(v: np.ndarray, words: np.ndarray, bits: int, coder: str) -> Coded:
+    """The fixed-width codec that sends an entropy-coded codec's values unchanged (the int8 scale
+    is the caller's)."""
+    if coder == "ans":
+        return Coded("raw", [encode_values(v, "raw")[0]], 0.0)
+    if coder in ("fp16-ans", "bf16-ans"):
+        return Coded(coder[:4], [words.astype("<u2").tobytes()], 0.0)
+    mag = (words & ((1 << (bits - 1)) - 1)).astype(np.int8)
+    return Coded("int8", [np.where(words >> (bits - 1), -mag, mag).astype(np.int8).tobytes()], 0.0)
 
 
 _SIZES = {"fp16": 2, "bf16": 2, "int8": 1}  # bytes a value; raw: the dtype's
