@@ -1061,3 +1061,30 @@ def test_a_hostile_block_fails_quickly():
             except fk.CodecError:
                 pass
             assert time.perf_counter() - start < budget, (be, what)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantisation_bound_holds_for_subnormal_scales(bits):
+    # max|v| / (2^(b-1) - 1) among float32's subnormals: the scale is rounded up, never down (down,
+    # the clip would err by many steps).
+    from feddip_kernels.codecs.values import quantise
+
+    tiny = np.float32(2.0**-149)
+    for peak_ulps in (1, 3, 160, 178, 190, 4099):
+        v = np.array([peak_ulps, -peak_ulps // 2, 1, 0], np.float32) * tiny
+        q, scale = quantise(v, bits)
+        err = np.abs(q.astype(np.float64) * scale - v.astype(np.float64))
+        assert err.max() <= scale / 2 + 1e-60, (peak_ulps, scale, err.max())
+
+
+def test_many_empty_blocks_decode_in_linear_time():
+    # Empty records cost a sender nothing: the decoder must not pay for them quadratically.
+    import time
+
+    from feddip_kernels import _backend
+
+    empty = entropy.read_block(memoryview(b""), 0, 32, "x")
+    k = _backend.kernels("numpy")
+    t = time.perf_counter()
+    out = entropy.decode_blocks(k, [(empty, 0)] * 50_000, ["x"] * 50_000)
+    assert len(out) == 50_000 and time.perf_counter() - t < 2.0

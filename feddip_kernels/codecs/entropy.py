@@ -49,13 +49,16 @@ def _normalise(counts: np.ndarray, prob_bits: int) -> np.ndarray:
     total = int(counts.sum())
     present = counts > 0
     spare = (1 << prob_bits) - int(present.sum())
-    c = counts.astype(np.int64 if total < 1 << 47 else object)
-    share, rem = np.divmod(c * spare, total)
+    if total < 1 << 48:  # c * spare < 2^63
+        share, rem = np.divmod(counts.astype(np.int64) * spare, total)
+    else:  # in Python's integers (2^48 words: a tensor no encoder meets today)
+        pairs = [divmod(int(c) * spare, total) for c in counts]
+        share = np.array([p[0] for p in pairs], dtype=np.int64)
+        rem = np.array([p[1] for p in pairs], dtype=object)
     freqs = np.where(present, share + 1, 0).astype(np.int64)
     left = (1 << prob_bits) - int(freqs.sum())
-    if left:
-        order = np.lexsort((np.arange(counts.size), -rem.astype(np.float64) if c.dtype == object else -rem,
-                            ~present))
+    if left:  # the largest remainders among the counted symbols, ties to the smaller symbol
+        order = sorted(np.flatnonzero(present).tolist(), key=lambda j: (-rem[j], j))
         freqs[order[:left]] += 1
     return freqs.astype(np.uint32)
 
@@ -209,10 +212,9 @@ def read_block(raw: memoryview, n: int, widths: Union[int, range], where: str) -
 def decode_blocks(k: Any, blocks: Sequence[tuple[Block, int]], names: Sequence[str]) -> list[np.ndarray]:
     """The words of each (block, n) in one call (in parallel with the native backend); CodecError
     naming the first corrupt one."""
-    empty = [i for i, (_, n) in enumerate(blocks) if n == 0]
     todo = [(b.stream, b.raw, n, b.model) for b, n in blocks if n]
     words, failed, message = k.ans_decode_many(todo)
     if failed >= 0:
         raise CodecError(f"{[nm for (_, n), nm in zip(blocks, names) if n][failed]}: {message}")
     it = iter(words)
-    return [np.zeros(0, word_dtype(b.model.word_bits)) if i in empty else next(it) for i, (b, _) in enumerate(blocks)]
+    return [next(it) if n else np.zeros(0, word_dtype(b.model.word_bits)) for b, n in blocks]

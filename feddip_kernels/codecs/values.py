@@ -65,6 +65,8 @@ def quantise(v: np.ndarray, bits: int, rounding: str = "nearest",
         raise ValueError(f"int{bits} values: a peak of {peak} is beyond float32's range for the scale")
     if scale == 0:  # a peak among float32's smallest subnormals
         scale = np.nextafter(np.float32(0), np.float32(1))
+    while float(scale) * top < peak:  # a subnormal scale rounded down: up, or the clip would err by steps
+        scale = np.nextafter(scale, np.float32(np.inf))
     x = v / scale  # in v's precision, as int8 values have always been rounded
     if rounding == "stochastic":
         x = np.floor(x + (rng if rng is not None else np.random.default_rng()).random(x.shape))
@@ -209,19 +211,6 @@ def read_payload(raw: memoryview, codec: str, nnz: int, dtype: np.dtype, scale: 
     return Payload(codec, nnz, dtype, scale, raw, entropy.read_block(raw, nnz, word_bits(codec, dtype), where))
 
 
-def payload_length(r: Any, codec: str, nnz: int, dtype: np.dtype, where: str) -> int:
-    """The length of a values payload at a reader's position, from what its head says (an
-    entropy-coded block's head is read and checked; a fixed-width payload's follows from nnz):
-    for readers that must know a length before reading the bytes (streams)."""
-    if codec in ("raw", "fp16", "bf16", "int8"):
-        return nnz * value_size(codec, dtype)
-    if nnz == 0:
-        return 0
-    head = r.take(entropy.HEAD.size, f"{where} values")
-    rest = entropy.read_head(head, nnz, word_bits(codec, dtype), where)[-1]
-    return entropy.HEAD.size + rest
-
-
 def decode_many(k: Any, payloads: Sequence[Payload], names: Sequence[str]) -> list[np.ndarray]:
     """Each payload's values in its dtype (native order): the entropy-coded blocks in one call (in
     parallel with the native backend); CodecError naming the first corrupt one."""
@@ -240,8 +229,9 @@ def _from_words(words: np.ndarray, codec: str, dtype: np.dtype, scale: float, bi
     if codec == "bf16-ans":
         return (words.astype(np.uint32) << 16).view(np.float32).astype(dtype, copy=False)
     mag = (words & ((1 << (bits - 1)) - 1)).astype(np.float32)
+    q = np.where(words >> (bits - 1), -mag, mag) + np.float32(0)  # + 0: a sign on |q| = 0 decodes to +0.0
     with np.errstate(over="ignore"):  # a hostile scale times a large q: inf, as int8's decoder gives
-        v = np.where(words >> (bits - 1), -mag, mag) * np.float32(scale)
+        v = q * np.float32(scale)
     return v.astype(dtype, copy=False)
 
 

@@ -40,7 +40,7 @@ _STATE_KEY = "feddip.mask"
 # Config entries the strategy sends with every model.
 MASKED_KEY = "feddip-masked"  # names of the tensors whose positions are the global mask ([] before there is one)
 PRUNABLE_KEY = "feddip-prunable"  # names of the pruned tensors
-VALUES_KEY = "feddip-values"  # value codec for the replies (raw, fp16, bf16, int8)
+VALUES_KEY = "feddip-values"  # value codec for the replies (codecs.VALUE_CODECS)
 ROUND_KEY, LR_KEY, LAMBDA_KEY = "feddip-round", "feddip-lr", "feddip-lambda"  # t, lr_t, lambda_t
 S0_KEY, SEED_KEY = "feddip-s0", "feddip-seed"  # for each client's own round-0 ERK mask
 MASKS_RECORD = "feddip-masks"  # the ArrayRecord the mod hands the ClientApp: the mask to train under
@@ -115,7 +115,7 @@ def encode_arrayrecord(
         without one send their non-zeros.
     reference : names to masks the receiver already holds, optional (positions equal to, or a
         subset of, such a mask are coded relative to it).
-    values : the value codec: "raw" (lossless), "fp16", "bf16" or "int8".
+    values : the value codec, one of codecs.VALUE_CODECS: "raw", "ans" or "auto" (lossless), or a lossy one.
 
     Returns
     -------
@@ -282,7 +282,8 @@ class FedDIP(FedAvg):
         lambda_min) (i - 1) / (lambda_segments - 1), lambda_min = 5e-4; later rounds stay in the
         last segment.
     lambda_segments : the number of those segments, >= 2.
-    values : the value codec both ways: "raw" (lossless), "fp16", "bf16" or "int8".
+    values : the value codec both ways, one of codecs.VALUE_CODECS: "raw", "ans" or "auto" (lossless),
+        or a lossy one ("fp16", "bf16", "int8", their "-ans" forms, "int2-ans" .. "int7-ans").
     weighting : "samples" (replies weighted by their `weighted_by_key` metric, "num-examples" by
         default) or "equal".
     prunable : (name, array) -> whether the tensor is pruned, optional (default: two or more

@@ -80,8 +80,8 @@ class SparseCodec:
             device, or an array of more dimensions than the format holds.
         """
         # Positions are the elements whose bits are not all zero: -0.0 is kept as a value, so a
-        # lossless round trip gives back the same bytes, lossy values included (one message
-        # layout, readable by readers that predate zero-sign blocks).
+        # lossless round trip gives back the same bytes, lossy values included (no zero-sign
+        # blocks; with raw values, a message that readers predating them read).
         a = self._array(buf)
         with np.errstate(invalid="ignore"):
             keep = (a != 0) | np.signbit(a)
