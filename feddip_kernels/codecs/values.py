@@ -65,7 +65,9 @@ def quantise(v: np.ndarray, bits: int, rounding: str = "nearest",
         raise ValueError(f"int{bits} values: a peak of {peak} is beyond float32's range for the scale")
     if scale == 0:  # a peak among float32's smallest subnormals
         scale = np.nextafter(np.float32(0), np.float32(1))
-    while float(scale) * top < peak:  # a subnormal scale rounded down: up, or the clip would err by steps
+    # A subnormal scale may have rounded down by up to half: up, or the clip would err by steps.
+    # (A normal one rounds by half an ulp at most, which rint absorbs; int8's bytes stay as they were.)
+    while scale < np.finfo(np.float32).tiny and float(scale) * top < peak:
         scale = np.nextafter(scale, np.float32(np.inf))
     x = v / scale  # in v's precision, as int8 values have always been rounded
     if rounding == "stochastic":
