@@ -590,11 +590,11 @@ def test_empty_and_0d_tensors(values, fmt):
 @pytest.mark.parametrize("values", ["ans", "fp16-ans", "bf16-ans", "int2-ans", "int5-ans", "int8-ans"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_large_tensors_in_every_backend_and_isa(values, dtype):
-    # Blocks of 32 lanes (the encoder's model from 2048 values on), which the native decoder takes
+    # Blocks of 32 lanes (the encoder's model from 8192 values on), which the native decoder takes
     # with its vector loops where the CPU has them, for words of 8, 16, 32 and 64 bits; the
     # values of a pruned layer with special bit patterns among them (lossless codecs).
     rng = np.random.default_rng(9)
-    a = (rng.standard_normal(6001) * 0.02).astype(dtype)
+    a = (rng.standard_normal(16001) * 0.02).astype(dtype)
     a[np.abs(a) < 0.01] = 0
     if values == "ans":
         u = np.uint32 if dtype == np.float32 else np.uint64
@@ -605,15 +605,15 @@ def test_large_tensors_in_every_backend_and_isa(values, dtype):
     msg = msgs[BACKENDS[0]]
     loc = locate(msg)
     f = fields_at(loc)
-    assert f["lanes"] == 32 and f["n"] > 2048
+    assert f["lanes"] == 32 and f["n"] >= 8192
     want = fk.decode_model(msg, backend="numpy").tensors["w"]
-    # A stream of two chunks (4096 and 1905 elements: each a block, of 32 lanes and of fewer).
-    s = stream_bytes({"w": a}, values=values, backend="numpy", chunk_elems=4096)
+    # A stream of two chunks (14400 and 1601 elements: each a block, of 32 lanes and of fewer).
+    s = stream_bytes({"w": a}, values=values, backend="numpy", chunk_elems=14400)
     want_s = fk.decode_stream(io.BytesIO(s), backend="numpy").tensors["w"]
     for be, _, isa in each_kernels():
         with isa_capped(isa):
             assert same_bits(fk.decode_model(msg, backend=be.split("/")[0]).tensors["w"], want), be
-            assert stream_bytes({"w": a}, values=values, backend=be.split("/")[0], chunk_elems=4096) == s
+            assert stream_bytes({"w": a}, values=values, backend=be.split("/")[0], chunk_elems=14400) == s
             assert same_bits(fk.decode_stream(io.BytesIO(s), backend=be.split("/")[0]).tensors["w"], want_s), be
     if values in ("ans", "fp16-ans", "bf16-ans"):  # no scale: the chunks' values are the whole's
         assert same_bits(want_s, want)
@@ -741,11 +741,11 @@ def splice(loc: Located, block: bytes, *, val_len: Optional[int] = None, scale: 
     return _reseal(bytes(body))
 
 
-# Odd sizes, so that the raw bits end within a byte and padding bits exist: 1617 values (25 lanes;
+# Odd sizes, so that the raw bits end within a byte and padding bits exist: 1617 values (6 lanes;
 # large enough that every codec's block is smaller than its fixed-width words, which the encoder
-# would send instead), and 4097 (32 lanes at 2^12 slots: the encoder's usual model, the native
+# would send instead), and 8193 (32 lanes at 2^12 slots: the encoder's usual model, the native
 # decoder's vector loop).
-SIZES = (1617, 4097)
+SIZES = (1617, 8193)
 
 
 def _hostile_base(values: str, dtype: Any, fmt: str, n: int) -> Located:
@@ -753,7 +753,7 @@ def _hostile_base(values: str, dtype: Any, fmt: str, n: int) -> Located:
     w = rng.standard_normal(n).astype(dtype) + np.asarray(0.1, dtype)  # no zeros: nnz = n
     assert (w != 0).all()
     if fmt == "stream":
-        msg = stream_bytes({"w": w}, values=values, positions="bitmask", chunk_elems=8192)
+        msg = stream_bytes({"w": w}, values=values, positions="bitmask", chunk_elems=16384)
     else:
         msg = fk.encode_model({"w": w}, values=values, positions="bitmask")
     loc = locate(msg)
@@ -960,7 +960,7 @@ def test_hostile_bases_decode_before_corruption():
                 want_bits = (8 * np.dtype(dtype).itemsize if values == "ans" else 16 if values == "fp16-ans"
                              else int(values[3:-4]))
                 assert f["word_bits"] == want_bits, (values, f["word_bits"])
-                assert f["lanes"] == (32 if n > 2048 else n // 64) and (n < 2048 or f["prob_bits"] == 12), f
+                assert f["lanes"] == (32 if n >= 8192 else n // 256) and (n < 8192 or f["prob_bits"] == 12), f
                 msg = splice(loc, build_block(f))
                 assert msg == loc.body + struct.pack("<I", codecs.crc32c(loc.body))
                 for be in BACKENDS:

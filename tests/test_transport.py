@@ -5,9 +5,9 @@ carried, not lost; init frames; determinism."""
 import numpy as np
 import pytest
 
-from feddip_kernels.codecs import CodecError, decode_model
+from feddip_kernels.codecs import CodecError
 from feddip_kernels.protocol import ClientEnd, ServerEnd, apply_mask
-from feddip_kernels.protocol.transport import INIT_FRAME_SIZE, init_frame, model_crc, read_init_frame
+from feddip_kernels.protocol.transport import INIT_FRAME_SIZE, _decode, init_frame, model_crc, read_init_frame
 
 SHAPES = {"conv.weight": (6, 1, 5, 5), "conv.bias": (6,), "fc.weight": (20, 150), "fc.bias": (20,)}
 PRUNABLE = ("conv.weight", "fc.weight")
@@ -136,7 +136,7 @@ def test_ends_stay_in_sync_with_stale_clients_and_shrinking_masks(values, roundi
             carried = _masked(end.residual, masks)
             reply = end.reply(local, t)
             rebuilt = server.uplink(c, reply, masks or None)
-            believed = decode_model(reply, reference=masks or None).tensors
+            believed, _ = _decode(sorted(held), held, reply, masks or None)  # as the message's reader sees it
             assert _same(rebuilt, {k: held[k] + believed[k] for k in held})
             meant = _masked({k: local[k] - held[k] for k in held}, masks)
             for k in held:
@@ -223,3 +223,17 @@ def test_bytes_are_identical_for_a_fixed_seed():
 
     assert run(0) == run(0)
     assert run(0) != run(1)
+
+
+def test_messages_name_tensors_by_index_and_send_them_flat():
+    # Both ends hold the model's layout: a message carries "0", "1", ... in name order, 1-D.
+    from feddip_kernels.codecs import decode_model
+
+    rng = np.random.default_rng(3)
+    init = _model(rng)
+    server, _ = _ends(init, "int8-ans", "nearest")
+    weights = {k: v + np.float32(0.5) for k, v in init.items()}
+    msg, _ = server.downlink(0, weights, None, None, 1)
+    got = decode_model(msg[INIT_FRAME_SIZE:])
+    assert list(got.tensors) == [str(i) for i in range(len(init))]
+    assert all(got.tensors[str(i)].shape == (init[k].size,) for i, k in enumerate(sorted(init)))

@@ -27,7 +27,10 @@ __all__ = ["HEAD", "MAX_SYMBOLS", "AnsModel", "Block", "block_bound", "decode_bl
 HEAD = struct.Struct("<BBBBQHHQ")
 MAX_SYMBOLS = 4096  # a table's most entries (the decoder's tables: 2^prob_bits slots, these symbols)
 _ENCODER_PROB_BITS = 12  # the finest precision the encoder uses: 4096 slots, whose tables stay in L1
-_LANE_WORDS = 64  # words a lane at least, below 32 lanes: a small tensor pays 4 bytes a state
+# Lanes: 32 from _FULL_LANES words on (the decoder's vector loops take 32), else a lane for every
+# _LANE_WORDS words, at least one: a state costs 4 bytes, a few hundredths of a bit a word there.
+_FULL_LANES = 8192
+_LANE_WORDS = 256
 
 
 class Block(NamedTuple):
@@ -104,7 +107,7 @@ def plan(k: Any, words: np.ndarray, word_bits: int) -> AnsModel:
         best = (cost, shift, base, counts)
     _, shift, base, counts = best
     prob_bits = _prob_bits(int((counts > 0).sum()), n)
-    lanes = max(1, min(ANS_MAX_LANES, n // _LANE_WORDS))
+    lanes = ANS_MAX_LANES if n >= _FULL_LANES else max(1, min(ANS_MAX_LANES, n // _LANE_WORDS))
     return AnsModel(word_bits, shift, base, _normalise(counts, prob_bits), prob_bits, lanes)
 
 
