@@ -23,6 +23,7 @@ from feddip_kernels.integrations.flower import (  # noqa: E402
     encode_arrayrecord,
     encoded_size,
     feddip_mod,
+    is_compact,
     is_encoded,
 )
 
@@ -152,6 +153,16 @@ def test_strategy_validates_its_settings():
         FedDIP(num_rounds=3, s0=0.9, sp=0.5)
     with pytest.raises(ValueError, match="values"):
         FedDIP(num_rounds=3, values="fp8")
+    with pytest.raises(ValueError, match="coding"):
+        FedDIP(num_rounds=3, coding="dense")
+    with pytest.raises(ValueError, match="rounding must be"):
+        FedDIP(num_rounds=3, values="int8-ans", coding="compact", rounding="up")
+    for values, coding in (("int8-ans", "plain"), ("raw", "compact")):  # stochastic rounding: compact, lossy
+        with pytest.raises(ValueError, match="stochastic"):
+            FedDIP(num_rounds=3, values=values, coding=coding, rounding="stochastic")
+    with pytest.raises(ValueError, match="init_seed"):
+        FedDIP(num_rounds=3, values="int8-ans", coding="compact", init_seed=-1)
+    assert not FedDIP(num_rounds=3, values="ans", coding="compact").compact  # lossless: the plain coding
 
 
 def _one_round(strategy, corrupt_node=None):
@@ -216,9 +227,31 @@ class _GridOf:
         return self.nodes
 
 
-def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity):
-    # One server-side implementation: the Flower strategy with clients that train as `feddip
-    # simulate`'s do gets the simulation's global model, bit for bit, round for round.
+def _simulate(cfg, train, test, parts, monkeypatch):
+    """The simulation's global model after each round (recorded as its server aggregates), and
+    its history."""
+    from feddip_kernels.fl.simulation import run_simulation
+    from feddip_kernels.protocol import FedDIPServer
+
+    weights = []
+    aggregate = FedDIPServer.aggregate
+
+    def recording(self, uploads):
+        out = aggregate(self, uploads)
+        weights.append({k: v.copy() for k, v in self.weights.items()})
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(FedDIPServer, "aggregate", recording)
+        state = run_simulation(cfg, train, test, parts)
+    return weights, state.history
+
+
+def _flower_as_simulate(cfg, monkeypatch, node_of=lambda c: c + 1, evaluate=False, **coding):
+    """Run the Flower strategy and the mod in a ClientApp whose clients train as `feddip simulate`'s
+    do, the round's nodes those the simulation samples, and check it against the simulation: the
+    global model bit for bit and the bytes each way, round for round. Returns the strategy and, for
+    every round, the training messages as sent: (node, ArrayRecord, ConfigRecord)."""
     pytest.importorskip("torch")
     import dataclasses
 
@@ -226,19 +259,22 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
 
     from feddip_kernels.fl import iid_partition, make_model, synthetic_dataset
     from feddip_kernels.fl.data import Dataset
-    from feddip_kernels.fl.simulation import SimulationConfig, _train_client, run_simulation
+    from feddip_kernels.fl.simulation import _train_client
     from feddip_kernels.fl.state import float_state
-    from feddip_kernels.integrations.flower import LAMBDA_KEY, LR_KEY, ROUND_KEY
+    from feddip_kernels.integrations.flower import LAMBDA_KEY, LR_KEY, ROUND_KEY, make_feddip_mod
     from feddip_kernels.protocol import seed_for
 
     train, test = synthetic_dataset(300, 60, seed=0)
-    parts = iid_partition(len(train), 3, seed=0)
+    parts = iid_partition(len(train), cfg.clients, seed=0)
     shards = [Dataset(train.x[p], train.y[p]) for p in parts]
-    cfg = SimulationConfig(algorithm="feddip", clients=3, clients_per_round=None, rounds=3, horizon=3, local_epochs=1,
-                           batch_size=32, lr=0.05, s0=0.5, sp=0.9, mask_every=1, weighting="samples", seed=5)
-    expected = [run_simulation(dataclasses.replace(cfg, rounds=r), train, test, parts).weights for r in (1, 2, 3)]
+    expected, history = _simulate(dataclasses.replace(cfg, **coding), train, test, parts, monkeypatch)
+    assert len(expected) == len(history) == cfg.rounds
 
-    app = ClientApp(mods=[feddip_mod])
+    def init_model(seed):  # what a client runs to build the initial model (the simulation's)
+        torch.manual_seed(seed)
+        return {k: v.numpy() for k, v in float_state(make_model(cfg.model, 1, 10)).items()}
+
+    app = ClientApp(mods=[make_feddip_mod(init_model)])
 
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
@@ -257,18 +293,216 @@ def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity)
         )
         return Message(content=content, reply_to=msg)
 
+    @app.evaluate()
+    def evaluate_fn(msg: Message, context: Context) -> Message:
+        assert not is_encoded(msg.content["arrays"]) and not is_compact(msg.content["arrays"])
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 1, "accuracy": 0.5})}),
+                       reply_to=msg)
+
     torch.manual_seed(seed_for(cfg.seed, 0))
     arrays = _record({k: v.numpy().copy() for k, v in float_state(make_model(cfg.model, 1, 10)).items()})
-    strategy = FedDIP(num_rounds=3, s0=0.5, sp=0.9, mask_every=1, horizon=3, lr=0.05, seed=5, weighting="samples",
-                      min_available_nodes=3, min_train_nodes=3)
-    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1}, state=RecordDict(), run_config={})
-                for n in (1, 2, 3)}
-    for rnd in (1, 2, 3):
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({}), _GridOf([1, 2, 3])))
+    strategy = FedDIP(num_rounds=cfg.rounds, s0=cfg.s0, sp=cfg.sp, mask_every=cfg.mask_every, horizon=cfg.horizon,
+                      lr=cfg.lr, seed=cfg.seed, weighting=cfg.weighting, min_available_nodes=1, min_train_nodes=1,
+                      min_evaluate_nodes=1, **coding)
+    nodes = [node_of(c) for c in range(cfg.clients)]
+    contexts = {node_of(c): Context(run_id=1, node_id=node_of(c), node_config={"partition-id": c}, state=RecordDict(),
+                                    run_config={}) for c in range(cfg.clients)}
+    sent = []
+    for rnd in range(1, cfg.rounds + 1):
+        chosen = [node_of(c) for c in cfg.clients_in_round(rnd - 1)]
+        down, up = strategy.bytes_down, strategy.bytes_up
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({}), _GridOf(chosen)))
+        assert sorted(m.metadata.dst_node_id for m in messages) == sorted(chosen)
+        sent.append([(m.metadata.dst_node_id, m.content["arrays"], m.content["config"]) for m in messages])
         replies = [app(m, contexts[m.metadata.dst_node_id]) for m in reversed(messages)]  # any order
         arrays, _ = strategy.aggregate_train(rnd, replies)
+        row = history[rnd - 1]
+        assert (strategy.bytes_down - down, strategy.bytes_up - up) == (row["bytes_down"], row["bytes_up"]), rnd
         for k, v in expected[rnd - 1].items():
             assert arrays[k].numpy().tobytes() == v.tobytes(), (rnd, k)
+        if evaluate:  # the plain coding to every node, between training rounds: nothing of it reaches training
+            evaluation = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), _GridOf(nodes)))
+            assert len(evaluation) == len(nodes) and all(is_encoded(m.content["arrays"]) for m in evaluation)
+            strategy.aggregate_evaluate(rnd, [app(m, contexts[m.metadata.dst_node_id]) for m in evaluation])
+    return strategy, sent
+
+
+_SIMULATION = dict(algorithm="feddip", clients=3, clients_per_round=None, rounds=3, horizon=3, local_epochs=1,
+                   batch_size=32, lr=0.05, s0=0.5, sp=0.9, mask_every=1, weighting="samples", seed=5)
+
+
+@pytest.mark.parametrize("values", ["raw", "int4-ans"])
+def test_flower_strategy_and_simulate_give_the_same_global_models(task_identity, monkeypatch, values):
+    # One server-side implementation: the Flower strategy with clients that train as `feddip
+    # simulate`'s do gets the simulation's global model, bit for bit, round for round. The plain
+    # coding's messages are those it always was (the same bytes as the simulation's plain ones).
+    from feddip_kernels.fl.simulation import SimulationConfig
+    from feddip_kernels.integrations.flower import CODING_KEY, CRC_KEY, INIT_SEED_KEY, ROUNDING_KEY
+
+    cfg = SimulationConfig(**_SIMULATION)
+    strategy, sent = _flower_as_simulate(cfg, monkeypatch, values=values)
+    assert not strategy.compact and strategy.transport is None
+    for _, record, config in (m for messages in sent for m in messages):
+        assert is_encoded(record) and list(record.keys()) == ["feddip"]
+        assert not {CODING_KEY, ROUNDING_KEY, INIT_SEED_KEY, CRC_KEY} & set(config.keys())
+
+
+@pytest.mark.parametrize(
+    "rounding, clients_per_round, node_of, evaluate",
+    [
+        ("nearest", None, lambda c: c + 1, True),  # all clients every round, evaluations in between
+        ("nearest", 2, lambda c: c + 1, False),  # client 0 first in round 1, client 2 skips it
+        # Stochastic rounding draws from the client's index: on the server, the node id.
+        ("stochastic", 2, lambda c: c, False),
+    ],
+    ids=["nearest-all", "nearest-sampled", "stochastic-sampled"],
+)
+def test_flower_compact_coding_sends_the_simulations_bytes(task_identity, monkeypatch, rounding, clients_per_round,
+                                                          node_of, evaluate):
+    # coding="compact": the same messages as `feddip simulate --coding compact` sends, byte for
+    # byte (per-round bytes each way), and the same global models, bit for bit.
+    from feddip_kernels.fl.simulation import SimulationConfig
+    from feddip_kernels.integrations.flower import CODING_KEY, CRC_KEY, ROUNDING_KEY
+    from feddip_kernels.protocol.transport import INIT_FRAME_SIZE, INIT_MAGIC
+
+    cfg = SimulationConfig(**dict(_SIMULATION, clients_per_round=clients_per_round))
+    strategy, sent = _flower_as_simulate(cfg, monkeypatch, node_of=node_of, evaluate=evaluate, values="int4-ans",
+                                         coding="compact", rounding=rounding)
+    assert strategy.compact
+    first = set()
+    for messages in sent:
+        for node, record, config in messages:
+            assert is_compact(record) and not is_encoded(record)
+            assert config[CODING_KEY] == "compact" and config[ROUNDING_KEY] == rounding and CRC_KEY in config
+            data = record["feddip"].data
+            assert (data[:4] == INIT_MAGIC) == (node not in first)  # an init frame at first contact only
+            if node not in first and messages is sent[0]:
+                assert len(data) == INIT_FRAME_SIZE  # round 1: the initial model, the frame alone
+            first.add(node)
+    assert len(first) == cfg.clients
+
+
+def _compact_app(fail):
+    """A ClientApp with the compact coding's mod (the initial model: _model()) whose training adds
+    noise, and raises for the nodes in `fail`."""
+    from feddip_kernels.integrations.flower import make_feddip_mod
+
+    app = ClientApp(mods=[make_feddip_mod(lambda seed: _model())])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if context.node_id in fail:
+            raise RuntimeError("training failed")
+        arrays = msg.content["arrays"]
+        rng = np.random.default_rng(context.node_id)
+        trained = {k: a.numpy() + 0.01 * rng.standard_normal(a.shape).astype(np.float32) for k, a in arrays.items()}
+        content = RecordDict({"arrays": _record(trained), "metrics": MetricRecord({"num-examples": 10})})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def _held_by(context):
+    return {k: a.numpy() for k, a in context.state["feddip.compact.held"].items()}
+
+
+def test_compact_coding_starts_afresh_the_nodes_whose_state_is_unknown(task_identity):
+    # A node that failed (flwr keeps the context it had when the ClientApp raises) or whose reply
+    # is missing (its message or its reply lost) may or may not hold what it was sent: its next
+    # message opens with an init frame. A rejected reply leaves the node as it was; a node out of
+    # step (here: its context state restored from an earlier round) fails and starts afresh.
+    from feddip_kernels.protocol.transport import INIT_MAGIC
+
+    nodes = (1, 2, 3, 4)
+    strategy = FedDIP(num_rounds=10, s0=0.5, sp=0.9, mask_every=1, values="int4-ans", coding="compact",
+                      min_available_nodes=4, min_train_nodes=1)
+    fail = set()
+    app = _compact_app(fail)
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
+    saved = {}
+
+    def round_(rnd, failing=(), lost=(), corrupt=()):
+        fail.clear()
+        fail.update(failing)
+        messages = sorted(strategy.configure_train(rnd, _record(_model()), ConfigRecord({}), _GridOf(nodes)),
+                          key=lambda m: m.metadata.dst_node_id)
+        opens = {m.metadata.dst_node_id: m.content["arrays"]["feddip"].data[:4] == INIT_MAGIC for m in messages}
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            try:
+                reply = app(m, contexts[node])
+            except Exception as e:  # as flwr reports it (and keeps the node's context as it was)
+                reply = Message(Error(code=2, reason=f"{type(e)}:<'{e}'>"), reply_to=m)
+            if node in corrupt:
+                data = bytearray(reply.content["arrays"]["feddip"].data)
+                data[len(data) // 2] ^= 0xFF
+                reply.content["arrays"]["feddip"].data = bytes(data)
+            if node not in lost:
+                replies.append(reply)
+        arrays, metrics = strategy.aggregate_train(rnd, replies)
+        assert arrays is not None
+        return opens, strategy.rounds[-1]
+
+    opens, seen = round_(1)
+    assert all(opens.values()) and seen["aggregated"] == [1, 2, 3, 4]
+    saved = copy.deepcopy(contexts[1].state)
+    opens, seen = round_(2, failing=[2], lost=[3], corrupt=[4])
+    assert not any(opens.values())
+    assert (seen["aggregated"], seen["failed"], seen["missing"], seen["rejected"]) == ([1], [2], [3], [4])
+    assert set(strategy.transport.held) == {1, 4}  # 2 and 3: unknown, dropped
+    opens, seen = round_(3)
+    assert opens == {1: False, 2: True, 3: True, 4: False} and seen["aggregated"] == [1, 2, 3, 4]
+    for n in nodes:  # every node holds the model the server believes it holds, bit for bit
+        held = _held_by(contexts[n])
+        assert all(held[k].tobytes() == v.tobytes() for k, v in strategy.transport.held[n].items())
+    contexts[1].state = saved  # node 1 out of step: it holds round 1's model
+    opens, seen = round_(4)
+    assert not any(opens.values()) and seen["failed"] == [1] and seen["aggregated"] == [2, 3, 4]
+    opens, seen = round_(5)
+    assert opens == {1: True, 2: False, 3: False, 4: False} and seen["aggregated"] == [1, 2, 3, 4]
+
+
+def test_a_compact_reply_outside_the_global_mask_is_rejected(task_identity):
+    from feddip_kernels.integrations.flower import ROUND_KEY
+    from feddip_kernels.protocol import ClientEnd
+
+    strategy = FedDIP(num_rounds=10, s0=0.5, sp=0.9, mask_every=5, values="int8-ans", coding="compact",
+                      min_available_nodes=2, min_train_nodes=2)
+    app, nodes = _compact_app(set()), (1, 2)
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
+    for rnd in (1, 2):
+        messages = list(strategy.configure_train(rnd, _record(_model()), ConfigRecord({}), _GridOf(nodes)))
+        replies = sorted((app(m, contexts[m.metadata.dst_node_id]) for m in messages),
+                         key=lambda r: r.metadata.src_node_id)
+        if rnd == 2:  # node 2 sends its whole model (as if it held no mask): values where the global mask has none
+            end = ClientEnd(2, values="int8-ans", seed=0)
+            end.held = strategy.transport.held[2]
+            local = {k: v + 0.5 for k, v in end.held.items()}
+            data = end.reply(local, int(messages[0].content["config"][ROUND_KEY]))
+            replies[1].content["arrays"]["feddip"].data = data
+        arrays, metrics = strategy.aggregate_train(rnd, replies)
+    assert metrics["feddip-rejected"] == 1 and "outside the global mask" in strategy.reasons[-1][2]
+    assert metrics["feddip-aggregated"] == 1 and 2 in strategy.transport.held  # rejected: it holds what it was sent
+    for k, m in strategy.masks.items():
+        assert not arrays[k].numpy()[~m].any()
+
+
+def test_compact_coding_needs_the_initial_model(task_identity):
+    app = ClientApp(mods=[feddip_mod])  # make_feddip_mod() without init_model
+    app.train()(lambda msg, context: Message(content=RecordDict(), reply_to=msg))
+    strategy = FedDIP(num_rounds=3, values="int8-ans", coding="compact", min_available_nodes=2, min_train_nodes=2)
+    (m, _) = strategy.configure_train(1, _record(_model()), ConfigRecord({}), _Grid())
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(fk.CodecError, match="make_feddip_mod"):
+        app(m, context)
+    # A mod whose initial model is another: the init frame's CRC-32C tells.
+    from feddip_kernels.integrations.flower import make_feddip_mod
+
+    other = ClientApp(mods=[make_feddip_mod(lambda seed: _model(1))])
+    other.train()(lambda msg, context: Message(content=RecordDict(), reply_to=msg))
+    with pytest.raises(fk.CodecError, match="CRC"):
+        other(m, context)
 
 
 def test_reply_outside_the_global_mask_is_rejected(task_identity):

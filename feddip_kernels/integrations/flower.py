@@ -16,6 +16,16 @@
   to the global mask it last received. Training replies are validated whole (model, weight,
   metrics) before anything changes; bad ones are dropped and counted. Bytes each way:
   `bytes_down` / `bytes_up`.
+
+Compact coding (`FedDIP(coding="compact")` with a lossy value codec, and a mod from
+`make_feddip_mod(init_model)`): training messages carry protocol.transport's messages, the bytes
+`feddip simulate` sends for the same round with coding="compact": the server sends each node the
+difference between the global model and the model that node holds (an init frame at first
+contact, from which the mod builds the initial model with `init_model(seed)`), and the node
+replies with the difference between its trained model and the one it holds, plus the quantisation
+error it carried from earlier replies. The payload is the one Array "feddip" of stype
+"feddip-compact/v1" (COMPACT_STYPE); the model each node holds, its mask and residual live in the
+node's context state. Evaluation messages keep the plain coding.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import math
 import reprlib
 from collections import Counter
 from logging import WARNING
-from typing import Any, Callable, Iterable, Optional, cast
+from typing import Any, Callable, Iterable, Mapping, Optional, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,11 +42,17 @@ from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from ..codecs import DEFAULT_MAX_BYTES, VALUE_CODECS, CodecError, decode_model, encode_model
-from ..protocol import FedDIPServer, Schedule, random_erk_masks, seed_for
+from ..codecs.values import LOSSLESS, ROUNDINGS
+from ..protocol import ClientEnd, FedDIPServer, Schedule, ServerEnd, random_erk_masks, seed_for
+from ..protocol.transport import INIT_MAGIC, model_crc
 
 STYPE = "feddip/v1"
+COMPACT_STYPE = "feddip-compact/v1"  # an Array "feddip" holding a protocol.transport message
 ENCODED_KEY = "feddip"
 _STATE_KEY = "feddip.mask"
+# A node's end of the compact transport, in its context state: the model it holds, the global
+# mask it holds (uint8) and its residual.
+_HELD_STATE, _MASK_STATE, _RESIDUAL_STATE = "feddip.compact.held", "feddip.compact.mask", "feddip.compact.residual"
 # Config entries the strategy sends with every model.
 MASKED_KEY = "feddip-masked"  # names of the tensors whose positions are the global mask ([] before there is one)
 PRUNABLE_KEY = "feddip-prunable"  # names of the pruned tensors
@@ -44,6 +60,12 @@ VALUES_KEY = "feddip-values"  # value codec for the replies (codecs.VALUE_CODECS
 ROUND_KEY, LR_KEY, LAMBDA_KEY = "feddip-round", "feddip-lr", "feddip-lambda"  # t, lr_t, lambda_t
 S0_KEY, SEED_KEY = "feddip-s0", "feddip-seed"  # for each client's own round-0 ERK mask
 MASKS_RECORD = "feddip-masks"  # the ArrayRecord the mod hands the ClientApp: the mask to train under
+# Config entries of compact-coded training messages only (plain messages do not carry them).
+CODING_KEY, ROUNDING_KEY = "feddip-coding", "feddip-rounding"  # "compact"; "nearest" | "stochastic"
+INIT_SEED_KEY = "feddip-init-seed"  # the seed the initial model is built from (as in the init frame)
+RESIDUAL_KEY = "feddip-residual-feedback"  # whether replies carry their quantisation error forward
+CRC_KEY = "feddip-crc"  # model_crc of the model the node holds once it has decoded its message
+CODINGS = ("plain", "compact")
 
 _FLOATS = ("float32", "float64")
 # The largest weight a reply may carry: a count of examples, exact in float64, and small enough
@@ -96,6 +118,27 @@ def encoded_size(record: ArrayRecord) -> int:
     int : the length of the feddip message it carries, 0 when `is_encoded` is False.
     """
     return len(record[ENCODED_KEY].data) if is_encoded(record) else 0
+
+
+def is_compact(record: ArrayRecord) -> bool:
+    """Whether `record` carries a compact-coded message (protocol.transport).
+
+    Parameters
+    ----------
+    record : any ArrayRecord.
+
+    Returns
+    -------
+    bool : True when it holds an Array named "feddip" (ENCODED_KEY) of stype "feddip-compact/v1"
+        (COMPACT_STYPE).
+    """
+    return ENCODED_KEY in record and record[ENCODED_KEY].stype == COMPACT_STYPE
+
+
+def _compact_record(payload: bytes, others: Iterable[tuple[str, Array]] = ()) -> ArrayRecord:
+    arrays = {ENCODED_KEY: Array(dtype="uint8", shape=(len(payload),), stype=COMPACT_STYPE, data=payload)}
+    arrays.update(others)
+    return ArrayRecord(array_dict=arrays)
 
 
 def encode_arrayrecord(
@@ -182,38 +225,100 @@ def _record_to_masks(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: a.numpy().astype(bool) for k, a in record.items()}
 
 
-def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """ClientApp mod: decode incoming feddip records (relative to the global mask this node holds),
-    give the ClientApp its training mask, encode the reply's ArrayRecords relative to the global mask.
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+
+
+def make_feddip_mod(init_model: Optional[Callable[[int], Mapping[str, np.ndarray]]] = None) -> Mod:
+    """A ClientApp mod for FedDIP's messages, plain or compact-coded (`feddip_mod` is
+    `make_feddip_mod()`).
 
     Parameters
     ----------
-    msg : the incoming message; one without encoded ArrayRecords goes to `call_next` unchanged.
-    ctxt : the node's context; its state keeps the global mask between rounds.
-    call_next : the next mod, or the ClientApp.
+    init_model : seed -> the initial model (names to float arrays: every float tensor the strategy
+        sends), optional; needed for the compact coding, whose first message to a node is an init
+        frame naming the seed (the strategy's init_seed) from which the node builds the initial
+        model itself (checked against the frame's CRC-32C). The simulation's clients build it as
+        `torch.manual_seed(seed)` then the model's constructor.
 
     Returns
     -------
-    Message : the reply of `call_next`, its ArrayRecords (other than "feddip-masks" and those
-        already encoded) encoded with the value codec the strategy named ("raw" when the incoming
-        message carried no encoded record); replies with an error or without content unchanged.
-
-    Raises
-    ------
-    CodecError : an incoming encoded record that does not decode (bad bytes, or coded relative to
-        a mask this node does not hold).
-    KeyError : a config that names prunable tensors in round 0 without "feddip-s0" and
-        "feddip-seed", or tensors the message does not hold.
-    ValueError : a reply that cannot be encoded: an array named "feddip", an unknown value codec,
-        or a tensor of another size than the global mask's.
+    Mod : the mod (see its documentation: `help(feddip_mod)`).
     """
+
+    def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        """ClientApp mod: decode incoming feddip records (relative to the global mask this node
+        holds), give the ClientApp its training mask, encode the reply's ArrayRecords relative to
+        the global mask.
+
+        A compact-coded message (one Array of stype "feddip-compact/v1") is decoded by the node's
+        end of protocol.transport, kept in the context state (the model the node holds, its
+        global mask, its residual): the ClientApp gets the model held; the reply's ArrayRecord
+        under the same key is sent back as ClientEnd.reply's message (the difference from the
+        model held, plus the residual), its other ArrayRecords encoded as for plain messages.
+
+        Parameters
+        ----------
+        msg : the incoming message; one without encoded ArrayRecords goes to `call_next` unchanged.
+        ctxt : the node's context; its state keeps the global mask between rounds (and, with the
+            compact coding, the model held and the residual).
+        call_next : the next mod, or the ClientApp.
+
+        Returns
+        -------
+        Message : the reply of `call_next`, its ArrayRecords (other than "feddip-masks" and those
+            already encoded) encoded with the value codec the strategy named ("raw" when the
+            incoming message carried no encoded record); replies with an error or without content
+            unchanged.
+
+        Raises
+        ------
+        CodecError : an incoming encoded record that does not decode (bad bytes, or coded relative
+            to a mask this node does not hold); for the compact coding also an init frame without
+            `init_model`, or whose model is not the one built, a message to a node that holds no
+            model, or one after which the node holds another model than the server (CRC): the
+            node's state is out of step (flwr then keeps the state it had and replies with an
+            error; the strategy starts the node afresh at its next message).
+        KeyError : a config that names prunable tensors in round 0 without "feddip-s0" and
+            "feddip-seed", or tensors the message does not hold.
+        ValueError : a reply that cannot be encoded: an array named "feddip", an unknown value
+            codec, a tensor of another size than the global mask's, or (compact coding) a reply
+            whose float arrays are not the model's.
+        """
+        if msg.has_content() and any(is_compact(r) for r in msg.content.array_records.values()):
+            return _compact_mod(msg, ctxt, call_next, init_model)
+        return _plain_mod(msg, ctxt, call_next)
+
+    return feddip_mod
+
+
+def _config(msg: Message) -> dict[str, Any]:
+    """The message's config records, merged."""
+    config: dict[str, Any] = {}
+    for config_record in msg.content.config_records.values():
+        config.update(config_record)
+    return config
+
+
+def _training_masks(
+    ctxt: Context, config: dict[str, Any], masks: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
+) -> Optional[ArrayRecord]:
+    """The MASKS_RECORD the ClientApp gets: the global mask held, or in FedDIP's round 0, before
+    there is one, a random ERK mask of this client's own; None when nothing is pruned."""
+    if masks:
+        return _masks_to_record(masks)
+    prunable = list(config.get(PRUNABLE_KEY, []))
+    if not prunable:
+        return None
+    rng = np.random.default_rng(seed_for(int(config[SEED_KEY]), 1, _client_index(ctxt)))
+    return _masks_to_record(random_erk_masks({k: shapes[k] for k in prunable}, 1.0 - float(config[S0_KEY]), rng))
+
+
+def _plain_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     values = "raw"
     if msg.has_content() and any(is_encoded(r) for r in msg.content.array_records.values()):
-        config: dict[str, Any] = {}
-        for config_record in msg.content.config_records.values():
-            config.update(config_record)
+        config = _config(msg)
         values = str(config.get(VALUES_KEY, values))
-        masked, prunable = list(config.get(MASKED_KEY, [])), list(config.get(PRUNABLE_KEY, []))
+        masked = list(config.get(MASKED_KEY, []))
         held = _held_masks(ctxt)
         # A new RecordDict: the incoming one may be shared (e.g. one object for every node).
         content = RecordDict(dict(msg.content.items()))
@@ -227,11 +332,9 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
         if masked:
             held = {k: held[k] for k in masked}
             ctxt.state[_STATE_KEY] = _masks_to_record(held)
-            content[MASKS_RECORD] = _masks_to_record(held)
-        elif prunable:  # FedDIP's round 0: a random ERK mask of this client's own
-            rng = np.random.default_rng(seed_for(int(config[SEED_KEY]), 1, _client_index(ctxt)))
-            own = random_erk_masks({k: shapes[k] for k in prunable}, 1.0 - float(config[S0_KEY]), rng)
-            content[MASKS_RECORD] = _masks_to_record(own)
+        training = _training_masks(ctxt, config, held if masked else {}, shapes)
+        if training is not None:
+            content[MASKS_RECORD] = training
         msg.content = content
     reply = call_next(msg, ctxt)
     if reply.has_error() or not reply.has_content():
@@ -243,6 +346,80 @@ def feddip_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Contex
             masks = {k: m for k, m in shared.items() if k in names}
             reply.content[key] = encode_arrayrecord(record, masks=masks or None, reference=masks or None, values=values)
     return reply
+
+
+def _compact_mod(
+    msg: Message,
+    ctxt: Context,
+    call_next: Callable[[Message, Context], Message],
+    init_model: Optional[Callable[[int], Mapping[str, np.ndarray]]],
+) -> Message:
+    """feddip_mod for a compact-coded message: ClientEnd.receive, the ClientApp, ClientEnd.reply."""
+    config = _config(msg)
+    keys = [k for k, r in msg.content.array_records.items() if is_compact(r)]
+    if len(keys) != 1:
+        raise CodecError(f"{len(keys)} compact-coded ArrayRecords in one message, expected one")
+    (key,) = keys
+    record = msg.content.array_records[key]
+    data = record[ENCODED_KEY].data
+    if data[: len(INIT_MAGIC)] == INIT_MAGIC and init_model is None:
+        raise CodecError("a compact-coded message opening with an init frame, and no way to build the initial "
+                         "model: use make_feddip_mod(init_model) as the ClientApp's mod")
+    t, masked = int(config[ROUND_KEY]), list(config.get(MASKED_KEY, []))
+    end = ClientEnd(_client_index(ctxt), values=str(config[VALUES_KEY]), rounding=str(config[ROUNDING_KEY]),
+                    seed=int(config[SEED_KEY]), build=init_model, residual_feedback=bool(config[RESIDUAL_KEY]))
+    _load_end(end, ctxt)
+    held = end.receive(data, masked=masked)  # CodecError: bad bytes, or this node's state is out of step
+    if CRC_KEY in config and model_crc(held) != int(config[CRC_KEY]):
+        raise CodecError("the model decoded is not the one the server holds for this node (CRC-32C): the node's "
+                         "compact state is out of step with the server's")
+    content = RecordDict(dict(msg.content.items()))  # the incoming one may be shared
+    plain = {k: Array(v) for k, v in held.items()}
+    plain.update({k: a for k, a in record.items() if k != ENCODED_KEY})
+    content[key] = ArrayRecord(array_dict=plain)
+    training = _training_masks(ctxt, config, end.masks, {k: v.shape for k, v in held.items()})
+    if training is not None:
+        content[MASKS_RECORD] = training
+    msg.content = content
+    reply = call_next(msg, ctxt)
+    if not reply.has_error() and reply.has_content():
+        for rkey, rrecord in list(reply.content.array_records.items()):
+            if rkey == key:  # the model: the difference from the one held, and the residual
+                floats = {k: a.numpy() for k, a in rrecord.items() if a.dtype in _FLOATS}
+                if floats.keys() != held.keys():
+                    raise ValueError(f"the reply's float arrays {sorted(floats)} are not the model's {sorted(held)}")
+                others = [(k, a) for k, a in rrecord.items() if a.dtype not in _FLOATS]
+                if any(k == ENCODED_KEY for k, _ in others):
+                    raise ValueError(f"array name {ENCODED_KEY!r} is reserved")
+                reply.content[rkey] = _compact_record(end.reply(floats, t), others)
+            elif rkey != MASKS_RECORD and not is_encoded(rrecord) and not is_compact(rrecord):
+                names = set(rrecord.keys())
+                masks = {k: m for k, m in end.masks.items() if k in names}
+                reply.content[rkey] = encode_arrayrecord(rrecord, masks=masks or None, reference=masks or None,
+                                                         values=end.values)
+    _save_end(end, ctxt)
+    return reply
+
+
+def _load_end(end: ClientEnd, ctxt: Context) -> None:
+    """The node's end of the compact transport as its context state holds it (nothing held: none)."""
+    state = ctxt.state
+    if _HELD_STATE not in state:
+        return
+    # ArrayRecords: this module alone writes these keys (_save_end)
+    end.held = {k: a.numpy() for k, a in cast(ArrayRecord, state[_HELD_STATE]).items()}
+    end.masks = _record_to_masks(cast(ArrayRecord, state[_MASK_STATE]))
+    end.residual = {k: a.numpy() for k, a in cast(ArrayRecord, state[_RESIDUAL_STATE]).items()}
+
+
+def _save_end(end: ClientEnd, ctxt: Context) -> None:
+    assert end.held is not None
+    ctxt.state[_HELD_STATE] = ArrayRecord(array_dict={k: Array(v) for k, v in end.held.items()})
+    ctxt.state[_MASK_STATE] = _masks_to_record(end.masks)
+    ctxt.state[_RESIDUAL_STATE] = ArrayRecord(array_dict={k: Array(v) for k, v in end.residual.items()})
+
+
+feddip_mod = make_feddip_mod()
 
 
 def _held_masks(ctxt: Context) -> dict[str, np.ndarray]:
@@ -288,15 +465,33 @@ class FedDIP(FedAvg):
         default) or "equal".
     prunable : (name, array) -> whether the tensor is pruned, optional (default: two or more
         dimensions).
-    seed : the run's seed, sent to the clients (SEED_KEY) to seed their round-0 ERK masks.
+    seed : the run's seed, sent to the clients (SEED_KEY) to seed their round-0 ERK masks (and,
+        with the compact coding, the stochastic rounding).
+    coding : "plain" (each message carries the model itself) or "compact" (with a lossy `values`:
+        protocol.transport's deltas against what the other end holds, the bytes `feddip simulate`
+        sends with coding="compact"; the nodes need `make_feddip_mod(init_model)`). With lossless
+        values "compact" sends what "plain" does. Evaluation messages always use the plain coding.
+        The server keeps the model each node holds (one model a node, as the simulation); a node
+        whose training reply failed or is missing may or may not hold what it was sent, and is
+        started afresh: its next message opens with an init frame.
+    rounding : of the compact coding's quantised values: "nearest" or "stochastic", seeded by
+        `seed`, the round and the client's index: on the server the node id, in the mod the
+        node's "partition-id" (else its node id); the simulation's where the two are its client
+        index.
+    init_seed : the seed the nodes build the initial model from (the init frame's; sent as
+        INIT_SEED_KEY), an integer in [0, 2^63); None: seed_for(seed, 0), the simulation's.
+    residual_feedback : compact coding: whether the nodes carry each reply's quantisation error to
+        the next (RESIDUAL_KEY).
     **fedavg_kwargs : passed to flwr's FedAvg (fraction_train, min_available_nodes,
         weighted_by_key, arrayrecord_key, train_metrics_aggr_fn, ...).
 
     Raises
     ------
     ValueError : a schedule setting out of range (num_rounds, s0, sp, mask_every, horizon, lr,
-        lr_decay), an unknown value codec or weighting. lambda_max < 0 or lambda_segments < 2 is
-        refused (ValueError) when the first model is configured, as lambda_t is computed then.
+        lr_decay), an unknown value codec, weighting, coding or rounding, stochastic rounding
+        without the compact coding and a lossy value codec, or an init_seed out of range.
+        lambda_max < 0 or lambda_segments < 2 is refused (ValueError) when the first model is
+        configured, as lambda_t is computed then.
     """
 
     def __init__(
@@ -315,6 +510,10 @@ class FedDIP(FedAvg):
         weighting: str = "samples",
         prunable: Optional[Callable[[str, np.ndarray], bool]] = None,
         seed: int = 0,
+        coding: str = "plain",
+        rounding: str = "nearest",
+        init_seed: Optional[int] = None,
+        residual_feedback: bool = True,
         **fedavg_kwargs: Any,
     ) -> None:
         self.schedule = Schedule(rounds=num_rounds, s0=s0, sp=sp, mask_every=mask_every, horizon=horizon, lr=lr,
@@ -323,11 +522,26 @@ class FedDIP(FedAvg):
             raise ValueError(f"values must be one of {sorted(VALUE_CODECS)}, got {values!r}")
         if weighting not in ("samples", "equal"):
             raise ValueError(f"weighting must be 'samples' or 'equal', got {weighting!r}")
+        if coding not in CODINGS:
+            raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if rounding != "nearest" and (coding != "compact" or values in LOSSLESS):
+            raise ValueError("stochastic rounding needs the compact coding with lossy values")
+        init_seed = seed_for(seed, 0) if init_seed is None else init_seed
+        if not (isinstance(init_seed, int) and 0 <= init_seed < 2**63):
+            raise ValueError(f"init_seed must be an integer in [0, 2^63), got {init_seed!r}")
         super().__init__(**fedavg_kwargs)
         self.num_rounds, self.values, self.weighting, self.seed = num_rounds, values, weighting, seed
         self.prunable = prunable or (lambda name, a: a.ndim >= 2)
         self.server: Optional[FedDIPServer] = None
         self.node_masks: dict[int, dict[str, np.ndarray]] = {}  # the global mask each node last received
+        self.coding, self.rounding, self.init_seed = coding, rounding, init_seed
+        self.residual_feedback = bool(residual_feedback)
+        # Compact coding: the server's end of protocol.transport (what each node holds, by node id)
+        # and the global mask each node last received in a compact message.
+        self.transport: Optional[ServerEnd] = None
+        self.compact_masks: dict[int, dict[str, np.ndarray]] = {}
         self.bytes_down = 0
         self.bytes_up = 0
         self.rejected = 0  # replies dropped from aggregation: see aggregate_train for the checks
@@ -347,15 +561,31 @@ class FedDIP(FedAvg):
         """
         return self.server.masks if self.server is not None else {}
 
+    @property
+    def compact(self) -> bool:
+        """Whether training messages use the compact coding (coding="compact", lossy values).
+
+        Returns
+        -------
+        bool : True for protocol.transport's messages, False for the plain coding.
+        """
+        return self.coding == "compact" and self.values not in LOSSLESS
+
     def _start(self, arrays: ArrayRecord) -> FedDIPServer:
         if self.server is None:
             plain = {k: a.numpy() for k, a in arrays.items() if a.dtype in _FLOATS}
             self.server = FedDIPServer(plain, [k for k, a in plain.items() if self.prunable(k, a)], self.schedule,
                                        seed=self.seed)
+            if self.compact:  # every node starts from the initial model (as the simulation's clients)
+                self.transport = ServerEnd(self.server.weights, values=self.values, rounding=self.rounding,
+                                           seed=self.seed, init_seed=self.init_seed)
         return self.server
 
-    def _messages(self, messages: Iterable[Message], server: FedDIPServer, config: ConfigRecord) -> list[Message]:
-        """One message per node with the global model coded relative to the mask that node holds."""
+    def _messages(
+        self, messages: Iterable[Message], server: FedDIPServer, config: ConfigRecord, compact: bool = False
+    ) -> list[Message]:
+        """One message per node with the global model coded relative to the mask that node holds
+        (`compact`: as the difference from the model it holds, protocol.transport)."""
         t = server.round
         config[MASKED_KEY] = list(server.masks)
         config[PRUNABLE_KEY] = server.prunable
@@ -366,6 +596,8 @@ class FedDIP(FedAvg):
             self.seed,
         )
         config[LR_KEY], config[LAMBDA_KEY] = server.schedule.learning_rate(t), server.schedule.lam(t)
+        if compact:
+            return self._compact_messages(messages, server, config)
         model = ArrayRecord(array_dict={k: Array(v) for k, v in server.weights.items()})
         out = []
         for m in messages:
@@ -379,11 +611,36 @@ class FedDIP(FedAvg):
             out.append(Message(content=content, message_type=m.metadata.message_type, dst_node_id=node))
         return out
 
+    def _compact_messages(
+        self, messages: Iterable[Message], server: FedDIPServer, config: ConfigRecord
+    ) -> list[Message]:
+        """One message per node: ServerEnd.downlink's bytes (the difference from the model the node
+        holds, an init frame first at the first contact), as the simulation sends in round t, with
+        a config of the node's own that adds the CRC-32C of the model it holds once decoded."""
+        transport = cast(ServerEnd, self.transport)  # _start set it up
+        t, shared = server.round, server.masks or None
+        config[CODING_KEY], config[ROUNDING_KEY], config[INIT_SEED_KEY] = "compact", self.rounding, self.init_seed
+        config[RESIDUAL_KEY] = self.residual_feedback
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            known = self.compact_masks.get(node) if shared else None
+            payload, held = transport.downlink(node, server.weights, shared, known, t)
+            if shared:
+                self.compact_masks[node] = server.masks
+            self.bytes_down += len(payload)
+            own = ConfigRecord({**config, CRC_KEY: model_crc(held)})
+            content = RecordDict({self.arrayrecord_key: _compact_record(payload), self.configrecord_key: own})
+            out.append(Message(content=content, message_type=m.metadata.message_type, dst_node_id=node))
+        return out
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
         """FedAvg's sampling of the training nodes, each sent the global model coded relative to the
-        global mask it last received, with the FedDIP entries added to `config`.
+        global mask it last received, with the FedDIP entries added to `config`. With the compact
+        coding each node gets ServerEnd.downlink's message (the server's record of the model the
+        node holds advances to what it decodes) and a copy of `config` with CRC_KEY added.
 
         Parameters
         ----------
@@ -391,8 +648,8 @@ class FedDIP(FedAvg):
         arrays : the initial model: its float arrays start the protocol's server at the first call;
             later calls (and the messages) use the server's global model instead.
         config : the config sent with the model; the round's FedDIP entries (MASKED_KEY,
-            PRUNABLE_KEY, VALUES_KEY, ROUND_KEY, S0_KEY, SEED_KEY, LR_KEY, LAMBDA_KEY) are written
-            into it.
+            PRUNABLE_KEY, VALUES_KEY, ROUND_KEY, S0_KEY, SEED_KEY, LR_KEY, LAMBDA_KEY; with the compact
+            coding also CODING_KEY, ROUNDING_KEY, INIT_SEED_KEY, RESIDUAL_KEY) are written into it.
         grid : flwr's Grid, whose nodes FedAvg samples.
 
         Returns
@@ -404,7 +661,8 @@ class FedDIP(FedAvg):
         ValueError : lambda_max < 0 or lambda_segments < 2 (lambda_t is computed here).
         """
         server = self._start(arrays)
-        messages = self._messages(super().configure_train(server_round, arrays, config, grid), server, config)
+        messages = self._messages(super().configure_train(server_round, arrays, config, grid), server, config,
+                                  compact=self.compact)
         self.sampled = {m.metadata.dst_node_id for m in messages}
         return messages
 
@@ -412,7 +670,7 @@ class FedDIP(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
         """FedAvg's sampling of the evaluation nodes, each sent the global model as configure_train
-        sends it.
+        sends it with the plain coding (whatever `coding`: the compact state is left as it is).
 
         Parameters
         ----------
@@ -432,11 +690,19 @@ class FedDIP(FedAvg):
         server = self._start(arrays)
         return self._messages(super().configure_evaluate(server_round, arrays, config, grid), server, config)
 
+    def _reply_size(self, record: Optional[ArrayRecord]) -> int:
+        """Bytes of the message a reply's record carries in this strategy's coding (0: none)."""
+        if record is None or not (is_compact(record) if self.compact else is_encoded(record)):
+            return 0
+        return len(record[ENCODED_KEY].data)
+
     def _decode_reply(self, reply: Message, server: FedDIPServer) -> dict[str, np.ndarray]:
         """The reply's model, checked against the global model's schema (names, shapes, dtypes)
         before anything is allocated beyond the model's own size, inside the global mask, and
         finite; CodecError or _BadReply otherwise."""
         record = reply.content.array_records.get(self.arrayrecord_key)
+        if self.compact:
+            return self._rebuild_reply(reply, record, server)
         if record is None or not is_encoded(record):
             raise CodecError("reply carries no encoded model")
         schema = {k: (v.shape, v.dtype) for k, v in server.weights.items()}
@@ -446,9 +712,25 @@ class FedDIP(FedAvg):
             if (positions[k] & ~m).any():
                 raise CodecError(f"reply's {k!r} has values outside the global mask it was sent")
         model = {k: a.numpy() for k, a in plain.items()}
-        for k, a in model.items():
-            if not np.isfinite(a).all():  # one NaN or inf would spread through the average
-                raise _BadReply(f"reply's {k!r} holds non-finite values")
+        _check_finite(model)
+        return model
+
+    def _rebuild_reply(
+        self, reply: Message, record: Optional[ArrayRecord], server: FedDIPServer
+    ) -> dict[str, np.ndarray]:
+        """The compact coding's upload: the model the node holds, as the server recorded it, plus
+        the decoded message (ServerEnd.uplink, the simulation's own rebuild, which checks the
+        message against the model's layout before it allocates anything); zero outside the global
+        mask (the base is masked, and the message's positions must lie inside it) and finite;
+        CodecError, ValueError or _BadReply otherwise."""
+        if record is None or not is_compact(record):
+            raise CodecError("reply carries no compact-coded model")
+        node = reply.metadata.src_node_id
+        model = cast(ServerEnd, self.transport).uplink(node, record[ENCODED_KEY].data, server.masks or None)
+        for k, m in server.masks.items():
+            if np.count_nonzero(model[k][~m]):
+                raise CodecError(f"reply's {k!r} has values outside the global mask it was sent")
+        _check_finite(model)
         return model
 
     def _check_metrics(self, reply: Message) -> tuple[_MetricShape, float]:
@@ -485,6 +767,10 @@ class FedDIP(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         """Aggregate the replies that pass every check, or leave the state as it was.
+
+        With the compact coding the nodes that failed or are missing are started afresh (their
+        next message opens with an init frame): flwr keeps a node's context as it was when its
+        ClientApp raises, and a missing reply leaves unknown whether the node decoded its message.
 
         A reply is dropped and counted as rejected (`feddip-rejected`, `rejected`; why, in
         `reasons`) when its model does not decode to the global model's tensors, shapes and dtypes,
@@ -528,8 +814,7 @@ class FedDIP(FedAvg):
             if reply.has_error() or not reply.has_content():
                 seen["failed"].append(node)
                 continue
-            record = reply.content.array_records.get(self.arrayrecord_key)
-            bytes_up += encoded_size(record) if record is not None else 0
+            bytes_up += self._reply_size(reply.content.array_records.get(self.arrayrecord_key))
             try:
                 model = self._decode_reply(reply, server)
                 shape, weight = self._check_metrics(reply)
@@ -572,6 +857,9 @@ class FedDIP(FedAvg):
         seen["missing"] = sorted(self.sampled - answered)
         for node in seen["failed"] + seen["missing"]:
             self.node_masks.pop(node, None)  # it may or may not hold the last model we sent it
+            if self.transport is not None:  # and so for the compact coding: start it afresh (an init frame)
+                self.transport.held.pop(node, None)
+                self.compact_masks.pop(node, None)
         for node, why in reasons.items():
             log(WARNING, "FedDIP: reply from node %d dropped: %s", node, why)
         self.bytes_up += bytes_up
@@ -583,6 +871,12 @@ class FedDIP(FedAvg):
             return None, MetricRecord(counts)
         metrics = MetricRecord({**(dict(metrics) if metrics is not None else {}), **counts})
         return ArrayRecord(array_dict={k: Array(v) for k, v in server.weights.items()}), metrics
+
+
+def _check_finite(model: dict[str, np.ndarray]) -> None:
+    for k, a in model.items():
+        if not np.isfinite(a).all():  # one NaN or inf would spread through the average
+            raise _BadReply(f"reply's {k!r} holds non-finite values")
 
 
 def _describe(shape: Optional[_MetricShape]) -> str:
