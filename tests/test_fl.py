@@ -703,11 +703,11 @@ def test_cli_preset_compact(tmp_path, capsys):
     assert main(args) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     cfg = runs["feddip"]["config"]
-    assert (cfg["coding"], cfg["values"], cfg["rounding"], cfg["horizon"]) == ("compact", "int8-ans", "nearest", 15)
+    assert (cfg["coding"], cfg["values"], cfg["rounding"], cfg["horizon"]) == ("compact", "int4-ans", "nearest", 15)
     assert runs["fedavg"]["config"]["values"] == "raw" and runs["feddip"]["history"][0]["bytes_down"] == 2 * 21
-    assert main(args + ["--values", "feddip=int4-ans", "--rounding", "stochastic"]) == 0
+    assert main(args + ["--values", "feddip=int6-ans", "--rounding", "stochastic"]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert (runs["feddip"]["config"]["values"], runs["feddip"]["config"]["rounding"]) == ("int4-ans", "stochastic")
+    assert (runs["feddip"]["config"]["values"], runs["feddip"]["config"]["rounding"]) == ("int6-ans", "stochastic")
     assert (runs["fedavg"]["config"]["values"], runs["fedavg"]["config"]["rounding"]) == ("raw", "nearest")
     assert main(args + ["--algorithm", "feddip", "--checkpoint"]) == 2
     assert "checkpoints do not hold the compact coding" in capsys.readouterr().err

@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
     "quick": dict(_PAPER, clients=10, clients_per_round=None, rounds=20, local_epochs=1, batch_size=64,
                   mask_every=2),
     "compact": dict(_PAPER, rounds=150, horizon=15, coding="compact",
-                    values={"feddip": "int8-ans", "feddp": "int8-ans", "feddip-noef": "int8-ans"}),
+                    values={"feddip": "int4-ans", "feddp": "int4-ans", "feddip-noef": "int4-ans"}),
 }
 
 
