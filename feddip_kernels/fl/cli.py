@@ -228,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="settings to start from: paper = the FedDIP paper's setup (50 clients, 5 a round, 1000 rounds, "
         "5 epochs, batch 128, lr 0.1*0.998^t, no momentum, s0 0.5 -> sp 0.95, R 5); quick = the same "
         "algorithm on 10 clients, all every round, 20 rounds, 1 epoch, batch 64, R 2; compact = paper's over "
-        "150 rounds with the schedules over 15 (--horizon 15) and --coding compact, values int8-ans for the "
+        "150 rounds with the schedules over 15 (--horizon 15) and --coding compact, values int4-ans for the "
         "FedDIP family (raw for fedavg). Flags override it",
     )
     p.add_argument("--clients", type=int)
