@@ -237,3 +237,20 @@ def test_messages_name_tensors_by_index_and_send_them_flat():
     got = decode_model(msg[INIT_FRAME_SIZE:])
     assert list(got.tensors) == [str(i) for i in range(len(init))]
     assert all(got.tensors[str(i)].shape == (init[k].size,) for i, k in enumerate(sorted(init)))
+
+
+def test_a_message_that_fails_leaves_the_client_as_it_was():
+    rng = np.random.default_rng(5)
+    init = _model(rng)
+    server, make_client = _ends(init, "int8-ans", "nearest")
+    end = make_client(0)
+    msg, held = server.downlink(0, {k: v + np.float32(0.25) for k, v in init.items()}, None, None, 1)
+    with pytest.raises(CodecError):
+        end.receive(msg[:INIT_FRAME_SIZE] + b"junk")  # a valid frame, a corrupt tail
+    assert end.held is None and end.masks == {} and end.residual == {}
+    assert _same(end.receive(msg), held)
+    with pytest.raises(CodecError, match="no tensors"):  # a mask list naming what the message lacks
+        end.receive(server.downlink(0, held, None, None, 2)[0], masked=["nothing"])
+    assert _same(end.held, held)
+    with pytest.raises(ValueError, match="not shaped"):  # a trained model of another shape
+        end.reply({k: v[:1] for k, v in held.items()}, 2)

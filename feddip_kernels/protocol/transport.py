@@ -1,6 +1,6 @@
 """Compact transport: FedDIP's transfers as quantised, entropy-coded *deltas* against what the
 other end already holds, with the quantisation error carried to the next contact, in NumPy alone
-(shared by `feddip simulate --preset compact` and, later, the Flower integration).
+(shared by `feddip simulate --preset compact` and the Flower integration's compact coding).
 
 Downlink (ServerEnd): the server keeps, for every client c, `held[c]`, the model c holds as it
 received it (the initial model before the first contact). It sends c the difference between the
@@ -202,8 +202,10 @@ class ClientEnd:
     def receive(self, data: bytes, masked: Collection[str] = ()) -> dict[str, np.ndarray]:
         """The model held after the server's message `data`; `masked`: the tensors the message
         codes under the global mask (their positions become the mask held). CodecError for bytes
-        that do not decode, or an init frame whose model is not the one built."""
+        that do not decode, or an init frame whose model is not the one built; the end is then as
+        it was (nothing is taken from a message that fails)."""
         view = memoryview(data)
+        held, known, fresh = self.held, self.masks, False
         if bytes(view[:4]) == INIT_MAGIC:
             seed, crc = read_init_frame(bytes(view[:INIT_FRAME_SIZE]))
             if self.build is None:
@@ -211,28 +213,36 @@ class ClientEnd:
             init = {k: np.array(v, copy=True) for k, v in self.build(seed).items()}
             if model_crc(init) != crc:
                 raise CodecError("the initial model built from the init frame's seed is not the server's (CRC)")
-            self.held, self.masks, self.residual = init, {}, {}
+            held, known, fresh = init, {}, True
             view = view[INIT_FRAME_SIZE:]
-        elif self.held is None:
+        elif held is None:
             raise CodecError("the first message to a client must open with an init frame")
-        held = self.held
-        assert held is not None
-        if not len(view):
-            if masked:
-                raise CodecError("no message to take the global mask from")
-            return held
-        order = sorted(held)
-        tensors, positions = _decode(order, held, view, self.masks or None)
-        masks = {k: positions[k] for k in masked}
-        self.held = _added(_base(held, masks), tensors)
-        self.masks = masks
-        return self.held
+        masks: dict[str, np.ndarray] = {}
+        if len(view):
+            order = sorted(held)
+            tensors, positions = _decode(order, held, view, known or None)
+            unknown = sorted(set(masked) - set(positions))
+            if unknown:
+                raise CodecError(f"the message holds no tensors {unknown} to take the global mask from")
+            masks = {k: positions[k] for k in masked}
+            held = _added(_base(held, masks), tensors)
+        elif masked:
+            raise CodecError("no message to take the global mask from")
+        else:
+            masks = known
+        if fresh:  # a new start: nothing left to carry
+            self.residual = {}
+        self.held, self.masks = held, masks
+        return held
 
     def reply(self, local: Model, t: int) -> bytes:
         """The message carrying `local` (the model trained in round t from the one held; the masked
         tensors' dense weights may hold values outside the mask, which are not sent)."""
         if self.held is None:
             raise ValueError("no model held: nothing to reply to")
+        wrong = sorted(k for k, v in self.held.items() if k not in local or np.shape(local[k]) != v.shape)
+        if wrong:
+            raise ValueError(f"the trained model's tensors {wrong} are missing or not shaped as the model held")
         masks = self.masks
         base = _base(self.held, masks)
         x = {}
