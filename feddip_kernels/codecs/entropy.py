@@ -20,7 +20,7 @@ from .._contract import AnsModel
 from .._formulas import ANS_MAX_LANES, ANS_MAX_PROB_BITS, word_dtype
 from .format import CodecError
 
-__all__ = ["HEAD", "MAX_SYMBOLS", "AnsModel", "Block", "block_bound", "decode_blocks", "encode_blocks",
+__all__ = ["HEAD", "MAX_SYMBOLS", "AnsModel", "Block", "decode_blocks", "encode_blocks",
            "read_block", "read_head", "word_dtype"]
 
 # word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len
@@ -146,11 +146,6 @@ def _read_table(raw: memoryview, n_symbols: int, prob_bits: int, where: str) -> 
 def raw_len(n: int, shift: int) -> int:
     """Bytes of the raw bits of n words: sign and `shift` low bits each."""
     return (n * (shift + 1) + 7) // 8
-
-
-def block_bound(n: int, word_bits: int) -> int:
-    """The most bytes a block of n words may take (the longest table, states and words, raw bits)."""
-    return HEAD.size + 3 * MAX_SYMBOLS + 4 * ANS_MAX_LANES + 2 * n + (n * word_bits + 7) // 8
 
 
 def encode_blocks(k: Any, items: Sequence[tuple[np.ndarray, int]]) -> list[list[Any]]:

@@ -147,23 +147,26 @@ def encode_many(k: Any, items: Sequence[Sequence[np.ndarray]], codec: str, round
     blocks = entropy.encode_blocks(k, [(w, bits) for w, bits, _ in words])
     out = []
     for v, (w, bits, scale), block in zip(joined, words, blocks):
-        fixed = _fixed_width(v, w, bits, coder) if fixed_width else None
-        if fixed is not None and sum(map(len, block)) > len(fixed.payload[0]):
-            out.append(fixed._replace(scale=scale if fixed.codec == "int8" else 0.0))
+        fixed = _FIXED.get(coder, "int8")
+        if fixed_width and sum(map(len, block)) > v.size * value_size(fixed, v.dtype):
+            out.append(_fixed_width(v, w, bits, fixed, scale))
         else:
             out.append(Coded(coder, block, scale))
     return out
 
 
-def _fixed_width(v: np.ndarray, words: np.ndarray, bits: int, coder: str) -> Coded:
-    """The fixed-width codec that sends an entropy-coded codec's values unchanged (the int8 scale
-    is the caller's)."""
-    if coder == "ans":
+_FIXED = {"ans": "raw", "fp16-ans": "fp16", "bf16-ans": "bf16"}  # the quantised codecs': int8
+
+
+def _fixed_width(v: np.ndarray, words: np.ndarray, bits: int, fixed: str, scale: float) -> Coded:
+    """The fixed-width codec `fixed` sending an entropy-coded codec's values unchanged: its words,
+    or for int8 the quantised codec's q with its scale."""
+    if fixed == "raw":
         return Coded("raw", [encode_values(v, "raw")[0]], 0.0)
-    if coder in ("fp16-ans", "bf16-ans"):
-        return Coded(coder[:4], [words.astype("<u2").tobytes()], 0.0)
+    if fixed in ("fp16", "bf16"):
+        return Coded(fixed, [words.astype("<u2").tobytes()], 0.0)
     mag = (words & ((1 << (bits - 1)) - 1)).astype(np.int8)
-    return Coded("int8", [np.where(words >> (bits - 1), -mag, mag).astype(np.int8).tobytes()], 0.0)
+    return Coded("int8", [np.where(words >> (bits - 1), -mag, mag).astype(np.int8).tobytes()], scale)
 
 
 _SIZES = {"fp16": 2, "bf16": 2, "int8": 1}  # bytes a value; raw: the dtype's
