@@ -566,6 +566,16 @@ def test_stochastic_rounding_is_unbiased_and_seeded():
     assert len(set(streams.values())) == 1 and stream_bytes({"w": v}, seed=5, **kw) == streams[BACKENDS[0]]
 
 
+@pytest.mark.parametrize("values", ["raw", "ans", "auto", "fp16", "bf16", "int8", "fp16-ans", "bf16-ans"])
+def test_stochastic_rounding_is_refused_where_nothing_rounds(values):
+    # Only the int*-ans codecs choose a rounding; elsewhere "stochastic" would be ignored silently.
+    v = {"w": np.linspace(-1, 1, 50, dtype=np.float32)}
+    with pytest.raises(ValueError, match="stochastic rounding applies to the int2-ans"):
+        fk.encode_model(v, values=values, rounding="stochastic")
+    with pytest.raises(ValueError, match="stochastic rounding applies to the int2-ans"):
+        stream_bytes(v, values=values, rounding="stochastic")
+
+
 @pytest.mark.parametrize("values", ENTROPY_CODECS)
 @pytest.mark.parametrize("fmt", ["model", "stream"])
 def test_empty_and_0d_tensors(values, fmt):

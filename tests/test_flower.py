@@ -157,7 +157,8 @@ def test_strategy_validates_its_settings():
         FedDIP(num_rounds=3, coding="dense")
     with pytest.raises(ValueError, match="rounding must be"):
         FedDIP(num_rounds=3, values="int8-ans", coding="compact", rounding="up")
-    for values, coding in (("int8-ans", "plain"), ("raw", "compact")):  # stochastic rounding: compact, lossy
+    # stochastic rounding: the compact coding with values that round (int*-ans)
+    for values, coding in (("int8-ans", "plain"), ("raw", "compact"), ("fp16-ans", "compact"), ("int8", "compact")):
         with pytest.raises(ValueError, match="stochastic"):
             FedDIP(num_rounds=3, values=values, coding=coding, rounding="stochastic")
     with pytest.raises(ValueError, match="init_seed"):
@@ -214,7 +215,7 @@ def test_evaluate_path_sends_the_pruned_model(task_identity):
         for k, m in strategy.masks.items():
             np.testing.assert_array_equal(got[k], model[k] * m)
         np.testing.assert_array_equal(got["fc.bias"], model["fc.bias"])
-    assert strategy.bytes_down > 0
+    assert strategy.bytes_evaluate > 0 and strategy.bytes_down == 0  # evaluation counts apart
 
 
 class _GridOf:
@@ -461,6 +462,68 @@ def test_compact_coding_starts_afresh_the_nodes_whose_state_is_unknown(task_iden
     assert not any(opens.values()) and seen["failed"] == [1] and seen["aggregated"] == [2, 3, 4]
     opens, seen = round_(5)
     assert opens == {1: True, 2: False, 3: False, 4: False} and seen["aggregated"] == [1, 2, 3, 4]
+
+
+def test_compact_evaluation_sends_the_global_model_itself(task_identity):
+    # Training messages carry int4-coded deltas; evaluation messages the global model, losslessly
+    # (the nodes score that model, not a quantised copy), counted in bytes_evaluate alone.
+    nodes = (1, 2)
+    strategy = FedDIP(num_rounds=5, s0=0.5, sp=0.9, mask_every=1, values="int4-ans", coding="compact",
+                      min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2)
+    app = _compact_app(set())
+    scored = {}
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        scored[context.node_id] = {k: a.numpy().copy() for k, a in msg.content["arrays"].items()}
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 5, "accuracy": 0.5})}),
+                       reply_to=msg)
+
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
+    arrays = _record(_model())
+    for rnd in (1, 2, 3):
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({}), _GridOf(nodes)))
+        arrays, _ = strategy.aggregate_train(rnd, [app(m, contexts[m.metadata.dst_node_id]) for m in messages])
+        down, up, held = strategy.bytes_down, strategy.bytes_up, copy.deepcopy(strategy.transport.held)
+        before = strategy.bytes_evaluate
+        evaluation = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), _GridOf(nodes)))
+        assert all(is_encoded(m.content["arrays"]) for m in evaluation)
+        size = sum(encoded_size(m.content["arrays"]) for m in evaluation)
+        metrics = strategy.aggregate_evaluate(rnd, [app(m, contexts[m.metadata.dst_node_id]) for m in evaluation])
+        assert metrics["accuracy"] == pytest.approx(0.5)
+        assert (strategy.bytes_down, strategy.bytes_up) == (down, up) and size > 0
+        assert strategy.bytes_evaluate - before == size
+        for n in nodes:
+            assert set(scored[n]) == set(strategy.server.weights)
+            for k, v in strategy.server.weights.items():
+                assert scored[n][k].tobytes() == v.tobytes(), (rnd, n, k)
+            # the compact state is untouched: each node still holds what the server believes
+            assert all(_held_by(contexts[n])[k].tobytes() == v.tobytes() for k, v in held[n].items())
+
+
+def test_a_failed_evaluation_resends_the_mask_whole(task_identity):
+    # An evaluation message coded relative to the mask a node holds; one node's evaluation fails
+    # (lost, or its context reset): its next message carries the mask whole, the other's does not.
+    strategy = FedDIP(num_rounds=5, s0=0.5, sp=0.9, mask_every=1, min_available_nodes=2, min_train_nodes=2,
+                      min_evaluate_nodes=2)
+    app = _client_app([])
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
+    messages = list(strategy.configure_train(1, _record(_model()), ConfigRecord({}), _Grid()))
+    arrays, _ = strategy.aggregate_train(1, [app(m, contexts[m.metadata.dst_node_id]) for m in messages])
+    evaluation = list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), _Grid()))
+    assert set(strategy.node_masks) == {1, 2}
+    replies = []
+    for m in evaluation:
+        if m.metadata.dst_node_id == 2:
+            replies.append(Message(Error(code=2, reason="lost"), reply_to=m))
+        else:
+            replies.append(Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 5})}), reply_to=m))
+    strategy.aggregate_evaluate(1, replies)
+    assert set(strategy.node_masks) == {1}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord({}), _Grid())}
+    decode_arrayrecord(messages[2].content["arrays"])  # whole: it decodes without a reference mask
+    with pytest.raises(fk.CodecError):
+        decode_arrayrecord(messages[1].content["arrays"])  # relative to the mask node 1 holds
 
 
 def test_a_compact_reply_outside_the_global_mask_is_rejected(task_identity):

@@ -260,7 +260,8 @@ def encode_model(
         "int8-ans".
     signed_zeros : None (the default above), True or False.
     backend : "auto", "native", "numba" or "numpy" (host tensors).
-    rounding : "nearest" or "stochastic" (the int*-ans codecs).
+    rounding : "nearest" or "stochastic" (only the int*-ans codecs round: others refuse
+        "stochastic").
     seed : the stochastic rounding's seed (None: fresh entropy).
 
     Returns
@@ -270,8 +271,8 @@ def encode_model(
     Raises
     ------
     TypeError : a tensor that is not float32/float64, or a signed_zeros that is not a bool.
-    ValueError : an unknown codec or backend, a mask of another size, or a positions codec that
-        cannot code a tensor's positions.
+    ValueError : an unknown codec or backend, stochastic rounding with a codec that does not
+        round, a mask of another size, or a positions codec that cannot code a tensor's positions.
     """
     check_codec(values, rounding)
     if positions not in ("auto", *POSITIONS):

@@ -37,6 +37,8 @@ def check_codec(values: str, rounding: str = "nearest") -> None:
         raise ValueError(f"unknown values codec {values!r}; one of {sorted(NAMES)}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding != "nearest" and values not in QUANTISED:  # the others have no rounding to choose
+        raise ValueError(f"stochastic rounding applies to the int2-ans .. int8-ans codecs, not {values!r}")
 
 
 def _bf16_encode(v: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 from .. import __version__, _backend
 from .._backend import MAX_THREADS, set_num_threads
 from ..codecs import VALUE_CODECS
+from ..codecs.values import QUANTISED
 from ..pruning import global_topk_masks
 
 
@@ -141,12 +142,16 @@ def _simulate(args: argparse.Namespace) -> int:
         parts = dirichlet_partition(train.y, clients, args.alpha, seed=args.seed)
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     values = _values_per_algorithm(args.values, algorithms, PRESETS[args.preset]["values"])
+    if args.rounding != "nearest" and not (settings["coding"] == "compact"
+                                           and any(v in QUANTISED for v in values.values())):
+        raise SystemExit("--rounding stochastic: no run quantises its values (it needs --coding compact and "
+                         "int2-ans .. int8-ans values)")
     os.makedirs(args.out, exist_ok=True)
     results = {"data": data_name, "partition": args.partition, "alpha": args.alpha, "device": device,
                "threads": args.threads, "command": ["feddip", *args.argv], "versions": _versions(), "runs": {}}
     for alg in algorithms:
         cfg = SimulationConfig(algorithm=alg, model=args.model, values=values[alg], seed=args.seed, **settings)
-        if cfg.compact:  # stochastic rounding: for the runs it applies to (compact coding, lossy values)
+        if cfg.compact and cfg.values in QUANTISED:  # stochastic rounding: for the runs that quantise
             cfg = dataclasses.replace(cfg, rounding=args.rounding)
         bar = tqdm(total=cfg.rounds, desc=alg, unit="round", disable=args.quiet or tqdm is None) if tqdm else None
 
@@ -263,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "what the other end holds, quantised, its error carried to the next contact "
                         "(default: the preset's)")
     p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"],
-                   help="rounding of the quantised values of the compact coding (runs without it round to nearest)")
+                   help="rounding of the compact coding's int2-ans .. int8-ans values (other runs round to nearest)")
     p.add_argument("--no-residual-feedback", action="store_true",
                    help="compact coding: drop each upload's quantisation error rather than carry it")
     p.add_argument("--device", default="cpu",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..codecs import VALUE_CODECS
-from ..codecs.values import LOSSLESS, ROUNDINGS
+from ..codecs.values import LOSSLESS, QUANTISED, ROUNDINGS
 from ..protocol import FedDIPServer, Schedule, seed_for
 from .models import prunable_parameters
 
@@ -69,7 +69,7 @@ class SimulationConfig:
     # from what the other end holds, quantised, its error carried to the next contact
     # (protocol.transport). With lossless values compact sends what plain does.
     coding: str = "plain"
-    rounding: str = "nearest"  # of the quantised values: nearest | stochastic (compact coding only)
+    rounding: str = "nearest"  # of the quantised values: nearest | stochastic (compact, int*-ans only)
     residual_feedback: bool = True  # compact: carry each upload's quantisation error to the next
 
     def __post_init__(self) -> None:
@@ -87,8 +87,8 @@ class SimulationConfig:
             raise ValueError(f"coding must be one of {CODINGS}, got {self.coding!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding != "nearest" and not self.compact:
-            raise ValueError("stochastic rounding needs the compact coding with lossy values")
+        if self.rounding != "nearest" and not (self.compact and self.values in QUANTISED):
+            raise ValueError("stochastic rounding needs the compact coding with int2-ans .. int8-ans values")
         if not isinstance(self.residual_feedback, bool):
             raise ValueError(f"residual_feedback must be a bool, got {self.residual_feedback!r}")
         _ = self.schedule  # validates the schedule settings

@@ -14,8 +14,8 @@
   same code `feddip simulate` runs: aggregation, the global mask pruned by magnitude every
   `mask_every` rounds on the cubic schedule, nested masks. Each node gets the model coded relative
   to the global mask it last received. Training replies are validated whole (model, weight,
-  metrics) before anything changes; bad ones are dropped and counted. Bytes each way:
-  `bytes_down` / `bytes_up`.
+  metrics) before anything changes; bad ones are dropped and counted. Training bytes each way:
+  `bytes_down` / `bytes_up` (what `feddip simulate` counts); evaluation messages: `bytes_evaluate`.
 
 Compact coding (`FedDIP(coding="compact")` with a lossy value codec, and a mod from
 `make_feddip_mod(init_model)`): training messages carry protocol.transport's messages, the bytes
@@ -25,7 +25,8 @@ contact, from which the mod builds the initial model with `init_model(seed)`), a
 replies with the difference between its trained model and the one it holds, plus the quantisation
 error it carried from earlier replies. The payload is the one Array "feddip" of stype
 "feddip-compact/v1" (COMPACT_STYPE); the model each node holds, its mask and residual live in the
-node's context state. Evaluation messages keep the plain coding.
+node's context state. Evaluation messages keep the plain coding, with lossless values ("auto"):
+the nodes score the global model itself, not a quantised copy.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from ..codecs import DEFAULT_MAX_BYTES, VALUE_CODECS, CodecError, decode_model, encode_model
-from ..codecs.values import LOSSLESS, ROUNDINGS
+from ..codecs.values import LOSSLESS, QUANTISED, ROUNDINGS
 from ..protocol import ClientEnd, FedDIPServer, Schedule, ServerEnd, random_erk_masks, seed_for
 from ..protocol.transport import INIT_MAGIC, model_crc
 
@@ -489,7 +490,7 @@ class FedDIP(FedAvg):
     ------
     ValueError : a schedule setting out of range (num_rounds, s0, sp, mask_every, horizon, lr,
         lr_decay), an unknown value codec, weighting, coding or rounding, stochastic rounding
-        without the compact coding and a lossy value codec, or an init_seed out of range.
+        without the compact coding and an int2-ans .. int8-ans codec, or an init_seed out of range.
         lambda_max < 0 or lambda_segments < 2 is refused (ValueError) when the first model is
         configured, as lambda_t is computed then.
     """
@@ -526,8 +527,8 @@ class FedDIP(FedAvg):
             raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        if rounding != "nearest" and (coding != "compact" or values in LOSSLESS):
-            raise ValueError("stochastic rounding needs the compact coding with lossy values")
+        if rounding != "nearest" and (coding != "compact" or values not in QUANTISED):
+            raise ValueError("stochastic rounding needs the compact coding with int2-ans .. int8-ans values")
         init_seed = seed_for(seed, 0) if init_seed is None else init_seed
         if not (isinstance(init_seed, int) and 0 <= init_seed < 2**63):
             raise ValueError(f"init_seed must be an integer in [0, 2^63), got {init_seed!r}")
@@ -542,8 +543,10 @@ class FedDIP(FedAvg):
         # and the global mask each node last received in a compact message.
         self.transport: Optional[ServerEnd] = None
         self.compact_masks: dict[int, dict[str, np.ndarray]] = {}
-        self.bytes_down = 0
+        self.bytes_down = 0  # training messages, as the simulation counts them
         self.bytes_up = 0
+        self.bytes_evaluate = 0  # evaluation messages (down; their replies carry metrics)
+        self.evaluated: set[int] = set()  # nodes sent this round's evaluation message
         self.rejected = 0  # replies dropped from aggregation: see aggregate_train for the checks
         self.sampled: set[int] = set()  # nodes sent this round's training message
         # One entry a training round: nodes whose replies were aggregated, rejected, failed (error
@@ -582,15 +585,18 @@ class FedDIP(FedAvg):
         return self.server
 
     def _messages(
-        self, messages: Iterable[Message], server: FedDIPServer, config: ConfigRecord, compact: bool = False
+        self, messages: Iterable[Message], server: FedDIPServer, config: ConfigRecord, compact: bool = False,
+        evaluate: bool = False,
     ) -> list[Message]:
         """One message per node with the global model coded relative to the mask that node holds
-        (`compact`: as the difference from the model it holds, protocol.transport)."""
+        (`compact`: as the difference from the model it holds, protocol.transport; `evaluate`: the
+        plain coding, lossless where the compact coding is used for training)."""
+        values = "auto" if evaluate and self.compact else self.values
         t = server.round
         config[MASKED_KEY] = list(server.masks)
         config[PRUNABLE_KEY] = server.prunable
         config[VALUES_KEY], config[ROUND_KEY], config[S0_KEY], config[SEED_KEY] = (
-            self.values,
+            values,
             t,
             server.schedule.s0,
             self.seed,
@@ -603,10 +609,13 @@ class FedDIP(FedAvg):
         for m in messages:
             node = m.metadata.dst_node_id
             known = self.node_masks.get(node) if server.masks else None
-            encoded = encode_arrayrecord(model, masks=server.masks or None, reference=known, values=self.values)
+            encoded = encode_arrayrecord(model, masks=server.masks or None, reference=known, values=values)
             if server.masks:
                 self.node_masks[node] = server.masks
-            self.bytes_down += encoded_size(encoded)
+            if evaluate:
+                self.bytes_evaluate += encoded_size(encoded)
+            else:
+                self.bytes_down += encoded_size(encoded)
             content = RecordDict({self.arrayrecord_key: encoded, self.configrecord_key: config})
             out.append(Message(content=content, message_type=m.metadata.message_type, dst_node_id=node))
         return out
@@ -670,7 +679,9 @@ class FedDIP(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
         """FedAvg's sampling of the evaluation nodes, each sent the global model as configure_train
-        sends it with the plain coding (whatever `coding`: the compact state is left as it is).
+        sends it with the plain coding (whatever `coding`: the compact state is left as it is; with
+        the compact coding the values are lossless, "auto", so that the nodes score the global model
+        itself). Their bytes count in `bytes_evaluate`, not `bytes_down`.
 
         Parameters
         ----------
@@ -688,7 +699,31 @@ class FedDIP(FedAvg):
         ValueError : lambda_max < 0 or lambda_segments < 2.
         """
         server = self._start(arrays)
-        return self._messages(super().configure_evaluate(server_round, arrays, config, grid), server, config)
+        messages = self._messages(super().configure_evaluate(server_round, arrays, config, grid), server, config,
+                                  evaluate=True)
+        self.evaluated = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """FedAvg's aggregation of the evaluation metrics. A node whose evaluation reply failed or is
+        missing may or may not hold the global mask it was sent: the next message to it carries the
+        mask whole (as after a failed training reply).
+
+        Parameters
+        ----------
+        server_round : flwr's round.
+        replies : the evaluation replies, with or without errors.
+
+        Returns
+        -------
+        Optional[MetricRecord] : what flwr's FedAvg.aggregate_evaluate returns for them.
+        """
+        replies = list(replies)
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error() and r.has_content()}
+        for node in self.evaluated - answered:
+            self.node_masks.pop(node, None)
+        self.evaluated = set()
+        return super().aggregate_evaluate(server_round, replies)
 
     def _reply_size(self, record: Optional[ArrayRecord]) -> int:
         """Bytes of the message a reply's record carries in this strategy's coding (0: none)."""
