@@ -5,16 +5,17 @@ derive from them, such as the clients a round trains."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..codecs import VALUE_CODECS
 from ..codecs.values import LOSSLESS, QUANTISED, ROUNDINGS
 from ..protocol import FedDIPServer, Schedule, seed_for
-from .models import prunable_parameters
+
+if TYPE_CHECKING:  # torch loads where a model is built, not where settings are checked
+    import torch
+    from torch import nn
 
 ALGORITHMS = ("feddip", "feddp", "feddip-noef", "fedavg")
 _REGULARISED = ("feddip", "feddip-noef")
@@ -29,12 +30,12 @@ _PAPER: dict[str, Any] = dict(clients=50, clients_per_round=5, rounds=1000, loca
 # and settings and shrinks the run (clients, rounds, epochs) to minutes; and compact, the paper's
 # setup over 150 rounds (schedules over 15) with the compact coding: quantised, entropy-coded
 # deltas (protocol.transport). "values": the value codec per algorithm (others: raw).
+_COMPACT_VALUES = {"feddip": "int4-ans", "feddp": "int4-ans", "feddip-noef": "int4-ans"}  # fedavg: raw
 PRESETS: dict[str, dict] = {
     "paper": _PAPER,
     "quick": dict(_PAPER, clients=10, clients_per_round=None, rounds=20, local_epochs=1, batch_size=64,
-                  mask_every=2),
-    "compact": dict(_PAPER, rounds=150, horizon=15, coding="compact",
-                    values={"feddip": "int4-ans", "feddp": "int4-ans", "feddip-noef": "int4-ans"}),
+                  mask_every=2, coding="compact", values=_COMPACT_VALUES),
+    "compact": dict(_PAPER, rounds=150, horizon=15, coding="compact", values=_COMPACT_VALUES),
 }
 
 
@@ -143,6 +144,8 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def initial_state(cfg: SimulationConfig, model: nn.Module) -> ServerState:
+    from .models import prunable_parameters
+
     weights = {k: v.cpu().numpy().copy() for k, v in float_state(model).items()}
     server = FedDIPServer(weights, list(prunable_parameters(model)), cfg.schedule,
                           prune=cfg.algorithm != "fedavg", seed=cfg.seed)
