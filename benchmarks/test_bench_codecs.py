@@ -154,7 +154,7 @@ def test_encode_one_large_tensor(record, big, threads):
             name=f"feddip encode, {threads} thread(s)",
             dense_bytes=4 * BIG,
             baseline=threads == 1,
-            size_vs_v1=len(fk.encode_model({"w": big})) / v1,
+            size_vs_unsplit=len(fk.encode_model({"w": big})) / v1,
         )
     finally:
         fk.set_num_threads(0)
@@ -177,7 +177,7 @@ def test_decode_one_large_tensor(record, big, threads):
 def test_encode_stream_one_large_tensor(record, big):
     threads = fk.get_num_threads()
     record(_stream, {"w": big}, group=GROUP_BIG_ENC, name=f"feddip encode_stream, {threads} thread(s)",
-           dense_bytes=4 * BIG, size_vs_v1=len(_stream({"w": big})) / len(fk.encode_model({"w": big})))
+           dense_bytes=4 * BIG, size_vs_encode_model=len(_stream({"w": big})) / len(fk.encode_model({"w": big})))
 
 
 def test_decode_stream_one_large_tensor(record, big):
