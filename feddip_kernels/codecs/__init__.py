@@ -6,7 +6,8 @@ limit before allocating, and raises CodecError on any inconsistency.
 
 One file per part of the format: `format` (structs, codes, reader, checksum), `positions`,
 `values`, `entropy` (entropy-coded values' blocks), `records` (what every version's records
-share), `model` (messages of named tensors), `stream` (version 3: messages written and read
+share), `plain` (tensors of other dtypes, which travel whole; the checks of encode_model's
+inputs), `model` (messages of named tensors), `stream` (version 3: messages written and read
 through file objects). The numcodecs codec (SparseCodec) lives with the other frameworks'
 adapters, in integrations.numcodecs."""
 
@@ -20,6 +21,8 @@ from .format import (
     DTYPES,
     MAGIC,
     MAX_NDIM,
+    PLAIN_CODES,
+    PLAIN_DTYPES,
     POSITION_NAMES,
     POSITIONS,
     STREAM_VERSION,
@@ -36,7 +39,8 @@ from .values import NAMES as VALUE_CODECS
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DOMAIN_FULL", "DOMAIN_REFERENCE", "DTYPES", "DTYPE_CODES", "MAGIC", "MAX_NDIM",
-    "POSITIONS", "POSITION_NAMES", "STREAM_VERSION", "VALUES", "VALUE_CODECS", "VALUE_NAMES", "VERSION", "CodecError",
+    "PLAIN_CODES", "PLAIN_DTYPES", "POSITIONS", "POSITION_NAMES", "STREAM_VERSION", "VALUES", "VALUE_CODECS",
+    "VALUE_NAMES", "VERSION", "CodecError",
     "Decoded", "crc32c", "decode_model", "decode_stream", "encode_model", "encode_stream",
 ]
 

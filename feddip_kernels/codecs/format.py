@@ -43,6 +43,19 @@ MAX_STREAM_CHUNK = 1 << 24  # the most elements a version 3 chunk may cover (bou
 
 DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+# The other dtypes a version 1 or 2 record may have (docs/wire-format.md, "Other dtypes"): such a
+# record carries every element as a little-endian word (positions "all", values "raw"). By code:
+# the dtype's name (NumPy's and torch's alike) and its words (bfloat16, which NumPy lacks: its
+# 16-bit patterns; bool: bytes 0 and 1). Not in DTYPES: version 3 streams do not define them.
+PLAIN_DTYPES: dict[int, tuple[str, np.dtype]] = {
+    code: (name, np.dtype(words))
+    for code, name, words in [
+        (3, "float16", "<f2"), (4, "bfloat16", "<u2"), (5, "bool", "|u1"), (6, "int8", "|i1"), (7, "uint8", "|u1"),
+        (8, "int16", "<i2"), (9, "uint16", "<u2"), (10, "int32", "<i4"), (11, "uint32", "<u4"), (12, "int64", "<i8"),
+        (13, "uint64", "<u8"), (14, "complex64", "<c8"), (15, "complex128", "<c16"),
+    ]
+}
+PLAIN_CODES = {name: code for code, (name, _) in PLAIN_DTYPES.items()}
 
 DOMAIN_FULL, DOMAIN_REFERENCE = 0, 1
 POSITIONS = {"all": 0, "bitmask": 1, "csr": 2, "golomb": 3}
@@ -59,6 +72,29 @@ MAX_ARRAY_BYTES = np.iinfo(np.intp).max
 
 class CodecError(ValueError):
     """The bytes are not a valid message: corrupt, truncated, over a limit, or inconsistent."""
+
+
+# Files that decoders are handed by mistake, by their first bytes: what they are and what reads them.
+_FOREIGN = [
+    (b"PK\x03\x04", "a zip archive, such as a torch.save file", "torch.load reads it"),
+    (b"FDKS", "a file written by feddip_kernels.save", "feddip_kernels.load reads it"),
+    (b"FDKC", "a simulation checkpoint (feddip_kernels.fl.checkpoint)", "load_checkpoint reads it"),
+    (b"\x93NUM", "a .npy file", "numpy.load reads it"),
+]
+
+
+def bad_magic(head: bytes) -> str:
+    """The error for bytes whose first four are not MAGIC, saying what they are where that is
+    known (a torch.save file, the library's own files): checked before any checksum."""
+    head = bytes(head[:4])
+    said = f"bad magic {head!r}, expected {MAGIC!r}: these bytes are"
+    for magic, what, reader in _FOREIGN:
+        if head.startswith(magic):
+            return f"{said} {what}, not a feddip message; {reader}"
+    if head[:1] == b"\x80" and head[1:2] and 2 <= head[1] <= 5:  # pickle protocol 2 to 5
+        return (f"{said} a pickle, such as a legacy torch.save file, not a feddip message; torch.load reads it "
+                "(only from a source you trust: loading a pickle runs code)")
+    return f"{said} not a feddip message (one that encode_model or encode_stream wrote)"
 
 
 def crc32c(data: Any, crc: int = 0, *, backend: str = "auto") -> int:
@@ -97,7 +133,7 @@ def read_header_flags(r: Reader) -> tuple[int, int, int]:
     version defines, FLAG_ZERO_SIGNS for versions 1 and 2)."""
     magic, version, flags, reserved, count = r.unpack(HEADER, "header")
     if magic != MAGIC:
-        raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+        raise CodecError(bad_magic(magic))
     if version not in VERSIONS:
         raise CodecError(f"unsupported format version {version} (this library reads {', '.join(map(str, VERSIONS))})")
     if flags & ~(FLAG_ZERO_SIGNS if version < STREAM_VERSION else 0):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import struct
 from operator import attrgetter
-from typing import Any, Callable, Mapping, NamedTuple, Optional, cast
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union, cast
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from .format import (
     HEADER,
     MAGIC,
     MAX_NDIM,
+    PLAIN_DTYPES,
     POSITION_NAMES,
     POSITIONS,
     RECORD,
@@ -42,7 +43,24 @@ from .format import (
     Reader,
     Record,
     ZeroSigns,
+    bad_magic,
     read_header_flags,
+)
+from .plain import (
+    PlainIn,
+    PlainRecord,
+    check_mapping,
+    check_name,
+    check_payload,
+    check_record,
+    check_whole,
+    copy_out,
+    dtype_of,
+    out_dtype,
+    out_view,
+    split,
+    to_torch,
+    words_of,
 )
 from .positions import (
     check_zero_signs,
@@ -127,6 +145,14 @@ class _Sparse(NamedTuple):
     nnz: int
     csr_shape: Optional[tuple[int, ...]]  # None: CSR not offered (a reference domain)
     found: _Found
+
+
+class _Whole(NamedTuple):
+    """A tensor of another dtype than float32/float64 on its way into a message: its record's name
+    and shape, and its words (a record of its own dtype code, docs/wire-format.md "Other dtypes")."""
+
+    head: bytes
+    plain: PlainIn
 
 
 class _Coded(NamedTuple):
@@ -223,9 +249,12 @@ def encode_model(
     rounding: str = "nearest",
     seed: Optional[int] = None,
 ) -> bytes:
-    """Encode named float32/float64 tensors as one message.
+    """Encode named tensors as one message: float32/float64 tensors sparse-coded (below), those of
+    the other dtypes a model holds whole and bit for bit (bool, int8 .. int64, uint8 .. uint64,
+    float16, bfloat16 from torch, complex64, complex128: a BatchNorm's num_batches_tracked, a
+    half-precision copy), so that a torch state_dict or a dict of arrays goes as it is.
 
-    Positions kept per tensor: `masks[name]` if given (values there are sent even when zero;
+    Positions kept per float tensor: `masks[name]` if given (values there are sent even when zero;
     every element outside the mask decodes to +0.0, whatever it was), else the non-zeros (+0.0
     and -0.0 both count as zero). With `reference[name]`, a mask the receiver already has: kept
     positions equal to it cost nothing (values go in mask order), positions that are a subset of
@@ -249,10 +278,12 @@ def encode_model(
     the mask); False never (messages that readers predating signed zeros read).
     Tensors on a CUDA device are sparsified there and their Golomb streams (positions and -0.0)
     coded there: only what the message takes (streams, values, packed bits) is copied to the host.
+    Tensors of the other dtypes ignore `positions`, `values` and `signed_zeros` (every element goes
+    as a raw little-endian word); a mask or reference mask given for one must keep every element.
 
     Parameters
     ----------
-    tensors : names (str) to float32/float64 arrays or torch tensors (host or CUDA).
+    tensors : a mapping of names (str) to arrays or torch tensors (host or CUDA) of the dtypes above.
     masks : names to masks of the positions sent (non-zero = kept), optional.
     reference : names to masks the receiver already holds, optional.
     positions : "auto", "bitmask", "csr", "golomb" or "all".
@@ -270,10 +301,18 @@ def encode_model(
 
     Raises
     ------
-    TypeError : a tensor that is not float32/float64, or a signed_zeros that is not a bool.
+    TypeError : `tensors` (or masks, reference) not a mapping, a name that is not a str, a tensor
+        of a dtype not above (the error names the tensor and its dtype), or a signed_zeros that is
+        not a bool.
     ValueError : an unknown codec or backend, stochastic rounding with a codec that does not
-        round, a mask of another size, or a positions codec that cannot code a tensor's positions.
+        round, a mask of another size, a mask or reference mask that leaves out elements of a
+        tensor that is not float32/float64, or a positions codec that cannot code a tensor's
+        positions.
     """
+    check_mapping(tensors, "encode_model")
+    for what, given in (("masks", masks), ("reference", reference)):
+        if given is not None:
+            check_mapping(given, "encode_model", what)
     check_codec(values, rounding)
     if positions not in ("auto", *POSITIONS):
         raise ValueError(f"unknown positions codec {positions!r}")
@@ -284,10 +323,25 @@ def encode_model(
         """Whether a tensor's -0.0 off its positions are sent: by default with raw values, no mask."""
         return signed_zeros if signed_zeros is not None else values in LOSSLESS and not masked
 
+    floats: dict[str, Any] = {}
+    wholes: dict[str, _Whole] = {}
+    order: list[str] = []
+    for name, t in tensors.items():
+        check_name(name)
+        order.append(name)
+        f, plain = split(name, t, f"tensors[{name!r}]")
+        if plain is None:
+            floats[name] = f
+            continue
+        for what, given in (("masks", masks), ("reference", reference)):
+            if given is not None and name in given:
+                check_whole(given[name], math.prod(plain.shape), f"{what}[{name!r}]", name, dtype_of(plain.code))
+        wholes[name] = _Whole(write_head(name, plain.shape), plain)
     k = _backend.kernels(backend)
-    prepared = _prepare(k, tensors, masks, reference, positions, signs_of)
+    prepared = _prepare(k, floats, masks, reference, positions, signs_of)
     rng = np.random.default_rng(seed) if rounding == "stochastic" else None
-    return _write(k, _code(k, prepared, positions, values, rounding, rng))
+    coded = iter(_code(k, prepared, positions, values, rounding, rng))
+    return _write(k, [wholes[name] if name in wholes else next(coded) for name in order])
 
 
 def _prepare(k: Any, tensors: Mapping[str, Any], masks: Optional[Mapping[str, Any]],
@@ -363,14 +417,22 @@ def _code(k: Any, prepared: list[_Sparse], positions: str, values: str, rounding
     return out
 
 
-def _write(k: Any, records: list[_Coded]) -> bytes:
+def _write(k: Any, records: list[Union[_Coded, _Whole]]) -> bytes:
     """The message: header, then each record (head, fields, version 2's chunk table, payloads),
     joined and checksummed in one pass (each piece copied into the message and checksummed there).
     Version 1 unless a record is chunked: version 1 readers read what needs no chunks."""
-    version = 2 if any(rec.chunks for rec in records) else 1
-    flags = FLAG_ZERO_SIGNS if any(rec.signs for rec in records) else 0
+    version = 2 if any(isinstance(rec, _Coded) and rec.chunks for rec in records) else 1
+    flags = FLAG_ZERO_SIGNS if any(isinstance(rec, _Coded) and rec.signs for rec in records) else 0
     parts: list[Any] = [HEADER.pack(MAGIC, version, flags, 0, len(records))]
     for rec in records:
+        if isinstance(rec, _Whole):  # every element, raw: docs/wire-format.md "Other dtypes"
+            n = math.prod(rec.plain.shape)
+            parts += [rec.head, RECORD.pack(rec.plain.code, DOMAIN_FULL, POSITIONS["all"], record_id("raw"), 0, 0,
+                                            n, n, 0, 0.0, 0, rec.plain.words.size)]
+            if version == 2:
+                parts.append(struct.pack("<I", 0))
+            parts.append(rec.plain.words)
+            continue
         parts += [
             rec.head,
             RECORD.pack(DTYPE_CODES[rec.dtype], rec.domain, rec.pos_codec, record_id(rec.values),
@@ -391,6 +453,7 @@ def decode_model(
     out: Optional[Mapping[str, Any]] = None,
     expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]] = None,
     backend: str = "auto",
+    as_torch: bool = False,
 ) -> Decoded:
     """Decode a message from encode_model. `reference` supplies the shared masks of tensors coded
     relative to one. `max_bytes` caps the total size of the decoded arrays: a message that would
@@ -401,28 +464,50 @@ def decode_model(
     are returned in `tensors` and must not overlap each other or the message. Nothing else returned
     shares memory with `data`, which the caller may reuse.
 
+    Tensors come back as NumPy arrays, or with `as_torch=True` as torch CPU tensors (sharing the
+    arrays' memory; `out` tensors as given, `masks` and `packed` NumPy as ever): a message does not
+    record whether it was encoded from torch. Tensors of other dtypes than float32/float64 come
+    back whole, of their dtype, bit for bit; a bfloat16 one, which NumPy cannot hold, needs
+    `as_torch=True` (or a torch.bfloat16 `out`), else the message is refused with CodecError before
+    anything is allocated.
+
     Parameters
     ----------
     data : the message (bytes or any buffer).
     reference : names to the shared masks of tensors coded relative to one.
     max_bytes : the most bytes the decoded arrays may take.
     out : names to arrays to decode into, optional.
-    expect : names to (shape, dtype) the message must hold exactly, optional.
+    expect : names to (shape, dtype) the message must hold exactly, optional (dtypes as NumPy or
+        torch names them: np.float32, torch.int64, "bfloat16").
     backend : "auto", "native", "numba" or "numpy".
+    as_torch : return torch tensors instead of NumPy arrays.
 
     Returns
     -------
-    Decoded : `tensors` (names to arrays) and `masks` (names to the positions).
+    Decoded : `tensors` (names to arrays) and `masks` (names to the float tensors' positions);
+        itself a mapping of the names to the tensors (`d["w"]`, `len(d)`, `d.items()`, ...).
 
     Raises
     ------
-    CodecError : any corruption or inconsistency, a message over max_bytes, another set of
-        tensors than `expect`, or a missing reference mask (`out` may then be partly written).
+    CodecError : any corruption or inconsistency, bytes that are not a message (the error says
+        what they are where it is known: a torch.save file, a file of feddip_kernels.save), a
+        message over max_bytes, another set of tensors than `expect`, a missing reference mask
+        (`out` may then be partly written), or a bfloat16 tensor without `as_torch`.
     ValueError : `out` arrays of the wrong size, or overlapping.
-    TypeError : `out` arrays of the wrong dtype.
+    TypeError : `data` that is not a buffer, `out` arrays of the wrong dtype.
     """
+    if not isinstance(as_torch, bool):
+        raise TypeError(f"as_torch must be True or False, got {as_torch!r}")
     k = _backend.kernels(backend)
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"decode_model takes the message's bytes (bytes or any buffer), got {type(data).__name__}"
+                        ) from None
+    view = view.cast("B")
+    head = bytes(view[: len(MAGIC)])
+    if head != MAGIC[: len(head)]:  # not a message at all: say so before any talk of a checksum
+        raise CodecError(bad_magic(head))
     if len(view) < HEADER.size + CRC.size:
         raise CodecError(f"message of {len(view)} bytes is shorter than header and checksum")
     body = view[: len(view) - CRC.size]
@@ -436,8 +521,10 @@ def decode_model(
                                 masks=True, caller="decode_model", message=view)
         if r.pos != len(body):
             raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
+        if as_torch:
+            _to_torch(result, set(out or ()), {})
         return result
-    records: list[Record] = []
+    entries: list[Union[Record, PlainRecord]] = []
     seen: set[str] = set()
     budget = Budget(max_bytes, "decode_model")
     for i in range(count):
@@ -445,6 +532,20 @@ def decode_model(
         dtype_code, domain, pos_codec, val_id, r0, r1, d, nnz, m, scale, pos_len, val_len = r.unpack(
             RECORD, ("{!r} record", name)
         )
+        if dtype_code in PLAIN_DTYPES:  # another dtype: every element, raw
+            check_expected(name, shape, dtype_of(dtype_code), expect)
+            n = budget.take(name, shape, words_of(dtype_code))
+            check_record(name, dtype_code, n, (domain, pos_codec, val_id, r0, r1, m, pos_len), d, nnz, scale,
+                         val_len)
+            if version == 2:  # no chunk table: a count other than 0 is refused
+                _read_chunk_table(r, name, domain, pos_codec, d, nnz, m, pos_len)
+            if dtype_of(dtype_code) == "bfloat16" and not as_torch and (out is None or name not in out):
+                raise CodecError(f"{name!r} is a bfloat16 tensor, which NumPy cannot hold: pass as_torch=True "
+                                 f"to decode_model (torch tensors out), or out={{{name!r}: a torch.bfloat16 tensor}}")
+            plain = PlainRecord(name, tuple(shape), n, dtype_code, r.take(val_len, ("{!r} values", name)))
+            check_payload(plain)
+            entries.append(plain)
+            continue
         dtype = record_dtype(name, dtype_code)
         check_expected(name, shape, dtype, expect)
         n = budget.take(name, shape, dtype)
@@ -478,26 +579,29 @@ def decode_model(
         for size, c_nnz, c_m, c_len in table:
             chunks.append(Chunk(start, size, c_nnz, c_m, first, pos_raw[at : at + c_len]))
             start, first, at = start + size, first + c_nnz, at + c_len
-        records.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, values, d, nnz, m, scale, pos_raw,
+        entries.append(Record(name, tuple(shape), n, dtype, domain, pos_codec, values, d, nnz, m, scale, pos_raw,
                               val_raw, tuple(chunks), signs, payload.block))
-    check_all_expected([rec.name for rec in records], expect)
+    check_all_expected([e.name for e in entries], expect)
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} unexpected bytes after the last tensor")
-    dests = {
-        rec.name: writable_view(out[rec.name], f"out[{rec.name!r}]", rec.dtype.newbyteorder("="), rec.n).reshape(-1)
-        for rec in records
-        if out is not None and rec.name in out
-    }
+    dests: dict[str, np.ndarray] = {}
+    for ent in entries:
+        if out is not None and ent.name in out:
+            where = f"out[{ent.name!r}]"
+            dests[ent.name] = (writable_view(out[ent.name], where, ent.dtype.newbyteorder("="), ent.n).reshape(-1)
+                               if isinstance(ent, Record) else out_view(out[ent.name], ent.code, where, ent.n))
     check_disjoint({"the message": np.frombuffer(view, dtype=np.uint8), **{f"out[{k!r}]": a for k, a in dests.items()}})
-    targets = _allocate(records, out)
+    targets = _allocate(entries, out)
+    records = [e for e in entries if isinstance(e, Record)]
     golomb = decode_golomb_positions(k, records)
     negative = _decode_zero_signs(k, records)
     all_vals = decode_many(k, [Payload(rec.val_codec, rec.nnz, rec.dtype, rec.scale, rec.val_raw, rec.block)
                                for rec in records], [repr(rec.name) for rec in records])
     result = Decoded()
-    for i, (rec, target, vals) in enumerate(zip(records, targets, all_vals)):
+    result.tensors.update((e.name, None) for e in entries)  # the message's order
+    for i, (rec, vals) in enumerate(zip(records, all_vals)):
         name, n = rec.name, rec.n
-        dest = dests[name] if name in dests else cast(np.ndarray, target)  # _allocate's for each record not in out
+        dest = dests[name] if name in dests else cast(np.ndarray, targets[name])  # _allocate's for each not in out
         if rec.chunks:  # each chunk into its slice of the output (densify runs on the library's threads)
             for c, bits in zip(rec.chunks, golomb[i]):
                 k.densify(bits, c.size, vals[c.first : c.first + c.nnz], dest[c.start : c.start + c.size])
@@ -518,7 +622,23 @@ def decode_model(
                 set_negative_zeros(k, name, bits, negative[i], dest)
             result.packed[name] = bits
         result.tensors[name] = out[name] if out is not None and name in dests else dest.reshape(rec.shape)
+    codes: dict[str, int] = {}
+    for ent in entries:
+        if isinstance(ent, PlainRecord):
+            dest = dests[ent.name] if ent.name in dests else cast(np.ndarray, targets[ent.name])
+            copy_out(ent, dest)
+            result.tensors[ent.name] = cast(Mapping, out)[ent.name] if ent.name in dests else dest.reshape(ent.shape)
+            codes[ent.name] = ent.code
+    if as_torch:
+        _to_torch(result, set(dests), codes)
     return result
+
+
+def _to_torch(result: Decoded, given: set[str], codes: dict[str, int]) -> None:
+    """The decoded arrays as torch tensors sharing their memory, but for the caller's `out` (given)."""
+    for name, a in list(result.tensors.items()):
+        if name not in given:
+            result.tensors[name] = to_torch(a, codes.get(name))
 
 
 def _decode_zero_signs(k: Any, records: list[Record]) -> dict[int, np.ndarray]:
@@ -550,9 +670,10 @@ def _read_chunk_table(r: Reader, name: str, domain: int, pos_codec: int, d: int,
     return table
 
 
-def _allocate(records: list[Record], out: Optional[Mapping[str, Any]]) -> list[Optional[np.ndarray]]:
-    """Flat output arrays for the records not decoded into `out`, views into one block; its size is
-    within the caller's max_bytes (each record's size was checked against it)."""
-    return block_views(
-        [None if out is not None and rec.name in out else ((rec.n,), rec.dtype.newbyteorder("=")) for rec in records]
-    )
+def _allocate(entries: list[Union[Record, PlainRecord]], out: Optional[Mapping[str, Any]]
+              ) -> dict[str, Optional[np.ndarray]]:
+    """Flat output arrays, by name, for the records not decoded into `out`, views into one block;
+    its size is within the caller's max_bytes (each record's size was checked against it)."""
+    specs = [None if out is not None and e.name in out
+             else ((e.n,), e.dtype.newbyteorder("=") if isinstance(e, Record) else out_dtype(e.code)) for e in entries]
+    return dict(zip([e.name for e in entries], block_views(specs)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Mapping, Optional, cast
+from typing import Any, Iterator, Mapping, Optional, cast
 
 import numpy as np
 
@@ -16,13 +16,40 @@ from .format import DTYPES, MAX_ARRAY_BYTES, MAX_NDIM, CodecError
 _SHAPES = [struct.Struct(f"<{ndim}Q") for ndim in range(MAX_NDIM + 1)]  # a shape of ndim sizes
 
 
-class Decoded:
+class Decoded(Mapping[str, Any]):
     """A decoded model: `tensors`, dense arrays (+0.0 off the positions, but for the -0.0 that
     the message lists), `packed`, the positions as packed little-endian bits, and `masks`, the
-    positions as bool arrays (both made on first access; -0.0 are zeros, not positions)."""
+    positions as bool arrays (both made on first access; -0.0 are zeros, not positions; tensors of
+    other dtypes than float32/float64 travel whole and have none).
+
+    It is also a read-only mapping of the names to the tensors: `d["w"]`, `len(d)`, `iter(d)`,
+    `"w" in d`, `d.keys()`, `d.items()`, `d.values()`, `d.get(...)`, `dict(d)` are those of
+    `d.tensors`, in the message's order. Two Decoded are equal only when they are the same object
+    (tensors have no single truth value to compare by)."""
+
+    def __getitem__(self, name: str) -> Any:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        return f"Decoded({', '.join(f'{k!r}: {_dtype_name(t.dtype)}{list(t.shape)}' for k, t in self.tensors.items())})"
 
     def __init__(self) -> None:
-        self.tensors: dict[str, np.ndarray] = {}
+        self.tensors: dict[str, Any] = {}  # NumPy arrays, or torch tensors (decode_model's as_torch)
         self.packed_parts: dict[str, list[np.ndarray]] = {}  # positions of chunked records, by run
         self._packed: dict[str, np.ndarray] = {}
         self._masks: Optional[dict[str, np.ndarray]] = None
@@ -103,7 +130,7 @@ def reference_mask(reference: Optional[Mapping[str, Any]], name: str, n: int) ->
         raise CodecError(f"{name!r}: {e}") from None
 
 
-def check_expected(name: str, shape: tuple[int, ...], dtype: np.dtype,
+def check_expected(name: str, shape: tuple[int, ...], dtype: Any,
                    expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]]) -> None:
     """One record against the caller's expected tensors (name, shape, dtype)."""
     if expect is None:
@@ -111,8 +138,22 @@ def check_expected(name: str, shape: tuple[int, ...], dtype: np.dtype,
     if name not in expect:
         raise CodecError(f"the message holds other tensors than expected (unexpected {name!r})")
     want_shape, want_dtype = expect[name]
-    if shape != tuple(want_shape) or dtype.newbyteorder("=") != np.dtype(want_dtype):
-        raise CodecError(f"{name!r} is {shape} {dtype}, expected {tuple(want_shape)} {np.dtype(want_dtype)}")
+    have, want = _dtype_name(dtype), _dtype_name(want_dtype)
+    if shape != tuple(want_shape) or have != want:
+        raise CodecError(f"{name!r} is {shape} {have}, expected {tuple(want_shape)} {want}")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A dtype's name as NumPy and torch both spell it ("int64", "bfloat16"), from a NumPy dtype
+    or anything np.dtype reads, a torch dtype, or a name: how records and `expect` compare dtypes
+    (float32 in either byte order is float32)."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # a name NumPy lacks ("bfloat16")
+        return text
 
 
 def check_all_expected(names: list[str], expect: Optional[Mapping[str, tuple[tuple[int, ...], Any]]]) -> None:

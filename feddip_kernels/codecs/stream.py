@@ -38,6 +38,7 @@ from .format import (
     ZeroSigns,
     read_header,
 )
+from .plain import check_float, check_mapping, check_name
 from .positions import (
     check_zero_signs,
     decode_positions,
@@ -170,9 +171,16 @@ def encode_stream(
 
     Raises
     ------
-    TypeError, ValueError : as encode_model, or a chunk_elems out of range.
+    TypeError, ValueError : as encode_model (but a tensor that is not float32/float64 is refused),
+        a file without `write`, or a chunk_elems out of range.
     BlockingIOError : a non-blocking file that would block.
     """
+    check_mapping(tensors, "encode_stream")
+    for what, given in (("masks", masks), ("reference", reference)):
+        if given is not None:
+            check_mapping(given, "encode_stream", what)
+    if not callable(getattr(file, "write", None)):
+        raise TypeError(f"encode_stream writes to a file object (with write), got {type(file).__name__}")
     check_codec(values, rounding)
     if positions not in STREAM_POSITIONS:
         raise ValueError(f"positions codec {positions!r} is not offered in streams; one of {STREAM_POSITIONS}")
@@ -190,6 +198,8 @@ def encode_stream(
     window: list[Any] = []  # record heads (bytes) and chunks (source, start, size), in stream order
     elems, window_elems = 0, max(1, _backend.get_num_threads()) * chunk_elems
     for name, t in tensors.items():
+        check_name(name)
+        check_float(t, f"tensors[{name!r}]")
         flat, shape, dtype = flat_float(t, f"tensors[{name!r}]", MAX_NDIM, on_device(t))
         n = math.prod(shape)
         mask = masks[name] if masks and name in masks else None
@@ -379,7 +389,11 @@ def decode_stream(
     Raises
     ------
     CodecError : as decode_model, or a stream that ends early.
+    TypeError : a `file` without `readinto` or `read` (bytes go to decode_model).
     """
+    if not callable(getattr(file, "readinto", None)) and not callable(getattr(file, "read", None)):
+        raise TypeError(f"decode_stream reads a file object (with readinto or read), got {type(file).__name__}; "
+                        "decode_model reads a message's bytes")
     k = _backend.kernels(backend)
     r = _FileReader(file, k)
     version, count = read_header(r)
