@@ -192,7 +192,7 @@ def test_cli_writes_json_and_plot(tmp_path):
     assert (out / "feddip.ckpt").exists()
 
 
-def test_cli_values_per_algorithm(tmp_path):
+def test_cli_values_per_algorithm(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["simulate", "--algorithm", "feddip,fedavg", "--clients", "2", "--rounds", "1", "--synthetic-train", "200",
             "--synthetic-test", "50", "--out", str(out), "--quiet"]
@@ -200,15 +200,15 @@ def test_cli_values_per_algorithm(tmp_path):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert runs["feddip"]["config"]["values"] == "fp16" and runs["fedavg"]["config"]["values"] == "raw"
     for bad in ("fp8", "feddp=fp16", "feddip=half"):
-        with pytest.raises(SystemExit, match="--values"):
-            main(args + ["--values", bad])
+        assert main(args + ["--values", bad]) == 2
+        assert "feddip simulate: error: --values: " in capsys.readouterr().err
 
 
 def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys):
     base = ["simulate", "--clients", "2", "--rounds", "1", "--synthetic-train", "100", "--synthetic-test", "20",
             "--quiet", "--out", str(tmp_path)]
     assert main(base + ["--algorithm", "fedprox"]) == 2
-    assert "algorithm must be one of" in capsys.readouterr().err
+    assert "--algorithm: 'fedprox' is not one of" in capsys.readouterr().err
     assert main(base + ["--data", str(tmp_path / "missing")]) == 2
     assert "error" in capsys.readouterr().err
     assert main(base + ["--algorithm", "feddip", "--checkpoint"]) == 0
@@ -346,7 +346,7 @@ def test_checkpoint_is_validated_not_unpickled(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     state = run_simulation(cfg, train, test, parts, checkpoint=str(ckpt))
     good = ckpt.read_bytes()
-    for bad in (b"\x80\x04pickle", good[:20], good[:-5], good[:4] + b"\x03" + good[5:]):
+    for bad in (b"\x80\x04pickle", good[:20], good[:-5], good[:4] + b"\x04" + good[5:]):
         ckpt.write_bytes(bad)
         with pytest.raises(CodecError):
             run_simulation(cfg, train, test, parts, checkpoint=str(ckpt), resume=True)
@@ -537,12 +537,13 @@ def _mutated(meta, path, op, value=None):
     return meta
 
 
-def test_every_single_field_mutation_of_a_checkpoint_is_refused(tmp_path, real_checkpoint):
+@pytest.mark.parametrize("fixture", ["real_checkpoint", "compact_checkpoint"])
+def test_every_single_field_mutation_of_a_checkpoint_is_refused(tmp_path, request, fixture):
     # Every field at every level (configuration, round, has_mask, prunable, client_masks, each
-    # history row's fields): deleted, or set to each wrong type, nesting shallow and past the
-    # parser's limit, and out-of-range or inconsistent numbers; unknown fields added at each level;
-    # the whole JSON replaced. Each must raise CodecError, and nothing else.
-    cfg, model, data, _ = real_checkpoint
+    # history row's fields, compact's): deleted, or set to each wrong type, nesting shallow and past
+    # the parser's limit, and out-of-range or inconsistent numbers; unknown fields added at each
+    # level; the whole JSON replaced. Each must raise CodecError, and nothing else.
+    cfg, model, data, _ = request.getfixturevalue(fixture)[:4]
     meta = _ckpt_split(data)[1]
     files = [(f"json = {v!r}", _ckpt_reseal(data, meta=v)) for v in [[], "x", None, 1, Deep(100_000)]]
     for path, old in _paths(meta):
@@ -553,6 +554,8 @@ def test_every_single_field_mutation_of_a_checkpoint_is_refused(tmp_path, real_c
             for v in values:
                 if free and v is None and path[-1] == "sparsity_target":
                     continue  # None is a valid target (rounds that do not prune)
+                if v == "x" and path[-2:-1] == ("failures",):
+                    continue  # a failure's message is free text
                 if _dumps(v) != _dumps(old):
                     files.append((f"{path} = {v!r}", _ckpt_reseal(data, meta=_mutated(meta, path, "set", v))))
         if isinstance(old, dict):
@@ -666,8 +669,6 @@ def test_compact_coding_runs_and_moves_fewer_bytes():
     assert rows[-1]["bytes_total"] < 0.8 * plain.history[-1]["bytes_total"]
     for k, m in compact.masks.items():
         assert not compact.weights[k][~m].any()
-    with pytest.raises(ValueError, match="checkpoints"):
-        run_simulation(cfg, train, test, parts, checkpoint="unused.ckpt")
     with pytest.raises(ValueError, match="stochastic rounding"):
         _tiny("feddip", rounding="stochastic")
     with pytest.raises(ValueError, match="coding"):
@@ -709,8 +710,14 @@ def test_cli_preset_compact(tmp_path, capsys):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert (runs["feddip"]["config"]["values"], runs["feddip"]["config"]["rounding"]) == ("int6-ans", "stochastic")
     assert (runs["fedavg"]["config"]["values"], runs["fedavg"]["config"]["rounding"]) == ("raw", "nearest")
-    assert main(args + ["--algorithm", "feddip", "--checkpoint"]) == 2
-    assert "checkpoints do not hold the compact coding" in capsys.readouterr().err
+    # Checkpoints hold the compact coding's state: 1 round, then 2 more, equal 3 straight (the
+    # preset's horizon fixes the schedules, so a finished run can be extended).
+    assert main(args + ["--algorithm", "feddip", "--checkpoint"]) == 0
+    assert main(args + ["--algorithm", "feddip", "--checkpoint", "--resume", "--rounds", "3"]) == 0
+    resumed = json.loads((out / "results.json").read_text())["runs"]["feddip"]["history"]
+    assert main(args + ["--algorithm", "feddip", "--rounds", "3", "--out", str(tmp_path / "straight")]) == 0
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())["runs"]["feddip"]["history"]
+    assert len(resumed) == 3 and _strip_times(resumed) == _strip_times(straight)
 
 
 def test_checkpoints_written_before_the_coding_settings_still_load(tmp_path, real_checkpoint):
@@ -723,3 +730,258 @@ def test_checkpoints_written_before_the_coding_settings_still_load(tmp_path, rea
     compact = SimulationConfig(**{**cfg.__dict__, "coding": "compact"})  # lossless: not the compact transport
     with pytest.raises(CodecError, match="different configuration"):
         _load_bytes(tmp_path, compact, model, _ckpt_reseal(data, meta=meta))
+
+
+# ------------------------------------------------------------------ checkpoints of the compact coding
+
+
+def _compact_tiny(alg="feddip", **kw):
+    # 4 rounds, 2 of 4 clients a round (seed 0: clients 0 and 3, then 1 and 2, 0 and 2, 0 and 1), a
+    # new mask every 2 rounds: client 3 holds the initial model from round 0 on, client 2 an older
+    # mask than the global one after round 4.
+    settings = dict(rounds=4, clients_per_round=2, mask_every=2, seed=0, coding="compact", values="int4-ans")
+    return _tiny(alg, **{**settings, **kw})
+
+
+def _initial_model(cfg, train, test):
+    """The run's initial model, as run_simulation builds it (compact checkpoints check against it)."""
+    from feddip_kernels.protocol import seed_for
+
+    torch.manual_seed(seed_for(cfg.seed, 0))
+    return make_model(cfg.model, train.x.shape[1], max(train.num_classes, test.num_classes))
+
+
+def _flaky_compact(monkeypatch):
+    """Client 3's training fails in round 0, its only contact (it keeps no residual), and client
+    2's reply in round 2 does not decode (its residual moves on all the same)."""
+    from feddip_kernels.fl import simulation
+
+    train_client, reply = simulation._train_client, simulation._reply
+
+    def flaky_train(cfg, model, weights, masks, data, t, client):
+        if (t, client) == (0, 3):
+            raise RuntimeError("out of memory")
+        return train_client(cfg, model, weights, masks, data, t, client)
+
+    def flaky_reply(end, local, t):
+        msg = reply(end, local, t)
+        return msg[:-1] + bytes([msg[-1] ^ 1]) if (t, end.client) == (2, 2) else msg
+
+    monkeypatch.setattr(simulation, "_train_client", flaky_train)
+    monkeypatch.setattr(simulation, "_reply", flaky_reply)
+
+
+def _record_compact(monkeypatch):
+    """The list to which each run's compact ends (simulation._Compact) are appended."""
+    from feddip_kernels.fl import simulation
+
+    made = []
+
+    class Recorded(simulation._Compact):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(simulation, "_Compact", Recorded)
+    return made
+
+
+def _bits(tensors):
+    return {k: (v.shape, v.dtype.str, v.tobytes()) for k, v in tensors.items()}
+
+
+def _check_ends(ends, state):
+    # What a checkpoint leaves out is what it can: each client's end shares the server's model
+    # for it and holds its client_masks entry, bit for bit.
+    assert list(ends.server.held) == list(ends.clients)
+    for c, end in ends.clients.items():
+        assert end.held is ends.server.held[c]
+        assert _bits(end.masks) == _bits(state.client_masks.get(c, {}))
+
+
+def _same_ends(a, b):
+    assert a.server.frame == b.server.frame and _bits(a.server.init) == _bits(b.server.init)
+    assert list(a.server.held) == list(b.server.held) and list(a.clients) == list(b.clients)
+    for c, end in a.clients.items():
+        assert _bits(end.held) == _bits(b.clients[c].held)
+        assert _bits(end.masks) == _bits(b.clients[c].masks)
+        assert _bits(end.residual) == _bits(b.clients[c].residual)
+
+
+_COMPACT_VARIANTS = {
+    "nearest": {}, "failures": {}, "stochastic": dict(rounding="stochastic"),
+    "no residual feedback": dict(residual_feedback=False), "fedavg": dict(alg="fedavg", values="int8-ans"),
+}
+
+
+@pytest.mark.parametrize("variant", list(_COMPACT_VARIANTS))
+def test_compact_run_resumed_after_each_round_equals_the_uninterrupted_run(tmp_path, monkeypatch, variant):
+    # Stopped after rounds 1 (round 0 only: init frames), 2, 3 (after a pruning round) and resumed
+    # each time: the same history, weights, masks, and both ends' state, bit for bit. "failures":
+    # a client that fails to train, and one whose reply does not decode.
+    from feddip_kernels.fl.checkpoint import read_checkpoint, save_checkpoint
+
+    if variant == "failures":
+        _flaky_compact(monkeypatch)
+    made = _record_compact(monkeypatch)
+    cfg, train, test, parts = _compact_tiny(**_COMPACT_VARIANTS[variant])
+    straight = run_simulation(cfg, train, test, parts)
+    _check_ends(made[-1], straight)
+    if variant == "failures":
+        assert [r["clients_failed"] for r in straight.history] == [1, 0, 1, 0]
+        assert not made[-1].clients[3].residual and made[-1].clients[2].residual
+    ckpt = tmp_path / "run.ckpt"
+    for stop in range(1, cfg.rounds):
+        def crash(row, stop=stop):
+            if row["round"] == stop:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            run_simulation(cfg, train, test, parts, checkpoint=str(ckpt), resume=True, on_round=crash)
+        # What a resume reads is the stopped run's state, and saved again it makes the same bytes.
+        state, compact = read_checkpoint(str(ckpt), cfg, _initial_model(cfg, train, test))
+        ends = made[-1]
+        _check_ends(ends, state)
+        assert list(compact.held) == list(ends.server.held)
+        assert all(_bits(compact.held[c]) == _bits(ends.server.held[c]) for c in ends.server.held)
+        assert {c: _bits(r) for c, r in compact.residual.items()} == {
+            c: _bits(end.residual) for c, end in ends.clients.items() if end.residual}
+        save_checkpoint(str(tmp_path / "again.ckpt"), state, compact)
+        assert (tmp_path / "again.ckpt").read_bytes() == ckpt.read_bytes()
+    resumed = run_simulation(cfg, train, test, parts, checkpoint=str(ckpt), resume=True)
+    assert _strip_times(resumed.history) == _strip_times(straight.history)
+    assert _bits(resumed.weights) == _bits(straight.weights) and _bits(resumed.masks) == _bits(straight.masks)
+    _same_ends(made[-1], made[0])
+    if variant == "no residual feedback":
+        assert not any(end.residual for end in made[-1].clients.values())
+
+
+@pytest.fixture(scope="module")
+def compact_checkpoint(tmp_path_factory):
+    # _compact_tiny's run, with _flaky_compact's failures: after round 4 clients 0, 3, 1, 2 (in the
+    # order first contacted) hold models, 3 the initial one and no mask; 0, 1 and 2 have residuals;
+    # 0 and 1 hold the global mask, 2 an older one.
+    path = tmp_path_factory.mktemp("compact") / "run.ckpt"
+    cfg, train, test, parts = _compact_tiny()
+    with pytest.MonkeyPatch.context() as mp:
+        _flaky_compact(mp)
+        state = run_simulation(cfg, train, test, parts, checkpoint=str(path))
+    data = path.read_bytes()
+    meta = _ckpt_split(data)[1]
+    assert (meta["compact"]["held"], meta["compact"]["residual"]) == ([0, 3, 1, 2], [0, 1, 2])
+    assert meta["client_masks"] == {"1": -1, "2": 0, "0": -1}
+    return cfg, _initial_model(cfg, train, test), data, state
+
+
+def _read_bytes(tmp_path, cfg, model, data):
+    from feddip_kernels.fl.checkpoint import read_checkpoint
+
+    path = tmp_path / "mutated.ckpt"
+    path.write_bytes(data)
+    return read_checkpoint(str(path), cfg, model)
+
+
+def test_compact_checkpoint_holds_every_clients_state(tmp_path, compact_checkpoint):
+    cfg, model, data, state = compact_checkpoint
+    loaded, compact = _read_bytes(tmp_path, cfg, model, _ckpt_reseal(data))
+    assert _ckpt_reseal(data) == data and data[4] == 3
+    assert loaded.history == state.history and _bits(loaded.weights) == _bits(state.weights)
+    assert list(compact.held) == [0, 3, 1, 2] and list(compact.residual) == [0, 1, 2]
+    init = initial_state(cfg, model).weights
+    assert _bits(compact.held[3]) == _bits(init)  # round 0 sent client 3 the init frame alone
+    for c, m in loaded.client_masks.items():
+        assert all(not compact.held[c][k][~mk].any() for k, mk in m.items())
+    assert _load_bytes(tmp_path, cfg, model, data).round == 4  # load_checkpoint: the server's state alone
+
+
+def test_inconsistent_compact_checkpoints_are_refused_naming_the_problem(tmp_path, compact_checkpoint):
+    from feddip_kernels.codecs import decode_model, encode_model
+
+    cfg, model, data, _ = compact_checkpoint
+    meta = _ckpt_split(data)[1]
+    saved = meta["compact"]
+    decoded = decode_model(_ckpt_split(data)[2])
+    name = "classifier.1.weight"  # prunable: under client 2's older mask
+
+    def message(edit):
+        tensors = dict(decoded.tensors)
+        edit(tensors)
+        masks = {k: m for k, m in decoded.masks.items() if k[0] in "wk" and k in tensors}
+        return encode_model(tensors, masks=masks, values="auto")
+
+    def outside_mask(t):
+        t[f"h2/{name}"] = t[f"h2/{name}"].copy()
+        t[f"h2/{name}"][~decoded.masks[f"k0/{name}"]] = 1.0
+
+    def not_initial(t):
+        t[f"h3/{name}"] = np.nextafter(t[f"h3/{name}"], np.float32(1))
+
+    def wrong_shape(t):
+        t[f"h0/{name}"] = t[f"h0/{name}"].reshape(-1)
+
+    def wrong_dtype(t):
+        t[f"r1/{name}"] = t[f"r1/{name}"].astype(np.float64)
+
+    def residual_missing(t):
+        for k in [k for k in t if k.startswith("r0/")]:
+            del t[k]
+
+    def residual_unlisted(t):
+        t.update({f"r3/{k[3:]}": v for k, v in t.items() if k.startswith("r0/")})
+
+    def compact(**kw):
+        return _ckpt_reseal(data, meta={**meta, "compact": {**saved, **kw}})
+
+    cases = {
+        "compact null": (_ckpt_reseal(data, meta={**meta, "compact": None}), "compact is not an object"),
+        "compact left out": (_ckpt_reseal(data, meta={k: v for k, v in meta.items() if k != "compact"}),
+                             "exactly the fields"),
+        "held in another order": (compact(held=[3, 0, 1, 2]), "compact.held is not the list"),
+        "a client left out of held": (compact(held=[0, 3, 1]), "compact.held is not the list"),
+        "a client not in the run": (compact(held=[0, 3, 1, 2, 7]), "compact.held is not the list"),
+        "held as floats": (compact(held=[0.0, 3.0, 1.0, 2.0]), "compact.held is not the list"),
+        "init_crc of another model": (compact(init_crc=saved["init_crc"] ^ 1), "initial model"),
+        "residual of a client not contacted": (compact(residual=[0, 1, 2, 7]), "did not contact"),
+        "residual listed twice": (compact(residual=[0, 1, 1, 2]), "twice"),
+        "residual in another order": (compact(residual=[1, 0, 2]), "another order"),
+        "residual ids as strings": (compact(residual=["0", "1", "2"]), "list of client ids"),
+        "residual of a client that has none": (compact(residual=[0, 3, 1, 2]), "do not fit"),
+        "held values outside the mask": (_ckpt_reseal(data, message=message(outside_mask)), "outside the mask"),
+        "round 0's client not on the initial model": (_ckpt_reseal(data, message=message(not_initial)),
+                                                      "holds another model than the initial one"),
+        "a held tensor of the wrong shape": (_ckpt_reseal(data, message=message(wrong_shape)), "do not fit"),
+        "a residual of the wrong dtype": (_ckpt_reseal(data, message=message(wrong_dtype)), "do not fit"),
+        "a residual missing": (_ckpt_reseal(data, message=message(residual_missing)), "do not fit"),
+        "a residual not listed": (_ckpt_reseal(data, message=message(residual_unlisted)), "do not fit"),
+    }
+    for label, (file, why) in cases.items():
+        with pytest.raises(CodecError, match=why):
+            _read_bytes(tmp_path, cfg, model, file)
+        assert _refusals(tmp_path, cfg, model, [(label, file)]) == []
+    # A run without residual feedback keeps no residuals.
+    off = SimulationConfig(**{**cfg.__dict__, "residual_feedback": False})
+    file = _ckpt_reseal(data, meta={**meta, "config": {**meta["config"], "residual_feedback": False}})
+    with pytest.raises(CodecError, match="no residual feedback"):
+        _read_bytes(tmp_path, off, model, file)
+    # The compact state comes with the run's initial model, not just its architecture.
+    with pytest.raises(CodecError, match="initial model"):
+        _read_bytes(tmp_path, cfg, make_model(cfg.model, 1, 10), data)
+
+
+def test_checkpoints_of_format_2_still_load(tmp_path, real_checkpoint, compact_checkpoint):
+    # Format 2 is format 3 without "compact"; no compact run wrote one, and none is read.
+    cfg, model, data, state = real_checkpoint
+    meta = _ckpt_split(data)[1]
+    assert data[4] == 3 and meta["compact"] is None
+    two = data[:4] + b"\x02" + data[5:]
+    without = {k: v for k, v in meta.items() if k != "compact"}
+    loaded = _load_bytes(tmp_path, cfg, model, _ckpt_reseal(two, meta=without))
+    assert loaded.round == 4 and loaded.history == state.history and _bits(loaded.weights) == _bits(state.weights)
+    assert set(loaded.client_masks) == set(state.client_masks)
+    with pytest.raises(CodecError, match="exactly the fields"):
+        _load_bytes(tmp_path, cfg, model, _ckpt_reseal(two))  # with "compact": not format 2
+    cfg, model, data, _ = compact_checkpoint
+    meta = _ckpt_split(data)[1]
+    two = data[:4] + b"\x02" + data[5:]
+    with pytest.raises(CodecError, match="format 2 holds no compact coding state"):
+        _load_bytes(tmp_path, cfg, model, _ckpt_reseal(two, meta={k: v for k, v in meta.items() if k != "compact"}))

@@ -3,21 +3,30 @@ whatever it holds): a small header, JSON for the configuration and history, one 
 message (docs/wire-format.md) for the tensors, and a checksum of the whole file. Everything is
 validated on load against the run being resumed; any problem raises CodecError.
 
-    "FDKC" | version u8 = 2 | reserved u8 * 3 = 0 | json_len u32 | JSON (UTF-8) | message
+    "FDKC" | version u8 = 3 | reserved u8 * 3 = 0 | json_len u32 | JSON (UTF-8) | message
     | CRC-32C u32 of every byte before it
 
 Message tensors: "w/<name>" the global model, its prunable tensors coded with the global mask as
 their positions (zeros under the mask included); "k<j>/<name>" (j = 0, 1, ...) the j-th other mask
-that some client last received, over the prunable tensors (positions only, zero values). The JSON:
-{"config": the SimulationConfig, "round": rounds done, "has_mask": whether there is a global mask,
-"prunable": the pruned tensors' names, "client_masks": {client id: j, or -1 for the global mask},
-"history": one row per round done}.
+that some client last received, over the prunable tensors (positions only, zero values). A run
+with the compact coding (protocol.transport) adds, for each client c contacted so far,
+"h<c>/<name>" the model c holds (the same bits at both ends; zero outside the mask it holds) and,
+where it has one, "r<c>/<name>" its residual (the uplink's quantisation error not yet sent), every
+tensor of both coded without a mask (positions: its non-zeros; -0.0 kept). Values are raw, or for
+a compact run lossless and entropy-coded where that is smaller (values "auto"): every byte comes
+back. The JSON: {"config": the SimulationConfig, "round": rounds done, "has_mask": whether there
+is a global mask, "prunable": the pruned tensors' names, "client_masks": {client id: j, or -1 for
+the global mask}, "history": one row per round done, "compact": null, or for a compact run
+{"init_crc": the initial model's CRC-32C (the init frame's), "held": the clients contacted, in the
+order first contacted, "residual": those with a residual, in the same order}}. A client's end of
+the compact transport holds the global mask it last received, its entry in client_masks (none
+before round 1), which is not stored twice.
 
-Version 1 files (no checksum) are refused with a message saying so: such a run is started again
-rather than resumed from a file that nothing vouches for. Configurations written before the
-coding, rounding and residual_feedback settings read as the plain coding's (what those runs used).
-Runs with the compact coding (protocol.transport) are not checkpointed: what each client holds and
-its residual are not in the file.
+Version 2 files are version 3's without "compact" (no run with the compact coding wrote one): they
+load as before. Version 1 files (no checksum) are refused with a message saying so: such a run is
+started again rather than resumed from a file that nothing vouches for. Configurations written
+before the coding, rounding and residual_feedback settings read as the plain coding's (what those
+runs used).
 """
 
 from __future__ import annotations
@@ -28,22 +37,27 @@ import math
 import os
 import re
 import struct
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 from torch import nn
 
 from ..codecs import CodecError, crc32c, decode_model, encode_model
+from ..protocol.transport import model_crc
 from ..storage import parse_json
 from .state import ServerState, SimulationConfig, initial_state
 
 MAGIC = b"FDKC"
-VERSION = 2
+VERSION = 3
+_READ = (2, 3)  # the versions load_checkpoint reads
 _HEADER = struct.Struct("<4sB3sI")
 _CRC = struct.Struct("<I")
 _Fail = Callable[[str], CodecError]  # an error naming the checkpoint file
 _CURRENT = -1  # a client holding the current global mask
-_META_KEYS = frozenset(["config", "round", "has_mask", "prunable", "client_masks", "history"])
+_META_KEYS_2 = frozenset(["config", "round", "has_mask", "prunable", "client_masks", "history"])
+_META_KEYS = _META_KEYS_2 | {"compact"}
+_COMPACT_KEYS = frozenset(["init_crc", "held", "residual"])
 _CLIENT_ID = re.compile(r"(0|[1-9][0-9]{0,9})")  # a client id as str(int) writes it
 # A history row's fields as run_simulation writes them: counts (ints >= 0), reals (ints or floats),
 # sparsity_target (a real or null) and failures (strings). A bool is never a number here.
@@ -57,10 +71,27 @@ _ROW_TIMES = ("time_train", "time_prune", "time_encode", *sorted(_ROW_LATER))
 _LATER_CONFIG = {"coding": "plain", "rounding": "nearest", "residual_feedback": True}
 
 
-def save_checkpoint(path: str, state: ServerState) -> None:
-    """Write `state` atomically (a temporary file, flushed to disk, then renamed over `path`)."""
-    if state.config.compact:
-        raise ValueError("a run with the compact coding is not checkpointed (its clients' state is not in the file)")
+@dataclass
+class CompactState:
+    """The compact coding's state beside the server's (protocol.transport): `init_crc`, the initial
+    model's CRC-32C (protocol.transport.model_crc, which the init frame carries); `held[c]`, the
+    model each contacted client c holds (ServerEnd.held[c], the same bits as the client's), in the
+    order first contacted; `residual[c]`, a client's residual (ClientEnd.residual: every tensor)
+    where it has one. A client's mask (ClientEnd.masks) is its entry in ServerState.client_masks ({}
+    before it received one)."""
+
+    init_crc: int = 0
+    held: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    residual: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str, state: ServerState, compact: Optional[CompactState] = None) -> None:
+    """Write `state` atomically (a temporary file, flushed to disk, then renamed over `path`);
+    `compact`: the clients' state of a run with the compact coding (needed for one, refused for
+    any other)."""
+    if state.config.compact != (compact is not None):
+        raise ValueError("a run with the compact coding is checkpointed with its clients' state (compact=), "
+                         "any other without" if compact is None else "compact= for a run without the compact coding")
     server = state.server
     tensors = {f"w/{k}": v for k, v in server.weights.items()}
     masks = {f"w/{k}": m for k, m in server.masks.items()}
@@ -75,6 +106,20 @@ def save_checkpoint(path: str, state: ServerState) -> None:
                 tensors[f"k{j}/{k}"] = np.zeros(mk.shape, np.float32)
                 masks[f"k{j}/{k}"] = mk
         clients[str(client)] = held[id(m)]
+    saved = None
+    values = "raw"
+    if compact is not None:
+        residual = [c for c in compact.held if compact.residual.get(c)]
+        if len(residual) != sum(bool(e) for e in compact.residual.values()):
+            raise ValueError("a residual of a client that holds no model")
+        for prefix, models in (("h", compact.held), ("r", {c: compact.residual[c] for c in residual})):
+            for c, model in models.items():
+                if model.keys() != server.weights.keys():
+                    raise ValueError(f"client {c}'s held model or residual does not hold the model's tensors")
+                tensors.update({f"{prefix}{c}/{k}": v for k, v in model.items()})
+        saved = {"init_crc": int(compact.init_crc), "held": [int(c) for c in compact.held],
+                 "residual": [int(c) for c in residual]}
+        values = "auto"  # every client's model and residual: entropy-coded where that is smaller
     meta = {
         "config": dataclasses.asdict(state.config),
         "round": server.round,
@@ -82,9 +127,10 @@ def save_checkpoint(path: str, state: ServerState) -> None:
         "prunable": server.prunable,
         "client_masks": clients,
         "history": state.history,
+        "compact": saved,
     }
     body = json.dumps(meta).encode("utf-8")
-    message = encode_model(tensors, masks=masks, values="raw")
+    message = encode_model(tensors, masks=masks, values=values)
     data = _HEADER.pack(MAGIC, VERSION, bytes(3), len(body)) + body + message
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -95,12 +141,26 @@ def save_checkpoint(path: str, state: ServerState) -> None:
 
 
 def load_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module) -> ServerState:
-    """The state saved at `path`, for a run of `cfg` with `model`'s architecture. Raises CodecError
-    (a ValueError) for a file that is not a valid checkpoint of this run: corrupt (the checksum
-    covers every byte), of another format version, or with any JSON field of the wrong type, out of
-    range or inconsistent with the configuration, the model, the message or the other fields. Only
-    `rounds` may differ from the run's configuration, and only when `cfg.horizon` fixes the
+    """The server's state saved at `path`, for a run of `cfg` with `model`'s architecture (a run with
+    the compact coding resumes with read_checkpoint, which also returns its clients' state). Raises
+    CodecError (a ValueError) for a file that is not a valid checkpoint of this run: corrupt (the
+    checksum covers every byte), of another format version, or with any JSON field of the wrong type,
+    out of range or inconsistent with the configuration, the model, the message or the other fields.
+    Only `rounds` may differ from the run's configuration, and only when `cfg.horizon` fixes the
     schedules (then a finished run can be extended)."""
+    return read_checkpoint(path, cfg, model)[0]
+
+
+def read_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module
+                    ) -> tuple[ServerState, Optional[CompactState]]:
+    """(the server's state, the clients' state: None unless `cfg` has the compact coding) saved at
+    `path`, validated as load_checkpoint says. For the compact coding `model` must also hold the
+    run's initial weights (as run_simulation builds it: torch.manual_seed(seed_for(cfg.seed, 0)),
+    then make_model), from which the clients' models derive: init_crc must be theirs. The clients
+    contacted are those the rounds done sampled, in the order first contacted; residuals are
+    theirs (none without residual feedback); a held model's masked tensors are zero outside the
+    mask that client holds, and a client last contacted in round 0 holds the initial model (round
+    0 sends it the init frame alone)."""
 
     with open(path, "rb") as f:
         data = f.read()
@@ -116,8 +176,9 @@ def load_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module) -> Serve
     if version == 1:
         raise fail("written by an earlier feddip-kernels in checkpoint format 1, which has no checksum and is "
                    "not resumed; start the run again without --resume")
-    if version != VERSION or reserved != bytes(3):
-        raise fail(f"unsupported checkpoint format version {version} or reserved bytes (this library reads {VERSION})")
+    if version not in _READ or reserved != bytes(3):
+        raise fail(f"unsupported checkpoint format version {version} or reserved bytes (this library reads "
+                   f"{' and '.join(map(str, _READ))})")
     body_end = len(data) - _CRC.size
     if json_len > body_end - _HEADER.size:
         raise fail("truncated: the JSON length runs past the end of the file")
@@ -127,12 +188,15 @@ def load_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module) -> Serve
         meta = parse_json(data[_HEADER.size : _HEADER.size + json_len], "the JSON part")
     except CodecError as e:
         raise fail(str(e)) from None
-    if not isinstance(meta, dict) or set(meta) != _META_KEYS:
-        raise fail(f"the JSON part is not an object with exactly the fields {sorted(_META_KEYS)}")
+    keys = _META_KEYS if version == VERSION else _META_KEYS_2
+    if not isinstance(meta, dict) or set(meta) != keys:
+        raise fail(f"the JSON part is not an object with exactly the fields {sorted(keys)}")
 
     state = initial_state(cfg, model)
     server = state.server
     rounds_done = _check_config(meta["config"], cfg, meta["round"], fail)
+    if version != VERSION and cfg.compact:
+        raise fail(f"checkpoint format {version} holds no compact coding state, and no run with that coding wrote one")
     # The first round (t = 0) always makes a pruning run's global mask, and checkpoints are written
     # after a round: a pruning run's checkpoint has one, FedAvg's none.
     has_mask = server.prune and bool(server.prunable)
@@ -147,17 +211,23 @@ def load_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module) -> Serve
         raise fail(f"the history does not have one row for each of the {rounds_done} rounds done")
     n_fixed = sum(v.size for k, v in server.weights.items() if k not in server.prunable)  # never pruned
     _check_history(meta["history"], cfg, n_fixed, sum(v.size for v in server.weights.values()), fail)
+    last_contact = _expected_contacts(cfg, rounds_done) if cfg.compact else {}
+    held, residual = _check_compact(meta.get("compact"), cfg, list(last_contact), server.weights, fail)
 
     # The message must hold exactly these tensors (checked before anything is allocated).
     expect: dict[str, tuple[tuple[int, ...], Any]] = {f"w/{k}": (v.shape, v.dtype) for k, v in server.weights.items()}
     for j in sorted(set(holders.values()) - {_CURRENT}):
         expect.update({f"k{j}/{k}": (server.weights[k].shape, np.float32) for k in server.prunable})
+    for prefix, clients in (("h", held), ("r", residual)):
+        for c in clients:
+            expect.update({f"{prefix}{c}/{k}": (v.shape, v.dtype) for k, v in server.weights.items()})
     size = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in expect.values())
     try:
         decoded = decode_model(memoryview(data)[_HEADER.size + json_len : body_end], expect=expect, max_bytes=size)
     except CodecError as e:
         raise fail(f"the tensors do not fit this run: {e}") from None
 
+    init = server.weights
     server.weights = {k: decoded.tensors[f"w/{k}"] for k in server.weights}
     server.masks = {k: decoded.masks[f"w/{k}"] for k in server.prunable} if has_mask else {}
     server.round = rounds_done
@@ -173,7 +243,18 @@ def load_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module) -> Serve
                 raise fail(f"mask set {j} does not contain the global mask, which no run produces")
         state.client_masks[client] = sets[j]
     state.history = meta["history"]
-    return state
+    if not cfg.compact:
+        return state, None
+    compact = CompactState(init_crc=meta["compact"]["init_crc"])
+    for c in held:
+        model_c = compact.held[c] = {k: decoded.tensors[f"h{c}/{k}"] for k in server.weights}
+        outside = [k for k, m in state.client_masks.get(c, {}).items() if model_c[k][~m].any()]
+        if outside:
+            raise fail(f"client {c}'s held model has values outside the mask it holds (in {', '.join(outside)})")
+        if last_contact[c] == 0 and any(v.tobytes() != init[k].tobytes() for k, v in model_c.items()):
+            raise fail(f"client {c}, last contacted in round 0, holds another model than the initial one")
+    compact.residual = {c: {k: decoded.tensors[f"r{c}/{k}"] for k in server.weights} for c in residual}
+    return state, compact
 
 
 def _check_config(before: Any, cfg: SimulationConfig, rounds_done: Any, fail: _Fail) -> int:
@@ -210,6 +291,52 @@ def _expected_client_masks(cfg: SimulationConfig, rounds_done: int) -> dict[str,
         made += schedule.updates_mask(t)
     index: dict[int, int] = {}
     return {str(c): -1 if m == made else index.setdefault(m, len(index)) for c, m in received.items()}
+
+
+def _expected_contacts(cfg: SimulationConfig, rounds_done: int) -> dict[int, int]:
+    """The clients a compact run has contacted after `rounds_done` rounds, in the order first
+    contacted, each with the last round that contacted it: every client sampled (a round contacts
+    each client it samples before training it, so a client that then fails was contacted all the
+    same)."""
+    last: dict[int, int] = {}
+    for t in range(rounds_done):
+        for c in cfg.clients_in_round(t):
+            last[c] = t
+    return last
+
+
+def _check_compact(saved: Any, cfg: SimulationConfig, contacted: list[int], init: dict[str, np.ndarray],
+                   fail: _Fail) -> tuple[list[int], list[int]]:
+    """(the clients whose held models the message holds, those whose residuals it holds): the JSON
+    "compact" field, null unless `cfg` has the compact coding, checked against the run's initial
+    model `init`, the clients the rounds done contacted (`contacted`, in the order first contacted)
+    and the configuration."""
+    if not cfg.compact:
+        if saved is not None:
+            raise fail("compact is not null, and the run has no compact coding state")
+        return [], []
+    if not isinstance(saved, dict) or set(saved) != _COMPACT_KEYS:
+        raise fail(f"compact is not an object with exactly the fields {sorted(_COMPACT_KEYS)}")
+    crc = model_crc(init)
+    if json.dumps(saved["init_crc"]) != json.dumps(crc):
+        raise fail(f"compact.init_crc is not {crc}, the CRC-32C of this run's initial model, from which the clients' "
+                   "models derive (the run started from another initial model: another model, seed or torch?)")
+    if json.dumps(saved["held"]) != json.dumps(contacted):  # as text: JSON's 1, 1.0 and true differ
+        raise fail(f"compact.held is not the list of the clients the rounds done contacted, in the order first "
+                   f"contacted: {contacted}")
+    residual = saved["residual"]
+    if not isinstance(residual, list) or not all(type(c) is int for c in residual):
+        raise fail("compact.residual is not a list of client ids")
+    if residual and not cfg.residual_feedback:
+        raise fail("compact.residual lists clients, and the run has no residual feedback (it keeps no residuals)")
+    rank = {c: i for i, c in enumerate(contacted)}
+    for c in residual:
+        if c not in rank:
+            raise fail(f"compact.residual names client {c}, which the rounds done did not contact")
+    ranks = [rank[c] for c in residual]
+    if ranks != sorted(set(ranks)):
+        raise fail("compact.residual lists a client twice, or in another order than the one first contacted")
+    return contacted, residual
 
 
 def _check_client_masks(clients: Any, expected: dict[str, int], n_clients: int, fail: _Fail) -> dict[int, int]:

@@ -14,7 +14,8 @@ from torch import nn
 from ..codecs import decode_model, encode_model
 from ..integrations.pytorch import FedDIPSGD
 from ..protocol import ClientEnd, ServerEnd, seed_for
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..protocol.transport import read_init_frame
+from .checkpoint import CompactState, read_checkpoint, save_checkpoint
 from .cifar import augment_batch
 from .dataset import Dataset
 from .models import make_model
@@ -161,6 +162,20 @@ class _Compact:
         end.held = held  # one copy of each client's model (the server's, the same bits)
         return msg, held
 
+    def saved(self) -> CompactState:
+        """What a checkpoint keeps: each contacted client's model (the server's copy, which the
+        client shares) and residual. Its mask is the run's client_masks entry: the client decoded
+        it from the positions of the message that sent it the global mask, which were that mask."""
+        return CompactState(init_crc=read_init_frame(self.server.frame)[1], held=dict(self.server.held),
+                            residual={c: end.residual for c, end in self.clients.items() if end.residual})
+
+    def restore(self, saved: CompactState, client_masks: dict[int, dict[str, np.ndarray]]) -> None:
+        """Both ends as `saved` left them (on an instance built from the run's initial model)."""
+        for c, held in saved.held.items():
+            self.server.held[c] = held
+            end = self.client(c)
+            end.held, end.masks, end.residual = held, client_masks.get(c, {}), saved.residual.get(c, {})
+
 
 def run_simulation(
     cfg: SimulationConfig,
@@ -219,16 +234,18 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
          threads: int) -> ServerState:
     if len(partition) != cfg.clients:
         raise ValueError(f"partition has {len(partition)} shards for {cfg.clients} clients")
-    if cfg.compact and checkpoint:
-        raise ValueError("checkpoints do not hold the compact coding's state (what each client holds, its "
-                         "residual): run coding='compact' without --checkpoint and --resume")
     torch.manual_seed(seed_for(cfg.seed, 0))
     model = make_model(cfg.model, train.x.shape[1], max(train.num_classes, test.num_classes))
+    saved: Optional[CompactState] = None
     if resume and checkpoint and os.path.exists(checkpoint):
-        state = load_checkpoint(checkpoint, cfg, model)
+        state, saved = read_checkpoint(checkpoint, cfg, model)
     else:
         state = initial_state(cfg, model)
-    compact = _Compact(cfg, state.server.weights) if cfg.compact else None
+    compact = None
+    if cfg.compact:  # both ends start from the initial model (the init frame's CRC covers it), not a resumed one
+        compact = _Compact(cfg, state.server.weights if saved is None else initial_state(cfg, model).server.weights)
+        if saved is not None:
+            compact.restore(saved, state.client_masks)
     model.to(device)
     server = state.server
     schedule = server.schedule
@@ -301,7 +318,7 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
         }
         state.history.append(row)
         if checkpoint:
-            save_checkpoint(checkpoint, state)
+            save_checkpoint(checkpoint, state, compact.saved() if compact else None)
         if on_round:
             on_round(row)
     return state
