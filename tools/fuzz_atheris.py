@@ -136,7 +136,13 @@ def write_corpus(directory: str) -> int:
         with open(os.path.join(directory, f"stream-dense-{values}"), "wb") as f:
             f.write(buf.getvalue()[:-4])
         n += 2
-    return n
+    # Tensors that travel whole (integer, bool, float16, complex records) beside a coded one.
+    whole = {"n": np.array(7, np.int64), "flags": rng.random((3, 5)) < 0.5,
+             "h": rng.standard_normal(6).astype(np.float16), "u": rng.integers(0, 255, (4, 4), dtype=np.uint8),
+             "c": rng.standard_normal(3).astype(np.complex64), "w": w["t0"]}
+    with open(os.path.join(directory, "whole-dtypes"), "wb") as f:
+        f.write(fk.encode_model(whole)[:-4])
+    return n + 1
 
 
 def main() -> int:

@@ -68,6 +68,12 @@ def messages(rng: np.random.Generator) -> list[tuple[bytes, dict | None]]:
     for values in ENTROPY_CODED:
         out.append((fk.encode_model(dense, positions="bitmask", values=values), None))
         out.append((stream(dense, positions="bitmask", values=values, chunk_elems=4096), None))
+    # Tensors that travel whole (integer, bool, float16 and complex records) beside coded ones.
+    whole = {"n": np.array(7, np.int64), "flags": rng.random((3, 5)) < 0.5,
+             "h": rng.standard_normal(6).astype(np.float16), "u": rng.integers(0, 255, (4, 4), dtype=np.uint8),
+             "c": rng.standard_normal(3).astype(np.complex64), "w": w["t0"]}
+    out.append((fk.encode_model(whole), None))
+    out.append((fk.encode_model(whole, values="auto"), None))
     return out + invalid_seeds(w, shared)
 
 
