@@ -2,8 +2,11 @@
 each in its own session, started here and killed with their children when the test ends, pass or
 fail), `flwr run` of a FedDIP app (tests/flower_app) whose ClientApp uses feddip_mod. Checks a run
 finishes with the encoded models on the wire smaller than the dense model in proportion to the
-sparsity, and that a run survives nodes that crash, stall or reply with bad bytes."""
+sparsity, and that a run survives nodes that crash, stall or reply with bad bytes. The same for
+compression of any Flower app (tests/flower_compress_app): flwr's stock FedAvg wrapped in
+Compressed, the ClientApp with sparse_update_mod."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
@@ -21,6 +25,7 @@ if not shutil.which("flower-superlink") or not shutil.which("flower-supernode") 
     pytest.skip("Flower command-line tools not on PATH", allow_module_level=True)
 
 APP = Path(__file__).parent / "flower_app"
+COMPRESS_APP = Path(__file__).parent / "flower_compress_app"
 
 
 def _free_port() -> int:
@@ -112,9 +117,9 @@ def deployment(tmp_path):
         d.stop()
 
 
-def _flwr_run(d: _Deployment, report: Path, **config) -> None:
+def _flwr_run(d: _Deployment, report: Path, app: Path = APP, **config) -> None:
     settings = " ".join(f"{k}={json.dumps(v)}" for k, v in {"report": str(report), **config}.items())
-    run = subprocess.run(["flwr", "run", str(APP), "test", "--run-config", settings], env=d.env, cwd=d.tmp,
+    run = subprocess.run(["flwr", "run", str(app), "test", "--run-config", settings], env=d.env, cwd=d.tmp,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -186,3 +191,110 @@ def test_run_survives_crashed_stalled_and_lying_nodes(deployment):
     final = decode_model(Path(str(report) + ".model").read_bytes()).tensors
     for k, v in server.weights.items():
         assert final[k].tobytes() == v.tobytes(), k
+
+
+@contextlib.contextmanager
+def _task_identity():
+    # Outside a deployment nothing sets the process's task identity, which Message creation reads.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class _Nodes:
+    """The part of flwr's Grid that FedAvg.configure_train uses: the nodes of a round."""
+
+    run = None
+
+    def __init__(self, nodes) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _compressed_fedavg_in_process(settings: dict, rounds: list[list[int]], partitions: dict[int, int]) -> dict:
+    """The compression app's run recomputed in this process: the same Compressed(FedAvg) and
+    ClientApp (mods included), round t sent to and answered by the nodes rounds[t - 1] alone, in
+    that order (FedAvg's float sums depend on it); each node with a context of its own that lives
+    across rounds (its residual, the model it holds). The final model as NumPy arrays."""
+    sys.path.insert(0, str(COMPRESS_APP))
+    try:
+        from compress_test_app.client_app import app
+        from compress_test_app.server_app import fedavg, initial_model
+    finally:
+        sys.path.remove(str(COMPRESS_APP))
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from feddip_kernels.integrations.flower_compress import Compressed
+
+    strategy = Compressed(fedavg(), **settings)
+    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": p}, state=RecordDict(), run_config={})
+                for n, p in partitions.items()}
+    arrays = ArrayRecord(array_dict={k: Array(v) for k, v in initial_model().items()})
+    with _task_identity():
+        for t, order in enumerate(rounds, 1):
+            messages = {m.metadata.dst_node_id: m
+                        for m in strategy.configure_train(t, arrays, ConfigRecord(), _Nodes(order))}
+            assert sorted(messages) == sorted(order)
+            replies = [app(messages[n], contexts[n]) for n in order]
+            arrays, metrics = strategy.aggregate_train(t, replies)
+            assert metrics["compress-aggregated"] == len(order), strategy.reasons[-1]
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def test_compressed_fedavg_survives_a_killed_and_a_corrupting_node(deployment):
+    # Four SuperNodes running tests/flower_compress_app: flwr's FedAvg wrapped in Compressed
+    # (density 0.1, int8-ans values up, fp16-ans differences down, error feedback). Partitions 0
+    # and 1 behave; 2 flips a bit of every coded reply (a mod outside sparse_update_mod); 3 trains
+    # in round 1, then hangs in round 2 and is SIGKILLed there (its SuperNode and ClientApp). The
+    # run must finish its three rounds, count 2's replies as rejected and 3 as gone, and end with
+    # exactly the model that the same Compressed(FedAvg) computes from the valid replies alone.
+    deployment.start(["partition-id=0", "partition-id=1", 'partition-id=2 fault="corrupt"',
+                      'partition-id=3 fault="hang"'])
+    report = deployment.tmp / "report.json"
+    _flwr_run(deployment, report, app=COMPRESS_APP, **{"timeout": 20.0, "stall": 600.0})
+    try:
+        _wait_for(Path(str(report) + ".hang3").exists, 120, "round 2 to start on the node to kill")
+        deployment.kill_node(3)
+        _wait_for(report.exists, 120, "the ServerApp's report")
+    except TimeoutError:
+        raise AssertionError("run did not finish; logs:\n" + deployment.logs_tail()) from None
+    r = json.loads(report.read_text())
+    node = {p: int(Path(f"{report}.node{p}").read_text()) for p in range(4)}  # partition -> node id
+    rounds = r["rounds"]
+    assert len(rounds) == 3 and len(r["metrics"]) == 3
+    assert sorted(rounds[0]["aggregated"]) == sorted([node[0], node[1], node[3]])
+    assert [sorted(x["aggregated"]) for x in rounds[1:]] == [sorted([node[0], node[1]])] * 2
+    assert [x["rejected"] for x in rounds] == [[node[2]]] * 3 and r["rejected"] == 3
+    assert all("checksum" in reasons[str(node[2])] for reasons in r["reasons"]), r["reasons"]
+    assert node[3] in rounds[1]["missing"] + rounds[1]["failed"]  # killed mid-round
+    # Round 3: sent a message and gone (missing, or failed once the SuperLink gives the node up),
+    # or no longer among the nodes sampled.
+    assert rounds[0]["missing"] == rounds[0]["failed"] == [] and node[3] not in rounds[2]["aggregated"]
+    for t, x in enumerate(rounds, 1):
+        m = r["metrics"][str(t)]
+        assert [m[f"compress-{k}"] for k in ("aggregated", "rejected", "failed", "missing")] == [
+            len(x[k]) for k in ("aggregated", "rejected", "failed", "missing")]
+        sent = len(x["aggregated"]) + len(x["rejected"]) + len(x["failed"]) + len(x["missing"])
+        # Down: fp16 values, under half the float32 model a message; up: 10% of the update in int8,
+        # under a tenth of it a reply (the rejected one's bytes counted too).
+        assert 0 < m["compress-bytes-down"] < 0.5 * sent * r["dense_bytes"]
+        assert 0 < m["compress-bytes-up"] < 0.1 * (len(x["aggregated"]) + len(x["rejected"])) * r["dense_bytes"]
+    # The final model, bit for bit: the same strategy in process, fed the valid nodes' replies alone.
+    partition = {n: p for p, n in node.items()}
+    valid = {n: partition[n] for n in rounds[0]["aggregated"]}
+    expected = _compressed_fedavg_in_process(r["settings"], [x["aggregated"] for x in rounds], valid)
+    with np.load(str(report) + ".npz") as final:
+        assert sorted(final.files) == sorted(expected)
+        for k, v in expected.items():
+            assert final[k].dtype == v.dtype and final[k].tobytes() == v.tobytes(), k
+    # The comparison sees what the nodes kept between rounds: without their residuals the model differs.
+    forgetful = _compressed_fedavg_in_process({**r["settings"], "error_feedback": False},
+                                              [x["aggregated"] for x in rounds], valid)
+    assert any(forgetful[k].tobytes() != v.tobytes() for k, v in expected.items())
