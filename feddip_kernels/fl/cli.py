@@ -146,6 +146,13 @@ def _configs(args: argparse.Namespace) -> tuple[list[Any], dict]:
     if args.data not in SYNTHETIC and not os.path.isdir(args.data):
         raise ValueError(f"--data: {args.data!r} is neither a directory nor one of the built-in sets "
                          f"({', '.join(SYNTHETIC)})")
+    if args.engine == "flower":
+        from importlib.util import find_spec
+
+        if find_spec("flwr") is None or find_spec("ray") is None:
+            raise ValueError("--engine flower needs Flower's simulation runtime: pip install 'flwr[simulation]'")
+        if args.checkpoint or args.resume:
+            raise ValueError("--checkpoint and --resume work with --engine builtin only")
     configs = []
     for alg in algorithms:
         cfg = SimulationConfig(algorithm=alg, model=args.model, values=values[alg], seed=args.seed, **settings)
@@ -207,6 +214,13 @@ ROW_FIELDS = {
     "time_round": "the round's wall time, seconds",
 }
 
+# What the time fields measure with --engine flower (clients train in parallel, in Ray actors).
+_FLOWER_FIELDS = {
+    "time_train": "seconds from sending the round's messages to the last reply (clients train in parallel, each "
+                  "decoding and encoding its own messages)",
+    "time_encode": "seconds of the server's encoding of the downlinks and decoding of the uploads",
+}
+
 
 def _rows(history: list[dict]) -> list[dict]:
     """History rows as results.json names them (bytes_total: bytes_cumulative)."""
@@ -225,7 +239,8 @@ def _simulate(args: argparse.Namespace) -> int:
     algorithms = [c.algorithm for c in configs]
     threads = f"{args.threads}" if args.threads else f"auto ({os.cpu_count()} cores)"
     print(f"feddip simulate: preset {args.preset}, data {args.data}, {args.model}, algorithms {', '.join(algorithms)}"
-          f", {settings['rounds']} rounds, threads {threads}, device {device}, output {args.out}", flush=True)
+          f", {settings['rounds']} rounds, threads {threads}, device {device}, engine {args.engine}, output {args.out}",
+          flush=True)
 
     from . import dirichlet_partition, iid_partition, run_simulation
     from .report import plot_histories
@@ -254,7 +269,8 @@ def _simulate(args: argparse.Namespace) -> int:
         "versions": _versions(), "preset": args.preset, "data": data_name,
         "train_examples": len(train), "test_examples": len(test), "partition": args.partition,
         **({"alpha": args.alpha} if args.partition == "dirichlet" else {}),
-        "device": device, "threads": args.threads, "fields": ROW_FIELDS, "runs": {},
+        "device": device, "threads": args.threads, "engine": args.engine,
+        "fields": {**ROW_FIELDS, **(_FLOWER_FIELDS if args.engine == "flower" else {})}, "runs": {},
     }
     for cfg in configs:
         alg = cfg.algorithm
@@ -282,8 +298,13 @@ def _simulate(args: argparse.Namespace) -> int:
         ckpt = os.path.join(args.out, f"{alg}.ckpt") if args.checkpoint or args.resume else None
         if args.resume and ckpt and not os.path.exists(ckpt):
             print(f"feddip simulate: no checkpoint {ckpt} to resume {alg} from: starting it afresh", flush=True)
-        state = run_simulation(cfg, train, test, parts, checkpoint=ckpt, resume=args.resume, on_round=log,
-                               device=device, adapt_threads=args.threads == 0)
+        if args.engine == "flower":  # the same run through Flower's Simulation Runtime (fl.flower_engine)
+            from .flower_engine import run_flower
+
+            state = run_flower(cfg, train, test, parts, on_round=log, device=device, threads=args.threads or 1)
+        else:
+            state = run_simulation(cfg, train, test, parts, checkpoint=ckpt, resume=args.resume, on_round=log,
+                                   device=device, adapt_threads=args.threads == 0)
         if bar is not None:
             bar.close()
         results["runs"][alg] = {"config": dataclasses.asdict(cfg), "history": _rows(state.history)}
@@ -411,6 +432,11 @@ def parser() -> argparse.ArgumentParser:
                         "state and the messages stay on the host (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data split, initial model, masks and sampling (default: %(default)s)")
+    p.add_argument("--engine", default="builtin", choices=["builtin", "flower"],
+                   help="what runs the rounds: builtin, the library's own loop, or flower, Flower's Simulation Runtime "
+                        "(Ray; needs flwr[simulation]) with the FedDIP strategy and mod: the same global models for "
+                        "the same --threads N, clients training in parallel, one Ray actor each (no --checkpoint) "
+                        "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads of torch's training and of the library's kernels (0, the default: the cores, "
                         "and one while another process holds them). torch's reductions, and so a run's last "
