@@ -526,6 +526,42 @@ def test_a_failed_evaluation_resends_the_mask_whole(task_identity):
         decode_arrayrecord(messages[1].content["arrays"])  # relative to the mask node 1 holds
 
 
+def test_bad_evaluation_replies_are_dropped_not_fatal(task_identity):
+    # flwr's FedAvg raises on evaluation replies whose metrics differ (ending the run): FedDIP drops
+    # and counts them as it does training replies.
+    strategy = FedDIP(num_rounds=2, s0=0.5, sp=0.9, min_available_nodes=2, min_evaluate_nodes=1)
+    messages = list(strategy.configure_evaluate(1, _record(_model()), ConfigRecord({}), _GridOf([1, 2, 3])))
+
+    def reply(m, metrics):
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=m)
+
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies = [reply(by_node[1], {"num-examples": 5, "accuracy": 0.5}),
+               reply(by_node[2], {"num-examples": 5, "accuracy": 0.7}),
+               reply(by_node[3], {"accuracy": 0.1})]  # no num-examples
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["accuracy"] == pytest.approx(0.6) and strategy.rejected_evaluate == 1
+    replies[2] = reply(by_node[3], {"num-examples": 5, "loss": 0.1})  # another metric shape
+    assert strategy.aggregate_evaluate(1, replies)["accuracy"] == pytest.approx(0.6)
+    assert strategy.rejected_evaluate == 2
+
+
+def test_the_mod_reads_stochastic_rounding_of_a_codec_that_does_not_round_as_nearest(task_identity):
+    # Servers before the setting was refused sent it with fp16-ans (where it meant nearest).
+    from feddip_kernels.integrations.flower import ROUNDING_KEY
+
+    strategy = FedDIP(num_rounds=3, values="fp16-ans", coding="compact", min_available_nodes=2, min_train_nodes=2)
+    app = _compact_app(set())
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
+    messages = list(strategy.configure_train(1, _record(_model()), ConfigRecord({}), _Grid()))
+    for m in messages:
+        m.content["config"][ROUNDING_KEY] = "stochastic"
+    replies = [app(m, contexts[m.metadata.dst_node_id]) for m in messages]
+    assert not any(r.has_error() for r in replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["feddip-aggregated"] == 2
+
+
 def test_a_compact_reply_outside_the_global_mask_is_rejected(task_identity):
     from feddip_kernels.integrations.flower import ROUND_KEY
     from feddip_kernels.protocol import ClientEnd

@@ -80,6 +80,8 @@ _FOREIGN = [
     (b"FDKS", "a file written by feddip_kernels.save", "feddip_kernels.load reads it"),
     (b"FDKC", "a simulation checkpoint (feddip_kernels.fl.checkpoint)", "load_checkpoint reads it"),
     (b"\x93NUM", "a .npy file", "numpy.load reads it"),
+    (b"FDKI", "a compact transport message opening with an init frame (feddip_kernels.protocol.transport)",
+     "a ClientEnd's receive reads it"),
 ]
 
 

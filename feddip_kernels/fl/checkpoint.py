@@ -3,8 +3,8 @@ whatever it holds): a small header, JSON for the configuration and history, one 
 message (docs/wire-format.md) for the tensors, and a checksum of the whole file. Everything is
 validated on load against the run being resumed; any problem raises CodecError.
 
-    "FDKC" | version u8 = 3 | reserved u8 * 3 = 0 | json_len u32 | JSON (UTF-8) | message
-    | CRC-32C u32 of every byte before it
+    "FDKC" | version u8 (3 for a compact run, else 2) | reserved u8 * 3 = 0 | json_len u32
+    | JSON (UTF-8) | message | CRC-32C u32 of every byte before it
 
 Message tensors: "w/<name>" the global model, its prunable tensors coded with the global mask as
 their positions (zeros under the mask included); "k<j>/<name>" (j = 0, 1, ...) the j-th other mask
@@ -22,8 +22,9 @@ order first contacted, "residual": those with a residual, in the same order}}. A
 the compact transport holds the global mask it last received, its entry in client_masks (none
 before round 1), which is not stored twice.
 
-Version 2 files are version 3's without "compact" (no run with the compact coding wrote one): they
-load as before. Version 1 files (no checksum) are refused with a message saying so: such a run is
+Version 2 is version 3 without "compact": runs without the compact coding still write it, so
+that earlier releases read their files; a version 2 file of a compact run is refused (none was
+ever written). Version 1 files (no checksum) are refused with a message saying so: such a run is
 started again rather than resumed from a file that nothing vouches for. Configurations written
 before the coding, rounding and residual_feedback settings read as the plain coding's (what those
 runs used).
@@ -38,15 +39,17 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
-from torch import nn
 
 from ..codecs import CodecError, crc32c, decode_model, encode_model
 from ..protocol.transport import model_crc
 from ..storage import parse_json
 from .state import ServerState, SimulationConfig, initial_state
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MAGIC = b"FDKC"
 VERSION = 3
@@ -127,11 +130,13 @@ def save_checkpoint(path: str, state: ServerState, compact: Optional[CompactStat
         "prunable": server.prunable,
         "client_masks": clients,
         "history": state.history,
-        "compact": saved,
     }
+    version = 2  # what a run without the compact coding holds: readable by earlier releases
+    if compact is not None:
+        meta["compact"], version = saved, VERSION
     body = json.dumps(meta).encode("utf-8")
     message = encode_model(tensors, masks=masks, values=values)
-    data = _HEADER.pack(MAGIC, VERSION, bytes(3), len(body)) + body + message
+    data = _HEADER.pack(MAGIC, version, bytes(3), len(body)) + body + message
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data + _CRC.pack(crc32c(data)))
@@ -162,41 +167,13 @@ def read_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module
     mask that client holds, and a client last contacted in round 0 holds the initial model (round
     0 sends it the init frame alone)."""
 
-    with open(path, "rb") as f:
-        data = f.read()
-
-    def fail(why: str) -> CodecError:
-        return CodecError(f"checkpoint {path}: {why}")
-
-    if len(data) < _HEADER.size + _CRC.size:
-        raise fail(f"{len(data)} bytes is shorter than a header and checksum: truncated")
-    magic, version, reserved, json_len = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise fail("not a feddip checkpoint (bad magic)")
-    if version == 1:
-        raise fail("written by an earlier feddip-kernels in checkpoint format 1, which has no checksum and is "
-                   "not resumed; start the run again without --resume")
-    if version not in _READ or reserved != bytes(3):
-        raise fail(f"unsupported checkpoint format version {version} or reserved bytes (this library reads "
-                   f"{' and '.join(map(str, _READ))})")
-    body_end = len(data) - _CRC.size
-    if json_len > body_end - _HEADER.size:
-        raise fail("truncated: the JSON length runs past the end of the file")
-    if crc32c(memoryview(data)[:body_end]) != _CRC.unpack_from(data, body_end)[0]:
-        raise fail("checksum mismatch: the file is corrupt")
-    try:
-        meta = parse_json(data[_HEADER.size : _HEADER.size + json_len], "the JSON part")
-    except CodecError as e:
-        raise fail(str(e)) from None
-    keys = _META_KEYS if version == VERSION else _META_KEYS_2
-    if not isinstance(meta, dict) or set(meta) != keys:
-        raise fail(f"the JSON part is not an object with exactly the fields {sorted(keys)}")
-
+    data, version, meta, json_len, fail = _read_meta(path)
     state = initial_state(cfg, model)
     server = state.server
     rounds_done = _check_config(meta["config"], cfg, meta["round"], fail)
     if version != VERSION and cfg.compact:
         raise fail(f"checkpoint format {version} holds no compact coding state, and no run with that coding wrote one")
+    body_end = len(data) - _CRC.size
     # The first round (t = 0) always makes a pruning run's global mask, and checkpoints are written
     # after a round: a pruning run's checkpoint has one, FedAvg's none.
     has_mask = server.prune and bool(server.prunable)
@@ -257,6 +234,53 @@ def read_checkpoint(path: str, cfg: SimulationConfig, model: nn.Module
     return state, compact
 
 
+
+def _read_meta(path: str) -> tuple[bytes, int, dict, int, _Fail]:
+    """(the file's bytes, its format version, its JSON part, that part's length, an error maker
+    naming the file): the header, checksum and JSON fields checked; CodecError otherwise."""
+    with open(path, "rb") as f:
+        data = f.read()
+
+    def fail(why: str) -> CodecError:
+        return CodecError(f"checkpoint {path}: {why}")
+
+    if len(data) < _HEADER.size + _CRC.size:
+        raise fail(f"{len(data)} bytes is shorter than a header and checksum: truncated")
+    magic, version, reserved, json_len = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise fail("not a feddip checkpoint (bad magic)")
+    if version == 1:
+        raise fail("written by an earlier feddip-kernels in checkpoint format 1, which has no checksum and is "
+                   "not resumed; start the run again without --resume")
+    if version not in _READ or reserved != bytes(3):
+        raise fail(f"unsupported checkpoint format version {version} or reserved bytes (this library reads "
+                   f"{' and '.join(map(str, _READ))})")
+    body_end = len(data) - _CRC.size
+    if json_len > body_end - _HEADER.size:
+        raise fail("truncated: the JSON length runs past the end of the file")
+    if crc32c(memoryview(data)[:body_end]) != _CRC.unpack_from(data, body_end)[0]:
+        raise fail("checksum mismatch: the file is corrupt")
+    try:
+        meta = parse_json(data[_HEADER.size : _HEADER.size + json_len], "the JSON part")
+    except CodecError as e:
+        raise fail(str(e)) from None
+    keys = _META_KEYS if version == VERSION else _META_KEYS_2
+    if not isinstance(meta, dict) or set(meta) != keys:
+        raise fail(f"the JSON part is not an object with exactly the fields {sorted(keys)}")
+    return data, version, meta, json_len, fail
+
+
+def check_checkpoint(path: str, cfg: SimulationConfig) -> int:
+    """The rounds done by the checkpoint at `path`, after the checks that need no model: the file
+    whole (header, checksum, JSON fields) and written by a run of `cfg` (only `rounds` may differ,
+    as load_checkpoint says). What `feddip simulate --resume` checks of every run before any runs.
+    CodecError otherwise."""
+    _, version, meta, _, fail = _read_meta(path)
+    rounds_done = _check_config(meta["config"], cfg, meta["round"], fail)
+    if version != VERSION and cfg.compact:
+        raise fail(f"checkpoint format {version} holds no compact coding state, and no run with that coding wrote one")
+    return rounds_done
+
 def _check_config(before: Any, cfg: SimulationConfig, rounds_done: Any, fail: _Fail) -> int:
     """The number of rounds done, after checking the saved configuration against `cfg` (types
     included: JSON's 1 and true, or 1 and 1.0, are different settings) and the round against both."""
@@ -265,9 +289,11 @@ def _check_config(before: Any, cfg: SimulationConfig, rounds_done: Any, fail: _F
         before = {**before, **_LATER_CONFIG}  # written before these settings: the runs they describe
     if not isinstance(before, dict) or set(before) != set(now) or type(before["rounds"]) is not int:
         raise fail("was written with a different configuration (its config is not a SimulationConfig)")
-    if json.dumps({**before, "rounds": 0}, sort_keys=True) != json.dumps({**now, "rounds": 0}, sort_keys=True):
-        raise fail("was written with a different configuration (only --rounds may change, "
-                   "and only when --horizon fixes the schedules)")
+    differ = [k for k in now if k != "rounds" and json.dumps(before[k]) != json.dumps(now[k])]
+    if differ:
+        what = "; ".join(f"{k} {json.dumps(before[k])} there, {json.dumps(now[k])} here" for k in differ)
+        raise fail(f"was written with a different configuration ({what}; only --rounds may change, and only "
+                   "when --horizon fixes the schedules)")
     if type(rounds_done) is not int or not 1 <= rounds_done <= before["rounds"]:
         raise fail(f"round {rounds_done!r} is not a number of rounds done in [1, {before['rounds']}]")
     if before["rounds"] != cfg.rounds and (cfg.horizon is None or cfg.rounds < rounds_done):

@@ -367,7 +367,11 @@ def _compact_mod(
         raise CodecError("a compact-coded message opening with an init frame, and no way to build the initial "
                          "model: use make_feddip_mod(init_model) as the ClientApp's mod")
     t, masked = int(config[ROUND_KEY]), list(config.get(MASKED_KEY, []))
-    end = ClientEnd(_client_index(ctxt), values=str(config[VALUES_KEY]), rounding=str(config[ROUNDING_KEY]),
+    values = str(config[VALUES_KEY])
+    # Servers before stochastic rounding was refused for codecs that do not round sent it with
+    # fp16-ans and the like, where it meant nearest: read it so.
+    rounding = str(config[ROUNDING_KEY]) if values in QUANTISED else "nearest"
+    end = ClientEnd(_client_index(ctxt), values=values, rounding=rounding,
                     seed=int(config[SEED_KEY]), build=init_model, residual_feedback=bool(config[RESIDUAL_KEY]))
     _load_end(end, ctxt)
     held = end.receive(data, masked=masked)  # CodecError: bad bytes, or this node's state is out of step
@@ -548,6 +552,7 @@ class FedDIP(FedAvg):
         self.bytes_evaluate = 0  # evaluation messages (down; their replies carry metrics)
         self.evaluated: set[int] = set()  # nodes sent this round's evaluation message
         self.rejected = 0  # replies dropped from aggregation: see aggregate_train for the checks
+        self.rejected_evaluate = 0  # evaluation replies dropped: see aggregate_evaluate
         self.sampled: set[int] = set()  # nodes sent this round's training message
         # One entry a training round: nodes whose replies were aggregated, rejected, failed (error
         # replies) and missing (no reply within the round's timeout: crashed, stalled, cut off).
@@ -705,9 +710,12 @@ class FedDIP(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
-        """FedAvg's aggregation of the evaluation metrics. A node whose evaluation reply failed or is
-        missing may or may not hold the global mask it was sent: the next message to it carries the
-        mask whole (as after a failed training reply).
+        """FedAvg's aggregation of the evaluation metrics over the replies that pass the checks of
+        aggregate_train's metrics (one MetricRecord of finite numbers, `weighted_by_key` in (0,
+        MAX_WEIGHT], the shape most replies share): others are dropped, logged and counted in
+        `rejected_evaluate`, rather than ending the run in flwr's consistency check. A node whose
+        evaluation reply failed or is missing may or may not hold the global mask it was sent: the
+        next message to it carries the mask whole (as after a failed training reply).
 
         Parameters
         ----------
@@ -716,14 +724,36 @@ class FedDIP(FedAvg):
 
         Returns
         -------
-        Optional[MetricRecord] : what flwr's FedAvg.aggregate_evaluate returns for them.
+        Optional[MetricRecord] : what flwr's FedAvg.aggregate_evaluate returns for the replies kept.
         """
         replies = list(replies)
         answered = {r.metadata.src_node_id for r in replies if not r.has_error() and r.has_content()}
         for node in self.evaluated - answered:
             self.node_masks.pop(node, None)
         self.evaluated = set()
-        return super().aggregate_evaluate(server_round, replies)
+        checked, reasons = [], {}
+        for reply in replies:
+            if reply.has_error() or not reply.has_content():
+                continue
+            try:
+                checked.append((reply, self._check_metrics(reply)[0]))
+            except _BadReply as e:
+                reasons[reply.metadata.src_node_id] = str(e)
+        shapes = Counter(shape for _, shape in checked)
+        common = max(shapes, key=shapes.__getitem__) if shapes else None
+        dropped = set()
+        for reply, shape in checked:
+            if shape != common:
+                dropped.add(id(reply))
+                reasons[reply.metadata.src_node_id] = (f"metrics {_describe(shape)} differ from the round's "
+                                                       f"{_describe(common)}")
+        dropped |= {id(r) for r in replies if r.has_content() and not r.has_error()
+                    and r.metadata.src_node_id in reasons}
+        kept = [r for r in replies if id(r) not in dropped]  # in the order they came
+        for node, why in sorted(reasons.items()):
+            log(WARNING, "FedDIP: evaluation reply from node %d dropped: %s", node, why)
+        self.rejected_evaluate += len(reasons)
+        return super().aggregate_evaluate(server_round, kept)
 
     def _reply_size(self, record: Optional[ArrayRecord]) -> int:
         """Bytes of the message a reply's record carries in this strategy's coding (0: none)."""
