@@ -38,6 +38,7 @@ def _error(capsys, args):
     (["--device", "gpu"], "--device must be cpu, cuda"),
     (["--sp", "1.5"], "sp"),
     (["--rounds", "0"], "rounds"),
+    (["--out", __file__], "exists and is not a directory"),
 ])
 def test_mistakes_are_caught_before_any_work(tmp_path, capsys, monkeypatch, args, why):
     from feddip_kernels.fl import simulation
@@ -47,7 +48,7 @@ def test_mistakes_are_caught_before_any_work(tmp_path, capsys, monkeypatch, args
 
     monkeypatch.setattr(simulation, "run_simulation", never)
     out = tmp_path / "out"
-    err = _error(capsys, _TINY + ["--out", str(out)] + args)
+    err = _error(capsys, _TINY + ([] if "--out" in args else ["--out", str(out)]) + args)
     assert why in err
     assert not out.exists()  # nothing written
 
@@ -115,3 +116,33 @@ def test_a_dirichlet_run_records_its_alpha(tmp_path):
                          "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert (res["partition"], res["alpha"]) == ("dirichlet", 0.3)
+
+
+def test_resume_checks_every_checkpoint_before_any_run(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = _TINY + ["--horizon", "10", "--out", str(out), "--quiet", "--checkpoint"]
+    assert main(args) == 0
+    (out / "fedavg.ckpt").write_bytes(b"garbage")
+    from feddip_kernels.fl import simulation
+
+    def never(*a, **k):
+        raise AssertionError("a run started before every checkpoint was checked")
+
+    monkeypatch.setattr(simulation, "run_simulation", never)
+    err = _error(capsys, args + ["--resume", "--rounds", "4"])
+    assert "fedavg.ckpt: 7 bytes is shorter than a header" in err
+    # a checkpoint of other settings: the message names them
+    err = _error(capsys, args + ["--resume", "--rounds", "4", "--algorithm", "feddip", "--lr", "0.05"])
+    assert "lr 0.1 there, 0.05 here" in err
+
+
+def test_plain_coding_keeps_lossless_values():
+    # The quick preset's int4-ans belongs to its compact coding; --coding plain sends raw values.
+    from feddip_kernels.fl.cli import _configs
+
+    configs, _ = _configs(parser().parse_args(["simulate", "--coding", "plain"]))
+    assert [(c.algorithm, c.values, c.coding) for c in configs] == [("feddip", "raw", "plain"),
+                                                                     ("fedavg", "raw", "plain")]
+    configs, _ = _configs(parser().parse_args(["simulate"]))
+    assert [(c.algorithm, c.values, c.coding) for c in configs] == [("feddip", "int4-ans", "compact"),
+                                                                     ("fedavg", "raw", "compact")]

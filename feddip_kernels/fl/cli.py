@@ -132,7 +132,10 @@ def _configs(args: argparse.Namespace) -> tuple[list[Any], dict]:
 
     algorithms = _algorithms(args.algorithm)
     settings = _settings(args)
-    values = _values_per_algorithm(args.values, algorithms, PRESETS[args.preset]["values"])
+    # A preset's lossy values belong to its compact coding: with --coding plain they would
+    # quantise the whole model on every transfer, so plain runs keep lossless values.
+    defaults = PRESETS[args.preset]["values"] if settings["coding"] == "compact" else {}
+    values = _values_per_algorithm(args.values, algorithms, defaults)
     if args.rounding != "nearest" and not (settings["coding"] == "compact"
                                            and any(v in QUANTISED for v in values.values())):
         raise ValueError("--rounding stochastic: no run quantises its values (it needs --coding compact and "
@@ -159,6 +162,15 @@ def _configs(args: argparse.Namespace) -> tuple[list[Any], dict]:
         if cfg.compact and cfg.values in QUANTISED:  # stochastic rounding: for the runs that quantise
             cfg = dataclasses.replace(cfg, rounding=args.rounding)
         configs.append(cfg)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out!r} exists and is not a directory")
+    if args.resume:  # every run's checkpoint, before any run starts
+        from .checkpoint import check_checkpoint
+
+        for cfg in configs:
+            path = os.path.join(args.out, f"{cfg.algorithm}.ckpt")
+            if os.path.exists(path):
+                check_checkpoint(path, cfg)
     return configs, settings
 
 
@@ -171,7 +183,8 @@ def _warnings(args: argparse.Namespace, configs: list[Any]) -> list[str]:
         ramp = cfg.horizon or cfg.rounds
         if ramp < _SHORT_RAMP and cfg.sp > cfg.s0:
             out.append(f"the sparsity ramp ({cfg.s0:g} -> {cfg.sp:g}, pruning every {cfg.mask_every} rounds) runs "
-                       f"over {ramp} rounds: so steep a ramp costs much accuracy; --horizon N spreads it over N "
+                       f"over {ramp} rounds: so steep a ramp costs much accuracy; "
+                       + ("a larger --horizon N" if cfg.horizon else "--horizon N") + " spreads it over N "
                        "rounds (a shorter run stops part way)")
     return out
 
@@ -242,8 +255,9 @@ def _simulate(args: argparse.Namespace) -> int:
           f", {settings['rounds']} rounds, threads {threads}, device {device}, engine {args.engine}, output {args.out}",
           flush=True)
 
-    from . import dirichlet_partition, iid_partition, run_simulation
+    from .data import dirichlet_partition, iid_partition
     from .report import plot_histories
+    from .simulation import run_simulation
 
     started = datetime.datetime.now(datetime.timezone.utc)
     train, test, data_name = _data(args)
