@@ -7,7 +7,17 @@ import pytest
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod  # noqa: E402
 from flwr.serverapp.strategy import (  # noqa: E402
@@ -17,6 +27,7 @@ from flwr.serverapp.strategy import (  # noqa: E402
     FedAvg,
     FedAvgM,
     FedProx,
+    Strategy,
 )
 from flwr.supercore.differential_privacy import compute_clip_model_update  # noqa: E402
 
@@ -555,3 +566,201 @@ def test_a_model_with_an_array_named_feddip_is_refused():
     strategy = Compressed(FedAvg(min_available_nodes=3, min_train_nodes=3))
     with pytest.raises(ValueError, match="reserved"):
         strategy.configure_train(1, _record({"feddip": np.zeros(3, np.float32)}), ConfigRecord({}), _Grid(_app([])))
+
+
+class _SpyFedAvg(FedAvg):
+    """flwr's FedAvg, keeping the replies each aggregation is handed."""
+
+    def __init__(self, nodes):
+        super().__init__(min_available_nodes=nodes, min_train_nodes=nodes, min_evaluate_nodes=nodes)
+        self.handed = []
+
+    def aggregate_train(self, server_round, replies):
+        self.handed.append(list(replies))
+        return super().aggregate_train(server_round, self.handed[-1])
+
+    def aggregate_evaluate(self, server_round, replies):
+        self.handed.append(list(replies))
+        return super().aggregate_evaluate(server_round, self.handed[-1])
+
+
+def _reply(message, arrays, metrics=None):
+    metrics = MetricRecord(metrics or {"num-examples": 10})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+
+
+def test_non_finite_float16_and_complex_values_are_refused():
+    """float16 and complex tensors travel whole: a NaN or inf in them is refused as in float32."""
+    model = {"w": np.ones((4, 5), np.float32), "h": np.ones(3, np.float16), "c": np.ones(2, np.complex64)}
+    strategy = Compressed(_SpyFedAvg(3))
+    messages = list(strategy.configure_train(1, _record(model), ConfigRecord({}), _Grid(_app([]))))
+
+    def update(**bad):
+        tensors = {"w": np.zeros((4, 5), np.float32), "h": np.full(3, 2, np.float16),
+                   "c": np.full(2, 1 + 1j, np.complex64)}
+        return _coded({**tensors, **bad}, UPDATE_STYPE)
+
+    replies = [_reply(messages[0], update(h=np.array([1, np.nan, 1], np.float16))),
+               _reply(messages[1], update(c=np.array([1, complex(np.inf, 0)], np.complex64))),
+               _reply(messages[2], update())]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    bad = sorted(m.metadata.dst_node_id for m in messages[:2])
+    assert metrics["compress-aggregated"] == 1 and strategy.rounds[-1]["rejected"] == bad
+    assert all("non-finite" in strategy.reasons[-1][n] for n in bad)
+    got = _numpy(arrays)
+    assert (got["h"] == 2).all() and (got["c"] == 1 + 1j).all() and (got["w"] == 1).all()
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize != 16, reason="needs an 80/128-bit long double")
+def test_arrays_beside_the_coded_message_are_checked():
+    """Arrays the codec does not carry (here a long double) travel beside the coded message: one that
+    is not the array sent (length, a .npy of another dtype, garbage that np.load would refuse or
+    take for pickled data) or holds NaN is dropped, not handed to FedAvg (which would raise or
+    average the NaN in)."""
+    nodes = (1, 2, 3, 4, 5)
+    model = {"w": np.ones((4, 5), np.float32), "q": np.ones(3, np.longdouble)}
+    strategy = Compressed(_SpyFedAvg(5))
+    messages = list(strategy.configure_train(1, _record(model), ConfigRecord({}), _Grid(_app([]), nodes=nodes)))
+    assert list(messages[0].content["arrays"]) == ["feddip", "q"]  # q travels beside, as it is
+    good = Array(np.full(3, 2, np.longdouble))
+
+    def raw(data):
+        return Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=data)
+
+    other = Array(np.ones(6, np.float64)).data  # a .npy of another dtype and shape, as long
+    assert len(other) == len(good.data)
+    beside = {1: Array(np.array([1, np.nan, 1], np.longdouble)), 2: raw(b"\0" * len(good.data)),
+              3: raw(b"garbage"), 4: raw(other), 5: good}
+    replies = []
+    for m in messages:
+        record = _coded({"w": np.zeros((4, 5), np.float32)}, UPDATE_STYPE)
+        record["q"] = beside[m.metadata.dst_node_id]
+        replies.append(_reply(m, record))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert strategy.rounds[-1]["aggregated"] == [5] and strategy.rounds[-1]["rejected"] == [1, 2, 3, 4]
+    reasons = strategy.reasons[-1]
+    assert "non-finite" in reasons[1] and "'q'" in reasons[2] and "bytes" in reasons[3] and "float64" in reasons[4]
+    got = _numpy(arrays)
+    assert got["q"].dtype == np.longdouble and (got["q"] == 2).all() and (got["w"] == 1).all()
+
+
+def test_evaluation_replies_with_inconsistent_metrics_are_dropped():
+    """One evaluation reply whose metrics flwr's FedAvg would refuse (it raises, ending the run) is
+    dropped and counted; the error reply and the good ones go on, in their order."""
+    spy = _SpyFedAvg(5)
+    strategy = Compressed(spy)
+    grid = _Grid(_app([]), nodes=(1, 2, 3, 4, 5))
+    to = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, _record(_model()), ConfigRecord({}), grid)}
+
+    def reply(node, metrics):
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=to[node])
+
+    replies = [reply(3, {"num-examples": 5, "accuracy": 0.5}),
+               reply(1, {"num-examples": 5, "histogram": [1.0, 2.0]}),  # other keys
+               Message(Error(code=1, reason="failed"), reply_to=to[5]),
+               reply(2, {"num-examples": 0, "accuracy": 1.0}),  # weight 0
+               reply(4, {"num-examples": 15, "accuracy": 0.9})]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["accuracy"] == pytest.approx((5 * 0.5 + 15 * 0.9) / 20)
+    assert [r.metadata.src_node_id for r in spy.handed[-1]] == [3, 5, 4]
+    assert strategy.rejected_evaluate == 2 and sorted(strategy.reasons_evaluate[-1]) == [1, 2]
+    assert "differ" in strategy.reasons_evaluate[-1][1] and "num-examples" in strategy.reasons_evaluate[-1][2]
+
+
+def test_the_clientapp_gets_the_arrays_in_the_strategys_order():
+    """An array sent beside the coded message, between coded ones: the ClientApp (training and
+    evaluation) sees the record in the order the strategy built it."""
+    custom = Array(dtype="float32", shape=(2,), stype="custom/v1", data=b"\0" * 8)  # not NumPy: travels beside
+    record = ArrayRecord(array_dict={"a": Array(np.ones(2, np.float32)), "x": custom,
+                                     "z": Array(np.ones(3, np.float32))})
+    seen = []
+    app = ClientApp(mods=[sparse_update_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        assert set(msg.content.keys()) == {"arrays", "config"}
+        seen.append(list(msg.content["arrays"].keys()))
+        metrics = MetricRecord({"num-examples": 1})
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        assert set(msg.content.keys()) == {"arrays", "config"}
+        seen.append(list(msg.content["arrays"].keys()))
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    strategy = Compressed(FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1))
+    grid = _Grid(app, nodes=(1,))
+    replies = grid.send_and_receive(list(strategy.configure_train(1, record, ConfigRecord({}), grid)))
+    assert not replies[0].has_error(), replies[0].error.reason
+    replies = grid.send_and_receive(list(strategy.configure_evaluate(1, record, ConfigRecord({}), grid)))
+    assert not replies[0].has_error(), replies[0].error.reason
+    assert seen == [["a", "x", "z"], ["a", "x", "z"]]
+
+
+def test_error_replies_from_strangers_or_twice_are_dropped():
+    """Only one error reply a node sent a training message reaches the wrapped strategy (as one
+    failure); an error reply after the node's reply, a second one, or one from a node sent nothing
+    is dropped and counted."""
+    spy = _SpyFedAvg(3)
+    strategy = Compressed(spy)
+    _, messages, replies = _round(strategy, _app([sparse_update_mod], fail=lambda n, r: n == 2), NODES)
+    assert [r.has_error() for r in replies] == [False, True, False]
+    other = Compressed(FedAvg(min_available_nodes=4, min_train_nodes=4))
+    more = other.configure_train(1, _record(_model()), ConfigRecord({}), _Grid(_app([]), nodes=(1, 2, 3, 4)))
+    to_4 = next(m for m in more if m.metadata.dst_node_id == 4)  # node 4 was sent nothing by `strategy`
+    to_1 = next(m for m in messages if m.metadata.dst_node_id == 1)
+    late = Message(Error(code=1, reason="late"), reply_to=to_1)
+    stranger = Message(Error(code=1, reason="stranger"), reply_to=to_4)
+    arrays, metrics = strategy.aggregate_train(1, [*replies, late, replies[1], stranger])
+    assert (metrics["compress-aggregated"], metrics["compress-failed"], metrics["compress-rejected"]) == (2, 1, 3)
+    assert sorted(strategy.reasons[-1]) == [1, 2, 4]
+    assert spy.handed[-1] == [replies[0], replies[1], replies[2]]
+    assert arrays is not None
+
+
+class _Last(Strategy):
+    """A strategy of one's own, not of flwr's FedAvg family: the last reply's model is the new one."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
+                        message_type=MessageType.TRAIN) for n in grid.get_node_ids()]
+
+    def aggregate_train(self, server_round, replies):
+        self.handed = list(replies)
+        return self.handed[-1].content["arrays"], None
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+    def summary(self):
+        pass
+
+
+def test_a_strategy_of_ones_own_gets_the_other_records_as_they_came():
+    """Without flwr's FedAvg constraints (no `weighted_by_key`) a reply's other ArrayRecords and
+    records pass through, and its metrics (here none) are not checked."""
+    app = ClientApp(mods=[sparse_update_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        trained = _train(_numpy(msg.content["arrays"]), context.node_id, 1)
+        extra = ArrayRecord(array_dict={"seen": Array(np.ones(2, np.float32))})
+        return Message(RecordDict({"arrays": _record(trained), "extra": extra, "info": ConfigRecord({"x": 1})}),
+                       reply_to=msg)
+
+    strategy = Compressed(_Last())
+    grid = _Grid(app)
+    replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_model()), ConfigRecord({}), grid)))
+    assert all(is_compressed(r.content["arrays"]) for r in replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["compress-aggregated"] == 3 and metrics["compress-rejected"] == 0
+    assert _bits(arrays) == _bits(_record(_train(_model(), 3, 1)))  # lossless: the trained model, bit for bit
+    assert all(set(r.content.keys()) == {"arrays", "extra", "info"} for r in strategy.strategy.handed)

@@ -6,10 +6,13 @@
     strategy = Compressed(FedAvg(), density=0.1)   # ServerApp: global top-k 10%, error feedback
     app = ClientApp(mods=[sparse_update_mod])      # ClientApp: settings come from the server
 
-- `Compressed(strategy, ...)`: a Strategy that wraps any other (FedAvg, FedProx, FedAdam, FedAvgM,
-  a DP wrapper around one, ...). configure_train / configure_evaluate call the wrapped strategy and
-  replace the model in each message (the ArrayRecord under `arrayrecord_key`) by its coded form,
-  adding the upload settings as a ConfigRecord of their own ("compress", CONFIG_RECORD).
+- `Compressed(strategy, ...)`: a Strategy that wraps another (FedAvg, FedProx, FedAdam, FedAvgM,
+  a DP wrapper around one, ...) whose model travels in one ArrayRecord each way; with flwr's FedAvg
+  family (a strategy with a `weighted_by_key`) each training reply must carry exactly one
+  ArrayRecord and one MetricRecord, as FedAvg needs (see the class). configure_train /
+  configure_evaluate call the wrapped strategy and replace the model in each message (the
+  ArrayRecord under `arrayrecord_key`) by its coded form, adding the upload settings as a
+  ConfigRecord of their own ("compress", CONFIG_RECORD).
   aggregate_train decodes each reply into the plain ArrayRecord of a trained model, checks it
   (schema before allocation, finite values, metrics) and hands the wrapped strategy's
   aggregate_train the replies it would have got without compression; bad ones are dropped and
@@ -27,13 +30,16 @@ all the record's NumPy arrays (float32/float64 sparse-coded, the other dtypes wh
 "feddip/v1" (a model, as flower.py's encode_arrayrecord), "feddip-update/v1" (float tensors: an
 update to add to the model the node was sent; the others: their values) or "feddip-delta/v1"
 (downlink: the difference from the model the node holds). Arrays the codec does not carry (another
-stype or dtype) travel beside it, as they are.
+stype or dtype) travel beside it, as they are; where one sits between coded ones, the message's
+"compress" ConfigRecord carries the names in the strategy's order (ORDER_KEY) and the mod rebuilds
+the record in it.
 """
 
 from __future__ import annotations
 
 import reprlib
 from collections import Counter
+from io import BytesIO
 from logging import INFO, WARNING
 from typing import Any, Callable, Iterable, Mapping, Optional, cast
 
@@ -46,6 +52,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from numpy.lib import format as npy_format
 
 from ..codecs import VALUE_CODECS, CodecError, decode_model, encode_model
 from ..codecs.values import LOSSLESS
@@ -60,6 +67,7 @@ __all__ = [
     "DOWNLINK_VALUES_KEY",
     "ERROR_FEEDBACK_KEY",
     "HELD_CRC_KEY",
+    "ORDER_KEY",
     "RUN_CONFIG_KEYS",
     "STYPE",
     "UPDATE_STYPE",
@@ -81,6 +89,9 @@ DENSITY_KEY = "compress-density"  # float in (0, 1]; 1.0: no sparsification
 VALUES_KEY = "compress-values"  # the replies' value codec (codecs.VALUE_CODECS)
 ERROR_FEEDBACK_KEY = "compress-error-feedback"  # bool: carry what was not sent to the next reply
 HELD_CRC_KEY = "compress-held-crc"  # lossy downlink: model_crc of the model the node holds once decoded
+# list[str]: the model's array names in the strategy's order, sent (training and evaluation messages)
+# only where arrays travelling beside the coded message sit between coded ones.
+ORDER_KEY = "compress-order"
 DOWNLINK_VALUES_KEY = "compress-downlink-values"  # run config only: Compressed's downlink_values
 # The run config entries Compressed.from_run_config reads ([tool.flwr.app.config] in pyproject.toml).
 RUN_CONFIG_KEYS = (DENSITY_KEY, VALUES_KEY, ERROR_FEEDBACK_KEY, DOWNLINK_VALUES_KEY)
@@ -166,6 +177,61 @@ def _schema(model: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...],
 
 def _is_float(a: np.ndarray) -> bool:
     return a.dtype.name in _FLOATS
+
+
+def _is_inexact(a: np.ndarray) -> bool:
+    """Floating or complex, of any width: what may hold NaN or inf."""
+    return a.dtype.kind in "fc"
+
+
+def _order(model: Mapping[str, np.ndarray], beside: Mapping[str, Array], order: list[str]) -> Optional[list[str]]:
+    """`order` where rebuilding the record as the coded arrays then those beside would not give it
+    back (an array beside the coded message sits between coded ones); None otherwise."""
+    return order if order != [*model, *beside] else None
+
+
+def _check_beside(name: str, got: Array, sent: Array) -> None:
+    """_BadReply unless `got`, an array a reply carries beside the coded message, is one the
+    strategy can take in place of `sent`: the same stype, dtype, shape and data length, and for
+    NumPy arrays a .npy of that dtype and shape (its header read before anything is allocated,
+    without pickle) holding finite values where it is floating or complex."""
+    if (got.stype, got.dtype, tuple(got.shape), len(got.data)) != (
+            sent.stype, sent.dtype, tuple(sent.shape), len(sent.data)):
+        raise _BadReply(f"reply's {name!r} (beside the coded message) is not the array sent: "
+                        f"{got.stype} {got.dtype}{list(got.shape)} in {len(got.data)} bytes, expected "
+                        f"{sent.stype} {sent.dtype}{list(sent.shape)} in {len(sent.data)} bytes")
+    if got.stype != _NUMPY:
+        return  # a serialisation this module cannot read: the strategy's to check
+    try:
+        stream = BytesIO(got.data)
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy version {version} is not one np.save writes for this dtype")
+        if str(dtype) != sent.dtype or tuple(shape) != tuple(sent.shape):
+            raise ValueError(f"its .npy holds {dtype}{list(shape)}")
+        array = np.load(BytesIO(got.data), allow_pickle=False)
+        if not isinstance(array, np.ndarray) or str(array.dtype) != sent.dtype or array.shape != tuple(sent.shape):
+            raise ValueError("its .npy does not load as the array sent")
+    except Exception as e:  # garbage of any kind: numpy raises ValueError, EOFError, OSError, ...
+        raise _BadReply(f"reply's {name!r} (beside the coded message) does not load as a "
+                        f"{sent.dtype}{list(sent.shape)}: {type(e).__name__}: {e}") from None
+    if _is_inexact(array) and not np.isfinite(array).all():
+        raise _BadReply(f"reply's {name!r} holds non-finite values")
+
+
+def _majority(checked: Iterable[tuple[int, _MetricShape]]) -> Optional[_MetricShape]:
+    """Of (node, metric shape) pairs, the shape most share (a tie: the one of the lowest node id);
+    None when there are none. flwr's FedAvg refuses replies whose metrics differ in keys or shapes."""
+    pairs = sorted(checked, key=lambda c: c[0])
+    shapes = Counter(shape for _, shape in pairs)
+    first: dict[_MetricShape, int] = {}
+    for node, shape in pairs:
+        first.setdefault(shape, node)
+    return max(shapes, key=lambda s: (shapes[s], -first[s])) if shapes else None
 
 
 def _check_density(density: Optional[float]) -> Optional[float]:
@@ -281,7 +347,7 @@ def make_sparse_update_mod(
         record = msg.content.array_records[key]
         received, beside, exact = _receive(record, settings, ctxt)
         content = RecordDict(dict(msg.content.items()))  # a new one: the incoming one may be shared
-        content[key] = _plain(received, beside, [*received, *beside])
+        content[key] = _plain(received, beside, _names(received, beside, settings))
         if CONFIG_RECORD in content:
             del content[CONFIG_RECORD]
         msg.content = content
@@ -331,6 +397,19 @@ def _receive(record: ArrayRecord, settings: ConfigRecord, ctxt: Context) -> tupl
                              "node's state is out of step with the server's")
         _set_state(ctxt, _HELD_STATE, model)
     return model, beside, HELD_CRC_KEY not in settings
+
+
+def _names(received: Model, beside: Mapping[str, Array], settings: ConfigRecord) -> list[str]:
+    """The model's array names in the order the strategy sent them (ORDER_KEY, when the server sent it)."""
+    names = [*received, *beside]
+    order = settings.get(ORDER_KEY)
+    if order is None:
+        return names
+    sent = [n for n in order if isinstance(n, str)] if isinstance(order, list) else []
+    if not isinstance(order, list) or len(sent) != len(order) or sorted(sent) != sorted(names):
+        raise CodecError(f"the order of the model's arrays {reprlib.repr(order)} does not name the arrays "
+                         f"received {reprlib.repr(names)}")
+    return sent
 
 
 def _compress_reply(record: ArrayRecord, received: Model, density: Optional[float], values: str, feedback: bool,
@@ -413,19 +492,32 @@ class Compressed(Strategy):
     downlink's error does not enter the aggregate). Replies are checked whole first; one is dropped
     (not handed to the wrapped strategy) and counted when its model is not coded, does not decode
     to the arrays sent (names, shapes, dtypes, checked before anything beyond the model's size is
-    allocated), or holds non-finite values; when its metrics are not what flwr's FedAvg needs
-    (exactly one MetricRecord of finite ints, floats and lists of them, the wrapped strategy's
-    `weighted_by_key` a number in (0, 2^53], the same record name, keys and list lengths as the
-    round's other replies: the shape most replies share wins, a tie goes to the lowest node id);
-    when it comes from a node sent no training message this round, or twice. Error replies go to
-    the wrapped strategy as they are (it counts them as failures, as it would). The replies it gets
-    keep their order.
+    allocated), or holds non-finite values (any floating or complex dtype); when an array it
+    carries beside the coded message is not one of the array sent's stype, dtype, shape and data
+    length, or (a NumPy one) does not load as such without pickle, or holds non-finite values; when
+    its metrics are not what flwr's FedAvg needs (exactly one MetricRecord of finite ints, floats
+    and lists of them, the wrapped strategy's `weighted_by_key` a number in (0, 2^53], the same
+    record name, keys and list lengths as the round's other replies: the shape most replies share
+    wins, a tie goes to the lowest node id); when it comes from a node sent no training message
+    this round, or twice. Error replies go to the wrapped strategy as they are (it counts them as
+    failures, as it would), one a node sent a training message; others are dropped and counted
+    too. The replies it gets keep their order. Evaluation replies' metrics are checked the same way
+    (aggregate_evaluate).
+
+    What the wrapped strategy must be: one whose model goes down as the ArrayRecord under
+    `arrayrecord_key` and comes back as one ArrayRecord of the same arrays (the one the mod codes:
+    under the same key, or the reply's only ArrayRecord). With flwr's FedAvg family (every flwr
+    Message-API strategy: those with a `weighted_by_key`) a training reply must carry exactly one
+    ArrayRecord and one MetricRecord, as FedAvg needs, and is dropped otherwise. Another strategy
+    (one without `weighted_by_key`) gets a reply's other records as they came and its metrics
+    unchecked: what they must hold is its own business.
 
     The round's MetricRecord is the wrapped strategy's, plus "compress-bytes-down" and
     "compress-bytes-up" (the training messages' coded model bytes, each way) and the counts
     "compress-aggregated", "compress-rejected", "compress-failed" and "compress-missing";
-    cumulative: `bytes_down`, `bytes_up`, `bytes_evaluate`, `rejected`, per round `rounds` and
-    `reasons`. Attributes the wrapper lacks are the wrapped strategy's (`strategy.proximal_mu`).
+    cumulative: `bytes_down`, `bytes_up`, `bytes_evaluate`, `rejected`, `rejected_evaluate`, per
+    round `rounds`, `reasons` and `reasons_evaluate`. Attributes the wrapper lacks are the wrapped
+    strategy's (`strategy.proximal_mu`).
 
     Differential privacy: Compressed goes outermost, `Compressed(DifferentialPrivacy...(FedAvg()))`,
     and `sparse_update_mod` first in the ClientApp's mods, `mods=[sparse_update_mod,
@@ -497,6 +589,8 @@ class Compressed(Strategy):
         # replies) and missing (no reply).
         self.rounds: list[dict[str, list[int]]] = []
         self.reasons: list[dict[int, str]] = []  # one entry a training round: rejected node -> why
+        self.rejected_evaluate = 0  # evaluation replies dropped: see aggregate_evaluate
+        self.reasons_evaluate: list[dict[int, str]] = []  # one entry an evaluation round: dropped node -> why
         self._round_down = [0, 0]  # this round's training models: coded and plain bytes
 
     @classmethod
@@ -605,6 +699,8 @@ class Compressed(Strategy):
                 shared[id(record)] = (cast(ArrayRecord, coded), model, beside, list(record.keys()))
             coded, model, beside, order = shared[id(record)]
             settings = self._settings()
+            if _order(model, beside, order) is not None:
+                settings[ORDER_KEY] = order
             if self.lossy_downlink:
                 coded, settings[HELD_CRC_KEY] = self._downlink(node, model, beside)
             self.sent[node] = (model, beside, order)
@@ -643,6 +739,8 @@ class Compressed(Strategy):
     ) -> Iterable[Message]:
         """The wrapped strategy's evaluation messages, each with its model coded losslessly
         (`downlink_values`, or "auto" where that is lossy); nodes' copies are left as they are.
+        Where an array sent beside the coded message sits between coded ones, a "compress"
+        ConfigRecord carries the arrays' order (ORDER_KEY), which the mod removes.
 
         Parameters
         ----------
@@ -657,49 +755,82 @@ class Compressed(Strategy):
         """
         messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
         values = "auto" if self.lossy_downlink else self.downlink_values
-        shared: dict[int, ArrayRecord] = {}
+        shared: dict[int, tuple[ArrayRecord, Optional[list[str]]]] = {}
         for m in messages:
             if not m.has_content() or self.arrayrecord_key not in m.content.array_records:
                 continue
             record = m.content.array_records[self.arrayrecord_key]
             if id(record) not in shared:
                 model, beside = _split(record)
-                shared[id(record)] = _pack(encode_model(model, values=values), STYPE, beside)
-            self.bytes_evaluate += _size(shared[id(record)])
-            m.content = self._content(m.content, shared[id(record)], None)
+                shared[id(record)] = (_pack(encode_model(model, values=values), STYPE, beside),
+                                      _order(model, beside, list(record.keys())))
+            coded, order = shared[id(record)]
+            self.bytes_evaluate += _size(coded)
+            m.content = self._content(m.content, coded, None if order is None else ConfigRecord({ORDER_KEY: order}))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
-        """The wrapped strategy's aggregate_evaluate (evaluation replies carry metrics only).
+        """The wrapped strategy's aggregate_evaluate on the evaluation replies whose metrics pass the
+        checks of aggregate_train's (with a `weighted_by_key`, flwr's FedAvg family: one MetricRecord
+        of finite numbers, `weighted_by_key` in (0, MAX_WEIGHT], the shape most replies share; a tie
+        goes to the lowest node id): the others are dropped, logged and counted in
+        `rejected_evaluate` (why, in `reasons_evaluate`), rather than ending the run in flwr's
+        consistency check. Error replies go on as they are; the replies kept keep their order.
 
         Parameters
         ----------
         server_round : flwr's round.
-        replies : the evaluation replies.
+        replies : the evaluation replies, with or without errors.
 
         Returns
         -------
-        Optional[MetricRecord] : what the wrapped strategy returns.
+        Optional[MetricRecord] : what the wrapped strategy returns for the replies kept.
         """
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        replies = list(replies)
+        reasons: dict[int, str] = {}
+        dropped: set[int] = set()  # the indices of the replies dropped
+        checked: list[tuple[int, int, _MetricShape]] = []
+        for i, reply in enumerate(replies):
+            if reply.has_error() or not reply.has_content():
+                continue
+            node = reply.metadata.src_node_id
+            try:
+                checked.append((i, node, self._metric_shape(reply)))
+            except (KeyError, TypeError, ValueError) as e:  # _BadReply is a ValueError
+                reasons[node] = str(e)
+                dropped.add(i)
+        common = _majority((node, shape) for _, node, shape in checked)
+        for i, node, shape in checked:
+            if shape != common:
+                reasons[node] = f"metrics {_describe(shape)} differ from the round's {_describe(common)}"
+                dropped.add(i)
+        for node, why in sorted(reasons.items()):
+            log(WARNING, "Compressed: evaluation reply from node %d dropped: %s", node, why)
+        self.rejected_evaluate += len(reasons)
+        self.reasons_evaluate.append(reasons)
+        return self.strategy.aggregate_evaluate(server_round, [r for i, r in enumerate(replies) if i not in dropped])
 
     def _decode_reply(self, reply: Message, node: int) -> tuple[str, ArrayRecord]:
         """(key, the plain ArrayRecord of the trained model) of a reply; CodecError or _BadReply."""
         if node not in self.sent:
             raise _BadReply("the node was sent no training message this round (or replied twice)")
         records = reply.content.array_records
-        if len(records) != 1:
+        if self.weighted_by_key is not None and len(records) != 1:  # flwr's FedAvg family needs one
             raise _BadReply(f"reply has {len(records)} ArrayRecords, expected exactly one")
-        ((key, record),) = records.items()
-        if not is_compressed(record) or record[ENCODED_KEY].stype == DELTA_STYPE:
+        coded = [k for k, r in records.items() if is_compressed(r) and r[ENCODED_KEY].stype != DELTA_STYPE]
+        if not coded:
             raise _BadReply("reply's model is not compressed: is sparse_update_mod the first of the ClientApp's mods?")
+        if len(coded) != 1:
+            raise _BadReply(f"reply has {len(coded)} compressed ArrayRecords, expected one")
+        key = coded[0]
+        record = records[key]
         model, beside, order = self.sent[node]
         got = {k: a for k, a in record.items() if k != ENCODED_KEY}
-        if got.keys() != beside.keys() or any(
-            (a.stype, a.dtype, tuple(a.shape)) != (beside[k].stype, beside[k].dtype, tuple(beside[k].shape))
-            for k, a in got.items()
-        ):
-            raise _BadReply("reply's arrays outside the coded message are not those sent")
+        if got.keys() != beside.keys():
+            raise _BadReply(f"reply's arrays outside the coded message {reprlib.repr(sorted(got))} are not those "
+                            f"sent {reprlib.repr(sorted(beside))}")
+        for k, a in got.items():
+            _check_beside(k, a, beside[k])
         limit = sum(a.nbytes for a in model.values())
         decoded = decode_model(record[ENCODED_KEY].data, expect=_schema(model), max_bytes=limit).tensors
         if record[ENCODED_KEY].stype == UPDATE_STYPE:
@@ -708,13 +839,17 @@ class Compressed(Strategy):
         else:
             trained = dict(decoded)
         for k, a in trained.items():
-            if _is_float(a) and not np.isfinite(a).all():
+            if _is_inexact(a) and not np.isfinite(a).all():  # float16 and complex too: they travel whole
                 raise _BadReply(f"reply's {k!r} holds non-finite values")
         return key, _plain(trained, got, order)
 
     def _metric_shape(self, reply: Message) -> _MetricShape:
         """The shape of a reply's metrics after the checks of flwr's FedAvg and those its aggregation
-        needs (numbers only, finite in float64; the weight in (0, MAX_WEIGHT]); _BadReply otherwise."""
+        needs (numbers only, finite in float64; the weight in (0, MAX_WEIGHT]); _BadReply otherwise.
+        Only for flwr's FedAvg family (a `weighted_by_key`): for another strategy, whose needs are
+        its own, every reply has the same shape, ("", ())."""
+        if self.weighted_by_key is None:
+            return "", ()
         records = reply.content.metric_records
         if len(records) != 1:
             raise _BadReply(f"reply has {len(records)} MetricRecords, expected exactly one")
@@ -730,11 +865,10 @@ class Compressed(Strategy):
                 shape.append((key, -1))
             else:
                 raise _BadReply(f"metric {key!r} = {reprlib.repr(value)} is not a finite int or float (or a list)")
-        if self.weighted_by_key is not None:
-            weight = record.get(self.weighted_by_key)
-            if weight is None or isinstance(weight, list) or not 0 < weight <= MAX_WEIGHT:
-                raise _BadReply(f"metric {self.weighted_by_key!r} = {reprlib.repr(weight)} is not a number in "
-                                f"(0, {MAX_WEIGHT:.0f}]")
+        weight = record.get(self.weighted_by_key)
+        if weight is None or isinstance(weight, list) or not 0 < weight <= MAX_WEIGHT:
+            raise _BadReply(f"metric {self.weighted_by_key!r} = {reprlib.repr(weight)} is not a number in "
+                            f"(0, {MAX_WEIGHT:.0f}]")
         return name, tuple(sorted(shape))
 
     def aggregate_train(
@@ -766,9 +900,13 @@ class Compressed(Strategy):
         for i, reply in enumerate(replies):
             node = reply.metadata.src_node_id
             if reply.has_error() or not reply.has_content():
+                if node not in self.sent:  # the wrapped strategy would count it as one more failure
+                    reasons.setdefault(node, "an error reply from a node sent no training message this round "
+                                             "(or a second reply)")
+                    continue
                 seen["failed"].append(node)
                 keep.add(i)
-                self.sent.pop(node, None)
+                self.sent.pop(node)
                 continue
             bytes_up += sum(_size(r) for r in reply.content.array_records.values() if is_compressed(r))
             try:
@@ -783,11 +921,7 @@ class Compressed(Strategy):
             checked.append((i, reply, key, plain, shape))
         # flwr's FedAvg refuses replies whose metrics differ in keys or shapes: keep the shape most
         # replies share (a tie: the one of the lowest node id), drop the rest.
-        shapes = Counter(shape for *_, shape in checked)
-        first: dict[_MetricShape, int] = {}
-        for _, reply, *_, shape in sorted(checked, key=lambda c: c[1].metadata.src_node_id):
-            first.setdefault(shape, reply.metadata.src_node_id)
-        common = max(shapes, key=lambda s: (shapes[s], -first[s])) if shapes else None
+        common = _majority((reply.metadata.src_node_id, shape) for _, reply, *_, shape in checked)
         for i, reply, key, plain, shape in checked:
             node = reply.metadata.src_node_id
             if shape != common:
