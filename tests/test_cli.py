@@ -146,3 +146,13 @@ def test_plain_coding_keeps_lossless_values():
     configs, _ = _configs(parser().parse_args(["simulate"]))
     assert [(c.algorithm, c.values, c.coding) for c in configs] == [("feddip", "int4-ans", "compact"),
                                                                      ("fedavg", "raw", "compact")]
+
+
+def test_threads_are_left_as_they_were(tmp_path):
+    import torch
+
+    import feddip_kernels as fk
+
+    before = torch.get_num_threads(), fk.get_num_threads()
+    assert main(_TINY + ["--algorithm", "fedavg", "--rounds", "1", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert (torch.get_num_threads(), fk.get_num_threads()) == before

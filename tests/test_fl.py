@@ -969,17 +969,19 @@ def test_inconsistent_compact_checkpoints_are_refused_naming_the_problem(tmp_pat
 
 
 def test_checkpoints_of_format_2_still_load(tmp_path, real_checkpoint, compact_checkpoint):
-    # Format 2 is format 3 without "compact"; no compact run wrote one, and none is read.
+    # Format 2 is format 3 without "compact": runs without the compact coding still write it (so
+    # that earlier releases read their files); no compact run wrote one, and none is read.
     cfg, model, data, state = real_checkpoint
     meta = _ckpt_split(data)[1]
-    assert data[4] == 3 and meta["compact"] is None
-    two = data[:4] + b"\x02" + data[5:]
-    without = {k: v for k, v in meta.items() if k != "compact"}
-    loaded = _load_bytes(tmp_path, cfg, model, _ckpt_reseal(two, meta=without))
+    assert data[4] == 2 and "compact" not in meta
+    loaded = _load_bytes(tmp_path, cfg, model, data)
     assert loaded.round == 4 and loaded.history == state.history and _bits(loaded.weights) == _bits(state.weights)
     assert set(loaded.client_masks) == set(state.client_masks)
     with pytest.raises(CodecError, match="exactly the fields"):
-        _load_bytes(tmp_path, cfg, model, _ckpt_reseal(two))  # with "compact": not format 2
+        _load_bytes(tmp_path, cfg, model, _ckpt_reseal(data, meta={**meta, "compact": None}))  # not format 2
+    three = data[:4] + b"\x03" + data[5:]
+    loaded = _load_bytes(tmp_path, cfg, model, _ckpt_reseal(three, meta={**meta, "compact": None}))
+    assert _bits(loaded.weights) == _bits(state.weights)  # format 3 with "compact": null reads too
     cfg, model, data, _ = compact_checkpoint
     meta = _ckpt_split(data)[1]
     two = data[:4] + b"\x02" + data[5:]

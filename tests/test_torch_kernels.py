@@ -148,8 +148,8 @@ def test_public_functions_route_device_tensors_to_the_torch_kernels(routed):
         fk.masked_ef_step(tw, torch.from_numpy(g), lr=0.1, mask_bits=fk.pack_mask(m))
     with pytest.raises(ValueError, match="must match w"):
         fk.masked_ef_step(tw, torch.zeros(3), lr=0.1)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        fk.encode_model({"x": torch.zeros(3, dtype=torch.float16)})
+    with pytest.raises(TypeError, match="float8_e4m3fn, which encode_model does not carry"):
+        fk.encode_model({"x": torch.zeros(3, dtype=torch.float8_e4m3fn)})
 
 
 def test_compiled_step_matches_the_uncompiled_one():

@@ -241,6 +241,21 @@ def _rows(history: list[dict]) -> list[dict]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    """`feddip simulate`; a --threads N run leaves the process's thread counts as it found them
+    (torch's; the library's back at its default), as `main` may be called from a program."""
+    if not args.threads:
+        return _simulate_runs(args)
+    import torch
+
+    saved = torch.get_num_threads()
+    try:
+        return _simulate_runs(args)
+    finally:
+        torch.set_num_threads(saved)
+        set_num_threads(0)
+
+
+def _simulate_runs(args: argparse.Namespace) -> int:
     import dataclasses
     import datetime
     import json
