@@ -138,6 +138,8 @@ def check_expected(name: str, shape: tuple[int, ...], dtype: Any,
     if name not in expect:
         raise CodecError(f"the message holds other tensors than expected (unexpected {name!r})")
     want_shape, want_dtype = expect[name]
+    if isinstance(want_dtype, np.dtype) and dtype == want_dtype and shape == tuple(want_shape):
+        return  # the common case, without spelling out the names (a message checks every tensor)
     have, want = _dtype_name(dtype), _dtype_name(want_dtype)
     if shape != tuple(want_shape) or have != want:
         raise CodecError(f"{name!r} is {shape} {have}, expected {tuple(want_shape)} {want}")
