@@ -218,6 +218,32 @@ def decode_arrayrecord(
     return ArrayRecord(array_dict=arrays), decoded.masks
 
 
+def check_metrics(reply: Message, weighted_by_key: str) -> tuple[_MetricShape, float]:
+    """(shape of the reply's metrics, its weight) after the checks flwr's FedAvg makes (one
+    MetricRecord, holding `weighted_by_key` as a single number) and those its aggregation
+    needs without checking (numbers only, finite in float64); the weight must lie in
+    (0, MAX_WEIGHT]. _BadReply otherwise. Shared by FedDIP and flower_compress.Compressed."""
+    records = reply.content.metric_records
+    if len(records) != 1:
+        raise _BadReply(f"reply has {len(records)} MetricRecords, expected exactly one")
+    ((name, record),) = records.items()
+    shape = []
+    for key, value in record.items():
+        if isinstance(value, list):
+            if not all(_metric_number(v) for v in value):
+                raise _BadReply(
+                    f"metric {key!r} = {reprlib.repr(value)} holds a value that is not a finite int or float")
+            shape.append((key, len(value)))
+        elif _metric_number(value):
+            shape.append((key, -1))
+        else:
+            raise _BadReply(f"metric {key!r} = {reprlib.repr(value)} is not a finite int or float (or a list of them)")
+    weight = record.get(weighted_by_key)
+    if weight is None or isinstance(weight, list) or not 0 < weight <= MAX_WEIGHT:
+        raise _BadReply(f"metric {weighted_by_key!r} = {reprlib.repr(weight)} is not a number in (0, {MAX_WEIGHT:.0f}]")
+    return (name, tuple(sorted(shape))), float(weight)
+
+
 def _masks_to_record(masks: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(m.astype(np.uint8)) for k, m in masks.items()})
 
@@ -799,34 +825,8 @@ class FedDIP(FedAvg):
         return model
 
     def _check_metrics(self, reply: Message) -> tuple[_MetricShape, float]:
-        """(shape of the reply's metrics, its weight) after the checks flwr's FedAvg makes (one
-        MetricRecord, holding `weighted_by_key` as a single number) and those its aggregation
-        needs without checking (numbers only, finite in float64); the weight must lie in
-        (0, MAX_WEIGHT]. _BadReply otherwise."""
-        records = reply.content.metric_records
-        if len(records) != 1:
-            raise _BadReply(f"reply has {len(records)} MetricRecords, expected exactly one")
-        ((name, record),) = records.items()
-        shape = []
-        for key, value in record.items():
-            if isinstance(value, list):
-                if not all(_metric_number(v) for v in value):
-                    raise _BadReply(
-                        f"metric {key!r} = {reprlib.repr(value)} holds a value that is not a finite int or float"
-                    )
-                shape.append((key, len(value)))
-            elif _metric_number(value):
-                shape.append((key, -1))
-            else:
-                raise _BadReply(
-                    f"metric {key!r} = {reprlib.repr(value)} is not a finite int or float (or a list of them)"
-                )
-        weight = record.get(self.weighted_by_key)
-        if weight is None or isinstance(weight, list) or not 0 < weight <= MAX_WEIGHT:
-            raise _BadReply(
-                f"metric {self.weighted_by_key!r} = {reprlib.repr(weight)} is not a number in (0, {MAX_WEIGHT:.0f}]"
-            )
-        return (name, tuple(sorted(shape))), float(weight)
+        """check_metrics(reply, self.weighted_by_key)."""
+        return check_metrics(reply, self.weighted_by_key)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -58,7 +58,7 @@ from ..codecs import VALUE_CODECS, CodecError, decode_model, encode_model
 from ..codecs.values import LOSSLESS
 from ..protocol.transport import model_crc
 from ..pruning import global_topk_masks
-from .flower import ENCODED_KEY, MAX_WEIGHT, STYPE, _BadReply, _describe, _metric_number, _MetricShape
+from .flower import ENCODED_KEY, STYPE, _BadReply, _describe, _MetricShape, check_metrics
 
 __all__ = [
     "CONFIG_RECORD",
@@ -850,26 +850,7 @@ class Compressed(Strategy):
         its own, every reply has the same shape, ("", ())."""
         if self.weighted_by_key is None:
             return "", ()
-        records = reply.content.metric_records
-        if len(records) != 1:
-            raise _BadReply(f"reply has {len(records)} MetricRecords, expected exactly one")
-        ((name, record),) = records.items()
-        shape = []
-        for key, value in record.items():
-            if isinstance(value, list):
-                if not all(_metric_number(v) for v in value):
-                    raise _BadReply(
-                        f"metric {key!r} = {reprlib.repr(value)} holds a value that is not a finite int or float")
-                shape.append((key, len(value)))
-            elif _metric_number(value):
-                shape.append((key, -1))
-            else:
-                raise _BadReply(f"metric {key!r} = {reprlib.repr(value)} is not a finite int or float (or a list)")
-        weight = record.get(self.weighted_by_key)
-        if weight is None or isinstance(weight, list) or not 0 < weight <= MAX_WEIGHT:
-            raise _BadReply(f"metric {self.weighted_by_key!r} = {reprlib.repr(weight)} is not a number in "
-                            f"(0, {MAX_WEIGHT:.0f}]")
-        return name, tuple(sorted(shape))
+        return check_metrics(reply, self.weighted_by_key)[0]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
