@@ -206,6 +206,12 @@ EXTRAS: dict[str, Optional[Extra]] = {
     "max_abs_err": Extra("max |error|", "largest absolute error of a decoded value over the model", "{:.3g}"),
     "snr_db": Extra("SNR dB", "signal-to-noise ratio over the model: 10 log10(sum w^2 / sum error^2), in dB",
                     "{:.2f}"),
+    # FL round coding (test_bench_transport)
+    "bytes_a_client": Extra("bytes/client", "message bytes of one client's round, down + up", "{}"),
+    "compact_over_recipe": Extra("compact/recipe time", "median over rounds of the compact coding's time / the "
+                                 "recipe's (<1: compact faster)", "{:.3f}x"),
+    "ms_recipe": Extra("recipe ms", "median time of the recipe's coding (fp16), in ms", "{:.3f}"),
+    "ms_compact": Extra("compact ms", "median time of the compact coding (int4-ans), in ms", "{:.3f}"),
     "step_vs_ours_max": Extra("NNCodec step/ours", "largest over tensors of NNCodec's quantisation step / ours "
                               "(<=1: its error is at most ours)", "{:.4f}"),
 }

@@ -1098,3 +1098,30 @@ def test_many_empty_blocks_decode_in_linear_time():
     t = time.perf_counter()
     out = entropy.decode_blocks(k, [(empty, 0)] * 50_000, ["x"] * 50_000)
     assert len(out) == 50_000 and time.perf_counter() - t < 2.0
+
+
+@given(st.lists(st.integers(0, 2**40), min_size=1, max_size=entropy._SHORT), st.integers(1, ANS_MAX_PROB_BITS))
+def test_short_histograms_normalise_as_numpy_does(counts, prob_bits):
+    """The planner weighs short histograms in Python's ints: the same frequencies as NumPy's path."""
+    if not any(counts):
+        counts[0] = 1
+    if sum(1 for c in counts if c) > 1 << prob_bits:
+        return
+    a = np.array(counts, dtype=np.uint64)
+    short = entropy._normalise_short(counts, prob_bits)
+    long = entropy._normalise(np.concatenate((a, np.zeros(entropy._SHORT, np.uint64))), prob_bits)
+    assert short == long[: len(counts)].tolist() and not long[len(counts):].any()
+    assert sum(short) == 1 << prob_bits and all((f > 0) == (c > 0) for f, c in zip(short, counts))
+
+
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=entropy._SHORT), st.integers(0, 7),
+       st.integers(0, 4))
+def test_short_histograms_cost_as_numpy_does(counts, shift, base):
+    if not any(counts):
+        counts[0] = 1
+    n = sum(counts)
+    a = np.array(counts, dtype=np.uint64)
+    assert entropy._cost_bits_short(counts, n, shift) == pytest.approx(entropy._cost_bits(a, n, shift), rel=1e-12,
+                                                                       abs=1e-6)
+    coarse, up = entropy._coarser(a, base)
+    assert entropy._coarser_short(counts, base) == (coarse.tolist(), up) and coarse.dtype == np.uint64

@@ -987,3 +987,16 @@ def test_checkpoints_of_format_2_still_load(tmp_path, real_checkpoint, compact_c
     two = data[:4] + b"\x02" + data[5:]
     with pytest.raises(CodecError, match="format 2 holds no compact coding state"):
         _load_bytes(tmp_path, cfg, model, _ckpt_reseal(two, meta={k: v for k, v in meta.items() if k != "compact"}))
+
+
+def test_evaluation_does_not_depend_on_the_batch():
+    """evaluate's batch (256, for the CPU's caches) changes no logit: the same accuracy as one batch
+    of everything, the loss to float32's summation."""
+    from feddip_kernels.fl.simulation import evaluate
+
+    train, test = synthetic_dataset(n_train=10, n_test=700, seed=3)
+    torch.manual_seed(0)
+    model = make_model("lenet5", test.x.shape[1], test.num_classes)
+    acc, loss = evaluate(model, test)
+    acc_1, loss_1 = evaluate(model, test, batch=len(test))
+    assert acc == acc_1 and loss == pytest.approx(loss_1, rel=1e-5)

@@ -140,3 +140,20 @@ def test_helpers():
     assert out.tolist() == [0.0, 2.0, 0.0] and not np.signbit(out).any()
     masks = random_erk_masks({"a": (4, 5)}, 0.25, np.random.default_rng(0))
     assert masks["a"].shape == (4, 5) and masks["a"].sum() == 5
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32])
+def test_apply_mask_is_where_bit_for_bit(dtype):
+    """apply_mask (the float's bits times 0 or 1) keeps w's bits where m is set, NaN payloads, inf
+    and -0.0 included, and +0.0 elsewhere: np.where's result, for any layout and broadcasting."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((6, 7)) * 100).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        w.reshape(-1)[:4] = [np.inf, -np.inf, np.nan, -0.0]
+        w.reshape(-1)[4:8] = -w.reshape(-1)[:4]
+    m = rng.random((6, 7)) < 0.5
+    m.reshape(-1)[:8] = [True, False] * 4
+    for a, b in ((w, m), (w.T, m.T), (w[:, ::2], m[:, ::2]), (w, m[0])):
+        got, want = apply_mask(a, b), np.where(b, a, np.zeros((), dtype=a.dtype))
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))

@@ -20,17 +20,19 @@ from .._contract import AnsModel
 from .._formulas import ANS_MAX_LANES, ANS_MAX_PROB_BITS, word_dtype
 from .format import CodecError
 
-__all__ = ["HEAD", "MAX_SYMBOLS", "AnsModel", "Block", "decode_blocks", "encode_blocks",
+__all__ = ["HEAD", "MAX_SYMBOLS", "MIN_BLOCK", "AnsModel", "Block", "decode_blocks", "encode_blocks",
            "read_block", "read_head", "word_dtype"]
 
 # word_bits, shift, prob_bits, lanes, base, n_symbols, table_len, stream_len
 HEAD = struct.Struct("<BBBBQHHQ")
+MIN_BLOCK = HEAD.size + 5  # the fewest bytes a block of words takes: head, a table entry, a lane's state
 MAX_SYMBOLS = 4096  # a table's most entries (the decoder's tables: 2^prob_bits slots, these symbols)
 _ENCODER_PROB_BITS = 12  # the finest precision the encoder uses: 4096 slots, whose tables stay in L1
 # Lanes: 32 from _FULL_LANES words on (the decoder's vector loops take 32), else a lane for every
 # _LANE_WORDS words, at least one: a state costs 4 bytes, a few hundredths of a bit a word there.
 _FULL_LANES = 8192
 _LANE_WORDS = 256
+_SHORT = 64  # histograms of at most this many symbols are planned in Python's numbers
 
 
 class Block(NamedTuple):
@@ -48,7 +50,10 @@ def _varint_len(f: np.ndarray) -> np.ndarray:
 def _normalise(counts: np.ndarray, prob_bits: int) -> np.ndarray:
     """Frequencies adding up to 2^prob_bits, 1 or more for every counted symbol: 1 plus the
     symbol's share of what is left, rounded down, then 1 more for the largest remainders (ties to
-    the smaller symbol). Integer arithmetic throughout: the same table from any backend."""
+    the smaller symbol). Integer arithmetic throughout: the same table from any backend, and from
+    either path (Python's ints for short histograms, where NumPy's calls cost more, NumPy's else)."""
+    if counts.size <= _SHORT:
+        return np.array(_normalise_short([int(c) for c in counts.tolist()], prob_bits), dtype=np.uint32)
     total = int(counts.sum())
     present = counts > 0
     spare = (1 << prob_bits) - int(present.sum())
@@ -64,6 +69,19 @@ def _normalise(counts: np.ndarray, prob_bits: int) -> np.ndarray:
         order = sorted(np.flatnonzero(present).tolist(), key=lambda j: (-rem[j], j))
         freqs[order[:left]] += 1
     return freqs.astype(np.uint32)
+
+
+def _normalise_short(counts: list[int], prob_bits: int) -> list[int]:
+    """_normalise of a short histogram, in Python's ints (the same frequencies)."""
+    total = sum(counts)
+    present = [j for j, c in enumerate(counts) if c]
+    spare = (1 << prob_bits) - len(present)
+    pairs = [divmod(c * spare, total) for c in counts]
+    freqs = [q + 1 if c else 0 for (q, _), c in zip(pairs, counts)]
+    left = (1 << prob_bits) - sum(freqs)
+    for j in sorted(present, key=lambda j: (-pairs[j][1], j))[:left]:
+        freqs[j] += 1
+    return freqs
 
 
 def _prob_bits(present: int, n: int) -> int:
@@ -82,33 +100,67 @@ def _cost_bits(counts: np.ndarray, n: int, shift: int) -> float:
     return entropy + n * (shift + 1) + 8 * table
 
 
+def _cost_bits_short(counts: list[int], n: int, shift: int) -> float:
+    """_cost_bits of a short histogram, in Python's floats."""
+    c = [x for x in counts if x]
+    entropy = n * math.log2(n) - math.fsum(x * math.log2(x) for x in c)
+    unit = (1 << _prob_bits(len(c), n)) / n
+    table = len(counts) + sum((x * unit >= 1 << 7) + (x * unit >= 1 << 14) for x in c)
+    return entropy + n * (shift + 1) + 8 * table
+
+
 def _coarser(counts: np.ndarray, base: int) -> tuple[np.ndarray, int]:
     """The histogram one shift up: symbols s and s ^ 1 merged."""
+    zero = np.zeros(1, counts.dtype)  # (a list's 0 would make uint64 counts float64)
     if base & 1:
-        counts = np.concatenate(([0], counts))
+        counts = np.concatenate((zero, counts))
     if counts.size & 1:
-        counts = np.concatenate((counts, [0]))
+        counts = np.concatenate((counts, zero))
     return counts[0::2] + counts[1::2], base >> 1
+
+
+def _coarser_short(counts: list[int], base: int) -> tuple[list[int], int]:
+    if base & 1:
+        counts = [0, *counts]
+    if len(counts) & 1:
+        counts = [*counts, 0]
+    return [counts[j] + counts[j + 1] for j in range(0, len(counts), 2)], base >> 1
 
 
 def plan(k: Any, words: np.ndarray, word_bits: int) -> AnsModel:
     """The model that codes these words smallest: the finest shift with at most MAX_SYMBOLS
     symbols, or n / 64 for n words (finer tables cost more than they save), then coarser ones
-    while the block shrinks."""
+    while the block shrinks. A histogram of at most _SHORT symbols (a quantised tensor's, a small
+    tensor's) is weighed in Python's numbers: a plan per tensor, where NumPy's calls cost more."""
     n = words.size
     shift, base, counts = k.ans_histogram(words, word_bits=word_bits, max_symbols=min(MAX_SYMBOLS, max(n // 64, 2)))
-    best = (_cost_bits(counts, n, shift), shift, base, counts)
-    while counts.size > 1 and shift < word_bits - 1:
-        counts, base = _coarser(counts, base)
-        shift += 1
-        cost = _cost_bits(counts, n, shift)
-        if cost >= best[0]:
-            break
-        best = (cost, shift, base, counts)
-    _, shift, base, counts = best
-    prob_bits = _prob_bits(int((counts > 0).sum()), n)
+    if counts.size <= _SHORT:
+        short: list[int] = counts.tolist()
+        best_short = (_cost_bits_short(short, n, shift), shift, base, short)
+        while len(short) > 1 and shift < word_bits - 1:
+            short, base = _coarser_short(short, base)
+            shift += 1
+            cost = _cost_bits_short(short, n, shift)
+            if cost >= best_short[0]:
+                break
+            best_short = (cost, shift, base, short)
+        _, shift, base, short = best_short
+        prob_bits = _prob_bits(sum(1 for c in short if c), n)
+        freqs = np.array(_normalise_short(short, prob_bits), dtype=np.uint32)
+    else:
+        best = (_cost_bits(counts, n, shift), shift, base, counts)
+        while counts.size > 1 and shift < word_bits - 1:
+            counts, base = _coarser(counts, base)
+            shift += 1
+            cost = _cost_bits(counts, n, shift)
+            if cost >= best[0]:
+                break
+            best = (cost, shift, base, counts)
+        _, shift, base, counts = best
+        prob_bits = _prob_bits(int((counts > 0).sum()), n)
+        freqs = _normalise(counts, prob_bits)
     lanes = ANS_MAX_LANES if n >= _FULL_LANES else max(1, min(ANS_MAX_LANES, n // _LANE_WORDS))
-    return AnsModel(word_bits, shift, base, _normalise(counts, prob_bits), prob_bits, lanes)
+    return AnsModel(word_bits, shift, base, freqs, prob_bits, lanes)
 
 
 def _write_table(freqs: np.ndarray) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import struct
 from operator import attrgetter
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union, cast
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Union, cast, overload
 
 import numpy as np
 
@@ -145,6 +145,8 @@ class _Sparse(NamedTuple):
     nnz: int
     csr_shape: Optional[tuple[int, ...]]  # None: CSR not offered (a reference domain)
     found: _Found
+    own_runs: list[_Run]  # its runs over its own elements (`found`'s may be over a reference's)
+    shape: tuple[int, ...]
 
 
 class _Whole(NamedTuple):
@@ -171,6 +173,7 @@ class _Coded(NamedTuple):
     scale: float
     val_payload: list[Any]
     signs: list[Any]  # its zero-sign block (SIGNS, payload); empty: none
+    decoded: Optional[np.ndarray] = None  # the values a decoder gets back (encode_model's `decoded`)
 
 
 _NNZ, _BITS, _STREAM = attrgetter("nnz"), attrgetter("bits"), attrgetter("stream")  # (map: no frame an item)
@@ -237,6 +240,20 @@ def _sparse_on_device(k: Any, names: list[str], flats: dict[str, Any], masks: Op
     return out
 
 
+@overload
+def encode_model(tensors: Mapping[str, Any], *, masks: Optional[Mapping[str, Any]] = None,
+                 reference: Optional[Mapping[str, Any]] = None, positions: str = "auto", values: str = "raw",
+                 signed_zeros: Optional[bool] = None, backend: str = "auto", rounding: str = "nearest",
+                 seed: Optional[int] = None, decoded: Literal[False] = False) -> bytes: ...
+
+
+@overload
+def encode_model(tensors: Mapping[str, Any], *, masks: Optional[Mapping[str, Any]] = None,
+                 reference: Optional[Mapping[str, Any]] = None, positions: str = "auto", values: str = "raw",
+                 signed_zeros: Optional[bool] = None, backend: str = "auto", rounding: str = "nearest",
+                 seed: Optional[int] = None, decoded: Literal[True]) -> tuple[bytes, dict[str, np.ndarray]]: ...
+
+
 def encode_model(
     tensors: Mapping[str, Any],
     *,
@@ -248,7 +265,8 @@ def encode_model(
     backend: str = "auto",
     rounding: str = "nearest",
     seed: Optional[int] = None,
-) -> bytes:
+    decoded: bool = False,
+) -> Union[bytes, tuple[bytes, dict[str, np.ndarray]]]:
     """Encode named tensors as one message: float32/float64 tensors sparse-coded (below), those of
     the other dtypes a model holds whole and bit for bit (bool, int8 .. int64, uint8 .. uint64,
     float16, bfloat16 from torch, complex64, complex128: a BatchNorm's num_batches_tracked, a
@@ -294,10 +312,14 @@ def encode_model(
     rounding : "nearest" or "stochastic" (only the int*-ans codecs round: others refuse
         "stochastic").
     seed : the stochastic rounding's seed (None: fresh entropy).
+    decoded : also return what the receiver decodes: the message and, by name, the NumPy arrays
+        that decode_model(message, reference=reference).tensors gives, bit for bit (for float
+        tensors built from the encoder's own positions and quantised values, without decoding:
+        what error feedback subtracts).
 
     Returns
     -------
-    bytes : the message (docs/wire-format.md).
+    bytes : the message (docs/wire-format.md); with `decoded`, (message, tensors).
 
     Raises
     ------
@@ -306,8 +328,8 @@ def encode_model(
         not a bool.
     ValueError : an unknown codec or backend, stochastic rounding with a codec that does not
         round, a mask of another size, a mask or reference mask that leaves out elements of a
-        tensor that is not float32/float64, or a positions codec that cannot code a tensor's
-        positions.
+        tensor that is not float32/float64, a bfloat16 tensor with `decoded`, or a positions
+        codec that cannot code a tensor's positions.
     """
     check_mapping(tensors, "encode_model")
     for what, given in (("masks", masks), ("reference", reference)):
@@ -337,11 +359,22 @@ def encode_model(
             if given is not None and name in given:
                 check_whole(given[name], math.prod(plain.shape), f"{what}[{name!r}]", name, dtype_of(plain.code))
         wholes[name] = _Whole(write_head(name, plain.shape), plain)
+    if decoded:
+        wide = [name for name, w in wholes.items() if dtype_of(w.plain.code) == "bfloat16"]
+        if wide:
+            raise ValueError(f"decoded=True: {wide[0]!r} is a bfloat16 tensor, which NumPy cannot hold")
     k = _backend.kernels(backend)
     prepared = _prepare(k, floats, masks, reference, positions, signs_of)
     rng = np.random.default_rng(seed) if rounding == "stochastic" else None
-    coded = iter(_code(k, prepared, positions, values, rounding, rng))
-    return _write(k, [wholes[name] if name in wholes else next(coded) for name in order])
+    coded = _code(k, prepared, positions, values, rounding, rng, decoded)
+    it = iter(coded)
+    message = _write(k, [wholes[name] if name in wholes else next(it) for name in order])
+    if not decoded:
+        return message
+    got = None if wholes else _decoded(k, list(floats), prepared, coded)
+    if got is None:  # tensors of other dtypes, positions on a device: the message decoded
+        return message, dict(decode_model(message, reference=reference).tensors)
+    return message, {name: got[name] for name in order}
 
 
 def _prepare(k: Any, tensors: Mapping[str, Any], masks: Optional[Mapping[str, Any]],
@@ -368,13 +401,14 @@ def _prepare(k: Any, tensors: Mapping[str, Any], masks: Optional[Mapping[str, An
         nnz = sum(map(_NNZ, found.runs))
         domain, d = DOMAIN_FULL, n
         csr_shape: Optional[tuple[int, ...]] = shape
+        own_runs = found.runs
         if reference is not None and name in reference:
             bits = joined(list(map(_BITS, found.runs)))
             sub = relative_to(k, bits, k.pack_bits(flat_mask(reference[name], n, f"reference[{name!r}]")), n)
             if sub is not None:  # a subset of the reference: code relative to it, as one run
                 (d, sub_bits), domain, csr_shape = sub, DOMAIN_REFERENCE, None
                 found = found._replace(runs=[_Run(d, nnz, sub_bits)])
-        prepared.append(_Sparse(write_head(name, shape), dtype, domain, d, nnz, csr_shape, found))
+        prepared.append(_Sparse(write_head(name, shape), dtype, domain, d, nnz, csr_shape, found, own_runs, shape))
     return prepared
 
 
@@ -392,9 +426,9 @@ def _golomb_streams(k: Any, prepared: list[_Sparse], positions: str) -> list[lis
 
 
 def _code(k: Any, prepared: list[_Sparse], positions: str, values: str, rounding: str,
-          rng: Optional[np.random.Generator]) -> list[_Coded]:
+          rng: Optional[np.random.Generator], decoded: bool = False) -> list[_Coded]:
     """Each tensor's record coded: positions (the smallest payload for "auto"), values (all
-    tensors' in one call) and -0.0."""
+    tensors' in one call, with `decoded` also what they decode to) and -0.0."""
     signed: list[int] = []
     sets: list[Signs] = []
     coded_signs: dict[int, Optional[tuple[int, Any]]] = {}  # by set: coded on a device
@@ -405,7 +439,7 @@ def _code(k: Any, prepared: list[_Sparse], positions: str, values: str, rounding
             signed.append(i)
             sets.append(sp.found.signs)
     sign_blocks = dict(zip(signed, zero_sign_blocks(k, sets, coded_signs)))
-    coded_values = encode_many(k, [sp.found.vals for sp in prepared], values, rounding, rng)
+    coded_values = encode_many(k, [sp.found.vals for sp in prepared], values, rounding, rng, decoded=decoded)
     out = []
     for i, (sp, golomb, val) in enumerate(zip(prepared, _golomb_streams(k, prepared, positions), coded_values)):
         g = (golomb[0].m if len(golomb) == 1 else 0, list(map(_STREAM, golomb))) if golomb else None
@@ -413,7 +447,24 @@ def _code(k: Any, prepared: list[_Sparse], positions: str, values: str, rounding
                                                          sp.csr_shape, g)
         chunks = golomb if pos_codec == POSITIONS["golomb"] and len(golomb) > 1 else []
         out.append(_Coded(sp.head, sp.dtype, sp.domain, sp.d, sp.nnz, pos_codec, m, pos_payload, chunks, val.codec,
-                          val.scale, val.payload, sign_blocks.get(i, [])))
+                          val.scale, val.payload, sign_blocks.get(i, []), val.decoded))
+    return out
+
+
+def _decoded(k: Any, names: list[str], prepared: list[_Sparse], coded: list[_Coded]
+             ) -> Optional[dict[str, np.ndarray]]:
+    """What decode_model gives back for each float tensor of a message, from its encoder's
+    positions, values as they decode and -0.0; None where a tensor's positions stayed on a device."""
+    out = {}
+    for name, sp, rec in zip(names, prepared, coded):
+        if rec.decoded is None or any(run.bits is None for run in sp.own_runs):
+            return None
+        n = math.prod(sp.shape)
+        bits = joined(list(map(_BITS, sp.own_runs)))
+        dest = k.densify(bits, n, rec.decoded, np.empty(n, sp.dtype.newbyteorder("=")))
+        if sp.found.signs is not None:
+            set_negative_zeros(k, name, bits, cast(np.ndarray, sp.found.signs[0]), dest)
+        out[name] = dest.reshape(sp.shape)
     return out
 
 

@@ -57,26 +57,37 @@ def quantise(v: np.ndarray, bits: int, rounding: str = "nearest",
     rounding (ties to even) errs by at most scale / 2, stochastic rounding (up with probability the
     fraction, so unbiased) by less than scale; the clip to the range adds at most float32's
     rounding of the scale. ValueError on a non-finite value."""
-    if v.size and not np.isfinite(v).all():
-        raise ValueError(f"int{bits} values need finite inputs; use raw, fp16 or bf16")
     top = (1 << (bits - 1)) - 1
-    peak = float(np.max(np.abs(v))) if v.size else 0.0
-    with np.errstate(over="ignore"):
-        scale = np.float32(peak / top) if peak > 0 else np.float32(1.0)
-    if not np.isfinite(scale):
-        raise ValueError(f"int{bits} values: a peak of {peak} is beyond float32's range for the scale")
+    peak = float(np.abs(v).max()) if v.size else 0.0  # NaN with any NaN
+    if not math.isfinite(peak):
+        raise ValueError(f"int{bits} values need finite inputs; use raw, fp16 or bf16")
+    if peak == 0:
+        scale = np.float32(1.0)
+    elif peak / top < _F32_MAX:  # (a tensor at a time: the errstate only where it can overflow)
+        scale = np.float32(peak / top)
+    else:
+        with np.errstate(over="ignore"):
+            scale = np.float32(peak / top)
+        if not np.isfinite(scale):
+            raise ValueError(f"int{bits} values: a peak of {peak} is beyond float32's range for the scale")
     if scale == 0:  # a peak among float32's smallest subnormals
         scale = np.nextafter(np.float32(0), np.float32(1))
     # A subnormal scale may have rounded down by up to half: up, or the clip would err by steps.
     # (A normal one rounds by half an ulp at most, which rint absorbs; int8's bytes stay as they were.)
-    while scale < np.finfo(np.float32).tiny and float(scale) * top < peak:
+    while scale < _F32_TINY and float(scale) * top < peak:
         scale = np.nextafter(scale, np.float32(np.inf))
     x = v / scale  # in v's precision, as int8 values have always been rounded
     if rounding == "stochastic":
         x = np.floor(x + (rng if rng is not None else np.random.default_rng()).random(x.shape))
     else:
-        x = np.rint(x)
-    return np.clip(x, -top, top).astype(np.int8), float(scale)
+        np.rint(x, out=x)
+    np.minimum(x, top, out=x)  # the clip to [-top, top] (finite: no NaN to keep)
+    np.maximum(x, -top, out=x)
+    return x.astype(np.int8), float(scale)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = np.finfo(np.float32).tiny
 
 
 def _to_words(v: np.ndarray, codec: str, rounding: str, rng: Optional[np.random.Generator]
@@ -90,8 +101,16 @@ def _to_words(v: np.ndarray, codec: str, rounding: str, rng: Optional[np.random.
         return _bf16_encode(v.astype(np.float32)), 16, 0.0
     bits = QUANTISED[codec]
     q, scale = quantise(v, bits, rounding, rng)
-    words = (np.abs(q.astype(np.int16)) | ((q < 0).astype(np.int16) << (bits - 1))).astype(np.uint8)
-    return words, bits, scale
+    return _SIGN_MAGNITUDE[bits].take(q.view(np.uint8)), bits, scale
+
+
+def _sign_magnitude(bits: int) -> np.ndarray:
+    """The word of each int8 q (indexed by its byte): |q| with the sign in bit bits - 1."""
+    u = np.arange(256)
+    return (np.where(u >= 128, 256 - u, u) | (u >= 128) << (bits - 1)).astype(np.uint8)
+
+
+_SIGN_MAGNITUDE = {bits: _sign_magnitude(bits) for bits in QUANTISED.values()}
 
 
 def _native(v: np.ndarray) -> np.ndarray:
@@ -117,15 +136,18 @@ def encode_values(v: np.ndarray, codec: str) -> tuple[Union[bytes, memoryview], 
 
 
 class Coded(NamedTuple):
-    """A tensor's values coded: the codec used (what `auto` chose), payload pieces and scale."""
+    """A tensor's values coded: the codec used (what `auto` chose), payload pieces and scale, and
+    with encode_many's `decoded` the values a decoder gets back from them."""
 
     codec: str
     payload: list[Any]
     scale: float
+    decoded: Optional[np.ndarray] = None
 
 
 def encode_many(k: Any, items: Sequence[Sequence[np.ndarray]], codec: str, rounding: str = "nearest",
-                rng: Optional[np.random.Generator] = None, fixed_width: bool = True) -> list[Coded]:
+                rng: Optional[np.random.Generator] = None, fixed_width: bool = True,
+                decoded: bool = False) -> list[Coded]:
     """Each tensor's values (in pieces, back to back, in position order) coded. Fixed-width codecs
     a piece at a time, nothing joined (except int8, whose one scale is over all of them); the
     entropy-coded ones joined and coded in one call for all tensors (in parallel with the native
@@ -133,7 +155,9 @@ def encode_many(k: Any, items: Sequence[Sequence[np.ndarray]], codec: str, round
     sent as those: "auto" as "raw", "fp16-ans" and "bf16-ans" as "fp16" and "bf16", the
     quantised codecs as "int8" (their q and scale, which int8 decodes to the same values): a
     block's head and table outweigh a few values (a bias, a small layer). Not with
-    `fixed_width=False` (a version 3 record has one codec for all its chunks)."""
+    `fixed_width=False` (a version 3 record has one codec for all its chunks). `decoded`: each
+    Coded also holds the values decode_many gives back (in the tensor's dtype, native order),
+    from the words and scale the encoder wrote, by the decoder's own arithmetic."""
     if codec not in ENTROPY_CODED and codec != "auto":
         out = []
         for pieces in items:
@@ -142,19 +166,40 @@ def encode_many(k: Any, items: Sequence[Sequence[np.ndarray]], codec: str, round
                 out.append(Coded(codec, [payload], scale))
             else:
                 out.append(Coded(codec, [encode_values(v, codec)[0] for v in pieces], 0.0))
+        if decoded:
+            out = [c._replace(decoded=_decoded_fixed(c, pieces)) for c, pieces in zip(out, items)]
         return out
     coder = "ans" if codec == "auto" else codec
+    fixed = _FIXED.get(coder, "int8")
     joined = [_native(pieces[0] if len(pieces) == 1 else np.concatenate(pieces)) for pieces in items]
     words = [_to_words(v, coder, rounding, rng) for v in joined]
-    blocks = entropy.encode_blocks(k, [(w, bits) for w, bits, _ in words])
+    # Fixed-width words shorter than any block are sent as such without coding the block.
+    short = [fixed_width and 0 < v.size * value_size(fixed, v.dtype) < entropy.MIN_BLOCK for v in joined]
+    coded = iter(entropy.encode_blocks(k, [(w, bits) for (w, bits, _), s in zip(words, short) if not s]))
     out = []
-    for v, (w, bits, scale), block in zip(joined, words, blocks):
-        fixed = _FIXED.get(coder, "int8")
-        if fixed_width and sum(map(len, block)) > v.size * value_size(fixed, v.dtype):
-            out.append(_fixed_width(v, w, bits, fixed, scale))
+    for v, (w, bits, scale), s in zip(joined, words, short):
+        block = [] if s else next(coded)
+        if s or fixed_width and sum(map(len, block)) > v.size * value_size(fixed, v.dtype):
+            c = _fixed_width(v, w, bits, fixed, scale)
+            out.append(c._replace(decoded=_decoded_fixed(c, [v])) if decoded else c)
         else:
-            out.append(Coded(coder, block, scale))
+            out.append(Coded(coder, block, scale, _decoded_words(w, coder, v, scale, bits) if decoded else None))
     return out
+
+
+def _decoded_fixed(c: Coded, pieces: Sequence[np.ndarray]) -> np.ndarray:
+    """What a fixed-width codec's payload decodes to (its values themselves when lossless)."""
+    dtype = pieces[0].dtype if pieces else np.dtype(np.float32)
+    if c.codec == "raw":
+        return _native(pieces[0] if len(pieces) == 1 else np.concatenate(pieces)) if pieces else np.zeros(0, dtype)
+    raw = memoryview(c.payload[0] if len(c.payload) == 1 else b"".join(c.payload))
+    return decode_values(raw, c.codec, len(raw) // value_size(c.codec, dtype), dtype, c.scale)
+
+
+def _decoded_words(words: np.ndarray, codec: str, v: np.ndarray, scale: float, bits: int) -> np.ndarray:
+    """What an entropy-coded block of these words decodes to (`v` itself when lossless)."""
+    return v if codec == "ans" else _from_words(words, "int-ans" if codec in QUANTISED else codec, v.dtype, scale,
+                                                bits)
 
 
 _FIXED = {"ans": "raw", "fp16-ans": "fp16", "bf16-ans": "bf16"}  # the quantised codecs': int8
@@ -235,11 +280,20 @@ def _from_words(words: np.ndarray, codec: str, dtype: np.dtype, scale: float, bi
         return words.view(np.float16).astype(dtype)
     if codec == "bf16-ans":
         return (words.astype(np.uint32) << 16).view(np.float32).astype(dtype, copy=False)
-    mag = (words & ((1 << (bits - 1)) - 1)).astype(np.float32)
-    q = np.where(words >> (bits - 1), -mag, mag) + np.float32(0)  # + 0: a sign on |q| = 0 decodes to +0.0
+    # Each of the 2^bits words' value, then looked up: the same float32 product for every word.
     with np.errstate(over="ignore"):  # a hostile scale times a large q: inf, as int8's decoder gives
-        v = q * np.float32(scale)
-    return v.astype(dtype, copy=False)
+        table = (_Q_OF_WORD[bits] * np.float32(scale)).astype(dtype, copy=False)
+    return table.take(words)
+
+
+def _q_of_word(bits: int) -> np.ndarray:
+    """q of each of the 2^bits words (sign and magnitude), as float32: +0.0 for both zeros."""
+    u = np.arange(1 << bits)
+    mag = (u & ((1 << (bits - 1)) - 1)).astype(np.float32)
+    return np.where(u >> (bits - 1), -mag, mag) + np.float32(0)
+
+
+_Q_OF_WORD = {bits: _q_of_word(bits) for bits in range(2, 9)}
 
 
 def decode_values(raw: memoryview, codec: str, nnz: int, dtype: np.dtype, scale: float) -> np.ndarray:

@@ -42,8 +42,10 @@ def _load(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `model` on `data`, on the model's device."""
+def evaluate(model: nn.Module, data: Dataset, batch: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on `data`, on the model's device. Batches of
+    256: on a CPU 1000 images' activations leave the caches (LeNet-5 1.6x slower an image,
+    ResNet-18 1.3x), and the logits are the same whatever the batch."""
     model.eval()
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.int64, device=device)

@@ -87,8 +87,15 @@ def random_erk_masks(
 
 
 def apply_mask(w: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """w where m is set, +0.0 elsewhere (w * m would leave -0.0 for negative w)."""
-    return np.where(m, w, np.zeros((), dtype=w.dtype))
+    """w where m is set, +0.0 elsewhere (w * m would leave -0.0 for negative w, NaN for inf)."""
+    words = _WORDS.get(w.dtype.itemsize) if w.dtype.kind == "f" and m.dtype == np.bool_ else None
+    if words is None:
+        return np.where(m, w, np.zeros((), dtype=w.dtype))
+    # The float's bits times 0 or 1: the same bits, a third of np.where's time on a bool mask.
+    return np.multiply(w.view(words), m, dtype=words).view(w.dtype)
+
+
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def seed_for(*parts: int) -> int:

@@ -6,13 +6,15 @@ Downlink (ServerEnd): the server keeps, for every client c, `held[c]`, the model
 received it (the initial model before the first contact). It sends c the difference between the
 global model and held[c] (restricted to the global mask for the masked tensors: held[c] is masked
 by the current mask first), coded with encode_model under the shared mask, relative to the mask c
-already holds; then decodes its own message and sets held[c] = masked(held[c]) + decoded, exactly
-what the client computes. What quantisation left out (global - held[c]) is thereby re-sent at the
-next contact, however stale the client: the two ends never drift apart.
+already holds; then sets held[c] = masked(held[c]) + decoded, exactly what the client computes
+(`decoded`: what the message decodes to, which the encoder returns from its own quantised values,
+bit for bit decode_model's, without decoding: encode_model's decoded=True). What quantisation
+left out (global - held[c]) is thereby re-sent at the next contact, however stale the client:
+the two ends never drift apart.
 
 Uplink (ClientEnd): the client sends x = masked(local - held) + e, e its residual (the part of
-earlier uploads that quantisation left out), coded under the shared mask; it decodes its own
-message and keeps e = x - decoded. The server, knowing held[c], rebuilds the upload as
+earlier uploads that quantisation left out), coded under the shared mask, and keeps
+e = x - decoded. The server, knowing held[c], rebuilds the upload as
 held[c] + decoded: the same bits the client believes it sent.
 
 First contact: the client holds nothing yet. The server sends an init frame, 21 bytes,
@@ -40,6 +42,7 @@ import numpy as np
 
 from ..codecs import CodecError, crc32c, decode_model, encode_model
 from ..codecs.values import LOSSLESS, check_codec
+from ..pruning import unpack_mask
 from .server import apply_mask, seed_for
 
 __all__ = ["INIT_FRAME_SIZE", "INIT_MAGIC", "ClientEnd", "ServerEnd", "init_frame", "model_crc", "read_init_frame"]
@@ -120,17 +123,26 @@ def _expect(order: list[str], model: Model) -> dict[str, tuple[tuple[int, ...], 
     return {str(i): ((model[k].size,), model[k].dtype) for i, k in enumerate(order)}
 
 
+def _rounding_seed(rounding: str, seed: int, t: int, client: int, direction: int) -> Optional[int]:
+    """The seed of a message's stochastic rounding (none for nearest: SeedSequence takes 50 us)."""
+    return seed_for(seed, _PURPOSE, t, client, direction) if rounding == "stochastic" else None
+
+
 def _encode(order: list[str], tensors: Model, masks: Optional[Model], reference: Optional[Model], values: str,
-            rounding: str, seed: int) -> bytes:
-    return encode_model(cast(dict, _wire(order, tensors)), masks=_wire(order, masks), reference=_wire(order, reference),
-                        values=values, rounding=rounding, seed=seed)
+             rounding: str, seed: Optional[int]) -> tuple[bytes, dict[str, np.ndarray]]:
+    """(the message, what the other end decodes from it: the encoder's quantised values, bit for
+    bit what decode_model gives)."""
+    msg, decoded = encode_model(cast(dict, _wire(order, tensors)), masks=_wire(order, masks),
+                                reference=_wire(order, reference), values=values, rounding=rounding, seed=seed,
+                                decoded=True)
+    return msg, _unwire(order, tensors, decoded)
 
 
 def _decode(order: list[str], like: Model, data: Any, reference: Optional[Model]
             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(tensors, their positions) of a message to or from a model shaped as `like`."""
+    """(tensors, their positions as packed bits) of a message to or from a model shaped as `like`."""
     got = decode_model(data, reference=_wire(order, reference), expect=_expect(order, like))
-    return _unwire(order, like, got.tensors), _unwire(order, like, got.masks)
+    return _unwire(order, like, got.tensors), {order[int(i)]: b for i, b in got.packed.items()}
 
 
 class ServerEnd:
@@ -165,9 +177,8 @@ class ServerEnd:
         if first and not masks and not any(d.any() for d in delta.values()):
             self.held[client] = held  # the initial model itself: the frame alone
             return self.frame, held
-        msg = _encode(self.order, delta, masks or None, known or None, self.values, self.rounding,
-                      seed_for(self.seed, _PURPOSE, t, client, DOWN))
-        decoded, _ = _decode(self.order, held, msg, known or None)
+        msg, decoded = _encode(self.order, delta, masks or None, known or None, self.values, self.rounding,
+                               _rounding_seed(self.rounding, self.seed, t, client, DOWN))
         self.held[client] = now = _added(base, decoded)
         return (self.frame + msg if first else msg), now
 
@@ -224,7 +235,7 @@ class ClientEnd:
             unknown = sorted(set(masked) - set(positions))
             if unknown:
                 raise CodecError(f"the message holds no tensors {unknown} to take the global mask from")
-            masks = {k: positions[k] for k in masked}
+            masks = {k: unpack_mask(positions[k], held[k].shape) for k in masked}
             held = _added(_base(held, masks), tensors)
         elif masked:
             raise CodecError("no message to take the global mask from")
@@ -244,20 +255,16 @@ class ClientEnd:
         if wrong:
             raise ValueError(f"the trained model's tensors {wrong} are missing or not shaped as the model held")
         masks = self.masks
-        base = _base(self.held, masks)
         x = {}
-        for k, b in base.items():
+        for k, b in self.held.items():  # (held is +0.0 outside its mask, and x is masked: no _base)
             d = np.subtract(local[k], b, dtype=b.dtype)
-            if k in masks:
-                d = apply_mask(d, masks[k])
             e = self.residual.get(k)
-            if e is not None:  # dropped outside a smaller mask
-                d = d + (apply_mask(e, masks[k]) if k in masks else e)
-            x[k] = d
+            if e is not None:
+                d += e
+            x[k] = apply_mask(d, masks[k]) if k in masks else d  # e dropped outside a smaller mask too
         order = sorted(self.held)
-        msg = _encode(order, x, masks or None, masks or None, self.values, self.rounding,
-                      seed_for(self.seed, _PURPOSE, t, self.client, UP))
+        msg, decoded = _encode(order, x, masks or None, masks or None, self.values, self.rounding,
+                               _rounding_seed(self.rounding, self.seed, t, self.client, UP))
         if self.residual_feedback:
-            decoded, _ = _decode(order, self.held, msg, masks or None)
             self.residual = {k: x[k] - decoded[k] for k in x}
         return msg
