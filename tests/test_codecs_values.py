@@ -75,3 +75,10 @@ def test_decoded_of_tensors_in_runs_and_of_other_dtypes():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match="bfloat16"):
         fk.encode_model({"h": torch.zeros(3, dtype=torch.bfloat16)}, decoded=True)
+
+
+def test_quantise_takes_0d_arrays():
+    from feddip_kernels.codecs.values import quantise
+
+    q, scale = quantise(np.array(3.0, np.float32), 4)
+    assert int(q) == 7 and scale == pytest.approx(3.0 / 7)

@@ -133,3 +133,19 @@ def test_encoded_messages_are_the_cpus_byte_for_byte(dtype):
     back = fk.decode_model(fk.encode_model(dev))
     for k, v in host.items():
         np.testing.assert_array_equal(back.tensors[k], v.numpy())
+
+
+@pytest.mark.parametrize("values", ["raw", "int4-ans"])
+def test_encode_model_decoded_from_device_tensors(values):
+    """decoded=True from device tensors (positions sparsified there, -0.0 coded there as a Golomb
+    stream and not fetched): what decode_model gives, bit for bit."""
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(1 << 16) * (rng.random(1 << 16) < 0.5)).astype(np.float32)
+    zeros = np.flatnonzero(a == 0)[:20]
+    a[zeros] = -0.0
+    b = rng.standard_normal(300).astype(np.float32) * (rng.random(300) < 0.05)
+    tensors = {"a": torch.from_numpy(a).to(DEV), "b": torch.from_numpy(b).to(DEV)}
+    msg, decoded = fk.encode_model(tensors, values=values, decoded=True)
+    got = fk.decode_model(msg).tensors
+    assert list(decoded) == list(got)
+    assert all(np.array_equal(decoded[k].view(np.uint32), got[k].view(np.uint32)) for k in got)

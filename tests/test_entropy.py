@@ -1125,3 +1125,17 @@ def test_short_histograms_cost_as_numpy_does(counts, shift, base):
                                                                        abs=1e-6)
     coarse, up = entropy._coarser(a, base)
     assert entropy._coarser_short(counts, base) == (coarse.tolist(), up) and coarse.dtype == np.uint64
+
+
+def test_tied_costs_keep_the_finer_shift_on_both_paths():
+    """Where a coarser shift costs the same bits (every merged pair of symbols equally counted, the
+    table no shorter), float rounding of the two ways of summing must not decide: both paths keep
+    the finer shift, so both write the same bytes."""
+    counts = [21] * 48
+    n = sum(counts)
+    short = entropy._search(counts, n, 0, 64, 32, entropy._cost_bits_short, entropy._coarser_short)
+    wide = entropy._search(np.array(counts, np.uint64), n, 0, 64, 32, entropy._cost_bits, entropy._coarser)
+    assert short[:2] == wide[:2] and short[2] == wide[2].tolist()
+    words = np.repeat(np.arange(64, 112, dtype=np.uint32), 21)
+    model = entropy.plan(reference, words, 32)
+    assert (model.shift, model.base) == short[:2]

@@ -157,3 +157,12 @@ def test_apply_mask_is_where_bit_for_bit(dtype):
         got, want = apply_mask(a, b), np.where(b, a, np.zeros((), dtype=a.dtype))
         assert got.dtype == want.dtype and got.shape == want.shape
         assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+
+
+def test_apply_mask_takes_what_np_where_takes():
+    """A list or Python bool for a mask, a non-native byte order, a 0-d weight: np.where's result."""
+    w = np.array([1.5, -2.0, np.nan], dtype=">f4")
+    for m in ([True, False, True], True, np.array([1, 0, 2])):
+        got, want = apply_mask(w, m), np.where(m, w, np.zeros((), dtype=w.dtype))
+        assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
+    assert apply_mask(np.float32(-0.0), np.bool_(False)).tobytes() == np.float32(0.0).tobytes()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -127,6 +127,12 @@ def _coarser_short(counts: list[int], base: int) -> tuple[list[int], int]:
     return [counts[j] + counts[j + 1] for j in range(0, len(counts), 2)], base >> 1
 
 
+def _no_smaller(cost: float, best: float) -> bool:
+    """Whether a coarser shift's cost is not below the best so far: a tie to float rounding (the
+    two ways of summing, the log2 of each libm) is a tie, and ties keep the finer shift."""
+    return cost >= best * (1 - 1e-12)
+
+
 def plan(k: Any, words: np.ndarray, word_bits: int) -> AnsModel:
     """The model that codes these words smallest: the finest shift with at most MAX_SYMBOLS
     symbols, or n / 64 for n words (finer tables cost more than they save), then coarser ones
@@ -135,32 +141,29 @@ def plan(k: Any, words: np.ndarray, word_bits: int) -> AnsModel:
     n = words.size
     shift, base, counts = k.ans_histogram(words, word_bits=word_bits, max_symbols=min(MAX_SYMBOLS, max(n // 64, 2)))
     if counts.size <= _SHORT:
-        short: list[int] = counts.tolist()
-        best_short = (_cost_bits_short(short, n, shift), shift, base, short)
-        while len(short) > 1 and shift < word_bits - 1:
-            short, base = _coarser_short(short, base)
-            shift += 1
-            cost = _cost_bits_short(short, n, shift)
-            if cost >= best_short[0]:
-                break
-            best_short = (cost, shift, base, short)
-        _, shift, base, short = best_short
+        shift, base, short = _search(counts.tolist(), n, shift, base, word_bits, _cost_bits_short, _coarser_short)
         prob_bits = _prob_bits(sum(1 for c in short if c), n)
         freqs = np.array(_normalise_short(short, prob_bits), dtype=np.uint32)
     else:
-        best = (_cost_bits(counts, n, shift), shift, base, counts)
-        while counts.size > 1 and shift < word_bits - 1:
-            counts, base = _coarser(counts, base)
-            shift += 1
-            cost = _cost_bits(counts, n, shift)
-            if cost >= best[0]:
-                break
-            best = (cost, shift, base, counts)
-        _, shift, base, counts = best
+        shift, base, counts = _search(counts, n, shift, base, word_bits, _cost_bits, _coarser)
         prob_bits = _prob_bits(int((counts > 0).sum()), n)
         freqs = _normalise(counts, prob_bits)
     lanes = ANS_MAX_LANES if n >= _FULL_LANES else max(1, min(ANS_MAX_LANES, n // _LANE_WORDS))
     return AnsModel(word_bits, shift, base, freqs, prob_bits, lanes)
+
+
+def _search(counts: Any, n: int, shift: int, base: int, word_bits: int, cost_of: Callable[[Any, int, int], float],
+            coarser: Callable[[Any, int], tuple[Any, int]]) -> tuple[int, int, Any]:
+    """(shift, base, histogram): coarser shifts from the given one while the block shrinks."""
+    best = (cost_of(counts, n, shift), shift, base, counts)
+    while len(counts) > 1 and shift < word_bits - 1:
+        counts, base = coarser(counts, base)
+        shift += 1
+        cost = cost_of(counts, n, shift)
+        if _no_smaller(cost, best[0]):
+            break
+        best = (cost, shift, base, counts)
+    return best[1], best[2], best[3]
 
 
 def _write_table(freqs: np.ndarray) -> bytes:

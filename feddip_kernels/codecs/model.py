@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from operator import attrgetter
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Union, cast, overload
 
@@ -55,6 +56,7 @@ from .plain import (
     check_record,
     check_whole,
     copy_out,
+    decoded_whole,
     dtype_of,
     out_dtype,
     out_view,
@@ -254,6 +256,14 @@ def encode_model(tensors: Mapping[str, Any], *, masks: Optional[Mapping[str, Any
                  seed: Optional[int] = None, decoded: Literal[True]) -> tuple[bytes, dict[str, np.ndarray]]: ...
 
 
+@overload
+def encode_model(tensors: Mapping[str, Any], *, masks: Optional[Mapping[str, Any]] = None,
+                 reference: Optional[Mapping[str, Any]] = None, positions: str = "auto", values: str = "raw",
+                 signed_zeros: Optional[bool] = None, backend: str = "auto", rounding: str = "nearest",
+                 seed: Optional[int] = None, decoded: bool = False
+                 ) -> Union[bytes, tuple[bytes, dict[str, np.ndarray]]]: ...
+
+
 def encode_model(
     tensors: Mapping[str, Any],
     *,
@@ -313,9 +323,10 @@ def encode_model(
         "stochastic").
     seed : the stochastic rounding's seed (None: fresh entropy).
     decoded : also return what the receiver decodes: the message and, by name, the NumPy arrays
-        that decode_model(message, reference=reference).tensors gives, bit for bit (for float
-        tensors built from the encoder's own positions and quantised values, without decoding:
-        what error feedback subtracts).
+        that decode_model(message, reference=reference).tensors gives, bit for bit, built
+        without decoding from the encoder's own positions and quantised values (what error
+        feedback subtracts), and the other dtypes' words; only where a CUDA tensor's positions or
+        -0.0 were coded on the device and not fetched is the message decoded instead.
 
     Returns
     -------
@@ -371,9 +382,10 @@ def encode_model(
     message = _write(k, [wholes[name] if name in wholes else next(it) for name in order])
     if not decoded:
         return message
-    got = None if wholes else _decoded(k, list(floats), prepared, coded)
-    if got is None:  # tensors of other dtypes, positions on a device: the message decoded
-        return message, dict(decode_model(message, reference=reference).tensors)
+    got = _decoded(k, list(floats), prepared, coded)
+    if got is None:  # positions or -0.0 left on a device: the message decoded (it is the caller's size)
+        return message, dict(decode_model(message, reference=reference, max_bytes=sys.maxsize).tensors)
+    got.update((name, decoded_whole(w.plain)) for name, w in wholes.items())
     return message, {name: got[name] for name in order}
 
 
@@ -454,10 +466,12 @@ def _code(k: Any, prepared: list[_Sparse], positions: str, values: str, rounding
 def _decoded(k: Any, names: list[str], prepared: list[_Sparse], coded: list[_Coded]
              ) -> Optional[dict[str, np.ndarray]]:
     """What decode_model gives back for each float tensor of a message, from its encoder's
-    positions, values as they decode and -0.0; None where a tensor's positions stayed on a device."""
+    positions, values as they decode and -0.0; None where a tensor's positions or -0.0 stayed on
+    a device (coded there, not fetched)."""
     out = {}
     for name, sp, rec in zip(names, prepared, coded):
-        if rec.decoded is None or any(run.bits is None for run in sp.own_runs):
+        if rec.decoded is None or any(run.bits is None for run in sp.own_runs) or (
+                sp.found.signs is not None and sp.found.signs[0] is None):
             return None
         n = math.prod(sp.shape)
         bits = joined(list(map(_BITS, sp.own_runs)))

@@ -156,6 +156,13 @@ def copy_out(rec: PlainRecord, dest: np.ndarray) -> None:
     dest.view(words_of(rec.code).newbyteorder("="))[...] = np.frombuffer(rec.raw, dtype=words_of(rec.code))
 
 
+def decoded_whole(plain: PlainIn) -> np.ndarray:
+    """What decode_model gives back for a tensor of another dtype: its words, as copy_out writes them."""
+    dest = np.empty(math.prod(plain.shape), out_dtype(plain.code))
+    dest.view(words_of(plain.code).newbyteorder("="))[...] = np.frombuffer(plain.words, dtype=words_of(plain.code))
+    return dest.reshape(plain.shape)
+
+
 def to_torch(a: np.ndarray, code: Optional[int]) -> Any:
     """A decoded array as a torch tensor sharing its memory (code: a record of another dtype's)."""
     torch = _torch()

@@ -76,7 +76,7 @@ def quantise(v: np.ndarray, bits: int, rounding: str = "nearest",
     # (A normal one rounds by half an ulp at most, which rint absorbs; int8's bytes stay as they were.)
     while scale < _F32_TINY and float(scale) * top < peak:
         scale = np.nextafter(scale, np.float32(np.inf))
-    x = v / scale  # in v's precision, as int8 values have always been rounded
+    x = np.asarray(v / scale)  # in v's precision, as int8 values have always been rounded (0-d: an array)
     if rounding == "stochastic":
         x = np.floor(x + (rng if rng is not None else np.random.default_rng()).random(x.shape))
     else:

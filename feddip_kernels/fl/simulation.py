@@ -45,7 +45,8 @@ def _load(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
 def evaluate(model: nn.Module, data: Dataset, batch: int = 256) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of `model` on `data`, on the model's device. Batches of
     256: on a CPU 1000 images' activations leave the caches (LeNet-5 1.6x slower an image,
-    ResNet-18 1.3x), and the logits are the same whatever the batch."""
+    ResNet-18 1.3x). A batch size can change a library's kernels and so the logits' last bits
+    (not LeNet-5's on this CPU), and the loss's summation."""
     model.eval()
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.int64, device=device)

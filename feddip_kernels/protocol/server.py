@@ -88,7 +88,9 @@ def random_erk_masks(
 
 def apply_mask(w: np.ndarray, m: np.ndarray) -> np.ndarray:
     """w where m is set, +0.0 elsewhere (w * m would leave -0.0 for negative w, NaN for inf)."""
-    words = _WORDS.get(w.dtype.itemsize) if w.dtype.kind == "f" and m.dtype == np.bool_ else None
+    w, m = np.asarray(w), np.asarray(m)
+    fast = w.dtype.kind == "f" and w.dtype.isnative and m.dtype == np.bool_
+    words = _WORDS.get(w.dtype.itemsize) if fast else None
     if words is None:
         return np.where(m, w, np.zeros((), dtype=w.dtype))
     # The float's bits times 0 or 1: the same bits, a third of np.where's time on a bool mask.

@@ -256,7 +256,7 @@ class ClientEnd:
             raise ValueError(f"the trained model's tensors {wrong} are missing or not shaped as the model held")
         masks = self.masks
         x = {}
-        for k, b in self.held.items():  # (held is +0.0 outside its mask, and x is masked: no _base)
+        for k, b in self.held.items():  # x is masked below: what held holds outside the mask does not matter
             d = np.subtract(local[k], b, dtype=b.dtype)
             e = self.residual.get(k)
             if e is not None:
