@@ -64,8 +64,8 @@ from ..integrations.flower import MASKS_RECORD, ROUND_KEY, FedDIP, make_feddip_m
 from ..protocol import FedDIPServer, seed_for
 from .dataset import Dataset
 from .models import make_model, prunable_parameters
-from .simulation import _load, _train_client, evaluate
-from .state import _REGULARISED, ServerState, SimulationConfig, float_state
+from .simulation import _history_row, _kept, _load, _train_client, evaluate
+from .state import ServerState, SimulationConfig, float_state
 
 __all__ = ["run_flower"]
 
@@ -284,8 +284,7 @@ class _ServerRun:
             chosen = cfg.clients_in_round(t)
             weights = strategy.server.weights if strategy.server else self.init
             masks = strategy.masks
-            pruned = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
-            kept = sum(v.size for v in weights.values()) - pruned
+            kept = _kept(weights, masks)
             down, up = strategy.bytes_down, strategy.bytes_up
             t0 = time.perf_counter()
             messages = list(strategy.configure_train(t + 1, arrays, ConfigRecord(), _Nodes(chosen)))
@@ -332,16 +331,8 @@ class _ServerRun:
             times["evaluate"] = time.perf_counter() - t0
             times["round"] = time.perf_counter() - round_start
             bytes_up, bytes_down = strategy.bytes_up - up, strategy.bytes_down - down
-            row = {
-                "round": server.round, "accuracy": acc, "loss": loss, "sparsity": server.sparsity(),
-                "sparsity_target": schedule.sparsity(t) if server.prune and schedule.updates_mask(t) else None,
-                "lr": schedule.learning_rate(t), "lambda": schedule.lam(t) if cfg.algorithm in _REGULARISED else 0.0,
-                "bytes_up": bytes_up, "bytes_down": bytes_down,
-                "bytes_total": (self.history[-1]["bytes_total"] if self.history else 0) + bytes_up + bytes_down,
-                "bytes_authors": 2 * len(chosen) * 4 * kept,
-                "clients": len(chosen), "clients_failed": len(failures), "failures": [f for _, f in failures],
-                **{f"time_{k}": v for k, v in times.items()},
-            }
+            row = _history_row(cfg, schedule, server, t, acc, loss, bytes_up, bytes_down, self.history, len(chosen),
+                               kept, [f for _, f in failures], times)
             self.history.append(row)
             if self.on_round:
                 self.on_round(row)

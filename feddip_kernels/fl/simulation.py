@@ -13,7 +13,7 @@ from torch import nn
 
 from ..codecs import decode_model, encode_model
 from ..integrations.pytorch import FedDIPSGD
-from ..protocol import ClientEnd, ServerEnd, seed_for
+from ..protocol import ClientEnd, FedDIPServer, Schedule, ServerEnd, seed_for
 from ..protocol.transport import read_init_frame
 from .checkpoint import CompactState, read_checkpoint, save_checkpoint
 from .cifar import augment_batch
@@ -180,6 +180,29 @@ class _Compact:
             end.held, end.masks, end.residual = held, client_masks.get(c, {}), saved.residual.get(c, {})
 
 
+def _kept(weights: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> int:
+    """The positions a model sends in the authors' count (every weight but the pruned ones)."""
+    return sum(v.size for v in weights.values()) - sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
+
+
+def _history_row(cfg: SimulationConfig, schedule: Schedule, server: FedDIPServer, t: int, acc: float, loss: float,
+                 bytes_up: int, bytes_down: int, history: list[dict], clients: int, kept: int, failures: list[str],
+                 times: dict[str, float]) -> dict:
+    """Round t's history row (run_simulation's and the Flower engine's): `kept` as the round
+    started, `times` in seconds by part."""
+    return {
+        "round": server.round, "accuracy": acc, "loss": loss, "sparsity": server.sparsity(),
+        "sparsity_target": schedule.sparsity(t) if server.prune and schedule.updates_mask(t) else None,
+        "lr": schedule.learning_rate(t), "lambda": schedule.lam(t) if cfg.algorithm in _REGULARISED else 0.0,
+        "bytes_up": bytes_up, "bytes_down": bytes_down,
+        "bytes_total": (history[-1]["bytes_total"] if history else 0) + bytes_up + bytes_down,
+        # The authors' count: 32 (1 - s) n bits a model, s the share of pruned positions, no index cost.
+        "bytes_authors": 2 * clients * 4 * kept,
+        "clients": clients, "clients_failed": len(failures), "failures": failures,
+        **{f"time_{k}": v for k, v in times.items()},
+    }
+
+
 def run_simulation(
     cfg: SimulationConfig,
     train: Dataset,
@@ -262,9 +285,7 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
         times = {"train": 0.0, "prune": 0.0, "encode": 0.0}
         bytes_down = bytes_up = 0
         shared = server.masks or None  # the global mask of this round (None before the first)
-        # The authors' count: 32 (1 - s) n bits a model, s the share of pruned positions, no index cost.
-        pruned = sum(int(m.size - np.count_nonzero(m)) for m in server.masks.values())
-        kept = sum(v.size for v in server.weights.values()) - pruned
+        kept = _kept(server.weights, server.masks)
         uploads, failures = [], []
         for c in chosen:  # ints
             # Downlink: the global model, relative to the global mask this client already has.
@@ -309,16 +330,8 @@ def _run(cfg: SimulationConfig, train: Dataset, test: Dataset, partition: list[n
         acc, loss = evaluate(model, test)
         times["evaluate"] = time.perf_counter() - t0
         times["round"] = time.perf_counter() - round_start  # all of it, on the host's clock
-        row = {
-            "round": server.round, "accuracy": acc, "loss": loss, "sparsity": server.sparsity(),
-            "sparsity_target": schedule.sparsity(t) if server.prune and schedule.updates_mask(t) else None,
-            "lr": schedule.learning_rate(t), "lambda": schedule.lam(t) if cfg.algorithm in _REGULARISED else 0.0,
-            "bytes_up": bytes_up, "bytes_down": bytes_down,
-            "bytes_total": (state.history[-1]["bytes_total"] if state.history else 0) + bytes_up + bytes_down,
-            "bytes_authors": 2 * len(chosen) * 4 * kept,
-            "clients": len(chosen), "clients_failed": len(failures), "failures": failures,
-            **{f"time_{k}": v for k, v in times.items()},
-        }
+        row = _history_row(cfg, schedule, server, t, acc, loss, bytes_up, bytes_down, state.history, len(chosen),
+                           kept, failures, times)
         state.history.append(row)
         if checkpoint:
             save_checkpoint(checkpoint, state, compact.saved() if compact else None)

@@ -442,11 +442,12 @@ def _compress_reply(record: ArrayRecord, received: Model, density: Optional[floa
         one = len({x[k].dtype for k in floats}) == 1  # top-k takes one dtype: float32 within float64 is exact
         chosen = global_topk_masks([x[k] if one else x[k].astype(np.float64) for k in floats], density=density)
         masks = dict(zip(floats, chosen))
-    payload = encode_model({k: x[k] if k in x else a for k, a in trained.items()}, masks=masks, values=values)
-    if feedback:
-        sent = decode_model(payload).tensors
+    update = {k: x[k] if k in x else a for k, a in trained.items()}
+    if feedback:  # the residual: what the server will not decode (`sent`: what it does, without decoding)
+        payload, sent = encode_model(update, masks=masks, values=values, decoded=True)
         _set_state(ctxt, _RESIDUAL_STATE, {k: x[k] - sent[k] for k in floats})
     else:
+        payload = encode_model(update, masks=masks, values=values)
         _set_state(ctxt, _RESIDUAL_STATE, None)
     return _pack(payload, UPDATE_STYPE, beside)
 
@@ -723,14 +724,13 @@ class Compressed(Strategy):
         """(the lossy message to `node`, the CRC-32C of the model it holds once decoded), and the
         wrapper's record of that model updated."""
         held = self.held.get(node)
-        if held is not None and _schema(held) == _schema(model):
+        if held is not None and _schema(held) == _schema(model):  # (decoded: what the node decodes)
             delta = {k: np.subtract(a, held[k], dtype=a.dtype) if _is_float(a) else a for k, a in model.items()}
-            payload, stype = encode_model(delta, values=self.downlink_values), DELTA_STYPE
-            decoded = decode_model(payload).tensors
-            now = {k: held[k] + d if _is_float(d) else d for k, d in decoded.items()}
+            payload, decoded = encode_model(delta, values=self.downlink_values, decoded=True)
+            stype, now = DELTA_STYPE, {k: held[k] + d if _is_float(d) else d for k, d in decoded.items()}
         else:
-            payload, stype = encode_model(model, values=self.downlink_values), STYPE
-            now = dict(decode_model(payload).tensors)
+            payload, now = encode_model(model, values=self.downlink_values, decoded=True)
+            stype = STYPE
         self.held[node] = now
         return _pack(payload, stype, beside), model_crc(now)
 
