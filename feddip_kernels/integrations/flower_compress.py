@@ -308,7 +308,7 @@ def make_sparse_update_mod(
         as its update u = trained - received (float tensors), plus the residual r when error
         feedback is on; with a density, only the global top-k of |u + r| over all float tensors
         is sent, coded with the value codec, and the new residual is u + r minus what the server
-        will decode (this mod decodes its own message: quantisation error included). The other
+        will decode (the encoder's decoded=True: quantisation error included). The other
         tensors go whole. With no sparsification, lossless values, a lossless downlink and no
         residual, the trained model itself is sent instead (bit for bit). Other replies (an error,
         an evaluation's metrics) pass unchanged.
